@@ -1,0 +1,1 @@
+//! Azure simulator. Test-only; must not be a dependency of shipped crates.

@@ -1,0 +1,350 @@
+//! Token success bodies (reference §2.11, §2.12; DESIGN §3 "What the official SDKs do").
+//!
+//! The token endpoint answers with string-valued JSON in upstream's key order:
+//! `access_token, refresh_token, expires_in, expires_on, not_before, resource, token_type`, and —
+//! podid's default, DESIGN §3 — the two keys real IMDS adds and upstream dropped, `client_id` and
+//! `ext_expires_in`, after them (only when a client id is given, so a body without it is
+//! byte-identical to upstream's). `expires_in` is always derived from `expires_on` and the
+//! injected `now`; the crate never reads the clock.
+
+use std::fmt;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use http::StatusCode;
+use serde::ser::{Serialize, SerializeStruct, Serializer};
+
+use crate::gojson;
+use crate::response::{CONTENT_TYPE_JSON, WireResponse};
+
+/// One token as NMI hands it out. Borrows everything; serialising is the only allocation.
+/// `Debug` never shows the access token.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct TokenResponse<'a> {
+    access_token: &'a str,
+    resource: &'a str,
+    token_type: &'a str,
+    expires_on: u64,
+    expires_in: u64,
+    not_before: Option<u64>,
+    client_id: Option<&'a str>,
+}
+
+/// Seconds since the Unix epoch of `now` (0 for times before it).
+pub fn unix_seconds(now: SystemTime) -> u64 {
+    now.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl<'a> TokenResponse<'a> {
+    /// A `Bearer` token for `resource` that expires at `expires_on` (Unix seconds), answered at
+    /// `now`: `expires_in = max(expires_on - now, 0)`.
+    pub fn new(access_token: &'a str, resource: &'a str, expires_on: u64, now: SystemTime) -> Self {
+        Self {
+            access_token,
+            resource,
+            token_type: "Bearer",
+            expires_on,
+            expires_in: expires_on.saturating_sub(unix_seconds(now)),
+            not_before: None,
+            client_id: None,
+        }
+    }
+
+    /// Set `not_before` (Unix seconds). Without it the field is `""`, as upstream writes when
+    /// the token source gave none.
+    #[must_use]
+    pub fn with_not_before(mut self, not_before: u64) -> Self {
+        self.not_before = Some(not_before);
+        self
+    }
+
+    /// Set `token_type` (default `Bearer`).
+    #[must_use]
+    pub fn with_token_type(mut self, token_type: &'a str) -> Self {
+        self.token_type = token_type;
+        self
+    }
+
+    /// Add real IMDS's `client_id` (the identity's client id) and `ext_expires_in` (equal to
+    /// `expires_in`: podid grants no extended lifetime) keys after upstream's seven.
+    #[must_use]
+    pub fn with_client_id(mut self, client_id: &'a str) -> Self {
+        self.client_id = Some(client_id);
+        self
+    }
+
+    /// Seconds until expiry at the `now` given to [`TokenResponse::new`].
+    pub fn expires_in(&self) -> u64 {
+        self.expires_in
+    }
+
+    /// The JSON body, byte-identical to Go's `json.Marshal` of the same fields.
+    pub fn to_json(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.access_token.len() + self.resource.len() + 192);
+        gojson::write(&mut out, self);
+        out
+    }
+
+    /// The **200** response: `Content-Type: application/json`, `Content-Length`, JSON body.
+    pub fn response(&self) -> WireResponse {
+        WireResponse::new(StatusCode::OK, Some(CONTENT_TYPE_JSON), self.to_json())
+    }
+
+    fn serialize_fields<S: Serializer>(
+        &self,
+        serializer: S,
+        numbers: bool,
+    ) -> Result<S::Ok, S::Error> {
+        let extra = if self.client_id.is_some() { 2 } else { 0 };
+        let mut s = serializer.serialize_struct("Token", 7 + extra)?;
+        s.serialize_field("access_token", self.access_token)?;
+        s.serialize_field("refresh_token", "")?;
+        if numbers {
+            // adal.Token's json.Number fields: bare numbers, "" encodes as 0.
+            s.serialize_field("expires_in", &self.expires_in)?;
+            s.serialize_field("expires_on", &self.expires_on)?;
+            s.serialize_field("not_before", &self.not_before.unwrap_or(0))?;
+        } else {
+            s.serialize_field("expires_in", &Digits(Some(self.expires_in)))?;
+            s.serialize_field("expires_on", &Digits(Some(self.expires_on)))?;
+            s.serialize_field("not_before", &Digits(self.not_before))?;
+        }
+        s.serialize_field("resource", self.resource)?;
+        s.serialize_field("token_type", self.token_type)?;
+        if let Some(client_id) = self.client_id {
+            s.serialize_field("client_id", client_id)?;
+            if numbers {
+                s.serialize_field("ext_expires_in", &self.expires_in)?;
+            } else {
+                s.serialize_field("ext_expires_in", &Digits(Some(self.expires_in)))?;
+            }
+        }
+        s.end()
+    }
+}
+
+impl Serialize for TokenResponse<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.serialize_fields(serializer, false)
+    }
+}
+
+impl fmt::Debug for TokenResponse<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenResponse")
+            .field("access_token", &"<redacted>")
+            .field("resource", &self.resource)
+            .field("token_type", &self.token_type)
+            .field("expires_on", &self.expires_on)
+            .field("expires_in", &self.expires_in)
+            .field("not_before", &self.not_before)
+            .field("client_id", &self.client_id)
+            .finish()
+    }
+}
+
+/// A number written as a JSON string of digits; `None` as `""`.
+struct Digits(Option<u64>);
+
+impl Serialize for Digits {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            Some(n) => serializer.collect_str(&n),
+            None => serializer.serialize_str(""),
+        }
+    }
+}
+
+/// The **200** body for a service principal with auxiliary tenants: a JSON **array** of token
+/// objects, primary tenant first (reference §2.11; IMDS-compatible SDKs cannot parse it, but it
+/// is what upstream sends). A single token is answered as a plain object, like upstream.
+pub fn token_list_response(tokens: &[TokenResponse<'_>]) -> WireResponse {
+    let body = match tokens {
+        [single] => single.to_json(),
+        many => {
+            let mut out = Vec::new();
+            gojson::write(&mut out, many);
+            out
+        }
+    };
+    WireResponse::new(StatusCode::OK, Some(CONTENT_TYPE_JSON), body)
+}
+
+/// The `/host/token` body `{"token":{…},"clientid":"…"}` (reference §2.12). Upstream marshals
+/// adal's `Token` here, whose `expires_in`, `expires_on` and `not_before` are `json.Number`:
+/// bare JSON numbers, unlike the token endpoint's strings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostTokenResponse<'a> {
+    /// The token (its `client_id` extension, if set, is written too).
+    pub token: TokenResponse<'a>,
+    /// The identity's client id.
+    pub client_id: &'a str,
+}
+
+impl HostTokenResponse<'_> {
+    /// The JSON body.
+    pub fn to_json(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.token.access_token.len() + 256);
+        gojson::write(&mut out, self);
+        out
+    }
+
+    /// The **200** response: `Content-Type: application/json`, `Content-Length`, JSON body.
+    pub fn response(&self) -> WireResponse {
+        WireResponse::new(StatusCode::OK, Some(CONTENT_TYPE_JSON), self.to_json())
+    }
+}
+
+impl Serialize for HostTokenResponse<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        struct AdalToken<'b>(&'b TokenResponse<'b>);
+        impl Serialize for AdalToken<'_> {
+            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                self.0.serialize_fields(serializer, true)
+            }
+        }
+        let mut s = serializer.serialize_struct("NMIResponse", 2)?;
+        s.serialize_field("token", &AdalToken(&self.token))?;
+        s.serialize_field("clientid", self.client_id)?;
+        s.end()
+    }
+}
+
+/// Parse an `expires_on` as token sources send it, the way adal normalises it (reference §2.11):
+/// a JSON number or numeric string of Unix seconds, or an App-Service-style date
+/// `M/D/YYYY H:MM:SS [AM|PM] +00:00` (UTC). Returns Unix seconds, `None` if unparsable.
+pub fn parse_expires_on(value: &str) -> Option<u64> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(seconds);
+    }
+    parse_app_service_date(value)
+}
+
+/// `1/2/2006 15:04:05 PM +00:00` or `1/2/2006 15:04:05 +00:00` (Go layouts used by adal). Go's
+/// parser takes the hour as 24-hour `15` and then only checks that `PM`/`AM` is present, so the
+/// marker does not shift the hour; the same here.
+fn parse_app_service_date(value: &str) -> Option<u64> {
+    let mut parts = value.split(' ');
+    let date = parts.next()?;
+    let time = parts.next()?;
+    let mut zone = parts.next()?;
+    if matches!(zone, "AM" | "PM") {
+        zone = parts.next()?;
+    }
+    if parts.next().is_some() || zone != "+00:00" {
+        return None;
+    }
+    let mut d = date.split('/');
+    let month: u32 = d.next()?.parse().ok()?;
+    let day: u32 = d.next()?.parse().ok()?;
+    let year: i64 = d.next()?.parse().ok()?;
+    let mut t = time.split(':');
+    let hour: u64 = t.next()?.parse().ok()?;
+    let minute: u64 = t.next()?.parse().ok()?;
+    let second: u64 = t.next()?.parse().ok()?;
+    if d.next().is_some() || t.next().is_some() || hour > 23 || minute > 59 || second > 59 {
+        return None;
+    }
+    let days = days_from_civil(year, month, day)?;
+    let days = u64::try_from(days).ok()?;
+    Some(days * 86_400 + hour * 3_600 + minute * 60 + second)
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(year: i64, month: u32, day: u32) -> Option<i64> {
+    let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
+    let month_days = [
+        31,
+        if leap { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
+    let max_day = *month_days.get(usize::try_from(month.checked_sub(1)?).ok()?)?;
+    if day == 0 || day > max_day || !(1..=9999).contains(&year) {
+        return None;
+    }
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let m = i64::from(month);
+    let mp = if m > 2 { m - 3 } else { m + 9 };
+    let doy = (153 * mp + 2) / 5 + i64::from(day) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    Some(era * 146_097 + doe - 719_468)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::time::Duration;
+
+    fn at(secs: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn expires_in_is_derived_from_expires_on_and_now() {
+        let t = TokenResponse::new("tok", "r", 1_690_000_000, at(1_689_913_601));
+        assert_eq!(t.expires_in(), 86_399);
+        let expired = TokenResponse::new("tok", "r", 1_000, at(2_000));
+        assert_eq!(expired.expires_in(), 0);
+        let before_epoch = TokenResponse::new("tok", "r", 5, UNIX_EPOCH - Duration::from_secs(10));
+        assert_eq!(before_epoch.expires_in(), 5);
+    }
+
+    #[test]
+    fn debug_never_shows_the_token() {
+        let t = TokenResponse::new("eyJ.secret.sig", "r", 1, at(0));
+        let shown = format!(
+            "{t:?} {:?}",
+            HostTokenResponse {
+                token: t,
+                client_id: "c"
+            }
+        );
+        assert!(!shown.contains("secret"), "{shown}");
+    }
+
+    #[test]
+    fn single_token_list_is_an_object() {
+        let t = TokenResponse::new("a", "r", 10, at(0));
+        assert_eq!(token_list_response(&[t]).body, t.to_json());
+        assert!(token_list_response(&[t, t]).body.starts_with(b"[{"));
+    }
+
+    #[test]
+    fn expires_on_formats() {
+        assert_eq!(parse_expires_on("1690000000"), Some(1_690_000_000));
+        assert_eq!(parse_expires_on(" 42 "), Some(42));
+        assert_eq!(
+            parse_expires_on("1/2/2006 15:04:05 +00:00"),
+            Some(1_136_214_245)
+        );
+        assert_eq!(
+            parse_expires_on("1/2/2006 15:04:05 PM +00:00"),
+            Some(1_136_214_245)
+        );
+        assert_eq!(
+            parse_expires_on("2/29/2024 00:00:00 +00:00"),
+            Some(1_709_164_800)
+        );
+        assert_eq!(parse_expires_on("12/31/1969 23:59:59 +00:00"), None);
+        assert_eq!(parse_expires_on("2/29/2023 00:00:00 +00:00"), None);
+        assert_eq!(parse_expires_on("1/2/2006 15:04:05 +01:00"), None);
+        assert_eq!(parse_expires_on("1/2/2006 24:00:00 +00:00"), None);
+        assert_eq!(parse_expires_on("-1"), None);
+        assert_eq!(parse_expires_on(""), None);
+        assert_eq!(parse_expires_on("soon"), None);
+    }
+}

@@ -1,0 +1,1 @@
+//! Network-namespace nodes and pods. Test-only.

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Installs what building and testing podid needs on Debian/Ubuntu, idempotently:
+# system packages (iptables, iproute2, python3-venv, build tools), a Rust toolchain and
+# cargo-nextest when missing, and a Python virtualenv with the official Azure identity SDK
+# (used as a real client by the end-to-end suites). Safe to run again; does nothing twice.
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/../.." && pwd)
+venv="${PODID_VENV:-$root/target/venv}"
+# Pinned so CI is reproducible; bump deliberately.
+azure_identity_version="1.27.0"
+
+need_root() {
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "podid: this step needs root (network namespaces, iptables, apt): run it with sudo" >&2
+        exit 1
+    fi
+}
+
+missing=()
+command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+command -v iptables >/dev/null 2>&1 || missing+=(iptables)
+command -v cc >/dev/null 2>&1 || missing+=(build-essential)
+command -v curl >/dev/null 2>&1 || missing+=(curl)
+command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
+if [ ${#missing[@]} -gt 0 ]; then
+    need_root
+    echo "podid: installing ${missing[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q >/dev/null
+    apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+    [ -x "$HOME/.cargo/bin/cargo" ] || {
+        echo "podid: installing the Rust toolchain with rustup" >&2
+        curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --default-toolchain none
+    }
+    # shellcheck disable=SC1091
+    . "$HOME/.cargo/env"
+fi
+# rust-toolchain.toml pins the version; this fetches it (and rustfmt/clippy) when rustup can.
+(cd "$root" && cargo --version >/dev/null)
+
+if ! cargo nextest --version >/dev/null 2>&1; then
+    echo "podid: installing cargo-nextest" >&2
+    cargo install --locked cargo-nextest
+fi
+
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import azure.identity, sys; from importlib.metadata import version; sys.exit(version('azure-identity') != '$azure_identity_version')" >/dev/null 2>&1; then
+    echo "podid: creating $venv with azure-identity $azure_identity_version" >&2
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check "azure-identity==$azure_identity_version"
+fi
