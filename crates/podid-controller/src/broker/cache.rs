@@ -1,0 +1,431 @@
+//! [`TokenBroker`]: the cache, single-flight, proactive refresh, stale-if-error and revocation.
+//!
+//! Each [`CacheKey`] has one slot in a [`DashMap`]. A slot holds the cached token (if any), the
+//! instant from which a hit triggers a background refresh, and the receiver of the upstream
+//! call in flight (if any). Upstream calls run in their own tokio task, so a caller that goes
+//! away does not cancel the call the others wait for; no map lock is held across an await.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+use podid_imds::unix_seconds;
+use tokio::sync::watch;
+
+use super::clock::Clock;
+use super::error::BrokerError;
+use super::identity::{IdentityKey, IdentitySpec};
+use super::source::{FetchRequest, SourceKind, Sources};
+use super::stats::BrokerStats;
+use super::token::Token;
+
+/// Broker tuning.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    /// A token is refreshed in the background once it is this close to expiry (default 5 min).
+    /// For short-lived tokens the margin is capped at half the token's lifetime.
+    pub refresh_margin: Duration,
+    /// Most entries kept; beyond it expired entries go first, then the least recently used.
+    pub max_entries: usize,
+    /// After a failed background refresh, how long hits keep serving the cached token before
+    /// trying again (unless upstream's `Retry-After` asks for longer).
+    pub refresh_retry: Duration,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            refresh_margin: Duration::from_secs(300),
+            max_entries: 10_000,
+            refresh_retry: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What a token is cached under: identity × resource × tenant. The resource is kept as given
+/// (audiences are compared exactly by Entra); the tenant is lower-cased.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CacheKey {
+    /// The identity.
+    pub identity: IdentityKey,
+    /// The resource (audience).
+    pub resource: String,
+    /// The tenant, `None` for managed identities.
+    pub tenant: Option<String>,
+}
+
+type FetchResult = Result<Arc<Token>, BrokerError>;
+type InFlight = watch::Receiver<Option<FetchResult>>;
+
+struct Slot {
+    token: Option<Arc<Token>>,
+    /// Unix milliseconds from which a hit triggers a background refresh.
+    refresh_at_ms: u64,
+    /// Unix milliseconds before which no new background refresh starts (after a failure).
+    retry_not_before_ms: u64,
+    last_refresh_failed: bool,
+    inflight: Option<InFlight>,
+    generation: u64,
+    /// Unix milliseconds of the last access, for LRU eviction.
+    last_used_ms: AtomicU64,
+}
+
+impl Slot {
+    fn new(generation: u64, now_ms: u64) -> Self {
+        Self {
+            token: None,
+            refresh_at_ms: 0,
+            retry_not_before_ms: 0,
+            last_refresh_failed: false,
+            inflight: None,
+            generation,
+            last_used_ms: AtomicU64::new(now_ms),
+        }
+    }
+
+    fn valid_token(&self, now_ms: u64) -> Option<&Arc<Token>> {
+        self.token
+            .as_ref()
+            .filter(|t| now_ms < t.expires_on.saturating_mul(1000))
+    }
+}
+
+struct Inner {
+    config: BrokerConfig,
+    clock: Arc<dyn Clock>,
+    sources: Sources,
+    slots: DashMap<CacheKey, Slot>,
+    stats: Arc<BrokerStats>,
+    generation: AtomicU64,
+}
+
+/// The token broker. Cheap to clone (all clones share one cache). Must be used inside a tokio
+/// runtime: upstream calls run as spawned tasks.
+#[derive(Clone)]
+pub struct TokenBroker {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for TokenBroker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenBroker")
+            .field("config", &self.inner.config)
+            .field("entries", &self.inner.slots.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn unix_millis(now: SystemTime) -> u64 {
+    now.duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+fn duration_millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl TokenBroker {
+    /// A broker over `sources`, reading time from `clock`.
+    pub fn new(config: BrokerConfig, sources: Sources, clock: Arc<dyn Clock>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                config,
+                clock,
+                sources,
+                slots: DashMap::new(),
+                stats: Arc::new(BrokerStats::default()),
+                generation: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// The broker's counters.
+    pub fn stats(&self) -> &Arc<BrokerStats> {
+        &self.inner.stats
+    }
+
+    /// Number of cache entries (including entries whose first fetch is in flight).
+    pub fn len(&self) -> usize {
+        self.inner.slots.len()
+    }
+
+    /// Whether the cache is empty.
+    pub fn is_empty(&self) -> bool {
+        self.inner.slots.is_empty()
+    }
+
+    /// A token for `identity` and `resource`, for the identity's primary tenant.
+    pub async fn token(&self, identity: &Arc<IdentitySpec>, resource: &str) -> FetchResult {
+        let tenant = identity.primary_tenant();
+        self.token_for(identity, resource, tenant).await
+    }
+
+    /// The tokens for `identity` and `resource`: the primary tenant's first, then one per
+    /// auxiliary tenant (type 1 with `auxiliaryTenantIDs`, reference §2.10). Upstream requires
+    /// one to three auxiliary tenants when the list is set; more is a [`BrokerError::Config`].
+    pub async fn tokens(
+        &self,
+        identity: &Arc<IdentitySpec>,
+        resource: &str,
+    ) -> Result<Vec<Arc<Token>>, BrokerError> {
+        let aux = &identity.auxiliary_tenant_ids;
+        if aux.len() > 3 {
+            return Err(BrokerError::Config {
+                client_id: identity.client_id.clone(),
+                reason: "must specify one to three auxiliary tenants".to_owned(),
+            });
+        }
+        let mut out = Vec::with_capacity(1 + aux.len());
+        out.push(self.token(identity, resource).await?);
+        if identity.primary_tenant().is_some() {
+            for tenant in aux {
+                let tenant = Some(tenant.to_ascii_lowercase());
+                out.push(self.token_for(identity, resource, tenant).await?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Drop every cache entry of `identity` at once (identity, binding or assignment deleted or
+    /// changed). Upstream calls in flight for it still answer their waiters but are not cached.
+    pub fn invalidate_identity(&self, identity: &IdentityKey) {
+        self.inner.slots.retain(|key, _| key.identity != *identity);
+    }
+
+    /// Drop every entry whose token has expired and that has no call in flight.
+    pub fn purge_expired(&self) {
+        let now_ms = unix_millis(self.inner.clock.now());
+        self.inner
+            .slots
+            .retain(|_, slot| slot.inflight.is_some() || slot.valid_token(now_ms).is_some());
+    }
+
+    async fn token_for(
+        &self,
+        identity: &Arc<IdentitySpec>,
+        resource: &str,
+        tenant: Option<String>,
+    ) -> FetchResult {
+        let inner = &self.inner;
+        let Some(kind) = SourceKind::for_type(identity.identity_type) else {
+            return Err(BrokerError::Config {
+                client_id: identity.client_id.clone(),
+                reason: format!(
+                    "unsupported identity type {}",
+                    identity.identity_type.as_i64()
+                ),
+            });
+        };
+        let key = CacheKey {
+            identity: identity.key(),
+            resource: resource.to_owned(),
+            tenant,
+        };
+        let now_ms = unix_millis(inner.clock.now());
+
+        // Fast path: a shared read of the slot.
+        if let Some(slot) = inner.slots.get(&key) {
+            slot.last_used_ms.store(now_ms, Ordering::Relaxed);
+            if let Some(token) = slot.valid_token(now_ms) {
+                let token = token.clone();
+                if now_ms < slot.refresh_at_ms {
+                    inner.stats.hit();
+                    return Ok(token);
+                }
+                let refresh = slot.inflight.is_none() && now_ms >= slot.retry_not_before_ms;
+                let stale = slot.last_refresh_failed;
+                drop(slot);
+                if refresh {
+                    self.start_refresh(&key, identity, kind, now_ms);
+                }
+                inner.stats.hit();
+                if stale {
+                    inner.stats.serve_stale();
+                }
+                return Ok(token);
+            }
+        }
+
+        // Miss: join the call in flight or start one, under the entry lock.
+        inner.stats.miss();
+        self.make_room(&key, now_ms);
+        let mut receiver = match inner.slots.entry(key.clone()) {
+            Entry::Occupied(mut occupied) => {
+                let slot = occupied.get_mut();
+                if let Some(token) = slot.valid_token(now_ms) {
+                    // Filled while we were getting here.
+                    return Ok(token.clone());
+                }
+                match &slot.inflight {
+                    Some(receiver) => {
+                        inner.stats.coalesce();
+                        receiver.clone()
+                    }
+                    None => {
+                        let receiver = self.spawn_fetch(&key, identity, kind, slot.generation);
+                        slot.inflight = Some(receiver.clone());
+                        receiver
+                    }
+                }
+            }
+            Entry::Vacant(vacant) => {
+                let generation = inner.generation.fetch_add(1, Ordering::Relaxed);
+                let mut slot = Slot::new(generation, now_ms);
+                let receiver = self.spawn_fetch(&key, identity, kind, generation);
+                slot.inflight = Some(receiver.clone());
+                vacant.insert(slot);
+                receiver
+            }
+        };
+        match receiver.wait_for(Option::is_some).await {
+            Ok(result) => match &*result {
+                Some(result) => result.clone(),
+                None => Err(lost(identity, kind)),
+            },
+            Err(_) => Err(lost(identity, kind)),
+        }
+    }
+
+    /// Start one background refresh for `key` unless one is already running.
+    fn start_refresh(
+        &self,
+        key: &CacheKey,
+        identity: &Arc<IdentitySpec>,
+        kind: SourceKind,
+        now_ms: u64,
+    ) {
+        if let Some(mut slot) = self.inner.slots.get_mut(key)
+            && slot.inflight.is_none()
+            && now_ms >= slot.retry_not_before_ms
+        {
+            let receiver = self.spawn_fetch(key, identity, kind, slot.generation);
+            slot.inflight = Some(receiver);
+            self.inner.stats.background_refresh();
+        }
+    }
+
+    /// Spawn the upstream call for `key`; its result is stored in the slot of `generation` (if
+    /// that slot still exists) and broadcast to the returned receiver.
+    fn spawn_fetch(
+        &self,
+        key: &CacheKey,
+        identity: &Arc<IdentitySpec>,
+        kind: SourceKind,
+        generation: u64,
+    ) -> InFlight {
+        let (sender, receiver) = watch::channel(None);
+        let inner = self.inner.clone();
+        let key = key.clone();
+        let request = FetchRequest {
+            identity: identity.clone(),
+            resource: key.resource.clone(),
+            tenant: key.tenant.clone(),
+        };
+        tokio::spawn(async move {
+            let source = inner.sources.get(kind).clone();
+            inner.stats.upstream_call(kind);
+            let fetched = source.fetch(&request).await;
+            let now = inner.clock.now();
+            let result = match fetched {
+                Ok(token) if token.is_valid_at(now) => Ok(Arc::new(token)),
+                Ok(_) => Err(BrokerError::Unavailable {
+                    source_kind: kind,
+                    client_id: request.identity.client_id.clone(),
+                    reason: "upstream returned an already expired token".to_owned(),
+                    retry_after: None,
+                }),
+                Err(error) => Err(error),
+            };
+            if result.is_err() {
+                inner.stats.upstream_error(kind);
+            }
+            inner.store(&key, generation, &result, now);
+            // Nobody waiting is fine (background refresh).
+            let _ = sender.send(Some(result));
+        });
+        receiver
+    }
+
+    /// Evict before inserting a new key if the cache is full.
+    fn make_room(&self, key: &CacheKey, now_ms: u64) {
+        let inner = &self.inner;
+        if inner.slots.len() < inner.config.max_entries || inner.slots.contains_key(key) {
+            return;
+        }
+        let before = inner.slots.len();
+        inner
+            .slots
+            .retain(|_, slot| slot.inflight.is_some() || slot.valid_token(now_ms).is_some());
+        while inner.slots.len() >= inner.config.max_entries {
+            let oldest = inner
+                .slots
+                .iter()
+                .filter(|e| e.value().inflight.is_none())
+                .min_by_key(|e| e.value().last_used_ms.load(Ordering::Relaxed))
+                .map(|e| e.key().clone());
+            match oldest {
+                Some(oldest) => {
+                    inner.slots.remove(&oldest);
+                }
+                None => break,
+            }
+        }
+        for _ in inner.slots.len()..before {
+            inner.stats.evict();
+        }
+    }
+}
+
+impl Inner {
+    /// Record the outcome of an upstream call in its slot, unless the slot was invalidated.
+    fn store(&self, key: &CacheKey, generation: u64, result: &FetchResult, now: SystemTime) {
+        let now_ms = unix_millis(now);
+        let Some(mut slot) = self.slots.get_mut(key) else {
+            return;
+        };
+        if slot.generation != generation {
+            return;
+        }
+        slot.inflight = None;
+        match result {
+            Ok(token) => {
+                let expires_ms = token.expires_on.saturating_mul(1000);
+                let lifetime = expires_ms.saturating_sub(now_ms);
+                let margin = duration_millis(self.config.refresh_margin).min(lifetime / 2);
+                slot.refresh_at_ms = expires_ms - margin;
+                slot.retry_not_before_ms = 0;
+                slot.last_refresh_failed = false;
+                slot.token = Some(token.clone());
+            }
+            Err(error) => {
+                // Stale-if-error: keep a still-valid token, back off before the next refresh.
+                let wait = error
+                    .retry_after()
+                    .unwrap_or_default()
+                    .max(self.config.refresh_retry);
+                slot.retry_not_before_ms = now_ms.saturating_add(duration_millis(wait));
+                slot.last_refresh_failed = true;
+                if slot.valid_token(now_ms).is_none() {
+                    drop(slot);
+                    self.slots.remove_if(key, |_, s| {
+                        s.generation == generation && s.inflight.is_none()
+                    });
+                }
+            }
+        }
+        tracing::debug!(source = ?key.identity.identity_type(), ok = result.is_ok(), now = unix_seconds(now), "token fetch done");
+    }
+}
+
+fn lost(identity: &IdentitySpec, kind: SourceKind) -> BrokerError {
+    BrokerError::Unavailable {
+        source_kind: kind,
+        client_id: identity.client_id.clone(),
+        reason: "token fetch task ended without a result".to_owned(),
+        retry_after: None,
+    }
+}

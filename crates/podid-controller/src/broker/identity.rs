@@ -1,0 +1,239 @@
+//! What the broker needs to know about an identity: [`IdentitySpec`], the input NMI builds from
+//! an `AzureIdentity` (reference §1.2, §1.4) and the credential read from its Secret.
+
+use std::fmt;
+use std::sync::Arc;
+
+/// `AzureIdentity.spec.type` (reference §1.4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IdentityType {
+    /// 0: user-assigned managed identity, token from the node's IMDS.
+    UserAssignedMsi,
+    /// 1: service principal with a client secret, token from Entra.
+    ServicePrincipal,
+    /// 2: service principal with a PKCS#12 certificate, token from Entra.
+    ServicePrincipalCertificate,
+    /// Any other value: no token source (upstream: `unsupported identity type <n>`, 503).
+    Unsupported(i64),
+}
+
+impl IdentityType {
+    /// The type for the CRD's integer.
+    pub fn from_i64(value: i64) -> Self {
+        match value {
+            0 => Self::UserAssignedMsi,
+            1 => Self::ServicePrincipal,
+            2 => Self::ServicePrincipalCertificate,
+            other => Self::Unsupported(other),
+        }
+    }
+
+    /// The CRD's integer.
+    pub fn as_i64(self) -> i64 {
+        match self {
+            Self::UserAssignedMsi => 0,
+            Self::ServicePrincipal => 1,
+            Self::ServicePrincipalCertificate => 2,
+            Self::Unsupported(n) => n,
+        }
+    }
+}
+
+/// A secret string (client secret, certificate password). No `Display`; `Debug` is redacted.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Arc<str>);
+
+impl Secret {
+    /// Wrap a secret.
+    pub fn new(value: impl Into<Arc<str>>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself. Never log or format it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// The credential an identity's Secret holds (reference §2.10).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub enum Credential {
+    /// None needed (type 0) or not read.
+    #[default]
+    None,
+    /// Type 1: the client secret (upstream: the first key of `secret.data`).
+    ClientSecret(Secret),
+    /// Type 2: PKCS#12 bytes (`certificate`) and their `password`.
+    Certificate {
+        /// The PKCS#12 (PFX) file.
+        pkcs12: Arc<[u8]>,
+        /// Its password (may be empty).
+        password: Secret,
+    },
+}
+
+impl fmt::Debug for Credential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::None => f.write_str("None"),
+            Self::ClientSecret(_) => f.write_str("ClientSecret(<redacted>)"),
+            Self::Certificate { pkcs12, .. } => {
+                write!(f, "Certificate(<{} bytes redacted>)", pkcs12.len())
+            }
+        }
+    }
+}
+
+/// Everything the broker needs to obtain tokens for one identity. NMI builds it from the
+/// `AzureIdentity` (the copy in the `AzureAssignedIdentity`) and, for types 1 and 2, the
+/// referenced Secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentitySpec {
+    /// `spec.type`.
+    pub identity_type: IdentityType,
+    /// `spec.clientID`.
+    pub client_id: String,
+    /// `spec.resourceID` (type 0; may be empty otherwise).
+    pub resource_id: String,
+    /// `spec.tenantID` (types 1 and 2).
+    pub tenant_id: String,
+    /// `spec.auxiliaryTenantIDs` (type 1): extra tenants, each gets its own token.
+    pub auxiliary_tenant_ids: Vec<String>,
+    /// `spec.adEndpoint`; empty means the source's default authority.
+    pub ad_endpoint: String,
+    /// The credential from the Secret.
+    pub credential: Credential,
+}
+
+impl IdentitySpec {
+    /// A user-assigned managed identity (type 0).
+    pub fn managed(client_id: impl Into<String>, resource_id: impl Into<String>) -> Self {
+        Self {
+            identity_type: IdentityType::UserAssignedMsi,
+            client_id: client_id.into(),
+            resource_id: resource_id.into(),
+            tenant_id: String::new(),
+            auxiliary_tenant_ids: Vec::new(),
+            ad_endpoint: String::new(),
+            credential: Credential::None,
+        }
+    }
+
+    /// A service principal with a client secret (type 1).
+    pub fn client_secret(
+        client_id: impl Into<String>,
+        tenant_id: impl Into<String>,
+        secret: Secret,
+    ) -> Self {
+        Self {
+            identity_type: IdentityType::ServicePrincipal,
+            client_id: client_id.into(),
+            resource_id: String::new(),
+            tenant_id: tenant_id.into(),
+            auxiliary_tenant_ids: Vec::new(),
+            ad_endpoint: String::new(),
+            credential: Credential::ClientSecret(secret),
+        }
+    }
+
+    /// A service principal with a PKCS#12 certificate (type 2).
+    pub fn certificate(
+        client_id: impl Into<String>,
+        tenant_id: impl Into<String>,
+        pkcs12: impl Into<Arc<[u8]>>,
+        password: Secret,
+    ) -> Self {
+        Self {
+            identity_type: IdentityType::ServicePrincipalCertificate,
+            client_id: client_id.into(),
+            resource_id: String::new(),
+            tenant_id: tenant_id.into(),
+            auxiliary_tenant_ids: Vec::new(),
+            ad_endpoint: String::new(),
+            credential: Credential::Certificate {
+                pkcs12: pkcs12.into(),
+                password,
+            },
+        }
+    }
+
+    /// The cache identity of this spec (see [`IdentityKey`]).
+    pub fn key(&self) -> IdentityKey {
+        IdentityKey::new(self.identity_type, &self.client_id, &self.resource_id)
+    }
+
+    /// The tenant the primary token is for: `None` for managed identities (the node's tenant),
+    /// the lower-cased `tenantID` otherwise.
+    pub(crate) fn primary_tenant(&self) -> Option<String> {
+        match self.identity_type {
+            IdentityType::UserAssignedMsi | IdentityType::Unsupported(_) => None,
+            _ => Some(self.tenant_id.to_ascii_lowercase()),
+        }
+    }
+}
+
+/// The identity part of a cache key: type, client id and resource id, compared
+/// case-insensitively (GUIDs and ARM ids are case-insensitive, DESIGN §3). Two `AzureIdentity`
+/// objects naming the same principal share cache entries.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct IdentityKey {
+    identity_type: IdentityType,
+    client_id: String,
+    resource_id: String,
+}
+
+impl IdentityKey {
+    /// The key for an identity of `identity_type` with these ids (case is ignored).
+    pub fn new(identity_type: IdentityType, client_id: &str, resource_id: &str) -> Self {
+        Self {
+            identity_type,
+            client_id: client_id.to_ascii_lowercase(),
+            resource_id: resource_id.to_ascii_lowercase(),
+        }
+    }
+
+    /// The identity type.
+    pub fn identity_type(&self) -> IdentityType {
+        self.identity_type
+    }
+
+    /// The lower-cased client id.
+    pub fn client_id(&self) -> &str {
+        &self.client_id
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_ignores_case() {
+        let a = IdentitySpec::managed("ABC-def", "/subscriptions/S/x");
+        let b = IdentitySpec::managed("abc-DEF", "/SUBSCRIPTIONS/s/X");
+        assert_eq!(a.key(), b.key());
+        let c = IdentitySpec::client_secret("abc-def", "t", Secret::new("s"));
+        assert_ne!(a.key(), c.key(), "type is part of the key");
+    }
+
+    #[test]
+    fn debug_redacts_credentials() {
+        let spec = IdentitySpec::client_secret("cid", "tid", Secret::new("hunter2-very-secret"));
+        assert!(!format!("{spec:?}").contains("hunter2"));
+        let cert = IdentitySpec::certificate("cid", "tid", vec![1u8, 2, 3], Secret::new("pw-xyz"));
+        assert!(!format!("{cert:?}").contains("pw-xyz"));
+    }
+
+    #[test]
+    fn identity_type_round_trips() {
+        for n in [0, 1, 2, 7, -1] {
+            assert_eq!(IdentityType::from_i64(n).as_i64(), n);
+        }
+    }
+}

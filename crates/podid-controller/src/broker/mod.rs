@@ -1,0 +1,23 @@
+//! The token broker: [`TokenBroker`] in front of one [`TokenSource`] per [`SourceKind`].
+//!
+//! A request names an identity ([`IdentitySpec`]), a resource and optionally a tenant. The broker
+//! answers from its cache while the token is outside the refresh margin, makes exactly one
+//! upstream call per key when several requests miss at once, refreshes hot keys in the
+//! background, keeps serving a still-valid token when a refresh fails, and drops every entry of an
+//! identity on [`TokenBroker::invalidate_identity`].
+
+mod cache;
+mod clock;
+mod error;
+mod identity;
+mod source;
+mod stats;
+mod token;
+
+pub use cache::{BrokerConfig, CacheKey, TokenBroker};
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use error::BrokerError;
+pub use identity::{Credential, IdentityKey, IdentitySpec, IdentityType, Secret};
+pub use source::{FetchRequest, SourceFuture, SourceKind, Sources, TokenSource};
+pub use stats::{BrokerStats, SourceCounters};
+pub use token::Token;

@@ -1,0 +1,16 @@
+//! The library shared by the `nmi` and `mic` binaries. Today it holds the **token broker**, the
+//! hot path of NMI: token sources for every `AzureIdentity` type (node IMDS, Entra client secret,
+//! Entra certificate assertion), a bounded cache keyed by identity × resource × tenant,
+//! single-flight upstream calls, proactive background refresh, stale-if-error, revocation, and a
+//! node-wide IMDS budget (5 concurrent, 20 per second). Identity matching and assignment state
+//! join it later.
+//!
+//! This crate must not depend on hyper servers, iptables, prometheus or the test doubles; it
+//! talks to Azure only through reqwest clients whose URLs are configuration, and reads time only
+//! through an injected [`broker::Clock`]. NMI turns broker results into IMDS bodies with
+//! `podid-imds` and maps [`broker::BrokerStats`] to its metrics.
+//!
+//! See `docs/token-broker.md` for the cache key, refresh margin, single-flight, budget and error
+//! mapping.
+
+pub mod broker;
