@@ -25,11 +25,13 @@ fn host_links() -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn has_link(links: &str, name: &str) -> bool {
-    links.lines().any(|line| {
-        line.split(": ")
-            .nth(1)
-            .is_some_and(|n| n.split('@').next() == Some(name))
+/// The interface index of `name` in the host namespace, if it exists.
+fn link_index(links: &str, name: &str) -> Option<String> {
+    links.lines().find_map(|line| {
+        let mut fields = line.split(": ");
+        let index = fields.next()?;
+        let link = fields.next()?.split('@').next()?;
+        (link == name).then(|| index.to_owned())
     })
 }
 
@@ -39,22 +41,32 @@ fn create_then_drop_leaves_nothing() {
     let name = node.name().to_owned();
     let link = node.host_link().to_owned();
     let slot_file = format!("{}/slot-{}", podid_netsim::STATE_DIR, node.slot());
+    let own_pid = std::process::id().to_string();
     assert!(
         netns_list().contains(&name),
         "netns {name} exists while alive"
     );
-    assert!(has_link(&host_links(), &link), "{link} exists while alive");
+    let index = link_index(&host_links(), &link).expect("host link exists while alive");
     assert_eq!(
         std::fs::read_to_string(&slot_file).expect("slot file"),
-        std::process::id().to_string()
+        own_pid
     );
     drop(node);
     assert!(
         !netns_list().contains(&name),
         "netns {name} gone after drop"
     );
-    assert!(!has_link(&host_links(), &link), "{link} gone after drop");
-    assert!(!std::path::Path::new(&slot_file).exists(), "slot released");
+    // Another test process may reuse the slot (and the name pdh<N>) at once, but never the
+    // interface index, nor this process's pid in the slot file.
+    let prefix = format!("{index}: ");
+    assert!(
+        !host_links().lines().any(|l| l.starts_with(&prefix)),
+        "{link} (index {index}) gone after drop"
+    );
+    match std::fs::read_to_string(&slot_file) {
+        Ok(owner) => assert_ne!(owner, own_pid, "slot released"),
+        Err(err) => assert_eq!(err.kind(), ErrorKind::NotFound),
+    }
 }
 
 #[test]
