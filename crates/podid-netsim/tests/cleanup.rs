@@ -125,14 +125,13 @@ fn sweep_removes_leftovers_of_a_dead_process() {
     let out = run_child("sweep_removes_leftovers_of_a_dead_process", "exit");
     assert_eq!(out.status.code(), Some(3), "child exited without cleanup");
     let (node_ns, pod_ns, index) = child_report(&out);
-    // Any other test's SimNode::create also sweeps; if one got there first the leftovers are
-    // already gone, which is the same guarantee. Otherwise this sweep must report them.
-    let leaked = netns_list().contains(&node_ns);
+    // Every SimNode::create (in parallel tests too) runs the same sweep first, so another
+    // process may get there before us; whoever sweeps removes all of the child's leftovers in
+    // one pass, and a sweep that removed nothing would leave them in place below.
     let report = sweep().expect("sweep");
-    if leaked {
-        assert!(report.namespaces.contains(&node_ns), "report: {report:?}");
+    if report.namespaces.contains(&node_ns) {
         assert!(report.namespaces.contains(&pod_ns), "report: {report:?}");
-        assert_eq!(report.slots.len(), 1, "the child's slot: {report:?}");
+        assert!(!report.slots.is_empty(), "the child's slot: {report:?}");
     }
     let list = netns_list();
     assert!(!list.contains(&node_ns), "{node_ns} swept: {list}");
