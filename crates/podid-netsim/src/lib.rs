@@ -14,6 +14,25 @@
 //! `netsim-sweep` binary, and every [`SimNode::create`]) removes what dead processes left.
 //! Needs root (CAP_NET_ADMIN); without it every constructor fails with [`Error::NeedsRoot`].
 //!
+//! ```no_run
+//! use std::io::Write;
+//! use podid_netsim::SimNode;
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let node = SimNode::create()?;
+//! let nmi = node.bind_tcp("127.0.0.1:2579".parse()?)?;
+//! node.iptables(&["-t", "nat", "-A", "PREROUTING", "-d", "169.254.169.254/32", "-p", "tcp",
+//!     "--dport", "80", "-j", "DNAT", "--to-destination", "127.0.0.1:2579"])?;
+//! node.sysctl("net.ipv4.conf.all.route_localnet", "1")?;
+//! let pod = node.add_pod("app")?;
+//! let mut stream = pod.connect_tcp("169.254.169.254:80".parse()?)?;
+//! stream.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+//! let (_conn, peer) = nmi.accept()?;
+//! assert_eq!(peer.ip(), pod.ip());
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! Depends only on `nix` and the `ip` and `iptables` commands; must not depend on product
 //! crates.
 
