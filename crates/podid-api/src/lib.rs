@@ -10,6 +10,7 @@
 //! file IO). `kube` is used for its `CustomResource` derive only.
 
 mod constants;
+pub mod crd;
 mod types;
 mod wire;
 

@@ -22,6 +22,7 @@ use std::collections::BTreeMap;
     group = "aadpodidentity.k8s.io",
     version = "v1",
     kind = "AzureIdentity",
+    doc = "An Azure identity pods may use (aadpodidentity.k8s.io/v1 AzureIdentity).",
     plural = "azureidentities",
     singular = "azureidentity",
     namespaced,
@@ -57,7 +58,7 @@ pub struct AzureIdentitySpec {
     /// Types 1 and 2: primary tenant id.
     #[serde(default, rename = "tenantID", skip_serializing_if = "Option::is_none")]
     pub tenant_id: Option<String>,
-    /// Type 1: extra tenants for a multi-tenant token. `Some(None)` is an explicit `null`.
+    /// Type 1: extra tenants for a multi-tenant token. May be `null`.
     #[serde(
         default,
         rename = "auxiliaryTenantIDs",
@@ -75,7 +76,7 @@ pub struct AzureIdentitySpec {
     /// Types 1 and 2: authority base URL; empty means the public cloud.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ad_endpoint: Option<String>,
-    /// Declared upstream, unused. `Some(None)` is an explicit `null`.
+    /// Declared upstream, unused. May be `null`.
     #[serde(
         default,
         deserialize_with = "nullable",
@@ -84,7 +85,7 @@ pub struct AzureIdentitySpec {
     pub replicas: Option<Option<i32>>,
 }
 
-/// Status of an [`AzureIdentity`] (unused upstream).
+/// Status of an AzureIdentity (unused upstream).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AzureIdentityStatus {
@@ -134,6 +135,7 @@ impl AzureIdentitySpec {
     group = "aadpodidentity.k8s.io",
     version = "v1",
     kind = "AzureIdentityBinding",
+    doc = "Binds pods labelled aadpodidbinding=<selector> to an AzureIdentity.",
     plural = "azureidentitybindings",
     singular = "azureidentitybinding",
     namespaced,
@@ -161,7 +163,7 @@ pub struct AzureIdentityBindingSpec {
     pub weight: Option<i64>,
 }
 
-/// Status of an [`AzureIdentityBinding`] (unused upstream).
+/// Status of an AzureIdentityBinding (unused upstream).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AzureIdentityBindingStatus {
@@ -175,13 +177,14 @@ pub struct AzureIdentityBindingStatus {
 
 /// One identity assigned for one pod on one node; written only by MIC.
 ///
-/// Named with [`crate::assigned_identity_name`], labelled `nodename: <node>`, carrying the
-/// finalizer [`crate::ASSIGNED_IDENTITY_FINALIZER`].
+/// Named `<pod>-<podNamespace>-<identity>`, labelled `nodename: <node>`, carrying the finalizer
+/// `azureassignedidentity.finalizers.aadpodidentity.k8s.io`.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[kube(
     group = "aadpodidentity.k8s.io",
     version = "v1",
     kind = "AzureAssignedIdentity",
+    doc = "One identity assigned for one pod on one node, written by MIC.",
     plural = "azureassignedidentities",
     singular = "azureassignedidentity",
     namespaced,
@@ -220,7 +223,7 @@ pub struct AzureAssignedIdentitySpec {
     /// Node name (lowercase key `nodename`, unlike the other keys).
     #[serde(default, rename = "nodename", skip_serializing_if = "Option::is_none")]
     pub node_name: Option<String>,
-    /// Unused. `Some(None)` is an explicit `null`.
+    /// Unused. May be `null`.
     #[serde(
         default,
         deserialize_with = "nullable",
@@ -229,7 +232,7 @@ pub struct AzureAssignedIdentitySpec {
     pub replicas: Option<Option<i32>>,
 }
 
-/// Status of an [`AzureAssignedIdentity`].
+/// Status of an AzureAssignedIdentity.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AzureAssignedIdentityStatus {
@@ -256,12 +259,14 @@ impl AzureAssignedIdentity {
 
 /// Pods matched by `podLabels` get tokens from NMI without identity checks.
 ///
-/// Matching: see [`crate::EXCEPTION_LABEL_SEMANTICS`] and [`Self::excepts`].
+/// Only exceptions in the pod's namespace count; any single pair whose key is among the pod's
+/// labels with a value equal ignoring case excepts the pod.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[kube(
     group = "aadpodidentity.k8s.io",
     version = "v1",
     kind = "AzurePodIdentityException",
+    doc = "Pods whose labels match podLabels get tokens from NMI without identity checks.",
     plural = "azurepodidentityexceptions",
     singular = "azurepodidentityexception",
     namespaced,
@@ -279,7 +284,7 @@ pub struct AzurePodIdentityExceptionSpec {
     pub pod_labels: Option<BTreeMap<String, String>>,
 }
 
-/// Status of an [`AzurePodIdentityException`] (unused upstream).
+/// Status of an AzurePodIdentityException (unused upstream).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AzurePodIdentityExceptionStatus {
