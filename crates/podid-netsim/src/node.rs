@@ -33,6 +33,10 @@ impl NodeInner {
         let node_ip = format!("198.18.{n}.2");
         let ns = self.netns.as_str();
         let link = self.host_link.as_str();
+        // The slot was just claimed exclusively, so anything already carrying these names is
+        // a leftover of an earlier process that had this pid.
+        state::delete_link(None, link)?;
+        state::delete_netns(ns)?;
         cmd::ip(&["netns", "add", ns])?;
         cmd::ip(&[
             "link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", ns,

@@ -49,6 +49,9 @@ impl SimPod {
         let node_ns = self.node.netns.as_str();
         let pod_ns = self.netns.as_str();
         let link = self.node_link.as_str();
+        // Pod names are unique per node and process; an existing one is a leftover of an
+        // earlier process that had this pid.
+        state::delete_netns(pod_ns)?;
         cmd::ip(&["netns", "add", pod_ns])?;
         cmd::ip_in(
             node_ns,

@@ -153,6 +153,9 @@ fn list_host_links() -> Result<Vec<(String, u32)>> {
 
 /// Deletes a namespace, treating "already gone" as success.
 pub(crate) fn delete_netns(name: &str) -> Result<()> {
+    if !crate::ns::path(name).exists() {
+        return Ok(());
+    }
     match cmd::ip(&["netns", "delete", name]) {
         Ok(_) => Ok(()),
         Err(_) if !crate::ns::path(name).exists() => Ok(()),
