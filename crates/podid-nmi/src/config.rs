@@ -1,0 +1,701 @@
+//! `nmi` command line: every upstream flag of reference §2.2 with its name and default, the env
+//! twins, and podid's additions — validated into a typed [`Config`] before anything binds.
+//!
+//! Flags keep upstream's spelling, including the camel-case ones (`--forceNamespaced`,
+//! `--MICNamespace`, `--enableProfile`, `--enableScaleFeatures`). Boolean flags accept Go's forms:
+//! `--flag`, `--flag=true`, `--flag=false` (and `1`, `t`, `T`, `TRUE`, `True`, `0`, `f`, …).
+//! klog's flags (`-v`, `--logtostderr`, `--log_dir`, …) are accepted so existing manifests keep
+//! working; `-v` sets the log verbosity, the others are ignored (logs always go to stderr).
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{ArgAction, Parser};
+use podid_imds::ErrorBodyStyle;
+
+/// The raw command line, exactly as upstream spells it. Turn it into a [`Config`] with
+/// [`Flags::into_config`].
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "nmi",
+    about = "podid NMI: answers pods' IMDS token requests with their own identity",
+    disable_version_flag = true
+)]
+pub struct Flags {
+    /// Node name (manifests pass `--node=$(NODE_NAME)`); falls back to env `NODE_NAME`.
+    #[arg(long, default_value = "")]
+    pub node: String,
+    /// Address the IMDS emulation binds to; `0.0.0.0` still DNATs to 127.0.0.1.
+    #[arg(long = "nmi-listen-address", default_value = "127.0.0.1")]
+    pub nmi_listen_address: String,
+    /// Listen port and DNAT target port.
+    #[arg(long = "nmi-port", default_value = "2579")]
+    pub nmi_port: String,
+    /// IMDS address: iptables match and the upstream for type-0 tokens and passthrough.
+    #[arg(long = "metadata-ip", default_value = "169.254.169.254")]
+    pub metadata_ip: String,
+    /// IMDS port.
+    #[arg(long = "metadata-port", default_value = "80")]
+    pub metadata_port: String,
+    /// Seconds between iptables reconcile passes.
+    #[arg(long = "ipt-update-interval-sec", default_value_t = 60)]
+    pub ipt_update_interval_sec: i64,
+    /// Namespaced matching (also env `FORCENAMESPACED=true`).
+    #[arg(long = "forceNamespaced", num_args = 0..=1, require_equals = true, default_value = "false",
+          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    pub force_namespaced: bool,
+    /// Upstream skipped all checks for `^mic` ReplicaSets in this namespace; podid keeps the flag
+    /// for compatibility and uses an explicit exception instead (docs/compatibility.md).
+    #[arg(long = "MICNamespace", default_value = "default")]
+    pub mic_namespace: String,
+    /// Port of `/healthz` and `/readyz`.
+    #[arg(long = "http-probe-port", default_value = "8080")]
+    pub http_probe_port: String,
+    /// Polls of a `Created` assignment before giving up (reference §2.8).
+    #[arg(long = "retry-attempts-for-created", default_value_t = 16)]
+    pub retry_attempts_for_created: i64,
+    /// Polls of an `Assigned` assignment before giving up (reference §2.8).
+    #[arg(long = "retry-attempts-for-assigned", default_value_t = 4)]
+    pub retry_attempts_for_assigned: i64,
+    /// Seconds between identity polls (reference §2.8).
+    #[arg(long = "find-identity-retry-interval", default_value_t = 5)]
+    pub find_identity_retry_interval: i64,
+    /// Upstream's pprof server; podid has none and ignores it (logged).
+    #[arg(long = "enableProfile", num_args = 0..=1, require_equals = true, default_value = "false",
+          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    pub enable_profile: bool,
+    /// Watch only this node's AzureAssignedIdentities (label `nodename`).
+    #[arg(long = "enableScaleFeatures", num_args = 0..=1, require_equals = true, default_value = "true",
+          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    pub enable_scale_features: bool,
+    /// Answer 403 to `/metadata/instance*`.
+    #[arg(long = "block-instance-metadata", num_args = 0..=1, require_equals = true, default_value = "false",
+          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    pub block_instance_metadata: bool,
+    /// Require `Metadata: true`.
+    #[arg(long = "metadata-header-required", num_args = 0..=1, require_equals = true, default_value = "true",
+          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    pub metadata_header_required: bool,
+    /// Port of `/metrics`.
+    #[arg(long = "prometheus-port", default_value = "9090")]
+    pub prometheus_port: String,
+    /// `standard` or `managed` (any case).
+    #[arg(long = "operation-mode", default_value = "standard")]
+    pub operation_mode: String,
+    /// Skip the start-up refusal on kubenet nodes.
+    #[arg(long = "allow-network-plugin-kubenet", num_args = 0..=1, require_equals = true, default_value = "false",
+          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    pub allow_network_plugin_kubenet: bool,
+    /// File scanned for `--network-plugin=kubenet`.
+    #[arg(long = "kubelet-config", default_value = "/etc/default/kubelet")]
+    pub kubelet_config: PathBuf,
+    /// Identity-selection failures answer 503 + `Retry-After: 20` instead of 404.
+    #[arg(long = "set-retry-after-header", num_args = 0..=1, require_equals = true, default_value = "false",
+          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    pub set_retry_after_header: bool,
+    /// Flush conntrack entries to IMDS after the first rule install.
+    #[arg(long = "enable-conntrack-deletion", num_args = 0..=1, require_equals = true, default_value = "false",
+          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    pub enable_conntrack_deletion: bool,
+    /// Print the version and exit.
+    #[arg(long = "version", num_args = 0..=1, require_equals = true, default_value = "false",
+          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    pub version: bool,
+    /// `text` or `json`.
+    #[arg(long = "log-format", default_value = "text")]
+    pub log_format: String,
+    /// Appended (space-separated) to the user agent of kube, Entra and IMDS calls.
+    #[arg(long = "custom-user-agent", default_value = "")]
+    pub custom_user_agent: String,
+
+    // podid additions (docs/configuration.md).
+    /// podid: serve `/host/token` (trusts the `podns`/`podname` headers; off by default).
+    #[arg(long = "enable-host-token", num_args = 0..=1, require_equals = true, default_value = "false",
+          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    pub enable_host_token: bool,
+    /// podid: error bodies as IMDS-style JSON (`json`, default) or upstream's Go plain text
+    /// (`text`).
+    #[arg(long = "error-format", default_value = "json")]
+    pub error_format: String,
+    /// podid: set and verify `net.ipv4.conf.all.route_localnet=1` so DNAT to 127.0.0.1 works on
+    /// nodes without kube-proxy.
+    #[arg(long = "manage-route-localnet", num_args = 0..=1, require_equals = true, default_value = "true",
+          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    pub manage_route_localnet: bool,
+
+    // klog flags, accepted for manifest compatibility.
+    /// Log verbosity (klog `-v`).
+    #[arg(short = 'v', long = "v", default_value_t = 0)]
+    pub verbosity: u8,
+    #[arg(long = "logtostderr", hide = true, num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    #[doc(hidden)]
+    pub logtostderr: Option<bool>,
+    #[arg(long = "alsologtostderr", hide = true, num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    #[doc(hidden)]
+    pub alsologtostderr: Option<bool>,
+    #[arg(long = "log_dir", hide = true)]
+    #[doc(hidden)]
+    pub log_dir: Option<String>,
+    #[arg(long = "log_file", hide = true)]
+    #[doc(hidden)]
+    pub log_file: Option<String>,
+    #[arg(long = "vmodule", hide = true)]
+    #[doc(hidden)]
+    pub vmodule: Option<String>,
+    #[arg(long = "stderrthreshold", hide = true)]
+    #[doc(hidden)]
+    pub stderrthreshold: Option<String>,
+}
+
+/// Parses a boolean the way Go's `strconv.ParseBool` does.
+pub fn parse_go_bool(value: &str) -> Result<bool, String> {
+    match value {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Ok(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Ok(false),
+        other => Err(format!("invalid boolean value {other:?}")),
+    }
+}
+
+/// How NMI picks identities (reference §2.8, §2.9).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OperationMode {
+    /// MIC assigns identities; NMI serves a pod's `Assigned` AzureAssignedIdentity.
+    Standard,
+    /// Identities are pre-assigned; NMI matches bindings directly (namespaced mode only).
+    Managed,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// A flag value that cannot be used. The message names the flag and the value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// A flag has a value of the wrong shape.
+    #[error("invalid value {value:?} for --{flag}: {reason}")]
+    Invalid {
+        /// The flag's name without dashes.
+        flag: &'static str,
+        /// The value given.
+        value: String,
+        /// Why it is refused.
+        reason: String,
+    },
+    /// `--node` and `NODE_NAME` are both empty.
+    #[error(
+        "--node is required (manifests pass --node=$(NODE_NAME) from spec.nodeName; env NODE_NAME also works)"
+    )]
+    MissingNode,
+    /// `--operation-mode` is neither standard nor managed.
+    #[error("operation mode {0} not supported")]
+    UnsupportedMode(String),
+    /// Managed mode needs namespaced matching (reference §2.1 step 6).
+    #[error(
+        "managed mode needs namespaced mode: pass --forceNamespaced=true or set FORCENAMESPACED=true"
+    )]
+    ManagedWithoutNamespaced,
+}
+
+/// Validated NMI configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// This node's name (lower-cased as Kubernetes node names are).
+    pub node_name: String,
+    /// Where the IMDS emulation listens.
+    pub listen: SocketAddr,
+    /// DNAT target of the interception rule (127.0.0.1 when listening on 0.0.0.0).
+    pub dnat_target: SocketAddrV4,
+    /// The real IMDS (iptables match and upstream).
+    pub metadata: SocketAddrV4,
+    /// iptables reconcile period.
+    pub ipt_update_interval: Duration,
+    /// Namespaced matching (`--forceNamespaced` or `FORCENAMESPACED=true`).
+    pub namespaced: bool,
+    /// `--MICNamespace`, kept for compatibility.
+    pub mic_namespace: String,
+    /// Port of `/healthz` and `/readyz`, all interfaces.
+    pub probe_port: u16,
+    /// Polls of a `Created` assignment.
+    pub retry_attempts_for_created: u32,
+    /// Polls of an `Assigned` assignment.
+    pub retry_attempts_for_assigned: u32,
+    /// Interval between identity polls.
+    pub find_identity_retry_interval: Duration,
+    /// Watch only this node's AzureAssignedIdentities.
+    pub scale_features: bool,
+    /// 403 for `/metadata/instance*`.
+    pub block_instance_metadata: bool,
+    /// Require `Metadata: true`.
+    pub metadata_header_required: bool,
+    /// Port of `/metrics`, all interfaces.
+    pub prometheus_port: u16,
+    /// Identity selection mode.
+    pub mode: OperationMode,
+    /// File to scan for kubenet, or `None` with `--allow-network-plugin-kubenet`.
+    pub kubenet_check: Option<PathBuf>,
+    /// 503 + `Retry-After` for identity-selection errors.
+    pub set_retry_after_header: bool,
+    /// Flush conntrack entries to IMDS after the first rule install.
+    pub conntrack_deletion: bool,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Log verbosity (klog `-v`).
+    pub verbosity: u8,
+    /// Suffix of the user agent, if any.
+    pub custom_user_agent: Option<String>,
+    /// `--enableProfile` was given (ignored, logged).
+    pub profile_requested: bool,
+    /// Serve `/host/token`.
+    pub enable_host_token: bool,
+    /// Error body style.
+    pub error_bodies: ErrorBodyStyle,
+    /// Set and verify `route_localnet`.
+    pub manage_route_localnet: bool,
+}
+
+impl Flags {
+    /// Validates the flags with the process environment.
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        self.into_config_with_env(|name| std::env::var(name).ok())
+    }
+
+    /// Validates the flags; `env` looks up environment variables (tests pass a map).
+    pub fn into_config_with_env(
+        self,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let node_name = if self.node.is_empty() {
+            env("NODE_NAME").unwrap_or_default()
+        } else {
+            self.node.clone()
+        };
+        if node_name.trim().is_empty() {
+            return Err(ConfigError::MissingNode);
+        }
+        let listen_ip: Ipv4Addr = parse_ipv4("nmi-listen-address", &self.nmi_listen_address)?;
+        let nmi_port = parse_port("nmi-port", &self.nmi_port)?;
+        let metadata_ip = parse_ipv4("metadata-ip", &self.metadata_ip)?;
+        let metadata_port = parse_port("metadata-port", &self.metadata_port)?;
+        let dnat_ip = if listen_ip.is_unspecified() {
+            Ipv4Addr::LOCALHOST
+        } else {
+            listen_ip
+        };
+        let namespaced = self.force_namespaced || env("FORCENAMESPACED").as_deref() == Some("true");
+        let mode = match self.operation_mode.to_ascii_lowercase().as_str() {
+            "standard" => OperationMode::Standard,
+            "managed" => OperationMode::Managed,
+            _ => return Err(ConfigError::UnsupportedMode(self.operation_mode)),
+        };
+        if mode == OperationMode::Managed && !namespaced {
+            return Err(ConfigError::ManagedWithoutNamespaced);
+        }
+        let log_format = match self.log_format.as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(invalid(
+                    "log-format",
+                    other,
+                    "unable to apply logging options: want text or json",
+                ));
+            }
+        };
+        let error_bodies = match self.error_format.as_str() {
+            "json" => ErrorBodyStyle::ImdsJson,
+            "text" => ErrorBodyStyle::GoPlainText,
+            other => return Err(invalid("error-format", other, "want json or text")),
+        };
+        Ok(Config {
+            node_name: node_name.trim().to_ascii_lowercase(),
+            listen: SocketAddr::new(IpAddr::V4(listen_ip), nmi_port),
+            dnat_target: SocketAddrV4::new(dnat_ip, nmi_port),
+            metadata: SocketAddrV4::new(metadata_ip, metadata_port),
+            ipt_update_interval: positive_secs(
+                "ipt-update-interval-sec",
+                self.ipt_update_interval_sec,
+            )?,
+            namespaced,
+            mic_namespace: self.mic_namespace,
+            probe_port: parse_port("http-probe-port", &self.http_probe_port)?,
+            retry_attempts_for_created: non_negative(
+                "retry-attempts-for-created",
+                self.retry_attempts_for_created,
+            )?,
+            retry_attempts_for_assigned: non_negative(
+                "retry-attempts-for-assigned",
+                self.retry_attempts_for_assigned,
+            )?,
+            find_identity_retry_interval: positive_secs(
+                "find-identity-retry-interval",
+                self.find_identity_retry_interval,
+            )?,
+            scale_features: self.enable_scale_features,
+            block_instance_metadata: self.block_instance_metadata,
+            metadata_header_required: self.metadata_header_required,
+            prometheus_port: parse_port("prometheus-port", &self.prometheus_port)?,
+            mode,
+            kubenet_check: (!self.allow_network_plugin_kubenet).then_some(self.kubelet_config),
+            set_retry_after_header: self.set_retry_after_header,
+            conntrack_deletion: self.enable_conntrack_deletion,
+            log_format,
+            verbosity: self.verbosity,
+            custom_user_agent: (!self.custom_user_agent.trim().is_empty())
+                .then(|| self.custom_user_agent.trim().to_owned()),
+            profile_requested: self.enable_profile,
+            enable_host_token: self.enable_host_token,
+            error_bodies,
+            manage_route_localnet: self.manage_route_localnet,
+        })
+    }
+}
+
+/// The version line, in upstream's shape.
+pub fn version_line() -> String {
+    let version = env!("CARGO_PKG_VERSION");
+    let commit = option_env!("PODID_GIT_COMMIT").unwrap_or("unknown");
+    let date = option_env!("PODID_BUILD_DATE").unwrap_or("unknown");
+    format!("MIC Version: {version} - NMI Version: {version} - Commit: {commit} - Date: {date}")
+}
+
+/// The user agent of NMI's outgoing calls: `podid/NMI/<version>[ <custom>]`.
+pub fn user_agent(custom: Option<&str>) -> String {
+    let base = format!("podid/NMI/{}", env!("CARGO_PKG_VERSION"));
+    match custom {
+        Some(custom) => format!("{base} {custom}"),
+        None => base,
+    }
+}
+
+/// Why NMI refuses to start on this node (reference §2.1 step 2).
+#[derive(Debug, thiserror::Error)]
+pub enum KubenetError {
+    /// The kubelet config could not be read.
+    #[error("failed to check if CNI plugin is kubenet, error: {0}")]
+    Unreadable(#[source] std::io::Error),
+    /// The node runs kubenet, where pods can ARP-spoof each other (CVE-2021-1677).
+    #[error(
+        "AAD Pod Identity is not supported for Kubenet. Review https://azure.github.io/aad-pod-identity/docs/configure/aad_pod_identity_on_kubenet/ for more details."
+    )]
+    Kubenet,
+}
+
+/// Refuses kubenet nodes unless allowed (`config.kubenet_check` is `None`).
+pub fn check_kubenet(config: &Config) -> Result<(), KubenetError> {
+    let Some(path) = &config.kubenet_check else {
+        return Ok(());
+    };
+    let content = std::fs::read(path).map_err(KubenetError::Unreadable)?;
+    let needle = b"--network-plugin=kubenet";
+    if content.windows(needle.len()).any(|w| w == needle) {
+        return Err(KubenetError::Kubenet);
+    }
+    Ok(())
+}
+
+fn invalid(flag: &'static str, value: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        flag,
+        value: value.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+fn parse_ipv4(flag: &'static str, value: &str) -> Result<Ipv4Addr, ConfigError> {
+    value
+        .parse()
+        .map_err(|_| invalid(flag, value, "want an IPv4 address"))
+}
+
+fn parse_port(flag: &'static str, value: &str) -> Result<u16, ConfigError> {
+    match value.parse::<u16>() {
+        Ok(0) | Err(_) => Err(invalid(flag, value, "want a port number 1-65535")),
+        Ok(port) => Ok(port),
+    }
+}
+
+fn positive_secs(flag: &'static str, value: i64) -> Result<Duration, ConfigError> {
+    u64::try_from(value)
+        .ok()
+        .filter(|secs| *secs > 0)
+        .map(Duration::from_secs)
+        .ok_or_else(|| {
+            invalid(
+                flag,
+                &value.to_string(),
+                "want a positive number of seconds",
+            )
+        })
+}
+
+fn non_negative(flag: &'static str, value: i64) -> Result<u32, ConfigError> {
+    u32::try_from(value)
+        .map_err(|_| invalid(flag, &value.to_string(), "want a non-negative number"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        parse_env(args, &[])
+    }
+
+    fn parse_env(args: &[&str], env: &[(&str, &str)]) -> Result<Config, String> {
+        let flags = Flags::try_parse_from(std::iter::once("nmi").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        flags
+            .into_config_with_env(|name| {
+                env.iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| (*v).to_owned())
+            })
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_are_upstreams() {
+        let c = parse(&["--node=Node-A"]).expect("valid");
+        assert_eq!(c.node_name, "node-a");
+        assert_eq!(
+            c.listen,
+            "127.0.0.1:2579".parse::<SocketAddr>().expect("addr")
+        );
+        assert_eq!(c.dnat_target, SocketAddrV4::new(Ipv4Addr::LOCALHOST, 2579));
+        assert_eq!(
+            c.metadata,
+            "169.254.169.254:80".parse::<SocketAddrV4>().expect("addr")
+        );
+        assert_eq!(c.ipt_update_interval, Duration::from_secs(60));
+        assert!(!c.namespaced);
+        assert_eq!(c.mic_namespace, "default");
+        assert_eq!(c.probe_port, 8080);
+        assert_eq!(c.retry_attempts_for_created, 16);
+        assert_eq!(c.retry_attempts_for_assigned, 4);
+        assert_eq!(c.find_identity_retry_interval, Duration::from_secs(5));
+        assert!(c.scale_features);
+        assert!(!c.block_instance_metadata);
+        assert!(c.metadata_header_required);
+        assert_eq!(c.prometheus_port, 9090);
+        assert_eq!(c.mode, OperationMode::Standard);
+        assert_eq!(c.kubenet_check, Some(PathBuf::from("/etc/default/kubelet")));
+        assert!(!c.set_retry_after_header);
+        assert!(!c.conntrack_deletion);
+        assert_eq!(c.log_format, LogFormat::Text);
+        assert_eq!(c.custom_user_agent, None);
+        assert!(!c.enable_host_token);
+        assert_eq!(c.error_bodies, ErrorBodyStyle::ImdsJson);
+        assert!(c.manage_route_localnet);
+    }
+
+    #[test]
+    fn every_flag_is_honoured() {
+        let c = parse(&[
+            "--node=n1",
+            "--nmi-listen-address=0.0.0.0",
+            "--nmi-port=3000",
+            "--metadata-ip=10.1.2.3",
+            "--metadata-port=8080",
+            "--ipt-update-interval-sec=7",
+            "--forceNamespaced",
+            "--MICNamespace=kube-system",
+            "--http-probe-port=8085",
+            "--retry-attempts-for-created=2",
+            "--retry-attempts-for-assigned=1",
+            "--find-identity-retry-interval=3",
+            "--enableProfile=true",
+            "--enableScaleFeatures=false",
+            "--block-instance-metadata",
+            "--metadata-header-required=false",
+            "--prometheus-port=9091",
+            "--operation-mode=MANAGED",
+            "--allow-network-plugin-kubenet=T",
+            "--set-retry-after-header=1",
+            "--enable-conntrack-deletion",
+            "--log-format=json",
+            "--custom-user-agent=acme",
+            "--enable-host-token",
+            "--error-format=text",
+            "--manage-route-localnet=false",
+            "-v=4",
+            "--logtostderr=true",
+            "--log_dir=/tmp",
+        ])
+        .expect("valid");
+        assert_eq!(
+            c.listen,
+            "0.0.0.0:3000".parse::<SocketAddr>().expect("addr")
+        );
+        assert_eq!(c.dnat_target, SocketAddrV4::new(Ipv4Addr::LOCALHOST, 3000));
+        assert_eq!(
+            c.metadata,
+            "10.1.2.3:8080".parse::<SocketAddrV4>().expect("addr")
+        );
+        assert_eq!(c.ipt_update_interval, Duration::from_secs(7));
+        assert!(c.namespaced);
+        assert_eq!(c.mic_namespace, "kube-system");
+        assert_eq!(c.probe_port, 8085);
+        assert_eq!(c.retry_attempts_for_created, 2);
+        assert_eq!(c.retry_attempts_for_assigned, 1);
+        assert_eq!(c.find_identity_retry_interval, Duration::from_secs(3));
+        assert!(c.profile_requested);
+        assert!(!c.scale_features);
+        assert!(c.block_instance_metadata);
+        assert!(!c.metadata_header_required);
+        assert_eq!(c.prometheus_port, 9091);
+        assert_eq!(c.mode, OperationMode::Managed);
+        assert_eq!(c.kubenet_check, None);
+        assert!(c.set_retry_after_header);
+        assert!(c.conntrack_deletion);
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.custom_user_agent.as_deref(), Some("acme"));
+        assert!(c.enable_host_token);
+        assert_eq!(c.error_bodies, ErrorBodyStyle::GoPlainText);
+        assert!(!c.manage_route_localnet);
+        assert_eq!(c.verbosity, 4);
+    }
+
+    #[test]
+    fn a_specific_listen_address_is_the_dnat_target() {
+        let c = parse(&["--node=n", "--nmi-listen-address=10.0.0.4"]).expect("valid");
+        assert_eq!(
+            c.dnat_target,
+            "10.0.0.4:2579".parse::<SocketAddrV4>().expect("addr")
+        );
+    }
+
+    #[test]
+    fn env_twins() {
+        let c = parse_env(
+            &[],
+            &[("NODE_NAME", "from-env"), ("FORCENAMESPACED", "true")],
+        )
+        .expect("valid");
+        assert_eq!(c.node_name, "from-env");
+        assert!(c.namespaced);
+        // Upstream compares with "true" exactly.
+        let c = parse_env(&["--node=n"], &[("FORCENAMESPACED", "1")]).expect("valid");
+        assert!(!c.namespaced);
+        // The flag wins over the env.
+        let c = parse_env(&["--node=flag"], &[("NODE_NAME", "env")]).expect("valid");
+        assert_eq!(c.node_name, "flag");
+    }
+
+    #[test]
+    fn bad_values_name_the_flag() {
+        for (args, needle) in [
+            (&["--nmi-port=0"][..], "--nmi-port"),
+            (&["--nmi-port=70000"][..], "--nmi-port"),
+            (&["--metadata-port=http"][..], "--metadata-port"),
+            (&["--metadata-ip=::1"][..], "--metadata-ip"),
+            (
+                &["--nmi-listen-address=localhost"][..],
+                "--nmi-listen-address",
+            ),
+            (&["--http-probe-port=-1"][..], "--http-probe-port"),
+            (
+                &["--ipt-update-interval-sec=0"][..],
+                "--ipt-update-interval-sec",
+            ),
+            (
+                &["--find-identity-retry-interval=-5"][..],
+                "--find-identity-retry-interval",
+            ),
+            (
+                &["--retry-attempts-for-created=-1"][..],
+                "--retry-attempts-for-created",
+            ),
+            (&["--log-format=xml"][..], "--log-format"),
+            (&["--error-format=html"][..], "--error-format"),
+        ] {
+            let mut all = vec!["--node=n"];
+            all.extend_from_slice(args);
+            let err = parse(&all).expect_err("must be refused");
+            assert!(err.contains(needle), "{args:?}: {err}");
+        }
+        assert!(
+            parse(&["--node=n", "--forceNamespaced=maybe"])
+                .expect_err("bad bool")
+                .contains("forceNamespaced")
+        );
+        assert_eq!(
+            parse(&["--node=n", "--operation-mode=sidecar"]).expect_err("bad mode"),
+            "operation mode sidecar not supported"
+        );
+        assert!(
+            parse(&["--node=n", "--operation-mode=managed"])
+                .expect_err("managed needs namespaced")
+                .contains("namespaced")
+        );
+        assert!(
+            parse(&[])
+                .expect_err("no node")
+                .contains("--node is required")
+        );
+        assert!(parse(&["--node=n", "--no-such-flag"]).is_err());
+    }
+
+    #[test]
+    fn go_bools() {
+        for yes in ["1", "t", "T", "TRUE", "true", "True"] {
+            assert_eq!(parse_go_bool(yes), Ok(true));
+        }
+        for no in ["0", "f", "F", "FALSE", "false", "False"] {
+            assert_eq!(parse_go_bool(no), Ok(false));
+        }
+        assert!(parse_go_bool("yes").is_err());
+    }
+
+    #[test]
+    fn kubenet_refusal() {
+        let dir = std::env::temp_dir().join(format!("podid-nmi-kubenet-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("tmp dir");
+        let kubenet = dir.join("kubenet");
+        std::fs::write(
+            &kubenet,
+            "KUBELET_FLAGS=--network-plugin=kubenet --max-pods=110",
+        )
+        .expect("write");
+        let cni = dir.join("cni");
+        std::fs::write(&cni, "KUBELET_FLAGS=--network-plugin=cni").expect("write");
+        let cfg = |path: &std::path::Path| {
+            parse(&["--node=n", &format!("--kubelet-config={}", path.display())]).expect("valid")
+        };
+        assert!(matches!(
+            check_kubenet(&cfg(&kubenet)),
+            Err(KubenetError::Kubenet)
+        ));
+        assert!(check_kubenet(&cfg(&cni)).is_ok());
+        let missing = check_kubenet(&cfg(&dir.join("missing"))).expect_err("unreadable");
+        assert!(
+            missing
+                .to_string()
+                .starts_with("failed to check if CNI plugin is kubenet")
+        );
+        let allowed = parse(&[
+            "--node=n",
+            "--allow-network-plugin-kubenet",
+            &format!("--kubelet-config={}", kubenet.display()),
+        ])
+        .expect("valid");
+        assert!(check_kubenet(&allowed).is_ok());
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    #[test]
+    fn version_has_upstreams_shape() {
+        let line = version_line();
+        assert!(line.starts_with("MIC Version: "), "{line}");
+        assert!(line.contains(" - NMI Version: ") && line.contains(" - Commit: "));
+        assert_eq!(user_agent(Some("x")), format!("{} x", user_agent(None)));
+    }
+}
