@@ -23,7 +23,7 @@ pub use types::{
     AzureAssignedIdentity, AzureAssignedIdentitySpec, AzureAssignedIdentityStatus, AzureIdentity,
     AzureIdentityBinding, AzureIdentityBindingSpec, AzureIdentityBindingStatus, AzureIdentitySpec,
     AzureIdentityStatus, AzurePodIdentityException, AzurePodIdentityExceptionSpec,
-    AzurePodIdentityExceptionStatus,
+    AzurePodIdentityExceptionStatus, assigned_identity_namespace,
 };
 pub use wire::{EmbeddedMeta, IdentityType};
 

@@ -310,3 +310,163 @@ impl AzurePodIdentityException {
         })
     }
 }
+
+fn object_meta(
+    namespace: &str,
+    name: &str,
+) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+    k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+        name: Some(name.to_owned()),
+        namespace: Some(namespace.to_owned()),
+        ..Default::default()
+    }
+}
+
+impl AzureIdentity {
+    /// A type-0 (user-assigned managed identity) object.
+    pub fn user_assigned(namespace: &str, name: &str, resource_id: &str, client_id: &str) -> Self {
+        Self {
+            metadata: object_meta(namespace, name),
+            spec: AzureIdentitySpec {
+                type_: Some(IdentityType::UserAssignedMsi),
+                resource_id: Some(resource_id.to_owned()),
+                client_id: Some(client_id.to_owned()),
+                ..Default::default()
+            },
+            status: None,
+        }
+    }
+
+    /// A service-principal object (type 1 with a secret, type 2 with a certificate) whose
+    /// credential is in the Secret `secret` of the identity's namespace.
+    pub fn service_principal(
+        namespace: &str,
+        name: &str,
+        type_: IdentityType,
+        tenant_id: &str,
+        client_id: &str,
+        secret: &str,
+    ) -> Self {
+        Self {
+            metadata: object_meta(namespace, name),
+            spec: AzureIdentitySpec {
+                type_: Some(type_),
+                tenant_id: Some(tenant_id.to_owned()),
+                client_id: Some(client_id.to_owned()),
+                client_password: Some(SecretReference {
+                    name: Some(secret.to_owned()),
+                    namespace: Some(namespace.to_owned()),
+                }),
+                ..Default::default()
+            },
+            status: None,
+        }
+    }
+
+    /// Adds the annotation `aadpodidentity.k8s.io/Behavior: namespaced`.
+    pub fn namespaced(mut self) -> Self {
+        self.metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(
+                BEHAVIOR_ANNOTATION.to_owned(),
+                BEHAVIOR_NAMESPACED.to_owned(),
+            );
+        self
+    }
+}
+
+impl AzureIdentityBinding {
+    /// A binding of pods labelled `aadpodidbinding: <selector>` to the identity `identity` of
+    /// the same namespace.
+    pub fn for_selector(namespace: &str, name: &str, identity: &str, selector: &str) -> Self {
+        Self {
+            metadata: object_meta(namespace, name),
+            spec: AzureIdentityBindingSpec {
+                azure_identity: Some(identity.to_owned()),
+                selector: Some(selector.to_owned()),
+                ..Default::default()
+            },
+            status: None,
+        }
+    }
+}
+
+impl AzurePodIdentityException {
+    /// An exception for pods carrying any one of `pod_labels`.
+    pub fn for_pod_labels(
+        namespace: &str,
+        name: &str,
+        pod_labels: impl IntoIterator<Item = (String, String)>,
+    ) -> Self {
+        Self {
+            metadata: object_meta(namespace, name),
+            spec: AzurePodIdentityExceptionSpec {
+                metadata: None,
+                pod_labels: Some(pod_labels.into_iter().collect()),
+            },
+            status: None,
+        }
+    }
+}
+
+/// Namespace of the `AzureAssignedIdentity` for `identity`: the identity's namespace when
+/// namespaced matching applies (`force_namespaced` or the identity's annotation), otherwise
+/// `default` (upstream `makeAssignedIDs`).
+pub fn assigned_identity_namespace(identity: &AzureIdentity, force_namespaced: bool) -> String {
+    if force_namespaced || identity.is_namespaced() {
+        identity.metadata.namespace.clone().unwrap_or_default()
+    } else {
+        crate::constants::DEFAULT_ASSIGNED_IDENTITY_NAMESPACE.to_owned()
+    }
+}
+
+impl AzureAssignedIdentity {
+    /// The object MIC creates for `pod` (in `pod_namespace`, on `node`) using `identity` through
+    /// `binding`: named `<pod>-<podNamespace>-<identity>`, in `namespace` (see
+    /// [`assigned_identity_namespace`]), labelled `nodename: <node>`, with the finalizer, full
+    /// copies of identity and binding, and status `Created` with `availableReplicas: 1`.
+    pub fn for_pod(
+        namespace: &str,
+        pod: &str,
+        pod_namespace: &str,
+        node: &str,
+        identity: AzureIdentity,
+        binding: AzureIdentityBinding,
+    ) -> Self {
+        let identity_name = identity.metadata.name.clone().unwrap_or_default();
+        let mut metadata = object_meta(
+            namespace,
+            &crate::constants::assigned_identity_name(pod, pod_namespace, &identity_name),
+        );
+        metadata.labels = Some(BTreeMap::from([(
+            crate::constants::NODE_NAME_LABEL.to_owned(),
+            node.to_owned(),
+        )]));
+        metadata.finalizers = Some(vec![
+            crate::constants::ASSIGNED_IDENTITY_FINALIZER.to_owned(),
+        ]);
+        Self {
+            metadata,
+            spec: AzureAssignedIdentitySpec {
+                metadata: None,
+                azure_identity_ref: Some(Box::new(identity)),
+                azure_binding_ref: Some(Box::new(binding)),
+                pod: Some(pod.to_owned()),
+                pod_namespace: Some(pod_namespace.to_owned()),
+                node_name: Some(node.to_owned()),
+                replicas: None,
+            },
+            status: Some(AzureAssignedIdentityStatus {
+                metadata: None,
+                status: Some(AssignedIdentityState::Created),
+                available_replicas: Some(1),
+            }),
+        }
+    }
+
+    /// The node name from `spec.nodename`.
+    pub fn node_name(&self) -> Option<&str> {
+        self.spec.node_name.as_deref()
+    }
+}

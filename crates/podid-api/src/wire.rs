@@ -57,6 +57,11 @@ impl IdentityType {
         }
     }
 
+    /// `true` for type 0, the only type MIC assigns to VMs/VMSS through ARM.
+    pub fn is_user_assigned_msi(self) -> bool {
+        self == Self::UserAssignedMsi
+    }
+
     /// Maps a wire integer; never fails.
     pub fn from_i64(n: i64) -> Self {
         match n {

@@ -104,3 +104,64 @@ fn new_objects_serialize_with_type_meta_and_nothing_else() {
         })
     );
 }
+
+#[test]
+fn builders_produce_what_mic_writes() {
+    let id = AzureIdentity::user_assigned("app", "kv-id", "/subscriptions/S/x", "cid").namespaced();
+    assert!(id.is_namespaced());
+    assert!(id.identity_type().is_user_assigned_msi());
+    let b = AzureIdentityBinding::for_selector("app", "kv-id-binding", "kv-id", "kv");
+    assert_eq!(assigned_identity_namespace(&id, false), "app");
+    let plain = AzureIdentity::user_assigned("app", "other", "/x", "c");
+    assert_eq!(assigned_identity_namespace(&plain, false), "default");
+    assert_eq!(assigned_identity_namespace(&plain, true), "app");
+
+    let a = AzureAssignedIdentity::for_pod("app", "web-1", "app", "aks-np-0000", id, b);
+    let v = serde_json::to_value(&a).expect("json");
+    assert_eq!(v["metadata"]["name"], "web-1-app-kv-id");
+    assert_eq!(v["metadata"]["namespace"], "app");
+    assert_eq!(
+        v["metadata"]["labels"],
+        serde_json::json!({"nodename": "aks-np-0000"})
+    );
+    assert_eq!(
+        v["metadata"]["finalizers"],
+        serde_json::json!(["azureassignedidentity.finalizers.aadpodidentity.k8s.io"])
+    );
+    assert_eq!(v["spec"]["azureIdentityRef"]["kind"], "AzureIdentity");
+    assert_eq!(
+        v["spec"]["azureIdentityRef"]["apiVersion"],
+        "aadpodidentity.k8s.io/v1"
+    );
+    assert_eq!(
+        v["spec"]["azureIdentityRef"]["metadata"]["annotations"]["aadpodidentity.k8s.io/Behavior"],
+        "namespaced"
+    );
+    assert_eq!(v["spec"]["azureBindingRef"]["spec"]["selector"], "kv");
+    assert_eq!(v["spec"]["nodename"], "aks-np-0000");
+    assert_eq!(v["spec"]["podNamespace"], "app");
+    assert_eq!(
+        v["status"],
+        serde_json::json!({"status": "Created", "availableReplicas": 1})
+    );
+    assert_eq!(a.node_name(), Some("aks-np-0000"));
+
+    let sp = AzureIdentity::service_principal(
+        "ns",
+        "sp",
+        IdentityType::ServicePrincipalCertificate,
+        "tid",
+        "cid",
+        "cert",
+    );
+    let v = serde_json::to_value(&sp).expect("json");
+    assert_eq!(v["spec"]["type"], 2);
+    assert_eq!(
+        v["spec"]["clientPassword"],
+        serde_json::json!({"name": "cert", "namespace": "ns"})
+    );
+
+    let e =
+        AzurePodIdentityException::for_pod_labels("default", "mic", [("app".into(), "mic".into())]);
+    assert!(e.excepts(&[("app".to_owned(), "MIC".to_owned())].into()));
+}
