@@ -1,0 +1,736 @@
+//! The simulated Entra ID (login.microsoftonline.com): token endpoints v1 and v2 with the
+//! client-credentials grant (client secret, certificate assertion, federated assertion),
+//! OpenID discovery documents, signing keys and MSAL's instance discovery.
+
+use std::sync::Arc;
+
+use http::{Method, StatusCode};
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde_json::{Value, json};
+
+use crate::error::Error;
+use crate::http::{Handler, Req, Resp, ServerHandle, json, loopback_listener, spawn_server};
+use crate::util::{entra_timestamp, guid, now_secs};
+use crate::world::{App, Cloud};
+
+/// `client_assertion_type` for JWT assertions.
+const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+
+/// Clock skew tolerated on assertions (Entra allows a few minutes).
+const LEEWAY_SECS: u64 = 300;
+
+/// How the client authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GrantKind {
+    /// `client_secret`.
+    Secret,
+    /// Certificate-signed client assertion.
+    Certificate,
+    /// External token matched by a federated identity credential.
+    Federated,
+    /// Could not tell (request rejected before that).
+    Unknown,
+}
+
+/// One request to the token endpoint. Holds no secret, token or assertion.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntraCall {
+    /// `v1` (`/oauth2/token`) or `v2` (`/oauth2/v2.0/token`).
+    pub version: &'static str,
+    /// The `client_id` parameter as sent.
+    pub client_id: String,
+    /// How the client authenticated.
+    pub grant: GrantKind,
+    /// The resource (v1) or the resource derived from the scope (v2).
+    pub resource: String,
+    /// HTTP status answered.
+    pub status: u16,
+    /// AADSTS code for failures.
+    pub error_code: Option<u32>,
+}
+
+/// A running simulated Entra.
+#[derive(Debug)]
+pub struct EntraHandle {
+    server: ServerHandle,
+    cloud: Cloud,
+}
+
+impl EntraHandle {
+    /// Binds `127.0.0.1:0` and serves. Must be called inside a tokio runtime.
+    pub fn start(cloud: &Cloud) -> Result<Self, Error> {
+        serve_entra(cloud, loopback_listener()?)
+    }
+
+    /// The authority host, e.g. `http://127.0.0.1:1234` (no trailing slash); the token
+    /// endpoint is `<url>/<tenant>/oauth2/token`.
+    pub fn url(&self) -> String {
+        self.server.url()
+    }
+
+    /// `<url>/<tenant>/oauth2/token`.
+    pub fn token_url_v1(&self) -> String {
+        format!("{}/{}/oauth2/token", self.url(), self.cloud.tenant_id())
+    }
+
+    /// `<url>/<tenant>/oauth2/v2.0/token`.
+    pub fn token_url_v2(&self) -> String {
+        format!(
+            "{}/{}/oauth2/v2.0/token",
+            self.url(),
+            self.cloud.tenant_id()
+        )
+    }
+
+    /// The server (address, unreachable switch).
+    pub fn server(&self) -> &ServerHandle {
+        &self.server
+    }
+
+    /// Every token request so far.
+    pub fn calls(&self) -> Vec<EntraCall> {
+        self.cloud.entra_calls()
+    }
+}
+
+impl Cloud {
+    /// Every token request the simulated Entra answered so far (all servers of this cloud).
+    pub fn entra_calls(&self) -> Vec<EntraCall> {
+        self.inner
+            .entra_log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Successful token requests for `client_id`.
+    pub fn entra_tokens_issued(&self, client_id: &str) -> usize {
+        self.entra_calls()
+            .iter()
+            .filter(|c| c.status == 200 && c.client_id.eq_ignore_ascii_case(client_id))
+            .count()
+    }
+
+    fn log_entra(&self, call: EntraCall) {
+        self.inner
+            .entra_log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(call);
+    }
+}
+
+/// Serves the simulated Entra on `listener`. Must be called inside a tokio runtime.
+pub fn serve_entra(cloud: &Cloud, listener: std::net::TcpListener) -> Result<EntraHandle, Error> {
+    let c = cloud.clone();
+    let handler: Handler = Arc::new(move |req| {
+        let c = c.clone();
+        Box::pin(async move { Some(route(&c, req).await) })
+    });
+    Ok(EntraHandle {
+        server: spawn_server(listener, handler)?,
+        cloud: cloud.clone(),
+    })
+}
+
+async fn route(cloud: &Cloud, req: Req) -> Resp {
+    let path = req.uri.path().to_owned();
+    let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let base = req.base_url();
+    match (req.method.clone(), segs.as_slice()) {
+        (Method::POST, [tenant, "oauth2", "token"]) => token(cloud, &req, tenant, false).await,
+        (Method::POST, [tenant, "oauth2", "v2.0", "token"]) => {
+            token(cloud, &req, tenant, true).await
+        }
+        (Method::GET, [tenant, "v2.0", ".well-known", "openid-configuration"]) => {
+            match resolve_tenant(cloud, tenant) {
+                Ok(t) => json(StatusCode::OK, &openid_configuration(&base, &t, true)),
+                Err(e) => e.response(),
+            }
+        }
+        (Method::GET, [tenant, ".well-known", "openid-configuration"]) => {
+            match resolve_tenant(cloud, tenant) {
+                Ok(t) => json(StatusCode::OK, &openid_configuration(&base, &t, false)),
+                Err(e) => e.response(),
+            }
+        }
+        (Method::GET, [_, "discovery", "v2.0", "keys"])
+        | (Method::GET, [_, "discovery", "keys"]) => json(StatusCode::OK, &cloud.jwks()),
+        (Method::GET, [_, "discovery", "instance"]) => {
+            let host = base.trim_start_matches("http://").to_owned();
+            json(
+                StatusCode::OK,
+                &json!({
+                    "tenant_discovery_endpoint":
+                        format!("{base}/{}/v2.0/.well-known/openid-configuration", cloud.tenant_id()),
+                    "api-version": "1.1",
+                    "metadata": [{
+                        "preferred_network": host,
+                        "preferred_cache": host,
+                        "aliases": [host],
+                    }],
+                }),
+            )
+        }
+        _ => json(
+            StatusCode::NOT_FOUND,
+            &json!({"error": "not_found", "error_description": format!("no route for {path}")}),
+        ),
+    }
+}
+
+fn openid_configuration(base: &str, tenant: &str, v2: bool) -> Value {
+    if v2 {
+        json!({
+            "token_endpoint": format!("{base}/{tenant}/oauth2/v2.0/token"),
+            "token_endpoint_auth_methods_supported":
+                ["client_secret_post", "private_key_jwt", "client_secret_basic"],
+            "jwks_uri": format!("{base}/{tenant}/discovery/v2.0/keys"),
+            "response_modes_supported": ["query", "fragment", "form_post"],
+            "subject_types_supported": ["pairwise"],
+            "id_token_signing_alg_values_supported": ["RS256"],
+            "response_types_supported": ["code", "id_token", "code id_token", "id_token token"],
+            "scopes_supported": ["openid", "profile", "email", "offline_access"],
+            "issuer": format!("{base}/{tenant}/v2.0"),
+            "request_uri_parameter_supported": false,
+            "authorization_endpoint": format!("{base}/{tenant}/oauth2/v2.0/authorize"),
+            "device_authorization_endpoint": format!("{base}/{tenant}/oauth2/v2.0/devicecode"),
+            "end_session_endpoint": format!("{base}/{tenant}/oauth2/v2.0/logout"),
+            "tenant_region_scope": "EU",
+            "cloud_instance_name": "microsoftonline.com",
+        })
+    } else {
+        json!({
+            "token_endpoint": format!("{base}/{tenant}/oauth2/token"),
+            "token_endpoint_auth_methods_supported":
+                ["client_secret_post", "private_key_jwt", "client_secret_basic"],
+            "jwks_uri": format!("{base}/common/discovery/keys"),
+            "response_modes_supported": ["query", "fragment", "form_post"],
+            "subject_types_supported": ["pairwise"],
+            "id_token_signing_alg_values_supported": ["RS256"],
+            "issuer": format!("https://sts.windows.net/{tenant}/"),
+            "authorization_endpoint": format!("{base}/{tenant}/oauth2/authorize"),
+            "tenant_region_scope": "EU",
+            "cloud_instance_name": "microsoftonline.com",
+        })
+    }
+}
+
+/// An AADSTS error as Entra writes it.
+#[derive(Debug, Clone)]
+pub(crate) struct AadError {
+    status: StatusCode,
+    error: &'static str,
+    code: u32,
+    message: String,
+}
+
+impl AadError {
+    fn new(status: StatusCode, error: &'static str, code: u32, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            error,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn invalid_request(code: u32, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request", code, message)
+    }
+
+    fn invalid_client(code: u32, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "invalid_client", code, message)
+    }
+
+    fn missing(param: &str) -> Self {
+        Self::invalid_request(
+            900_144,
+            format!("The request body must contain the following parameter: '{param}'."),
+        )
+    }
+
+    fn response(&self) -> Resp {
+        let trace = guid();
+        let corr = guid();
+        let ts = entra_timestamp(now_secs());
+        json(
+            self.status,
+            &json!({
+                "error": self.error,
+                "error_description": format!(
+                    "AADSTS{}: {} Trace ID: {trace} Correlation ID: {corr} Timestamp: {ts}",
+                    self.code, self.message
+                ),
+                "error_codes": [self.code],
+                "timestamp": ts,
+                "trace_id": trace,
+                "correlation_id": corr,
+                "error_uri": format!("https://login.microsoftonline.com/error?code={}", self.code),
+            }),
+        )
+    }
+}
+
+fn resolve_tenant(cloud: &Cloud, tenant: &str) -> Result<String, AadError> {
+    if tenant.eq_ignore_ascii_case(cloud.tenant_id()) {
+        Ok(cloud.tenant_id().to_owned())
+    } else {
+        Err(AadError::invalid_request(
+            90_002,
+            format!(
+                "Tenant '{tenant}' not found. Check to make sure you have the correct tenant ID and are signing into the correct cloud."
+            ),
+        ))
+    }
+}
+
+/// The parsed form of a token request.
+struct TokenForm {
+    params: Vec<(String, String)>,
+}
+
+impl TokenForm {
+    fn get(&self, k: &str) -> Option<&str> {
+        self.params
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.as_str())
+            .filter(|v| !v.is_empty())
+    }
+}
+
+async fn token(cloud: &Cloud, req: &Req, tenant: &str, v2: bool) -> Resp {
+    let form = TokenForm {
+        params: url::form_urlencoded::parse(&req.body)
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect(),
+    };
+    let mut call = EntraCall {
+        version: if v2 { "v2" } else { "v1" },
+        client_id: form.get("client_id").unwrap_or_default().to_owned(),
+        grant: GrantKind::Unknown,
+        resource: String::new(),
+        status: 200,
+        error_code: None,
+    };
+    let result = grant(cloud, &form, tenant, v2, &mut call).await;
+    let resp = match result {
+        Ok(body) => json(StatusCode::OK, &body),
+        Err(e) => {
+            call.status = e.status.as_u16();
+            call.error_code = Some(e.code);
+            tracing::debug!(client_id = %call.client_id, code = e.code, "token request refused");
+            e.response()
+        }
+    };
+    cloud.log_entra(call);
+    resp
+}
+
+async fn grant(
+    cloud: &Cloud,
+    form: &TokenForm,
+    tenant: &str,
+    v2: bool,
+    call: &mut EntraCall,
+) -> Result<Value, AadError> {
+    let tenant = resolve_tenant(cloud, tenant)?;
+    let grant_type = form
+        .get("grant_type")
+        .ok_or_else(|| AadError::missing("grant_type"))?;
+    if grant_type != "client_credentials" {
+        return Err(AadError::new(
+            StatusCode::BAD_REQUEST,
+            "unsupported_grant_type",
+            70_003,
+            "The app requested an unsupported grant type.",
+        ));
+    }
+    let resource = if v2 {
+        let scope = form
+            .get("scope")
+            .ok_or_else(|| AadError::missing("scope"))?;
+        let Some(res) = scope.trim().strip_suffix("/.default") else {
+            return Err(AadError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_scope",
+                1_002_012,
+                format!(
+                    "The provided value for scope {scope} is not valid. Client credential flows must have a scope value with /.default suffixed to the resource identifier (application ID URI)."
+                ),
+            ));
+        };
+        if res.is_empty() || res.contains(' ') {
+            return Err(AadError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_scope",
+                70_011,
+                format!(
+                    "The provided value for the input parameter 'scope' is not valid. The scope {scope} is not valid."
+                ),
+            ));
+        }
+        res.to_owned()
+    } else {
+        form.get("resource")
+            .ok_or_else(|| AadError::missing("resource"))?
+            .to_owned()
+    };
+    call.resource = resource.clone();
+    let client_id = form
+        .get("client_id")
+        .ok_or_else(|| AadError::missing("client_id"))?;
+    let Some(app) = cloud.app(client_id) else {
+        return Err(AadError::new(
+            StatusCode::BAD_REQUEST,
+            "unauthorized_client",
+            700_016,
+            format!(
+                "Application with identifier '{client_id}' was not found in the directory '{tenant}'. This can happen if the application has not been installed by the administrator of the tenant or consented to by any user in the tenant. You may have sent your authentication request to the wrong tenant."
+            ),
+        ));
+    };
+    if let Some(secret) = form.get("client_secret") {
+        call.grant = GrantKind::Secret;
+        if !app.secrets.iter().any(|s| s.0 == secret) {
+            return Err(AadError::invalid_client(
+                7_000_215,
+                "Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID, for a secret added to app '{client_id}'."
+                    .replace("{client_id}", &app.client_id),
+            ));
+        }
+    } else if let Some(assertion) = form.get("client_assertion") {
+        match form.get("client_assertion_type") {
+            Some(JWT_BEARER) => {}
+            Some(other) => {
+                return Err(AadError::invalid_request(
+                    50_027,
+                    format!("Invalid client_assertion_type '{other}'."),
+                ));
+            }
+            None => return Err(AadError::missing("client_assertion_type")),
+        }
+        let claims = peek_claims(assertion)?;
+        if claims.iss.as_deref() == Some(app.client_id.as_str())
+            || claims
+                .iss
+                .as_deref()
+                .is_some_and(|i| i.eq_ignore_ascii_case(&app.client_id))
+        {
+            call.grant = GrantKind::Certificate;
+            verify_certificate_assertion(&app, &tenant, assertion)?;
+        } else {
+            call.grant = GrantKind::Federated;
+            verify_federated_assertion(cloud, &app, assertion, &claims).await?;
+        }
+    } else {
+        return Err(AadError::invalid_client(
+            7_000_218,
+            "The request body must contain the following parameter: 'client_assertion' or 'client_secret'.",
+        ));
+    }
+    let lifetime = cloud.state().entra_token_lifetime;
+    let (token, claims) = cloud.issue_for_app(&app, &resource, lifetime);
+    let expires_in = claims.exp - claims.iat;
+    Ok(if v2 {
+        json!({
+            "token_type": "Bearer",
+            "expires_in": expires_in,
+            "ext_expires_in": expires_in,
+            "access_token": token,
+        })
+    } else {
+        json!({
+            "token_type": "Bearer",
+            "expires_in": expires_in.to_string(),
+            "ext_expires_in": expires_in.to_string(),
+            "expires_on": claims.exp.to_string(),
+            "not_before": claims.nbf.to_string(),
+            "resource": resource,
+            "access_token": token,
+        })
+    })
+}
+
+/// Claims of an assertion read before its signature is checked.
+#[derive(Debug, serde::Deserialize)]
+struct PeekClaims {
+    iss: Option<String>,
+    sub: Option<String>,
+    #[serde(default)]
+    aud: Option<Value>,
+    exp: Option<u64>,
+    nbf: Option<u64>,
+}
+
+impl PeekClaims {
+    fn audiences(&self) -> Vec<String> {
+        match &self.aud {
+            Some(Value::String(s)) => vec![s.clone()],
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+fn malformed() -> AadError {
+    AadError::invalid_request(50_027, "JWT token is invalid or malformed.")
+}
+
+fn peek_claims(assertion: &str) -> Result<PeekClaims, AadError> {
+    use base64::Engine as _;
+    let payload = assertion.split('.').nth(1).ok_or_else(malformed)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .map_err(|_| malformed())?;
+    serde_json::from_slice(&bytes).map_err(|_| malformed())
+}
+
+fn check_times(claims: &PeekClaims) -> Result<(), AadError> {
+    let now = now_secs();
+    let expired = AadError::invalid_client(
+        700_024,
+        "Client assertion is not within its valid time range.",
+    );
+    match claims.exp {
+        Some(exp) if exp + LEEWAY_SECS >= now => {}
+        _ => return Err(expired),
+    }
+    if claims.nbf.is_some_and(|nbf| nbf > now + LEEWAY_SECS) {
+        return Err(expired);
+    }
+    Ok(())
+}
+
+fn signature_validation() -> Validation {
+    let mut v = Validation::new(Algorithm::RS256);
+    v.validate_aud = false;
+    v.validate_exp = false;
+    v.required_spec_claims.clear();
+    v
+}
+
+/// Whether `aud` names this tenant's token endpoint (v1 or v2, any host, any query).
+fn audience_is_token_endpoint(aud: &str, tenant: &str) -> bool {
+    let Ok(u) = url::Url::parse(aud) else {
+        return false;
+    };
+    let segs: Vec<&str> = u.path().trim_matches('/').split('/').collect();
+    match segs.as_slice() {
+        [t, "oauth2", "token"] | [t, "oauth2", "v2.0", "token"] | [t, "v2.0"] => {
+            t.eq_ignore_ascii_case(tenant)
+        }
+        _ => false,
+    }
+}
+
+fn verify_certificate_assertion(app: &App, tenant: &str, assertion: &str) -> Result<(), AadError> {
+    let header = jsonwebtoken::decode_header(assertion).map_err(|_| malformed())?;
+    let claims = peek_claims(assertion)?;
+    if claims.sub.as_deref().map(str::to_ascii_lowercase)
+        != Some(app.client_id.to_ascii_lowercase())
+    {
+        return Err(AadError::invalid_client(
+            700_021,
+            "Client assertion application identifier doesn't match 'client_id' parameter. Review the documentation at https://learn.microsoft.com/entra/identity-platform/certificate-credentials .",
+        ));
+    }
+    if !claims
+        .audiences()
+        .iter()
+        .any(|a| audience_is_token_endpoint(a, tenant))
+    {
+        return Err(AadError::invalid_client(
+            700_027,
+            "Client assertion failed signature validation. The audience of the assertion is not this tenant's token endpoint.",
+        ));
+    }
+    check_times(&claims)?;
+    if header.alg != Algorithm::RS256 && header.alg != Algorithm::PS256 {
+        return Err(malformed());
+    }
+    let cert = app.certs.iter().find(|c| {
+        header.x5t.as_deref() == Some(c.x5t.as_str())
+            || header.x5t_s256.as_deref() == Some(c.x5t_s256.as_str())
+    });
+    let Some(cert) = cert else {
+        let thumb = header
+            .x5t_s256
+            .clone()
+            .or_else(|| header.x5t.clone())
+            .unwrap_or_default();
+        return Err(AadError::invalid_client(
+            700_027,
+            format!(
+                "The certificate with identifier used to sign the client assertion is not registered on application. [Reason - The key was not found., Thumbprint of key used by client: '{thumb}']"
+            ),
+        ));
+    };
+    let mut v = signature_validation();
+    v.algorithms = vec![header.alg];
+    jsonwebtoken::decode::<Value>(assertion, &cert.key, &v).map_err(|_| {
+        AadError::invalid_client(700_027, "Client assertion failed signature validation.")
+    })?;
+    Ok(())
+}
+
+async fn verify_federated_assertion(
+    cloud: &Cloud,
+    app: &App,
+    assertion: &str,
+    claims: &PeekClaims,
+) -> Result<(), AadError> {
+    let iss = claims.iss.clone().ok_or_else(malformed)?;
+    let sub = claims.sub.clone().unwrap_or_default();
+    let auds = claims.audiences();
+    let by_issuer: Vec<_> = app.federated.iter().filter(|f| f.issuer == iss).collect();
+    if by_issuer.is_empty() {
+        return Err(AadError::invalid_request(
+            700_211,
+            format!(
+                "No matching federated identity record found for presented assertion issuer '{iss}'. Please check your federated identity credential Subject, Audience and Issuer against the presented assertion."
+            ),
+        ));
+    }
+    if !by_issuer
+        .iter()
+        .any(|f| f.subject == sub && f.audiences.iter().any(|a| auds.contains(a)))
+    {
+        return Err(AadError::invalid_request(
+            70_021,
+            format!(
+                "No matching federated identity record found for presented assertion. Assertion Issuer: '{iss}'. Assertion Subject: '{sub}'. Assertion Audience: '{}'.",
+                auds.join(",")
+            ),
+        ));
+    }
+    check_times(claims)?;
+    let header = jsonwebtoken::decode_header(assertion).map_err(|_| malformed())?;
+    let kid = header.kid.clone().unwrap_or_default();
+    let key = issuer_key(cloud, &iss, &kid).await?;
+    let mut v = signature_validation();
+    v.algorithms = vec![Algorithm::RS256];
+    jsonwebtoken::decode::<Value>(assertion, &key, &v).map_err(|_| {
+        AadError::invalid_client(700_027, "Client assertion failed signature validation.")
+    })?;
+    Ok(())
+}
+
+/// The issuer's key `kid`, from the JWKS cache or by discovery; refetches once on a miss
+/// (key rotation).
+async fn issuer_key(cloud: &Cloud, iss: &str, kid: &str) -> Result<DecodingKey, AadError> {
+    let cached = cloud
+        .inner
+        .jwks_cache
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(iss)
+        .cloned();
+    if let Some(set) = cached
+        && let Some(k) = find_key(&set, kid)
+    {
+        return Ok(k);
+    }
+    let set = fetch_jwks(cloud, iss).await.map_err(|e| {
+        tracing::debug!(issuer = iss, error = %e, "OIDC discovery failed");
+        AadError::invalid_request(
+            50_166,
+            format!("Request to External OIDC endpoint failed. Issuer: '{iss}'."),
+        )
+    })?;
+    cloud
+        .inner
+        .jwks_cache
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(iss.to_owned(), set.clone());
+    find_key(&set, kid).ok_or_else(|| {
+        AadError::invalid_client(
+            700_027,
+            format!("Client assertion failed signature validation. Key '{kid}' was not found in the issuer's keys."),
+        )
+    })
+}
+
+fn find_key(set: &JwkSet, kid: &str) -> Option<DecodingKey> {
+    let jwk = if kid.is_empty() && set.keys.len() == 1 {
+        set.keys.first()
+    } else {
+        set.find(kid)
+    }?;
+    DecodingKey::from_jwk(jwk).ok()
+}
+
+pub(crate) fn http_client(cloud: &Cloud) -> Result<reqwest::Client, reqwest::Error> {
+    let mut slot = cloud.inner.http.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(c) = slot.as_ref() {
+        return Ok(c.clone());
+    }
+    crate::install_crypto_provider();
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(std::time::Duration::from_secs(10))
+        .build()?;
+    *slot = Some(client.clone());
+    Ok(client)
+}
+
+async fn fetch_jwks(cloud: &Cloud, iss: &str) -> Result<JwkSet, anyhow::Error> {
+    use anyhow::Context as _;
+    let client = http_client(cloud)?;
+    let discovery = format!(
+        "{}/.well-known/openid-configuration",
+        iss.trim_end_matches('/')
+    );
+    let doc: Value = client
+        .get(&discovery)
+        .send()
+        .await
+        .and_then(|r| r.error_for_status())
+        .context("fetching OIDC discovery")?
+        .json()
+        .await
+        .context("decoding OIDC discovery")?;
+    let jwks_uri = doc
+        .get("jwks_uri")
+        .and_then(Value::as_str)
+        .context("discovery document without jwks_uri")?;
+    let set: JwkSet = client
+        .get(jwks_uri)
+        .send()
+        .await
+        .and_then(|r| r.error_for_status())
+        .context("fetching JWKS")?
+        .json()
+        .await
+        .context("decoding JWKS")?;
+    Ok(set)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_endpoint_audiences() {
+        let t = "72f988bf-86f1-41af-91ab-2d7cd011db47";
+        assert!(audience_is_token_endpoint(
+            &format!("https://login.microsoftonline.com/{t}/oauth2/token?api-version=1.0"),
+            t
+        ));
+        assert!(audience_is_token_endpoint(
+            &format!("http://127.0.0.1:9/{t}/oauth2/v2.0/token"),
+            t
+        ));
+        assert!(!audience_is_token_endpoint(
+            "https://login.microsoftonline.com/other/oauth2/token",
+            t
+        ));
+        assert!(!audience_is_token_endpoint("api://AzureADTokenExchange", t));
+    }
+}

@@ -1,0 +1,753 @@
+//! The world model: tenant, applications (service principals and managed identities) with their
+//! credentials, user-assigned identities, VMs and VMSS with their identity assignments.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use jsonwebtoken::DecodingKey;
+use podid_test_keys::{Certificate, SigningKey};
+
+use crate::error::Error;
+use crate::token::AccessTokenClaims;
+use crate::util::{guid, now_secs, secret_value};
+
+/// Entra's limit on federated identity credentials per application or managed identity.
+pub const MAX_FEDERATED_CREDENTIALS: usize = 20;
+
+/// A user-assigned managed identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserAssignedIdentity {
+    /// Resource name.
+    pub name: String,
+    /// Subscription holding it.
+    pub subscription_id: String,
+    /// Resource group holding it.
+    pub resource_group: String,
+    /// `/subscriptions/<sub>/resourceGroups/<rg>/providers/Microsoft.ManagedIdentity/userAssignedIdentities/<name>`.
+    pub resource_id: String,
+    /// Application (client) id.
+    pub client_id: String,
+    /// Principal (object) id of its service principal.
+    pub principal_id: String,
+}
+
+/// An app registration with its service principal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServicePrincipal {
+    /// Display name.
+    pub display_name: String,
+    /// Application (client) id.
+    pub client_id: String,
+    /// Object id of the service principal (the `oid` of its tokens).
+    pub object_id: String,
+}
+
+/// A federated identity credential: which external tokens may be exchanged for the app's tokens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FederatedCredential {
+    /// Credential name.
+    pub name: String,
+    /// Exact `iss` of accepted assertions.
+    pub issuer: String,
+    /// Exact `sub` of accepted assertions.
+    pub subject: String,
+    /// Accepted `aud` values (usually `api://AzureADTokenExchange`).
+    pub audiences: Vec<String>,
+}
+
+impl FederatedCredential {
+    /// A credential with the usual audience `api://AzureADTokenExchange`.
+    pub fn new(name: &str, issuer: &str, subject: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            issuer: issuer.to_owned(),
+            subject: subject.to_owned(),
+            audiences: vec!["api://AzureADTokenExchange".to_owned()],
+        }
+    }
+}
+
+/// Virtual machine or virtual machine scale set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ComputeKind {
+    /// `Microsoft.Compute/virtualMachines`.
+    Vm,
+    /// `Microsoft.Compute/virtualMachineScaleSets`.
+    Vmss,
+}
+
+impl ComputeKind {
+    pub(crate) fn arm_type(self) -> &'static str {
+        match self {
+            ComputeKind::Vm => "virtualMachines",
+            ComputeKind::Vmss => "virtualMachineScaleSets",
+        }
+    }
+}
+
+/// Names a VM, a VMSS, or one instance of a VMSS (whose IMDS serves the VMSS's identities).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ComputeRef {
+    /// VM or VMSS.
+    pub kind: ComputeKind,
+    /// Subscription id.
+    pub subscription_id: String,
+    /// Resource group.
+    pub resource_group: String,
+    /// VM or VMSS name.
+    pub name: String,
+    /// VMSS instance id, for an instance of a scale set.
+    pub instance_id: Option<String>,
+}
+
+impl ComputeRef {
+    /// ARM resource id of the VM or VMSS (not of the instance).
+    pub fn resource_id(&self) -> String {
+        format!(
+            "/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Compute/{}/{}",
+            self.subscription_id,
+            self.resource_group,
+            self.kind.arm_type(),
+            self.name
+        )
+    }
+
+    /// The instance `instance_id` of this scale set.
+    pub fn instance(&self, instance_id: &str) -> ComputeRef {
+        ComputeRef {
+            instance_id: Some(instance_id.to_owned()),
+            ..self.clone()
+        }
+    }
+
+    fn key(&self) -> String {
+        self.resource_id().to_ascii_lowercase()
+    }
+}
+
+/// The `identity.type` of a VM or VMSS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdentityType {
+    /// No managed identity.
+    None,
+    /// Only the system-assigned identity.
+    SystemAssigned,
+    /// Only user-assigned identities.
+    UserAssigned,
+    /// Both.
+    SystemAssignedUserAssigned,
+}
+
+impl IdentityType {
+    /// ARM's spelling (`"SystemAssigned, UserAssigned"` for both).
+    pub fn as_arm_str(self) -> &'static str {
+        match self {
+            IdentityType::None => "None",
+            IdentityType::SystemAssigned => "SystemAssigned",
+            IdentityType::UserAssigned => "UserAssigned",
+            IdentityType::SystemAssignedUserAssigned => "SystemAssigned, UserAssigned",
+        }
+    }
+
+    /// Parses ARM's spelling, case-insensitively and ignoring spaces.
+    pub fn parse(s: &str) -> Option<Self> {
+        let norm: String = s
+            .chars()
+            .filter(|c| !c.is_whitespace())
+            .collect::<String>()
+            .to_ascii_lowercase();
+        match norm.as_str() {
+            "" | "none" => Some(IdentityType::None),
+            "systemassigned" => Some(IdentityType::SystemAssigned),
+            "userassigned" => Some(IdentityType::UserAssigned),
+            "systemassigned,userassigned" | "userassigned,systemassigned" => {
+                Some(IdentityType::SystemAssignedUserAssigned)
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether the system-assigned identity is enabled.
+    pub fn has_system(self) -> bool {
+        matches!(
+            self,
+            IdentityType::SystemAssigned | IdentityType::SystemAssignedUserAssigned
+        )
+    }
+
+    /// Whether user-assigned identities are enabled.
+    pub fn has_user(self) -> bool {
+        matches!(
+            self,
+            IdentityType::UserAssigned | IdentityType::SystemAssignedUserAssigned
+        )
+    }
+
+    pub(crate) fn from_flags(system: bool, user: bool) -> Self {
+        match (system, user) {
+            (false, false) => IdentityType::None,
+            (true, false) => IdentityType::SystemAssigned,
+            (false, true) => IdentityType::UserAssigned,
+            (true, true) => IdentityType::SystemAssignedUserAssigned,
+        }
+    }
+}
+
+/// A client secret; never printed.
+#[derive(Clone)]
+pub(crate) struct Secret(pub(crate) String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// A registered certificate credential: thumbprints and the public key.
+#[derive(Clone)]
+pub(crate) struct CertCredential {
+    pub(crate) x5t: String,
+    pub(crate) x5t_s256: String,
+    pub(crate) key: DecodingKey,
+}
+
+impl std::fmt::Debug for CertCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertCredential")
+            .field("x5t", &self.x5t)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An application as the token endpoint sees it: service principal or managed identity.
+#[derive(Debug, Clone)]
+pub(crate) struct App {
+    pub(crate) client_id: String,
+    pub(crate) object_id: String,
+    /// Resource id for managed identities (the `xms_mirid` claim).
+    pub(crate) mi_resource_id: Option<String>,
+    pub(crate) secrets: Vec<Secret>,
+    pub(crate) certs: Vec<CertCredential>,
+    pub(crate) federated: Vec<FederatedCredential>,
+}
+
+/// One user-assigned entry on a VM/VMSS: the id as written plus what ARM reports.
+#[derive(Debug, Clone)]
+pub(crate) struct AssignedEntry {
+    pub(crate) resource_id: String,
+}
+
+/// A VM or VMSS.
+#[derive(Debug, Clone)]
+pub(crate) struct Compute {
+    pub(crate) r: ComputeRef,
+    pub(crate) system: bool,
+    /// Principal and client id of the system-assigned identity while enabled.
+    pub(crate) system_ids: Option<(String, String)>,
+    /// Keyed by lower-cased resource id.
+    pub(crate) user: BTreeMap<String, AssignedEntry>,
+    pub(crate) provisioning_state: String,
+}
+
+impl Compute {
+    pub(crate) fn identity_type(&self) -> IdentityType {
+        IdentityType::from_flags(self.system, !self.user.is_empty())
+    }
+}
+
+/// The change a long-running ARM operation applies when it completes.
+#[derive(Debug, Clone)]
+pub(crate) struct PendingOp {
+    pub(crate) id: String,
+    pub(crate) compute_key: String,
+    pub(crate) completes_at: Instant,
+    pub(crate) started_secs: u64,
+    pub(crate) new_system: bool,
+    pub(crate) new_user: BTreeMap<String, AssignedEntry>,
+    pub(crate) done: bool,
+}
+
+#[derive(Debug)]
+pub(crate) struct State {
+    /// Keyed by lower-cased client id.
+    pub(crate) apps: HashMap<String, App>,
+    /// Keyed by lower-cased resource id.
+    pub(crate) identities: HashMap<String, UserAssignedIdentity>,
+    /// Keyed by lower-cased resource id.
+    pub(crate) computes: HashMap<String, Compute>,
+    pub(crate) ops: Vec<PendingOp>,
+    pub(crate) entra_token_lifetime: u64,
+    pub(crate) imds_token_lifetime: u64,
+}
+
+impl State {
+    /// Applies every long-running operation whose time has come.
+    pub(crate) fn settle(&mut self) {
+        let now = Instant::now();
+        for op in self
+            .ops
+            .iter_mut()
+            .filter(|o| !o.done && o.completes_at <= now)
+        {
+            op.done = true;
+            if let Some(c) = self.computes.get_mut(&op.compute_key) {
+                c.system = op.new_system;
+                if c.system && c.system_ids.is_none() {
+                    c.system_ids = Some((guid(), guid()));
+                }
+                if !c.system {
+                    c.system_ids = None;
+                }
+                c.user = op.new_user.clone();
+                c.provisioning_state = "Succeeded".to_owned();
+            }
+        }
+    }
+}
+
+pub(crate) struct Inner {
+    pub(crate) tenant_id: String,
+    pub(crate) subscription_id: String,
+    pub(crate) resource_group: String,
+    pub(crate) location: String,
+    pub(crate) key: SigningKey,
+    pub(crate) state: Mutex<State>,
+    pub(crate) jwks_cache: Mutex<HashMap<String, jsonwebtoken::jwk::JwkSet>>,
+    pub(crate) http: Mutex<Option<reqwest::Client>>,
+    pub(crate) entra_log: Mutex<Vec<crate::entra::EntraCall>>,
+}
+
+/// The simulated cloud: one tenant, its applications and identities, its VMs and VMSS.
+/// Cheap to clone (shared state); every server takes one.
+#[derive(Clone)]
+pub struct Cloud {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Cloud {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cloud")
+            .field("tenant_id", &self.inner.tenant_id)
+            .field("subscription_id", &self.inner.subscription_id)
+            .finish_non_exhaustive()
+    }
+}
+
+fn identity_resource_id(sub: &str, rg: &str, name: &str) -> String {
+    format!(
+        "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{name}"
+    )
+}
+
+impl Cloud {
+    /// A new cloud with a random tenant id, a default subscription and resource group
+    /// (`podid-nodes`), location `westeurope`, and a fresh token-signing key.
+    pub fn new() -> Result<Self, Error> {
+        Self::with_tenant(&guid())
+    }
+
+    /// Like [`Cloud::new`] with a chosen tenant id.
+    pub fn with_tenant(tenant_id: &str) -> Result<Self, Error> {
+        let key = SigningKey::generate().map_err(Error::Keys)?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                tenant_id: tenant_id.to_owned(),
+                subscription_id: guid(),
+                resource_group: "podid-nodes".to_owned(),
+                location: "westeurope".to_owned(),
+                key,
+                state: Mutex::new(State {
+                    apps: HashMap::new(),
+                    identities: HashMap::new(),
+                    computes: HashMap::new(),
+                    ops: Vec::new(),
+                    entra_token_lifetime: 3599,
+                    imds_token_lifetime: 86_399,
+                }),
+                jwks_cache: Mutex::new(HashMap::new()),
+                http: Mutex::new(None),
+                entra_log: Mutex::new(Vec::new()),
+            }),
+        })
+    }
+
+    pub(crate) fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock only happens in a failing test; keep going.
+        let mut g = self.inner.state.lock().unwrap_or_else(|p| p.into_inner());
+        g.settle();
+        g
+    }
+
+    /// The tenant id.
+    pub fn tenant_id(&self) -> &str {
+        &self.inner.tenant_id
+    }
+
+    /// The default subscription id.
+    pub fn subscription_id(&self) -> &str {
+        &self.inner.subscription_id
+    }
+
+    /// The default resource group.
+    pub fn resource_group(&self) -> &str {
+        &self.inner.resource_group
+    }
+
+    /// The location reported for VMs and operations.
+    pub fn location(&self) -> &str {
+        &self.inner.location
+    }
+
+    /// JWKS of the key that signs this cloud's access tokens.
+    pub fn jwks(&self) -> serde_json::Value {
+        podid_test_keys::jwks([&self.inner.key])
+    }
+
+    /// Lifetime (seconds) of tokens from the Entra token endpoint (default 3599).
+    pub fn set_entra_token_lifetime(&self, secs: u64) {
+        self.state().entra_token_lifetime = secs;
+    }
+
+    /// Lifetime (seconds) of tokens from IMDS (default 86399).
+    pub fn set_imds_token_lifetime(&self, secs: u64) {
+        self.state().imds_token_lifetime = secs;
+    }
+
+    /// Adds a user-assigned identity in the default subscription and resource group.
+    pub fn add_user_assigned_identity(&self, name: &str) -> UserAssignedIdentity {
+        let (sub, rg) = (
+            self.inner.subscription_id.clone(),
+            self.inner.resource_group.clone(),
+        );
+        self.add_user_assigned_identity_in(&sub, &rg, name)
+    }
+
+    /// Adds a user-assigned identity in a chosen subscription and resource group.
+    pub fn add_user_assigned_identity_in(
+        &self,
+        subscription_id: &str,
+        resource_group: &str,
+        name: &str,
+    ) -> UserAssignedIdentity {
+        let id = UserAssignedIdentity {
+            name: name.to_owned(),
+            subscription_id: subscription_id.to_owned(),
+            resource_group: resource_group.to_owned(),
+            resource_id: identity_resource_id(subscription_id, resource_group, name),
+            client_id: guid(),
+            principal_id: guid(),
+        };
+        let mut st = self.state();
+        st.apps.insert(
+            id.client_id.to_ascii_lowercase(),
+            App {
+                client_id: id.client_id.clone(),
+                object_id: id.principal_id.clone(),
+                mi_resource_id: Some(id.resource_id.clone()),
+                secrets: Vec::new(),
+                certs: Vec::new(),
+                federated: Vec::new(),
+            },
+        );
+        st.identities
+            .insert(id.resource_id.to_ascii_lowercase(), id.clone());
+        id
+    }
+
+    /// Deletes a user-assigned identity. Assignments on VMs/VMSS stay behind as stale entries
+    /// (ARM then reports them with null ids, and IMDS cannot issue tokens for them), as in Azure.
+    pub fn delete_user_assigned_identity(&self, identity: &UserAssignedIdentity) {
+        let mut st = self.state();
+        st.identities
+            .remove(&identity.resource_id.to_ascii_lowercase());
+        st.apps.remove(&identity.client_id.to_ascii_lowercase());
+    }
+
+    /// The user-assigned identity with this resource id (case-insensitive), if it exists.
+    pub fn user_assigned_identity(&self, resource_id: &str) -> Option<UserAssignedIdentity> {
+        self.state()
+            .identities
+            .get(&resource_id.to_ascii_lowercase())
+            .cloned()
+    }
+
+    /// Adds an app registration with its service principal (no credentials yet).
+    pub fn add_service_principal(&self, display_name: &str) -> ServicePrincipal {
+        let sp = ServicePrincipal {
+            display_name: display_name.to_owned(),
+            client_id: guid(),
+            object_id: guid(),
+        };
+        self.state().apps.insert(
+            sp.client_id.to_ascii_lowercase(),
+            App {
+                client_id: sp.client_id.clone(),
+                object_id: sp.object_id.clone(),
+                mi_resource_id: None,
+                secrets: Vec::new(),
+                certs: Vec::new(),
+                federated: Vec::new(),
+            },
+        );
+        sp
+    }
+
+    fn with_app<T>(&self, client_id: &str, f: impl FnOnce(&mut App) -> T) -> Result<T, Error> {
+        let mut st = self.state();
+        let app = st
+            .apps
+            .get_mut(&client_id.to_ascii_lowercase())
+            .ok_or_else(|| Error::UnknownApp {
+                client_id: client_id.to_owned(),
+            })?;
+        Ok(f(app))
+    }
+
+    /// Generates a new client secret for the application and returns its value.
+    pub fn add_client_secret(&self, client_id: &str) -> Result<String, Error> {
+        let value = secret_value();
+        self.add_client_secret_value(client_id, &value)?;
+        Ok(value)
+    }
+
+    /// Registers a chosen client secret value for the application.
+    pub fn add_client_secret_value(&self, client_id: &str, secret: &str) -> Result<(), Error> {
+        self.with_app(client_id, |a| a.secrets.push(Secret(secret.to_owned())))
+    }
+
+    /// Registers a certificate credential (matched by `x5t` / `x5t#S256`).
+    pub fn add_certificate(&self, client_id: &str, cert: &Certificate) -> Result<(), Error> {
+        let cred = CertCredential {
+            x5t: cert.x5t(),
+            x5t_s256: cert.x5t_s256(),
+            key: cert.key().decoding_key().clone(),
+        };
+        self.with_app(client_id, |a| a.certs.push(cred))
+    }
+
+    /// Adds a federated identity credential to an application or user-assigned identity.
+    /// Fails beyond [`MAX_FEDERATED_CREDENTIALS`], as Entra does.
+    pub fn add_federated_credential(
+        &self,
+        client_id: &str,
+        credential: FederatedCredential,
+    ) -> Result<(), Error> {
+        self.with_app(client_id, |a| {
+            if a.federated.len() >= MAX_FEDERATED_CREDENTIALS {
+                return Err(Error::TooManyFederatedCredentials {
+                    client_id: a.client_id.clone(),
+                });
+            }
+            a.federated.push(credential);
+            Ok(())
+        })?
+    }
+
+    fn add_compute(&self, kind: ComputeKind, sub: &str, rg: &str, name: &str) -> ComputeRef {
+        let r = ComputeRef {
+            kind,
+            subscription_id: sub.to_owned(),
+            resource_group: rg.to_owned(),
+            name: name.to_owned(),
+            instance_id: None,
+        };
+        self.state().computes.insert(
+            r.key(),
+            Compute {
+                r: r.clone(),
+                system: false,
+                system_ids: None,
+                user: BTreeMap::new(),
+                provisioning_state: "Succeeded".to_owned(),
+            },
+        );
+        r
+    }
+
+    /// Adds a virtual machine scale set without identities.
+    pub fn add_vmss(&self, subscription_id: &str, resource_group: &str, name: &str) -> ComputeRef {
+        self.add_compute(ComputeKind::Vmss, subscription_id, resource_group, name)
+    }
+
+    /// Adds a virtual machine without identities.
+    pub fn add_vm(&self, subscription_id: &str, resource_group: &str, name: &str) -> ComputeRef {
+        self.add_compute(ComputeKind::Vm, subscription_id, resource_group, name)
+    }
+
+    fn with_compute<T>(
+        &self,
+        r: &ComputeRef,
+        f: impl FnOnce(&mut Compute) -> T,
+    ) -> Result<T, Error> {
+        let mut st = self.state();
+        let c = st
+            .computes
+            .get_mut(&r.key())
+            .ok_or_else(|| Error::UnknownCompute {
+                resource_id: r.resource_id(),
+            })?;
+        Ok(f(c))
+    }
+
+    /// Assigns a user-assigned identity to a VM or VMSS at once (as if done out of band).
+    pub fn assign_identity(
+        &self,
+        compute: &ComputeRef,
+        identity: &UserAssignedIdentity,
+    ) -> Result<(), Error> {
+        self.with_compute(compute, |c| {
+            c.user.insert(
+                identity.resource_id.to_ascii_lowercase(),
+                AssignedEntry {
+                    resource_id: identity.resource_id.clone(),
+                },
+            );
+        })
+    }
+
+    /// Removes a user-assigned identity from a VM or VMSS at once.
+    pub fn unassign_identity(
+        &self,
+        compute: &ComputeRef,
+        identity: &UserAssignedIdentity,
+    ) -> Result<(), Error> {
+        self.with_compute(compute, |c| {
+            c.user.remove(&identity.resource_id.to_ascii_lowercase());
+        })
+    }
+
+    /// Enables or disables the system-assigned identity; returns its principal id when enabled.
+    pub fn set_system_assigned(
+        &self,
+        compute: &ComputeRef,
+        enabled: bool,
+    ) -> Result<Option<String>, Error> {
+        self.with_compute(compute, |c| {
+            c.system = enabled;
+            if enabled && c.system_ids.is_none() {
+                c.system_ids = Some((guid(), guid()));
+            }
+            if !enabled {
+                c.system_ids = None;
+            }
+            c.system_ids.as_ref().map(|(p, _)| p.clone())
+        })
+    }
+
+    /// Resource ids of the user-assigned identities currently on the VM/VMSS (as written).
+    pub fn assigned_identities(&self, compute: &ComputeRef) -> Result<Vec<String>, Error> {
+        self.with_compute(compute, |c| {
+            c.user.values().map(|e| e.resource_id.clone()).collect()
+        })
+    }
+
+    /// The current identity type of the VM/VMSS.
+    pub fn identity_type(&self, compute: &ComputeRef) -> Result<IdentityType, Error> {
+        self.with_compute(compute, |c| c.identity_type())
+    }
+
+    /// Sets `provisioningState` (e.g. `Deleting`, which makes ARM refuse updates).
+    pub fn set_provisioning_state(&self, compute: &ComputeRef, state: &str) -> Result<(), Error> {
+        self.with_compute(compute, |c| c.provisioning_state = state.to_owned())
+    }
+
+    /// Number of long-running ARM operations not yet completed.
+    pub fn pending_operations(&self) -> usize {
+        self.state().ops.iter().filter(|o| !o.done).count()
+    }
+
+    /// Issues an access token for an application (service principal or managed identity).
+    pub(crate) fn issue_for_app(
+        &self,
+        app: &App,
+        audience: &str,
+        lifetime: u64,
+    ) -> (String, AccessTokenClaims) {
+        let now = now_secs();
+        let claims = AccessTokenClaims {
+            aud: audience.to_owned(),
+            iss: format!("https://sts.windows.net/{}/", self.inner.tenant_id),
+            iat: now,
+            nbf: now,
+            exp: now + lifetime,
+            tid: self.inner.tenant_id.clone(),
+            oid: app.object_id.clone(),
+            sub: app.object_id.clone(),
+            appid: app.client_id.clone(),
+            azp: app.client_id.clone(),
+            appidacr: "1".to_owned(),
+            idtyp: "app".to_owned(),
+            xms_mirid: app.mi_resource_id.clone(),
+            uti: guid(),
+            ver: "1.0".to_owned(),
+        };
+        (self.sign(&claims), claims)
+    }
+
+    fn sign(&self, claims: &AccessTokenClaims) -> String {
+        // Serialising a plain struct and signing with an in-memory RSA key cannot fail.
+        self.inner
+            .key
+            .sign_with(claims, |h| {
+                h.typ = Some("JWT".to_owned());
+                h.x5t = Some(self.inner.key.kid().to_owned());
+            })
+            .unwrap_or_default()
+    }
+
+    /// Issues a token for a client id known to the world (for tests that need an ARM token
+    /// without going through Entra).
+    pub fn issue_access_token(&self, client_id: &str, audience: &str) -> Result<String, Error> {
+        let (app, lifetime) = {
+            let st = self.state();
+            let app = st
+                .apps
+                .get(&client_id.to_ascii_lowercase())
+                .cloned()
+                .ok_or_else(|| Error::UnknownApp {
+                    client_id: client_id.to_owned(),
+                })?;
+            (app, st.entra_token_lifetime)
+        };
+        Ok(self.issue_for_app(&app, audience, lifetime).0)
+    }
+
+    /// Verifies signature, issuer and lifetime of a token this cloud issued; returns its claims
+    /// so tests can check which identity and audience it is for.
+    pub fn verify_access_token(&self, token: &str) -> Result<AccessTokenClaims, Error> {
+        let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
+        v.validate_aud = false;
+        v.set_issuer(&[format!("https://sts.windows.net/{}/", self.inner.tenant_id)]);
+        v.leeway = 0;
+        self.inner
+            .key
+            .verify::<AccessTokenClaims>(token, &v)
+            .map_err(|e| match e {
+                podid_test_keys::Error::Jwt(j) => Error::InvalidToken(j),
+                other => Error::Keys(other),
+            })
+    }
+
+    /// The application record for a client id (credentials included), if any.
+    pub(crate) fn app(&self, client_id: &str) -> Option<App> {
+        self.state()
+            .apps
+            .get(&client_id.to_ascii_lowercase())
+            .cloned()
+    }
+
+    /// Waits until no long-running operation is pending, or `timeout` passes.
+    pub async fn wait_operations_settled(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.pending_operations() == 0 {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
