@@ -205,3 +205,236 @@ async fn discovery_documents_point_back_at_the_simulator() {
         )
     );
 }
+
+fn cert_assertion(
+    cert: &podid_test_keys::Certificate,
+    client_id: &str,
+    aud: &str,
+    exp: u64,
+) -> String {
+    let now = common::now();
+    cert.key()
+        .sign_with(
+            &serde_json::json!({
+                "aud": aud, "iss": client_id, "sub": client_id,
+                "jti": uuidish(), "nbf": now, "exp": exp,
+            }),
+            |h| {
+                h.x5t = Some(cert.x5t());
+                h.x5c = Some(vec![cert.x5c()]);
+            },
+        )
+        .expect("sign")
+}
+
+fn uuidish() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+
+#[tokio::test]
+async fn certificate_assertion_grant_and_its_failures() {
+    let cloud = Cloud::new().expect("cloud");
+    let sp = cloud.add_service_principal("cert-app");
+    let cert = podid_test_keys::Certificate::generate("cert-app").expect("cert");
+    let other = podid_test_keys::Certificate::generate("other").expect("cert");
+    cloud
+        .add_certificate(&sp.client_id, &cert)
+        .expect("add cert");
+    let entra = EntraHandle::start(&cloud).expect("entra");
+    // adal puts the full token URL, query included, in `aud`.
+    let aud = format!("{}?api-version=1.0", entra.token_url_v1());
+    let far = common::now() + 600;
+    let send = |assertion: String| {
+        let url = entra.token_url_v1();
+        let client_id = sp.client_id.clone();
+        async move {
+            post_form(
+                &url,
+                &[
+                    ("grant_type", "client_credentials"),
+                    ("client_id", &client_id),
+                    ("client_assertion_type", JWT_BEARER),
+                    ("client_assertion", &assertion),
+                    ("resource", "https://vault.azure.net"),
+                ],
+            )
+            .await
+        }
+    };
+
+    let (status, body) = send(cert_assertion(&cert, &sp.client_id, &aud, far)).await;
+    assert_eq!(status, 200, "{body}");
+    let claims = cloud
+        .verify_access_token(body["access_token"].as_str().expect("token"))
+        .expect("verifies");
+    assert_eq!(claims.appid, sp.client_id);
+
+    // v2 endpoint, v2 audience.
+    let assertion = cert_assertion(&cert, &sp.client_id, &entra.token_url_v2(), far);
+    let (status, body) = post_form(
+        &entra.token_url_v2(),
+        &[
+            ("grant_type", "client_credentials"),
+            ("client_id", &sp.client_id),
+            ("client_assertion_type", JWT_BEARER),
+            ("client_assertion", &assertion),
+            ("scope", "https://vault.azure.net/.default"),
+        ],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+
+    // Unregistered certificate.
+    let (status, body) = send(cert_assertion(&other, &sp.client_id, &aud, far)).await;
+    assert_eq!((status, aadsts(&body)), (401, 700_027), "{body}");
+    // Registered thumbprint but signed by another key.
+    let forged = other
+        .key()
+        .sign_with(
+            &serde_json::json!({"aud": aud, "iss": sp.client_id, "sub": sp.client_id, "exp": far, "nbf": common::now(), "jti": uuidish()}),
+            |h| h.x5t = Some(cert.x5t()),
+        )
+        .expect("sign");
+    let (status, body) = send(forged).await;
+    assert_eq!((status, aadsts(&body)), (401, 700_027), "{body}");
+    // Expired.
+    let (status, body) = send(cert_assertion(
+        &cert,
+        &sp.client_id,
+        &aud,
+        common::now() - 3600,
+    ))
+    .await;
+    assert_eq!((status, aadsts(&body)), (401, 700_024), "{body}");
+    // Wrong audience.
+    let (status, body) = send(cert_assertion(
+        &cert,
+        &sp.client_id,
+        "https://example.com/token",
+        far,
+    ))
+    .await;
+    assert_eq!((status, aadsts(&body)), (401, 700_027), "{body}");
+    // Garbage.
+    let (status, body) = send("not-a-jwt".to_owned()).await;
+    assert_eq!((status, aadsts(&body)), (400, 50_027), "{body}");
+
+    let calls = entra.calls();
+    assert_eq!(
+        calls
+            .iter()
+            .filter(|c| c.grant == GrantKind::Certificate)
+            .count(),
+        6
+    );
+}
+
+#[tokio::test]
+async fn federated_assertion_grant_checks_credential_and_issuer_keys() {
+    let cloud = Cloud::new().expect("cloud");
+    let issuer = common::Issuer::start().await;
+    // Federated credentials work on app registrations and on user-assigned identities.
+    let sp = cloud.add_service_principal("wi-app");
+    let uami = cloud.add_user_assigned_identity("wi-mi");
+    let subject = "system:serviceaccount:default:workload";
+    let fic = podid_azure_sim::FederatedCredential::new("k8s", &issuer.url, subject);
+    cloud
+        .add_federated_credential(&sp.client_id, fic.clone())
+        .expect("fic");
+    cloud
+        .add_federated_credential(&uami.client_id, fic)
+        .expect("fic");
+    let entra = EntraHandle::start(&cloud).expect("entra");
+    let far = common::now() + 600;
+    let exchange = |client_id: String, assertion: String| {
+        let url = entra.token_url_v2();
+        async move {
+            post_form(
+                &url,
+                &[
+                    ("grant_type", "client_credentials"),
+                    ("client_id", &client_id),
+                    ("client_assertion_type", JWT_BEARER),
+                    ("client_assertion", &assertion),
+                    ("scope", "https://vault.azure.net/.default"),
+                ],
+            )
+            .await
+        }
+    };
+    let good = issuer.token(subject, "api://AzureADTokenExchange", far);
+    let (status, body) = exchange(sp.client_id.clone(), good.clone()).await;
+    assert_eq!(status, 200, "{body}");
+    let claims = cloud
+        .verify_access_token(body["access_token"].as_str().expect("token"))
+        .expect("verifies");
+    assert_eq!(claims.appid, sp.client_id);
+
+    let (status, body) = exchange(uami.client_id.clone(), good).await;
+    assert_eq!(status, 200, "{body}");
+    let claims = cloud
+        .verify_access_token(body["access_token"].as_str().expect("token"))
+        .expect("verifies");
+    assert_eq!(claims.oid, uami.principal_id);
+    assert_eq!(claims.xms_mirid.as_deref(), Some(uami.resource_id.as_str()));
+    // JWKS fetched once per issuer, then cached.
+    assert_eq!(issuer.fetches.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+    let wrong_sub = issuer.token(
+        "system:serviceaccount:default:other",
+        "api://AzureADTokenExchange",
+        far,
+    );
+    let (status, body) = exchange(sp.client_id.clone(), wrong_sub).await;
+    assert_eq!((status, aadsts(&body)), (400, 70_021), "{body}");
+    let wrong_aud = issuer.token(subject, "https://kubernetes.default.svc", far);
+    let (status, body) = exchange(sp.client_id.clone(), wrong_aud).await;
+    assert_eq!((status, aadsts(&body)), (400, 70_021), "{body}");
+    let expired = issuer.token(subject, "api://AzureADTokenExchange", common::now() - 3600);
+    let (status, body) = exchange(sp.client_id.clone(), expired).await;
+    assert_eq!((status, aadsts(&body)), (401, 700_024), "{body}");
+
+    // Same claims, signed by a key the issuer does not publish.
+    let rogue = podid_test_keys::SigningKey::generate().expect("key");
+    let forged = rogue
+        .sign(&serde_json::json!({"iss": issuer.url, "sub": subject, "aud": "api://AzureADTokenExchange", "exp": far}))
+        .expect("sign");
+    let (status, body) = exchange(sp.client_id.clone(), forged).await;
+    assert_eq!((status, aadsts(&body)), (401, 700_027), "{body}");
+
+    // An issuer no credential names.
+    let stranger = rogue
+        .sign(&serde_json::json!({"iss": "https://elsewhere.example", "sub": subject, "aud": "api://AzureADTokenExchange", "exp": far}))
+        .expect("sign");
+    let (status, body) = exchange(sp.client_id.clone(), stranger).await;
+    assert_eq!((status, aadsts(&body)), (400, 700_211), "{body}");
+    assert!(
+        entra
+            .calls()
+            .iter()
+            .all(|c| c.grant == GrantKind::Federated)
+    );
+}
+
+#[tokio::test]
+async fn at_most_twenty_federated_credentials() {
+    let cloud = Cloud::new().expect("cloud");
+    let sp = cloud.add_service_principal("many");
+    for i in 0..podid_azure_sim::MAX_FEDERATED_CREDENTIALS {
+        let fic = podid_azure_sim::FederatedCredential::new(
+            &format!("f{i}"),
+            "https://i",
+            &format!("s{i}"),
+        );
+        cloud
+            .add_federated_credential(&sp.client_id, fic)
+            .expect("within limit");
+    }
+    let fic = podid_azure_sim::FederatedCredential::new("f20", "https://i", "s20");
+    assert!(matches!(
+        cloud.add_federated_credential(&sp.client_id, fic),
+        Err(podid_azure_sim::Error::TooManyFederatedCredentials { .. })
+    ));
+}
