@@ -1,0 +1,654 @@
+//! Generic JSON object storage with a global `resourceVersion`, an event history window and
+//! a broadcast of changes for watches.
+
+use crate::kinds::KindSpec;
+use crate::meta;
+use crate::selector::{FieldSelector, LabelSelector};
+use crate::status::ApiError;
+use serde_json::{Map, Value, json};
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use tokio::sync::broadcast;
+
+/// What happened to an object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// Created.
+    Added,
+    /// Changed.
+    Modified,
+    /// Removed.
+    Deleted,
+}
+
+/// One stored change, as kept in the history window and broadcast to watches.
+#[derive(Debug)]
+pub struct Change {
+    /// The global resourceVersion of this change.
+    pub rv: u64,
+    /// Index of the kind.
+    pub kind: usize,
+    /// Namespace (`""` for cluster-scoped).
+    pub namespace: String,
+    /// What happened.
+    pub op: Op,
+    /// The object before the change (for selector transitions).
+    pub old: Option<Value>,
+    /// The object after the change (the last state for deletions).
+    pub new: Value,
+}
+
+/// Which part of an object an update writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// The main endpoint.
+    Main,
+    /// The `/status` subresource.
+    Status,
+}
+
+/// `DeleteOptions.preconditions`.
+#[derive(Debug, Clone, Default)]
+pub struct Preconditions {
+    /// Required uid.
+    pub uid: Option<String>,
+    /// Required resourceVersion.
+    pub resource_version: Option<String>,
+}
+
+/// Selectors and scope of a list or watch.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    /// Only this namespace (None: all).
+    pub namespace: Option<String>,
+    /// Label selector.
+    pub labels: LabelSelector,
+    /// Field selector.
+    pub fields: FieldSelector,
+}
+
+impl Filter {
+    /// Whether `obj` (of the watched kind, in `ns`) passes.
+    pub fn matches(&self, ns: &str, obj: &Value) -> bool {
+        self.namespace.as_deref().is_none_or(|want| want == ns)
+            && self.labels.matches(obj)
+            && self.fields.matches(obj)
+    }
+}
+
+type Key = (String, String);
+
+/// How a watch starts.
+#[derive(Debug)]
+pub struct WatchStart {
+    /// Events to send before live ones.
+    pub initial: Vec<Arc<Change>>,
+    /// resourceVersion up to which `initial` covers everything.
+    pub rv: u64,
+    /// Live changes after `rv`.
+    pub rx: broadcast::Receiver<Arc<Change>>,
+}
+
+/// The state behind the server.
+#[derive(Debug)]
+pub struct Store {
+    kinds: Vec<KindSpec>,
+    objects: Vec<BTreeMap<Key, Value>>,
+    rv: u64,
+    history: VecDeque<Arc<Change>>,
+    /// Watches may resume from any rv >= floor.
+    floor: u64,
+    history_limit: usize,
+    tx: broadcast::Sender<Arc<Change>>,
+}
+
+fn meta_str<'a>(obj: &'a Value, field: &str) -> Option<&'a str> {
+    obj.get("metadata")?.get(field)?.as_str()
+}
+
+fn metadata_mut(obj: &mut Value) -> &mut Map<String, Value> {
+    if !obj.get("metadata").is_some_and(Value::is_object) {
+        obj["metadata"] = json!({});
+    }
+    obj["metadata"]
+        .as_object_mut()
+        .expect("metadata was just made an object")
+}
+
+fn has_finalizers(obj: &Value) -> bool {
+    obj.pointer("/metadata/finalizers")
+        .and_then(Value::as_array)
+        .is_some_and(|a| !a.is_empty())
+}
+
+impl Store {
+    /// An empty store with the given kinds and history window.
+    pub fn new(kinds: Vec<KindSpec>, history_limit: usize) -> Self {
+        let (tx, _) = broadcast::channel(16_384);
+        let objects = kinds.iter().map(|_| BTreeMap::new()).collect();
+        Self {
+            kinds,
+            objects,
+            rv: 0,
+            history: VecDeque::new(),
+            floor: 0,
+            history_limit: history_limit.max(1),
+            tx,
+        }
+    }
+
+    /// All registered kinds, by index.
+    pub fn kinds(&self) -> &[KindSpec] {
+        &self.kinds
+    }
+
+    /// Registers (or replaces the description of) a kind; returns its index.
+    pub fn register(&mut self, spec: KindSpec) -> usize {
+        if let Some(i) = self.find(&spec.group, &spec.version, &spec.plural) {
+            self.kinds[i] = spec;
+            return i;
+        }
+        self.kinds.push(spec);
+        self.objects.push(BTreeMap::new());
+        self.kinds.len() - 1
+    }
+
+    /// Index of the kind served at `group/version/plural`.
+    pub fn find(&self, group: &str, version: &str, plural: &str) -> Option<usize> {
+        self.kinds
+            .iter()
+            .position(|k| k.group == group && k.version == version && k.plural == plural)
+    }
+
+    /// The current global resourceVersion.
+    pub fn resource_version(&self) -> u64 {
+        self.rv
+    }
+
+    /// Drops the event history: watches from any older version get `410 Expired`.
+    pub fn compact(&mut self) {
+        self.history.clear();
+        self.floor = self.rv;
+    }
+
+    fn commit(&mut self, kind: usize, op: Op, old: Option<Value>, mut new: Value) -> Value {
+        self.rv += 1;
+        metadata_mut(&mut new).insert("resourceVersion".into(), json!(self.rv.to_string()));
+        let ns = meta_str(&new, "namespace").unwrap_or("").to_string();
+        let name = meta_str(&new, "name").unwrap_or("").to_string();
+        let key = (ns.clone(), name);
+        if op == Op::Deleted {
+            self.objects[kind].remove(&key);
+        } else {
+            self.objects[kind].insert(key, new.clone());
+        }
+        let change = Arc::new(Change {
+            rv: self.rv,
+            kind,
+            namespace: ns,
+            op,
+            old,
+            new: new.clone(),
+        });
+        self.history.push_back(change.clone());
+        while self.history.len() > self.history_limit {
+            if let Some(c) = self.history.pop_front() {
+                self.floor = c.rv;
+            }
+        }
+        // No receivers is fine.
+        let _ = self.tx.send(change);
+        new
+    }
+
+    /// One object.
+    pub fn get(&self, kind: usize, ns: &str, name: &str) -> Result<Value, ApiError> {
+        self.objects[kind]
+            .get(&(ns.to_string(), name.to_string()))
+            .cloned()
+            .ok_or_else(|| self.not_found(kind, name))
+    }
+
+    fn not_found(&self, kind: usize, name: &str) -> ApiError {
+        let k = &self.kinds[kind];
+        ApiError::not_found(&k.plural, &k.group, name)
+    }
+
+    fn conflict(&self, kind: usize, name: &str, why: &str) -> ApiError {
+        let k = &self.kinds[kind];
+        ApiError::conflict(&k.plural, &k.group, name, why)
+    }
+
+    /// Matching objects, sorted by namespace and name, and the list resourceVersion.
+    pub fn list(&self, kind: usize, filter: &Filter) -> (Vec<Value>, u64) {
+        let items = self.objects[kind]
+            .iter()
+            .filter(|((ns, _), v)| filter.matches(ns, v))
+            .map(|(_, v)| v.clone())
+            .collect();
+        (items, self.rv)
+    }
+
+    /// Checks `apiVersion`/`kind` in a body and fills them in when missing.
+    fn check_type(&self, kind: usize, obj: &mut Value) -> Result<(), ApiError> {
+        let k = &self.kinds[kind];
+        if !obj.is_object() {
+            return Err(ApiError::bad_request(
+                "the request body must be a JSON object",
+            ));
+        }
+        let api_version = k.api_version();
+        match obj.get("apiVersion").and_then(Value::as_str) {
+            None | Some("") => obj["apiVersion"] = json!(api_version),
+            Some(v) if v == api_version => {}
+            Some(v) => {
+                return Err(ApiError::bad_request(format!(
+                    "the API version in the data ({v}) does not match the expected API version ({api_version})"
+                )));
+            }
+        }
+        match obj.get("kind").and_then(Value::as_str) {
+            None | Some("") => obj["kind"] = json!(k.kind),
+            Some(v) if v == k.kind => {}
+            Some(v) => {
+                return Err(ApiError::bad_request(format!(
+                    "the kind in the data ({v}) does not match the expected kind ({})",
+                    k.kind
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn check_namespace(&self, kind: usize, ns: &str, obj: &mut Value) -> Result<(), ApiError> {
+        let namespaced = self.kinds[kind].namespaced;
+        let md = metadata_mut(obj);
+        match md.get("namespace").and_then(Value::as_str) {
+            None | Some("") => {
+                if namespaced {
+                    md.insert("namespace".into(), json!(ns));
+                } else {
+                    md.remove("namespace");
+                }
+            }
+            Some(v) if namespaced && v == ns => {}
+            Some(_) if !namespaced => {
+                md.remove("namespace");
+            }
+            Some(_) => {
+                return Err(ApiError::bad_request(
+                    "the namespace of the provided object does not match the namespace sent on the request",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate(&self, kind: usize, obj: &Value) -> Result<(), ApiError> {
+        let k = &self.kinds[kind];
+        let name = meta_str(obj, "name").unwrap_or("");
+        if let Some(why) = meta::dns_subdomain_error(name) {
+            let detail = format!("Invalid value: \"{name}\": {why}");
+            return Err(ApiError::invalid(
+                &k.kind,
+                &k.group,
+                name,
+                "metadata.name",
+                &detail,
+            ));
+        }
+        if let Some(labels) = obj.pointer("/metadata/labels") {
+            let ok = labels.as_object().is_some_and(|m| {
+                m.values()
+                    .all(|v| v.as_str().is_some_and(|s| s.len() <= 63))
+            });
+            if !ok {
+                return Err(ApiError::invalid(
+                    &k.kind,
+                    &k.group,
+                    name,
+                    "metadata.labels",
+                    "Invalid value: label values must be strings of at most 63 characters",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates an object (POST to the collection).
+    pub fn create(&mut self, kind: usize, ns: &str, mut obj: Value) -> Result<Value, ApiError> {
+        self.check_type(kind, &mut obj)?;
+        self.check_namespace(kind, ns, &mut obj)?;
+        let name = meta_str(&obj, "name").unwrap_or("").to_string();
+        let name = if name.is_empty() {
+            let Some(prefix) = meta_str(&obj, "generateName").filter(|p| !p.is_empty()) else {
+                let k = &self.kinds[kind];
+                return Err(ApiError::invalid(
+                    &k.kind,
+                    &k.group,
+                    "",
+                    "metadata.name",
+                    "Required value: name or generateName is required",
+                ));
+            };
+            let prefix = prefix.to_string();
+            let mut candidate = format!("{prefix}{}", meta::name_suffix());
+            while self.objects[kind]
+                .contains_key(&(ns_key(&self.kinds[kind], ns), candidate.clone()))
+            {
+                candidate = format!("{prefix}{}", meta::name_suffix());
+            }
+            candidate
+        } else {
+            name
+        };
+        let key = (ns_key(&self.kinds[kind], ns), name.clone());
+        if self.objects[kind].contains_key(&key) {
+            let k = &self.kinds[kind];
+            return Err(ApiError::already_exists(&k.plural, &k.group, &name));
+        }
+        let md = metadata_mut(&mut obj);
+        md.insert("name".into(), json!(name));
+        md.insert("uid".into(), json!(meta::new_uid()));
+        md.insert(
+            "creationTimestamp".into(),
+            json!(meta::rfc3339(meta::unix_now())),
+        );
+        md.insert("generation".into(), json!(1));
+        md.remove("resourceVersion");
+        md.remove("deletionTimestamp");
+        md.remove("deletionGracePeriodSeconds");
+        md.remove("managedFields");
+        self.validate(kind, &obj)?;
+        Ok(self.commit(kind, Op::Added, None, obj))
+    }
+
+    /// Replaces an object (PUT), on the main endpoint or the status subresource.
+    pub fn update(
+        &mut self,
+        kind: usize,
+        ns: &str,
+        name: &str,
+        mut obj: Value,
+        target: Target,
+    ) -> Result<Value, ApiError> {
+        self.check_type(kind, &mut obj)?;
+        self.check_namespace(kind, ns, &mut obj)?;
+        let ns = ns_key(&self.kinds[kind], ns);
+        let existing = self.get(kind, &ns, name)?;
+        match meta_str(&obj, "name") {
+            None | Some("") => {
+                metadata_mut(&mut obj).insert("name".into(), json!(name));
+            }
+            Some(n) if n == name => {}
+            Some(n) => {
+                return Err(ApiError::bad_request(format!(
+                    "the name of the object ({n}) does not match the name on the URL ({name})"
+                )));
+            }
+        }
+        if let Some(rv) = meta_str(&obj, "resourceVersion").filter(|rv| !rv.is_empty())
+            && Some(rv) != meta_str(&existing, "resourceVersion")
+        {
+            return Err(self.conflict(kind, name, ApiError::STALE));
+        }
+        let spec = &self.kinds[kind];
+        let mut new = match target {
+            Target::Status => {
+                let mut n = existing.clone();
+                match obj.get("status") {
+                    Some(s) => n["status"] = s.clone(),
+                    None => {
+                        if let Some(m) = n.as_object_mut() {
+                            m.remove("status");
+                        }
+                    }
+                }
+                n
+            }
+            Target::Main => {
+                if spec.status_subresource {
+                    match existing.get("status") {
+                        Some(s) => obj["status"] = s.clone(),
+                        None => {
+                            if let Some(m) = obj.as_object_mut() {
+                                m.remove("status");
+                            }
+                        }
+                    }
+                }
+                obj
+            }
+        };
+        // Fields the client cannot change.
+        let old_md = existing
+            .get("metadata")
+            .cloned()
+            .unwrap_or_else(|| json!({}));
+        let md = metadata_mut(&mut new);
+        for f in [
+            "uid",
+            "creationTimestamp",
+            "deletionTimestamp",
+            "deletionGracePeriodSeconds",
+            "generation",
+            "resourceVersion",
+            "namespace",
+        ] {
+            match old_md.get(f) {
+                Some(v) => md.insert(f.into(), v.clone()),
+                None => md.remove(f),
+            };
+        }
+        md.remove("managedFields");
+        if new == existing {
+            return Ok(existing);
+        }
+        if content_changed(spec, &existing, &new) {
+            let g = old_md
+                .get("generation")
+                .and_then(Value::as_i64)
+                .unwrap_or(1);
+            metadata_mut(&mut new).insert("generation".into(), json!(g + 1));
+        }
+        self.validate(kind, &new)?;
+        if meta_str(&new, "deletionTimestamp").is_some() && !has_finalizers(&new) {
+            return Ok(self.commit(kind, Op::Deleted, Some(existing), new));
+        }
+        Ok(self.commit(kind, Op::Modified, Some(existing), new))
+    }
+
+    /// Deletes an object; with finalizers it only gets a `deletionTimestamp`.
+    pub fn delete(
+        &mut self,
+        kind: usize,
+        ns: &str,
+        name: &str,
+        pre: &Preconditions,
+    ) -> Result<Value, ApiError> {
+        let ns = ns_key(&self.kinds[kind], ns);
+        let existing = self.get(kind, &ns, name)?;
+        if let Some(uid) = &pre.uid
+            && Some(uid.as_str()) != meta_str(&existing, "uid")
+        {
+            let why = format!(
+                "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+                meta_str(&existing, "uid").unwrap_or("")
+            );
+            return Err(self.conflict(kind, name, &why));
+        }
+        if let Some(rv) = &pre.resource_version
+            && Some(rv.as_str()) != meta_str(&existing, "resourceVersion")
+        {
+            let why = format!(
+                "Precondition failed: ResourceVersion in precondition: {rv}, ResourceVersion in object meta: {}",
+                meta_str(&existing, "resourceVersion").unwrap_or("")
+            );
+            return Err(self.conflict(kind, name, &why));
+        }
+        if has_finalizers(&existing) {
+            if meta_str(&existing, "deletionTimestamp").is_some() {
+                return Ok(existing);
+            }
+            let mut new = existing.clone();
+            let md = metadata_mut(&mut new);
+            md.insert(
+                "deletionTimestamp".into(),
+                json!(meta::rfc3339(meta::unix_now())),
+            );
+            md.insert("deletionGracePeriodSeconds".into(), json!(0));
+            return Ok(self.commit(kind, Op::Modified, Some(existing), new));
+        }
+        let last = existing.clone();
+        Ok(self.commit(kind, Op::Deleted, Some(existing), last))
+    }
+
+    /// Starts a watch: validates the resourceVersion against the history window and gathers
+    /// the events to replay, subscribing to live changes in the same critical section.
+    pub fn watch(
+        &self,
+        kind: usize,
+        filter: &Filter,
+        from: Option<u64>,
+    ) -> Result<WatchStart, ApiError> {
+        let rx = self.tx.subscribe();
+        let initial = match from {
+            Some(rv) if rv < self.floor => return Err(ApiError::expired(rv, self.floor + 1)),
+            Some(rv) => self
+                .history
+                .iter()
+                .filter(|c| c.rv > rv && c.kind == kind)
+                .cloned()
+                .collect(),
+            None => self.objects[kind]
+                .iter()
+                .filter(|((ns, _), v)| filter.matches(ns, v))
+                .map(|((ns, _), v)| {
+                    Arc::new(Change {
+                        rv: self.rv,
+                        kind,
+                        namespace: ns.clone(),
+                        op: Op::Added,
+                        old: None,
+                        new: v.clone(),
+                    })
+                })
+                .collect(),
+        };
+        Ok(WatchStart {
+            initial,
+            rv: self.rv,
+            rx,
+        })
+    }
+}
+
+/// The storage namespace key: the path namespace for namespaced kinds, `""` otherwise.
+fn ns_key(spec: &KindSpec, ns: &str) -> String {
+    if spec.namespaced {
+        ns.to_string()
+    } else {
+        String::new()
+    }
+}
+
+/// Whether anything other than metadata (and status, for kinds with a status subresource)
+/// changed: what bumps `metadata.generation`.
+fn content_changed(spec: &KindSpec, old: &Value, new: &Value) -> bool {
+    let strip = |v: &Value| {
+        let mut v = v.clone();
+        if let Some(m) = v.as_object_mut() {
+            m.remove("metadata");
+            if spec.status_subresource {
+                m.remove("status");
+            }
+        }
+        v
+    };
+    strip(old) != strip(new)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kinds;
+
+    fn store() -> (Store, usize) {
+        let s = Store::new(kinds::builtin(), 100);
+        let pods = s.find("", "v1", "pods").expect("pods registered");
+        (s, pods)
+    }
+
+    #[test]
+    fn create_assigns_metadata_and_global_rv() {
+        let (mut s, pods) = store();
+        let cm = s.find("", "v1", "configmaps").expect("configmaps");
+        let a = s
+            .create(pods, "ns", json!({"metadata": {"name": "a"}}))
+            .expect("create");
+        let b = s
+            .create(cm, "ns", json!({"metadata": {"generateName": "c-"}}))
+            .expect("create");
+        assert_eq!(a["metadata"]["resourceVersion"], "1");
+        assert_eq!(b["metadata"]["resourceVersion"], "2");
+        assert_eq!(a["kind"], "Pod");
+        assert_eq!(a["metadata"]["namespace"], "ns");
+        assert_eq!(a["metadata"]["generation"], 1);
+        let bn = b["metadata"]["name"].as_str().expect("name");
+        assert!(bn.starts_with("c-") && bn.len() == 7, "{bn}");
+        let err = s
+            .create(pods, "ns", json!({"metadata": {"name": "a"}}))
+            .expect_err("dup");
+        assert_eq!((err.code, err.reason), (409, "AlreadyExists"));
+        let err = s
+            .create(pods, "ns", json!({"metadata": {"name": "A_b"}}))
+            .expect_err("bad");
+        assert_eq!((err.code, err.reason), (422, "Invalid"));
+    }
+
+    #[test]
+    fn stale_update_conflicts_and_noop_keeps_rv() {
+        let (mut s, pods) = store();
+        let a = s
+            .create(
+                pods,
+                "ns",
+                json!({"metadata": {"name": "a"}, "spec": {"x": 1}}),
+            )
+            .expect("create");
+        let mut b = a.clone();
+        b["spec"]["x"] = json!(2);
+        let b2 = s
+            .update(pods, "ns", "a", b.clone(), Target::Main)
+            .expect("update");
+        assert_eq!(b2["metadata"]["generation"], 2);
+        let err = s
+            .update(pods, "ns", "a", b, Target::Main)
+            .expect_err("stale");
+        assert_eq!((err.code, err.reason), (409, "Conflict"));
+        let same = s
+            .update(pods, "ns", "a", b2.clone(), Target::Main)
+            .expect("noop");
+        assert_eq!(
+            same["metadata"]["resourceVersion"],
+            b2["metadata"]["resourceVersion"]
+        );
+    }
+
+    #[test]
+    fn watch_from_compacted_version_is_expired() {
+        let (mut s, pods) = store();
+        s.create(pods, "ns", json!({"metadata": {"name": "a"}}))
+            .expect("create");
+        s.create(pods, "ns", json!({"metadata": {"name": "b"}}))
+            .expect("create");
+        let w = s.watch(pods, &Filter::default(), Some(1)).expect("watch");
+        assert_eq!(w.initial.len(), 1);
+        s.compact();
+        let err = s
+            .watch(pods, &Filter::default(), Some(1))
+            .expect_err("expired");
+        assert_eq!((err.code, err.reason), (410, "Expired"));
+        assert!(s.watch(pods, &Filter::default(), Some(2)).is_ok());
+    }
+}
