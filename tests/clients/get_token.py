@@ -1,7 +1,7 @@
 """Ask for a token the way a legacy workload does: the official azure-identity SDK's
 ManagedIdentityCredential against IMDS (169.254.169.254), with no environment configuration.
 
-usage: get_token.py SCOPE [--client-id ID | --resource-id ARM_ID] [--timeout SECONDS]
+usage: get_token.py SCOPE [--client-id ID | --resource-id ARM_ID]
 
 Prints one JSON line on stdout: {"token": ..., "expires_on": ...} on success, or
 {"error": <exception class>, "message": <text>} with exit status 1. The end-to-end suites

@@ -1,1 +1,341 @@
-//! End-to-end suites; see the files under `tests/tests/`.
+//! Harness shared by the end-to-end suites (`tests/tests/*.rs`) and the local demo
+//! (`podid-demo`): the official Python SDK run inside a network-namespace pod, and a small ARM
+//! client that assigns identities on the Azure simulator the way an operator (or MIC) would.
+//!
+//! Everything here drives the test doubles through their wire protocols only.
+
+use std::io::Read as _;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use serde_json::{Value, json};
+
+pub use podid_testkit::{azure, kube, netns};
+
+/// ARM's audience for access tokens.
+pub const ARM_RESOURCE: &str = "https://management.azure.com/";
+/// The ARM api-version upstream MIC uses for VM and VMSS identity calls.
+pub const ARM_API_VERSION: &str = "2019-12-01";
+
+/// The workspace root (the parent of this package).
+pub fn workspace_root() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().map(PathBuf::from).unwrap_or(manifest)
+}
+
+/// The Python interpreter of the venv that holds `azure-identity`: `$PODID_PYTHON`, else
+/// `target/venv/bin/python` (what `tests/scripts/install-deps.sh` creates).
+pub fn python() -> anyhow::Result<PathBuf> {
+    let path = std::env::var_os("PODID_PYTHON")
+        .map(PathBuf::from)
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or_else(|| workspace_root().join("target/venv/bin/python"));
+    if !path.exists() {
+        bail!(
+            "no Python with azure-identity at {}: run tests/scripts/install-deps.sh (or `make deps`)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// Which identity the SDK asks for.
+#[derive(Debug, Clone, Copy)]
+pub enum SdkSelector<'a> {
+    /// No selector: IMDS picks the only identity.
+    None,
+    /// `client_id`.
+    ClientId(&'a str),
+    /// `msi_res_id`.
+    ResourceId(&'a str),
+}
+
+/// What the SDK printed.
+pub enum SdkOutcome {
+    /// A token and its expiry (unix seconds).
+    Token {
+        /// The access token. Never printed by `Debug`.
+        token: String,
+        /// Unix seconds.
+        expires_on: i64,
+    },
+    /// The SDK raised.
+    Error {
+        /// Exception class, e.g. `CredentialUnavailableError`.
+        class: String,
+        /// Exception message.
+        message: String,
+    },
+}
+
+impl std::fmt::Debug for SdkOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Token { expires_on, .. } => f
+                .debug_struct("Token")
+                .field("token", &"<redacted>")
+                .field("expires_on", expires_on)
+                .finish(),
+            Self::Error { class, message } => f
+                .debug_struct("Error")
+                .field("class", class)
+                .field("message", message)
+                .finish(),
+        }
+    }
+}
+
+impl SdkOutcome {
+    /// The token, or an error naming what the SDK said.
+    pub fn token(self) -> anyhow::Result<String> {
+        match self {
+            Self::Token { token, .. } => Ok(token),
+            Self::Error { class, message } => bail!("the SDK failed: {class}: {message}"),
+        }
+    }
+}
+
+/// Runs `tests/clients/get_token.py` (azure-identity's `ManagedIdentityCredential`) inside
+/// `pod`'s network namespace and returns what it printed. Fails if it does not finish within
+/// `timeout` (the process is killed).
+pub fn sdk_get_token(
+    pod: &netns::SimPod,
+    scope: &str,
+    selector: SdkSelector<'_>,
+    timeout: Duration,
+) -> anyhow::Result<SdkOutcome> {
+    let script = workspace_root().join("tests/clients/get_token.py");
+    let mut command = pod.command(python()?);
+    command.arg(&script).arg(scope);
+    match selector {
+        SdkSelector::None => {}
+        SdkSelector::ClientId(id) => {
+            command.arg("--client-id").arg(id);
+        }
+        SdkSelector::ResourceId(id) => {
+            command.arg("--resource-id").arg(id);
+        }
+    }
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("spawning the Python SDK client in the pod")?;
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("the Python SDK client did not finish within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stdout = String::new();
+    let mut stderr = String::new();
+    if let Some(mut out) = child.stdout.take() {
+        out.read_to_string(&mut stdout)?;
+    }
+    if let Some(mut err) = child.stderr.take() {
+        err.read_to_string(&mut stderr)?;
+    }
+    let line = stdout.lines().rev().find(|l| !l.trim().is_empty());
+    let Some(line) = line else {
+        bail!("the Python SDK client printed nothing (exit {status}); stderr: {stderr}");
+    };
+    let value: Value = serde_json::from_str(line).with_context(|| {
+        format!("the Python SDK client printed a non-JSON line (exit {status})")
+    })?;
+    if let Some(token) = value.get("token").and_then(Value::as_str) {
+        let expires_on = value
+            .get("expires_on")
+            .and_then(Value::as_i64)
+            .context("no expires_on")?;
+        return Ok(SdkOutcome::Token {
+            token: token.to_owned(),
+            expires_on,
+        });
+    }
+    Ok(SdkOutcome::Error {
+        class: value
+            .get("error")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned(),
+        message: value
+            .get("message")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned(),
+    })
+}
+
+/// A minimal ARM client for identity assignment, authenticated as a service principal through
+/// the simulated Entra's v1 token endpoint.
+#[derive(Clone)]
+pub struct ArmClient {
+    http: reqwest::Client,
+    base: String,
+    bearer: String,
+}
+
+impl std::fmt::Debug for ArmClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ArmClient")
+            .field("base", &self.base)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ArmClient {
+    /// Logs in with a client secret at `token_url` (Entra v1) for ARM's audience.
+    pub async fn login(
+        token_url: &str,
+        client_id: &str,
+        secret: &str,
+        arm_base: &str,
+    ) -> anyhow::Result<Self> {
+        azure::install_crypto_provider();
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(10))
+            .build()?;
+        let response = http
+            .post(token_url)
+            .form(&[
+                ("grant_type", "client_credentials"),
+                ("client_id", client_id),
+                ("client_secret", secret),
+                ("resource", ARM_RESOURCE),
+            ])
+            .send()
+            .await?;
+        let status = response.status();
+        let body: Value = response.json().await?;
+        let Some(token) = body.get("access_token").and_then(Value::as_str) else {
+            bail!(
+                "Entra refused the ARM login ({status}): {}",
+                body.get("error_description")
+                    .and_then(Value::as_str)
+                    .unwrap_or("no description")
+            );
+        };
+        Ok(Self {
+            http,
+            base: arm_base.trim_end_matches('/').to_owned(),
+            bearer: token.to_owned(),
+        })
+    }
+
+    fn url(&self, compute: &azure::ComputeRef) -> String {
+        format!(
+            "{}{}?api-version={ARM_API_VERSION}",
+            self.base,
+            compute.resource_id()
+        )
+    }
+
+    /// GET the VM or VMSS.
+    pub async fn get(&self, compute: &azure::ComputeRef) -> anyhow::Result<Value> {
+        let response = self
+            .http
+            .get(self.url(compute))
+            .bearer_auth(&self.bearer)
+            .send()
+            .await?;
+        let status = response.status();
+        let body: Value = response.json().await?;
+        if !status.is_success() {
+            bail!(
+                "ARM GET {} answered {status}: {body}",
+                compute.resource_id()
+            );
+        }
+        Ok(body)
+    }
+
+    /// Adds (`assign`) or removes one user-assigned identity with a PATCH carrying only that id
+    /// (`{}` to add, `null` to remove), then follows the long-running operation to its end.
+    pub async fn set_user_assigned(
+        &self,
+        compute: &azure::ComputeRef,
+        identity_resource_id: &str,
+        assign: bool,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let current = self.get(compute).await?;
+        let has_system = current
+            .pointer("/identity/type")
+            .and_then(Value::as_str)
+            .is_some_and(|t| t.contains("SystemAssigned"));
+        let others = current
+            .pointer("/identity/userAssignedIdentities")
+            .and_then(Value::as_object)
+            .map(|m| {
+                m.keys()
+                    .filter(|k| !k.eq_ignore_ascii_case(identity_resource_id))
+                    .count()
+            })
+            .unwrap_or(0);
+        let user_left = assign || others > 0;
+        let identity_type = match (has_system, user_left) {
+            (true, true) => "SystemAssigned, UserAssigned",
+            (true, false) => "SystemAssigned",
+            (false, true) => "UserAssigned",
+            (false, false) => "None",
+        };
+        let entry = if assign { json!({}) } else { Value::Null };
+        let mut identity = json!({ "type": identity_type });
+        if user_left {
+            identity["userAssignedIdentities"] = json!({ identity_resource_id: entry });
+        }
+        let response = self
+            .http
+            .patch(self.url(compute))
+            .bearer_auth(&self.bearer)
+            .json(&json!({ "identity": identity }))
+            .send()
+            .await?;
+        let status = response.status();
+        let operation = response
+            .headers()
+            .get("azure-asyncoperation")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        if !status.is_success() {
+            let body = response.text().await.unwrap_or_default();
+            bail!(
+                "ARM PATCH {} answered {status}: {body}",
+                compute.resource_id()
+            );
+        }
+        let Some(operation) = operation else {
+            return Ok(());
+        };
+        let deadline = Instant::now() + timeout;
+        loop {
+            let body: Value = self
+                .http
+                .get(&operation)
+                .bearer_auth(&self.bearer)
+                .send()
+                .await?
+                .json()
+                .await?;
+            match body.get("status").and_then(Value::as_str) {
+                Some("Succeeded") => return Ok(()),
+                Some("InProgress") | None => {}
+                Some(other) => bail!("ARM operation ended {other}: {body}"),
+            }
+            if Instant::now() >= deadline {
+                bail!("ARM operation still in progress after {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
