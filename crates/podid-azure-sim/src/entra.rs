@@ -2,7 +2,9 @@
 //! client-credentials grant (client secret, certificate assertion, federated assertion),
 //! OpenID discovery documents, signing keys and MSAL's instance discovery.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use http::{Method, StatusCode};
 use jsonwebtoken::jwk::JwkSet;
@@ -50,11 +52,19 @@ pub struct EntraCall {
     pub error_code: Option<u32>,
 }
 
+/// Injected faults of one Entra server.
+#[derive(Debug, Default)]
+struct Faults {
+    latency: Duration,
+    fail_next: VecDeque<StatusCode>,
+}
+
 /// A running simulated Entra.
 #[derive(Debug)]
 pub struct EntraHandle {
     server: ServerHandle,
     cloud: Cloud,
+    faults: Arc<Mutex<Faults>>,
 }
 
 impl EntraHandle {
@@ -88,10 +98,32 @@ impl EntraHandle {
         &self.server
     }
 
-    /// Every token request so far.
+    /// Every token request so far (all Entra servers of this cloud).
     pub fn calls(&self) -> Vec<EntraCall> {
         self.cloud.entra_calls()
     }
+
+    /// Delays every token answer by `latency`.
+    pub fn set_latency(&self, latency: Duration) {
+        lock(&self.faults).latency = latency;
+    }
+
+    /// Answers the next `n` token requests with `status` (e.g. 500, 503) and an AADSTS body.
+    pub fn fail_next(&self, n: usize, status: u16) {
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        lock(&self.faults)
+            .fail_next
+            .extend(std::iter::repeat_n(status, n));
+    }
+
+    /// While set, connections are closed without an answer.
+    pub fn set_unreachable(&self, unreachable: bool) {
+        self.server.set_unreachable(unreachable);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Cloud {
@@ -124,24 +156,30 @@ impl Cloud {
 /// Serves the simulated Entra on `listener`. Must be called inside a tokio runtime.
 pub fn serve_entra(cloud: &Cloud, listener: std::net::TcpListener) -> Result<EntraHandle, Error> {
     let c = cloud.clone();
+    let faults = Arc::new(Mutex::new(Faults::default()));
+    let f = faults.clone();
     let handler: Handler = Arc::new(move |req| {
         let c = c.clone();
-        Box::pin(async move { Some(route(&c, req).await) })
+        let f = f.clone();
+        Box::pin(async move { Some(route(&c, &f, req).await) })
     });
     Ok(EntraHandle {
         server: spawn_server(listener, handler)?,
         cloud: cloud.clone(),
+        faults,
     })
 }
 
-async fn route(cloud: &Cloud, req: Req) -> Resp {
+async fn route(cloud: &Cloud, faults: &Mutex<Faults>, req: Req) -> Resp {
     let path = req.uri.path().to_owned();
     let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let base = req.base_url();
     match (req.method.clone(), segs.as_slice()) {
-        (Method::POST, [tenant, "oauth2", "token"]) => token(cloud, &req, tenant, false).await,
+        (Method::POST, [tenant, "oauth2", "token"]) => {
+            token(cloud, faults, &req, tenant, false).await
+        }
         (Method::POST, [tenant, "oauth2", "v2.0", "token"]) => {
-            token(cloud, &req, tenant, true).await
+            token(cloud, faults, &req, tenant, true).await
         }
         (Method::GET, [tenant, "v2.0", ".well-known", "openid-configuration"]) => {
             match resolve_tenant(cloud, tenant) {
@@ -301,7 +339,14 @@ impl TokenForm {
     }
 }
 
-async fn token(cloud: &Cloud, req: &Req, tenant: &str, v2: bool) -> Resp {
+async fn token(cloud: &Cloud, faults: &Mutex<Faults>, req: &Req, tenant: &str, v2: bool) -> Resp {
+    let (latency, fail) = {
+        let mut f = lock(faults);
+        (f.latency, f.fail_next.pop_front())
+    };
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
     let form = TokenForm {
         params: url::form_urlencoded::parse(&req.body)
             .map(|(k, v)| (k.into_owned(), v.into_owned()))
@@ -315,7 +360,19 @@ async fn token(cloud: &Cloud, req: &Req, tenant: &str, v2: bool) -> Resp {
         status: 200,
         error_code: None,
     };
-    let result = grant(cloud, &form, tenant, v2, &mut call).await;
+    let result = match fail {
+        Some(status) => Err(AadError::new(
+            status,
+            "temporarily_unavailable",
+            if status == StatusCode::SERVICE_UNAVAILABLE {
+                90_033
+            } else {
+                90_100
+            },
+            "The service is temporarily unavailable. Please try again later.",
+        )),
+        None => grant(cloud, &form, tenant, v2, &mut call).await,
+    };
     let resp = match result {
         Ok(body) => json(StatusCode::OK, &body),
         Err(e) => {
@@ -432,7 +489,13 @@ async fn grant(
         ));
     }
     let lifetime = cloud.state().entra_token_lifetime;
-    let (token, claims) = cloud.issue_for_app(&app, &resource, lifetime);
+    // `appidacr`: 1 = client secret, 2 = certificate or assertion.
+    let acr = if call.grant == GrantKind::Secret {
+        "1"
+    } else {
+        "2"
+    };
+    let (token, claims) = cloud.issue_for_app(&app, &resource, lifetime, acr);
     let expires_in = claims.exp - claims.iat;
     Ok(if v2 {
         json!({
@@ -640,7 +703,7 @@ async fn issuer_key(cloud: &Cloud, iss: &str, kid: &str) -> Result<DecodingKey, 
         tracing::debug!(issuer = iss, error = %e, "OIDC discovery failed");
         AadError::invalid_request(
             50_166,
-            format!("Request to External OIDC endpoint failed. Issuer: '{iss}'."),
+            format!("Request to External OIDC endpoint failed. Issuer: '{iss}'"),
         )
     })?;
     cloud
@@ -683,9 +746,17 @@ pub(crate) fn http_client(cloud: &Cloud) -> Result<reqwest::Client, reqwest::Err
 async fn fetch_jwks(cloud: &Cloud, iss: &str) -> Result<JwkSet, anyhow::Error> {
     use anyhow::Context as _;
     let client = http_client(cloud)?;
+    let base = cloud
+        .inner
+        .discovery_overrides
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(iss)
+        .cloned()
+        .unwrap_or_else(|| iss.to_owned());
     let discovery = format!(
         "{}/.well-known/openid-configuration",
-        iss.trim_end_matches('/')
+        base.trim_end_matches('/')
     );
     let doc: Value = client
         .get(&discovery)

@@ -292,7 +292,7 @@ async fn token(s: &Arc<Shared>, req: &Req) -> Resp {
         Ok(x) => x,
         Err(msg) => return imds_error(StatusCode::BAD_REQUEST, "invalid_request", msg),
     };
-    let (token, claims) = s.cloud.issue_for_app(&app, resource, lifetime);
+    let (token, claims) = s.cloud.issue_for_app(&app, resource, lifetime, "2");
     {
         let mut c = s.counters();
         c.tokens_issued += 1;

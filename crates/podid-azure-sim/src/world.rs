@@ -314,6 +314,8 @@ pub(crate) struct Inner {
     pub(crate) key: SigningKey,
     pub(crate) state: Mutex<State>,
     pub(crate) jwks_cache: Mutex<HashMap<String, jsonwebtoken::jwk::JwkSet>>,
+    /// Issuer → base URL where its OIDC discovery document is served, when not at the issuer.
+    pub(crate) discovery_overrides: Mutex<HashMap<String, String>>,
     pub(crate) http: Mutex<Option<reqwest::Client>>,
     pub(crate) entra_log: Mutex<Vec<crate::entra::EntraCall>>,
 }
@@ -366,6 +368,7 @@ impl Cloud {
                     imds_token_lifetime: 86_399,
                 }),
                 jwks_cache: Mutex::new(HashMap::new()),
+                discovery_overrides: Mutex::new(HashMap::new()),
                 http: Mutex::new(None),
                 entra_log: Mutex::new(Vec::new()),
             }),
@@ -402,6 +405,27 @@ impl Cloud {
     /// JWKS of the key that signs this cloud's access tokens.
     pub fn jwks(&self) -> serde_json::Value {
         podid_test_keys::jwks([&self.inner.key])
+    }
+
+    /// Fetch the OIDC discovery document of `issuer` from `<base_url>/.well-known/openid-configuration`
+    /// instead of from the issuer URL itself (for issuers such as `https://kubernetes.default.svc`
+    /// whose documents a fake API server serves elsewhere). Clears that issuer's cached keys.
+    pub fn set_issuer_discovery_url(&self, issuer: &str, base_url: &str) {
+        self.inner
+            .discovery_overrides
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(issuer.to_owned(), base_url.to_owned());
+        self.forget_issuer_keys(issuer);
+    }
+
+    /// Drops the cached signing keys of `issuer` (the next federated exchange refetches them).
+    pub fn forget_issuer_keys(&self, issuer: &str) {
+        self.inner
+            .jwks_cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(issuer);
     }
 
     /// Lifetime (seconds) of tokens from the Entra token endpoint (default 3599).
@@ -663,6 +687,7 @@ impl Cloud {
         app: &App,
         audience: &str,
         lifetime: u64,
+        appidacr: &str,
     ) -> (String, AccessTokenClaims) {
         let now = now_secs();
         let claims = AccessTokenClaims {
@@ -676,7 +701,7 @@ impl Cloud {
             sub: app.object_id.clone(),
             appid: app.client_id.clone(),
             azp: app.client_id.clone(),
-            appidacr: "1".to_owned(),
+            appidacr: appidacr.to_owned(),
             idtyp: "app".to_owned(),
             xms_mirid: app.mi_resource_id.clone(),
             uti: guid(),
@@ -686,14 +711,13 @@ impl Cloud {
     }
 
     fn sign(&self, claims: &AccessTokenClaims) -> String {
-        // Serialising a plain struct and signing with an in-memory RSA key cannot fail.
         self.inner
             .key
             .sign_with(claims, |h| {
                 h.typ = Some("JWT".to_owned());
                 h.x5t = Some(self.inner.key.kid().to_owned());
             })
-            .unwrap_or_default()
+            .expect("serialising plain claims and signing with an in-memory RSA key cannot fail")
     }
 
     /// Issues a token for a client id known to the world (for tests that need an ARM token
@@ -710,7 +734,7 @@ impl Cloud {
                 })?;
             (app, st.entra_token_lifetime)
         };
-        Ok(self.issue_for_app(&app, audience, lifetime).0)
+        Ok(self.issue_for_app(&app, audience, lifetime, "1").0)
     }
 
     /// Verifies signature, issuer and lifetime of a token this cloud issued; returns its claims

@@ -42,6 +42,7 @@ async fn secret_grant_v1_returns_entra_body_with_string_numbers() {
         format!("https://sts.windows.net/{}/", cloud.tenant_id())
     );
     assert_eq!(claims.xms_mirid, None);
+    assert_eq!(claims.appidacr, "1");
     let calls = entra.calls();
     assert_eq!(calls.len(), 1);
     assert_eq!(calls[0].grant, GrantKind::Secret);
@@ -270,6 +271,7 @@ async fn certificate_assertion_grant_and_its_failures() {
         .verify_access_token(body["access_token"].as_str().expect("token"))
         .expect("verifies");
     assert_eq!(claims.appid, sp.client_id);
+    assert_eq!(claims.appidacr, "2");
 
     // v2 endpoint, v2 audience.
     let assertion = cert_assertion(&cert, &sp.client_id, &entra.token_url_v2(), far);
@@ -437,4 +439,78 @@ async fn at_most_twenty_federated_credentials() {
         cloud.add_federated_credential(&sp.client_id, fic),
         Err(podid_azure_sim::Error::TooManyFederatedCredentials { .. })
     ));
+}
+
+#[tokio::test]
+async fn injected_failures_latency_and_unreachability() {
+    let cloud = Cloud::new().expect("cloud");
+    let sp = cloud.add_service_principal("app");
+    let secret = cloud.add_client_secret(&sp.client_id).expect("secret");
+    let entra = EntraHandle::start(&cloud).expect("entra");
+    let form = [
+        ("grant_type", "client_credentials"),
+        ("client_id", sp.client_id.as_str()),
+        ("client_secret", secret.as_str()),
+        ("resource", "https://vault.azure.net"),
+    ];
+    entra.fail_next(1, 503);
+    let (status, body) = post_form(&entra.token_url_v1(), &form).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"], "temporarily_unavailable");
+
+    entra.set_latency(std::time::Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    let (status, _) = post_form(&entra.token_url_v1(), &form).await;
+    assert_eq!(status, 200);
+    assert!(started.elapsed() >= std::time::Duration::from_millis(300));
+    entra.set_latency(std::time::Duration::ZERO);
+
+    entra.set_unreachable(true);
+    let r = common::client()
+        .post(entra.token_url_v1())
+        .form(&form)
+        .send()
+        .await;
+    assert!(r.is_err());
+    entra.set_unreachable(false);
+    assert_eq!(post_form(&entra.token_url_v1(), &form).await.0, 200);
+    assert_eq!(cloud.entra_tokens_issued(&sp.client_id), 2);
+}
+
+#[tokio::test]
+async fn issuer_discovery_can_be_served_elsewhere() {
+    let cloud = Cloud::new().expect("cloud");
+    let served = common::Issuer::start().await;
+    // Tokens name an issuer URL that serves nothing; its documents live at `served.url`.
+    let issuer = "https://kubernetes.default.svc.cluster.local";
+    let sp = cloud.add_service_principal("wi");
+    let subject = "system:serviceaccount:ns:sa";
+    cloud
+        .add_federated_credential(
+            &sp.client_id,
+            podid_azure_sim::FederatedCredential::new("k8s", issuer, subject),
+        )
+        .expect("fic");
+    cloud.set_issuer_discovery_url(issuer, &served.url);
+    let entra = EntraHandle::start(&cloud).expect("entra");
+    let now = common::now();
+    let assertion = served
+        .key
+        .sign(&serde_json::json!({
+            "iss": issuer, "sub": subject, "aud": ["api://AzureADTokenExchange"],
+            "exp": now + 600, "iat": now, "nbf": now,
+        }))
+        .expect("sign");
+    let (status, body) = post_form(
+        &entra.token_url_v1(),
+        &[
+            ("grant_type", "client_credentials"),
+            ("client_id", &sp.client_id),
+            ("client_assertion_type", JWT_BEARER),
+            ("client_assertion", &assertion),
+            ("resource", "https://vault.azure.net"),
+        ],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
 }
