@@ -2,6 +2,8 @@
 # `make help` lists the targets. Everything that needs root says so.
 
 CARGO ?= cargo
+# install-deps.sh may install the toolchain with rustup during this very run.
+export PATH := $(HOME)/.cargo/bin:$(PATH)
 VENV ?= $(CURDIR)/target/venv
 export PODID_PYTHON ?= $(VENV)/bin/python
 

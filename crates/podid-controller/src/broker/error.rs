@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use super::source::SourceKind;
 
-#[allow(dead_code)] // used by the HTTP token sources
 /// Longest upstream error description kept (upstream bodies are not trusted to be short).
 pub(crate) const MAX_DESCRIPTION: usize = 512;
 
@@ -86,7 +85,6 @@ impl BrokerError {
     }
 }
 
-#[allow(dead_code)] // used by the HTTP token sources
 /// Truncate an upstream-provided text to [`MAX_DESCRIPTION`] bytes on a char boundary.
 pub(crate) fn truncate(text: &str) -> String {
     if text.len() <= MAX_DESCRIPTION {
