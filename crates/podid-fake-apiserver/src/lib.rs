@@ -19,3 +19,366 @@ pub mod store;
 
 pub use kinds::KindSpec;
 pub use status::ApiError;
+
+mod faults;
+mod server;
+mod token;
+
+pub use faults::{FaultKind, FaultMatch, Faults, RequestRecord};
+
+use http::{Method, StatusCode};
+use hyper_util::rt::TokioIo;
+use podid_test_keys::SigningKey;
+use serde_json::Value;
+use server::Shared;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// What can go wrong starting or using the server.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Binding the listen address failed.
+    #[error("binding the fake API server to {addr}")]
+    Bind {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Generating the ServiceAccount signing key failed.
+    #[error("generating the ServiceAccount token signing key")]
+    Key(#[source] podid_test_keys::Error),
+    /// Writing the kubeconfig failed.
+    #[error("writing the kubeconfig to {path}")]
+    WriteKubeconfig {
+        /// Where.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Default number of changes kept for watches to resume from.
+pub const DEFAULT_HISTORY: usize = 10_000;
+
+/// Namespaces that exist on a fresh server, as on a real cluster.
+pub const DEFAULT_NAMESPACES: [&str; 4] =
+    ["default", "kube-system", "kube-public", "kube-node-lease"];
+
+/// How to start a server.
+#[derive(Debug, Clone)]
+pub struct Builder {
+    listen: SocketAddr,
+    key: Option<SigningKey>,
+    history: usize,
+    kinds: Vec<KindSpec>,
+    issuer: Option<String>,
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            key: None,
+            history: DEFAULT_HISTORY,
+            kinds: Vec::new(),
+            issuer: None,
+        }
+    }
+}
+
+impl Builder {
+    /// Listen on `addr` (default `127.0.0.1:0`).
+    pub fn listen(mut self, addr: SocketAddr) -> Self {
+        self.listen = addr;
+        self
+    }
+
+    /// Sign ServiceAccount tokens with `key` (default: a fresh key).
+    pub fn signing_key(mut self, key: SigningKey) -> Self {
+        self.key = Some(key);
+        self
+    }
+
+    /// Keep `n` changes of history for watches (default [`DEFAULT_HISTORY`]).
+    pub fn history(mut self, n: usize) -> Self {
+        self.history = n;
+        self
+    }
+
+    /// Serve this kind in addition to the built-in ones.
+    pub fn kind(mut self, spec: KindSpec) -> Self {
+        self.kinds.push(spec);
+        self
+    }
+
+    /// Use `issuer` as the token issuer (default: the server's base URL).
+    pub fn issuer(mut self, issuer: &str) -> Self {
+        self.issuer = Some(issuer.to_string());
+        self
+    }
+
+    /// Binds and starts serving.
+    pub async fn start(self) -> Result<FakeApiServer, Error> {
+        let listener = TcpListener::bind(self.listen)
+            .await
+            .map_err(|source| Error::Bind {
+                addr: self.listen,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| Error::Bind {
+            addr: self.listen,
+            source,
+        })?;
+        let key = match self.key {
+            Some(k) => k,
+            None => tokio::task::spawn_blocking(SigningKey::generate)
+                .await
+                .map_err(|e| Error::Bind {
+                    addr,
+                    source: std::io::Error::other(e),
+                })?
+                .map_err(Error::Key)?,
+        };
+        let url = format!("http://{addr}");
+        let mut store = store::Store::new(kinds::builtin(), self.history);
+        store.register(KindSpec::cluster(
+            "apiextensions.k8s.io",
+            "v1",
+            "CustomResourceDefinition",
+            "customresourcedefinitions",
+        ));
+        for k in self.kinds {
+            store.register(k);
+        }
+        if let Some(ns) = store.find("", "v1", "namespaces") {
+            for name in DEFAULT_NAMESPACES {
+                let obj = serde_json::json!({"metadata": {"name": name}, "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}});
+                store.create(ns, "", obj).map_err(|e| Error::Bind {
+                    addr,
+                    source: std::io::Error::other(e.message),
+                })?;
+            }
+        }
+        let issuer = self.issuer.unwrap_or_else(|| url.clone());
+        let shared = Arc::new(Shared::new(store, key, issuer, addr.to_string()));
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let task = tokio::spawn(accept_loop(listener, shared.clone(), shutdown_rx));
+        tracing::info!(%url, "fake API server listening");
+        Ok(FakeApiServer {
+            addr,
+            url,
+            shared,
+            shutdown: shutdown_tx,
+            task: Some(task),
+        })
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.changed() => return,
+            a = listener.accept() => a,
+        };
+        let (stream, _) = match accepted {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                continue;
+            }
+        };
+        let shared = shared.clone();
+        let mut shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| server::handle(shared.clone(), req));
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc);
+            tokio::select! {
+                r = conn => if let Err(e) = r {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                },
+                _ = shutdown.changed() => {}
+            }
+        });
+    }
+}
+
+/// A running fake API server. Dropping it stops it.
+#[derive(Debug)]
+pub struct FakeApiServer {
+    addr: SocketAddr,
+    url: String,
+    shared: Arc<Shared>,
+    shutdown: watch::Sender<bool>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl FakeApiServer {
+    /// A builder for non-default settings.
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+
+    /// Starts a server on `127.0.0.1:0` with a fresh signing key.
+    pub async fn start() -> Result<Self, Error> {
+        Builder::default().start().await
+    }
+
+    /// Starts a server on `addr` with a fresh signing key.
+    pub async fn start_on(addr: SocketAddr) -> Result<Self, Error> {
+        Builder::default().listen(addr).start().await
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Base URL, `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The ServiceAccount token issuer (`iss`), by default the base URL.
+    pub fn issuer(&self) -> &str {
+        &self.shared.issuer
+    }
+
+    /// The key ServiceAccount tokens are signed with.
+    pub fn signing_key(&self) -> &SigningKey {
+        &self.shared.key
+    }
+
+    /// The JWKS document served at `/openid/v1/jwks`.
+    pub fn jwks(&self) -> Value {
+        podid_test_keys::jwks([&self.shared.key])
+    }
+
+    /// A kubeconfig pointing at this server (context `fake`, namespace `default`, no auth).
+    pub fn kubeconfig_yaml(&self) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {url}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: default\ncurrent-context: fake\nusers:\n- name: fake\n  user: {{}}\npreferences: {{}}\n",
+            url = self.url
+        )
+    }
+
+    /// Writes [`Self::kubeconfig_yaml`] to `path`.
+    pub fn write_kubeconfig(&self, path: impl AsRef<Path>) -> Result<(), Error> {
+        let path = path.as_ref();
+        std::fs::write(path, self.kubeconfig_yaml()).map_err(|source| Error::WriteKubeconfig {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    /// Serves another kind (for example a CRD); creating a `CustomResourceDefinition` through
+    /// the API does the same.
+    pub fn register_kind(&self, spec: KindSpec) {
+        self.shared.store().register(spec);
+    }
+
+    /// The fault hooks and request log.
+    pub fn faults(&self) -> Faults {
+        Faults {
+            cell: self.shared.faults.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// The current global resourceVersion.
+    pub fn resource_version(&self) -> u64 {
+        self.shared.store().resource_version()
+    }
+
+    /// Runs a request in-process, bypassing HTTP, faults and the log. `path` may carry a query.
+    pub fn request_json(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: &str,
+        body: Option<&Value>,
+    ) -> Result<(StatusCode, Value), ApiError> {
+        let (p, q) = path.split_once('?').unwrap_or((path, ""));
+        let query = server::parse_query(Some(q));
+        let route = server::route(&self.shared.store(), p);
+        let bytes = body.map(Value::to_string).unwrap_or_default();
+        server::dispatch(
+            &self.shared,
+            &method,
+            route,
+            &query,
+            content_type,
+            bytes.as_bytes(),
+        )
+    }
+
+    /// Creates `obj` in the collection at `collection_path` (`/api/v1/namespaces/ns/pods`).
+    pub fn create_json(&self, collection_path: &str, obj: Value) -> Result<Value, ApiError> {
+        self.request_json(
+            Method::POST,
+            collection_path,
+            "application/json",
+            Some(&obj),
+        )
+        .map(|(_, v)| v)
+    }
+
+    /// Reads the object or list at `path` (a query such as `?labelSelector=` is allowed).
+    pub fn get_json(&self, path: &str) -> Result<Value, ApiError> {
+        self.request_json(Method::GET, path, "", None)
+            .map(|(_, v)| v)
+    }
+
+    /// Replaces the object at `path` (`/status` paths write only status).
+    pub fn replace_json(&self, path: &str, obj: Value) -> Result<Value, ApiError> {
+        self.request_json(Method::PUT, path, "application/json", Some(&obj))
+            .map(|(_, v)| v)
+    }
+
+    /// JSON-merge-patches the object at `path`.
+    pub fn merge_patch_json(&self, path: &str, patch: Value) -> Result<Value, ApiError> {
+        self.request_json(
+            Method::PATCH,
+            path,
+            "application/merge-patch+json",
+            Some(&patch),
+        )
+        .map(|(_, v)| v)
+    }
+
+    /// Deletes the object at `path`.
+    pub fn delete_json(&self, path: &str) -> Result<Value, ApiError> {
+        self.request_json(Method::DELETE, path, "", None)
+            .map(|(_, v)| v)
+    }
+
+    /// Stops accepting, ends every connection and watch, and waits for the accept loop.
+    pub async fn shutdown(mut self) {
+        self.stop();
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+
+    fn stop(&self) {
+        let _ = self.shutdown.send(true);
+        self.shared.drop_watches();
+    }
+}
+
+impl Drop for FakeApiServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
