@@ -13,7 +13,7 @@ use crate::error::Error;
 use crate::http::{Handler, Req, Resp, ServerHandle, json, loopback_listener, spawn_server};
 use crate::util::{guid, now_secs, rfc3339};
 use crate::world::{
-    AssignedEntry, Cloud, Compute, ComputeKind, ComputeRef, IdentityType, PendingOp,
+    AssignedEntry, Cloud, Compute, ComputeKind, ComputeRef, IdentityType, PendingOp, State,
 };
 
 /// ARM's limit on user-assigned identities in one request.
@@ -52,6 +52,7 @@ struct Injected {
 
 #[derive(Debug)]
 struct Config {
+    reject_concurrent_updates: bool,
     operation_duration: Duration,
     linked_authorization_failed: HashSet<String>,
     inject: VecDeque<Injected>,
@@ -61,6 +62,7 @@ struct Config {
 struct Counters {
     gets: HashMap<String, u64>,
     patches: HashMap<String, u64>,
+    overlapping: HashMap<String, u64>,
 }
 
 #[derive(Debug)]
@@ -144,6 +146,23 @@ impl ArmHandle {
             .extend(std::iter::repeat_n(inj, n));
     }
 
+    /// When set, a PATCH that arrives while an earlier operation on the same VM/VMSS is still in
+    /// progress gets 409 `Conflict` (as ARM may answer); by default it is accepted and applied
+    /// after the earlier one.
+    pub fn set_reject_concurrent_updates(&self, reject: bool) {
+        lock(&self.shared.config).reject_concurrent_updates = reject;
+    }
+
+    /// PATCHes of this VM/VMSS that arrived while an earlier operation on it was in progress.
+    pub fn overlapping_patch_count(&self, compute: &ComputeRef) -> u64 {
+        let key = compute.resource_id().to_ascii_lowercase();
+        lock(&self.shared.counters)
+            .overlapping
+            .get(&key)
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// Every request so far.
     pub fn calls(&self) -> Vec<ArmCall> {
         lock(&self.shared.log).clone()
@@ -175,6 +194,7 @@ pub fn serve_arm(cloud: &Cloud, listener: std::net::TcpListener) -> Result<ArmHa
     let shared = Arc::new(Shared {
         cloud: cloud.clone(),
         config: Mutex::new(Config {
+            reject_concurrent_updates: false,
             operation_duration: Duration::ZERO,
             linked_authorization_failed: HashSet::new(),
             inject: VecDeque::new(),
@@ -412,6 +432,20 @@ fn compute_request(s: &Shared, req: &Req, r: &ComputeRef, api_version: String) -
         )
         .into();
     }
+    if st.ops.iter().any(|o| !o.done && o.compute_key == key) {
+        *lock(&s.counters)
+            .overlapping
+            .entry(key.clone())
+            .or_default() += 1;
+        if lock(&s.config).reject_concurrent_updates {
+            return arm_error(
+                StatusCode::CONFLICT,
+                "Conflict",
+                "The request failed due to conflict with a concurrent request. To resolve it, please refer to https://aka.ms/activitylog to get more details on the conflicting requests.",
+            )
+            .into();
+        }
+    }
     let body: Value = match serde_json::from_slice(&req.body) {
         Ok(v) => v,
         Err(e) => {
@@ -525,7 +559,7 @@ fn compute_request(s: &Shared, req: &Req, r: &ComputeRef, api_version: String) -
             system = t.has_system();
         }
         if wants_user {
-            merge(&mut user, &map);
+            merge(&st, &mut user, &map);
             if requested_type.is_some() && user.is_empty() {
                 return Outcome {
                     resp: arm_error(
@@ -580,20 +614,19 @@ fn compute_request(s: &Shared, req: &Req, r: &ComputeRef, api_version: String) -
 }
 
 /// ARM's merge of `userAssignedIdentities`: `{}` adds, `null` removes, keys case-insensitive.
-fn merge(user: &mut BTreeMap<String, AssignedEntry>, map: &Map<String, Value>) {
+fn merge(st: &State, user: &mut BTreeMap<String, AssignedEntry>, map: &Map<String, Value>) {
     for (id, v) in map {
         let k = id.to_ascii_lowercase();
         if v.is_null() {
             user.remove(&k);
         } else {
-            user.entry(k).or_insert_with(|| AssignedEntry {
-                resource_id: id.clone(),
-            });
+            // An existing (possibly stale) entry is kept as it is.
+            user.entry(k).or_insert_with(|| st.new_entry(id));
         }
     }
 }
 
-fn resource_body(st: &crate::world::State, cloud: &Cloud, c: &Compute) -> Value {
+fn resource_body(st: &State, cloud: &Cloud, c: &Compute) -> Value {
     let ty = c.identity_type();
     let mut identity = json!({"type": ty.as_arm_str()});
     if let Some((principal, _)) = c.system_ids.as_ref().filter(|_| c.system) {
@@ -605,7 +638,7 @@ fn resource_body(st: &crate::world::State, cloud: &Cloud, c: &Compute) -> Value 
     if !c.user.is_empty() {
         let mut m = Map::new();
         for (k, e) in &c.user {
-            let v = match st.identities.get(k) {
+            let v = match st.resolve(k, e) {
                 Some(id) => json!({"principalId": id.principal_id, "clientId": id.client_id}),
                 None => json!({"principalId": null, "clientId": null}),
             };

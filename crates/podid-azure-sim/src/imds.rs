@@ -342,9 +342,9 @@ fn select(s: &Shared, selector: Option<(Selector, String)>) -> Result<(App, u64)
     }
     let system_count = candidates.len();
     let mut user_entries = 0;
-    for entry_key in compute.user.keys() {
+    for (entry_key, entry) in &compute.user {
         user_entries += 1;
-        if let Some(id) = st.identities.get(entry_key) {
+        if let Some(id) = st.resolve(entry_key, entry) {
             candidates.push(App {
                 client_id: id.client_id.clone(),
                 object_id: id.principal_id.clone(),

@@ -232,10 +232,38 @@ pub(crate) struct App {
     pub(crate) federated: Vec<FederatedCredential>,
 }
 
-/// One user-assigned entry on a VM/VMSS: the id as written plus what ARM reports.
+/// One user-assigned entry on a VM/VMSS: the id as written and the client id of the identity
+/// it was bound to when assigned. An identity deleted and recreated under the same name gets a
+/// new client id, so the old entry stays stale (null ids in ARM, `Identity not found` in IMDS)
+/// until it is removed, as in Azure.
 #[derive(Debug, Clone)]
 pub(crate) struct AssignedEntry {
     pub(crate) resource_id: String,
+    pub(crate) client_id: Option<String>,
+}
+
+impl State {
+    /// The live identity an entry refers to, or `None` if the entry is stale.
+    pub(crate) fn resolve(
+        &self,
+        key: &str,
+        entry: &AssignedEntry,
+    ) -> Option<&UserAssignedIdentity> {
+        self.identities
+            .get(key)
+            .filter(|id| entry.client_id.as_deref() == Some(id.client_id.as_str()))
+    }
+
+    /// A new entry for `resource_id`, bound to the identity that exists now (if any).
+    pub(crate) fn new_entry(&self, resource_id: &str) -> AssignedEntry {
+        AssignedEntry {
+            resource_id: resource_id.to_owned(),
+            client_id: self
+                .identities
+                .get(&resource_id.to_ascii_lowercase())
+                .map(|id| id.client_id.clone()),
+        }
+    }
 }
 
 /// A VM or VMSS.
@@ -625,6 +653,7 @@ impl Cloud {
                 identity.resource_id.to_ascii_lowercase(),
                 AssignedEntry {
                     resource_id: identity.resource_id.clone(),
+                    client_id: Some(identity.client_id.clone()),
                 },
             );
         })

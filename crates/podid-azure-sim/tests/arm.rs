@@ -450,3 +450,76 @@ async fn assignment_takes_effect_when_the_operation_completes_then_imds_serves_i
     );
     assert_eq!(imds_status().await, 200);
 }
+
+#[tokio::test]
+async fn deleted_and_recreated_identity_stays_stale_on_the_vmss() {
+    let e = env();
+    let a = e.cloud.add_user_assigned_identity("a");
+    let (s, _, _) = patch(&e, &e.vmss, ua(&[(&a.resource_id, json!({}))])).await;
+    assert_eq!(s, 200);
+    e.cloud.delete_user_assigned_identity(&a);
+    let again = e.cloud.add_user_assigned_identity("a");
+    assert_eq!(again.resource_id, a.resource_id);
+    assert_ne!(again.client_id, a.client_id);
+    let (_, got) = get(&e, &e.vmss).await;
+    assert_eq!(
+        got["identity"]["userAssignedIdentities"][&a.resource_id],
+        json!({"principalId": null, "clientId": null})
+    );
+    let imds = ImdsHandle::start(&e.cloud, &e.vmss).expect("imds");
+    let r = common::client()
+        .get(format!(
+            "{}/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https://vault.azure.net&client_id={}",
+            imds.url(),
+            again.client_id
+        ))
+        .header("Metadata", "true")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status().as_u16(), 400);
+    // Removing the stale entry and adding it again fixes it.
+    let (s, _, _) = patch(
+        &e,
+        &e.vmss,
+        ua(&[(&a.resource_id, Value::Null), ("/x", Value::Null)]),
+    )
+    .await;
+    assert_eq!(s, 400, "type UserAssigned with nothing left is refused");
+    let (s, _, _) = patch(&e, &e.vmss, json!({"identity": {"type": "None"}})).await;
+    assert_eq!(s, 200);
+    let (s, _, _) = patch(&e, &e.vmss, ua(&[(&a.resource_id, json!({}))])).await;
+    assert_eq!(s, 200);
+    let (_, got) = get(&e, &e.vmss).await;
+    assert_eq!(
+        got["identity"]["userAssignedIdentities"][&a.resource_id]["clientId"],
+        again.client_id.as_str()
+    );
+}
+
+#[tokio::test]
+async fn overlapping_patches_are_counted_and_can_be_refused() {
+    let e = env();
+    let a = e.cloud.add_user_assigned_identity("a");
+    let b = e.cloud.add_user_assigned_identity("b");
+    e.arm.set_operation_duration(Duration::from_secs(30));
+    assert_eq!(
+        patch(&e, &e.vmss, ua(&[(&a.resource_id, json!({}))]))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        patch(&e, &e.vmss, ua(&[(&b.resource_id, json!({}))]))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(e.arm.overlapping_patch_count(&e.vmss), 1);
+    e.arm.set_reject_concurrent_updates(true);
+    let (s, _, body) = patch(&e, &e.vmss, ua(&[(&b.resource_id, Value::Null)])).await;
+    assert_eq!(s, 409, "{body}");
+    assert_eq!(body["error"]["code"], "Conflict");
+    assert_eq!(e.arm.overlapping_patch_count(&e.vmss), 2);
+    assert_eq!(e.cloud.pending_operations(), 2);
+}
