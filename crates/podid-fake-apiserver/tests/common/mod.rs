@@ -10,9 +10,20 @@ use std::time::Duration;
 
 /// A server and a kube client talking to it through its kubeconfig.
 pub async fn setup() -> (FakeApiServer, kube::Client) {
-    let server = FakeApiServer::start().await.expect("server starts");
+    let server = FakeApiServer::builder()
+        .signing_key(shared_key())
+        .start()
+        .await
+        .expect("server starts");
     let client = client_for(&server).await;
     (server, client)
+}
+
+/// One signing key for every test in a binary (RSA generation is slow).
+pub fn shared_key() -> podid_test_keys::SigningKey {
+    static KEY: std::sync::OnceLock<podid_test_keys::SigningKey> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| podid_test_keys::SigningKey::generate().expect("key"))
+        .clone()
 }
 
 /// A kube client built the way an operator would: from a kubeconfig file.
