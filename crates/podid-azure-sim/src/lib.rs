@@ -11,6 +11,7 @@
 //! (the bodies written here are the real services' bodies, not podid's).
 
 mod arm;
+pub mod cli;
 mod entra;
 mod error;
 mod http;
