@@ -225,7 +225,9 @@ async fn watch_selectors_turn_moves_into_added_and_deleted() {
         .await
         .expect("move to n2");
     let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
     while seen.len() < 3 {
+        assert!(tokio::time::Instant::now() < deadline, "events in time");
         let ev = tokio::time::timeout(WAIT, s.try_next())
             .await
             .expect("in time")
