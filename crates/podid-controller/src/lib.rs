@@ -14,3 +14,4 @@
 //! mapping.
 
 pub mod broker;
+pub mod matching;
