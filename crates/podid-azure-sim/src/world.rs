@@ -328,7 +328,10 @@ impl State {
                     c.system_ids = None;
                 }
                 c.user = op.new_user.clone();
-                c.provisioning_state = "Succeeded".to_owned();
+                // A state set meanwhile (e.g. `Deleting`) wins over the operation's end.
+                if c.provisioning_state == "Updating" {
+                    c.provisioning_state = "Succeeded".to_owned();
+                }
             }
         }
     }
@@ -802,5 +805,50 @@ impl Cloud {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_types_parse_arm_spellings() {
+        for (s, t) in [
+            ("None", IdentityType::None),
+            ("", IdentityType::None),
+            ("systemassigned", IdentityType::SystemAssigned),
+            ("UserAssigned", IdentityType::UserAssigned),
+            (
+                "SystemAssigned, UserAssigned",
+                IdentityType::SystemAssignedUserAssigned,
+            ),
+            (
+                "SystemAssigned,UserAssigned",
+                IdentityType::SystemAssignedUserAssigned,
+            ),
+        ] {
+            assert_eq!(IdentityType::parse(s), Some(t), "{s}");
+        }
+        assert_eq!(IdentityType::parse("Both"), None);
+        assert_eq!(
+            IdentityType::SystemAssignedUserAssigned.as_arm_str(),
+            "SystemAssigned, UserAssigned"
+        );
+        assert_eq!(
+            IdentityType::from_flags(true, true),
+            IdentityType::SystemAssignedUserAssigned
+        );
+    }
+
+    #[test]
+    fn debug_output_never_shows_secrets() {
+        let cloud = Cloud::new().expect("cloud");
+        let sp = cloud.add_service_principal("x");
+        let secret = cloud.add_client_secret(&sp.client_id).expect("secret");
+        let state = format!("{:?}", *cloud.state());
+        assert!(state.contains(&sp.client_id));
+        assert!(!state.contains(&secret));
+        assert!(!format!("{cloud:?}").contains(&secret));
     }
 }
