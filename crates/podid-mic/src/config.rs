@@ -1,0 +1,637 @@
+//! `mic` command line: every upstream flag of reference §3.2 with its name and default, the env
+//! twins (`MIC_POD_NAMESPACE`, `FORCENAMESPACED`), and podid's additions — validated into a
+//! typed [`Config`] before anything connects anywhere.
+//!
+//! Flags keep upstream's spelling, including the camel-case ones (`--forceNamespaced`,
+//! `--syncRetryDuration`, `--createDeleteBatch`, `--clientQps` …). As with Go's `flag` package,
+//! `-name` and `--name` are both accepted (see [`normalize_go_args`]); booleans accept `--flag`,
+//! `--flag=true`, `--flag=false` and Go's other forms (`1`, `t`, `T`, `TRUE`, `True`, `0`, `f` …);
+//! durations use Go's syntax (`3600s`, `1h`, `2m30s`, `500ms`). klog's flags (`-v`,
+//! `--logtostderr`, `--log_dir` …) are accepted so existing manifests keep working.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{ArgAction, Parser};
+
+/// The raw command line, exactly as upstream spells it. Turn it into a [`Config`] with
+/// [`Flags::into_config`].
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "mic",
+    about = "podid MIC: assigns pods' Azure identities to their nodes",
+    disable_version_flag = true
+)]
+pub struct Flags {
+    /// kubeconfig path; empty means in-cluster configuration.
+    #[arg(long, default_value = "")]
+    pub kubeconfig: String,
+    /// Path to azure.json; empty means the environment variables of docs/configuration.md.
+    #[arg(long, default_value = "")]
+    pub cloudconfig: String,
+    /// Namespaced matching (also env `FORCENAMESPACED=true`).
+    #[arg(long = "forceNamespaced", num_args = 0..=1, require_equals = true, default_value = "false",
+          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    pub force_namespaced: bool,
+    /// Print the version and exit.
+    #[arg(long = "version", num_args = 0..=1, require_equals = true, default_value = "false",
+          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    pub version: bool,
+    /// Period of the full sync pass.
+    #[arg(long = "syncRetryDuration", default_value = "3600s")]
+    pub sync_retry_duration: String,
+    /// Leader lock holder identity; empty means the host name.
+    #[arg(long = "leader-election-instance", default_value = "")]
+    pub leader_election_instance: String,
+    /// Namespace of the leader lock.
+    #[arg(long = "leader-election-namespace", default_value = "default")]
+    pub leader_election_namespace: String,
+    /// Name of the leader lock.
+    #[arg(long = "leader-election-name", default_value = "aad-pod-identity-mic")]
+    pub leader_election_name: String,
+    /// Lease duration of the leader lock.
+    #[arg(long = "leader-election-duration", default_value = "15s")]
+    pub leader_election_duration: String,
+    /// Port of `/healthz`.
+    #[arg(long = "http-probe-port", default_value = "8080")]
+    pub http_probe_port: String,
+    /// Port of `/metrics`.
+    #[arg(long = "prometheus-port", default_value = "8888")]
+    pub prometheus_port: String,
+    /// Upstream's pprof server; podid has none and ignores it (logged).
+    #[arg(long = "enableProfile", num_args = 0..=1, require_equals = true, default_value = "false",
+          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    pub enable_profile: bool,
+    /// Deprecated no-op for MIC (logged).
+    #[arg(long = "enableScaleFeatures", num_args = 0..=1, require_equals = true, default_value = "false",
+          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    pub enable_scale_features: bool,
+    /// Concurrent AzureAssignedIdentity API calls per node or VM scale set.
+    #[arg(
+        long = "createDeleteBatch",
+        default_value_t = 20,
+        allow_negative_numbers = true
+    )]
+    pub create_delete_batch: i64,
+    /// Kubernetes client queries per second (burst = the same integer).
+    #[arg(
+        long = "clientQps",
+        default_value_t = 5.0,
+        allow_negative_numbers = true
+    )]
+    pub client_qps: f64,
+    /// Comma-separated client ids never removed from a VM or VM scale set.
+    #[arg(long = "immutable-user-msis", default_value = "")]
+    pub immutable_user_msis: String,
+    /// ConfigMap (in `MIC_POD_NAMESPACE`) holding the type-upgrade marker.
+    #[arg(long = "config-map-name", default_value = "aad-pod-identity-config")]
+    pub config_map_name: String,
+    /// Key of the type-upgrade marker in that ConfigMap.
+    #[arg(
+        long = "type-upgrade-status-key",
+        default_value = "type-upgrade-status"
+    )]
+    pub type_upgrade_status_key: String,
+    /// Run the one-time CRD casing upgrade.
+    #[arg(long = "enable-type-upgrade", num_args = 0..=1, require_equals = true, default_value = "true",
+          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    pub enable_type_upgrade: bool,
+    /// Retries of a failed VM/VMSS identity PATCH after dropping the erroneous ids.
+    #[arg(
+        long = "update-user-msi-max-retry",
+        default_value_t = 2,
+        allow_negative_numbers = true
+    )]
+    pub update_user_msi_max_retry: i64,
+    /// Pause between those retries.
+    #[arg(long = "update-user-msi-retry-interval", default_value = "1s")]
+    pub update_user_msi_retry_interval: String,
+    /// Period of the "re-add identities missing from a VM/VMSS" pass.
+    #[arg(long = "identity-assignment-reconcile-interval", default_value = "3m")]
+    pub identity_assignment_reconcile_interval: String,
+    /// `text` or `json`.
+    #[arg(long = "log-format", default_value = "text")]
+    pub log_format: String,
+    /// Appended (space-separated) to the user agent of Kubernetes and Azure calls.
+    #[arg(long = "custom-user-agent", default_value = "")]
+    pub custom_user_agent: String,
+
+    // podid additions (docs/configuration.md).
+    /// podid: base URL of Azure Resource Manager instead of the cloud's (tests, private clouds).
+    #[arg(long = "arm-endpoint", default_value = "")]
+    pub arm_endpoint: String,
+    /// podid: Entra authority base URL instead of the cloud's.
+    #[arg(long = "aad-authority", default_value = "")]
+    pub aad_authority: String,
+    /// podid: base URL of IMDS, used when the cloud config says `useManagedIdentityExtension`.
+    #[arg(long = "imds-endpoint", default_value = "http://169.254.169.254")]
+    pub imds_endpoint: String,
+    /// podid: drop the assignments of Succeeded and Failed pods (upstream keeps them until the
+    /// pod is deleted; `--release-finished-pods=false` restores that).
+    #[arg(long = "release-finished-pods", num_args = 0..=1, require_equals = true, default_value = "true",
+          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    pub release_finished_pods: bool,
+
+    // klog flags, accepted for manifest compatibility.
+    /// Log verbosity (klog `-v`).
+    #[arg(short = 'v', long = "v", default_value_t = 0)]
+    pub verbosity: u8,
+    #[arg(long = "logtostderr", hide = true, num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    #[doc(hidden)]
+    pub logtostderr: Option<bool>,
+    #[arg(long = "alsologtostderr", hide = true, num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    #[doc(hidden)]
+    pub alsologtostderr: Option<bool>,
+    #[arg(long = "log_dir", hide = true)]
+    #[doc(hidden)]
+    pub log_dir: Option<String>,
+    #[arg(long = "log_file", hide = true)]
+    #[doc(hidden)]
+    pub log_file: Option<String>,
+    #[arg(long = "vmodule", hide = true)]
+    #[doc(hidden)]
+    pub vmodule: Option<String>,
+    #[arg(long = "stderrthreshold", hide = true)]
+    #[doc(hidden)]
+    pub stderrthreshold: Option<String>,
+}
+
+/// Parses a boolean the way Go's `strconv.ParseBool` does.
+pub fn parse_go_bool(value: &str) -> Result<bool, String> {
+    match value {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Ok(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Ok(false),
+        other => Err(format!("invalid boolean value {other:?}")),
+    }
+}
+
+/// Parses a duration the way Go's `time.ParseDuration` does: an optional sign, then one or more
+/// decimal numbers each followed by a unit (`ns`, `us`, `µs`, `ms`, `s`, `m`, `h`); `0` alone is
+/// allowed. Negative durations are refused here (no MIC flag accepts them).
+pub fn parse_go_duration(value: &str) -> Result<Duration, String> {
+    let bad = || format!("invalid duration {value:?} (want Go syntax such as 30s, 3m or 1h30m)");
+    let mut rest = value.strip_prefix('+').unwrap_or(value);
+    if rest.starts_with('-') {
+        return Err(format!("negative duration {value:?}"));
+    }
+    if rest == "0" {
+        return Ok(Duration::ZERO);
+    }
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    let mut total_nanos: f64 = 0.0;
+    while !rest.is_empty() {
+        let number_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(bad)?;
+        let number = &rest[..number_len];
+        if number.is_empty() || number == "." || number.matches('.').count() > 1 {
+            return Err(bad());
+        }
+        let amount: f64 = number.parse().map_err(|_| bad())?;
+        rest = &rest[number_len..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let nanos_per_unit = match &rest[..unit_len] {
+            "ns" => 1.0,
+            "us" | "µs" | "μs" => 1e3,
+            "ms" => 1e6,
+            "s" => 1e9,
+            "m" => 60e9,
+            "h" => 3600e9,
+            _ => return Err(bad()),
+        };
+        rest = &rest[unit_len..];
+        total_nanos += amount * nanos_per_unit;
+    }
+    // Go's limit: durations are int64 nanoseconds.
+    if total_nanos > i64::MAX as f64 {
+        return Err(format!("duration {value:?} is too large"));
+    }
+    Ok(Duration::from_nanos(total_nanos.round() as u64))
+}
+
+/// Rewrites Go-style single-dash long flags (`-kubeconfig=x`, `-forceNamespaced`) to the
+/// double-dash form clap parses. Single-letter flags (`-v=4`), `--…` and values are unchanged;
+/// everything after a bare `--` is left alone.
+pub fn normalize_go_args<I, S>(args: I) -> Vec<String>
+where
+    I: IntoIterator<Item = S>,
+    S: Into<String>,
+{
+    let mut out = Vec::new();
+    let mut passthrough = false;
+    for (i, arg) in args.into_iter().map(Into::into).enumerate() {
+        if i == 0 || passthrough {
+            out.push(arg);
+            continue;
+        }
+        if arg == "--" {
+            passthrough = true;
+            out.push(arg);
+            continue;
+        }
+        let name_len = arg
+            .strip_prefix('-')
+            .filter(|rest| {
+                !rest.starts_with('-') && !rest.starts_with(|c: char| c.is_ascii_digit())
+            })
+            .map(|rest| rest.split('=').next().unwrap_or_default().chars().count());
+        match name_len {
+            Some(len) if len > 1 => out.push(format!("-{arg}")),
+            _ => out.push(arg),
+        }
+    }
+    out
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// A flag or environment value that cannot be used. The message names the flag and the value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// A flag has a value of the wrong shape.
+    #[error("invalid value {value:?} for --{flag}: {reason}")]
+    Invalid {
+        /// The flag's name without dashes.
+        flag: &'static str,
+        /// The value given.
+        value: String,
+        /// Why it is refused.
+        reason: String,
+    },
+    /// `MIC_POD_NAMESPACE` is unset or empty (upstream's fatal message).
+    #[error("namespace not specified. Please add meta.namespace as env variable MIC_POD_NAMESPACE")]
+    MissingPodNamespace,
+}
+
+/// Validated MIC configuration (without the cloud configuration, which [`crate::cloud`] loads
+/// from [`Config::cloud_config`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// kubeconfig path; `None` means in-cluster.
+    pub kubeconfig: Option<PathBuf>,
+    /// azure.json path; `None` means the environment fallback.
+    pub cloud_config: Option<PathBuf>,
+    /// MIC's own namespace (env `MIC_POD_NAMESPACE`).
+    pub pod_namespace: String,
+    /// Namespaced matching (`--forceNamespaced` or `FORCENAMESPACED=true`).
+    pub namespaced: bool,
+    /// Period of the full sync pass.
+    pub sync_retry_interval: Duration,
+    /// Leader lock holder identity (`--leader-election-instance`, else the host name).
+    pub leader_election_instance: String,
+    /// Namespace of the leader lock.
+    pub leader_election_namespace: String,
+    /// Name of the leader lock.
+    pub leader_election_name: String,
+    /// Lease duration.
+    pub leader_election_duration: Duration,
+    /// Port of `/healthz`, all interfaces.
+    pub probe_port: u16,
+    /// Port of `/metrics`, all interfaces.
+    pub prometheus_port: u16,
+    /// `--enableProfile` was given (ignored, logged).
+    pub profile_requested: bool,
+    /// `--enableScaleFeatures` was given (deprecated no-op, logged).
+    pub scale_features_requested: bool,
+    /// Concurrent AzureAssignedIdentity API calls per node or VM scale set (≥ 1).
+    pub create_delete_batch: usize,
+    /// Kubernetes client QPS.
+    pub client_qps: f64,
+    /// Kubernetes client burst (`int(--clientQps)`, at least 1).
+    pub client_burst: u32,
+    /// Client ids from `--immutable-user-msis`, lower-cased (the cluster identity from the cloud
+    /// config is added by the caller once it is loaded).
+    pub immutable_client_ids: BTreeSet<String>,
+    /// ConfigMap holding the type-upgrade marker.
+    pub config_map_name: String,
+    /// Key of the type-upgrade marker.
+    pub type_upgrade_status_key: String,
+    /// Run the one-time type upgrade.
+    pub type_upgrade: bool,
+    /// Retries of a failed identity PATCH.
+    pub update_user_msi_max_retry: u32,
+    /// Pause between those retries.
+    pub update_user_msi_retry_interval: Duration,
+    /// Period of the identity-assignment reconcile pass.
+    pub identity_assignment_reconcile_interval: Duration,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Log verbosity (klog `-v`).
+    pub verbosity: u8,
+    /// Suffix of the user agent, if any.
+    pub custom_user_agent: Option<String>,
+    /// Overrides of the Azure endpoints (podid additions).
+    pub endpoints: EndpointOverrides,
+    /// Drop the assignments of Succeeded and Failed pods.
+    pub release_finished_pods: bool,
+}
+
+/// Azure endpoints given on the command line instead of the cloud's (podid additions).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct EndpointOverrides {
+    /// Azure Resource Manager base URL (`--arm-endpoint`).
+    pub arm: Option<String>,
+    /// Entra authority base URL (`--aad-authority`).
+    pub aad_authority: Option<String>,
+    /// IMDS base URL (`--imds-endpoint`).
+    pub imds: String,
+}
+
+impl Flags {
+    /// Parses a command line, accepting Go's single-dash long flags.
+    pub fn parse_go<I, S>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Self::try_parse_from(normalize_go_args(args))
+    }
+
+    /// Validates the flags with the process environment and host name.
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .unwrap_or_default();
+        self.into_config_with_env(|name| std::env::var(name).ok(), &hostname)
+    }
+
+    /// Validates the flags; `env` looks up environment variables (tests pass a map) and
+    /// `hostname` is the default leader-election instance.
+    pub fn into_config_with_env(
+        self,
+        env: impl Fn(&str) -> Option<String>,
+        hostname: &str,
+    ) -> Result<Config, ConfigError> {
+        let pod_namespace = env("MIC_POD_NAMESPACE")
+            .filter(|ns| !ns.trim().is_empty())
+            .ok_or(ConfigError::MissingPodNamespace)?;
+        let namespaced = self.force_namespaced || env("FORCENAMESPACED").as_deref() == Some("true");
+        let log_format = match self.log_format.as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(invalid(
+                    "log-format",
+                    other,
+                    "unable to apply logging options: want text or json",
+                ));
+            }
+        };
+        let create_delete_batch = usize::try_from(self.create_delete_batch)
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| {
+                invalid(
+                    "createDeleteBatch",
+                    &self.create_delete_batch.to_string(),
+                    "want a positive number",
+                )
+            })?;
+        if !(self.client_qps.is_finite() && self.client_qps > 0.0) {
+            return Err(invalid(
+                "clientQps",
+                &self.client_qps.to_string(),
+                "want a positive number",
+            ));
+        }
+        // Upstream: Burst = int(QPS); a burst of 0 would block every call, so at least 1.
+        let client_burst = (self.client_qps.trunc().min(f64::from(u32::MAX)) as u32).max(1);
+        let update_user_msi_max_retry =
+            u32::try_from(self.update_user_msi_max_retry).map_err(|_| {
+                invalid(
+                    "update-user-msi-max-retry",
+                    &self.update_user_msi_max_retry.to_string(),
+                    "want a non-negative number",
+                )
+            })?;
+        let leader_election_instance = if self.leader_election_instance.trim().is_empty() {
+            hostname.trim().to_owned()
+        } else {
+            self.leader_election_instance.trim().to_owned()
+        };
+        if leader_election_instance.is_empty() {
+            return Err(invalid(
+                "leader-election-instance",
+                "",
+                "empty and the host name is unknown",
+            ));
+        }
+        for (flag, value) in [
+            ("leader-election-namespace", &self.leader_election_namespace),
+            ("leader-election-name", &self.leader_election_name),
+            ("config-map-name", &self.config_map_name),
+            ("type-upgrade-status-key", &self.type_upgrade_status_key),
+        ] {
+            if value.trim().is_empty() {
+                return Err(invalid(flag, value, "must not be empty"));
+            }
+        }
+        let immutable_client_ids = self
+            .immutable_user_msis
+            .split(',')
+            .map(|id| id.trim().to_ascii_lowercase())
+            .filter(|id| !id.is_empty())
+            .collect();
+        let endpoints = EndpointOverrides {
+            arm: optional_url("arm-endpoint", &self.arm_endpoint)?,
+            aad_authority: optional_url("aad-authority", &self.aad_authority)?,
+            imds: optional_url("imds-endpoint", &self.imds_endpoint)?.ok_or_else(|| {
+                invalid("imds-endpoint", &self.imds_endpoint, "must not be empty")
+            })?,
+        };
+        Ok(Config {
+            kubeconfig: non_empty_path(&self.kubeconfig),
+            cloud_config: non_empty_path(&self.cloudconfig),
+            pod_namespace: pod_namespace.trim().to_owned(),
+            namespaced,
+            sync_retry_interval: positive_duration("syncRetryDuration", &self.sync_retry_duration)?,
+            leader_election_instance,
+            leader_election_namespace: self.leader_election_namespace,
+            leader_election_name: self.leader_election_name,
+            leader_election_duration: positive_duration(
+                "leader-election-duration",
+                &self.leader_election_duration,
+            )?,
+            probe_port: parse_port("http-probe-port", &self.http_probe_port)?,
+            prometheus_port: parse_port("prometheus-port", &self.prometheus_port)?,
+            profile_requested: self.enable_profile,
+            scale_features_requested: self.enable_scale_features,
+            create_delete_batch,
+            client_qps: self.client_qps,
+            client_burst,
+            immutable_client_ids,
+            config_map_name: self.config_map_name,
+            type_upgrade_status_key: self.type_upgrade_status_key,
+            type_upgrade: self.enable_type_upgrade,
+            update_user_msi_max_retry,
+            update_user_msi_retry_interval: duration(
+                "update-user-msi-retry-interval",
+                &self.update_user_msi_retry_interval,
+            )?,
+            identity_assignment_reconcile_interval: positive_duration(
+                "identity-assignment-reconcile-interval",
+                &self.identity_assignment_reconcile_interval,
+            )?,
+            log_format,
+            verbosity: self.verbosity,
+            custom_user_agent: (!self.custom_user_agent.trim().is_empty())
+                .then(|| self.custom_user_agent.trim().to_owned()),
+            endpoints,
+            release_finished_pods: self.release_finished_pods,
+        })
+    }
+}
+
+/// The version line, in upstream's shape.
+pub fn version_line() -> String {
+    let version = env!("CARGO_PKG_VERSION");
+    let commit = option_env!("PODID_GIT_COMMIT").unwrap_or("unknown");
+    let date = option_env!("PODID_BUILD_DATE").unwrap_or("unknown");
+    format!("MIC Version: {version} - NMI Version: {version} - Commit: {commit} - Date: {date}")
+}
+
+/// The user agent of MIC's outgoing calls: `podid/MIC/<version>[ <custom>]`.
+pub fn user_agent(custom: Option<&str>) -> String {
+    let base = format!("podid/MIC/{}", env!("CARGO_PKG_VERSION"));
+    match custom {
+        Some(custom) => format!("{base} {custom}"),
+        None => base,
+    }
+}
+
+fn invalid(flag: &'static str, value: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        flag,
+        value: value.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+fn non_empty_path(value: &str) -> Option<PathBuf> {
+    (!value.trim().is_empty()).then(|| PathBuf::from(value.trim()))
+}
+
+fn parse_port(flag: &'static str, value: &str) -> Result<u16, ConfigError> {
+    match value.parse::<u16>() {
+        Ok(0) | Err(_) => Err(invalid(flag, value, "want a port number 1-65535")),
+        Ok(port) => Ok(port),
+    }
+}
+
+fn duration(flag: &'static str, value: &str) -> Result<Duration, ConfigError> {
+    parse_go_duration(value).map_err(|reason| invalid(flag, value, reason))
+}
+
+fn positive_duration(flag: &'static str, value: &str) -> Result<Duration, ConfigError> {
+    let d = duration(flag, value)?;
+    if d.is_zero() {
+        return Err(invalid(flag, value, "want a positive duration"));
+    }
+    Ok(d)
+}
+
+fn optional_url(flag: &'static str, value: &str) -> Result<Option<String>, ConfigError> {
+    let value = value.trim();
+    if value.is_empty() {
+        return Ok(None);
+    }
+    let rest = value
+        .strip_prefix("https://")
+        .or_else(|| value.strip_prefix("http://"))
+        .ok_or_else(|| invalid(flag, value, "want an http:// or https:// URL"))?;
+    if rest.is_empty() || rest.starts_with('/') || rest.contains(char::is_whitespace) {
+        return Err(invalid(
+            flag,
+            value,
+            "want an http:// or https:// URL with a host",
+        ));
+    }
+    Ok(Some(value.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn go_durations() {
+        let cases = [
+            ("3600s", Duration::from_secs(3600)),
+            ("1h", Duration::from_secs(3600)),
+            ("3m", Duration::from_secs(180)),
+            ("2m30s", Duration::from_secs(150)),
+            ("1.5h", Duration::from_secs(5400)),
+            ("500ms", Duration::from_millis(500)),
+            ("10us", Duration::from_micros(10)),
+            ("10µs", Duration::from_micros(10)),
+            ("7ns", Duration::from_nanos(7)),
+            ("+1s", Duration::from_secs(1)),
+            ("0", Duration::ZERO),
+        ];
+        for (text, want) in cases {
+            assert_eq!(parse_go_duration(text), Ok(want), "{text}");
+        }
+        for bad in ["", "1", "s", "1x", "1.2.3s", "-1s", "1h-5m", ".s", "3600"] {
+            assert!(parse_go_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn go_bools() {
+        for yes in ["1", "t", "T", "TRUE", "true", "True"] {
+            assert_eq!(parse_go_bool(yes), Ok(true));
+        }
+        for no in ["0", "f", "F", "FALSE", "false", "False"] {
+            assert_eq!(parse_go_bool(no), Ok(false));
+        }
+        assert!(parse_go_bool("yes").is_err());
+    }
+
+    #[test]
+    fn single_dash_long_flags_become_double_dash() {
+        let out = normalize_go_args([
+            "mic",
+            "-kubeconfig=/k",
+            "-forceNamespaced",
+            "-v=3",
+            "--cloudconfig",
+            "-x",
+            "--createDeleteBatch",
+            "-10",
+            "--",
+            "-after",
+        ]);
+        assert_eq!(
+            out,
+            [
+                "mic",
+                "--kubeconfig=/k",
+                "--forceNamespaced",
+                "-v=3",
+                "--cloudconfig",
+                "-x",
+                "--createDeleteBatch",
+                "-10",
+                "--",
+                "-after"
+            ]
+        );
+    }
+}

@@ -1,0 +1,15 @@
+//! podid's MIC (managed identity controller): turns pods × bindings × identities into
+//! `AzureAssignedIdentity` objects and works out which user-assigned identities each VM or VM
+//! scale set must carry.
+//!
+//! - [`config`]: the `mic` command line, upstream's flags byte-for-byte, validated into a typed
+//!   [`config::Config`].
+//! - [`cloud`]: the cloud configuration (`azure.json` or its environment fallback) and the
+//!   Azure endpoints it implies.
+//! - [`desired`]: the pure desired-state computation and its diff against the existing
+//!   `AzureAssignedIdentity` objects.
+//!
+//! Decision logic here takes values and returns values: no tokio, no HTTP, no Kubernetes client.
+//! Must not depend on the testkit or on `podid-nmi`.
+
+pub mod config;
