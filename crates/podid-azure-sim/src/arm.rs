@@ -240,6 +240,7 @@ impl From<Resp> for Outcome {
 fn handle(s: &Shared, req: Req) -> Resp {
     let path = req.uri.path().to_owned();
     let out = dispatch(s, &req, &path);
+    tracing::debug!(method = %req.method, path, status = out.resp.status().as_u16(), "ARM request");
     lock(&s.log).push(ArmCall {
         method: req.method.to_string(),
         path,

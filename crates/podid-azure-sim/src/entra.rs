@@ -436,6 +436,8 @@ async fn grant(
             .to_owned()
     };
     call.resource = resource.clone();
+    // Authentication comes first; an unknown resource is reported after it (below).
+    let unknown_resource = cloud.is_resource_unknown(&resource);
     let client_id = form
         .get("client_id")
         .ok_or_else(|| AadError::missing("client_id"))?;
@@ -486,6 +488,14 @@ async fn grant(
         return Err(AadError::invalid_client(
             7_000_218,
             "The request body must contain the following parameter: 'client_assertion' or 'client_secret'.",
+        ));
+    }
+    if unknown_resource {
+        return Err(AadError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_resource",
+            500_011,
+            crate::world::unknown_resource_message(&resource, &tenant),
         ));
     }
     let lifetime = cloud.state().entra_token_lifetime;

@@ -290,8 +290,19 @@ async fn token(s: &Arc<Shared>, req: &Req) -> Resp {
     .find_map(|(k, sel)| get(k).map(|v| (sel, v.to_owned())));
     let (app, lifetime) = match select(s, selector) {
         Ok(x) => x,
-        Err(msg) => return imds_error(StatusCode::BAD_REQUEST, "invalid_request", msg),
+        Err(msg) => {
+            tracing::debug!(compute = %s.compute.name, reason = msg, "IMDS refused a token");
+            return imds_error(StatusCode::BAD_REQUEST, "invalid_request", msg);
+        }
     };
+    if s.cloud.is_resource_unknown(resource) {
+        let desc = format!(
+            "AADSTS500011: {}",
+            crate::world::unknown_resource_message(resource, s.cloud.tenant_id())
+        );
+        return imds_error(StatusCode::BAD_REQUEST, "invalid_resource", &desc);
+    }
+    tracing::debug!(compute = %s.compute.name, client_id = %app.client_id, resource, "IMDS issued a token");
     let (token, claims) = s.cloud.issue_for_app(&app, resource, lifetime, "2");
     {
         let mut c = s.counters();

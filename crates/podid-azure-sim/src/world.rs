@@ -307,6 +307,8 @@ pub(crate) struct State {
     pub(crate) ops: Vec<PendingOp>,
     pub(crate) entra_token_lifetime: u64,
     pub(crate) imds_token_lifetime: u64,
+    /// Resources (lower-case, without trailing `/`) Entra and IMDS refuse as unknown.
+    pub(crate) unknown_resources: std::collections::HashSet<String>,
 }
 
 impl State {
@@ -367,6 +369,17 @@ impl std::fmt::Debug for Cloud {
     }
 }
 
+fn resource_key(resource: &str) -> String {
+    resource.trim_end_matches('/').to_ascii_lowercase()
+}
+
+/// Entra's AADSTS500011 text for an unknown resource.
+pub(crate) fn unknown_resource_message(resource: &str, tenant: &str) -> String {
+    format!(
+        "The resource principal named {resource} was not found in the tenant named {tenant}. This can happen if the application has not been installed by the administrator of the tenant or consented to by any user in the tenant. You might have sent your authentication request to the wrong tenant."
+    )
+}
+
 fn identity_resource_id(sub: &str, rg: &str, name: &str) -> String {
     format!(
         "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{name}"
@@ -397,6 +410,7 @@ impl Cloud {
                     ops: Vec::new(),
                     entra_token_lifetime: 3599,
                     imds_token_lifetime: 86_399,
+                    unknown_resources: std::collections::HashSet::new(),
                 }),
                 jwks_cache: Mutex::new(HashMap::new()),
                 discovery_overrides: Mutex::new(HashMap::new()),
@@ -457,6 +471,20 @@ impl Cloud {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(issuer);
+    }
+
+    /// Makes Entra and IMDS refuse tokens for `resource` as an unknown resource principal
+    /// (AADSTS500011). Every other resource is accepted.
+    pub fn mark_resource_unknown(&self, resource: &str) {
+        self.state()
+            .unknown_resources
+            .insert(resource_key(resource));
+    }
+
+    pub(crate) fn is_resource_unknown(&self, resource: &str) -> bool {
+        self.state()
+            .unknown_resources
+            .contains(&resource_key(resource))
     }
 
     /// Lifetime (seconds) of tokens from the Entra token endpoint (default 3599).

@@ -514,3 +514,24 @@ async fn issuer_discovery_can_be_served_elsewhere() {
     .await;
     assert_eq!(status, 200, "{body}");
 }
+
+#[tokio::test]
+async fn unknown_resource_is_refused_after_authentication() {
+    let cloud = Cloud::new().expect("cloud");
+    let sp = cloud.add_service_principal("app");
+    let secret = cloud.add_client_secret(&sp.client_id).expect("secret");
+    cloud.mark_resource_unknown("https://nothing.example/");
+    let entra = EntraHandle::start(&cloud).expect("entra");
+    let mut form = vec![
+        ("grant_type", "client_credentials"),
+        ("client_id", sp.client_id.as_str()),
+        ("client_secret", secret.as_str()),
+        ("resource", "https://nothing.example"),
+    ];
+    let (status, body) = post_form(&entra.token_url_v1(), &form).await;
+    assert_eq!((status, aadsts(&body)), (400, 500_011), "{body}");
+    assert_eq!(body["error"], "invalid_resource");
+    form[2].1 = "wrong";
+    let (status, body) = post_form(&entra.token_url_v1(), &form).await;
+    assert_eq!((status, aadsts(&body)), (401, 7_000_215), "{body}");
+}

@@ -301,3 +301,22 @@ async fn instance_metadata_names_the_vm_and_scale_set() {
     assert_eq!(body["compute"]["name"], "node-vm");
     assert_eq!(body["compute"]["vmScaleSetName"], "");
 }
+
+#[tokio::test]
+async fn unknown_resource_is_refused_like_imds() {
+    let (cloud, vmss) = setup();
+    let a = cloud.add_user_assigned_identity("a");
+    cloud.assign_identity(&vmss, &a).expect("assign");
+    cloud.mark_resource_unknown("https://vault.azure.net");
+    let imds = ImdsHandle::start(&cloud, &vmss).expect("imds");
+    let (status, body) = get(&token_url(&imds, ""), true).await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"], "invalid_resource");
+    assert!(
+        body["error_description"]
+            .as_str()
+            .expect("desc")
+            .starts_with("AADSTS500011")
+    );
+    assert_eq!(imds.counters().tokens_issued, 0);
+}
