@@ -12,4 +12,5 @@
 //! Decision logic here takes values and returns values: no tokio, no HTTP, no Kubernetes client.
 //! Must not depend on the testkit or on `podid-nmi`.
 
+pub mod cloud;
 pub mod config;

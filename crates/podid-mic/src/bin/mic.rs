@@ -2,6 +2,7 @@
 
 use std::process::ExitCode;
 
+use podid_mic::cloud::{CloudConfig, Endpoints};
 use podid_mic::config::{Flags, version_line};
 
 fn main() -> ExitCode {
@@ -26,9 +27,39 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if config.cloud_config.is_none() {
+        eprintln!("mic: --cloudconfig not passed will use aadpodidentity-admin-secret");
+    }
+    let env = |name: &str| std::env::var(name).ok();
+    let cloud = match CloudConfig::load(config.cloud_config.as_deref(), env) {
+        Ok(cloud) => cloud,
+        Err(e) => {
+            eprintln!("mic: failed to create MIC client, error: {}", chain(&e));
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(e) = cloud
+        .credential()
+        .and_then(|_| Endpoints::resolve(&cloud, &config.endpoints, env))
+    {
+        eprintln!("mic: failed to create MIC client, error: {}", chain(&e));
+        return ExitCode::from(2);
+    }
     eprintln!(
         "mic: configuration valid (namespace {}); the controller loop is not built yet",
         config.pod_namespace
     );
     ExitCode::FAILURE
+}
+
+/// The error and its causes, one after the other.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
