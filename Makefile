@@ -27,6 +27,7 @@ build: deps
 # The whole suite, network-namespace and end-to-end suites included. They fail (never skip)
 # without root.
 test: deps
+	$(CARGO) build --workspace --bins
 	$(CARGO) nextest run --workspace --profile ci
 	$(CARGO) test --workspace --doc
 
@@ -34,6 +35,7 @@ unit:
 	$(CARGO) nextest run --workspace --exclude podid-netsim --exclude podid-e2e
 
 e2e: deps
+	$(CARGO) build --workspace --bins
 	$(CARGO) nextest run -p podid-e2e --profile ci
 
 fmt:

@@ -339,3 +339,99 @@ impl ArmClient {
         }
     }
 }
+
+/// The path of a workspace binary (`nmi`, `mic`) built next to the running test or demo
+/// (`target/<profile>/<name>`). `make test` and `make demo` build them first.
+pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the running executable")?;
+    // Tests run from target/<profile>/deps/, binaries from target/<profile>/.
+    let mut candidates = Vec::new();
+    if let Some(dir) = exe.parent() {
+        candidates.push(dir.join(name));
+        if let Some(up) = dir.parent() {
+            candidates.push(up.join(name));
+        }
+    }
+    candidates
+        .into_iter()
+        .find(|p| p.is_file())
+        .with_context(|| {
+            format!(
+                "the `{name}` binary is not built next to {}: run `cargo build --workspace --bins` (make test and make demo do)",
+                exe.display()
+            )
+        })
+}
+
+/// A child process killed (SIGKILL) and reaped when dropped, also when a test panics.
+#[derive(Debug)]
+pub struct ChildGuard {
+    child: Option<std::process::Child>,
+    name: String,
+}
+
+impl ChildGuard {
+    /// Spawns `command` with stdin closed; stdout and stderr are inherited so a failing test
+    /// shows the binary's log.
+    pub fn spawn(name: &str, mut command: std::process::Command) -> anyhow::Result<Self> {
+        let child = command
+            .stdin(Stdio::null())
+            .spawn()
+            .with_context(|| format!("spawning {name}"))?;
+        Ok(Self {
+            child: Some(child),
+            name: name.to_owned(),
+        })
+    }
+
+    /// The process id.
+    pub fn id(&self) -> Option<u32> {
+        self.child.as_ref().map(std::process::Child::id)
+    }
+
+    /// Fails if the process has exited (with its status).
+    pub fn check_running(&mut self) -> anyhow::Result<()> {
+        if let Some(child) = self.child.as_mut()
+            && let Some(status) = child.try_wait()?
+        {
+            bail!("{} exited early: {status}", self.name);
+        }
+        Ok(())
+    }
+
+    /// Sends SIGKILL and waits for the process.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Polls `condition` every 25 ms until it returns `Some`, or fails after `timeout` naming `what`.
+pub async fn wait_for<T, F, Fut>(
+    what: &str,
+    timeout: Duration,
+    mut condition: F,
+) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = condition().await {
+            return Ok(value);
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
