@@ -347,11 +347,20 @@ async fn token(cloud: &Cloud, faults: &Mutex<Faults>, req: &Req, tenant: &str, v
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }
-    let form = TokenForm {
+    let mut form = TokenForm {
         params: url::form_urlencoded::parse(&req.body)
             .map(|(k, v)| (k.into_owned(), v.into_owned()))
             .collect(),
     };
+    // client_secret_basic: credentials in `Authorization: Basic` (RFC 6749 §2.3.1).
+    if let Some((id, secret)) = req.header("authorization").and_then(basic_credentials) {
+        if form.get("client_id").is_none() {
+            form.params.push(("client_id".to_owned(), id));
+        }
+        if form.get("client_secret").is_none() {
+            form.params.push(("client_secret".to_owned(), secret));
+        }
+    }
     let mut call = EntraCall {
         version: if v2 { "v2" } else { "v1" },
         client_id: form.get("client_id").unwrap_or_default().to_owned(),
@@ -525,6 +534,25 @@ async fn grant(
             "access_token": token,
         })
     })
+}
+
+/// `(client_id, client_secret)` from an `Authorization: Basic` header (form-urlencoded parts).
+fn basic_credentials(header: &str) -> Option<(String, String)> {
+    use base64::Engine as _;
+    let b64 = header
+        .strip_prefix("Basic ")
+        .or_else(|| header.strip_prefix("basic "))?;
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .ok()?;
+    let text = String::from_utf8(raw).ok()?;
+    let (id, secret) = text.split_once(':')?;
+    let decode = |s: &str| {
+        url::form_urlencoded::parse(format!("v={s}").as_bytes())
+            .next()
+            .map(|(_, v)| v.into_owned())
+    };
+    Some((decode(id)?, decode(secret)?))
 }
 
 /// Claims of an assertion read before its signature is checked.

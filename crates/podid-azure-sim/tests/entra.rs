@@ -535,3 +535,36 @@ async fn unknown_resource_is_refused_after_authentication() {
     let (status, body) = post_form(&entra.token_url_v1(), &form).await;
     assert_eq!((status, aadsts(&body)), (401, 7_000_215), "{body}");
 }
+
+#[tokio::test]
+async fn client_secret_basic_authentication() {
+    use base64::Engine as _;
+    let cloud = Cloud::new().expect("cloud");
+    let sp = cloud.add_service_principal("app");
+    let secret = cloud.add_client_secret(&sp.client_id).expect("secret");
+    let entra = EntraHandle::start(&cloud).expect("entra");
+    let basic = |s: &str| {
+        let enc = |v: &str| url::form_urlencoded::byte_serialize(v.as_bytes()).collect::<String>();
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!(
+                "{}:{}",
+                enc(&sp.client_id),
+                enc(s)
+            ))
+        )
+    };
+    for (cred, want) in [(secret.as_str(), 200u16), ("wrong", 401)] {
+        let r = common::client()
+            .post(entra.token_url_v2())
+            .header("Authorization", basic(cred))
+            .form(&[
+                ("grant_type", "client_credentials"),
+                ("scope", "https://vault.azure.net/.default"),
+            ])
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status().as_u16(), want);
+    }
+}
