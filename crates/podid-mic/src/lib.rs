@@ -14,3 +14,4 @@
 
 pub mod cloud;
 pub mod config;
+pub mod desired;

@@ -1,0 +1,881 @@
+//! The desired `AzureAssignedIdentity` set and its difference from what exists (reference §3.5,
+//! §3.7, §3.8), as a pure function of the watched objects: [`compute`].
+//!
+//! What it decides, per sync pass:
+//! - which (pod, identity) pairs need an `AzureAssignedIdentity`: pods with a non-empty
+//!   `aadpodidbinding` label and a node, every binding whose `selector` equals that label, the
+//!   binding's identity in the binding's namespace, namespaced rules (`--forceNamespaced` or the
+//!   identity's `Behavior: namespaced` annotation: identity, binding and pod share a namespace);
+//! - the objects' names: upstream's `<pod>-<podNamespace>-<identity>`, except where that name
+//!   is taken by another desired object (a clash upstream resolves by dropping the later one) or
+//!   is longer than 253 characters (upstream fails to create it): then a hash suffix;
+//! - the diff against existing objects, matched by content (pod, pod namespace, identity), not by
+//!   name, so objects written by the Go MIC are adopted rather than duplicated;
+//! - per VM or VM scale set: the user-assigned identity resource ids its nodes need, and the ids
+//!   that may leave it (no desired assignment on ANY node of that VM/VMSS needs them, and their
+//!   client id is not immutable).
+//!
+//! Exceptions (`AzurePodIdentityException`) do not change MIC's work: an excepted pod's token
+//! requests go straight to the node's IMDS, which can only serve identities that are on the
+//! node, so its assignments are kept as upstream keeps them.
+//!
+//! Cost: indexes built once per pass (bindings by selector, identities by namespace and name,
+//! existing objects by content and by name); work is linear in pods + bindings + identities +
+//! existing objects + the size of the result.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::fmt;
+
+use k8s_openapi::api::core::v1::{Node, Pod};
+use podid_api::{
+    AssignedIdentityState, AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding,
+    NODE_NAME_LABEL, POD_LABEL_KEY, assigned_identity_name, assigned_identity_namespace,
+};
+use sha2::{Digest, Sha256};
+
+/// Longest object name the API server accepts (a DNS subdomain).
+pub const MAX_NAME_LEN: usize = 253;
+
+/// The watched objects one pass works on.
+#[derive(Debug, Clone, Copy)]
+pub struct Inputs<'a> {
+    /// All pods (any namespace, any phase; unlabelled ones are skipped).
+    pub pods: &'a [Pod],
+    /// All nodes (their `spec.providerID` says which VM or VM scale set they are).
+    pub nodes: &'a [Node],
+    /// All AzureIdentities.
+    pub identities: &'a [AzureIdentity],
+    /// All AzureIdentityBindings.
+    pub bindings: &'a [AzureIdentityBinding],
+    /// All existing AzureAssignedIdentities (any namespace, any writer).
+    pub existing: &'a [AzureAssignedIdentity],
+}
+
+/// Switches of one pass.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Options {
+    /// `--forceNamespaced` / `FORCENAMESPACED=true`.
+    pub force_namespaced: bool,
+    /// Drop the assignments of Succeeded and Failed pods (podid default; upstream keeps them
+    /// until the pod is deleted).
+    pub release_finished_pods: bool,
+    /// Client ids never removed from a VM/VMSS, lower-cased (`--immutable-user-msis` plus the
+    /// cluster identity).
+    pub immutable_client_ids: BTreeSet<String>,
+}
+
+/// A VM or VM scale set whose identity list MIC manages.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ArmTarget {
+    /// A standalone VM; upstream uses the Kubernetes node name as the VM name.
+    Vm(String),
+    /// A VM scale set, by name, shared by all its nodes.
+    Vmss(String),
+}
+
+impl ArmTarget {
+    /// The VM or VMSS name.
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Vm(name) | Self::Vmss(name) => name,
+        }
+    }
+
+    /// `true` for a VM scale set.
+    pub fn is_vmss(&self) -> bool {
+        matches!(self, Self::Vmss(_))
+    }
+
+    /// The target of a node: its providerID names a VM scale set, or else the VM named like the
+    /// node (upstream ignores the resource group and VM name of the providerID).
+    pub fn of_node(node_name: &str, provider_id: Option<&str>) -> (Self, bool) {
+        match provider_id.and_then(parse_provider_id) {
+            Some(Some(vmss)) => (Self::Vmss(vmss.to_owned()), true),
+            Some(None) => (Self::Vm(node_name.to_owned()), true),
+            None => (Self::Vm(node_name.to_owned()), false),
+        }
+    }
+}
+
+impl fmt::Display for ArmTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Vm(name) => write!(f, "vm {name}"),
+            Self::Vmss(name) => write!(f, "vmss {name}"),
+        }
+    }
+}
+
+/// Parses `azure:///subscriptions/<s>/resourceGroups/<rg>/providers/Microsoft.Compute/<type>/<name>[/…]`.
+/// `Some(Some(vmss))` for a scale-set instance, `Some(None)` for a VM, `None` when unparsable.
+fn parse_provider_id(provider_id: &str) -> Option<Option<&str>> {
+    let path = provider_id.strip_prefix("azure://").unwrap_or(provider_id);
+    let mut segments = path.split('/').filter(|s| !s.is_empty());
+    if !segments
+        .next()
+        .is_some_and(|s| s.eq_ignore_ascii_case("subscriptions"))
+    {
+        return None;
+    }
+    let mut segments = segments.skip_while(|s| !s.eq_ignore_ascii_case("providers"));
+    segments.next()?;
+    let _provider = segments.next()?;
+    let kind = segments.next()?;
+    let name = segments.next()?;
+    if kind.eq_ignore_ascii_case("virtualMachineScaleSets") {
+        Some(Some(name))
+    } else {
+        Some(None)
+    }
+}
+
+/// Something a pass skipped or changed; `Display` gives upstream's log line where upstream has
+/// one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Warning {
+    /// A type-0 identity whose `resourceID` does not have the ARM shape; it is ignored.
+    InvalidResourceId {
+        /// Identity namespace.
+        namespace: String,
+        /// Identity name.
+        name: String,
+        /// The rejected id.
+        resource_id: String,
+    },
+    /// A binding names an identity that does not exist (or was ignored) in its namespace.
+    IdentityNotFound {
+        /// The identity name the binding asks for.
+        identity: String,
+        /// Binding namespace.
+        binding_namespace: String,
+        /// Binding name.
+        binding: String,
+    },
+    /// Two bindings give the same pod the same identity; the first (by binding namespace and
+    /// name) is used.
+    DuplicateBinding {
+        /// Pod namespace.
+        pod_namespace: String,
+        /// Pod name.
+        pod: String,
+        /// The binding kept, `namespace/name`.
+        kept: String,
+        /// The binding ignored, `namespace/name`.
+        ignored: String,
+    },
+    /// Upstream's name was taken or too long; podid used a hashed one.
+    Renamed {
+        /// Upstream's name.
+        upstream: String,
+        /// The name used.
+        name: String,
+        /// `true`: longer than 253; `false`: clash.
+        too_long: bool,
+    },
+    /// The name is held by an object being deleted; the assignment waits for the next pass.
+    Deferred {
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+    },
+    /// A node's providerID is not an Azure one; it is treated as the VM named like the node.
+    UnparsableProviderId {
+        /// Node name.
+        node: String,
+        /// The providerID, possibly empty.
+        provider_id: String,
+    },
+}
+
+impl fmt::Display for Warning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::InvalidResourceId {
+                namespace,
+                name,
+                resource_id,
+            } => write!(
+                f,
+                "ignoring azure identity {namespace}/{name}, error: invalid resource id: {resource_id:?}, must match /subscriptions/<subid>/resourcegroups/<resourcegroup>/providers/Microsoft.ManagedIdentity/userAssignedIdentities/<name>"
+            ),
+            Self::IdentityNotFound {
+                identity,
+                binding_namespace,
+                binding,
+            } => write!(
+                f,
+                "{identity} identity not found when using {binding_namespace}/{binding} binding"
+            ),
+            Self::DuplicateBinding {
+                pod_namespace,
+                pod,
+                kept,
+                ignored,
+            } => write!(
+                f,
+                "pod {pod_namespace}/{pod} gets the same identity through bindings {kept} and {ignored}; using {kept}"
+            ),
+            Self::Renamed {
+                upstream,
+                name,
+                too_long,
+            } => {
+                let why = if *too_long {
+                    "is longer than 253 characters"
+                } else {
+                    "is already used by another assignment"
+                };
+                write!(
+                    f,
+                    "AzureAssignedIdentity name {upstream} {why}; using {name}"
+                )
+            }
+            Self::Deferred { namespace, name } => write!(
+                f,
+                "AzureAssignedIdentity {namespace}/{name} is being deleted; its replacement waits for the next pass"
+            ),
+            Self::UnparsableProviderId { node, provider_id } => write!(
+                f,
+                "node {node} has providerID {provider_id:?}, not an Azure VM or VMSS; assuming the VM named {node}"
+            ),
+        }
+    }
+}
+
+/// An existing object that stays, with a new spec.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Update<'a> {
+    /// The object as it is.
+    pub existing: &'a AzureAssignedIdentity,
+    /// The object to PUT: the existing metadata (uid, resourceVersion, finalizers) with new
+    /// labels, spec and status.
+    pub desired: AzureAssignedIdentity,
+    /// The identity must be (re)confirmed on the node's VM/VMSS: the new status is `Created`.
+    /// `false` when only the embedded copies changed (the state is kept).
+    pub reassign: bool,
+}
+
+/// An existing object to delete.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Deletion<'a> {
+    /// The object.
+    pub object: &'a AzureAssignedIdentity,
+    /// `Some`: remove this (lower-cased) resource id from this VM/VMSS first, then patch
+    /// `Unassigned` and delete. `None`: delete at once (not `Assigned`, not type 0, immutable,
+    /// still needed on that VM/VMSS, or its node is gone).
+    pub release: Option<(ArmTarget, String)>,
+}
+
+/// The identity work of one VM or VM scale set.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TargetPlan {
+    /// Nodes of this VM/VMSS that have pods with assignments or are losing some.
+    pub nodes: BTreeSet<String>,
+    /// Lower-cased resource ids the desired assignments on these nodes need.
+    pub required: BTreeSet<String>,
+    /// Lower-cased resource ids to remove (if present): held by removed `Assigned`
+    /// assignments, needed by no desired one on ANY node of this target, not immutable.
+    pub release: BTreeSet<String>,
+    /// Names of type-0 assignments on this target whose state will be `Created` and that turn
+    /// `Assigned` once `required` is confirmed on the VM/VMSS.
+    pub confirm: Vec<String>,
+}
+
+/// Counts of one pass (upstream logs `Found <n> pods, <n> ids, <n> bindings`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Pods with an `aadpodidbinding` label and a node that were considered.
+    pub pods: usize,
+    /// Identities that are usable.
+    pub identities: usize,
+    /// Bindings.
+    pub bindings: usize,
+    /// Desired assignments.
+    pub desired: usize,
+}
+
+/// The outcome of one pass.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Plan<'a> {
+    /// Objects to POST (state `Created`).
+    pub create: Vec<AzureAssignedIdentity>,
+    /// Objects to PUT.
+    pub update: Vec<Update<'a>>,
+    /// Existing objects that are desired as they are.
+    pub unchanged: Vec<&'a AzureAssignedIdentity>,
+    /// Existing objects that are not desired.
+    pub delete: Vec<Deletion<'a>>,
+    /// Work per VM/VMSS.
+    pub targets: BTreeMap<ArmTarget, TargetPlan>,
+    /// Names of assignments of other identity types in state `Created`: no ARM work, patch
+    /// `Assigned` right away.
+    pub assign_without_arm: Vec<String>,
+    /// Nodes named by desired assignments that are not in the node list.
+    pub missing_nodes: BTreeSet<String>,
+    /// What was skipped or renamed.
+    pub warnings: Vec<Warning>,
+    /// Counts.
+    pub stats: Stats,
+}
+
+impl Plan<'_> {
+    /// `true` when nothing has to be written to the API server.
+    pub fn is_noop(&self) -> bool {
+        self.create.is_empty() && self.update.is_empty() && self.delete.is_empty()
+    }
+}
+
+/// `true` when `id` has the shape upstream requires of a type-0 `resourceID`: it contains
+/// (case-insensitively, anywhere) `/subscriptions/<x>/resourcegroups/<y>/providers/
+/// Microsoft.ManagedIdentity/userAssignedIdentities/<z>` with non-empty parts on one line.
+pub fn is_valid_resource_id(id: &str) -> bool {
+    const SUB: &str = "/subscriptions/";
+    const RG: &str = "/resourcegroups/";
+    const PROVIDER: &str = "/providers/microsoft.managedidentity/userassignedidentities/";
+    id.split('\n').any(|line| {
+        let lower = line.to_ascii_lowercase();
+        let Some(s) = lower.find(SUB) else {
+            return false;
+        };
+        let after_sub = s + SUB.len() + 1;
+        let Some(r) = lower.get(after_sub..).and_then(|t| t.find(RG)) else {
+            return false;
+        };
+        let after_rg = after_sub + r + RG.len() + 1;
+        let Some(p) = lower.get(after_rg..).and_then(|t| t.find(PROVIDER)) else {
+            return false;
+        };
+        lower.len() > after_rg + p + PROVIDER.len()
+    })
+}
+
+/// What identifies an assignment regardless of its name.
+type ContentKey<'a> = (&'a str, &'a str, &'a str, &'a str);
+
+struct Candidate<'a> {
+    pod_namespace: &'a str,
+    pod: &'a str,
+    node: &'a str,
+    binding: &'a AzureIdentityBinding,
+    identity: &'a AzureIdentity,
+    namespace: String,
+    upstream_name: String,
+}
+
+impl<'a> Candidate<'a> {
+    fn key(&self) -> ContentKey<'a> {
+        (
+            self.pod_namespace,
+            self.pod,
+            meta_str(self.identity.metadata.namespace.as_deref()),
+            meta_str(self.identity.metadata.name.as_deref()),
+        )
+    }
+
+    fn build(&self, name: &str) -> AzureAssignedIdentity {
+        let mut object = AzureAssignedIdentity::for_pod(
+            &self.namespace,
+            self.pod,
+            self.pod_namespace,
+            self.node,
+            self.identity.clone(),
+            self.binding.clone(),
+        );
+        object.metadata.name = Some(name.to_owned());
+        object
+    }
+}
+
+fn meta_str(s: Option<&str>) -> &str {
+    s.unwrap_or_default()
+}
+
+fn existing_key(object: &AzureAssignedIdentity) -> Option<ContentKey<'_>> {
+    let spec = &object.spec;
+    let identity = spec.azure_identity_ref.as_deref()?;
+    Some((
+        spec.pod_namespace.as_deref().filter(|s| !s.is_empty())?,
+        spec.pod.as_deref().filter(|s| !s.is_empty())?,
+        meta_str(identity.metadata.namespace.as_deref()),
+        identity
+            .metadata
+            .name
+            .as_deref()
+            .filter(|s| !s.is_empty())?,
+    ))
+}
+
+fn is_terminating(object: &AzureAssignedIdentity) -> bool {
+    object.metadata.deletion_timestamp.is_some()
+}
+
+fn lower_resource_id(identity: &AzureIdentity) -> Option<String> {
+    identity
+        .spec
+        .resource_id
+        .as_deref()
+        .filter(|id| !id.is_empty())
+        .map(str::to_ascii_lowercase)
+}
+
+fn is_type0(identity: Option<&AzureIdentity>) -> bool {
+    identity.is_some_and(|i| i.identity_type().is_user_assigned_msi())
+}
+
+/// A name for `upstream` that is ≤ 253 characters and differs from every name in `taken`:
+/// upstream's name cut to fit, then `-` and a hash of the assignment's content.
+fn hashed_name(upstream: &str, key: ContentKey<'_>, taken: &HashSet<String>) -> String {
+    let mut hasher = Sha256::new();
+    for part in [key.0, key.1, key.2, key.3] {
+        hasher.update(part.as_bytes());
+        hasher.update([0u8]);
+    }
+    let hex: String = hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let mut fallback = String::new();
+    for len in [10, 16, 32, 64] {
+        let suffix = &hex[..len];
+        let keep = MAX_NAME_LEN - len - 1;
+        let mut cut = upstream.len().min(keep);
+        while !upstream.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let prefix = upstream[..cut].trim_end_matches(['-', '.']);
+        let name = if prefix.is_empty() {
+            suffix.to_owned()
+        } else {
+            format!("{prefix}-{suffix}")
+        };
+        if !taken.contains(&name) {
+            return name;
+        }
+        fallback = name;
+    }
+    // 256 bits of hash collide only for the same content, which is deduplicated before.
+    fallback
+}
+
+/// One pass: the desired set, its diff against `inputs.existing`, and the per-VM/VMSS work.
+pub fn compute<'a>(inputs: &Inputs<'a>, options: &Options) -> Plan<'a> {
+    let mut plan = Plan::default();
+
+    // Nodes → VM/VMSS.
+    let mut node_targets: HashMap<&str, ArmTarget> = HashMap::with_capacity(inputs.nodes.len());
+    for node in inputs.nodes {
+        let Some(name) = node.metadata.name.as_deref() else {
+            continue;
+        };
+        let provider_id = node.spec.as_ref().and_then(|s| s.provider_id.as_deref());
+        let (target, parsed) = ArmTarget::of_node(name, provider_id);
+        if !parsed {
+            plan.warnings.push(Warning::UnparsableProviderId {
+                node: name.to_owned(),
+                provider_id: provider_id.unwrap_or_default().to_owned(),
+            });
+        }
+        node_targets.insert(name, target);
+    }
+
+    // Usable identities by (namespace, name).
+    let mut identities: HashMap<(&str, &str), &AzureIdentity> =
+        HashMap::with_capacity(inputs.identities.len());
+    for identity in inputs.identities {
+        let namespace = meta_str(identity.metadata.namespace.as_deref());
+        let name = meta_str(identity.metadata.name.as_deref());
+        if identity.identity_type().is_user_assigned_msi() {
+            let resource_id = identity.spec.resource_id.as_deref().unwrap_or_default();
+            if !is_valid_resource_id(resource_id) {
+                plan.warnings.push(Warning::InvalidResourceId {
+                    namespace: namespace.to_owned(),
+                    name: name.to_owned(),
+                    resource_id: resource_id.to_owned(),
+                });
+                continue;
+            }
+        }
+        identities.insert((namespace, name), identity);
+    }
+    plan.stats.identities = identities.len();
+    plan.stats.bindings = inputs.bindings.len();
+
+    // Bindings, in (namespace, name) order, resolved to their identity once. Non-namespaced
+    // pairs apply to pods of any namespace (by selector); namespaced ones only to pods of the
+    // binding's namespace (by namespace and selector). Missing identities are remembered and
+    // reported when a pod hits them, as upstream does.
+    let mut bindings: Vec<&AzureIdentityBinding> = inputs.bindings.iter().collect();
+    bindings.sort_by(|a, b| {
+        (a.metadata.namespace.as_deref(), a.metadata.name.as_deref())
+            .cmp(&(b.metadata.namespace.as_deref(), b.metadata.name.as_deref()))
+    });
+    type Pair<'a> = (&'a AzureIdentityBinding, Option<&'a AzureIdentity>);
+    let mut global: HashMap<&str, Vec<Pair<'a>>> = HashMap::new();
+    let mut local: HashMap<(&str, &str), Vec<Pair<'a>>> = HashMap::new();
+    for binding in bindings {
+        let Some(selector) = binding.spec.selector.as_deref().filter(|s| !s.is_empty()) else {
+            continue;
+        };
+        let namespace = meta_str(binding.metadata.namespace.as_deref());
+        let identity_name = binding.spec.azure_identity.as_deref().unwrap_or_default();
+        let identity = identities.get(&(namespace, identity_name)).copied();
+        let namespaced = options.force_namespaced || identity.is_some_and(|i| i.is_namespaced());
+        if namespaced {
+            local
+                .entry((namespace, selector))
+                .or_default()
+                .push((binding, identity));
+        } else {
+            global
+                .entry(selector)
+                .or_default()
+                .push((binding, identity));
+        }
+    }
+
+    // Candidates, pods in (namespace, name) order so "first" is stable.
+    let mut pods: Vec<(&str, &str, &str, &str)> = Vec::new();
+    for pod in inputs.pods {
+        let Some(label) = pod
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(POD_LABEL_KEY))
+            .filter(|v| !v.is_empty())
+        else {
+            continue;
+        };
+        let Some(node) = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.as_deref())
+            .filter(|n| !n.is_empty())
+        else {
+            continue;
+        };
+        if options.release_finished_pods {
+            let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+            if matches!(phase, Some("Succeeded" | "Failed")) {
+                continue;
+            }
+        }
+        pods.push((
+            meta_str(pod.metadata.namespace.as_deref()),
+            meta_str(pod.metadata.name.as_deref()),
+            node,
+            label,
+        ));
+    }
+    pods.sort_unstable();
+    plan.stats.pods = pods.len();
+
+    let mut candidates: Vec<Candidate<'a>> = Vec::new();
+    let mut seen: HashMap<ContentKey<'a>, usize> = HashMap::new();
+    let mut warned_missing: HashSet<(&str, &str)> = HashSet::new();
+    let empty: Vec<Pair<'a>> = Vec::new();
+    for &(pod_namespace, pod, node, label) in &pods {
+        let g = global.get(label).unwrap_or(&empty);
+        let l = local.get(&(pod_namespace, label)).unwrap_or(&empty);
+        // Merge the two (namespace, name)-sorted lists.
+        let (mut i, mut j) = (0, 0);
+        while i < g.len() || j < l.len() {
+            let take_global = match (g.get(i), l.get(j)) {
+                (Some(a), Some(b)) => {
+                    (
+                        a.0.metadata.namespace.as_deref(),
+                        a.0.metadata.name.as_deref(),
+                    ) <= (
+                        b.0.metadata.namespace.as_deref(),
+                        b.0.metadata.name.as_deref(),
+                    )
+                }
+                (Some(_), None) => true,
+                _ => false,
+            };
+            let (binding, identity) = if take_global {
+                i += 1;
+                g[i - 1]
+            } else {
+                j += 1;
+                l[j - 1]
+            };
+            let binding_namespace = meta_str(binding.metadata.namespace.as_deref());
+            let binding_name = meta_str(binding.metadata.name.as_deref());
+            let Some(identity) = identity else {
+                if warned_missing.insert((binding_namespace, binding_name)) {
+                    plan.warnings.push(Warning::IdentityNotFound {
+                        identity: binding.spec.azure_identity.clone().unwrap_or_default(),
+                        binding_namespace: binding_namespace.to_owned(),
+                        binding: binding_name.to_owned(),
+                    });
+                }
+                continue;
+            };
+            let identity_name = meta_str(identity.metadata.name.as_deref());
+            let candidate = Candidate {
+                pod_namespace,
+                pod,
+                node,
+                binding,
+                identity,
+                namespace: assigned_identity_namespace(identity, options.force_namespaced),
+                upstream_name: assigned_identity_name(pod, pod_namespace, identity_name),
+            };
+            let key = candidate.key();
+            if let Some(&first) = seen.get(&key) {
+                let kept: &Candidate<'_> = &candidates[first];
+                plan.warnings.push(Warning::DuplicateBinding {
+                    pod_namespace: pod_namespace.to_owned(),
+                    pod: pod.to_owned(),
+                    kept: format!(
+                        "{}/{}",
+                        meta_str(kept.binding.metadata.namespace.as_deref()),
+                        meta_str(kept.binding.metadata.name.as_deref())
+                    ),
+                    ignored: format!("{binding_namespace}/{binding_name}"),
+                });
+                continue;
+            }
+            seen.insert(key, candidates.len());
+            candidates.push(candidate);
+        }
+    }
+    plan.stats.desired = candidates.len();
+
+    // Existing objects by content and by (namespace, name).
+    let mut by_key: HashMap<ContentKey<'a>, Vec<usize>> = HashMap::new();
+    let mut by_name: HashMap<(&str, &str), usize> = HashMap::new();
+    for (index, object) in inputs.existing.iter().enumerate() {
+        if let Some(key) = existing_key(object) {
+            by_key.entry(key).or_default().push(index);
+        }
+        by_name.insert(
+            (
+                meta_str(object.metadata.namespace.as_deref()),
+                meta_str(object.metadata.name.as_deref()),
+            ),
+            index,
+        );
+    }
+    let mut claimed = vec![false; inputs.existing.len()];
+    let mut taken: HashSet<String> = HashSet::with_capacity(candidates.len());
+
+    // Pass 1: adopt existing objects with the same content (whoever wrote them, whatever their
+    // name), keeping their names.
+    let mut matched: Vec<Option<usize>> = vec![None; candidates.len()];
+    for (c, candidate) in candidates.iter().enumerate() {
+        let Some(indexes) = by_key.get(&candidate.key()) else {
+            continue;
+        };
+        let best = indexes
+            .iter()
+            .copied()
+            .filter(|&e| {
+                let object = &inputs.existing[e];
+                !claimed[e]
+                    && !is_terminating(object)
+                    && meta_str(object.metadata.namespace.as_deref()) == candidate.namespace
+            })
+            .min_by_key(|&e| {
+                let name = meta_str(inputs.existing[e].metadata.name.as_deref());
+                (name != candidate.upstream_name, name)
+            });
+        if let Some(e) = best {
+            let name = meta_str(inputs.existing[e].metadata.name.as_deref());
+            if taken.insert(name.to_owned()) {
+                claimed[e] = true;
+                matched[c] = Some(e);
+            }
+        }
+    }
+
+    // Pass 2: name the others; upstream's name when free, else a hashed one. An unclaimed
+    // existing object holding the name in the same namespace is updated in place (upstream's
+    // "names in both lists").
+    let mut named: Vec<Option<String>> = vec![None; candidates.len()];
+    for (c, candidate) in candidates.iter().enumerate() {
+        if matched[c].is_some() {
+            continue;
+        }
+        let upstream = candidate.upstream_name.as_str();
+        let too_long = upstream.len() > MAX_NAME_LEN;
+        if !too_long && !taken.contains(upstream) {
+            if let Some(&e) = by_name.get(&(candidate.namespace.as_str(), upstream))
+                && !claimed[e]
+            {
+                claimed[e] = true;
+                taken.insert(upstream.to_owned());
+                if is_terminating(&inputs.existing[e]) {
+                    plan.warnings.push(Warning::Deferred {
+                        namespace: candidate.namespace.clone(),
+                        name: upstream.to_owned(),
+                    });
+                    claimed[e] = false;
+                    continue;
+                }
+                matched[c] = Some(e);
+                continue;
+            }
+            taken.insert(upstream.to_owned());
+            named[c] = Some(upstream.to_owned());
+            continue;
+        }
+        let name = hashed_name(upstream, candidate.key(), &taken);
+        plan.warnings.push(Warning::Renamed {
+            upstream: upstream.to_owned(),
+            name: name.clone(),
+            too_long,
+        });
+        taken.insert(name.clone());
+        named[c] = Some(name);
+    }
+
+    // Outcome per candidate; per-target needs.
+    let mut reassigned: Vec<&'a AzureAssignedIdentity> = Vec::new();
+    for (c, candidate) in candidates.iter().enumerate() {
+        let (name, pending) = if let Some(e) = matched[c] {
+            let existing = &inputs.existing[e];
+            let name = meta_str(existing.metadata.name.as_deref()).to_owned();
+            match classify(existing, candidate) {
+                None => {
+                    plan.unchanged.push(existing);
+                    (name, existing.state() == AssignedIdentityState::Created)
+                }
+                Some(reassign) => {
+                    plan.update
+                        .push(update_of(existing, candidate, &name, reassign));
+                    if reassign {
+                        reassigned.push(existing);
+                    }
+                    (name, reassign)
+                }
+            }
+        } else if let Some(name) = named[c].take() {
+            plan.create.push(candidate.build(&name));
+            (name, true)
+        } else {
+            continue; // deferred
+        };
+        if !is_type0(Some(candidate.identity)) {
+            if pending {
+                plan.assign_without_arm.push(name);
+            }
+            continue;
+        }
+        let Some(target) = node_targets.get(candidate.node) else {
+            plan.missing_nodes.insert(candidate.node.to_owned());
+            continue;
+        };
+        let entry = plan.targets.entry(target.clone()).or_default();
+        entry.nodes.insert(candidate.node.to_owned());
+        if let Some(id) = lower_resource_id(candidate.identity) {
+            entry.required.insert(id);
+        }
+        if pending {
+            entry.confirm.push(name);
+        }
+    }
+
+    // Removals: deleted objects and the old versions of reassigned ones. An id leaves a
+    // VM/VMSS only when the old object was Assigned (or legacy), is type 0, its client id is
+    // not immutable, and no desired assignment on any node of that target needs it.
+    let release = |object: &AzureAssignedIdentity, plan: &mut Plan<'a>| {
+        let identity = object.spec.azure_identity_ref.as_deref()?;
+        if !object.state().is_assigned_or_legacy() || !is_type0(Some(identity)) {
+            return None;
+        }
+        let id = lower_resource_id(identity)?;
+        let client_id = identity
+            .spec
+            .client_id
+            .as_deref()
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        if options.immutable_client_ids.contains(&client_id) {
+            return None;
+        }
+        let node = object.node_name()?;
+        let target = node_targets.get(node)?;
+        let entry = plan.targets.entry(target.clone()).or_default();
+        if entry.required.contains(&id) {
+            return None;
+        }
+        entry.nodes.insert(node.to_owned());
+        entry.release.insert(id.clone());
+        Some((target.clone(), id))
+    };
+    for object in reassigned {
+        let _ = release(object, &mut plan);
+    }
+    for (e, object) in inputs.existing.iter().enumerate() {
+        if claimed[e] {
+            continue;
+        }
+        let release = release(object, &mut plan);
+        plan.delete.push(Deletion { object, release });
+    }
+    plan
+}
+
+/// `None`: the existing object is what is desired. `Some(reassign)`: it must be rewritten;
+/// `reassign` when the identity must be confirmed on the VM/VMSS again (other node, other
+/// identity resource or type, or a state other than `Assigned`/legacy).
+fn classify(existing: &AzureAssignedIdentity, candidate: &Candidate<'_>) -> Option<bool> {
+    let spec = &existing.spec;
+    let same_node = spec.node_name.as_deref() == Some(candidate.node)
+        && existing
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(NODE_NAME_LABEL))
+            .map(String::as_str)
+            == Some(candidate.node);
+    let same_binding = spec.azure_binding_ref.as_deref().is_some_and(|b| {
+        b.metadata.namespace == candidate.binding.metadata.namespace
+            && b.metadata.name == candidate.binding.metadata.name
+            && b.metadata.resource_version == candidate.binding.metadata.resource_version
+    });
+    let old_identity = spec.azure_identity_ref.as_deref();
+    let same_identity = old_identity.is_some_and(|i| {
+        i.metadata.resource_version == candidate.identity.metadata.resource_version
+    });
+    let state_ok = existing.state().is_assigned_or_legacy();
+    let state_created = existing.state() == AssignedIdentityState::Created;
+    if same_node && same_binding && same_identity && (state_ok || state_created) {
+        return None;
+    }
+    let same_resource = old_identity.is_some_and(|i| {
+        i.identity_type() == candidate.identity.identity_type()
+            && lower_resource_id(i) == lower_resource_id(candidate.identity)
+    });
+    Some(!(same_node && same_resource && state_ok))
+}
+
+fn update_of<'a>(
+    existing: &'a AzureAssignedIdentity,
+    candidate: &Candidate<'_>,
+    name: &str,
+    reassign: bool,
+) -> Update<'a> {
+    let mut desired = candidate.build(name);
+    let mut metadata = existing.metadata.clone();
+    metadata.labels = desired.metadata.labels.take();
+    let finalizers = metadata.finalizers.get_or_insert_with(Vec::new);
+    if !finalizers
+        .iter()
+        .any(|f| f == podid_api::ASSIGNED_IDENTITY_FINALIZER)
+    {
+        finalizers.push(podid_api::ASSIGNED_IDENTITY_FINALIZER.to_owned());
+    }
+    desired.metadata = metadata;
+    if !reassign {
+        desired.status = existing.status.clone();
+    }
+    Update {
+        existing,
+        desired,
+        reassign,
+    }
+}
