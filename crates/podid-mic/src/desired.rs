@@ -841,16 +841,17 @@ fn classify(existing: &AzureAssignedIdentity, candidate: &Candidate<'_>) -> Opti
     let same_identity = old_identity.is_some_and(|i| {
         i.metadata.resource_version == candidate.identity.metadata.resource_version
     });
+    let same_content = existing_key(existing) == Some(candidate.key());
     let state_ok = existing.state().is_assigned_or_legacy();
     let state_created = existing.state() == AssignedIdentityState::Created;
-    if same_node && same_binding && same_identity && (state_ok || state_created) {
+    if same_content && same_node && same_binding && same_identity && (state_ok || state_created) {
         return None;
     }
     let same_resource = old_identity.is_some_and(|i| {
         i.identity_type() == candidate.identity.identity_type()
             && lower_resource_id(i) == lower_resource_id(candidate.identity)
     });
-    Some(!(same_node && same_resource && state_ok))
+    Some(!(same_content && same_node && same_resource && state_ok))
 }
 
 fn update_of<'a>(

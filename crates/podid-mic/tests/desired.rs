@@ -926,3 +926,23 @@ fn benchmark_sized_world_is_consistent() {
     assert_eq!(second.unchanged.len(), expected);
     eprintln!("first pass over the benchmark world: {elapsed:?}");
 }
+
+#[test]
+fn a_name_held_by_other_content_is_rewritten_and_reassigned() {
+    let mut world = reference_world();
+    let first = world.plan(&options());
+    let mut other = assigned(&first).remove(0);
+    // Same name and resourceVersions, but written for another pod (upstream's name clash).
+    other.spec.pod = Some("web".to_owned());
+    other.spec.pod_namespace = Some("1-app".to_owned());
+    world.existing = vec![other];
+    let plan = world.plan(&options());
+    assert!(plan.unchanged.is_empty());
+    assert_eq!(plan.update.len(), 1);
+    assert!(plan.update[0].reassign);
+    assert_eq!(plan.update[0].desired.spec.pod.as_deref(), Some("web-1"));
+    assert_eq!(
+        plan.update[0].desired.state(),
+        AssignedIdentityState::Created
+    );
+}
