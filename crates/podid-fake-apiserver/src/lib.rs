@@ -11,6 +11,7 @@
 //! Test-only: it must not be a dependency of shipped crates, and it must not depend on product
 //! crates (nor on kube: it speaks the wire protocol, so a bug in kube's types cannot hide here).
 
+pub mod cli;
 pub mod kinds;
 pub mod meta;
 pub mod selector;
