@@ -797,3 +797,128 @@ fn start_watch(
     );
     Ok(r)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kinds;
+    use std::sync::Arc;
+
+    fn store() -> Store {
+        Store::new(kinds::builtin(), 10)
+    }
+
+    fn res(store: &Store, path: &str) -> ResourcePath {
+        match route(store, path) {
+            Some(Route::Resource(p)) => p,
+            other => panic!("{path}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn routes_namespaced_cluster_and_all_namespace_paths() {
+        let s = store();
+        let pods = s.find("", "v1", "pods").expect("pods");
+        let nss = s.find("", "v1", "namespaces").expect("namespaces");
+        let p = res(&s, "/api/v1/namespaces/app/pods/web-1/status");
+        assert_eq!(
+            (p.kind, p.namespace.as_str(), p.has_namespace),
+            (pods, "app", true)
+        );
+        assert_eq!(
+            (p.name.as_deref(), p.sub.as_deref()),
+            (Some("web-1"), Some("status"))
+        );
+        let p = res(&s, "/api/v1/pods");
+        assert_eq!((p.kind, p.has_namespace, p.name), (pods, false, None));
+        // A namespace called like a resource is still a namespace.
+        let p = res(&s, "/api/v1/namespaces/pods");
+        assert_eq!((p.kind, p.name.as_deref()), (nss, Some("pods")));
+        let p = res(&s, "/api/v1/watch/namespaces/app/pods");
+        assert!(p.watch_prefix && p.has_namespace);
+        let p = res(
+            &s,
+            "/apis/aadpodidentity.k8s.io/v1/namespaces/default/azureidentitybindings/b",
+        );
+        assert_eq!(s.kinds()[p.kind].kind, "AzureIdentityBinding");
+        // A namespaced object needs its namespace in the path.
+        assert_eq!(route(&s, "/api/v1/pods/web-1"), None);
+        assert_eq!(route(&s, "/apis/nope/v1/things"), None);
+        assert_eq!(route(&s, "/api/v1/namespaces/a/pods/b/c/d"), None);
+        assert_eq!(route(&s, "/version"), Some(Route::Version));
+        assert_eq!(route(&s, "/openid/v1/jwks"), Some(Route::Jwks));
+    }
+
+    #[test]
+    fn verbs_follow_method_and_watch_parameter() {
+        let s = store();
+        let q = |w: &str| parse_query(Some(w));
+        let r = route(&s, "/api/v1/pods");
+        assert_eq!(verb(&Method::GET, r.as_ref(), &q("")), "list");
+        assert_eq!(verb(&Method::GET, r.as_ref(), &q("watch=true")), "watch");
+        assert_eq!(verb(&Method::GET, r.as_ref(), &q("watch=1")), "watch");
+        assert_eq!(verb(&Method::GET, r.as_ref(), &q("watch=false")), "list");
+        assert_eq!(
+            verb(&Method::DELETE, r.as_ref(), &q("")),
+            "deletecollection"
+        );
+        let r = route(&s, "/api/v1/namespaces/a/pods/p");
+        assert_eq!(verb(&Method::PATCH, r.as_ref(), &q("")), "patch");
+        assert_eq!(
+            verb(&Method::GET, route(&s, "/version").as_ref(), &q("")),
+            "get"
+        );
+    }
+
+    #[test]
+    fn watch_events_follow_selector_transitions() {
+        let filter = Filter {
+            namespace: None,
+            labels: LabelSelector::default(),
+            fields: FieldSelector::parse("spec.nodeName=n1").expect("selector"),
+        };
+        let on = |n: &str| json!({"metadata": {"name": "p"}, "spec": {"nodeName": n}});
+        let change = |op, old: Option<Value>, new: Value| Change {
+            rv: 1,
+            kind: 0,
+            namespace: "a".into(),
+            op,
+            old,
+            new,
+        };
+        let ty = |c: Change| watch_event(&Arc::new(c), &filter).map(|e| e["type"].clone());
+        assert_eq!(ty(change(Op::Added, None, on("n1"))), Some(json!("ADDED")));
+        assert_eq!(ty(change(Op::Added, None, on("n2"))), None);
+        assert_eq!(
+            ty(change(Op::Modified, Some(on("n2")), on("n1"))),
+            Some(json!("ADDED"))
+        );
+        assert_eq!(
+            ty(change(Op::Modified, Some(on("n1")), on("n1"))),
+            Some(json!("MODIFIED"))
+        );
+        assert_eq!(
+            ty(change(Op::Modified, Some(on("n1")), on("n2"))),
+            Some(json!("DELETED"))
+        );
+        assert_eq!(ty(change(Op::Modified, Some(on("n2")), on("n3"))), None);
+        assert_eq!(
+            ty(change(Op::Deleted, Some(on("n1")), on("n1"))),
+            Some(json!("DELETED"))
+        );
+        assert_eq!(ty(change(Op::Deleted, Some(on("n2")), on("n2"))), None);
+    }
+
+    #[test]
+    fn crd_objects_describe_their_kinds() {
+        let crd = json!({"spec": {"group": "g.io", "scope": "Cluster", "names": {"kind": "W", "plural": "ws"},
+            "versions": [{"name": "v1", "subresources": {"status": {}}}, {"name": "v2"}]}});
+        let ks = crd_kinds(&crd);
+        assert_eq!(ks.len(), 2);
+        assert!(!ks[0].namespaced && ks[0].status_subresource);
+        assert_eq!(
+            (ks[1].version.as_str(), ks[1].status_subresource),
+            ("v2", false)
+        );
+    }
+}
