@@ -2,10 +2,15 @@
 //! iptables, attributes each request to the calling pod by its source address, chooses the pod's
 //! identity and answers with a token from the controller crate's broker — or an IMDS-shaped error.
 //!
-//! Built so far: the command line ([`config`]) and the interception rules ([`interception`]).
+//! Modules: the command line ([`config`]), the interception rules ([`interception`]), the IP → pod
+//! index ([`pods`]), the token provider seam ([`provider`]), the HTTP servers ([`server`]) and
+//! metrics ([`metrics`]). Identity matching lives in `podid_controller::matching`.
 //! Wire formats come from `podid-imds`; this crate must not write IMDS bodies itself.
 //! Must not depend on the test doubles (`podid-testkit` and friends).
 
 pub mod config;
 pub mod interception;
+pub mod metrics;
 pub mod pods;
+pub mod provider;
+pub mod server;

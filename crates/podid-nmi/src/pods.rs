@@ -233,6 +233,12 @@ impl PodIndex {
         self.len() == 0
     }
 
+    /// The indexed pod `namespace/name`, if it is live and has an address.
+    pub fn get(&self, namespace: &str, name: &str) -> Option<Arc<CallerPod>> {
+        let key = (namespace.to_owned(), name.to_owned());
+        self.read().pods.get(&key).map(|e| Arc::clone(&e.pod))
+    }
+
     /// The pod owning `ip` (IPv4-mapped IPv6 addresses are treated as IPv4).
     ///
     /// # Errors

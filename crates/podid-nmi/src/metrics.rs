@@ -1,0 +1,203 @@
+//! NMI's Prometheus metrics (reference §2.18) plus podid's own counters.
+//!
+//! Upstream names are kept: `aadpodidentity_nmi_operations_duration_seconds`,
+//! `aadpodidentity_imds_operations_duration_seconds`, `aadpodidentity_imds_operations_errors_count`,
+//! `aadpodidentity_kubernetes_api_operations_errors_count`. Label values are bounded: the
+//! `operation_type` of the NMI histogram is the route name (`token`, `host_token`), never the raw
+//! path (upstream's unbounded cardinality), and `resource` is only recorded for issued tokens.
+//! podid adds `podid_nmi_token_cache_hits_total`, `podid_nmi_token_cache_misses_total` (copied
+//! from the broker's counters at scrape time) and `podid_nmi_attribution_failures_total`.
+
+use std::sync::{Arc, Mutex};
+
+use podid_controller::broker::BrokerStats;
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry, TextEncoder,
+};
+
+/// Upstream's NMI request histogram buckets (seconds).
+const NMI_BUCKETS: [f64; 18] = [
+    0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0,
+    100.0,
+];
+/// Upstream's IMDS histogram buckets (seconds).
+const IMDS_BUCKETS: [f64; 10] = [0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0];
+
+/// `operation_type` of the IMDS metrics (upstream's adal operation names).
+pub mod imds_operation {
+    /// System-assigned token (exception path without `client_id`).
+    pub const MSI: &str = "adal_token_msi";
+    /// User-assigned managed identity token.
+    pub const MSI_USER_ASSIGNED: &str = "adal_token_msi_userassignedid";
+    /// Service principal token (secret or certificate).
+    pub const SERVICE_PRINCIPAL: &str = "adal_token";
+}
+
+/// The metric families NMI records. Create once, share as `Arc<Metrics>`.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// `aadpodidentity_nmi_operations_duration_seconds{operation_type,status_code,namespace,resource}`.
+    pub nmi_operations_duration: HistogramVec,
+    /// `aadpodidentity_imds_operations_duration_seconds{operation_type}`.
+    pub imds_operations_duration: HistogramVec,
+    /// `aadpodidentity_imds_operations_errors_count{operation_type}`.
+    pub imds_operations_errors: IntCounterVec,
+    /// `aadpodidentity_kubernetes_api_operations_errors_count{operation_type}`.
+    pub kubernetes_api_errors: IntCounterVec,
+    /// `podid_nmi_attribution_failures_total{reason}` (`not_found`, `ambiguous`).
+    pub attribution_failures: IntCounterVec,
+    cache_hits: IntCounter,
+    cache_misses: IntCounter,
+    broker: Mutex<Option<BrokerMirror>>,
+}
+
+#[derive(Debug)]
+struct BrokerMirror {
+    stats: Arc<BrokerStats>,
+    hits: u64,
+    misses: u64,
+}
+
+/// Registering a fixed, distinct set of families into a fresh registry cannot fail.
+const REGISTER: &str = "fresh registry with distinct metric names";
+
+impl Metrics {
+    /// A registry with every family registered.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let nmi_operations_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "nmi_operations_duration_seconds",
+                "Duration of NMI token operations in seconds",
+            )
+            .namespace("aadpodidentity")
+            .buckets(NMI_BUCKETS.to_vec()),
+            &["operation_type", "status_code", "namespace", "resource"],
+        )
+        .expect(REGISTER);
+        let imds_operations_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "imds_operations_duration_seconds",
+                "Duration of token operations against IMDS or Entra in seconds",
+            )
+            .namespace("aadpodidentity")
+            .buckets(IMDS_BUCKETS.to_vec()),
+            &["operation_type"],
+        )
+        .expect(REGISTER);
+        let imds_operations_errors = IntCounterVec::new(
+            Opts::new(
+                "imds_operations_errors_count",
+                "Number of failed token operations",
+            )
+            .namespace("aadpodidentity"),
+            &["operation_type"],
+        )
+        .expect(REGISTER);
+        let kubernetes_api_errors = IntCounterVec::new(
+            Opts::new(
+                "kubernetes_api_operations_errors_count",
+                "Number of failed Kubernetes lookups",
+            )
+            .namespace("aadpodidentity"),
+            &["operation_type"],
+        )
+        .expect(REGISTER);
+        let attribution_failures = IntCounterVec::new(
+            Opts::new(
+                "podid_nmi_attribution_failures_total",
+                "Token requests whose source address matched no single pod",
+            ),
+            &["reason"],
+        )
+        .expect(REGISTER);
+        let cache_hits = IntCounter::new(
+            "podid_nmi_token_cache_hits_total",
+            "Token requests answered from the broker cache",
+        )
+        .expect(REGISTER);
+        let cache_misses = IntCounter::new(
+            "podid_nmi_token_cache_misses_total",
+            "Token requests that waited for an upstream call",
+        )
+        .expect(REGISTER);
+        registry
+            .register(Box::new(nmi_operations_duration.clone()))
+            .expect(REGISTER);
+        registry
+            .register(Box::new(imds_operations_duration.clone()))
+            .expect(REGISTER);
+        registry
+            .register(Box::new(imds_operations_errors.clone()))
+            .expect(REGISTER);
+        registry
+            .register(Box::new(kubernetes_api_errors.clone()))
+            .expect(REGISTER);
+        registry
+            .register(Box::new(attribution_failures.clone()))
+            .expect(REGISTER);
+        registry
+            .register(Box::new(cache_hits.clone()))
+            .expect(REGISTER);
+        registry
+            .register(Box::new(cache_misses.clone()))
+            .expect(REGISTER);
+        Self {
+            registry,
+            nmi_operations_duration,
+            imds_operations_duration,
+            imds_operations_errors,
+            kubernetes_api_errors,
+            attribution_failures,
+            cache_hits,
+            cache_misses,
+            broker: Mutex::new(None),
+        }
+    }
+
+    /// The registry (to add more families).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Mirror the broker's hit/miss counters into the podid counters at every scrape.
+    pub fn follow_broker(&self, stats: Arc<BrokerStats>) {
+        let mut broker = self.broker.lock().unwrap_or_else(|e| e.into_inner());
+        *broker = Some(BrokerMirror {
+            stats,
+            hits: 0,
+            misses: 0,
+        });
+    }
+
+    fn sync_broker(&self) {
+        let mut broker = self.broker.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(mirror) = broker.as_mut() {
+            let hits = mirror.stats.hits();
+            let misses = mirror.stats.misses();
+            self.cache_hits.inc_by(hits.saturating_sub(mirror.hits));
+            self.cache_misses
+                .inc_by(misses.saturating_sub(mirror.misses));
+            mirror.hits = hits;
+            mirror.misses = misses;
+        }
+    }
+
+    /// The text exposition of every family (the `/metrics` body).
+    pub fn encode(&self) -> Vec<u8> {
+        self.sync_broker();
+        let mut out = Vec::new();
+        // Encoding into a Vec only fails on invalid metric data, which these families never hold.
+        if let Err(error) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!(%error, "encoding metrics failed");
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,104 @@
+//! [`TokenProvider`]: how the server gets tokens once the identity is chosen. Implemented for
+//! the controller crate's [`TokenBroker`] and by fakes in tests.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use podid_api::AzureIdentity;
+use podid_controller::broker::{
+    BrokerError, BrokerStats, Credential, IdentitySpec, IdentityType, Token, TokenBroker,
+};
+use podid_controller::matching::{CallerPod, NodeIdentity};
+
+/// Which identity a token is wanted for.
+#[derive(Debug, Clone, Copy)]
+pub enum TokenTarget<'a> {
+    /// A matched `AzureIdentity` (standard mode: the copy recorded in the assignment).
+    Identity(&'a AzureIdentity),
+    /// An excepted pod: the node's own identity.
+    Node(&'a NodeIdentity),
+}
+
+/// One token request after matching.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenRequest<'a> {
+    /// The identity.
+    pub target: TokenTarget<'a>,
+    /// The `resource` query parameter.
+    pub resource: &'a str,
+    /// The calling pod (e.g. for federated exchange or secrets).
+    pub pod: &'a CallerPod,
+}
+
+/// The tokens obtained: one, or the primary tenant's first and one per auxiliary tenant.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    /// Never empty on success.
+    pub tokens: Vec<Arc<Token>>,
+    /// Whether the answer came from a cache, when the provider knows.
+    pub cache_hit: Option<bool>,
+}
+
+/// Future returned by [`TokenProvider::tokens`].
+pub type TokenFuture<'a> = Pin<Box<dyn Future<Output = Result<Issued, BrokerError>> + Send + 'a>>;
+
+/// Obtains tokens for matched identities.
+pub trait TokenProvider: Send + Sync + fmt::Debug {
+    /// The tokens for `request`.
+    fn tokens<'a>(&'a self, request: TokenRequest<'a>) -> TokenFuture<'a>;
+
+    /// Broker counters to expose as metrics, if any.
+    fn stats(&self) -> Option<Arc<BrokerStats>> {
+        None
+    }
+}
+
+/// The broker's view of an `AzureIdentity` with the credential read from its Secret
+/// ([`Credential::None`] for type 0).
+pub fn identity_spec(identity: &AzureIdentity, credential: Credential) -> IdentitySpec {
+    let spec = &identity.spec;
+    IdentitySpec {
+        identity_type: IdentityType::from_i64(identity.identity_type().as_i64()),
+        client_id: spec.client_id.clone().unwrap_or_default(),
+        resource_id: spec.resource_id.clone().unwrap_or_default(),
+        tenant_id: spec.tenant_id.clone().unwrap_or_default(),
+        auxiliary_tenant_ids: spec.auxiliary_tenant_ids().to_vec(),
+        ad_endpoint: spec.ad_endpoint.clone().unwrap_or_default(),
+        credential,
+    }
+}
+
+/// The broker serves type-0 identities and the exception path by client id or system-assigned
+/// identity. Types 1 and 2 need their Secret: wrap the broker in a provider that reads it and
+/// calls [`identity_spec`] with the credential. Selecting a node identity by `msi_res_id` is
+/// refused (503) until the IMDS source can send `msi_res_id`: asking IMDS without it would
+/// return a different identity than the one requested.
+impl TokenProvider for TokenBroker {
+    fn tokens<'a>(&'a self, request: TokenRequest<'a>) -> TokenFuture<'a> {
+        Box::pin(async move {
+            let spec = match request.target {
+                TokenTarget::Identity(identity) => identity_spec(identity, Credential::None),
+                TokenTarget::Node(NodeIdentity::SystemAssigned) => IdentitySpec::managed("", ""),
+                TokenTarget::Node(NodeIdentity::ClientId(id)) => IdentitySpec::managed(id, ""),
+                TokenTarget::Node(NodeIdentity::ResourceId(_)) => {
+                    return Err(BrokerError::Config {
+                        client_id: String::new(),
+                        reason: "selecting the node identity by msi_res_id is not supported by the IMDS source".to_owned(),
+                    });
+                }
+            };
+            let spec = Arc::new(spec);
+            let tokens = TokenBroker::tokens(self, &spec, request.resource).await?;
+            Ok(Issued {
+                tokens,
+                cache_hit: None,
+            })
+        })
+    }
+
+    fn stats(&self) -> Option<Arc<BrokerStats>> {
+        Some(Arc::clone(TokenBroker::stats(self)))
+    }
+}

@@ -1,0 +1,892 @@
+//! The HTTP servers: the IMDS emulation (reference §2.4–§2.14), the probe port (§2.17, plus
+//! `/readyz`) and the metrics port (§2.18).
+//!
+//! Every status code and body of the IMDS port comes from `podid-imds`; this module only decides
+//! which one. The state a request reads — the pod index and the current [`MatchIndex`] — is read
+//! under short locks that are never held across an await.
+//!
+//! Bounds (DESIGN §6): at most [`Limits::max_connections`] connections (further connections wait
+//! in the listen backlog), request headers limited in size and count (hyper answers 431), a
+//! deadline for reading request headers (slow clients and idle keep-alive connections are
+//! closed), request bodies ignored on the token routes and limited on passthrough, upstream
+//! timeouts on passthrough. Shutdown stops accepting, lets requests in flight finish within
+//! [`Limits::shutdown_grace`], then drops the rest.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{HeaderMap, Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use podid_controller::broker::{BrokerError, Token};
+use podid_controller::matching::{CallerPod, Decision, MatchIndex, MatchOptions, NodeIdentity};
+use podid_imds::{
+    ErrorOptions, HostTokenResponse, IdentitySelector, ImdsError, Route, TokenResponse,
+    WireResponse, check_metadata_header, classify, parse_token_query, pod_headers,
+    token_list_response,
+};
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+
+use crate::config::{Config, OperationMode};
+use crate::metrics::{Metrics, imds_operation};
+use crate::pods::{LookupError, PodIndex};
+use crate::provider::{TokenProvider, TokenRequest, TokenTarget};
+
+/// Connection and request bounds.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Most connections served at once.
+    pub max_connections: usize,
+    /// Deadline for reading a request's headers (also closes idle keep-alive connections).
+    pub header_read_timeout: Duration,
+    /// Most request headers.
+    pub max_headers: usize,
+    /// Read buffer size, which bounds the request head (at least 8192).
+    pub max_buf_size: usize,
+    /// Largest request body forwarded on passthrough.
+    pub max_passthrough_body: usize,
+    /// Largest response body read from IMDS on passthrough.
+    pub max_upstream_body: usize,
+    /// Deadline of one passthrough exchange with IMDS.
+    pub upstream_timeout: Duration,
+    /// How long shutdown waits for requests in flight.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 1024,
+            header_read_timeout: Duration::from_secs(10),
+            max_headers: 64,
+            max_buf_size: 16 * 1024,
+            max_passthrough_body: 64 * 1024,
+            max_upstream_body: 4 * 1024 * 1024,
+            upstream_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What the IMDS port does, derived from [`Config`].
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// The real IMDS for passthrough.
+    pub metadata: SocketAddr,
+    /// Require `Metadata: true`.
+    pub metadata_header_required: bool,
+    /// 403 for `/metadata/instance*`.
+    pub block_instance_metadata: bool,
+    /// Serve `/host/token` (otherwise it is proxied like any other path).
+    pub enable_host_token: bool,
+    /// Error body style and `--set-retry-after-header`.
+    pub errors: ErrorOptions,
+    /// How long a request waits for its pod to appear in the index.
+    pub pod_wait: Duration,
+    /// How long a request waits while its identity assignment is in progress.
+    pub pending_wait: Duration,
+    /// Bounds.
+    pub limits: Limits,
+}
+
+impl ServerOptions {
+    /// The options `config` asks for. The pending wait is upstream's poll budget
+    /// (`(created + assigned attempts) × interval`), spent only while an assignment is actually
+    /// in progress.
+    pub fn from_config(config: &Config) -> Self {
+        let polls = config
+            .retry_attempts_for_created
+            .saturating_add(config.retry_attempts_for_assigned);
+        Self {
+            metadata: SocketAddr::V4(config.metadata),
+            metadata_header_required: config.metadata_header_required,
+            block_instance_metadata: config.block_instance_metadata,
+            enable_host_token: config.enable_host_token,
+            errors: ErrorOptions {
+                style: config.error_bodies,
+                set_retry_after_header: config.set_retry_after_header,
+            },
+            pod_wait: Duration::from_millis(1200),
+            pending_wait: config.find_identity_retry_interval.saturating_mul(polls),
+            limits: Limits::default(),
+        }
+    }
+
+    /// The matcher options `config` asks for.
+    pub fn match_options(config: &Config) -> MatchOptions {
+        MatchOptions {
+            mode: match config.mode {
+                OperationMode::Standard => podid_controller::matching::MatchMode::Standard,
+                OperationMode::Managed => podid_controller::matching::MatchMode::Managed,
+            },
+            force_namespaced: config.namespaced,
+        }
+    }
+}
+
+/// The current [`MatchIndex`], swapped whole when a watched object changes.
+#[derive(Debug)]
+pub struct Matcher {
+    current: RwLock<Arc<MatchIndex>>,
+    changed: watch::Sender<u64>,
+    synced: AtomicBool,
+}
+
+impl Matcher {
+    /// An empty index with `options`, not synced.
+    pub fn new(options: MatchOptions) -> Self {
+        Self {
+            current: RwLock::new(Arc::new(MatchIndex::new(options, [], [], [], []))),
+            changed: watch::Sender::new(0),
+            synced: AtomicBool::new(false),
+        }
+    }
+
+    /// The index requests read now.
+    pub fn current(&self) -> Arc<MatchIndex> {
+        Arc::clone(&self.current.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Replace the index and wake requests waiting on a pending assignment.
+    pub fn replace(&self, index: MatchIndex) {
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(index);
+        self.changed.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// Mark the index as built from fully synced caches.
+    pub fn mark_synced(&self) {
+        self.synced.store(true, Ordering::Release);
+    }
+
+    /// Whether [`Matcher::mark_synced`] was called.
+    pub fn is_synced(&self) -> bool {
+        self.synced.load(Ordering::Acquire)
+    }
+
+    fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+}
+
+/// Health flags for the probe port.
+#[derive(Debug, Default)]
+pub struct Health {
+    interception: AtomicBool,
+}
+
+impl Health {
+    /// Record that the iptables interception is installed (turns `/healthz` `Active`).
+    pub fn set_interception_installed(&self, installed: bool) {
+        self.interception.store(installed, Ordering::Release);
+    }
+
+    /// Whether the interception is installed.
+    pub fn interception_installed(&self) -> bool {
+        self.interception.load(Ordering::Acquire)
+    }
+}
+
+/// Everything the servers read.
+#[derive(Debug)]
+pub struct NmiState {
+    /// Options.
+    pub options: ServerOptions,
+    /// IP → pod.
+    pub pods: Arc<PodIndex>,
+    /// Identity matching.
+    pub matcher: Arc<Matcher>,
+    /// Token source.
+    pub tokens: Arc<dyn TokenProvider>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Health flags.
+    pub health: Arc<Health>,
+    proxy: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl NmiState {
+    /// Assemble the state; follows the provider's broker counters in `metrics`.
+    pub fn new(
+        options: ServerOptions,
+        pods: Arc<PodIndex>,
+        matcher: Arc<Matcher>,
+        tokens: Arc<dyn TokenProvider>,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+    ) -> Self {
+        if let Some(stats) = tokens.stats() {
+            metrics.follow_broker(stats);
+        }
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(options.limits.upstream_timeout));
+        let proxy = Client::builder(TokioExecutor::new()).build(connector);
+        Self {
+            options,
+            pods,
+            matcher,
+            tokens,
+            metrics,
+            health,
+            proxy,
+        }
+    }
+
+    /// Ready: pods and matching caches synced and the interception installed.
+    pub fn is_ready(&self) -> bool {
+        self.pods.is_synced() && self.matcher.is_synced() && self.health.interception_installed()
+    }
+}
+
+type Body = Full<Bytes>;
+
+fn to_response(wire: WireResponse) -> Response<Body> {
+    let (status, headers, body) = wire.into_parts();
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    *response.headers_mut() = headers;
+    response
+}
+
+fn error_response(error: &ImdsError, options: ErrorOptions) -> Response<Body> {
+    to_response(error.response(options))
+}
+
+fn plain(status: StatusCode, body: &'static str) -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// Serve the IMDS emulation on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<NmiState>,
+    shutdown: impl Future<Output = ()> + Send,
+) {
+    let limits = state.options.limits.clone();
+    serve_with(listener, &limits, shutdown, move |peer| {
+        let state = Arc::clone(&state);
+        service_fn(move |request| {
+            let state = Arc::clone(&state);
+            async move { Ok::<_, Infallible>(handle(&state, peer, request).await) }
+        })
+    })
+    .await;
+}
+
+/// Serve `/healthz` (`Active` / `Not Active`, always 200, no newline) and `/readyz` (200 only
+/// when ready, else 503) on `listener` until `shutdown` completes.
+pub async fn serve_probes(
+    listener: TcpListener,
+    state: Arc<NmiState>,
+    shutdown: impl Future<Output = ()> + Send,
+) {
+    let limits = state.options.limits.clone();
+    serve_with(listener, &limits, shutdown, move |_| {
+        let state = Arc::clone(&state);
+        service_fn(move |request: Request<Incoming>| {
+            let state = Arc::clone(&state);
+            async move {
+                Ok::<_, Infallible>(match request.uri().path() {
+                    "/healthz" if state.health.interception_installed() => {
+                        plain(StatusCode::OK, "Active")
+                    }
+                    "/healthz" => plain(StatusCode::OK, "Not Active"),
+                    "/readyz" if state.is_ready() => plain(StatusCode::OK, "ok"),
+                    "/readyz" => plain(StatusCode::SERVICE_UNAVAILABLE, "not ready"),
+                    _ => plain(StatusCode::NOT_FOUND, "404 page not found\n"),
+                })
+            }
+        })
+    })
+    .await;
+}
+
+/// Serve `/metrics` on `listener` until `shutdown` completes.
+pub async fn serve_metrics(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    limits: Limits,
+    shutdown: impl Future<Output = ()> + Send,
+) {
+    serve_with(listener, &limits, shutdown, move |_| {
+        let metrics = Arc::clone(&metrics);
+        service_fn(move |request: Request<Incoming>| {
+            let metrics = Arc::clone(&metrics);
+            async move {
+                Ok::<_, Infallible>(if request.uri().path() == "/metrics" {
+                    let mut response = Response::new(Full::new(Bytes::from(metrics.encode())));
+                    response.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("text/plain; version=0.0.4"),
+                    );
+                    response
+                } else {
+                    plain(StatusCode::NOT_FOUND, "404 page not found\n")
+                })
+            }
+        })
+    })
+    .await;
+}
+
+/// The accept loop shared by the three servers.
+async fn serve_with<M, S>(
+    listener: TcpListener,
+    limits: &Limits,
+    shutdown: impl Future<Output = ()> + Send,
+    make_service: M,
+) where
+    M: Fn(SocketAddr) -> S,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_headers(limits.max_headers)
+        .max_buf_size(limits.max_buf_size.max(8192))
+        .keep_alive(true);
+    let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut connections = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            () = &mut shutdown => break,
+            permit = Arc::clone(&permits).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors and similar: back off instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        while connections.try_join_next().is_some() {}
+        let service = make_service(peer);
+        let builder = builder.clone();
+        let mut stop = stop_rx.clone();
+        connections.spawn(async move {
+            let _permit = permit;
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            let stopping = async move {
+                let _ = stop.wait_for(|stop| *stop).await;
+            };
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                () = stopping => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(error) = result {
+                tracing::debug!(%peer, %error, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    let drained = tokio::time::timeout(limits.shutdown_grace, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            remaining = connections.len(),
+            "shutdown grace elapsed, dropping connections"
+        );
+        connections.abort_all();
+    }
+}
+
+/// What a request turned out to be, owned so the request can be consumed afterwards.
+enum Action {
+    Immediate(WireResponse),
+    Token(String),
+    HostToken(String),
+    Instance,
+    Passthrough,
+}
+
+async fn handle(state: &NmiState, peer: SocketAddr, request: Request<Incoming>) -> Response<Body> {
+    let options = state.options.errors;
+    let action = {
+        let target = request.uri().path_and_query().map_or("/", |p| p.as_str());
+        let route = classify(request.method(), target);
+        match route.immediate_response(options) {
+            Some(response) => Action::Immediate(response),
+            None => match route {
+                Route::Token { query } => Action::Token(query.to_owned()),
+                Route::HostToken { query } => Action::HostToken(query.to_owned()),
+                Route::InstanceMetadata => Action::Instance,
+                _ => Action::Passthrough,
+            },
+        }
+    };
+    match action {
+        Action::Immediate(response) => to_response(response),
+        Action::Token(query) => {
+            let started = Instant::now();
+            let outcome = token_route(state, peer.ip(), request.headers(), &query).await;
+            let status = outcome.response.status.as_u16().to_string();
+            state
+                .metrics
+                .nmi_operations_duration
+                .with_label_values(&[
+                    "token",
+                    status.as_str(),
+                    outcome.namespace.as_deref().unwrap_or(""),
+                    outcome.resource.as_deref().unwrap_or(""),
+                ])
+                .observe(started.elapsed().as_secs_f64());
+            to_response(outcome.response)
+        }
+        Action::HostToken(query) if state.options.enable_host_token => {
+            let started = Instant::now();
+            let outcome = host_token_route(state, peer.ip(), request.headers(), &query).await;
+            let status = outcome.response.status.as_u16().to_string();
+            state
+                .metrics
+                .nmi_operations_duration
+                .with_label_values(&[
+                    "host_token",
+                    status.as_str(),
+                    outcome.namespace.as_deref().unwrap_or(""),
+                    outcome.resource.as_deref().unwrap_or(""),
+                ])
+                .observe(started.elapsed().as_secs_f64());
+            to_response(outcome.response)
+        }
+        Action::Instance if state.options.block_instance_metadata => {
+            error_response(&ImdsError::InstanceMetadataBlocked, options)
+        }
+        Action::HostToken(_) | Action::Instance | Action::Passthrough => {
+            passthrough(state, request).await
+        }
+    }
+}
+
+/// The answer of a token route plus the metric labels it earned.
+struct Outcome {
+    response: WireResponse,
+    namespace: Option<String>,
+    resource: Option<String>,
+}
+
+impl Outcome {
+    fn error(error: &ImdsError, options: ErrorOptions, namespace: Option<&str>) -> Self {
+        Self {
+            response: error.response(options),
+            namespace: namespace.map(str::to_owned),
+            resource: None,
+        }
+    }
+}
+
+/// Tokens for a request after attribution: match, wait while pending, fetch.
+struct Granted {
+    tokens: Vec<Arc<Token>>,
+    client_id: Option<String>,
+    cache_hit: Option<bool>,
+    exception: bool,
+}
+
+async fn token_route(state: &NmiState, ip: IpAddr, headers: &HeaderMap, query: &str) -> Outcome {
+    let options = state.options.errors;
+    if state.options.metadata_header_required
+        && let Err(error) = check_metadata_header(headers)
+    {
+        return Outcome::error(&error, options, None);
+    }
+    let query = match parse_token_query(query) {
+        Ok(query) => query,
+        Err(error) => return Outcome::error(&error, options, None),
+    };
+    let pod = match state.pods.wait_for(ip, state.options.pod_wait).await {
+        Ok(pod) => pod,
+        Err(error) => {
+            record_attribution_failure(&state.metrics, error);
+            tracing::info!(client_ip = %ip, %error, "token request from an unattributed address");
+            return Outcome::error(&error.to_imds_error(), options, None);
+        }
+    };
+    let namespace = Some(pod.namespace.as_str());
+    match grant(state, &pod, &query.selector, &query.resource).await {
+        Ok(granted) => {
+            let now = SystemTime::now();
+            let responses: Vec<TokenResponse<'_>> = granted
+                .tokens
+                .iter()
+                .map(|t| t.response(granted.client_id.as_deref(), now))
+                .collect();
+            audit(&pod, &granted, &query.resource, "token");
+            Outcome {
+                response: token_list_response(&responses),
+                namespace: namespace.map(str::to_owned),
+                resource: Some(query.resource.to_string()),
+            }
+        }
+        Err(error) => Outcome::error(&error, options, namespace),
+    }
+}
+
+async fn host_token_route(
+    state: &NmiState,
+    ip: IpAddr,
+    headers: &HeaderMap,
+    query: &str,
+) -> Outcome {
+    // Upstream answers /host/token errors without the Retry-After variant.
+    let options = ErrorOptions {
+        set_retry_after_header: false,
+        ..state.options.errors
+    };
+    let pod_ref = match pod_headers(headers) {
+        Ok(pod_ref) => pod_ref,
+        Err(error) => return Outcome::error(&error, options, None),
+    };
+    if ip.to_canonical() != IpAddr::V4(Ipv4Addr::LOCALHOST) {
+        return Outcome::error(&ImdsError::NotFromHost, options, None);
+    }
+    let query = match parse_token_query(query) {
+        Ok(query) => query,
+        Err(error) => return Outcome::error(&error, options, None),
+    };
+    let Some(pod) = state.pods.get(pod_ref.namespace, pod_ref.name) else {
+        let error = ImdsError::NoIdentityForPod {
+            namespace: pod_ref.namespace.to_owned(),
+            pod: pod_ref.name.to_owned(),
+        };
+        return Outcome::error(&error, options, Some(pod_ref.namespace));
+    };
+    match grant(state, &pod, &query.selector, &query.resource).await {
+        Ok(granted) => {
+            let Some(first) = granted.tokens.first() else {
+                let error = ImdsError::TokenUnavailable {
+                    detail: "the token source returned no token".to_owned(),
+                };
+                return Outcome::error(&error, options, Some(&pod.namespace));
+            };
+            let client_id = granted.client_id.as_deref().unwrap_or("");
+            let body = HostTokenResponse {
+                token: first.response(None, SystemTime::now()),
+                client_id,
+            };
+            audit(&pod, &granted, &query.resource, "host_token");
+            Outcome {
+                response: body.response(),
+                namespace: Some(pod.namespace.clone()),
+                resource: Some(query.resource.to_string()),
+            }
+        }
+        Err(error) => Outcome::error(&error, options, Some(&pod.namespace)),
+    }
+}
+
+fn record_attribution_failure(metrics: &Metrics, error: LookupError) {
+    metrics
+        .kubernetes_api_errors
+        .with_label_values(&["get_pod_list"])
+        .inc();
+    let reason = match error {
+        LookupError::NotFound { .. } => "not_found",
+        LookupError::Ambiguous { .. } => "ambiguous",
+    };
+    metrics
+        .attribution_failures
+        .with_label_values(&[reason])
+        .inc();
+}
+
+/// One structured audit line per issued token; never the token itself.
+fn audit(pod: &CallerPod, granted: &Granted, resource: &str, route: &str) {
+    let cache = match granted.cache_hit {
+        Some(true) => "hit",
+        Some(false) => "miss",
+        None => "unknown",
+    };
+    tracing::info!(
+        target: "podid::audit",
+        route,
+        pod = %pod.name,
+        namespace = %pod.namespace,
+        service_account = %pod.service_account,
+        client_id = granted.client_id.as_deref().unwrap_or(""),
+        exception = granted.exception,
+        resource,
+        cache,
+        "token issued"
+    );
+}
+
+/// Match the pod (waiting, bounded, while its assignment is in progress) and fetch its tokens.
+async fn grant(
+    state: &NmiState,
+    pod: &CallerPod,
+    selector: &IdentitySelector<'_>,
+    resource: &str,
+) -> Result<Granted, ImdsError> {
+    if !state.matcher.is_synced() {
+        return Err(ImdsError::TokenUnavailable {
+            detail: "NMI has not finished syncing identities from the API server".to_owned(),
+        });
+    }
+    let deadline = tokio::time::Instant::now() + state.options.pending_wait;
+    let mut changes = state.matcher.subscribe();
+    let decision = loop {
+        changes.borrow_and_update();
+        match state.matcher.current().decide(pod, selector) {
+            Decision::Pending(reason) => {
+                tracing::debug!(pod = %pod.name, namespace = %pod.namespace, ?reason, "identity assignment pending, waiting");
+                match tokio::time::timeout_at(deadline, changes.changed()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) | Err(_) => {
+                        return Err(ImdsError::AssignmentPending {
+                            namespace: pod.namespace.clone(),
+                            pod: pod.name.clone(),
+                        });
+                    }
+                }
+            }
+            other => break other,
+        }
+    };
+    match decision {
+        Decision::NoMatch(no_match) => Err(no_match.to_imds_error(pod)),
+        Decision::Pending(_) => Err(ImdsError::AssignmentPending {
+            namespace: pod.namespace.clone(),
+            pod: pod.name.clone(),
+        }),
+        Decision::Identity(identity) => {
+            let operation = if identity.identity_type().is_user_assigned_msi() {
+                imds_operation::MSI_USER_ASSIGNED
+            } else {
+                imds_operation::SERVICE_PRINCIPAL
+            };
+            let request = TokenRequest {
+                target: TokenTarget::Identity(&identity),
+                resource,
+                pod,
+            };
+            let issued = fetch(state, request, operation)
+                .await
+                .map_err(|e| broker_error(&e))?;
+            Ok(Granted {
+                tokens: issued.tokens,
+                client_id: identity.spec.client_id.clone(),
+                cache_hit: issued.cache_hit,
+                exception: false,
+            })
+        }
+        Decision::Exception(node) => {
+            let operation = match node {
+                NodeIdentity::SystemAssigned => imds_operation::MSI,
+                _ => imds_operation::MSI_USER_ASSIGNED,
+            };
+            let request = TokenRequest {
+                target: TokenTarget::Node(&node),
+                resource,
+                pod,
+            };
+            // Upstream answers every exception-path failure with 403.
+            let issued =
+                fetch(state, request, operation)
+                    .await
+                    .map_err(|e| ImdsError::TokenRefused {
+                        detail: format!("failed to get service principal token, error: {e}"),
+                    })?;
+            Ok(Granted {
+                tokens: issued.tokens,
+                client_id: match node {
+                    NodeIdentity::ClientId(id) => Some(id),
+                    _ => None,
+                },
+                cache_hit: issued.cache_hit,
+                exception: true,
+            })
+        }
+    }
+}
+
+async fn fetch(
+    state: &NmiState,
+    request: TokenRequest<'_>,
+    operation: &'static str,
+) -> Result<crate::provider::Issued, BrokerError> {
+    let started = Instant::now();
+    let result = state.tokens.tokens(request).await;
+    state
+        .metrics
+        .imds_operations_duration
+        .with_label_values(&[operation])
+        .observe(started.elapsed().as_secs_f64());
+    match &result {
+        Ok(issued) if issued.tokens.is_empty() => {
+            state
+                .metrics
+                .imds_operations_errors
+                .with_label_values(&[operation])
+                .inc();
+            return Err(BrokerError::Config {
+                client_id: String::new(),
+                reason: "the token source returned no token".to_owned(),
+            });
+        }
+        Ok(_) => {}
+        Err(_) => state
+            .metrics
+            .imds_operations_errors
+            .with_label_values(&[operation])
+            .inc(),
+    }
+    result
+}
+
+fn broker_error(error: &BrokerError) -> ImdsError {
+    if error.status() == 403 {
+        ImdsError::TokenRefused {
+            detail: error.to_string(),
+        }
+    } else {
+        ImdsError::TokenUnavailable {
+            detail: error.to_string(),
+        }
+    }
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) and the ones a proxy must not forward.
+const NOT_FORWARDED: [&str; 10] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "x-forwarded-for",
+];
+
+fn strip_headers(headers: &mut HeaderMap) {
+    for name in NOT_FORWARDED {
+        headers.remove(name);
+    }
+}
+
+/// Forward the request to IMDS and copy its answer back (reference §2.13).
+async fn passthrough(state: &NmiState, request: Request<Incoming>) -> Response<Body> {
+    let options = state.options.errors;
+    let limits = &state.options.limits;
+    if state.options.metadata_header_required
+        && let Err(error) = check_metadata_header(request.headers())
+    {
+        return error_response(&error, options);
+    }
+    let (parts, body) = request.into_parts();
+    let body = match tokio::time::timeout(
+        limits.header_read_timeout,
+        Limited::new(body, limits.max_passthrough_body).collect(),
+    )
+    .await
+    {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(_)) | Err(_) => {
+            let error = ImdsError::Internal {
+                detail: "request body too large or not received in time".to_owned(),
+            };
+            return error_response(&error, options);
+        }
+    };
+    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let authority = state.options.metadata.to_string();
+    let Ok(uri) = Uri::builder()
+        .scheme("http")
+        .authority(authority.as_str())
+        .path_and_query(target)
+        .build()
+    else {
+        return error_response(&ImdsError::MalformedRequestTarget, options);
+    };
+    let mut headers = parts.headers;
+    strip_headers(&mut headers);
+    if let Ok(host) = HeaderValue::from_str(&authority) {
+        headers.insert(header::HOST, host);
+    }
+    let mut upstream = Request::new(Full::new(body));
+    *upstream.method_mut() = parts.method;
+    *upstream.uri_mut() = uri;
+    *upstream.headers_mut() = headers;
+    let exchange = async {
+        let response = state
+            .proxy
+            .request(upstream)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (parts, body) = response.into_parts();
+        let body = Limited::new(body, limits.max_upstream_body)
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok::<_, String>((parts, body))
+    };
+    match tokio::time::timeout(limits.upstream_timeout, exchange).await {
+        Ok(Ok((parts, body))) => {
+            let mut headers = parts.headers;
+            strip_headers(&mut headers);
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+            let mut response = Response::new(Full::new(body));
+            *response.status_mut() = parts.status;
+            *response.headers_mut() = headers;
+            response
+        }
+        Ok(Err(detail)) => {
+            tracing::warn!(%detail, "passthrough to IMDS failed");
+            error_response(
+                &ImdsError::Internal {
+                    detail: format!(
+                        "passthrough to the instance metadata service failed: {detail}"
+                    ),
+                },
+                options,
+            )
+        }
+        Err(_) => error_response(
+            &ImdsError::Internal {
+                detail: "passthrough to the instance metadata service timed out".to_owned(),
+            },
+            options,
+        ),
+    }
+}
