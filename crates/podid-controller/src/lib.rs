@@ -13,5 +13,6 @@
 //! See `docs/token-broker.md` for the cache key, refresh margin, single-flight, budget and error
 //! mapping.
 
+pub mod arm;
 pub mod broker;
 pub mod matching;
