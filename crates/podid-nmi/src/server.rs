@@ -176,6 +176,11 @@ impl Matcher {
         self.synced.load(Ordering::Acquire)
     }
 
+    /// Requests currently waiting for the index to change (pending assignments).
+    pub fn waiting(&self) -> usize {
+        self.changed.receiver_count()
+    }
+
     fn subscribe(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
     }
