@@ -8,6 +8,7 @@
 
 mod cache;
 mod clock;
+mod entra;
 mod error;
 mod http;
 mod identity;
@@ -19,6 +20,9 @@ mod token;
 
 pub use cache::{BrokerConfig, CacheKey, TokenBroker};
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use entra::{
+    CLIENT_ASSERTION_TYPE, CertificateSource, ClientSecretSource, DEFAULT_AUTHORITY, EntraConfig,
+};
 pub use error::BrokerError;
 pub use http::{HttpTimeouts, SourceBuildError};
 pub use identity::{Credential, IdentityKey, IdentitySpec, IdentityType, Secret};
