@@ -84,6 +84,39 @@ async fn requests_like_adal_and_parses_real_imds_body() {
 }
 
 #[tokio::test]
+async fn node_identity_by_resource_id_or_system_assigned() {
+    let upstream =
+        FakeUpstream::start(|_| Reply::json(200, imds_body("tok", "", VAULT, 1_900_000_000))).await;
+    let broker = broker_with(imds_config(&upstream), LimiterConfig::default());
+    let by_resource = Arc::new(IdentitySpec::managed("", "/subscriptions/s/id"));
+    broker
+        .token(&by_resource, VAULT)
+        .await
+        .expect("by resource id");
+    broker
+        .token(&managed(""), VAULT)
+        .await
+        .expect("system-assigned");
+    let queries: Vec<_> = upstream
+        .requests()
+        .iter()
+        .map(|r| r.query_pairs())
+        .collect();
+    let pair = |k: &str, v: &str| (k.to_owned(), v.to_owned());
+    assert_eq!(
+        queries,
+        vec![
+            vec![
+                pair("api-version", "2018-02-01"),
+                pair("msi_res_id", "/subscriptions/s/id"),
+                pair("resource", VAULT)
+            ],
+            vec![pair("api-version", "2018-02-01"), pair("resource", VAULT)],
+        ]
+    );
+}
+
+#[tokio::test]
 async fn client_errors_are_refused_with_imds_message() {
     let upstream = FakeUpstream::start(|_| {
         Reply::json(

@@ -2,7 +2,8 @@
 //! [`ImdsLimiter`] budget.
 //!
 //! `GET {endpoint}/metadata/identity/oauth2/token?api-version=2018-02-01&client_id=…&resource=…`
-//! with `Metadata: true`. 4xx (other than 429) → [`BrokerError::Refused`] (NMI: 403); 429 →
+//! with `Metadata: true` (`msi_res_id=…` instead of `client_id` for an identity given only by
+//! resource id, neither for the system-assigned identity). 4xx (other than 429) → [`BrokerError::Refused`] (NMI: 403); 429 →
 //! [`BrokerError::Unavailable`] and the limiter pauses for `Retry-After`; 5xx, timeouts and
 //! transport errors → [`BrokerError::Unavailable`] (NMI: 503) after a few jittered retries.
 
@@ -125,8 +126,12 @@ impl ImdsSource {
             exchange.unavailable(timeout.to_string(), Some(BUDGET_RETRY_AFTER))
         })?;
         let mut query: Vec<(&str, &str)> = vec![("api-version", &self.config.api_version)];
+        // Upstream always asks by the identity's client id; without one (the node's own
+        // identity on the exception path) the resource id, else system-assigned.
         if !request.identity.client_id.is_empty() {
             query.push(("client_id", &request.identity.client_id));
+        } else if !request.identity.resource_id.is_empty() {
+            query.push(("msi_res_id", &request.identity.resource_id));
         }
         query.push(("resource", &request.resource));
         let response = self
