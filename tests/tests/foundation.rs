@@ -132,3 +132,105 @@ async fn sdk_in_a_pod_gets_a_token_only_once_arm_assigned_the_identity() -> anyh
     assert_eq!(after.tokens_issued, 2);
     Ok(())
 }
+
+/// The migration path's ground: a service-account token from the fake API server's TokenRequest
+/// is exchanged at the simulated Entra (v2, federated assertion) for the identity's token; Entra
+/// verifies it by fetching the API server's OIDC discovery and JWKS over HTTP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_account_token_is_exchanged_for_an_identity_token() -> anyhow::Result<()> {
+    use serde_json::{Value, json};
+
+    azure::install_crypto_provider();
+    let api = podid_e2e::kube::FakeApiServer::start().await?;
+    let cloud = azure::Cloud::new()?;
+    let entra = azure::EntraHandle::start(&cloud)?;
+    let web = cloud.add_user_assigned_identity("web");
+    cloud.add_federated_credential(
+        &web.client_id,
+        azure::FederatedCredential::new(
+            "podid-default-workload",
+            api.issuer(),
+            "system:serviceaccount:default:workload",
+        ),
+    )?;
+    let http = reqwest::Client::builder().no_proxy().build()?;
+
+    let service_account_token = |name: &'static str| {
+        let http = http.clone();
+        let base = api.url().to_owned();
+        async move {
+            http.post(format!("{base}/api/v1/namespaces/default/serviceaccounts"))
+                .json(&json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name}}))
+                .send()
+                .await?
+                .error_for_status()?;
+            let response: Value = http
+                .post(format!(
+                    "{base}/api/v1/namespaces/default/serviceaccounts/{name}/token"
+                ))
+                .json(&json!({
+                    "apiVersion": "authentication.k8s.io/v1",
+                    "kind": "TokenRequest",
+                    "spec": {"audiences": ["api://AzureADTokenExchange"], "expirationSeconds": 3600}
+                }))
+                .send()
+                .await?
+                .error_for_status()?
+                .json()
+                .await?;
+            response
+                .pointer("/status/token")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+                .ok_or_else(|| anyhow::anyhow!("TokenRequest without status.token"))
+        }
+    };
+    let exchange = |assertion: String| {
+        let http = http.clone();
+        let url = entra.token_url_v2();
+        let client_id = web.client_id.clone();
+        async move {
+            let response = http
+                .post(url)
+                .form(&[
+                    ("grant_type", "client_credentials"),
+                    ("client_id", client_id.as_str()),
+                    ("scope", "https://vault.azure.net/.default"),
+                    (
+                        "client_assertion_type",
+                        "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                    ),
+                    ("client_assertion", assertion.as_str()),
+                ])
+                .send()
+                .await?;
+            let status = response.status();
+            let body: Value = response.json().await?;
+            anyhow::Ok((status, body))
+        }
+    };
+
+    let assertion = service_account_token("workload").await?;
+    let (status, body) = exchange(assertion).await?;
+    assert!(
+        status.is_success(),
+        "{status}: {}",
+        body["error_description"]
+    );
+    let token = body["access_token"].as_str().unwrap_or_default();
+    let claims = cloud.verify_access_token(token)?;
+    assert_eq!(claims.appid, web.client_id);
+    assert_eq!(claims.aud, "https://vault.azure.net");
+
+    // Another service account has no federated credential: Entra refuses with AADSTS70021.
+    let stranger = service_account_token("stranger").await?;
+    let (status, body) = exchange(stranger).await?;
+    assert_eq!(status.as_u16(), 400, "{body}");
+    assert!(
+        body["error_codes"]
+            .as_array()
+            .is_some_and(|codes| codes.iter().any(|c| c == 70021)),
+        "{body}"
+    );
+    Ok(())
+}
