@@ -36,19 +36,39 @@ use sha2::{Digest, Sha256};
 /// Longest object name the API server accepts (a DNS subdomain).
 pub const MAX_NAME_LEN: usize = 253;
 
-/// The watched objects one pass works on.
-#[derive(Debug, Clone, Copy)]
+/// The watched objects one pass works on, by reference (build it from slices of objects with
+/// [`Inputs::from_slices`], or from reflector stores by collecting references).
+#[derive(Debug, Clone, Default)]
 pub struct Inputs<'a> {
     /// All pods (any namespace, any phase; unlabelled ones are skipped).
-    pub pods: &'a [Pod],
+    pub pods: Vec<&'a Pod>,
     /// All nodes (their `spec.providerID` says which VM or VM scale set they are).
-    pub nodes: &'a [Node],
+    pub nodes: Vec<&'a Node>,
     /// All AzureIdentities.
-    pub identities: &'a [AzureIdentity],
+    pub identities: Vec<&'a AzureIdentity>,
     /// All AzureIdentityBindings.
-    pub bindings: &'a [AzureIdentityBinding],
+    pub bindings: Vec<&'a AzureIdentityBinding>,
     /// All existing AzureAssignedIdentities (any namespace, any writer).
-    pub existing: &'a [AzureAssignedIdentity],
+    pub existing: Vec<&'a AzureAssignedIdentity>,
+}
+
+impl<'a> Inputs<'a> {
+    /// Inputs over slices of owned objects.
+    pub fn from_slices(
+        pods: &'a [Pod],
+        nodes: &'a [Node],
+        identities: &'a [AzureIdentity],
+        bindings: &'a [AzureIdentityBinding],
+        existing: &'a [AzureAssignedIdentity],
+    ) -> Self {
+        Self {
+            pods: pods.iter().collect(),
+            nodes: nodes.iter().collect(),
+            identities: identities.iter().collect(),
+            bindings: bindings.iter().collect(),
+            existing: existing.iter().collect(),
+        }
+    }
 }
 
 /// Switches of one pass.
@@ -465,7 +485,7 @@ pub fn compute<'a>(inputs: &Inputs<'a>, options: &Options) -> Plan<'a> {
 
     // Nodes → VM/VMSS.
     let mut node_targets: HashMap<&str, ArmTarget> = HashMap::with_capacity(inputs.nodes.len());
-    for node in inputs.nodes {
+    for &node in &inputs.nodes {
         let Some(name) = node.metadata.name.as_deref() else {
             continue;
         };
@@ -483,7 +503,7 @@ pub fn compute<'a>(inputs: &Inputs<'a>, options: &Options) -> Plan<'a> {
     // Usable identities by (namespace, name).
     let mut identities: HashMap<(&str, &str), &AzureIdentity> =
         HashMap::with_capacity(inputs.identities.len());
-    for identity in inputs.identities {
+    for &identity in &inputs.identities {
         let namespace = meta_str(identity.metadata.namespace.as_deref());
         let name = meta_str(identity.metadata.name.as_deref());
         if identity.identity_type().is_user_assigned_msi() {
@@ -506,7 +526,7 @@ pub fn compute<'a>(inputs: &Inputs<'a>, options: &Options) -> Plan<'a> {
     // pairs apply to pods of any namespace (by selector); namespaced ones only to pods of the
     // binding's namespace (by namespace and selector). Missing identities are remembered and
     // reported when a pod hits them, as upstream does.
-    let mut bindings: Vec<&AzureIdentityBinding> = inputs.bindings.iter().collect();
+    let mut bindings: Vec<&AzureIdentityBinding> = inputs.bindings.clone();
     bindings.sort_by(|a, b| {
         (a.metadata.namespace.as_deref(), a.metadata.name.as_deref())
             .cmp(&(b.metadata.namespace.as_deref(), b.metadata.name.as_deref()))
@@ -537,7 +557,7 @@ pub fn compute<'a>(inputs: &Inputs<'a>, options: &Options) -> Plan<'a> {
 
     // Candidates, pods in (namespace, name) order so "first" is stable.
     let mut pods: Vec<(&str, &str, &str, &str)> = Vec::new();
-    for pod in inputs.pods {
+    for &pod in &inputs.pods {
         let Some(label) = pod
             .metadata
             .labels
@@ -647,7 +667,7 @@ pub fn compute<'a>(inputs: &Inputs<'a>, options: &Options) -> Plan<'a> {
     // Existing objects by content and by (namespace, name).
     let mut by_key: HashMap<ContentKey<'a>, Vec<usize>> = HashMap::new();
     let mut by_name: HashMap<(&str, &str), usize> = HashMap::new();
-    for (index, object) in inputs.existing.iter().enumerate() {
+    for (index, &object) in inputs.existing.iter().enumerate() {
         if let Some(key) = existing_key(object) {
             by_key.entry(key).or_default().push(index);
         }
@@ -673,7 +693,7 @@ pub fn compute<'a>(inputs: &Inputs<'a>, options: &Options) -> Plan<'a> {
             .iter()
             .copied()
             .filter(|&e| {
-                let object = &inputs.existing[e];
+                let object = inputs.existing[e];
                 !claimed[e]
                     && !is_terminating(object)
                     && meta_str(object.metadata.namespace.as_deref()) == candidate.namespace
@@ -707,7 +727,7 @@ pub fn compute<'a>(inputs: &Inputs<'a>, options: &Options) -> Plan<'a> {
             {
                 claimed[e] = true;
                 taken.insert(upstream.to_owned());
-                if is_terminating(&inputs.existing[e]) {
+                if is_terminating(inputs.existing[e]) {
                     plan.warnings.push(Warning::Deferred {
                         namespace: candidate.namespace.clone(),
                         name: upstream.to_owned(),
@@ -736,7 +756,7 @@ pub fn compute<'a>(inputs: &Inputs<'a>, options: &Options) -> Plan<'a> {
     let mut reassigned: Vec<&'a AzureAssignedIdentity> = Vec::new();
     for (c, candidate) in candidates.iter().enumerate() {
         let (name, pending) = if let Some(e) = matched[c] {
-            let existing = &inputs.existing[e];
+            let existing = inputs.existing[e];
             let name = meta_str(existing.metadata.name.as_deref()).to_owned();
             match classify(existing, candidate) {
                 None => {
@@ -809,7 +829,7 @@ pub fn compute<'a>(inputs: &Inputs<'a>, options: &Options) -> Plan<'a> {
     for object in reassigned {
         let _ = release(object, &mut plan);
     }
-    for (e, object) in inputs.existing.iter().enumerate() {
+    for (e, &object) in inputs.existing.iter().enumerate() {
         if claimed[e] {
             continue;
         }

@@ -8,10 +8,14 @@
 //!   Azure endpoints it implies.
 //! - [`desired`]: the pure desired-state computation and its diff against the existing
 //!   `AzureAssignedIdentity` objects.
+//! - [`run`]: the controller loop (reflectors, coalesced passes, API writes, per-VM/VMSS work
+//!   through an [`run::IdentityAssigner`]).
 //!
-//! Decision logic here takes values and returns values: no tokio, no HTTP, no Kubernetes client.
-//! Must not depend on the testkit or on `podid-nmi`.
+//! [`config`], [`cloud`] and [`desired`] take values and return values: no tokio, no HTTP, no
+//! Kubernetes client; only [`run`] talks to the API server. Must not depend on the testkit or
+//! on `podid-nmi`.
 
 pub mod cloud;
 pub mod config;
 pub mod desired;
+pub mod run;

@@ -115,13 +115,13 @@ struct World {
 impl World {
     fn plan(&self, options: &Options) -> Plan<'_> {
         compute(
-            &Inputs {
-                pods: &self.pods,
-                nodes: &self.nodes,
-                identities: &self.identities,
-                bindings: &self.bindings,
-                existing: &self.existing,
-            },
+            &Inputs::from_slices(
+                &self.pods,
+                &self.nodes,
+                &self.identities,
+                &self.bindings,
+                &self.existing,
+            ),
             options,
         )
     }

@@ -1,0 +1,541 @@
+//! The controller loop: reflectors over pods, nodes and the three CRDs feed one coalesced
+//! reconcile that calls [`crate::desired::compute`], writes the difference to the API server
+//! and hands each VM/VMSS's identity work to an [`IdentityAssigner`].
+//!
+//! A burst of watch events wakes one pass, not one pass per event. API-server writes are
+//! bounded by `--createDeleteBatch`; VM/VMSS targets are worked on concurrently so one slow
+//! scale set does not hold the others' status updates. A pass with failures is retried with
+//! exponential backoff (1 s doubling to 5 min) instead of waiting for the next event.
+//!
+//! Not here yet: leader election, the type upgrade, events, metrics and the periodic
+//! identity-assignment reconcile.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::fmt::Debug;
+use std::future::Future;
+use std::hash::Hash;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::{StreamExt, stream};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource};
+use podid_api::{
+    ASSIGNED_IDENTITY_FINALIZER, AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding,
+};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+use tokio::sync::Notify;
+use tracing::{debug, info, warn};
+
+use crate::desired::{ArmTarget, Deletion, Inputs, Options, Plan, compute};
+
+/// The error an [`IdentityAssigner`] reports.
+pub type AssignError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A boxed future returned by [`IdentityAssigner::apply`].
+pub type AssignFuture<'a> = Pin<Box<dyn Future<Output = Result<(), AssignError>> + Send + 'a>>;
+
+/// Puts user-assigned identities on VMs and VM scale sets (the ARM client in production).
+pub trait IdentityAssigner: Send + Sync {
+    /// Makes every id of `required` present on `target` and every id of `release` absent
+    /// (ids lower-cased). Resolves `Ok` once ARM has applied the change.
+    fn apply<'a>(
+        &'a self,
+        target: &'a ArmTarget,
+        required: &'a BTreeSet<String>,
+        release: &'a BTreeSet<String>,
+    ) -> AssignFuture<'a>;
+}
+
+/// An assigner that changes nothing and always succeeds (clusters with service principals
+/// only, and tests of the Kubernetes side).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoArm;
+
+impl IdentityAssigner for NoArm {
+    fn apply<'a>(
+        &'a self,
+        _: &'a ArmTarget,
+        _: &'a BTreeSet<String>,
+        _: &'a BTreeSet<String>,
+    ) -> AssignFuture<'a> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// What the loop needs besides the client.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Desired-state switches.
+    pub options: Options,
+    /// Concurrent AzureAssignedIdentity API calls (`--createDeleteBatch`).
+    pub batch: usize,
+    /// Period of the full pass without events (`--syncRetryDuration`).
+    pub resync: Duration,
+}
+
+impl Settings {
+    /// Settings from the validated flags and the cloud configuration (whose cluster identity
+    /// joins the immutable client ids).
+    pub fn new(config: &crate::config::Config, cloud: &crate::cloud::CloudConfig) -> Self {
+        let mut immutable = config.immutable_client_ids.clone();
+        immutable.extend(cloud.cluster_identity());
+        Self {
+            options: Options {
+                force_namespaced: config.namespaced,
+                release_finished_pods: config.release_finished_pods,
+                immutable_client_ids: immutable,
+            },
+            batch: config.create_delete_batch,
+            resync: config.sync_retry_interval,
+        }
+    }
+}
+
+/// Why the loop stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// A watch ended for good before the caches were filled.
+    #[error("the {0} watch stopped before its cache was filled")]
+    CacheSync(&'static str),
+}
+
+/// What one pass achieved.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PassReport {
+    /// Objects created.
+    pub created: usize,
+    /// Objects rewritten.
+    pub updated: usize,
+    /// Objects deleted.
+    pub deleted: usize,
+    /// Objects marked `Assigned`.
+    pub assigned: usize,
+    /// Failed API or ARM calls (the pass is retried).
+    pub failures: usize,
+}
+
+struct Stores {
+    pods: Store<Pod>,
+    nodes: Store<Node>,
+    identities: Store<AzureIdentity>,
+    bindings: Store<AzureIdentityBinding>,
+    assigned: Store<AzureAssignedIdentity>,
+}
+
+fn reflect<K>(
+    api: Api<K>,
+    notify: Arc<Notify>,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> Store<K>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
+{
+    let (reader, writer) = reflector::store();
+    tasks.push(tokio::spawn(async move {
+        reflector::reflector(
+            writer,
+            watcher(api, watcher::Config::default()).default_backoff(),
+        )
+        .for_each(|event| {
+            match event {
+                Ok(_) => notify.notify_one(),
+                Err(e) => warn!(error = %e, "watch error; retrying"),
+            }
+            async {}
+        })
+        .await;
+    }));
+    reader
+}
+
+/// Runs the controller until `shutdown` resolves.
+pub async fn run(
+    client: Client,
+    settings: Settings,
+    assigner: Arc<dyn IdentityAssigner>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
+    let notify = Arc::new(Notify::new());
+    let mut tasks = Vec::new();
+    let stores = Stores {
+        pods: reflect(Api::all(client.clone()), notify.clone(), &mut tasks),
+        nodes: reflect(Api::all(client.clone()), notify.clone(), &mut tasks),
+        identities: reflect(Api::all(client.clone()), notify.clone(), &mut tasks),
+        bindings: reflect(Api::all(client.clone()), notify.clone(), &mut tasks),
+        assigned: reflect(Api::all(client.clone()), notify.clone(), &mut tasks),
+    };
+    let result = run_loop(
+        &client,
+        &settings,
+        assigner.as_ref(),
+        &stores,
+        &notify,
+        shutdown,
+    )
+    .await;
+    for task in tasks {
+        task.abort();
+    }
+    result
+}
+
+async fn run_loop(
+    client: &Client,
+    settings: &Settings,
+    assigner: &dyn IdentityAssigner,
+    stores: &Stores,
+    notify: &Notify,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
+    tokio::pin!(shutdown);
+    let ready = async {
+        stores
+            .pods
+            .wait_until_ready()
+            .await
+            .map_err(|_| RunError::CacheSync("pod"))?;
+        stores
+            .nodes
+            .wait_until_ready()
+            .await
+            .map_err(|_| RunError::CacheSync("node"))?;
+        stores
+            .identities
+            .wait_until_ready()
+            .await
+            .map_err(|_| RunError::CacheSync("AzureIdentity"))?;
+        stores
+            .bindings
+            .wait_until_ready()
+            .await
+            .map_err(|_| RunError::CacheSync("AzureIdentityBinding"))?;
+        stores
+            .assigned
+            .wait_until_ready()
+            .await
+            .map_err(|_| RunError::CacheSync("AzureAssignedIdentity"))
+    };
+    tokio::select! {
+        r = ready => r?,
+        () = &mut shutdown => return Ok(()),
+    }
+    info!("caches synced; reconciling");
+    let mut failures_in_a_row: u32 = 0;
+    loop {
+        let report = pass(client, settings, assigner, stores).await;
+        if report != PassReport::default() {
+            info!(
+                created = report.created,
+                updated = report.updated,
+                deleted = report.deleted,
+                assigned = report.assigned,
+                failures = report.failures,
+                "pass done"
+            );
+        }
+        let wait = if report.failures > 0 {
+            failures_in_a_row = failures_in_a_row.saturating_add(1);
+            let secs = 1u64 << failures_in_a_row.saturating_sub(1).min(9);
+            Duration::from_secs(secs.min(300)).min(settings.resync)
+        } else {
+            failures_in_a_row = 0;
+            settings.resync
+        };
+        tokio::select! {
+            () = notify.notified() => {}
+            () = tokio::time::sleep(wait) => {}
+            () = &mut shutdown => return Ok(()),
+        }
+    }
+}
+
+/// One reconcile pass over the current caches.
+async fn pass(
+    client: &Client,
+    settings: &Settings,
+    assigner: &dyn IdentityAssigner,
+    stores: &Stores,
+) -> PassReport {
+    let pods = stores.pods.state();
+    let nodes = stores.nodes.state();
+    let identities = stores.identities.state();
+    let bindings = stores.bindings.state();
+    let existing = stores.assigned.state();
+    let inputs = Inputs {
+        pods: pods.iter().map(AsRef::as_ref).collect(),
+        nodes: nodes.iter().map(AsRef::as_ref).collect(),
+        identities: identities.iter().map(AsRef::as_ref).collect(),
+        bindings: bindings.iter().map(AsRef::as_ref).collect(),
+        existing: existing.iter().map(AsRef::as_ref).collect(),
+    };
+    let plan = compute(&inputs, &settings.options);
+    for warning in &plan.warnings {
+        warn!("{warning}");
+    }
+    apply_plan(client, settings.batch.max(1), assigner, &plan).await
+}
+
+/// Writes `plan` to the API server and runs each target's identity work.
+pub async fn apply_plan(
+    client: &Client,
+    batch: usize,
+    assigner: &dyn IdentityAssigner,
+    plan: &Plan<'_>,
+) -> PassReport {
+    let mut report = PassReport::default();
+    let mut namespaces: HashMap<&str, &str> = HashMap::new();
+    for object in plan
+        .create
+        .iter()
+        .chain(plan.update.iter().map(|u| &u.desired))
+        .chain(plan.unchanged.iter().copied())
+    {
+        namespaces.insert(name_of(object), namespace_of(object));
+    }
+
+    // 1. Creates and updates (state Created unless an update keeps the state).
+    let writes: Vec<BoxFuture<'_, WriteOutcome<'_>>> = plan
+        .create
+        .iter()
+        .map(|o| (o, true))
+        .chain(plan.update.iter().map(|u| (&u.desired, false)))
+        .map(|(object, create)| {
+            Box::pin(async move {
+                let result = if create {
+                    create_assigned(client, object).await
+                } else {
+                    replace_assigned(client, object).await
+                };
+                (name_of(object), create, result)
+            }) as BoxFuture<'_, _>
+        })
+        .collect();
+    let mut failed: HashSet<&str> = HashSet::new();
+    for (name, create, result) in bounded(writes, batch).await {
+        match result {
+            Ok(()) if create => report.created += 1,
+            Ok(()) => report.updated += 1,
+            Err(e) => {
+                warn!(name, error = %e, "failed to write AzureAssignedIdentity");
+                report.failures += 1;
+                failed.insert(name);
+            }
+        }
+    }
+    let failed = &failed;
+    let namespace = |name: &str| namespaces.get(name).copied().unwrap_or("default");
+
+    // 2. Deletions that need no ARM work.
+    let deletions: Vec<BoxFuture<'_, Result<(), kube::Error>>> = plan
+        .delete
+        .iter()
+        .filter(|d| d.release.is_none())
+        .map(|d| Box::pin(delete_assigned(client, d.object)) as BoxFuture<'_, _>)
+        .collect();
+    count(
+        &mut report.deleted,
+        &mut report.failures,
+        bounded(deletions, batch).await,
+    );
+
+    // 3. Identities that need no ARM work.
+    let confirms: Vec<BoxFuture<'_, Result<(), kube::Error>>> = plan
+        .assign_without_arm
+        .iter()
+        .filter(|name| !failed.contains(name.as_str()))
+        .map(|name| {
+            Box::pin(set_state(client, namespace(name), name, "Assigned")) as BoxFuture<'_, _>
+        })
+        .collect();
+    count(
+        &mut report.assigned,
+        &mut report.failures,
+        bounded(confirms, batch).await,
+    );
+
+    // 4. Per VM/VMSS, concurrently.
+    let per_target: Vec<BoxFuture<'_, PassReport>> = plan
+        .targets
+        .iter()
+        .filter(|(_, t)| !t.confirm.is_empty() || !t.release.is_empty())
+        .map(|(target, work)| {
+            let confirms: Vec<BoxFuture<'_, Result<(), kube::Error>>> = work
+                .confirm
+                .iter()
+                .filter(|name| !failed.contains(name.as_str()))
+                .map(|name| {
+                    Box::pin(set_state(client, namespace(name), name, "Assigned"))
+                        as BoxFuture<'_, _>
+                })
+                .collect();
+            let releases: Vec<BoxFuture<'_, Result<(), kube::Error>>> = plan
+                .delete
+                .iter()
+                .filter(|d| d.release.as_ref().is_some_and(|(t, _)| t == target))
+                .map(|d| Box::pin(release_and_delete(client, d)) as BoxFuture<'_, _>)
+                .collect();
+            Box::pin(async move {
+                let mut report = PassReport::default();
+                if let Err(e) = assigner.apply(target, &work.required, &work.release).await {
+                    warn!(%target, error = %e, "failed to update the identities of the VM/VMSS");
+                    report.failures += 1;
+                    return report;
+                }
+                debug!(%target, "identities applied");
+                count(
+                    &mut report.assigned,
+                    &mut report.failures,
+                    bounded(confirms, batch).await,
+                );
+                count(
+                    &mut report.deleted,
+                    &mut report.failures,
+                    bounded(releases, batch).await,
+                );
+                report
+            }) as BoxFuture<'_, _>
+        })
+        .collect();
+    for r in futures::future::join_all(per_target).await {
+        report.assigned += r.assigned;
+        report.deleted += r.deleted;
+        report.failures += r.failures;
+    }
+    report
+}
+
+/// Name, whether it was a create, and the result of one create or replace.
+type WriteOutcome<'a> = (&'a str, bool, Result<(), kube::Error>);
+
+/// Runs `futures` at most `limit` at a time.
+async fn bounded<T>(futures: Vec<BoxFuture<'_, T>>, limit: usize) -> Vec<T> {
+    stream::iter(futures)
+        .buffer_unordered(limit.max(1))
+        .collect()
+        .await
+}
+
+/// Marks a deletion `Unassigned` once its identity left the VM/VMSS, then deletes it.
+async fn release_and_delete(client: &Client, deletion: &Deletion<'_>) -> Result<(), kube::Error> {
+    let object = deletion.object;
+    match set_state(client, namespace_of(object), name_of(object), "Unassigned").await {
+        Err(e) if is_status(&e, 404) => return Ok(()),
+        other => other?,
+    }
+    delete_assigned(client, object).await
+}
+
+fn count(ok: &mut usize, failures: &mut usize, results: Vec<Result<(), kube::Error>>) {
+    for result in results {
+        match result {
+            Ok(()) => *ok += 1,
+            Err(e) => {
+                warn!(error = %e, "AzureAssignedIdentity call failed");
+                *failures += 1;
+            }
+        }
+    }
+}
+
+fn name_of(object: &AzureAssignedIdentity) -> &str {
+    object.metadata.name.as_deref().unwrap_or_default()
+}
+
+fn namespace_of(object: &AzureAssignedIdentity) -> &str {
+    object.metadata.namespace.as_deref().unwrap_or("default")
+}
+
+fn api(client: &Client, namespace: &str) -> Api<AzureAssignedIdentity> {
+    Api::namespaced(client.clone(), namespace)
+}
+
+fn is_status(e: &kube::Error, code: u16) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == code)
+}
+
+async fn create_assigned(
+    client: &Client,
+    object: &AzureAssignedIdentity,
+) -> Result<(), kube::Error> {
+    match api(client, namespace_of(object))
+        .create(&PostParams::default(), object)
+        .await
+    {
+        Ok(_) => Ok(()),
+        // The cache lags our own writes; the next pass sees the object.
+        Err(e) if is_status(&e, 409) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+async fn replace_assigned(
+    client: &Client,
+    object: &AzureAssignedIdentity,
+) -> Result<(), kube::Error> {
+    api(client, namespace_of(object))
+        .replace(name_of(object), &PostParams::default(), object)
+        .await
+        .map(drop)
+}
+
+async fn set_state(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    state: &str,
+) -> Result<(), kube::Error> {
+    api(client, namespace)
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"status": state}})),
+        )
+        .await
+        .map(drop)
+}
+
+/// Deletes and, when the API server keeps the object for our finalizer, removes it (upstream
+/// `RemoveAssignedIdentity`). A 404 counts as done.
+async fn delete_assigned(
+    client: &Client,
+    object: &AzureAssignedIdentity,
+) -> Result<(), kube::Error> {
+    let api = api(client, namespace_of(object));
+    let name = name_of(object);
+    let remaining = match api.delete(name, &DeleteParams::default()).await {
+        Ok(either) => either.left(),
+        Err(e) if is_status(&e, 404) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let Some(remaining) = remaining else {
+        return Ok(());
+    };
+    let finalizers = remaining.metadata.finalizers.unwrap_or_default();
+    if !finalizers.iter().any(|f| f == ASSIGNED_IDENTITY_FINALIZER) {
+        return Ok(());
+    }
+    let kept: Vec<String> = finalizers
+        .into_iter()
+        .filter(|f| f != ASSIGNED_IDENTITY_FINALIZER)
+        .collect();
+    match api
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"finalizers": kept}})),
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(e) if is_status(&e, 404) => Ok(()),
+        Err(e) => Err(e),
+    }
+}

@@ -1,0 +1,301 @@
+//! The controller loop against the fake API server: assignment objects appear, turn
+//! `Assigned` after the VM/VMSS work, and go away (finalizer removed, identity released) when
+//! their pod does; a failing VM/VMSS update is retried without a new event.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Node, NodeSpec, Pod, PodSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, DeleteParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use podid_api::{
+    ASSIGNED_IDENTITY_FINALIZER, AssignedIdentityState, AzureAssignedIdentity, AzureIdentity,
+    AzureIdentityBinding,
+};
+use podid_fake_apiserver::FakeApiServer;
+use podid_mic::desired::{ArmTarget, Options};
+use podid_mic::run::{AssignFuture, IdentityAssigner, Settings, run};
+
+const WAIT: Duration = Duration::from_secs(20);
+const RID: &str = "/subscriptions/S/resourcegroups/RG/providers/Microsoft.ManagedIdentity/userAssignedIdentities/kv-id";
+
+type Call = (ArmTarget, BTreeSet<String>, BTreeSet<String>);
+
+#[derive(Default)]
+struct Recorder {
+    calls: Mutex<Vec<Call>>,
+    fail: AtomicBool,
+}
+
+impl IdentityAssigner for Recorder {
+    fn apply<'a>(
+        &'a self,
+        target: &'a ArmTarget,
+        required: &'a BTreeSet<String>,
+        release: &'a BTreeSet<String>,
+    ) -> AssignFuture<'a> {
+        Box::pin(async move {
+            self.calls.lock().expect("lock").push((
+                target.clone(),
+                required.clone(),
+                release.clone(),
+            ));
+            if self.fail.load(Ordering::SeqCst) {
+                return Err("ARM said no".into());
+            }
+            Ok(())
+        })
+    }
+}
+
+impl Recorder {
+    fn calls(&self) -> Vec<Call> {
+        self.calls.lock().expect("lock").clone()
+    }
+}
+
+async fn client_for(server: &FakeApiServer) -> kube::Client {
+    let dir = std::env::temp_dir().join(format!("podid-mic-run-{}", server.addr().port()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("kubeconfig");
+    server.write_kubeconfig(&path).expect("write kubeconfig");
+    let kc = Kubeconfig::read_from(&path).expect("kubeconfig parses");
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .expect("config");
+    kube::Client::try_from(cfg).expect("client")
+}
+
+/// Polls `check` until it returns `Some` or `WAIT` passes.
+async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn pod(name: &str, node: &str) -> Pod {
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: Some("default".to_owned()),
+            labels: Some(BTreeMap::from([(
+                "aadpodidbinding".to_owned(),
+                "kv".to_owned(),
+            )])),
+            ..Default::default()
+        },
+        spec: Some(PodSpec {
+            node_name: Some(node.to_owned()),
+            containers: vec![],
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+fn vmss_node(name: &str) -> Node {
+    Node {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            ..Default::default()
+        },
+        spec: Some(NodeSpec {
+            provider_id: Some("azure:///subscriptions/S/resourceGroups/MC/providers/Microsoft.Compute/virtualMachineScaleSets/pool/virtualMachines/0".to_owned()),
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+struct Cluster {
+    _server: FakeApiServer,
+    client: kube::Client,
+    recorder: Arc<Recorder>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Cluster {
+    async fn start(fail: bool) -> Self {
+        let server = FakeApiServer::start().await.expect("server");
+        let client = client_for(&server).await;
+        let pp = PostParams::default();
+        Api::<Node>::all(client.clone())
+            .create(&pp, &vmss_node("n1"))
+            .await
+            .expect("node");
+        Api::<AzureIdentity>::namespaced(client.clone(), "default")
+            .create(
+                &pp,
+                &AzureIdentity::user_assigned("default", "kv-id", RID, "client-1"),
+            )
+            .await
+            .expect("identity");
+        Api::<AzureIdentityBinding>::namespaced(client.clone(), "default")
+            .create(
+                &pp,
+                &AzureIdentityBinding::for_selector("default", "kv-binding", "kv-id", "kv"),
+            )
+            .await
+            .expect("binding");
+        let recorder = Arc::new(Recorder::default());
+        recorder.fail.store(fail, Ordering::SeqCst);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let settings = Settings {
+            options: Options {
+                force_namespaced: false,
+                release_finished_pods: true,
+                immutable_client_ids: BTreeSet::new(),
+            },
+            batch: 4,
+            resync: Duration::from_secs(3600),
+        };
+        let task = tokio::spawn({
+            let client = client.clone();
+            let assigner: Arc<dyn IdentityAssigner> = recorder.clone();
+            async move {
+                run(client, settings, assigner, async {
+                    let _ = stopped.await;
+                })
+                .await
+                .expect("loop ends cleanly");
+            }
+        });
+        Self {
+            _server: server,
+            client,
+            recorder,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    fn assigned(&self) -> Api<AzureAssignedIdentity> {
+        Api::namespaced(self.client.clone(), "default")
+    }
+
+    async fn state_of(&self, name: &str) -> Option<AzureAssignedIdentity> {
+        self.assigned().get_opt(name).await.expect("get")
+    }
+
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        tokio::time::timeout(WAIT, &mut self.task)
+            .await
+            .expect("stops in time")
+            .expect("no panic");
+    }
+}
+
+#[tokio::test]
+async fn assignment_lifecycle() {
+    let cluster = Cluster::start(false).await;
+    Api::<Pod>::namespaced(cluster.client.clone(), "default")
+        .create(&PostParams::default(), &pod("web-1", "n1"))
+        .await
+        .expect("pod");
+
+    let object = wait_for("web-1-default-kv-id Assigned", || async {
+        cluster
+            .state_of("web-1-default-kv-id")
+            .await
+            .filter(|o| o.state() == AssignedIdentityState::Assigned)
+    })
+    .await;
+    assert_eq!(
+        object.metadata.finalizers,
+        Some(vec![ASSIGNED_IDENTITY_FINALIZER.to_owned()])
+    );
+    assert_eq!(object.spec.node_name.as_deref(), Some("n1"));
+    let id = RID.to_ascii_lowercase();
+    let calls = cluster.recorder.calls();
+    assert_eq!(
+        calls.first(),
+        Some(&(
+            ArmTarget::Vmss("pool".to_owned()),
+            BTreeSet::from([id.clone()]),
+            BTreeSet::new()
+        ))
+    );
+
+    // The pod goes: the identity leaves the scale set and the object is gone, finalizer and all.
+    Api::<Pod>::namespaced(cluster.client.clone(), "default")
+        .delete("web-1", &DeleteParams::default())
+        .await
+        .expect("delete pod");
+    wait_for("web-1-default-kv-id deleted", || async {
+        cluster
+            .state_of("web-1-default-kv-id")
+            .await
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert!(
+        cluster
+            .recorder
+            .calls()
+            .iter()
+            .any(|(target, required, release)| {
+                target == &ArmTarget::Vmss("pool".to_owned())
+                    && required.is_empty()
+                    && release == &BTreeSet::from([id.clone()])
+            }),
+        "{:?}",
+        cluster.recorder.calls()
+    );
+    cluster.stop().await;
+}
+
+#[tokio::test]
+async fn failed_vmss_update_is_retried_without_a_new_event() {
+    let cluster = Cluster::start(true).await;
+    Api::<Pod>::namespaced(cluster.client.clone(), "default")
+        .create(&PostParams::default(), &pod("web-2", "n1"))
+        .await
+        .expect("pod");
+    // ARM refuses: the object exists but stays Created.
+    let object = wait_for("web-2-default-kv-id created", || async {
+        cluster.state_of("web-2-default-kv-id").await
+    })
+    .await;
+    assert_eq!(object.state(), AssignedIdentityState::Created);
+    wait_for("a second ARM attempt", || async {
+        (cluster.recorder.calls().len() >= 2).then_some(())
+    })
+    .await;
+    assert_eq!(
+        cluster
+            .state_of("web-2-default-kv-id")
+            .await
+            .map(|o| o.state()),
+        Some(AssignedIdentityState::Created)
+    );
+    // ARM recovers: the retry (no event involved) makes it Assigned.
+    cluster.recorder.fail.store(false, Ordering::SeqCst);
+    wait_for("web-2-default-kv-id Assigned", || async {
+        cluster
+            .state_of("web-2-default-kv-id")
+            .await
+            .filter(|o| o.state() == AssignedIdentityState::Assigned)
+    })
+    .await;
+    cluster.stop().await;
+}
