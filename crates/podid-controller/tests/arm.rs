@@ -687,3 +687,23 @@ async fn server_errors_are_transient_status_errors() {
         .await
         .expect("next call goes through");
 }
+
+#[tokio::test]
+async fn concurrent_updates_of_one_resource_do_not_overlap() {
+    let e = env();
+    e.arm.set_reject_concurrent_updates(true);
+    e.arm.set_operation_duration(Duration::from_millis(200));
+    let c = compute(&e.vmss);
+    let (a, b) = (uai(&e.cloud, "a"), uai(&e.cloud, "b"));
+    let (ra, rb) = tokio::join!(
+        e.client
+            .update_identities(&c, std::slice::from_ref(&a), &[]),
+        e.client
+            .update_identities(&c, std::slice::from_ref(&b), &[]),
+    );
+    ra.expect("first");
+    rb.expect("second");
+    assert_eq!(assigned(&e.cloud, &e.vmss), strs(&[&a, &b]));
+    assert_eq!(e.arm.overlapping_patch_count(&e.vmss), 0);
+    assert_eq!(e.arm.patch_count(&e.vmss), 2);
+}

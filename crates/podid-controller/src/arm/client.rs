@@ -118,6 +118,9 @@ pub struct ArmClient {
     clock: Arc<dyn Clock>,
     /// Lower-cased subscription id → no calls before this time.
     gate: Mutex<HashMap<String, SystemTime>>,
+    /// One update at a time per VM/VMSS: ARM answers 409 to a PATCH while another one's
+    /// operation is still running on the same resource.
+    updates: Mutex<HashMap<ComputeId, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// One answer, read fully.
@@ -163,6 +166,7 @@ impl ArmClient {
             tokens,
             clock: Arc::new(SystemClock),
             gate: Mutex::new(HashMap::new()),
+            updates: Mutex::new(HashMap::new()),
         })
     }
 
@@ -201,7 +205,8 @@ impl ArmClient {
     /// long-running operation. Nothing to change → no PATCH. A resource in `Deleting` is
     /// refused before any PATCH. If ARM refuses some identities (`LinkedAuthorizationFailed`,
     /// `FailedIdentityOperation`), the ids named in its message are dropped and the rest is
-    /// tried once more; the outcome lists the dropped ids.
+    /// tried once more; the outcome lists the dropped ids. Concurrent calls for the same
+    /// resource run one after the other.
     pub async fn update_identities(
         &self,
         compute: &ComputeId,
@@ -213,6 +218,14 @@ impl ArmClient {
             tracing::debug!(%compute, "No identities to assign or un-assign");
             return Ok(outcome);
         }
+        let serial = self
+            .updates
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(compute.clone())
+            .or_default()
+            .clone();
+        let _one_at_a_time = serial.lock().await;
         let mut add = add.to_vec();
         let mut remove = remove.to_vec();
         loop {
