@@ -14,62 +14,9 @@ use podid_controller::arm::{
     BrokerTokenProvider, ComputeId, IdentityResourceId, IdentityType,
 };
 use podid_controller::broker::{
-    BrokerConfig, BrokerError, FetchRequest, IdentitySpec, ManualClock, Secret, SourceFuture,
-    SourceKind, Sources, SystemClock, Token, TokenBroker, TokenSource,
+    BrokerConfig, ClientSecretSource, EntraConfig, IdentitySpec, ManualClock, Secret, Sources,
+    SystemClock, Token, TokenBroker,
 };
-
-/// A minimal Entra v1 client-credentials source for the tests (the product's own sources are
-/// tested elsewhere); it goes through the real broker so the ARM client's provider is the real one.
-#[derive(Debug)]
-struct EntraSecretSource {
-    http: reqwest::Client,
-    token_url: String,
-}
-
-impl TokenSource for EntraSecretSource {
-    fn kind(&self) -> SourceKind {
-        SourceKind::ClientSecret
-    }
-
-    fn fetch<'a>(&'a self, request: &'a FetchRequest) -> SourceFuture<'a> {
-        Box::pin(async move {
-            let secret = match &request.identity.credential {
-                podid_controller::broker::Credential::ClientSecret(s) => s.expose().to_owned(),
-                _ => unreachable!("tests only use client secrets"),
-            };
-            let unavailable = |reason: String| BrokerError::Unavailable {
-                source_kind: SourceKind::ClientSecret,
-                client_id: request.identity.client_id.clone(),
-                reason,
-                retry_after: None,
-            };
-            let response = self
-                .http
-                .post(&self.token_url)
-                .form(&[
-                    ("grant_type", "client_credentials"),
-                    ("client_id", request.identity.client_id.as_str()),
-                    ("client_secret", secret.as_str()),
-                    ("resource", request.resource.as_str()),
-                ])
-                .send()
-                .await
-                .map_err(|e| unavailable(e.to_string()))?;
-            let body: serde_json::Value = response
-                .json()
-                .await
-                .map_err(|e| unavailable(e.to_string()))?;
-            let token = body["access_token"]
-                .as_str()
-                .ok_or_else(|| unavailable(format!("no token: {}", body["error"])))?;
-            let expires_on: u64 = body["expires_on"]
-                .as_str()
-                .and_then(|s| s.parse().ok())
-                .ok_or_else(|| unavailable("no expires_on".to_owned()))?;
-            Ok(Token::new(token, request.resource.clone(), expires_on))
-        })
-    }
-}
 
 /// A fixed token; counts invalidations.
 #[derive(Debug)]
@@ -120,14 +67,15 @@ fn env() -> Env {
         cloud.resource_group(),
         "aks-np-vmss",
     );
-    podid_azure_sim::install_crypto_provider();
-    let source = EntraSecretSource {
-        http: reqwest::Client::builder()
-            .no_proxy()
-            .build()
-            .expect("client"),
-        token_url: entra.token_url_v1(),
-    };
+    // MIC's ARM token comes from the product's own Entra client-secret source via the broker.
+    let source = ClientSecretSource::new(
+        EntraConfig {
+            default_authority: format!("{}/", entra.url()),
+            ..EntraConfig::default()
+        },
+        Arc::new(SystemClock),
+    )
+    .expect("entra source");
     let broker = Arc::new(TokenBroker::new(
         BrokerConfig::default(),
         Sources::all(Arc::new(source)),
