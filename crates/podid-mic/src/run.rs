@@ -7,8 +7,7 @@
 //! scale set does not hold the others' status updates. A pass with failures is retried with
 //! exponential backoff (1 s doubling to 5 min) instead of waiting for the next event.
 //!
-//! Not here yet: leader election, the type upgrade, events, metrics and the periodic
-//! identity-assignment reconcile.
+//! Not here yet: leader election, the type upgrade, Kubernetes events and metrics.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt::Debug;
@@ -78,6 +77,9 @@ pub struct Settings {
     pub batch: usize,
     /// Period of the full pass without events (`--syncRetryDuration`).
     pub resync: Duration,
+    /// Period of the pass that hands every VM/VMSS its required ids again, so identities
+    /// removed behind MIC's back come back (`--identity-assignment-reconcile-interval`).
+    pub identity_reconcile: Duration,
 }
 
 impl Settings {
@@ -94,16 +96,50 @@ impl Settings {
             },
             batch: config.create_delete_batch,
             resync: config.sync_retry_interval,
+            identity_reconcile: config.identity_assignment_reconcile_interval,
         }
     }
 }
 
-/// Why the loop stopped.
+/// Why the loop stopped or could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     /// A watch ended for good before the caches were filled.
     #[error("the {0} watch stopped before its cache was filled")]
     CacheSync(&'static str),
+    /// The kubeconfig file could not be read or used.
+    #[error("failed to load kubeconfig {path}")]
+    Kubeconfig {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// No kubeconfig given and the in-cluster configuration is unusable.
+    #[error("failed to load the in-cluster configuration (pass --kubeconfig outside a cluster)")]
+    InCluster(#[source] kube::config::InClusterError),
+    /// The client could not be built from the configuration.
+    #[error("failed to build the Kubernetes client")]
+    Client(#[source] kube::Error),
+}
+
+/// The Kubernetes client from `--kubeconfig`, or the in-cluster configuration without it.
+pub async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<Client, RunError> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let fail = |source: Box<dyn std::error::Error + Send + Sync>| RunError::Kubeconfig {
+                path: path.to_owned(),
+                source,
+            };
+            let file = kube::config::Kubeconfig::read_from(path).map_err(|e| fail(e.into()))?;
+            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| fail(e.into()))?
+        }
+        None => kube::Config::incluster().map_err(RunError::InCluster)?,
+    };
+    Client::try_from(config).map_err(RunError::Client)
 }
 
 /// What one pass achieved.
@@ -229,8 +265,10 @@ async fn run_loop(
     }
     info!("caches synced; reconciling");
     let mut failures_in_a_row: u32 = 0;
+    let mut every_target = false;
+    let mut next_reconcile = tokio::time::Instant::now() + settings.identity_reconcile;
     loop {
-        let report = pass(client, settings, assigner, stores).await;
+        let report = pass(client, settings, assigner, stores, every_target).await;
         if report != PassReport::default() {
             info!(
                 created = report.created,
@@ -249,9 +287,14 @@ async fn run_loop(
             failures_in_a_row = 0;
             settings.resync
         };
+        every_target = false;
         tokio::select! {
             () = notify.notified() => {}
             () = tokio::time::sleep(wait) => {}
+            () = tokio::time::sleep_until(next_reconcile) => {
+                every_target = true;
+                next_reconcile = tokio::time::Instant::now() + settings.identity_reconcile;
+            }
             () = &mut shutdown => return Ok(()),
         }
     }
@@ -263,6 +306,7 @@ async fn pass(
     settings: &Settings,
     assigner: &dyn IdentityAssigner,
     stores: &Stores,
+    every_target: bool,
 ) -> PassReport {
     let pods = stores.pods.state();
     let nodes = stores.nodes.state();
@@ -280,15 +324,18 @@ async fn pass(
     for warning in &plan.warnings {
         warn!("{warning}");
     }
-    apply_plan(client, settings.batch.max(1), assigner, &plan).await
+    apply_plan(client, settings.batch.max(1), assigner, &plan, every_target).await
 }
 
-/// Writes `plan` to the API server and runs each target's identity work.
+/// Writes `plan` to the API server and runs each target's identity work: targets with
+/// assignments to confirm or ids to release, and with `every_target` also all the others that
+/// need some id (the periodic identity-assignment reconcile).
 pub async fn apply_plan(
     client: &Client,
     batch: usize,
     assigner: &dyn IdentityAssigner,
     plan: &Plan<'_>,
+    every_target: bool,
 ) -> PassReport {
     let mut report = PassReport::default();
     let mut namespaces: HashMap<&str, &str> = HashMap::new();
@@ -365,7 +412,11 @@ pub async fn apply_plan(
     let per_target: Vec<BoxFuture<'_, PassReport>> = plan
         .targets
         .iter()
-        .filter(|(_, t)| !t.confirm.is_empty() || !t.release.is_empty())
+        .filter(|(_, t)| {
+            !t.confirm.is_empty()
+                || !t.release.is_empty()
+                || (every_target && !t.required.is_empty())
+        })
         .map(|(target, work)| {
             let confirms: Vec<BoxFuture<'_, Result<(), kube::Error>>> = work
                 .confirm

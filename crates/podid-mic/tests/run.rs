@@ -10,14 +10,13 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{Node, NodeSpec, Pod, PodSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
 use podid_api::{
     ASSIGNED_IDENTITY_FINALIZER, AssignedIdentityState, AzureAssignedIdentity, AzureIdentity,
     AzureIdentityBinding,
 };
 use podid_fake_apiserver::FakeApiServer;
 use podid_mic::desired::{ArmTarget, Options};
-use podid_mic::run::{AssignFuture, IdentityAssigner, Settings, run};
+use podid_mic::run::{AssignFuture, IdentityAssigner, Settings, kube_client, run};
 
 const WAIT: Duration = Duration::from_secs(20);
 const RID: &str = "/subscriptions/S/resourcegroups/RG/providers/Microsoft.ManagedIdentity/userAssignedIdentities/kv-id";
@@ -62,11 +61,21 @@ async fn client_for(server: &FakeApiServer) -> kube::Client {
     std::fs::create_dir_all(&dir).expect("temp dir");
     let path = dir.join("kubeconfig");
     server.write_kubeconfig(&path).expect("write kubeconfig");
-    let kc = Kubeconfig::read_from(&path).expect("kubeconfig parses");
-    let cfg = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+    kube_client(Some(&path))
         .await
-        .expect("config");
-    kube::Client::try_from(cfg).expect("client")
+        .expect("client from kubeconfig")
+}
+
+#[tokio::test]
+async fn kubeconfig_errors_name_the_file() {
+    let Err(err) = kube_client(Some(std::path::Path::new("/nonexistent/podid/kubeconfig"))).await
+    else {
+        panic!("a missing kubeconfig must be refused");
+    };
+    assert_eq!(
+        err.to_string(),
+        "failed to load kubeconfig /nonexistent/podid/kubeconfig"
+    );
 }
 
 /// Polls `check` until it returns `Some` or `WAIT` passes.
@@ -132,6 +141,10 @@ struct Cluster {
 
 impl Cluster {
     async fn start(fail: bool) -> Self {
+        Self::start_with(fail, Duration::from_secs(3600)).await
+    }
+
+    async fn start_with(fail: bool, identity_reconcile: Duration) -> Self {
         let server = FakeApiServer::start().await.expect("server");
         let client = client_for(&server).await;
         let pp = PostParams::default();
@@ -164,6 +177,7 @@ impl Cluster {
             },
             batch: 4,
             resync: Duration::from_secs(3600),
+            identity_reconcile,
         };
         let task = tokio::spawn({
             let client = client.clone();
@@ -297,5 +311,34 @@ async fn failed_vmss_update_is_retried_without_a_new_event() {
             .filter(|o| o.state() == AssignedIdentityState::Assigned)
     })
     .await;
+    cluster.stop().await;
+}
+
+#[tokio::test]
+async fn periodic_reconcile_hands_required_ids_again_without_events() {
+    let cluster = Cluster::start_with(false, Duration::from_millis(300)).await;
+    Api::<Pod>::namespaced(cluster.client.clone(), "default")
+        .create(&PostParams::default(), &pod("web-3", "n1"))
+        .await
+        .expect("pod");
+    wait_for("web-3-default-kv-id Assigned", || async {
+        cluster
+            .state_of("web-3-default-kv-id")
+            .await
+            .filter(|o| o.state() == AssignedIdentityState::Assigned)
+    })
+    .await;
+    let after_assignment = cluster.recorder.calls().len();
+    let id = RID.to_ascii_lowercase();
+    let calls = wait_for("two reconcile calls", || async {
+        let calls = cluster.recorder.calls();
+        (calls.len() >= after_assignment + 2).then_some(calls)
+    })
+    .await;
+    for (target, required, release) in &calls[after_assignment..] {
+        assert_eq!(target, &ArmTarget::Vmss("pool".to_owned()));
+        assert_eq!(required, &BTreeSet::from([id.clone()]));
+        assert!(release.is_empty());
+    }
     cluster.stop().await;
 }
