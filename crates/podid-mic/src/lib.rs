@@ -8,6 +8,7 @@
 //!   Azure endpoints it implies.
 //! - [`desired`]: the pure desired-state computation and its diff against the existing
 //!   `AzureAssignedIdentity` objects.
+//! - [`leader`]: leader election on a Lease.
 //! - [`run`]: the controller loop (reflectors, coalesced passes, API writes, per-VM/VMSS work
 //!   through an [`run::IdentityAssigner`]).
 //!
@@ -18,4 +19,5 @@
 pub mod cloud;
 pub mod config;
 pub mod desired;
+pub mod leader;
 pub mod run;
