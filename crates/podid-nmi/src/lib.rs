@@ -3,8 +3,8 @@
 //! identity and answers with a token from the controller crate's broker — or an IMDS-shaped error.
 //!
 //! Modules: the command line ([`config`]), the interception rules ([`interception`]), the IP → pod
-//! index ([`pods`]), the token provider seam ([`provider`]), the HTTP servers ([`server`]) and
-//! metrics ([`metrics`]). Identity matching lives in `podid_controller::matching`.
+//! index ([`pods`]), the token provider seam ([`provider`]), the HTTP servers ([`server`]),
+//! metrics ([`metrics`]) and the watches feeding them ([`run`]). Identity matching lives in `podid_controller::matching`.
 //! Wire formats come from `podid-imds`; this crate must not write IMDS bodies itself.
 //! Must not depend on the test doubles (`podid-testkit` and friends).
 
@@ -13,4 +13,5 @@ pub mod interception;
 pub mod metrics;
 pub mod pods;
 pub mod provider;
+pub mod run;
 pub mod server;

@@ -1,0 +1,187 @@
+//! The watches that feed NMI's in-memory state (reference §2.1 step 4, DESIGN §2 step 3):
+//! the node's pods into the [`PodIndex`], the four custom resources into the [`Matcher`].
+//!
+//! * Pods: field selector `spec.nodeName=<node>`, all namespaces. The initial list (and every
+//!   relist after a watch restart) replaces the index at once when complete, so a relist never
+//!   empties the index half-way.
+//! * `AzureAssignedIdentity`: label selector `nodename=<node>` with `--enableScaleFeatures`
+//!   (default), else all; `AzureIdentity`, `AzureIdentityBinding`, `AzurePodIdentityException`:
+//!   all namespaces. Each goes into a kube reflector store; a rebuild task turns the stores into
+//!   a new [`podid_controller::matching::MatchIndex`] after every burst of changes.
+//!
+//! The pod index and the matcher are marked synced once their initial lists are complete; until
+//! then the server answers no token (fail closed) and `/readyz` is 503. Watch errors are retried
+//! with kube's default backoff and logged.
+
+use std::fmt::Debug;
+use std::hash::Hash;
+use std::sync::Arc;
+
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::WatchStreamExt as _;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::watcher::{self, Event, watcher};
+use kube::{Api, Client, Resource};
+use podid_api::{
+    AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding, AzurePodIdentityException,
+    NODE_NAME_LABEL,
+};
+use podid_controller::matching::{MatchIndex, MatchOptions};
+use serde::de::DeserializeOwned;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+
+use crate::pods::PodIndex;
+use crate::server::Matcher;
+
+/// What to watch.
+#[derive(Debug, Clone)]
+pub struct WatchConfig {
+    /// This node's name (`--node`).
+    pub node_name: String,
+    /// Matching options (mode, namespaced).
+    pub match_options: MatchOptions,
+    /// `--enableScaleFeatures`: watch only this node's `AzureAssignedIdentity` objects.
+    pub scale_features: bool,
+}
+
+/// The running watch tasks; dropping it stops them.
+#[derive(Debug)]
+pub struct Watches {
+    tasks: JoinSet<()>,
+}
+
+impl Watches {
+    /// Stop every watch.
+    pub fn abort(&mut self) {
+        self.tasks.abort_all();
+    }
+}
+
+/// Start the watches feeding `pods` and `matcher`.
+pub fn spawn_watches(
+    client: Client,
+    config: &WatchConfig,
+    pods: Arc<PodIndex>,
+    matcher: Arc<Matcher>,
+) -> Watches {
+    let mut tasks = JoinSet::new();
+    tasks.spawn(watch_pods(
+        Api::all(client.clone()),
+        config.node_name.clone(),
+        pods,
+    ));
+
+    let changed = Arc::new(Notify::new());
+    let assigned_config = if config.scale_features {
+        watcher::Config::default().labels(&format!("{NODE_NAME_LABEL}={}", config.node_name))
+    } else {
+        watcher::Config::default()
+    };
+    let identities = reflect::<AzureIdentity>(
+        &mut tasks,
+        Api::all(client.clone()),
+        watcher::Config::default(),
+        &changed,
+    );
+    let bindings = reflect::<AzureIdentityBinding>(
+        &mut tasks,
+        Api::all(client.clone()),
+        watcher::Config::default(),
+        &changed,
+    );
+    let assignments = reflect::<AzureAssignedIdentity>(
+        &mut tasks,
+        Api::all(client.clone()),
+        assigned_config,
+        &changed,
+    );
+    let exceptions = reflect::<AzurePodIdentityException>(
+        &mut tasks,
+        Api::all(client),
+        watcher::Config::default(),
+        &changed,
+    );
+    let options = config.match_options;
+    tasks.spawn(async move {
+        let ready = futures::future::try_join4(
+            identities.wait_until_ready(),
+            bindings.wait_until_ready(),
+            assignments.wait_until_ready(),
+            exceptions.wait_until_ready(),
+        )
+        .await;
+        if ready.is_err() {
+            tracing::error!("a custom resource watch ended before its first list");
+            return;
+        }
+        loop {
+            let index = MatchIndex::new(
+                options,
+                identities.state(),
+                bindings.state(),
+                assignments.state(),
+                exceptions.state(),
+            );
+            matcher.replace(index);
+            if !matcher.is_synced() {
+                matcher.mark_synced();
+                tracing::info!("identity caches synced");
+            }
+            changed.notified().await;
+        }
+    });
+    Watches { tasks }
+}
+
+/// Run a reflector for `K` in `tasks`, notifying `changed` after each event; returns its store.
+fn reflect<K>(
+    tasks: &mut JoinSet<()>,
+    api: Api<K>,
+    config: watcher::Config,
+    changed: &Arc<Notify>,
+) -> Store<K>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
+{
+    let (store, writer) = reflector::store::<K>();
+    let changed = Arc::clone(changed);
+    tasks.spawn(async move {
+        let kind = K::kind(&K::DynamicType::default()).into_owned();
+        let stream = reflector::reflector(writer, watcher(api, config).default_backoff());
+        futures::pin_mut!(stream);
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(_) => changed.notify_one(),
+                Err(error) => tracing::warn!(%kind, %error, "watch failed, retrying"),
+            }
+        }
+    });
+    store
+}
+
+async fn watch_pods(api: Api<Pod>, node: String, pods: Arc<PodIndex>) {
+    let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+    let stream = watcher(api, config).default_backoff();
+    futures::pin_mut!(stream);
+    let mut listing: Vec<Pod> = Vec::new();
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(Event::Init) => listing.clear(),
+            Ok(Event::InitApply(pod)) => listing.push(pod),
+            Ok(Event::InitDone) => {
+                pods.replace_all(listing.iter());
+                listing = Vec::new();
+                if !pods.is_synced() {
+                    pods.mark_synced();
+                    tracing::info!(node = %node, pods = pods.len(), "pod cache synced");
+                }
+            }
+            Ok(Event::Apply(pod)) => pods.apply(&pod),
+            Ok(Event::Delete(pod)) => pods.delete(&pod),
+            Err(error) => tracing::warn!(%error, "pod watch failed, retrying"),
+        }
+    }
+}
