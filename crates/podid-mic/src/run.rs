@@ -19,8 +19,10 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use futures::{StreamExt, stream};
+use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource};
@@ -80,6 +82,8 @@ pub struct Settings {
     /// Period of the pass that hands every VM/VMSS its required ids again, so identities
     /// removed behind MIC's back come back (`--identity-assignment-reconcile-interval`).
     pub identity_reconcile: Duration,
+    /// `reportingInstance` of the Kubernetes events (the leader-election identity).
+    pub instance: String,
 }
 
 impl Settings {
@@ -97,6 +101,7 @@ impl Settings {
             batch: config.create_delete_batch,
             resync: config.sync_retry_interval,
             identity_reconcile: config.identity_assignment_reconcile_interval,
+            instance: config.leader_election_instance.clone(),
         }
     }
 }
@@ -208,10 +213,18 @@ pub async fn run(
         bindings: reflect(Api::all(client.clone()), notify.clone(), &mut tasks),
         assigned: reflect(Api::all(client.clone()), notify.clone(), &mut tasks),
     };
+    let events = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: EVENT_SOURCE.to_owned(),
+            instance: Some(settings.instance.clone()),
+        },
+    );
     let result = run_loop(
         &client,
         &settings,
         assigner.as_ref(),
+        &events,
         &stores,
         &notify,
         shutdown,
@@ -227,6 +240,7 @@ async fn run_loop(
     client: &Client,
     settings: &Settings,
     assigner: &dyn IdentityAssigner,
+    events: &Recorder,
     stores: &Stores,
     notify: &Notify,
     shutdown: impl Future<Output = ()>,
@@ -268,7 +282,7 @@ async fn run_loop(
     let mut every_target = false;
     let mut next_reconcile = tokio::time::Instant::now() + settings.identity_reconcile;
     loop {
-        let report = pass(client, settings, assigner, stores, every_target).await;
+        let report = pass(client, settings, assigner, events, stores, every_target).await;
         if report != PassReport::default() {
             info!(
                 created = report.created,
@@ -305,6 +319,7 @@ async fn pass(
     client: &Client,
     settings: &Settings,
     assigner: &dyn IdentityAssigner,
+    events: &Recorder,
     stores: &Stores,
     every_target: bool,
 ) -> PassReport {
@@ -324,29 +339,43 @@ async fn pass(
     for warning in &plan.warnings {
         warn!("{warning}");
     }
-    apply_plan(client, settings.batch.max(1), assigner, &plan, every_target).await
+    apply_plan(
+        client,
+        settings.batch.max(1),
+        assigner,
+        Some(events),
+        &plan,
+        every_target,
+    )
+    .await
 }
 
 /// Writes `plan` to the API server and runs each target's identity work: targets with
 /// assignments to confirm or ids to release, and with `every_target` also all the others that
 /// need some id (the periodic identity-assignment reconcile).
+/// With `events`, upstream's Kubernetes events are published on the bindings.
 pub async fn apply_plan(
     client: &Client,
     batch: usize,
     assigner: &dyn IdentityAssigner,
+    events: Option<&Recorder>,
     plan: &Plan<'_>,
     every_target: bool,
 ) -> PassReport {
     let mut report = PassReport::default();
-    let mut namespaces: HashMap<&str, &str> = HashMap::new();
+    let mut objects: HashMap<&str, &AzureAssignedIdentity> = HashMap::new();
     for object in plan
         .create
         .iter()
         .chain(plan.update.iter().map(|u| &u.desired))
         .chain(plan.unchanged.iter().copied())
     {
-        namespaces.insert(name_of(object), namespace_of(object));
+        objects.insert(name_of(object), object);
     }
+    let namespaces: HashMap<&str, &str> = objects
+        .iter()
+        .map(|(name, object)| (*name, namespace_of(object)))
+        .collect();
 
     // 1. Creates and updates (state Created unless an update keeps the state).
     let writes: Vec<BoxFuture<'_, WriteOutcome<'_>>> = plan
@@ -374,6 +403,32 @@ pub async fn apply_plan(
                 warn!(name, error = %e, "failed to write AzureAssignedIdentity");
                 report.failures += 1;
                 failed.insert(name);
+                if let (Some(events), Some(object)) = (events, objects.get(name)) {
+                    let spec = &object.spec;
+                    let note = if create {
+                        format!(
+                            "failed to create AzureAssignedIdentity {name}/{} for pod {}/{}, error: {e}",
+                            namespace_of(object),
+                            spec.pod_namespace.as_deref().unwrap_or_default(),
+                            spec.pod.as_deref().unwrap_or_default(),
+                        )
+                    } else {
+                        format!(
+                            "failed to update AzureAssignedIdentity {}/{name} for pod {}/{}, error: {e}",
+                            namespace_of(object),
+                            spec.pod.as_deref().unwrap_or_default(),
+                            spec.pod_namespace.as_deref().unwrap_or_default(),
+                        )
+                    };
+                    publish(
+                        events,
+                        object,
+                        EventType::Warning,
+                        "binding apply error",
+                        note,
+                    )
+                    .await;
+                }
             }
         }
     }
@@ -427,6 +482,12 @@ pub async fn apply_plan(
                         as BoxFuture<'_, _>
                 })
                 .collect();
+            let confirmed: Vec<&AzureAssignedIdentity> = work
+                .confirm
+                .iter()
+                .filter(|name| !failed.contains(name.as_str()))
+                .filter_map(|name| objects.get(name.as_str()).copied())
+                .collect();
             let releases: Vec<BoxFuture<'_, Result<(), kube::Error>>> = plan
                 .delete
                 .iter()
@@ -438,9 +499,45 @@ pub async fn apply_plan(
                 if let Err(e) = assigner.apply(target, &work.required, &work.release).await {
                     warn!(%target, error = %e, "failed to update the identities of the VM/VMSS");
                     report.failures += 1;
+                    if let Some(events) = events {
+                        for object in confirmed.iter().copied() {
+                            let spec = &object.spec;
+                            let note = format!(
+                                "failed to apply binding {} node {} for pod {}/{}, error: {e}",
+                                binding_key(object),
+                                spec.node_name.as_deref().unwrap_or_default(),
+                                spec.pod_namespace.as_deref().unwrap_or_default(),
+                                spec.pod.as_deref().unwrap_or_default(),
+                            );
+                            publish(
+                                events,
+                                object,
+                                EventType::Warning,
+                                "binding apply error",
+                                note,
+                            )
+                            .await;
+                        }
+                    }
                     return report;
                 }
                 debug!(%target, "identities applied");
+                if let Some(events) = events {
+                    for object in confirmed.iter().copied() {
+                        let note = format!(
+                            "Binding {} applied on node {} for pod {}",
+                            object
+                                .spec
+                                .azure_binding_ref
+                                .as_ref()
+                                .and_then(|b| b.metadata.name.as_deref())
+                                .unwrap_or_default(),
+                            object.spec.node_name.as_deref().unwrap_or_default(),
+                            name_of(object),
+                        );
+                        publish(events, object, EventType::Normal, "binding applied", note).await;
+                    }
+                }
                 count(
                     &mut report.assigned,
                     &mut report.failures,
@@ -465,6 +562,55 @@ pub async fn apply_plan(
 
 /// Name, whether it was a create, and the result of one create or replace.
 type WriteOutcome<'a> = (&'a str, bool, Result<(), kube::Error>);
+
+/// Source component of MIC's events, as upstream.
+pub const EVENT_SOURCE: &str = "aadpodidentity.k8s.io";
+
+fn binding_key(object: &AzureAssignedIdentity) -> String {
+    let binding = object.spec.azure_binding_ref.as_deref();
+    format!(
+        "{}/{}",
+        binding
+            .and_then(|b| b.metadata.namespace.as_deref())
+            .unwrap_or_default(),
+        binding
+            .and_then(|b| b.metadata.name.as_deref())
+            .unwrap_or_default()
+    )
+}
+
+/// Publishes an event on the binding behind `object` (upstream's involved object); failures
+/// are logged, never fatal.
+async fn publish(
+    events: &Recorder,
+    object: &AzureAssignedIdentity,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
+    let Some(binding) = object.spec.azure_binding_ref.as_deref() else {
+        return;
+    };
+    let reference = ObjectReference {
+        api_version: Some(podid_api::API_VERSION.to_owned()),
+        kind: Some("AzureIdentityBinding".to_owned()),
+        name: binding.metadata.name.clone(),
+        namespace: binding.metadata.namespace.clone(),
+        uid: binding.metadata.uid.clone(),
+        resource_version: binding.metadata.resource_version.clone(),
+        field_path: None,
+    };
+    let event = Event {
+        type_,
+        reason: reason.to_owned(),
+        note: Some(note),
+        action: "Assign".to_owned(),
+        secondary: None,
+    };
+    if let Err(e) = events.publish(&event, &reference).await {
+        debug!(error = %e, reason, "failed to publish event");
+    }
+}
 
 /// Runs `futures` at most `limit` at a time.
 async fn bounded<T>(futures: Vec<BoxFuture<'_, T>>, limit: usize) -> Vec<T> {

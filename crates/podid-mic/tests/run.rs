@@ -178,6 +178,7 @@ impl Cluster {
             batch: 4,
             resync: Duration::from_secs(3600),
             identity_reconcile,
+            instance: "mic-test".to_owned(),
         };
         let task = tokio::spawn({
             let client = client.clone();
@@ -238,6 +239,29 @@ async fn assignment_lifecycle() {
         Some(vec![ASSIGNED_IDENTITY_FINALIZER.to_owned()])
     );
     assert_eq!(object.spec.node_name.as_deref(), Some("n1"));
+    let event = wait_for("a binding applied event", || async {
+        Api::<k8s_openapi::api::events::v1::Event>::namespaced(cluster.client.clone(), "default")
+            .list(&Default::default())
+            .await
+            .expect("list events")
+            .items
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("binding applied"))
+    })
+    .await;
+    assert_eq!(event.type_.as_deref(), Some("Normal"));
+    assert_eq!(
+        event.note.as_deref(),
+        Some("Binding kv-binding applied on node n1 for pod web-1-default-kv-id")
+    );
+    assert_eq!(
+        event.regarding.as_ref().and_then(|r| r.kind.as_deref()),
+        Some("AzureIdentityBinding")
+    );
+    assert_eq!(
+        event.reporting_controller.as_deref(),
+        Some("aadpodidentity.k8s.io")
+    );
     let id = RID.to_ascii_lowercase();
     let calls = cluster.recorder.calls();
     assert_eq!(
@@ -291,6 +315,23 @@ async fn failed_vmss_update_is_retried_without_a_new_event() {
     })
     .await;
     assert_eq!(object.state(), AssignedIdentityState::Created);
+    let event = wait_for("a binding apply error event", || async {
+        Api::<k8s_openapi::api::events::v1::Event>::namespaced(cluster.client.clone(), "default")
+            .list(&Default::default())
+            .await
+            .expect("list events")
+            .items
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("binding apply error"))
+    })
+    .await;
+    assert_eq!(event.type_.as_deref(), Some("Warning"));
+    assert_eq!(
+        event.note.as_deref(),
+        Some(
+            "failed to apply binding default/kv-binding node n1 for pod default/web-2, error: ARM said no"
+        )
+    );
     wait_for("a second ARM attempt", || async {
         (cluster.recorder.calls().len() >= 2).then_some(())
     })
