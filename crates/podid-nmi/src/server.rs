@@ -39,6 +39,7 @@ use podid_imds::{
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
+use tracing::Instrument as _;
 
 use crate::config::{Config, OperationMode};
 use crate::metrics::{Metrics, imds_operation};
@@ -290,7 +291,15 @@ pub async fn serve(
         let state = Arc::clone(&state);
         service_fn(move |request| {
             let state = Arc::clone(&state);
-            async move { Ok::<_, Infallible>(handle(&state, peer, request).await) }
+            let span = tracing::debug_span!(
+                "imds",
+                client_ip = %peer.ip(),
+                path = %request
+                    .uri()
+                    .path_and_query()
+                    .map_or(std::borrow::Cow::Borrowed("/"), |p| podid_imds::decoded_path(p.as_str())),
+            );
+            async move { Ok::<_, Infallible>(handle(&state, peer, request).await) }.instrument(span)
         })
     })
     .await;
