@@ -266,6 +266,17 @@ impl MatchIndex {
         }
     }
 
+    /// Every identity object the index knows: the `AzureIdentity` objects and the copies
+    /// recorded in assignments (for cache revocation when one disappears).
+    pub fn identity_objects(&self) -> impl Iterator<Item = &AzureIdentity> {
+        self.identities.values().map(|i| &**i).chain(
+            self.assignments
+                .values()
+                .flatten()
+                .filter_map(|a| a.spec.azure_identity_ref.as_deref()),
+        )
+    }
+
     /// The options the index was built with.
     pub fn options(&self) -> MatchOptions {
         self.options

@@ -13,6 +13,7 @@
 //! then the server answers no token (fail closed) and `/readyz` is 503. Watch errors are retried
 //! with kube's default backoff and logged.
 
+use std::collections::HashSet;
 use std::fmt::Debug;
 use std::hash::Hash;
 use std::sync::Arc;
@@ -27,12 +28,14 @@ use podid_api::{
     AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding, AzurePodIdentityException,
     NODE_NAME_LABEL,
 };
+use podid_controller::broker::{Credential, IdentityKey};
 use podid_controller::matching::{MatchIndex, MatchOptions};
 use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 
 use crate::pods::PodIndex;
+use crate::provider::identity_spec;
 use crate::server::Matcher;
 
 /// What to watch.
@@ -45,6 +48,10 @@ pub struct WatchConfig {
     /// `--enableScaleFeatures`: watch only this node's `AzureAssignedIdentity` objects.
     pub scale_features: bool,
 }
+
+/// Called with the cache key of every identity that no watched object references any more
+/// (e.g. `TokenBroker::invalidate_identity`), so its cached tokens go at once.
+pub type Revoke = Arc<dyn Fn(&IdentityKey) + Send + Sync>;
 
 /// The running watch tasks; dropping it stops them.
 #[derive(Debug)]
@@ -65,6 +72,7 @@ pub fn spawn_watches(
     config: &WatchConfig,
     pods: Arc<PodIndex>,
     matcher: Arc<Matcher>,
+    revoke: Option<Revoke>,
 ) -> Watches {
     let mut tasks = JoinSet::new();
     tasks.spawn(watch_pods(
@@ -116,6 +124,7 @@ pub fn spawn_watches(
             tracing::error!("a custom resource watch ended before its first list");
             return;
         }
+        let mut known: HashSet<IdentityKey> = HashSet::new();
         loop {
             let index = MatchIndex::new(
                 options,
@@ -124,7 +133,18 @@ pub fn spawn_watches(
                 assignments.state(),
                 exceptions.state(),
             );
+            let keys: HashSet<IdentityKey> = index
+                .identity_objects()
+                .map(|identity| identity_spec(identity, Credential::None).key())
+                .collect();
             matcher.replace(index);
+            if let Some(revoke) = &revoke {
+                for gone in known.difference(&keys) {
+                    tracing::info!(client_id = %gone.client_id(), "identity no longer referenced, dropping its cached tokens");
+                    revoke(gone);
+                }
+            }
+            known = keys;
             if !matcher.is_synced() {
                 matcher.mark_synced();
                 tracing::info!("identity caches synced");

@@ -11,6 +11,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use podid_api::{
     AssignedIdentityState, AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding,
 };
+use podid_controller::broker::IdentityKey;
 use podid_controller::matching::{Decision, MatchOptions, PendingReason};
 use podid_fake_apiserver::FakeApiServer;
 use podid_imds::IdentitySelector;
@@ -127,6 +128,7 @@ async fn watches_feed_pod_index_and_matcher() {
         .await
         .unwrap();
     let client = kube::Client::try_from(config).unwrap();
+    let (revoked_tx, mut revoked) = tokio::sync::mpsc::unbounded_channel::<String>();
     let pods = Arc::new(PodIndex::new());
     let matcher = Arc::new(Matcher::new(MatchOptions::default()));
     let _watches = spawn_watches(
@@ -138,6 +140,9 @@ async fn watches_feed_pod_index_and_matcher() {
         },
         pods.clone(),
         matcher.clone(),
+        Some(Arc::new(move |key: &IdentityKey| {
+            revoked_tx.send(key.client_id().to_owned()).unwrap();
+        })),
     );
     until("caches synced", || pods.is_synced() && matcher.is_synced()).await;
 
@@ -180,4 +185,24 @@ async fn watches_feed_pod_index_and_matcher() {
         pods.lookup("10.0.0.5".parse().unwrap()).is_err()
     })
     .await;
+
+    // Identity, binding and both assignments deleted: the identity's cached tokens are revoked.
+    assert!(revoked.try_recv().is_err(), "nothing revoked yet");
+    for path in [
+        format!("{CRD}/app/azureidentities/kv-id"),
+        format!("{CRD}/app/azureidentitybindings/kv-binding"),
+        format!("{CRD}/default/azureassignedidentities/web-app-kv-id"),
+    ] {
+        api.delete_json(&path).unwrap();
+    }
+    // The assignment carries a finalizer: remove it as MIC does so the object goes.
+    let _ = api.merge_patch_json(
+        &format!("{CRD}/default/azureassignedidentities/web-app-kv-id"),
+        json!({"metadata": {"finalizers": null}}),
+    );
+    let gone = tokio::time::timeout(TIMEOUT, revoked.recv())
+        .await
+        .expect("revocation after the last reference went")
+        .unwrap();
+    assert_eq!(gone, "client-a");
 }
