@@ -124,6 +124,9 @@ pub enum RunError {
     /// No kubeconfig given and the in-cluster configuration is unusable.
     #[error("failed to load the in-cluster configuration (pass --kubeconfig outside a cluster)")]
     InCluster(#[source] kube::config::InClusterError),
+    /// Another replica holds the leader lease now.
+    #[error("lost leader lease")]
+    LostLease,
     /// The client could not be built from the configuration.
     #[error("failed to build the Kubernetes client")]
     Client(#[source] kube::Error),
@@ -197,6 +200,68 @@ where
     reader
 }
 
+/// The whole controller: Kubernetes client from `--kubeconfig` (or in-cluster), leader
+/// election on the Lease, then [`run`] while the lease is held. Returns `Ok` after `shutdown`
+/// (the lease is released for a fast hand-over) and [`RunError::LostLease`] when the lease is
+/// lost, on which upstream exits with status 1.
+pub async fn serve(
+    config: &crate::config::Config,
+    cloud: &crate::cloud::CloudConfig,
+    assigner: Arc<dyn IdentityAssigner>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
+    let client = kube_client(config.kubeconfig.as_deref()).await?;
+    let mut elector =
+        crate::leader::Elector::new(client.clone(), crate::leader::LeaderSettings::new(config));
+    tokio::pin!(shutdown);
+    tokio::select! {
+        () = elector.acquire() => {}
+        () = &mut shutdown => return Ok(()),
+    }
+    let settings = Settings::new(config, cloud);
+    let lost = Notify::new();
+    let lost_lease = {
+        let stopped = run(client, settings, assigner, async {
+            tokio::select! {
+                () = &mut shutdown => {}
+                () = lost.notified() => {}
+            }
+        });
+        tokio::pin!(stopped);
+        let held = elector.hold();
+        tokio::pin!(held);
+        tokio::select! {
+            r = &mut stopped => {
+                r?;
+                false
+            }
+            () = &mut held => {
+                lost.notify_one();
+                stopped.await?;
+                true
+            }
+        }
+    };
+    if lost_lease {
+        return Err(RunError::LostLease);
+    }
+    if let Err(e) = elector.release().await {
+        warn!(error = %e, "failed to release the leader lease");
+    }
+    Ok(())
+}
+
+/// Aborts the reflector tasks however the loop ends (also when its future is dropped).
+struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
 /// Runs the controller until `shutdown` resolves.
 pub async fn run(
     client: Client,
@@ -220,7 +285,8 @@ pub async fn run(
             instance: Some(settings.instance.clone()),
         },
     );
-    let result = run_loop(
+    let _tasks = AbortOnDrop(tasks);
+    run_loop(
         &client,
         &settings,
         assigner.as_ref(),
@@ -229,11 +295,7 @@ pub async fn run(
         &notify,
         shutdown,
     )
-    .await;
-    for task in tasks {
-        task.abort();
-    }
-    result
+    .await
 }
 
 async fn run_loop(

@@ -16,7 +16,9 @@ use podid_api::{
 };
 use podid_fake_apiserver::FakeApiServer;
 use podid_mic::desired::{ArmTarget, Options};
-use podid_mic::run::{AssignFuture, IdentityAssigner, Settings, kube_client, run};
+use podid_mic::run::{
+    AssignFuture, IdentityAssigner, NoArm, RunError, Settings, kube_client, run, serve,
+};
 
 const WAIT: Duration = Duration::from_secs(20);
 const RID: &str = "/subscriptions/S/resourcegroups/RG/providers/Microsoft.ManagedIdentity/userAssignedIdentities/kv-id";
@@ -131,6 +133,28 @@ fn vmss_node(name: &str) -> Node {
     }
 }
 
+async fn seed(client: &kube::Client) {
+    let pp = PostParams::default();
+    Api::<Node>::all(client.clone())
+        .create(&pp, &vmss_node("n1"))
+        .await
+        .expect("node");
+    Api::<AzureIdentity>::namespaced(client.clone(), "default")
+        .create(
+            &pp,
+            &AzureIdentity::user_assigned("default", "kv-id", RID, "client-1"),
+        )
+        .await
+        .expect("identity");
+    Api::<AzureIdentityBinding>::namespaced(client.clone(), "default")
+        .create(
+            &pp,
+            &AzureIdentityBinding::for_selector("default", "kv-binding", "kv-id", "kv"),
+        )
+        .await
+        .expect("binding");
+}
+
 struct Cluster {
     _server: FakeApiServer,
     client: kube::Client,
@@ -147,25 +171,7 @@ impl Cluster {
     async fn start_with(fail: bool, identity_reconcile: Duration) -> Self {
         let server = FakeApiServer::start().await.expect("server");
         let client = client_for(&server).await;
-        let pp = PostParams::default();
-        Api::<Node>::all(client.clone())
-            .create(&pp, &vmss_node("n1"))
-            .await
-            .expect("node");
-        Api::<AzureIdentity>::namespaced(client.clone(), "default")
-            .create(
-                &pp,
-                &AzureIdentity::user_assigned("default", "kv-id", RID, "client-1"),
-            )
-            .await
-            .expect("identity");
-        Api::<AzureIdentityBinding>::namespaced(client.clone(), "default")
-            .create(
-                &pp,
-                &AzureIdentityBinding::for_selector("default", "kv-binding", "kv-id", "kv"),
-            )
-            .await
-            .expect("binding");
+        seed(&client).await;
         let recorder = Arc::new(Recorder::default());
         recorder.fail.store(fail, Ordering::SeqCst);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -382,4 +388,112 @@ async fn periodic_reconcile_hands_required_ids_again_without_events() {
         assert!(release.is_empty());
     }
     cluster.stop().await;
+}
+
+fn config_for(kubeconfig: &std::path::Path) -> podid_mic::config::Config {
+    let flags = podid_mic::config::Flags::parse_go([
+        "mic".to_owned(),
+        format!("--kubeconfig={}", kubeconfig.display()),
+        "--leader-election-instance=mic-serve".to_owned(),
+        "--leader-election-duration=1s".to_owned(),
+    ])
+    .expect("flags");
+    flags
+        .into_config_with_env(
+            |name| (name == "MIC_POD_NAMESPACE").then(|| "default".to_owned()),
+            "host",
+        )
+        .expect("config")
+}
+
+async fn lease_holder(client: &kube::Client) -> Option<String> {
+    Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(client.clone(), "default")
+        .get_opt("aad-pod-identity-mic")
+        .await
+        .expect("get lease")
+        .and_then(|l| l.spec)
+        .and_then(|s| s.holder_identity)
+}
+
+#[tokio::test]
+async fn serve_leads_assigns_and_hands_the_lease_back() {
+    let server = FakeApiServer::start().await.expect("server");
+    let dir = std::env::temp_dir().join(format!("podid-mic-serve-{}", server.addr().port()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("kubeconfig");
+    server.write_kubeconfig(&path).expect("kubeconfig");
+    let client = kube_client(Some(&path)).await.expect("client");
+    seed(&client).await;
+    Api::<Pod>::namespaced(client.clone(), "default")
+        .create(&PostParams::default(), &pod("web-9", "n1"))
+        .await
+        .expect("pod");
+    let config = config_for(&path);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let assigner: Arc<dyn IdentityAssigner> = Arc::new(Recorder::default());
+        serve(&config, &Default::default(), assigner, async {
+            let _ = stopped.await;
+        })
+        .await
+    });
+    let assigned: Api<AzureAssignedIdentity> = Api::namespaced(client.clone(), "default");
+    wait_for("web-9-default-kv-id Assigned", || async {
+        assigned
+            .get_opt("web-9-default-kv-id")
+            .await
+            .expect("get")
+            .filter(|o| o.state() == AssignedIdentityState::Assigned)
+    })
+    .await;
+    assert_eq!(lease_holder(&client).await.as_deref(), Some("mic-serve"));
+    let _ = stop.send(());
+    tokio::time::timeout(WAIT, task)
+        .await
+        .expect("stops in time")
+        .expect("no panic")
+        .expect("clean stop");
+    assert_eq!(lease_holder(&client).await, None, "lease released");
+}
+
+#[tokio::test]
+async fn serve_stops_with_lost_lease_when_another_replica_took_it() {
+    let server = FakeApiServer::start().await.expect("server");
+    let dir = std::env::temp_dir().join(format!("podid-mic-lost-{}", server.addr().port()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("kubeconfig");
+    server.write_kubeconfig(&path).expect("kubeconfig");
+    let client = kube_client(Some(&path)).await.expect("client");
+    let config = config_for(&path);
+    let task = tokio::spawn(async move {
+        serve(
+            &config,
+            &Default::default(),
+            Arc::new(NoArm),
+            std::future::pending(),
+        )
+        .await
+    });
+    wait_for("mic-serve leads", || async {
+        (lease_holder(&client).await.as_deref() == Some("mic-serve")).then_some(())
+    })
+    .await;
+    // Another replica writes itself into the lease.
+    let leases =
+        Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(client.clone(), "default");
+    let mut lease = leases.get("aad-pod-identity-mic").await.expect("lease");
+    if let Some(spec) = lease.spec.as_mut() {
+        spec.holder_identity = Some("mic-other".to_owned());
+        spec.lease_duration_seconds = Some(3600);
+    }
+    leases
+        .replace("aad-pod-identity-mic", &PostParams::default(), &lease)
+        .await
+        .expect("take over");
+    let result = tokio::time::timeout(WAIT, task)
+        .await
+        .expect("serve ends")
+        .expect("no panic");
+    assert!(matches!(result, Err(RunError::LostLease)), "{result:?}");
+    assert_eq!(lease_holder(&client).await.as_deref(), Some("mic-other"));
 }
