@@ -46,7 +46,8 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     eprintln!(
-        "mic: configuration valid (namespace {}); the controller loop is not built yet",
+        "mic: configuration valid (namespace {}); the ARM identity assigner is not wired yet, \
+         so the controller loop (podid_mic::run::serve) does not start",
         config.pod_namespace
     );
     ExitCode::FAILURE
