@@ -151,7 +151,7 @@ fn parse_provider_id(provider_id: &str) -> Option<Option<&str>> {
 
 /// Something a pass skipped or changed; `Display` gives upstream's log line where upstream has
 /// one.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Warning {
     /// A type-0 identity whose `resourceID` does not have the ARM shape; it is ignored.
     InvalidResourceId {

@@ -34,7 +34,7 @@ use serde_json::json;
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
-use crate::desired::{ArmTarget, Deletion, Inputs, Options, Plan, compute};
+use crate::desired::{ArmTarget, Deletion, Inputs, Options, Plan, Warning, compute};
 
 /// The error an [`IdentityAssigner`] reports.
 pub type AssignError = Box<dyn std::error::Error + Send + Sync>;
@@ -342,9 +342,19 @@ async fn run_loop(
     info!("caches synced; reconciling");
     let mut failures_in_a_row: u32 = 0;
     let mut every_target = false;
+    let mut warned: HashSet<Warning> = HashSet::new();
     let mut next_reconcile = tokio::time::Instant::now() + settings.identity_reconcile;
     loop {
-        let report = pass(client, settings, assigner, events, stores, every_target).await;
+        let report = pass(
+            client,
+            settings,
+            assigner,
+            events,
+            stores,
+            every_target,
+            &mut warned,
+        )
+        .await;
         if report != PassReport::default() {
             info!(
                 created = report.created,
@@ -384,6 +394,7 @@ async fn pass(
     events: &Recorder,
     stores: &Stores,
     every_target: bool,
+    warned: &mut HashSet<Warning>,
 ) -> PassReport {
     let pods = stores.pods.state();
     let nodes = stores.nodes.state();
@@ -398,9 +409,16 @@ async fn pass(
         existing: existing.iter().map(AsRef::as_ref).collect(),
     };
     let plan = compute(&inputs, &settings.options);
+    // Each warning once while it lasts, not once per pass.
+    let current: HashSet<Warning> = plan.warnings.iter().cloned().collect();
     for warning in &plan.warnings {
-        warn!("{warning}");
+        if warned.contains(warning) {
+            debug!("{warning}");
+        } else {
+            warn!("{warning}");
+        }
     }
+    *warned = current;
     apply_plan(
         client,
         settings.batch.max(1),
