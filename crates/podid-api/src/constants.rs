@@ -23,6 +23,15 @@ pub const BEHAVIOR_ANNOTATION: &str = "aadpodidentity.k8s.io/Behavior";
 /// The only value of [`BEHAVIOR_ANNOTATION`] that has an effect (case-sensitive).
 pub const BEHAVIOR_NAMESPACED: &str = "namespaced";
 
+/// podid extension, on an `AzureIdentity` (or an `AzureIdentityBinding`, whose value wins):
+/// `federated` makes NMI obtain the identity's tokens by exchanging a Kubernetes service-account
+/// token at Entra (Workload Identity federation) instead of from the node's IMDS or the Secret.
+pub const TOKEN_SOURCE_ANNOTATION: &str = "podid.io/token-source";
+/// podid extension, with [`TOKEN_SOURCE_ANNOTATION`]: exchange the token of this one service
+/// account (`<name>` in the identity's namespace, or `<namespace>/<name>`) for every pod, instead of
+/// each pod's own, so one federated credential covers all of them (Entra allows 20 per identity).
+pub const FEDERATED_SERVICE_ACCOUNT_ANNOTATION: &str = "podid.io/federated-service-account";
+
 /// Finalizer MIC puts on every `AzureAssignedIdentity` it creates.
 pub const ASSIGNED_IDENTITY_FINALIZER: &str =
     "azureassignedidentity.finalizers.aadpodidentity.k8s.io";

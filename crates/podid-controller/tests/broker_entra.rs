@@ -51,6 +51,7 @@ fn make_broker(secret: ClientSecretSource, cert: CertificateSource) -> TokenBrok
     let secret: Arc<ClientSecretSource> = Arc::new(secret);
     let sources = Sources {
         imds: secret.clone(),
+        federated: secret.clone(),
         client_secret: secret,
         certificate: Arc::new(cert),
     };

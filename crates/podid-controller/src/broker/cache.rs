@@ -17,7 +17,7 @@ use tokio::sync::watch;
 
 use super::clock::Clock;
 use super::error::BrokerError;
-use super::identity::{IdentityKey, IdentitySpec};
+use super::identity::{FederatedSubject, IdentityKey, IdentitySpec};
 use super::source::{FetchRequest, SourceKind, Sources};
 use super::stats::BrokerStats;
 use super::token::Token;
@@ -45,8 +45,8 @@ impl Default for BrokerConfig {
     }
 }
 
-/// What a token is cached under: identity × resource × tenant. The resource is kept as given
-/// (audiences are compared exactly by Entra); the tenant is lower-cased.
+/// What a token is cached under: identity × resource × tenant (× federated subject). The
+/// resource is kept as given (audiences are compared exactly by Entra); the tenant is lower-cased.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct CacheKey {
     /// The identity.
@@ -55,6 +55,8 @@ pub struct CacheKey {
     pub resource: String,
     /// The tenant, `None` for managed identities.
     pub tenant: Option<String>,
+    /// The service account whose token was exchanged (federated identities only).
+    pub subject: Option<FederatedSubject>,
 }
 
 type FetchResult = Result<Arc<Token>, BrokerError>;
@@ -211,7 +213,7 @@ impl TokenBroker {
         tenant: Option<String>,
     ) -> FetchResult {
         let inner = &self.inner;
-        let Some(kind) = SourceKind::for_type(identity.identity_type) else {
+        let Some(kind) = SourceKind::for_identity(identity) else {
             return Err(BrokerError::Config {
                 client_id: identity.client_id.clone(),
                 reason: format!(
@@ -224,6 +226,7 @@ impl TokenBroker {
             identity: identity.key(),
             resource: resource.to_owned(),
             tenant,
+            subject: identity.federated_subject().cloned(),
         };
         let now_ms = unix_millis(inner.clock.now());
 

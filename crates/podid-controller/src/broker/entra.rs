@@ -71,16 +71,16 @@ impl Default for EntraConfig {
     }
 }
 
-/// The HTTP side shared by both Entra sources.
+/// The HTTP side shared by the Entra sources (client secret, certificate, federated).
 #[derive(Debug)]
-struct EntraClient {
+pub(super) struct EntraClient {
     kind: SourceKind,
     client: reqwest::Client,
-    config: EntraConfig,
-    clock: Arc<dyn Clock>,
+    pub(super) config: EntraConfig,
+    pub(super) clock: Arc<dyn Clock>,
 }
 
-fn config_error(identity: &IdentitySpec, reason: impl Into<String>) -> BrokerError {
+pub(super) fn config_error(identity: &IdentitySpec, reason: impl Into<String>) -> BrokerError {
     BrokerError::Config {
         client_id: identity.client_id.clone(),
         reason: reason.into(),
@@ -88,7 +88,7 @@ fn config_error(identity: &IdentitySpec, reason: impl Into<String>) -> BrokerErr
 }
 
 impl EntraClient {
-    fn new(
+    pub(super) fn new(
         kind: SourceKind,
         config: EntraConfig,
         clock: Arc<dyn Clock>,
@@ -109,8 +109,20 @@ impl EntraClient {
 
     /// `{authority}{tenant}/oauth2/token?api-version=1.0`, resolved like upstream.
     fn token_url(&self, request: &FetchRequest) -> Result<reqwest::Url, BrokerError> {
-        let identity = &*request.identity;
-        let tenant = request.tenant.as_deref().unwrap_or("");
+        self.endpoint(
+            &request.identity,
+            request.tenant.as_deref().unwrap_or(""),
+            "oauth2/token?api-version=1.0",
+        )
+    }
+
+    /// `{authority}{tenant}/{path}`, the authority from `adEndpoint` or the default.
+    pub(super) fn endpoint(
+        &self,
+        identity: &IdentitySpec,
+        tenant: &str,
+        path: &str,
+    ) -> Result<reqwest::Url, BrokerError> {
         let tenant_ok = !tenant.is_empty()
             && tenant
                 .bytes()
@@ -135,12 +147,12 @@ impl EntraClient {
                 format!("adEndpoint {authority:?} is not an http(s) URL"),
             ));
         }
-        base.join(&format!("{tenant}/oauth2/token?api-version=1.0"))
+        base.join(&format!("{tenant}/{path}"))
             .map_err(|e| config_error(identity, format!("invalid token URL: {e}")))
     }
 
     /// POST the form, with retries for transport errors and 5xx.
-    async fn post(
+    pub(super) async fn post(
         &self,
         request: &FetchRequest,
         url: &reqwest::Url,

@@ -61,6 +61,50 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// The Kubernetes subject whose service-account token a federated exchange presents
+/// (`system:serviceaccount:<namespace>:<name>`). Part of the cache key: pods with different
+/// subjects never share a token, pods with the same subject do.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FederatedSubject {
+    /// The service account's namespace.
+    pub namespace: String,
+    /// The service account's name.
+    pub service_account: String,
+}
+
+impl FederatedSubject {
+    /// The subject of `service_account` in `namespace`.
+    pub fn new(namespace: impl Into<String>, service_account: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            service_account: service_account.into(),
+        }
+    }
+
+    /// The `sub` claim of its tokens: `system:serviceaccount:<namespace>:<name>`.
+    pub fn subject(&self) -> String {
+        format!(
+            "system:serviceaccount:{}:{}",
+            self.namespace, self.service_account
+        )
+    }
+}
+
+impl fmt::Display for FederatedSubject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.service_account)
+    }
+}
+
+/// The pod a service-account token is bound to (`boundObjectRef`), so the token dies with it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct BoundPod {
+    /// The pod's name (in the subject's namespace).
+    pub name: String,
+    /// The pod's uid.
+    pub uid: String,
+}
+
 /// The credential an identity's Secret holds (reference §2.10).
 #[derive(Clone, Default, PartialEq, Eq)]
 pub enum Credential {
@@ -76,6 +120,14 @@ pub enum Credential {
         /// Its password (may be empty).
         password: Secret,
     },
+    /// Any type, switched to federation (`podid.io/token-source: federated`): a token of this
+    /// subject's service account, from the TokenRequest API, is exchanged at Entra.
+    Federated {
+        /// Whose service-account token is exchanged.
+        subject: FederatedSubject,
+        /// The calling pod when the subject is its own service account; `None` for a shared one.
+        bound_pod: Option<BoundPod>,
+    },
 }
 
 impl fmt::Debug for Credential {
@@ -86,6 +138,11 @@ impl fmt::Debug for Credential {
             Self::Certificate { pkcs12, .. } => {
                 write!(f, "Certificate(<{} bytes redacted>)", pkcs12.len())
             }
+            Self::Federated { subject, bound_pod } => f
+                .debug_struct("Federated")
+                .field("subject", subject)
+                .field("bound_pod", bound_pod)
+                .finish(),
         }
     }
 }
@@ -160,6 +217,21 @@ impl IdentitySpec {
                 pkcs12: pkcs12.into(),
                 password,
             },
+        }
+    }
+
+    /// This identity, its tokens obtained by federated exchange for `subject` (see
+    /// [`Credential::Federated`]); any credential from a Secret is dropped.
+    pub fn federated(mut self, subject: FederatedSubject, bound_pod: Option<BoundPod>) -> Self {
+        self.credential = Credential::Federated { subject, bound_pod };
+        self
+    }
+
+    /// The federated subject, for identities switched to federation.
+    pub fn federated_subject(&self) -> Option<&FederatedSubject> {
+        match &self.credential {
+            Credential::Federated { subject, .. } => Some(subject),
+            _ => None,
         }
     }
 

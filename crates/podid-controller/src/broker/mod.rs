@@ -10,6 +10,7 @@ mod cache;
 mod clock;
 mod entra;
 mod error;
+mod federated;
 mod http;
 mod identity;
 mod imds;
@@ -24,8 +25,14 @@ pub use entra::{
     CLIENT_ASSERTION_TYPE, CertificateSource, ClientSecretSource, DEFAULT_AUTHORITY, EntraConfig,
 };
 pub use error::BrokerError;
+pub use federated::{
+    FederatedConfig, FederatedSource, PodSubject, SERVICE_ACCOUNT_TOKEN_SECONDS,
+    TOKEN_EXCHANGE_AUDIENCE, TOKEN_SOURCE_FEDERATED, federated_credential,
+};
 pub use http::{HttpTimeouts, SourceBuildError};
-pub use identity::{Credential, IdentityKey, IdentitySpec, IdentityType, Secret};
+pub use identity::{
+    BoundPod, Credential, FederatedSubject, IdentityKey, IdentitySpec, IdentityType, Secret,
+};
 pub use imds::{BUDGET_RETRY_AFTER, ImdsConfig, ImdsSource};
 pub use limiter::{ImdsLimiter, ImdsPermit, LimiterConfig, LimiterTimeout};
 pub use source::{FetchRequest, SourceFuture, SourceKind, Sources, TokenSource};

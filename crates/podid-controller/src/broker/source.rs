@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use super::error::BrokerError;
-use super::identity::{IdentitySpec, IdentityType};
+use super::identity::{Credential, IdentitySpec, IdentityType};
 use super::token::Token;
 
 /// Kinds of token source, the only label of the upstream metrics (bounded).
@@ -19,11 +19,18 @@ pub enum SourceKind {
     ClientSecret,
     /// Entra, certificate assertion (type 2).
     Certificate,
+    /// Entra, federated service-account token (any type with `podid.io/token-source: federated`).
+    Federated,
 }
 
 impl SourceKind {
     /// Every kind, in [`SourceKind::index`] order.
-    pub const ALL: [SourceKind; 3] = [Self::Imds, Self::ClientSecret, Self::Certificate];
+    pub const ALL: [SourceKind; 4] = [
+        Self::Imds,
+        Self::ClientSecret,
+        Self::Certificate,
+        Self::Federated,
+    ];
 
     /// A stable lower-case name for metric labels and messages.
     pub fn as_str(self) -> &'static str {
@@ -31,6 +38,7 @@ impl SourceKind {
             Self::Imds => "imds",
             Self::ClientSecret => "client_secret",
             Self::Certificate => "certificate",
+            Self::Federated => "federated",
         }
     }
 
@@ -40,6 +48,7 @@ impl SourceKind {
             Self::Imds => 0,
             Self::ClientSecret => 1,
             Self::Certificate => 2,
+            Self::Federated => 3,
         }
     }
 
@@ -50,6 +59,15 @@ impl SourceKind {
             IdentityType::ServicePrincipal => Some(Self::ClientSecret),
             IdentityType::ServicePrincipalCertificate => Some(Self::Certificate),
             IdentityType::Unsupported(_) => None,
+        }
+    }
+
+    /// The source for an identity: [`SourceKind::Federated`] when its credential is federated
+    /// (whatever its type), else by type.
+    pub fn for_identity(identity: &IdentitySpec) -> Option<Self> {
+        match identity.credential {
+            Credential::Federated { .. } => Some(Self::Federated),
+            _ => Self::for_type(identity.identity_type),
         }
     }
 }
@@ -94,6 +112,8 @@ pub struct Sources {
     pub client_secret: Arc<dyn TokenSource>,
     /// Type 2.
     pub certificate: Arc<dyn TokenSource>,
+    /// Federated exchange (identities with [`Credential::Federated`]).
+    pub federated: Arc<dyn TokenSource>,
 }
 
 impl Sources {
@@ -102,7 +122,8 @@ impl Sources {
         Self {
             imds: source.clone(),
             client_secret: source.clone(),
-            certificate: source,
+            certificate: source.clone(),
+            federated: source,
         }
     }
 
@@ -112,6 +133,7 @@ impl Sources {
             SourceKind::Imds => &self.imds,
             SourceKind::ClientSecret => &self.client_secret,
             SourceKind::Certificate => &self.certificate,
+            SourceKind::Federated => &self.federated,
         }
     }
 }

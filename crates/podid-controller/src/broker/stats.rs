@@ -33,7 +33,7 @@ pub struct BrokerStats {
     background_refreshes: AtomicU64,
     stale_served: AtomicU64,
     evictions: AtomicU64,
-    sources: [SourceCounters; 3],
+    sources: [SourceCounters; 4],
 }
 
 macro_rules! counter {

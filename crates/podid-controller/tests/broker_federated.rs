@@ -1,0 +1,259 @@
+//! FederatedSource behind the broker, against the fake API server (its TokenRequest issues the
+//! service-account tokens; its URL is the OIDC issuer) and the simulated Entra (federated
+//! identity credentials, v2 token endpoint).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use podid_azure_sim::{Cloud, EntraHandle, FederatedCredential, GrantKind, UserAssignedIdentity};
+use podid_controller::broker::{
+    BoundPod, BrokerConfig, BrokerError, EntraConfig, FederatedConfig, FederatedSource,
+    FederatedSubject, IdentitySpec, SourceKind, Sources, SystemClock, TokenBroker,
+};
+use podid_fake_apiserver::FakeApiServer;
+use serde_json::{Value, json};
+
+const VAULT: &str = "https://vault.azure.net";
+const TOKEN_PATH: &str = "/serviceaccounts/";
+
+struct World {
+    api: FakeApiServer,
+    cloud: Cloud,
+    entra: EntraHandle,
+    broker: TokenBroker,
+    identity: UserAssignedIdentity,
+}
+
+async fn kube_client(api: &FakeApiServer) -> kube::Client {
+    let kubeconfig = Kubeconfig::from_yaml(&api.kubeconfig_yaml()).expect("kubeconfig");
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .expect("kube config");
+    kube::Client::try_from(config).expect("kube client")
+}
+
+fn federated_config(entra: &EntraHandle, cloud: &Cloud) -> FederatedConfig {
+    FederatedConfig {
+        entra: EntraConfig {
+            default_authority: format!("{}/", entra.url()),
+            retry_base: Duration::from_millis(10),
+            timeouts: podid_controller::broker::HttpTimeouts {
+                connect: Duration::from_secs(2),
+                total: Duration::from_secs(5),
+            },
+            ..EntraConfig::default()
+        },
+        default_tenant: Some(cloud.tenant_id().to_owned()),
+        ..FederatedConfig::default()
+    }
+}
+
+async fn world() -> World {
+    podid_azure_sim::install_crypto_provider();
+    let api = FakeApiServer::start().await.expect("fake API server");
+    let cloud = Cloud::new().expect("cloud");
+    let entra = EntraHandle::start(&cloud).expect("entra");
+    let identity = cloud.add_user_assigned_identity("web");
+    let source = FederatedSource::new(
+        kube_client(&api).await,
+        federated_config(&entra, &cloud),
+        Arc::new(SystemClock),
+    )
+    .expect("federated source");
+    let broker = TokenBroker::new(
+        BrokerConfig::default(),
+        Sources::all(Arc::new(source)),
+        Arc::new(SystemClock),
+    );
+    World {
+        api,
+        cloud,
+        entra,
+        broker,
+        identity,
+    }
+}
+
+impl World {
+    fn service_account(&self, namespace: &str, name: &str) {
+        self.api
+            .create_json(
+                &format!("/api/v1/namespaces/{namespace}/serviceaccounts"),
+                json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name}}),
+            )
+            .expect("create service account");
+    }
+
+    /// A pod; returns its uid.
+    fn pod(&self, namespace: &str, name: &str, service_account: &str) -> String {
+        let pod = self
+            .api
+            .create_json(
+                &format!("/api/v1/namespaces/{namespace}/pods"),
+                json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+                       "spec": {"serviceAccountName": service_account, "containers": [{"name": "app", "image": "app"}]}}),
+            )
+            .expect("create pod");
+        pod.pointer("/metadata/uid")
+            .and_then(Value::as_str)
+            .expect("uid")
+            .to_owned()
+    }
+
+    fn trust(&self, subject: &FederatedSubject) {
+        self.cloud
+            .add_federated_credential(
+                &self.identity.client_id,
+                FederatedCredential::new(
+                    &format!("{}-{}", subject.namespace, subject.service_account),
+                    self.api.issuer(),
+                    &subject.subject(),
+                ),
+            )
+            .expect("federated credential");
+    }
+
+    /// The identity, federated for `subject` bound to the pod `(name, uid)` if given.
+    fn spec(&self, subject: &FederatedSubject, pod: Option<(&str, &str)>) -> Arc<IdentitySpec> {
+        let spec = IdentitySpec::managed(&self.identity.client_id, &self.identity.resource_id)
+            .federated(
+                subject.clone(),
+                pod.map(|(name, uid)| BoundPod {
+                    name: name.to_owned(),
+                    uid: uid.to_owned(),
+                }),
+            );
+        Arc::new(spec)
+    }
+
+    fn token_requests(&self) -> usize {
+        self.api
+            .faults()
+            .requests()
+            .iter()
+            .filter(|r| {
+                r.method == "POST" && r.path.contains(TOKEN_PATH) && r.path.ends_with("/token")
+            })
+            .count()
+    }
+}
+
+#[tokio::test]
+async fn pod_service_account_token_is_exchanged_and_cached_per_subject() {
+    let w = world().await;
+    w.service_account("apps", "web");
+    let uid = w.pod("apps", "web-0", "web");
+    let subject = FederatedSubject::new("apps", "web");
+    w.trust(&subject);
+
+    let spec = w.spec(&subject, Some(("web-0", &uid)));
+    let token = w.broker.token(&spec, VAULT).await.expect("federated token");
+    let claims = w
+        .cloud
+        .verify_access_token(token.access_token())
+        .expect("a token of the simulated cloud");
+    assert_eq!(claims.appid, w.identity.client_id);
+    assert_eq!(claims.oid, w.identity.principal_id);
+    assert_eq!(claims.aud, VAULT);
+    assert_eq!(claims.appidacr, "2", "authenticated by assertion");
+    assert_eq!(token.resource, VAULT);
+
+    let calls = w.entra.calls();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].version, "v2");
+    assert_eq!(calls[0].grant, GrantKind::Federated);
+    assert_eq!(calls[0].status, 200);
+    assert_eq!(w.token_requests(), 1);
+
+    // A second pod with the same service account shares the entry: no new upstream calls.
+    let uid1 = w.pod("apps", "web-1", "web");
+    let again = w
+        .broker
+        .token(&w.spec(&subject, Some(("web-1", &uid1))), VAULT)
+        .await
+        .expect("cached");
+    assert_eq!(again.access_token(), token.access_token());
+    assert_eq!(w.token_requests(), 1, "one TokenRequest");
+    assert_eq!(w.entra.calls().len(), 1, "one Entra call");
+    assert_eq!(w.broker.stats().hits(), 1);
+    assert_eq!(w.broker.stats().source(SourceKind::Federated).calls(), 1);
+
+    // Another service account in the same namespace: its own entry and exchange.
+    w.service_account("apps", "batch");
+    let uid2 = w.pod("apps", "batch-0", "batch");
+    let other = FederatedSubject::new("apps", "batch");
+    w.trust(&other);
+    let token2 = w
+        .broker
+        .token(&w.spec(&other, Some(("batch-0", &uid2))), VAULT)
+        .await
+        .expect("second subject");
+    assert_ne!(token2.access_token(), token.access_token());
+    assert_eq!(w.token_requests(), 2);
+    assert_eq!(w.entra.calls().len(), 2);
+    assert_eq!(w.broker.len(), 2, "one entry per subject");
+}
+
+#[tokio::test]
+async fn missing_service_account_is_refused_with_its_name() {
+    let w = world().await;
+    let uid = w.pod("apps", "web-0", "ghost");
+    let subject = FederatedSubject::new("apps", "ghost");
+    w.trust(&subject);
+    let error = w
+        .broker
+        .token(&w.spec(&subject, Some(("web-0", &uid))), VAULT)
+        .await
+        .expect_err("no service account");
+    let BrokerError::Refused {
+        source_kind,
+        status,
+        error: code,
+        description,
+        ..
+    } = &error
+    else {
+        panic!("expected Refused, got {error:?}");
+    };
+    assert_eq!(*source_kind, SourceKind::Federated);
+    assert_eq!(*status, 404);
+    assert_eq!(code, "service_account_not_found");
+    assert!(description.contains("\"ghost\""), "{description}");
+    assert!(description.contains("\"apps\""), "{description}");
+    assert_eq!(error.status(), 403);
+    assert!(
+        w.entra.calls().is_empty(),
+        "Entra is not asked without a token"
+    );
+}
+
+#[tokio::test]
+async fn unregistered_subject_is_refused_naming_issuer_and_subject() {
+    let w = world().await;
+    w.service_account("apps", "web");
+    let uid = w.pod("apps", "web-0", "web");
+    // A credential for another subject only: the issuer is known, the subject is not.
+    w.trust(&FederatedSubject::new("apps", "other"));
+    let error = w
+        .broker
+        .token(
+            &w.spec(&FederatedSubject::new("apps", "web"), Some(("web-0", &uid))),
+            VAULT,
+        )
+        .await
+        .expect_err("no matching credential");
+    let BrokerError::Refused { description, .. } = &error else {
+        panic!("expected Refused, got {error:?}");
+    };
+    assert!(description.contains("AADSTS70021"), "{description}");
+    assert!(
+        description.contains(&format!("issuer {:?}", w.api.issuer())),
+        "{description}"
+    );
+    assert!(
+        description.contains("subject \"system:serviceaccount:apps:web\""),
+        "{description}"
+    );
+    assert_eq!(w.entra.calls()[0].error_code, Some(70_021));
+}
