@@ -257,3 +257,196 @@ async fn unregistered_subject_is_refused_naming_issuer_and_subject() {
     );
     assert_eq!(w.entra.calls()[0].error_code, Some(70_021));
 }
+
+/// No error may carry a JWT (the service-account token or the assertion start with `eyJ`).
+fn assert_no_token(error: &BrokerError) {
+    let text = format!("{error} {error:?}");
+    assert!(!text.contains("eyJ"), "a token leaked into {text}");
+}
+
+#[tokio::test]
+async fn shared_service_account_is_the_subject_for_every_pod() {
+    let w = world().await;
+    w.service_account("identities", "podid-web");
+    let shared = FederatedSubject::new("identities", "podid-web");
+    w.trust(&shared);
+    // Pods of other service accounts (no credential registered for them); the shared token
+    // is not bound to a pod, so none needs to exist.
+    let spec = w.spec(&shared, None);
+    let first = w.broker.token(&spec, VAULT).await.expect("shared subject");
+    let claims = w
+        .cloud
+        .verify_access_token(first.access_token())
+        .expect("cloud token");
+    assert_eq!(claims.appid, w.identity.client_id);
+    let second = w
+        .broker
+        .token(&w.spec(&shared, None), VAULT)
+        .await
+        .expect("shared again");
+    assert_eq!(second.access_token(), first.access_token());
+    assert_eq!(w.token_requests(), 1);
+    let calls = w.entra.calls();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].grant, GrantKind::Federated);
+    assert_eq!(
+        w.api.faults().count(
+            "create",
+            "/namespaces/identities/serviceaccounts/podid-web/token"
+        ),
+        1,
+        "the token is asked for the shared account in its own namespace"
+    );
+}
+
+#[tokio::test]
+async fn token_is_bound_to_the_calling_pod() {
+    let w = world().await;
+    w.service_account("apps", "web");
+    let subject = FederatedSubject::new("apps", "web");
+    w.trust(&subject);
+    // The pod is gone: the API server refuses to bind a token to it.
+    let error = w
+        .broker
+        .token(&w.spec(&subject, Some(("web-0", "uid-gone"))), VAULT)
+        .await
+        .expect_err("pod does not exist");
+    assert!(
+        matches!(&error, BrokerError::Refused { status: 404, error, .. } if error == "pod_not_found"),
+        "{error:?}"
+    );
+    // The name was reused by a new pod: the uid no longer matches.
+    let uid = w.pod("apps", "web-0", "web");
+    assert_ne!(uid, "uid-gone");
+    let error = w
+        .broker
+        .token(&w.spec(&subject, Some(("web-0", "uid-gone"))), VAULT)
+        .await
+        .expect_err("uid mismatch");
+    assert!(
+        matches!(&error, BrokerError::Refused { status: 409, .. }),
+        "{error:?}"
+    );
+    assert!(w.entra.calls().is_empty());
+    let ok = w
+        .broker
+        .token(&w.spec(&subject, Some(("web-0", &uid))), VAULT)
+        .await;
+    assert!(ok.is_ok(), "{ok:?}");
+}
+
+#[tokio::test]
+async fn entra_down_is_unavailable_and_tokens_never_leak() {
+    let w = world().await;
+    w.service_account("apps", "web");
+    let uid = w.pod("apps", "web-0", "web");
+    let subject = FederatedSubject::new("apps", "web");
+    w.trust(&subject);
+    let spec = w.spec(&subject, Some(("web-0", &uid)));
+
+    w.entra.set_unreachable(true);
+    let error = w.broker.token(&spec, VAULT).await.expect_err("Entra down");
+    assert!(
+        matches!(
+            &error,
+            BrokerError::Unavailable {
+                source_kind: SourceKind::Federated,
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+    assert_eq!(error.status(), 503);
+    assert_no_token(&error);
+    w.entra.set_unreachable(false);
+
+    w.entra.fail_next(2, 503);
+    let error = w.broker.token(&spec, VAULT).await.expect_err("Entra 503");
+    assert!(
+        matches!(&error, BrokerError::Unavailable { .. }),
+        "{error:?}"
+    );
+    assert_no_token(&error);
+
+    let token = w.broker.token(&spec, VAULT).await.expect("Entra back");
+    assert!(w.cloud.verify_access_token(token.access_token()).is_ok());
+}
+
+#[tokio::test]
+async fn api_server_failure_is_unavailable() {
+    let w = world().await;
+    w.service_account("apps", "web");
+    let uid = w.pod("apps", "web-0", "web");
+    let subject = FederatedSubject::new("apps", "web");
+    w.trust(&subject);
+    w.api.faults().fail_next(
+        1,
+        podid_fake_apiserver::FaultKind::InternalError,
+        podid_fake_apiserver::FaultMatch::path("/token"),
+    );
+    let error = w
+        .broker
+        .token(&w.spec(&subject, Some(("web-0", &uid))), VAULT)
+        .await
+        .expect_err("API server 503");
+    assert!(
+        matches!(&error, BrokerError::Unavailable { reason, .. } if reason.contains("apps/web")),
+        "{error:?}"
+    );
+    assert!(w.entra.calls().is_empty());
+}
+
+#[tokio::test]
+async fn wrong_tenant_is_refused_and_missing_tenant_is_a_config_error() {
+    let w = world().await;
+    w.service_account("apps", "web");
+    let uid = w.pod("apps", "web-0", "web");
+    let subject = FederatedSubject::new("apps", "web");
+    w.trust(&subject);
+    let mut spec = IdentitySpec::managed(&w.identity.client_id, "");
+    spec.identity_type = podid_controller::broker::IdentityType::ServicePrincipal;
+    spec.tenant_id = "00000000-0000-0000-0000-000000000000".to_owned();
+    let spec = Arc::new(spec.federated(
+        subject.clone(),
+        Some(BoundPod {
+            name: "web-0".to_owned(),
+            uid: uid.clone(),
+        }),
+    ));
+    let error = w
+        .broker
+        .token(&spec, VAULT)
+        .await
+        .expect_err("wrong tenant");
+    let BrokerError::Refused { description, .. } = &error else {
+        panic!("expected Refused, got {error:?}");
+    };
+    assert!(
+        description.contains("tenant 00000000-0000-0000-0000-000000000000"),
+        "{description}"
+    );
+    assert!(description.contains("AADSTS90002"), "{description}");
+    assert_no_token(&error);
+
+    // A type-0 identity and no cluster default tenant: nothing to exchange against.
+    let source = FederatedSource::new(
+        kube_client(&w.api).await,
+        FederatedConfig {
+            default_tenant: None,
+            ..federated_config(&w.entra, &w.cloud)
+        },
+        Arc::new(SystemClock),
+    )
+    .expect("source");
+    let broker = TokenBroker::new(
+        BrokerConfig::default(),
+        Sources::all(Arc::new(source)),
+        Arc::new(SystemClock),
+    );
+    let error = broker
+        .token(&w.spec(&subject, Some(("web-0", &uid))), VAULT)
+        .await
+        .expect_err("no tenant");
+    assert!(matches!(&error, BrokerError::Config { .. }), "{error:?}");
+    assert_eq!(error.status(), 503);
+}

@@ -248,21 +248,7 @@ impl FederatedSource {
         subject: &FederatedSubject,
         bound_pod: Option<&BoundPod>,
     ) -> Result<String, BrokerError> {
-        let spec = TokenRequestSpec {
-            audiences: Some(vec![self.audience.clone()]),
-            expiration_seconds: Some(self.expiration_seconds),
-            bound_object_ref: bound_pod.map(|pod| BoundObjectReference {
-                api_version: Some("v1".to_owned()),
-                kind: Some("Pod".to_owned()),
-                name: Some(pod.name.clone()),
-                uid: Some(pod.uid.clone()).filter(|u| !u.is_empty()),
-            }),
-            ..TokenRequestSpec::default()
-        };
-        let body = TokenRequest {
-            spec: Some(spec),
-            ..TokenRequest::default()
-        };
+        let body = token_request(&self.audience, self.expiration_seconds, bound_pod);
         let api: Api<ServiceAccount> = Api::namespaced(self.kube.clone(), &subject.namespace);
         let params = PostParams::default();
         let call = api.create_token_request(&subject.service_account, &params, &body);
@@ -382,6 +368,29 @@ impl TokenSource for FederatedSource {
 
     fn fetch<'a>(&'a self, request: &'a FetchRequest) -> SourceFuture<'a> {
         Box::pin(self.fetch_token(request))
+    }
+}
+
+/// The TokenRequest body: one audience, the lifetime, and the pod binding if any.
+fn token_request(
+    audience: &str,
+    expiration_seconds: i64,
+    bound_pod: Option<&BoundPod>,
+) -> TokenRequest {
+    let spec = TokenRequestSpec {
+        audiences: Some(vec![audience.to_owned()]),
+        expiration_seconds: Some(expiration_seconds),
+        bound_object_ref: bound_pod.map(|pod| BoundObjectReference {
+            api_version: Some("v1".to_owned()),
+            kind: Some("Pod".to_owned()),
+            name: Some(pod.name.clone()),
+            uid: Some(pod.uid.clone()).filter(|u| !u.is_empty()),
+        }),
+        ..TokenRequestSpec::default()
+    };
+    TokenRequest {
+        spec: Some(spec),
+        ..TokenRequest::default()
     }
 }
 
@@ -511,6 +520,31 @@ mod tests {
                 }),
             Some("default".to_owned())
         );
+    }
+
+    #[test]
+    fn token_request_body_has_audience_lifetime_and_binding() {
+        let pod = BoundPod {
+            name: "web-0".into(),
+            uid: "uid-1".into(),
+        };
+        let body = serde_json::to_value(token_request(
+            TOKEN_EXCHANGE_AUDIENCE,
+            SERVICE_ACCOUNT_TOKEN_SECONDS,
+            Some(&pod),
+        ))
+        .expect("json");
+        assert_eq!(
+            body["spec"],
+            serde_json::json!({
+                "audiences": ["api://AzureADTokenExchange"],
+                "expirationSeconds": 3600,
+                "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": "web-0", "uid": "uid-1"},
+            })
+        );
+        let shared =
+            serde_json::to_value(token_request(TOKEN_EXCHANGE_AUDIENCE, 3600, None)).expect("json");
+        assert!(shared["spec"].get("boundObjectRef").is_none());
     }
 
     #[test]
