@@ -3,15 +3,16 @@
 //! identity credentials, v2 token endpoint).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use podid_azure_sim::{Cloud, EntraHandle, FederatedCredential, GrantKind, UserAssignedIdentity};
 use podid_controller::broker::{
-    BoundPod, BrokerConfig, BrokerError, EntraConfig, FederatedConfig, FederatedSource,
-    FederatedSubject, IdentitySpec, SourceKind, Sources, SystemClock, TokenBroker,
+    BoundPod, BrokerConfig, BrokerError, Clock, EntraConfig, FederatedConfig, FederatedSource,
+    FederatedSubject, IdentitySpec, ManualClock, SourceKind, Sources, SystemClock, TokenBroker,
 };
 use podid_fake_apiserver::FakeApiServer;
+use podid_imds::unix_seconds;
 use serde_json::{Value, json};
 
 const VAULT: &str = "https://vault.azure.net";
@@ -449,4 +450,88 @@ async fn wrong_tenant_is_refused_and_missing_tenant_is_a_config_error() {
         .expect_err("no tenant");
     assert!(matches!(&error, BrokerError::Config { .. }), "{error:?}");
     assert_eq!(error.status(), 503);
+}
+
+#[tokio::test]
+async fn concurrent_pods_of_one_account_make_one_exchange() {
+    let w = world().await;
+    w.service_account("apps", "web");
+    let subject = FederatedSubject::new("apps", "web");
+    w.trust(&subject);
+    let uids: Vec<String> = (0..8)
+        .map(|i| w.pod("apps", &format!("web-{i}"), "web"))
+        .collect();
+    w.entra.set_latency(Duration::from_millis(200));
+    let requests = uids.iter().enumerate().map(|(i, uid)| {
+        let spec = w.spec(&subject, Some((&format!("web-{i}"), uid)));
+        let broker = w.broker.clone();
+        async move { broker.token(&spec, VAULT).await }
+    });
+    let tokens = futures_join(requests).await;
+    let first = tokens[0].as_ref().expect("token").access_token().to_owned();
+    for token in &tokens {
+        assert_eq!(token.as_ref().expect("token").access_token(), first);
+    }
+    assert_eq!(w.token_requests(), 1);
+    assert_eq!(w.entra.calls().len(), 1);
+}
+
+/// Join futures without an extra dependency: spawn each, await in order.
+async fn futures_join<F, T>(futures: impl Iterator<Item = F>) -> Vec<T>
+where
+    F: std::future::Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
+    let handles: Vec<_> = futures.map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for handle in handles {
+        out.push(handle.await.expect("task"));
+    }
+    out
+}
+
+#[tokio::test]
+async fn refresh_binds_to_the_pod_that_is_asking_now() {
+    let w = world().await;
+    let clock = Arc::new(ManualClock::at_unix(unix_seconds(SystemTime::now())));
+    let source = FederatedSource::new(
+        kube_client(&w.api).await,
+        federated_config(&w.entra, &w.cloud),
+        clock.clone(),
+    )
+    .expect("source");
+    let broker = TokenBroker::new(
+        BrokerConfig::default(),
+        Sources::all(Arc::new(source)),
+        clock.clone(),
+    );
+    w.service_account("apps", "web");
+    let subject = FederatedSubject::new("apps", "web");
+    w.trust(&subject);
+    let uid0 = w.pod("apps", "web-0", "web");
+    let first = broker
+        .token(&w.spec(&subject, Some(("web-0", &uid0))), VAULT)
+        .await
+        .expect("first");
+    // The first pod goes away; a second pod of the same account asks inside the refresh margin.
+    w.api
+        .delete_json("/api/v1/namespaces/apps/pods/web-0")
+        .expect("delete pod");
+    let uid1 = w.pod("apps", "web-1", "web");
+    let lifetime = first.expires_on - unix_seconds(clock.now());
+    clock.advance(Duration::from_secs(lifetime - 60));
+    let spec1 = w.spec(&subject, Some(("web-1", &uid1)));
+    let stale = broker.token(&spec1, VAULT).await.expect("still valid");
+    assert_eq!(stale.access_token(), first.access_token());
+    // The background refresh binds its token to web-1 (web-0 no longer exists), so it succeeds.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while w.entra.calls().len() < 2 {
+        assert!(std::time::Instant::now() < deadline, "no refresh happened");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let calls = w.entra.calls();
+    assert_eq!(calls[1].status, 200, "refresh exchange succeeded");
+    assert_eq!(w.token_requests(), 2);
+    assert_eq!(broker.stats().background_refreshes(), 1);
+    assert_eq!(broker.stats().source(SourceKind::Federated).errors(), 0);
 }
