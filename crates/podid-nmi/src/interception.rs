@@ -122,12 +122,14 @@ pub fn reconcile(
     interception: &Interception,
 ) -> Result<Reconciled, IptablesError> {
     let mut outcome = Reconciled::default();
+    // `iptables -S` of a missing chain fails; some wrappers report that as an empty listing.
+    let header = format!("-N {CHAIN}");
     let listing = match backend.list(TABLE, CHAIN) {
-        Ok(lines) => lines,
-        Err(_) => {
+        Ok(lines) if lines.iter().any(|l| l.trim() == header) => lines,
+        _ => {
             backend.new_chain(TABLE, CHAIN)?;
             outcome.chain_created = true;
-            vec![format!("-N {CHAIN}")]
+            vec![header]
         }
     };
     let expected = interception.expected_listing();

@@ -4,10 +4,12 @@
 //!
 //! Modules: the command line ([`config`]), the interception rules ([`interception`]), the IP → pod
 //! index ([`pods`]), the token provider seam ([`provider`]), the HTTP servers ([`server`]),
-//! metrics ([`metrics`]) and the watches feeding them ([`run`]). Identity matching lives in `podid_controller::matching`.
+//! metrics ([`metrics`]), the watches feeding them ([`run`]) and the running agent that wires it all
+//! together ([`agent`]). Identity matching lives in `podid_controller::matching`.
 //! Wire formats come from `podid-imds`; this crate must not write IMDS bodies itself.
 //! Must not depend on the test doubles (`podid-testkit` and friends).
 
+pub mod agent;
 pub mod config;
 pub mod interception;
 pub mod metrics;

@@ -1,4 +1,4 @@
-//! `nmi` entry point: parse and validate the flags, then act.
+//! `nmi` entry point: parse and validate the flags, then run the agent.
 //!
 //! `nmi uninstall-interception` removes the iptables chain and jump (the rules otherwise stay
 //! when nmi stops, so pods never reach the real IMDS unattributed).
@@ -6,7 +6,7 @@
 use std::process::ExitCode;
 
 use clap::Parser as _;
-use podid_nmi::config::{Flags, version_line};
+use podid_nmi::config::{Config, Flags, LogFormat, version_line};
 use podid_nmi::interception::{Interception, SystemIptables, uninstall};
 
 fn main() -> ExitCode {
@@ -42,11 +42,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let interception = Interception {
-        metadata: config.metadata,
-        target: config.dnat_target,
-    };
+    init_logging(&config);
     if uninstall_requested {
+        let interception = Interception {
+            metadata: config.metadata,
+            target: config.dnat_target,
+        };
         let result = SystemIptables::new().and_then(|ipt| uninstall(&ipt, &interception));
         return match result {
             Ok(()) => {
@@ -62,9 +63,40 @@ fn main() -> ExitCode {
             }
         };
     }
-    eprintln!(
-        "nmi: configuration valid for node {}; the serving loop is not built yet (issue 3)",
-        config.node_name
-    );
-    ExitCode::FAILURE
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("nmi: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(podid_nmi::agent::run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("nmi: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(config: &Config) {
+    let default = match config.verbosity {
+        0..=2 => "info",
+        3..=5 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match config.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
 }

@@ -1,0 +1,392 @@
+//! The running agent: what `nmi` does after its flags validate (reference §2.1, DESIGN §2, §6).
+//!
+//! Start-up order, failing before anything serves: kubenet refusal, kube client, the three
+//! listeners (IMDS emulation, probes, metrics), `route_localnet`, the first interception install
+//! (fatal on error, as upstream), then the watches and the reconcile loop. `/readyz` turns 200
+//! only once the pod and matching caches are synced and the interception is installed; until then
+//! the IMDS port answers no token (fail closed).
+//!
+//! Shutdown (SIGTERM/SIGINT): stop accepting, let in-flight requests finish, and keep the
+//! iptables rules, so pods never reach the real IMDS unattributed while nmi restarts.
+//! `nmi uninstall-interception` removes them explicitly.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use dashmap::DashMap;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use kube::Api;
+use podid_api::AzureIdentity;
+use podid_controller::broker::{
+    BrokerConfig, BrokerError, BrokerStats, CertificateSource, ClientSecretSource, Credential,
+    EntraConfig, ImdsConfig, ImdsLimiter, ImdsSource, LimiterConfig, Sources, SystemClock,
+    TokenBroker,
+};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::{Config, check_kubenet};
+use crate::interception::{self, Interception, SystemIptables};
+use crate::metrics::Metrics;
+use crate::pods::PodIndex;
+use crate::provider::{TokenFuture, TokenProvider, TokenRequest, TokenTarget, identity_spec};
+use crate::run::{Revoke, WatchConfig, spawn_watches};
+use crate::server::{Health, Matcher, NmiState, ServerOptions, serve, serve_metrics, serve_probes};
+
+/// How long a Secret read for a type 1/2 identity is reused before it is read again.
+pub const SECRET_TTL: Duration = Duration::from_secs(60);
+
+/// Runs the agent until SIGTERM or SIGINT.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    check_kubenet(&config)?;
+    if config.profile_requested {
+        tracing::warn!("--enableProfile is ignored: podid serves no pprof endpoint");
+    }
+    let client = kube::Client::try_default()
+        .await
+        .context("building the Kubernetes client (in-cluster or KUBECONFIG)")?;
+
+    let imds_listener = bind(config.listen, "IMDS emulation").await?;
+    let probe_listener = bind(
+        SocketAddr::from(([0, 0, 0, 0], config.probe_port)),
+        "health probe",
+    )
+    .await?;
+    let metrics_listener = bind(
+        SocketAddr::from(([0, 0, 0, 0], config.prometheus_port)),
+        "metrics",
+    )
+    .await?;
+
+    if config.manage_route_localnet {
+        match interception::ensure_route_localnet(Path::new("/proc/sys")) {
+            Ok(true) => {
+                tracing::info!("set net.ipv4.conf.all.route_localnet=1 for the DNAT to 127.0.0.1")
+            }
+            Ok(false) => {}
+            Err(e) => anyhow::bail!(
+                "net.ipv4.conf.all.route_localnet must be 1 for the interception to reach nmi, and setting it failed: {e}; set it on the node (sysctl -w net.ipv4.conf.all.route_localnet=1) or pass --manage-route-localnet=false if your CNI handles it"
+            ),
+        }
+    }
+    let intercept = Interception {
+        metadata: config.metadata,
+        target: config.dnat_target,
+    };
+    let iptables = Arc::new(SystemIptables::new()?);
+    let first = {
+        let iptables = Arc::clone(&iptables);
+        tokio::task::spawn_blocking(move || interception::reconcile(&*iptables, &intercept))
+            .await?
+            .context("installing the aad-metadata interception")?
+    };
+    tracing::info!(?first, "interception installed");
+
+    let clock = Arc::new(SystemClock);
+    let limiter = Arc::new(ImdsLimiter::new(LimiterConfig::default()));
+    let imds = Arc::new(ImdsSource::new(
+        ImdsConfig {
+            endpoint: format!("http://{}", config.metadata),
+            ..ImdsConfig::default()
+        },
+        limiter,
+        clock.clone(),
+    )?);
+    let secret = Arc::new(ClientSecretSource::new(
+        EntraConfig::default(),
+        clock.clone(),
+    )?);
+    let certificate = Arc::new(CertificateSource::new(
+        EntraConfig::default(),
+        clock.clone(),
+    )?);
+    let sources = Sources {
+        imds,
+        client_secret: secret,
+        certificate,
+        federated: Arc::new(podid_controller::broker::FederatedSource::new(
+            client.clone(),
+            podid_controller::broker::FederatedConfig::default(),
+            clock.clone(),
+        )?),
+    };
+    let broker = TokenBroker::new(BrokerConfig::default(), sources, clock);
+    let provider = Arc::new(CredentialedBroker::new(broker.clone(), client.clone()));
+
+    let pods = Arc::new(PodIndex::new());
+    let matcher = Arc::new(Matcher::new(ServerOptions::match_options(&config)));
+    let health = Arc::new(Health::default());
+    health.set_interception_installed(true);
+    let metrics = Arc::new(Metrics::new());
+    let options = ServerOptions::from_config(&config);
+    let limits = options.limits.clone();
+    let state = Arc::new(NmiState::new(
+        options,
+        Arc::clone(&pods),
+        Arc::clone(&matcher),
+        provider.clone(),
+        Arc::clone(&metrics),
+        Arc::clone(&health),
+    ));
+
+    let revoke: Revoke = {
+        let broker = broker.clone();
+        let provider = provider.clone();
+        Arc::new(move |key| {
+            broker.invalidate_identity(key);
+            provider.forget_secrets();
+        })
+    };
+    let mut watches = spawn_watches(
+        client,
+        &WatchConfig {
+            node_name: config.node_name.clone(),
+            match_options: ServerOptions::match_options(&config),
+            scale_features: config.scale_features,
+        },
+        pods,
+        matcher,
+        Some(revoke),
+    );
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let reconcile = tokio::spawn(reconcile_loop(
+        iptables,
+        intercept,
+        config.ipt_update_interval,
+        Arc::clone(&health),
+        stop_rx.clone(),
+    ));
+    let imds_server = tokio::spawn(serve(
+        imds_listener,
+        state.clone(),
+        stopped(stop_rx.clone()),
+    ));
+    let probe_server = tokio::spawn(serve_probes(
+        probe_listener,
+        state,
+        stopped(stop_rx.clone()),
+    ));
+    let metrics_server = tokio::spawn(serve_metrics(
+        metrics_listener,
+        metrics,
+        limits,
+        stopped(stop_rx),
+    ));
+    tracing::info!(
+        node = %config.node_name,
+        listen = %config.listen,
+        probe_port = config.probe_port,
+        prometheus_port = config.prometheus_port,
+        "nmi serving"
+    );
+
+    shutdown_signal().await;
+    tracing::info!("shutting down: draining requests; the interception rules stay (fail closed)");
+    let _ = stop_tx.send(true);
+    watches.abort();
+    let _ = tokio::join!(imds_server, probe_server, metrics_server, reconcile);
+    Ok(())
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("error creating http server: binding the {what} port {addr}"))
+}
+
+/// Re-applies the interception every `interval` (reference §2.15). A failed pass is logged and
+/// retried at the next tick: the rules already installed keep intercepting meanwhile.
+async fn reconcile_loop(
+    iptables: Arc<SystemIptables>,
+    intercept: Interception,
+    interval: Duration,
+    health: Arc<Health>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let iptables = Arc::clone(&iptables);
+        let pass =
+            tokio::task::spawn_blocking(move || interception::reconcile(&*iptables, &intercept))
+                .await;
+        match pass {
+            Ok(Ok(outcome)) if outcome.unchanged() => {}
+            Ok(Ok(outcome)) => {
+                tracing::warn!(
+                    ?outcome,
+                    "flushing iptables to add aad-metadata custom chains"
+                );
+                health.set_interception_installed(true);
+            }
+            Ok(Err(e)) => tracing::error!(error = %e, "iptables reconcile failed; retrying"),
+            Err(e) => tracing::error!(error = %e, "iptables reconcile task failed"),
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+type SecretData = Arc<BTreeMap<String, ByteString>>;
+
+/// The broker, with the credentials of type 1 and 2 identities read from their Secret
+/// (`spec.clientPassword`). Reads are cached for [`SECRET_TTL`], so a cache hit in the broker
+/// costs no API call; a revoked identity drops its Secret at once.
+pub struct CredentialedBroker {
+    broker: TokenBroker,
+    client: kube::Client,
+    secrets: DashMap<(String, String), (Instant, SecretData)>,
+}
+
+impl std::fmt::Debug for CredentialedBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CredentialedBroker")
+            .field("cached_secrets", &self.secrets.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl CredentialedBroker {
+    /// Wraps `broker`; Secrets are read through `client`.
+    pub fn new(broker: TokenBroker, client: kube::Client) -> Self {
+        Self {
+            broker,
+            client,
+            secrets: DashMap::new(),
+        }
+    }
+
+    /// Forgets every cached Secret (an identity went away or changed).
+    pub fn forget_secrets(&self) {
+        self.secrets.clear();
+    }
+
+    async fn secret(&self, namespace: &str, name: &str) -> Result<SecretData, String> {
+        let key = (namespace.to_owned(), name.to_owned());
+        if let Some(entry) = self.secrets.get(&key)
+            && entry.0.elapsed() < SECRET_TTL
+        {
+            return Ok(Arc::clone(&entry.1));
+        }
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
+        let secret = api
+            .get(name)
+            .await
+            .map_err(|e| format!("reading Secret {namespace}/{name}: {}", kube_reason(&e)))?;
+        let data = Arc::new(secret.data.unwrap_or_default());
+        self.secrets
+            .insert(key, (Instant::now(), Arc::clone(&data)));
+        Ok(data)
+    }
+
+    async fn credential(&self, identity: &AzureIdentity) -> Result<Credential, BrokerError> {
+        let kind = identity.identity_type().as_i64();
+        if kind != 1 && kind != 2 {
+            return Ok(Credential::None);
+        }
+        let client_id = identity.spec.client_id.clone().unwrap_or_default();
+        let config = |reason: String| BrokerError::Config {
+            client_id: client_id.clone(),
+            reason,
+        };
+        let Some(reference) = identity.spec.client_password.as_ref() else {
+            return Err(config("spec.clientPassword names no Secret".to_owned()));
+        };
+        let name = reference.name.clone().unwrap_or_default();
+        let namespace = reference
+            .namespace
+            .clone()
+            .or_else(|| identity.metadata.namespace.clone())
+            .unwrap_or_else(|| "default".to_owned());
+        let data = self.secret(&namespace, &name).await.map_err(config)?;
+        if kind == 1 {
+            let value = match data.get("clientSecret") {
+                Some(value) => value,
+                None if data.len() == 1 => data
+                    .values()
+                    .next()
+                    .ok_or_else(|| config(format!("Secret {namespace}/{name} is empty")))?,
+                None => {
+                    return Err(config(format!(
+                        "Secret {namespace}/{name} has {} keys and none is clientSecret",
+                        data.len()
+                    )));
+                }
+            };
+            let text = String::from_utf8(value.0.clone()).map_err(|_| {
+                config(format!(
+                    "Secret {namespace}/{name}: clientSecret is not UTF-8"
+                ))
+            })?;
+            return Ok(Credential::ClientSecret(
+                podid_controller::broker::Secret::new(text.trim_end().to_owned()),
+            ));
+        }
+        let certificate = data
+            .get("certificate")
+            .ok_or_else(|| config(format!("Secret {namespace}/{name} has no certificate key")))?;
+        let password = data
+            .get("password")
+            .map(|p| String::from_utf8_lossy(&p.0).trim_end().to_owned())
+            .unwrap_or_default();
+        Ok(Credential::Certificate {
+            pkcs12: Arc::from(certificate.0.as_slice()),
+            password: podid_controller::broker::Secret::new(password),
+        })
+    }
+}
+
+fn kube_reason(error: &kube::Error) -> String {
+    match error {
+        kube::Error::Api(status) => format!("{} ({})", status.reason, status.code),
+        other => other.to_string(),
+    }
+}
+
+impl TokenProvider for CredentialedBroker {
+    fn tokens<'a>(&'a self, request: TokenRequest<'a>) -> TokenFuture<'a> {
+        Box::pin(async move {
+            let TokenTarget::Identity(identity) = request.target else {
+                return TokenProvider::tokens(&self.broker, request).await;
+            };
+            let credential = self.credential(identity).await?;
+            if matches!(credential, Credential::None) {
+                return TokenProvider::tokens(&self.broker, request).await;
+            }
+            let spec = Arc::new(identity_spec(identity, credential));
+            let tokens = self.broker.tokens(&spec, request.resource).await?;
+            Ok(crate::provider::Issued {
+                tokens,
+                cache_hit: None,
+            })
+        })
+    }
+
+    fn stats(&self) -> Option<Arc<BrokerStats>> {
+        Some(Arc::clone(self.broker.stats()))
+    }
+}
