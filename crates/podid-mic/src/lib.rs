@@ -12,12 +12,20 @@
 //! - [`run`]: the controller loop (reflectors, coalesced passes, API writes, per-VM/VMSS work
 //!   through an [`run::IdentityAssigner`]).
 //!
+//! - [`arm`]: the production [`run::IdentityAssigner`], Azure Resource Manager through
+//!   `podid_controller::arm` with tokens from the token broker.
+//! - [`metrics`]: upstream's MIC metrics and their `/metrics` rendering.
+//! - [`probe`]: the `/healthz` and `/metrics` HTTP servers.
+//!
 //! [`config`], [`cloud`] and [`desired`] take values and return values: no tokio, no HTTP, no
 //! Kubernetes client; only [`run`] talks to the API server. Must not depend on the testkit or
 //! on `podid-nmi`.
 
+pub mod arm;
 pub mod cloud;
 pub mod config;
 pub mod desired;
 pub mod leader;
+pub mod metrics;
+pub mod probe;
 pub mod run;

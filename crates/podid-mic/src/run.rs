@@ -52,6 +52,25 @@ pub trait IdentityAssigner: Send + Sync {
         required: &'a BTreeSet<String>,
         release: &'a BTreeSet<String>,
     ) -> AssignFuture<'a>;
+
+    /// How long the remote side asked to be left alone after `error` (ARM's `Retry-After`);
+    /// the loop retries no sooner. Default: no such hint.
+    fn retry_after(&self, error: &AssignError) -> Option<Duration> {
+        let _ = error;
+        None
+    }
+}
+
+/// An [`IdentityAssigner`] error saying that everything was applied except `ids` (lower-cased
+/// resource ids refused by ARM or unusable). Assignments of the other ids are confirmed;
+/// these stay `Created` and the pass is retried.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("identities not applied {ids:?}: {reason}")]
+pub struct NotApplied {
+    /// The ids that were not added (or not removed).
+    pub ids: BTreeSet<String>,
+    /// Why (ARM's refusal).
+    pub reason: String,
 }
 
 /// An assigner that changes nothing and always succeeds (clusters with service principals
@@ -163,6 +182,8 @@ pub struct PassReport {
     pub assigned: usize,
     /// Failed API or ARM calls (the pass is retried).
     pub failures: usize,
+    /// The longest `Retry-After` an assigner reported: the retry waits at least this long.
+    pub retry_after: Option<Duration>,
 }
 
 struct Stores {
@@ -368,7 +389,8 @@ async fn run_loop(
         let wait = if report.failures > 0 {
             failures_in_a_row = failures_in_a_row.saturating_add(1);
             let secs = 1u64 << failures_in_a_row.saturating_sub(1).min(9);
-            Duration::from_secs(secs.min(300)).min(settings.resync)
+            let backoff = Duration::from_secs(secs.min(300)).min(settings.resync);
+            backoff.max(report.retry_after.unwrap_or_default())
         } else {
             failures_in_a_row = 0;
             settings.resync
@@ -553,57 +575,67 @@ pub async fn apply_plan(
                 || (every_target && !t.required.is_empty())
         })
         .map(|(target, work)| {
-            let confirms: Vec<BoxFuture<'_, Result<(), kube::Error>>> = work
-                .confirm
-                .iter()
-                .filter(|name| !failed.contains(name.as_str()))
-                .map(|name| {
-                    Box::pin(set_state(client, namespace(name), name, "Assigned"))
-                        as BoxFuture<'_, _>
-                })
-                .collect();
             let confirmed: Vec<&AzureAssignedIdentity> = work
                 .confirm
                 .iter()
                 .filter(|name| !failed.contains(name.as_str()))
                 .filter_map(|name| objects.get(name.as_str()).copied())
                 .collect();
-            let releases: Vec<BoxFuture<'_, Result<(), kube::Error>>> = plan
+            let deletions: Vec<&Deletion<'_>> = plan
                 .delete
                 .iter()
                 .filter(|d| d.release.as_ref().is_some_and(|(t, _)| t == target))
-                .map(|d| Box::pin(release_and_delete(client, d)) as BoxFuture<'_, _>)
                 .collect();
             Box::pin(async move {
                 let mut report = PassReport::default();
-                if let Err(e) = assigner.apply(target, &work.required, &work.release).await {
-                    warn!(%target, error = %e, "failed to update the identities of the VM/VMSS");
-                    report.failures += 1;
-                    if let Some(events) = events {
-                        for object in confirmed.iter().copied() {
-                            let spec = &object.spec;
-                            let note = format!(
-                                "failed to apply binding {} node {} for pod {}/{}, error: {e}",
-                                binding_key(object),
-                                spec.node_name.as_deref().unwrap_or_default(),
-                                spec.pod_namespace.as_deref().unwrap_or_default(),
-                                spec.pod.as_deref().unwrap_or_default(),
-                            );
-                            publish(
-                                events,
-                                object,
-                                EventType::Warning,
-                                "binding apply error",
-                                note,
-                            )
-                            .await;
+                let not_applied = match assigner.apply(target, &work.required, &work.release).await
+                {
+                    Ok(()) => BTreeSet::new(),
+                    Err(e) => {
+                        warn!(%target, error = %e, "failed to update the identities of the VM/VMSS");
+                        report.failures += 1;
+                        let partial = e.downcast_ref::<NotApplied>().map(|p| p.ids.clone());
+                        if partial.is_none() {
+                            report.retry_after = assigner.retry_after(&e);
+                        }
+                        if let Some(events) = events {
+                            for object in confirmed.iter().copied().filter(|o| {
+                                partial
+                                    .as_ref()
+                                    .is_none_or(|ids| ids.contains(&lower_id(o)))
+                            }) {
+                                let spec = &object.spec;
+                                let note = format!(
+                                    "failed to apply binding {} node {} for pod {}/{}, error: {e}",
+                                    binding_key(object),
+                                    spec.node_name.as_deref().unwrap_or_default(),
+                                    spec.pod_namespace.as_deref().unwrap_or_default(),
+                                    spec.pod.as_deref().unwrap_or_default(),
+                                );
+                                publish(
+                                    events,
+                                    object,
+                                    EventType::Warning,
+                                    "binding apply error",
+                                    note,
+                                )
+                                .await;
+                            }
+                        }
+                        match partial {
+                            Some(ids) => ids,
+                            None => return report,
                         }
                     }
-                    return report;
-                }
+                };
                 debug!(%target, "identities applied");
+                let applied: Vec<&AzureAssignedIdentity> = confirmed
+                    .iter()
+                    .copied()
+                    .filter(|o| !not_applied.contains(&lower_id(o)))
+                    .collect();
                 if let Some(events) = events {
-                    for object in confirmed.iter().copied() {
+                    for object in applied.iter().copied() {
                         let note = format!(
                             "Binding {} applied on node {} for pod {}",
                             object
@@ -618,6 +650,26 @@ pub async fn apply_plan(
                         publish(events, object, EventType::Normal, "binding applied", note).await;
                     }
                 }
+                let confirms: Vec<BoxFuture<'_, Result<(), kube::Error>>> = applied
+                    .iter()
+                    .map(|object| {
+                        Box::pin(set_state(
+                            client,
+                            namespace_of(object),
+                            name_of(object),
+                            "Assigned",
+                        )) as BoxFuture<'_, _>
+                    })
+                    .collect();
+                let releases: Vec<BoxFuture<'_, Result<(), kube::Error>>> = deletions
+                    .iter()
+                    .filter(|d| {
+                        d.release
+                            .as_ref()
+                            .is_none_or(|(_, id)| !not_applied.contains(id))
+                    })
+                    .map(|d| Box::pin(release_and_delete(client, d)) as BoxFuture<'_, _>)
+                    .collect();
                 count(
                     &mut report.assigned,
                     &mut report.failures,
@@ -636,6 +688,7 @@ pub async fn apply_plan(
         report.assigned += r.assigned;
         report.deleted += r.deleted;
         report.failures += r.failures;
+        report.retry_after = report.retry_after.max(r.retry_after);
     }
     report
 }
@@ -720,6 +773,17 @@ fn count(ok: &mut usize, failures: &mut usize, results: Vec<Result<(), kube::Err
             }
         }
     }
+}
+
+/// The lower-cased resource id of the identity behind `object` (empty when it has none).
+fn lower_id(object: &AzureAssignedIdentity) -> String {
+    object
+        .spec
+        .azure_identity_ref
+        .as_deref()
+        .and_then(|i| i.spec.resource_id.as_deref())
+        .unwrap_or_default()
+        .to_ascii_lowercase()
 }
 
 fn name_of(object: &AzureAssignedIdentity) -> &str {

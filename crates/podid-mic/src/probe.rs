@@ -1,0 +1,1 @@
+//! The `/healthz` and `/metrics` HTTP servers of the `mic` binary.

@@ -1,0 +1,378 @@
+//! The controller loop with the real [`ArmAssigner`] against the fake API server and the
+//! simulated Entra and ARM (real HTTP everywhere): assignments reach the simulated VMSS and its
+//! IMDS, identities leave it only when no pod on it needs them, and ARM's failures are retried
+//! as ARM asks.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Node, NodeSpec, Pod, PodSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, DeleteParams, PostParams};
+use podid_api::{
+    AssignedIdentityState, AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding,
+};
+use podid_azure_sim::{
+    ArmHandle, Cloud, ComputeRef, EntraHandle, ImdsHandle, UserAssignedIdentity,
+};
+use podid_controller::arm::{ARM_RESOURCE, ArmConfig};
+use podid_fake_apiserver::FakeApiServer;
+use podid_mic::arm::ArmAssigner;
+use podid_mic::cloud::{CloudConfig, Endpoints};
+use podid_mic::desired::Options;
+use podid_mic::run::{IdentityAssigner, Settings, kube_client, run};
+
+const WAIT: Duration = Duration::from_secs(30);
+const VMSS: &str = "aks-pool-vmss";
+
+/// Polls `check` until it returns `Some` or `WAIT` passes.
+async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The simulated Azure side: Entra, ARM, one VM scale set, and MIC's service principal.
+struct Azure {
+    cloud: Cloud,
+    arm: ArmHandle,
+    entra: EntraHandle,
+    vmss: ComputeRef,
+    azure_json: String,
+}
+
+impl Azure {
+    fn start() -> Self {
+        let cloud = Cloud::new().expect("cloud");
+        let mic = cloud.add_service_principal("mic");
+        let secret = cloud.add_client_secret(&mic.client_id).expect("secret");
+        let entra = EntraHandle::start(&cloud).expect("entra");
+        let arm = ArmHandle::start(&cloud).expect("arm");
+        let vmss = cloud.add_vmss(cloud.subscription_id(), cloud.resource_group(), VMSS);
+        let azure_json = serde_json::json!({
+            "cloud": "AzurePublicCloud",
+            "tenantId": cloud.tenant_id(),
+            "aadClientId": mic.client_id,
+            "aadClientSecret": secret,
+            "subscriptionId": cloud.subscription_id(),
+            "resourceGroup": cloud.resource_group(),
+            "vmType": "vmss",
+        })
+        .to_string();
+        Self {
+            cloud,
+            arm,
+            entra,
+            vmss,
+            azure_json,
+        }
+    }
+
+    fn cloud_config(&self) -> CloudConfig {
+        CloudConfig::parse(&self.azure_json).expect("azure.json")
+    }
+
+    fn assigner(&self) -> ArmAssigner {
+        let endpoints = Endpoints {
+            arm: self.arm.url(),
+            arm_resource: ARM_RESOURCE.to_owned(),
+            aad_authority: self.entra.url(),
+            imds: "http://127.0.0.1:1".to_owned(),
+        };
+        let config = ArmConfig {
+            base_url: self.arm.url(),
+            poll_interval: Duration::from_millis(10),
+            operation_timeout: Duration::from_secs(10),
+            proxy_from_env: false,
+            ..ArmConfig::default()
+        };
+        ArmAssigner::from_cloud_with(&self.cloud_config(), &endpoints, config)
+            .expect("ARM assigner")
+    }
+
+    /// Lower-cased resource ids on the scale set.
+    fn on_vmss(&self) -> BTreeSet<String> {
+        self.cloud
+            .assigned_identities(&self.vmss)
+            .expect("vmss")
+            .into_iter()
+            .map(|id| id.to_ascii_lowercase())
+            .collect()
+    }
+
+    fn has(&self, identity: &UserAssignedIdentity) -> bool {
+        self.on_vmss()
+            .contains(&identity.resource_id.to_ascii_lowercase())
+    }
+
+    fn patches(&self) -> u64 {
+        self.arm.patch_count(&self.vmss)
+    }
+}
+
+fn node(name: &str, vmss: &ComputeRef, instance: usize) -> Node {
+    Node {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            ..Default::default()
+        },
+        spec: Some(NodeSpec {
+            provider_id: Some(format!(
+                "azure://{}/virtualMachines/{instance}",
+                vmss.resource_id()
+            )),
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+fn pod(name: &str, node: &str, selector: &str) -> Pod {
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: Some("default".to_owned()),
+            labels: Some(BTreeMap::from([(
+                "aadpodidbinding".to_owned(),
+                selector.to_owned(),
+            )])),
+            ..Default::default()
+        },
+        spec: Some(PodSpec {
+            node_name: Some(node.to_owned()),
+            containers: vec![],
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+/// The fake API server with MIC's loop running on it.
+struct Cluster {
+    _server: FakeApiServer,
+    client: kube::Client,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Cluster {
+    async fn start(
+        assigner: Arc<dyn IdentityAssigner>,
+        immutable: &[&str],
+        identity_reconcile: Duration,
+        nodes: &[Node],
+    ) -> Self {
+        let server = FakeApiServer::start().await.expect("server");
+        let dir = std::env::temp_dir().join(format!("podid-mic-arm-{}", server.addr().port()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("kubeconfig");
+        server.write_kubeconfig(&path).expect("write kubeconfig");
+        let client = kube_client(Some(&path)).await.expect("client");
+        for n in nodes {
+            Api::<Node>::all(client.clone())
+                .create(&PostParams::default(), n)
+                .await
+                .expect("node");
+        }
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let settings = Settings {
+            options: Options {
+                force_namespaced: false,
+                release_finished_pods: true,
+                immutable_client_ids: immutable.iter().map(|s| s.to_ascii_lowercase()).collect(),
+            },
+            batch: 4,
+            resync: Duration::from_secs(3600),
+            identity_reconcile,
+            instance: "mic-test".to_owned(),
+        };
+        let task = tokio::spawn({
+            let client = client.clone();
+            async move {
+                run(client, settings, assigner, async {
+                    let _ = stopped.await;
+                })
+                .await
+                .expect("loop ends cleanly");
+            }
+        });
+        Self {
+            _server: server,
+            client,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    /// An AzureIdentity for `identity` and a binding with selector `selector`, both named after it.
+    async fn bind(&self, identity: &UserAssignedIdentity, selector: &str) {
+        let pp = PostParams::default();
+        Api::<AzureIdentity>::namespaced(self.client.clone(), "default")
+            .create(
+                &pp,
+                &AzureIdentity::user_assigned(
+                    "default",
+                    &identity.name,
+                    &identity.resource_id,
+                    &identity.client_id,
+                ),
+            )
+            .await
+            .expect("identity");
+        Api::<AzureIdentityBinding>::namespaced(self.client.clone(), "default")
+            .create(
+                &pp,
+                &AzureIdentityBinding::for_selector(
+                    "default",
+                    &format!("{}-binding", identity.name),
+                    &identity.name,
+                    selector,
+                ),
+            )
+            .await
+            .expect("binding");
+    }
+
+    async fn add_pod(&self, name: &str, node: &str, selector: &str) {
+        Api::<Pod>::namespaced(self.client.clone(), "default")
+            .create(&PostParams::default(), &pod(name, node, selector))
+            .await
+            .expect("pod");
+    }
+
+    async fn delete_pod(&self, name: &str) {
+        Api::<Pod>::namespaced(self.client.clone(), "default")
+            .delete(name, &DeleteParams::default())
+            .await
+            .expect("delete pod");
+    }
+
+    async fn assigned(&self, name: &str) -> Option<AzureAssignedIdentity> {
+        Api::<AzureAssignedIdentity>::namespaced(self.client.clone(), "default")
+            .get_opt(name)
+            .await
+            .expect("get")
+    }
+
+    async fn wait_state(&self, name: &str, state: AssignedIdentityState) -> AzureAssignedIdentity {
+        wait_for(&format!("{name} {state:?}"), || async {
+            self.assigned(name).await.filter(|o| o.state() == state)
+        })
+        .await
+    }
+
+    async fn wait_gone(&self, name: &str) {
+        wait_for(&format!("{name} deleted"), || async {
+            self.assigned(name).await.is_none().then_some(())
+        })
+        .await;
+    }
+
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        tokio::time::timeout(WAIT, &mut self.task)
+            .await
+            .expect("stops in time")
+            .expect("no panic");
+    }
+}
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+#[tokio::test]
+async fn pod_with_binding_gets_its_identity_on_the_vmss_and_in_imds() {
+    let azure = Azure::start();
+    let kv = azure.cloud.add_user_assigned_identity("kv-id");
+    let cluster = Cluster::start(
+        Arc::new(azure.assigner()),
+        &[],
+        HOUR,
+        &[node("n1", &azure.vmss, 0)],
+    )
+    .await;
+    cluster.bind(&kv, "kv").await;
+    cluster.add_pod("web-1", "n1", "kv").await;
+
+    let object = cluster
+        .wait_state("web-1-default-kv-id", AssignedIdentityState::Assigned)
+        .await;
+    assert_eq!(object.spec.node_name.as_deref(), Some("n1"));
+    assert!(
+        azure.has(&kv),
+        "kv-id on the scale set: {:?}",
+        azure.on_vmss()
+    );
+    assert_eq!(azure.patches(), 1, "one PATCH for one identity");
+
+    // The node's IMDS now issues tokens for that identity.
+    let imds = ImdsHandle::start(&azure.cloud, &azure.vmss.instance("0")).expect("imds");
+    let answer = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("http client")
+        .get(format!("{}/metadata/identity/oauth2/token", imds.url()))
+        .query(&[
+            ("api-version", "2018-02-01"),
+            ("client_id", kv.client_id.as_str()),
+            ("resource", "https://vault.azure.net"),
+        ])
+        .header("Metadata", "true")
+        .send()
+        .await
+        .expect("IMDS answers");
+    assert_eq!(answer.status(), 200, "IMDS token for the assigned identity");
+
+    cluster.stop().await;
+}
+
+#[tokio::test]
+async fn identity_leaves_the_vmss_only_with_its_last_pod() {
+    let azure = Azure::start();
+    let kv = azure.cloud.add_user_assigned_identity("kv-id");
+    // Two nodes of the same scale set.
+    let cluster = Cluster::start(
+        Arc::new(azure.assigner()),
+        &[],
+        HOUR,
+        &[node("n1", &azure.vmss, 0), node("n2", &azure.vmss, 1)],
+    )
+    .await;
+    cluster.bind(&kv, "kv").await;
+    cluster.add_pod("web-1", "n1", "kv").await;
+    cluster.add_pod("web-2", "n2", "kv").await;
+    cluster
+        .wait_state("web-1-default-kv-id", AssignedIdentityState::Assigned)
+        .await;
+    cluster
+        .wait_state("web-2-default-kv-id", AssignedIdentityState::Assigned)
+        .await;
+    assert!(azure.has(&kv));
+
+    // web-2 on the other node of the scale set still needs it.
+    cluster.delete_pod("web-1").await;
+    cluster.wait_gone("web-1-default-kv-id").await;
+    assert!(azure.has(&kv), "kv-id stays while web-2 uses it");
+    let patches = azure.patches();
+
+    cluster.delete_pod("web-2").await;
+    cluster.wait_gone("web-2-default-kv-id").await;
+    assert!(!azure.has(&kv), "kv-id removed with its last pod");
+    assert_eq!(azure.patches(), patches + 1, "one PATCH removes it");
+
+    cluster.stop().await;
+}
