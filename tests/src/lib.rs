@@ -14,6 +14,8 @@ use serde_json::{Value, json};
 
 pub use podid_testkit::{azure, kube, netns};
 
+pub mod cluster;
+
 /// ARM's audience for access tokens.
 pub const ARM_RESOURCE: &str = "https://management.azure.com/";
 /// The ARM api-version upstream MIC uses for VM and VMSS identity calls.

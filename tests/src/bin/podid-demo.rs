@@ -1,136 +1,182 @@
-//! `make demo`: the local demo, narrated. Azure (Entra, ARM, the VM's IMDS) is simulated, the
-//! node and the pod are network namespaces, and the client is the official Python
-//! `azure-identity` SDK. Needs root. Leaves nothing behind.
+//! `make demo`: the local demo. Azure (Entra, the VM's IMDS) is simulated, the cluster is the fake
+//! API server, the node and its three pods are network namespaces with real iptables, `nmi` is
+//! the real binary, and each pod asks for a token with the official Python `azure-identity` SDK.
+//! Needs root. Leaves nothing behind (namespaces, links and rules die with the node namespace).
 //!
-//! Today it shows the ground the product stands on: a pod asks the instance metadata address
-//! for a token, is refused while the identity is not on its scale set, and gets one once the
-//! identity is assigned through ARM. The `nmi` interception joins it with issue 3.
+//! Today MIC's part (assigning the identity to the scale set and writing the
+//! AzureAssignedIdentity) is played by the demo itself.
 
-use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use podid_e2e::{ArmClient, SdkOutcome, SdkSelector, azure, netns, sdk_get_token};
-
-const SCOPE: &str = "https://vault.azure.net/.default";
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use podid_api::{AzureIdentity, IdentityType};
+use podid_e2e::cluster::{Cluster, pod_get, sdk_for};
+use podid_e2e::{SdkOutcome, netns};
+use serde_json::json;
 
 fn step(text: &str) {
     println!("\n==> {text}");
 }
 
-async fn ask(pod: &Arc<netns::SimPod>, client_id: &str) -> anyhow::Result<SdkOutcome> {
-    let pod = pod.clone();
-    let client_id = client_id.to_owned();
-    tokio::task::spawn_blocking(move || {
-        sdk_get_token(
-            &pod,
-            SCOPE,
-            SdkSelector::ClientId(&client_id),
-            Duration::from_secs(60),
-        )
+struct Row {
+    pod: String,
+    asked: String,
+    result: String,
+}
+
+async fn ask(
+    cluster: &Cluster,
+    pod: &Arc<netns::SimPod>,
+    name: &str,
+    client_id: &str,
+    label: &str,
+) -> anyhow::Result<Row> {
+    let started = Instant::now();
+    let result = match sdk_for(pod, client_id).await? {
+        SdkOutcome::Token { token, expires_on } => {
+            let claims = cluster.cloud.verify_access_token(&token)?;
+            format!(
+                "token for client {} (expires_on {expires_on}) in {} ms",
+                claims.appid,
+                started.elapsed().as_millis()
+            )
+        }
+        SdkOutcome::Error { class, message } => {
+            format!(
+                "refused: {class}: {}",
+                message.lines().next().unwrap_or_default()
+            )
+        }
+    };
+    Ok(Row {
+        pod: name.to_owned(),
+        asked: label.to_owned(),
+        result,
     })
-    .await?
 }
 
 async fn run() -> anyhow::Result<()> {
-    step("Simulated Azure: a tenant, a scale set, a user-assigned identity 'web'");
-    let cloud = azure::Cloud::new()?;
-    let web = cloud.add_user_assigned_identity("web");
-    let vmss = cloud.add_vmss(
-        cloud.subscription_id(),
-        cloud.resource_group(),
-        "aks-nodepool1-vmss",
-    );
-    let entra = azure::EntraHandle::start(&cloud)?;
-    let arm = azure::ArmHandle::start(&cloud)?;
-    let operator = cloud.add_service_principal("operator");
-    let secret = cloud.add_client_secret(&operator.client_id)?;
-    println!("    tenant      {}", cloud.tenant_id());
-    println!(
-        "    identity    {} (client id {})",
-        web.resource_id, web.client_id
-    );
-    println!("    Entra       {}", entra.url());
-    println!("    ARM         {}", arm.url());
-
     step(
-        "A node (network namespace) with the VM's IMDS on 169.254.169.254:80, and a pod behind it",
+        "Simulated cluster and Azure: one node (network namespace), the fake API server, Entra, the VM's IMDS",
     );
-    let node = netns::SimNode::create()?;
-    node.add_local_address("169.254.169.254/32")?;
-    let listener = node.bind_tcp("169.254.169.254:80".parse::<SocketAddr>()?)?;
-    let imds = azure::serve_imds(&cloud, &vmss.instance("0"), listener)?;
-    let pod = Arc::new(node.add_pod("web")?);
+    let mut cluster = Cluster::start().await?;
+    let node = Arc::clone(&cluster.node);
     println!(
-        "    node {} ({}), pod {} ({})",
+        "    node {} ({}), API server {}, Entra {}",
         node.name(),
         node.ip(),
-        pod.name(),
-        pod.ip()
+        cluster.api.url(),
+        cluster.entra_url
     );
-
-    step("The pod runs azure-identity's ManagedIdentityCredential for 'web' (not assigned yet)");
-    match ask(&pod, &web.client_id).await? {
-        SdkOutcome::Error { class, message } => {
-            println!(
-                "    refused, as it must be: {class}: {}",
-                first_line(&message)
-            );
-        }
-        SdkOutcome::Token { .. } => anyhow::bail!("an unassigned identity got a token"),
-    }
 
     step(
-        "The operator assigns 'web' to the scale set through ARM (PATCH + long-running operation)",
+        "Three pods: 'web' (user-assigned identity), 'sp' (service principal), 'lonely' (no binding)",
     );
-    let client = ArmClient::login(
-        &entra.token_url_v1(),
-        &operator.client_id,
-        &secret,
-        &arm.url(),
-    )
-    .await?;
-    client
-        .set_user_assigned(&vmss, &web.resource_id, true, Duration::from_secs(10))
-        .await?;
-    println!(
-        "    ARM PATCHes on the scale set: {}",
-        arm.patch_count(&vmss)
-    );
+    let web_pod = Arc::new(node.add_pod("web")?);
+    let sp_pod = Arc::new(node.add_pod("sp")?);
+    let lonely_pod = Arc::new(node.add_pod("lonely")?);
 
-    step("The pod asks again");
-    let started = Instant::now();
-    let token = ask(&pod, &web.client_id).await?.token()?;
-    let claims = cloud.verify_access_token(&token)?;
+    let web = cluster.cloud.add_user_assigned_identity("web");
+    cluster.cloud.assign_identity(&cluster.vmss, &web)?;
+    let web_identity =
+        AzureIdentity::user_assigned("default", "web", &web.resource_id, &web.client_id);
+    cluster.add_pod("web-1", Some("web"), web_pod.ip())?;
+    cluster.bind(&web_identity, "web", "web-1")?;
+
+    let sp = cluster.cloud.add_service_principal("sp");
+    let secret = cluster.cloud.add_client_secret(&sp.client_id)?;
+    cluster.create(
+        "/api/v1/namespaces/default/secrets",
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "sp-secret"},
+               "data": {"clientSecret": STANDARD.encode(&secret)}}),
+    )?;
+    let mut sp_identity = AzureIdentity::service_principal(
+        "default",
+        "sp",
+        IdentityType::ServicePrincipal,
+        cluster.cloud.tenant_id(),
+        &sp.client_id,
+        "sp-secret",
+    );
+    sp_identity.spec.ad_endpoint = Some(cluster.entra_url.clone());
+    cluster.add_pod("sp-1", Some("sp"), sp_pod.ip())?;
+    cluster.bind(&sp_identity, "sp", "sp-1")?;
+    cluster.add_pod("lonely-1", None, lonely_pod.ip())?;
+    for (pod, sim) in [
+        ("web-1", &web_pod),
+        ("sp-1", &sp_pod),
+        ("lonely-1", &lonely_pod),
+    ] {
+        println!("    {pod:<9} {}", sim.ip());
+    }
+
+    step("Start the real nmi inside the node; it installs the aad-metadata interception");
+    cluster.spawn_nmi(&[])?;
+    cluster.wait_ready().await?;
+    for line in cluster.chain()? {
+        println!("    {line}");
+    }
+
+    step("Each pod runs azure-identity's ManagedIdentityCredential against 169.254.169.254");
+    let rows = vec![
+        ask(&cluster, &web_pod, "web-1", &web.client_id, "web (type 0)").await?,
+        ask(&cluster, &sp_pod, "sp-1", &sp.client_id, "sp (type 1)").await?,
+        ask(
+            &cluster,
+            &web_pod,
+            "web-1",
+            &sp.client_id,
+            "sp (not its own)",
+        )
+        .await?,
+    ];
+    println!();
+    println!("    {:<9} {:<18} result", "pod", "identity asked");
+    for row in &rows {
+        println!("    {:<9} {:<18} {}", row.pod, row.asked, row.result);
+    }
+    let path =
+        "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https://vault.azure.net";
+    let (status, body, elapsed) = pod_get(&lonely_pod, path, true).await?;
     println!(
-        "    token in {} ms: aud={} appid={} oid={} (signature verified by the simulated Entra; token not shown)",
-        started.elapsed().as_millis(),
-        claims.aud,
-        claims.appid,
-        claims.oid
+        "    {:<9} {:<18} HTTP {status} in {:.1} ms: {}",
+        "lonely-1",
+        "(none)",
+        elapsed.as_secs_f64() * 1000.0,
+        body.trim()
+    );
+    let counters = cluster.imds.counters();
+    println!(
+        "\n    the VM's IMDS saw {} token requests ({} throttled)",
+        counters.token_requests, counters.throttled
     );
     anyhow::ensure!(
-        claims.appid == web.client_id,
-        "token for the wrong identity"
+        rows[0].result.starts_with("token") && rows[1].result.starts_with("token"),
+        "a pod did not get its own identity"
     );
-    let counters = imds.counters();
-    println!(
-        "    IMDS: {} token requests, {} tokens issued, {} throttled",
-        counters.token_requests, counters.tokens_issued, counters.throttled
+    anyhow::ensure!(
+        rows[2].result.starts_with("refused"),
+        "a pod got another pod's identity"
     );
 
-    step("Done; dropping the namespaces");
-    drop(pod);
-    drop(node);
+    step("Done; stopping nmi and removing the namespaces");
+    if let Some(mut nmi) = cluster.nmi.take() {
+        nmi.kill();
+    }
+    drop(cluster);
     Ok(())
 }
 
-fn first_line(text: &str) -> &str {
-    text.lines().next().unwrap_or_default()
-}
-
 fn main() -> ExitCode {
+    if !nix_is_root() {
+        eprintln!(
+            "podid-demo: needs root (network namespaces and iptables): run `sudo tests/scripts/run.sh demo`"
+        );
+        return ExitCode::FAILURE;
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -152,4 +198,16 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|euid| euid == "0"))
+        })
+        .unwrap_or(false)
 }

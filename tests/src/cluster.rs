@@ -1,0 +1,280 @@
+//! A simulated cluster of one node running the real `nmi`: the node namespace with its VM's IMDS,
+//! the fake API server and the simulated Entra reachable from inside the node, and helpers that
+//! create the cluster's objects and speak HTTP from inside pods. Shared by the nmi suite and the
+//! demo.
+
+use std::io::{Read as _, Write as _};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use podid_api::{AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding};
+use serde_json::{Value, json};
+
+use crate::{ChildGuard, SdkOutcome, SdkSelector, azure, binary, kube, netns, sdk_get_token};
+
+/// The simulated node's Kubernetes name.
+pub const NODE: &str = "aks-nodepool1-12345678-vmss000000";
+/// The scope the SDK asks for.
+pub const SCOPE: &str = "https://vault.azure.net/.default";
+/// nmi's probe port in the suites.
+pub const PROBE_PORT: u16 = 8085;
+
+/// One simulated node running nmi, with everything around it.
+pub struct Cluster {
+    /// The node namespace.
+    pub node: Arc<netns::SimNode>,
+    /// The fake API server (reachable from the node).
+    pub api: kube::FakeApiServer,
+    /// The simulated Azure.
+    pub cloud: azure::Cloud,
+    /// The node VM's IMDS on 169.254.169.254:80 inside the node.
+    pub imds: azure::ImdsHandle,
+    /// The node's scale set.
+    pub vmss: azure::ComputeRef,
+    _entra: azure::EntraHandle,
+    /// Entra's base URL (an identity's `adEndpoint`).
+    pub entra_url: String,
+    dir: PathBuf,
+    /// The running nmi, if any.
+    pub nmi: Option<ChildGuard>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("node", &self.node.name())
+            .field("api", &self.api.url())
+            .field("entra", &self.entra_url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if let Some(mut nmi) = self.nmi.take() {
+            nmi.kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Cluster {
+    /// A node namespace with its IMDS, the fake API server and Entra on the host side of the
+    /// node's veth, and the Node object.
+    pub async fn start() -> anyhow::Result<Self> {
+        azure::install_crypto_provider();
+        let node = Arc::new(netns::SimNode::create()?);
+        // Reachable from inside the node namespace through its veth: nmi's kube client and the
+        // Entra calls leave the node like they would leave a real VM.
+        let api = kube::FakeApiServer::start_on(SocketAddr::from((node.host_ip(), 0))).await?;
+        let cloud = azure::Cloud::new()?;
+        let entra_listener = std::net::TcpListener::bind(SocketAddr::from((node.host_ip(), 0)))?;
+        let entra = azure::serve_entra(&cloud, entra_listener)?;
+        let entra_url = format!("{}/", entra.url().trim_end_matches('/'));
+        let vmss = cloud.add_vmss(
+            cloud.subscription_id(),
+            cloud.resource_group(),
+            "aks-nodepool1-vmss",
+        );
+        node.add_local_address("169.254.169.254/32")?;
+        let imds_listener = node.bind_tcp("169.254.169.254:80".parse()?)?;
+        let imds = azure::serve_imds(&cloud, &vmss.instance("0"), imds_listener)?;
+        let provider_id = format!("azure://{}/virtualMachines/0", vmss.resource_id());
+        let dir = std::env::temp_dir().join(format!(
+            "podid-e2e-nmi-{}-{}",
+            std::process::id(),
+            node.slot()
+        ));
+        std::fs::create_dir_all(&dir)?;
+        api.write_kubeconfig(dir.join("kubeconfig"))?;
+        std::fs::write(dir.join("kubelet"), "KUBELET_FLAGS=--network-plugin=cni\n")?;
+        api.create_json(
+            "/api/v1/nodes",
+            json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE},
+                   "spec": {"providerID": provider_id}}),
+        )
+        .map_err(|e| anyhow::anyhow!("creating the node: {}", e.message))?;
+        let cluster = Self {
+            node,
+            api,
+            cloud,
+            imds,
+            vmss,
+            _entra: entra,
+            entra_url,
+            dir,
+            nmi: None,
+        };
+        Ok(cluster)
+    }
+
+    /// Creates an object under `path` on the fake API server.
+    pub fn create(&self, path: &str, object: Value) -> anyhow::Result<()> {
+        self.api
+            .create_json(path, object)
+            .map(|_| ())
+            .map_err(|e| anyhow::anyhow!("creating under {path}: {}", e.message))
+    }
+
+    /// A Running pod object on this node, labelled `aadpodidbinding=<label>` when given.
+    pub fn add_pod(&self, name: &str, label: Option<&str>, ip: Ipv4Addr) -> anyhow::Result<()> {
+        let mut labels = serde_json::Map::new();
+        if let Some(label) = label {
+            labels.insert("aadpodidbinding".into(), json!(label));
+        }
+        self.create(
+            "/api/v1/namespaces/default/pods",
+            json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "namespace": "default", "labels": labels, "uid": format!("uid-{name}")},
+                "spec": {"nodeName": NODE, "serviceAccountName": "default", "containers": [{"name": "app", "image": "app"}]},
+                "status": {"phase": "Running", "podIP": ip.to_string(), "podIPs": [{"ip": ip.to_string()}]}
+            }),
+        )
+    }
+
+    /// An identity, its binding for `selector`, and (standard mode, standing in for MIC) the
+    /// `Assigned` AzureAssignedIdentity for `pod`.
+    pub fn bind(&self, identity: &AzureIdentity, selector: &str, pod: &str) -> anyhow::Result<()> {
+        let name = identity.metadata.name.clone().unwrap_or_default();
+        self.create(
+            "/apis/aadpodidentity.k8s.io/v1/namespaces/default/azureidentities",
+            serde_json::to_value(identity)?,
+        )?;
+        let binding = AzureIdentityBinding::for_selector(
+            "default",
+            &format!("{name}-binding"),
+            &name,
+            selector,
+        );
+        self.create(
+            "/apis/aadpodidentity.k8s.io/v1/namespaces/default/azureidentitybindings",
+            serde_json::to_value(&binding)?,
+        )?;
+        let assigned = AzureAssignedIdentity::for_pod(
+            "default",
+            pod,
+            "default",
+            NODE,
+            identity.clone(),
+            binding,
+        );
+        let mut value = serde_json::to_value(&assigned)?;
+        value["status"]["status"] = json!("Assigned");
+        self.create(
+            "/apis/aadpodidentity.k8s.io/v1/namespaces/default/azureassignedidentities",
+            value,
+        )
+    }
+
+    /// Starts the real `nmi` inside the node namespace.
+    pub fn spawn_nmi(&mut self, extra: &[&str]) -> anyhow::Result<()> {
+        let mut command = self.node.command(binary("nmi")?);
+        command
+            .arg(format!("--node={NODE}"))
+            .arg(format!("--http-probe-port={PROBE_PORT}"))
+            .arg("--prometheus-port=9090")
+            .arg("--ipt-update-interval-sec=1")
+            .arg(format!(
+                "--kubelet-config={}",
+                self.dir.join("kubelet").display()
+            ))
+            .args(extra)
+            .env("KUBECONFIG", self.dir.join("kubeconfig"))
+            .env("RUST_LOG", "info");
+        self.nmi = Some(ChildGuard::spawn("nmi", command)?);
+        Ok(())
+    }
+
+    /// Waits until nmi's `/readyz` answers 200.
+    pub async fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let url = format!("http://{}:{PROBE_PORT}/readyz", self.node.ip());
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(1))
+            .build()?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(nmi) = self.nmi.as_mut() {
+                nmi.check_running()?;
+            }
+            if let Ok(response) = http.get(&url).send().await
+                && response.status().is_success()
+            {
+                return Ok(());
+            }
+            anyhow::ensure!(Instant::now() < deadline, "nmi not ready within 30 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `iptables -t nat -S aad-metadata` inside the node.
+    pub fn chain(&self) -> anyhow::Result<Vec<String>> {
+        Ok(self
+            .node
+            .iptables(&["-t", "nat", "-S", "aad-metadata"])?
+            .lines()
+            .map(str::to_owned)
+            .collect())
+    }
+}
+
+/// A raw HTTP/1.1 GET to 169.254.169.254:80 from inside `pod`: (status, body, elapsed).
+pub async fn pod_get(
+    pod: &Arc<netns::SimPod>,
+    path: &str,
+    metadata_header: bool,
+) -> anyhow::Result<(u16, String, Duration)> {
+    let pod = Arc::clone(pod);
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || {
+        pod.run(move || -> anyhow::Result<(u16, String, Duration)> {
+            let started = Instant::now();
+            let addr = SocketAddr::from(([169, 254, 169, 254], 80));
+            let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+            stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+            let header = if metadata_header {
+                "Metadata: true\r\n"
+            } else {
+                ""
+            };
+            write!(
+                stream,
+                "GET {path} HTTP/1.1\r\nHost: 169.254.169.254\r\n{header}Connection: close\r\n\r\n"
+            )?;
+            let mut raw = Vec::new();
+            stream.read_to_end(&mut raw)?;
+            let elapsed = started.elapsed();
+            let text = String::from_utf8_lossy(&raw).into_owned();
+            let status = text
+                .split_whitespace()
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .context("no HTTP status line")?;
+            let body = text
+                .split_once("\r\n\r\n")
+                .map(|(_, b)| b.to_owned())
+                .unwrap_or_default();
+            Ok((status, body, elapsed))
+        })?
+    })
+    .await?
+}
+
+/// The SDK in `pod` asks for `client_id`'s token.
+pub async fn sdk_for(pod: &Arc<netns::SimPod>, client_id: &str) -> anyhow::Result<SdkOutcome> {
+    let pod = Arc::clone(pod);
+    let client_id = client_id.to_owned();
+    tokio::task::spawn_blocking(move || {
+        sdk_get_token(
+            &pod,
+            SCOPE,
+            SdkSelector::ClientId(&client_id),
+            Duration::from_secs(90),
+        )
+    })
+    .await?
+}
