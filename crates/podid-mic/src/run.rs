@@ -7,7 +7,7 @@
 //! scale set does not hold the others' status updates. A pass with failures is retried with
 //! exponential backoff (1 s doubling to 5 min) instead of waiting for the next event.
 //!
-//! Not here yet: leader election, the type upgrade, Kubernetes events and metrics.
+//! Not here yet: the type upgrade.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt::Debug;
@@ -103,6 +103,8 @@ pub struct Settings {
     pub identity_reconcile: Duration,
     /// `reportingInstance` of the Kubernetes events (the leader-election identity).
     pub instance: String,
+    /// Set active while the loop runs on synced caches (the `/healthz` answer).
+    pub health: Arc<crate::probe::Health>,
 }
 
 impl Settings {
@@ -121,6 +123,7 @@ impl Settings {
             resync: config.sync_retry_interval,
             identity_reconcile: config.identity_assignment_reconcile_interval,
             instance: config.leader_election_instance.clone(),
+            health: Arc::default(),
         }
     }
 }
@@ -224,13 +227,15 @@ where
 /// The whole controller: Kubernetes client from `--kubeconfig` (or in-cluster), leader
 /// election on the Lease, then [`run`] while the lease is held. Returns `Ok` after `shutdown`
 /// (the lease is released for a fast hand-over) and [`RunError::LostLease`] when the lease is
-/// lost, on which upstream exits with status 1.
+/// lost, on which upstream exits with status 1. `health` turns active while the loop runs.
 pub async fn serve(
     config: &crate::config::Config,
     cloud: &crate::cloud::CloudConfig,
     assigner: Arc<dyn IdentityAssigner>,
+    health: Arc<crate::probe::Health>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
+    crate::metrics::leader_election();
     let client = kube_client(config.kubeconfig.as_deref()).await?;
     let mut elector =
         crate::leader::Elector::new(client.clone(), crate::leader::LeaderSettings::new(config));
@@ -239,7 +244,8 @@ pub async fn serve(
         () = elector.acquire() => {}
         () = &mut shutdown => return Ok(()),
     }
-    let settings = Settings::new(config, cloud);
+    let mut settings = Settings::new(config, cloud);
+    settings.health = health;
     let lost = Notify::new();
     let lost_lease = {
         let stopped = run(client, settings, assigner, async {
@@ -283,6 +289,15 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// Marks the replica inactive however the loop ends.
+struct Inactive(Arc<crate::probe::Health>);
+
+impl Drop for Inactive {
+    fn drop(&mut self) {
+        self.0.set_active(false);
+    }
+}
+
 /// Runs the controller until `shutdown` resolves.
 pub async fn run(
     client: Client,
@@ -307,6 +322,7 @@ pub async fn run(
         },
     );
     let _tasks = AbortOnDrop(tasks);
+    let _inactive = Inactive(settings.health.clone());
     run_loop(
         &client,
         &settings,
@@ -361,11 +377,13 @@ async fn run_loop(
         () = &mut shutdown => return Ok(()),
     }
     info!("caches synced; reconciling");
+    settings.health.set_active(true);
     let mut failures_in_a_row: u32 = 0;
     let mut every_target = false;
     let mut warned: HashSet<Warning> = HashSet::new();
     let mut next_reconcile = tokio::time::Instant::now() + settings.identity_reconcile;
     loop {
+        let started = std::time::Instant::now();
         let report = pass(
             client,
             settings,
@@ -377,6 +395,7 @@ async fn run_loop(
         )
         .await;
         if report != PassReport::default() {
+            crate::metrics::cycle(started.elapsed());
             info!(
                 created = report.created,
                 updated = report.updated,
@@ -806,14 +825,21 @@ async fn create_assigned(
     client: &Client,
     object: &AzureAssignedIdentity,
 ) -> Result<(), kube::Error> {
+    let started = std::time::Instant::now();
     match api(client, namespace_of(object))
         .create(&PostParams::default(), object)
         .await
     {
-        Ok(_) => Ok(()),
+        Ok(_) => {
+            crate::metrics::addition(started.elapsed());
+            Ok(())
+        }
         // The cache lags our own writes; the next pass sees the object.
         Err(e) if is_status(&e, 409) => Ok(()),
-        Err(e) => Err(e),
+        Err(e) => {
+            crate::metrics::kube_error(crate::metrics::OP_ADDITION);
+            Err(e)
+        }
     }
 }
 
@@ -821,10 +847,20 @@ async fn replace_assigned(
     client: &Client,
     object: &AzureAssignedIdentity,
 ) -> Result<(), kube::Error> {
-    api(client, namespace_of(object))
+    let started = std::time::Instant::now();
+    let result = api(client, namespace_of(object))
         .replace(name_of(object), &PostParams::default(), object)
-        .await
-        .map(drop)
+        .await;
+    match result {
+        Ok(_) => {
+            crate::metrics::update(started.elapsed());
+            Ok(())
+        }
+        Err(e) => {
+            crate::metrics::kube_error(crate::metrics::OP_UPDATE);
+            Err(e)
+        }
+    }
 }
 
 async fn set_state(
@@ -841,11 +877,25 @@ async fn set_state(
         )
         .await
         .map(drop)
+        .inspect_err(|_| crate::metrics::kube_error(crate::metrics::OP_STATUS))
 }
 
 /// Deletes and, when the API server keeps the object for our finalizer, removes it (upstream
 /// `RemoveAssignedIdentity`). A 404 counts as done.
 async fn delete_assigned(
+    client: &Client,
+    object: &AzureAssignedIdentity,
+) -> Result<(), kube::Error> {
+    let started = std::time::Instant::now();
+    let result = delete_and_unfinalize(client, object).await;
+    match &result {
+        Ok(()) => crate::metrics::deletion(started.elapsed()),
+        Err(_) => crate::metrics::kube_error(crate::metrics::OP_DELETION),
+    }
+    result
+}
+
+async fn delete_and_unfinalize(
     client: &Client,
     object: &AzureAssignedIdentity,
 ) -> Result<(), kube::Error> {

@@ -198,6 +198,7 @@ impl Cluster {
             resync: Duration::from_secs(3600),
             identity_reconcile,
             instance: "mic-test".to_owned(),
+            health: Default::default(),
         };
         let task = tokio::spawn({
             let client = client.clone();

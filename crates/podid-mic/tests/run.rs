@@ -16,6 +16,7 @@ use podid_api::{
 };
 use podid_fake_apiserver::FakeApiServer;
 use podid_mic::desired::{ArmTarget, Options};
+use podid_mic::probe::Health;
 use podid_mic::run::{
     AssignFuture, IdentityAssigner, NoArm, RunError, Settings, kube_client, run, serve,
 };
@@ -185,6 +186,7 @@ impl Cluster {
             resync: Duration::from_secs(3600),
             identity_reconcile,
             instance: "mic-test".to_owned(),
+            health: Default::default(),
         };
         let task = tokio::spawn({
             let client = client.clone();
@@ -430,12 +432,17 @@ async fn serve_leads_assigns_and_hands_the_lease_back() {
         .expect("pod");
     let config = config_for(&path);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        let assigner: Arc<dyn IdentityAssigner> = Arc::new(Recorder::default());
-        serve(&config, &Default::default(), assigner, async {
-            let _ = stopped.await;
-        })
-        .await
+    let health = Arc::new(Health::default());
+    assert!(!health.is_active());
+    let task = tokio::spawn({
+        let health = health.clone();
+        async move {
+            let assigner: Arc<dyn IdentityAssigner> = Arc::new(Recorder::default());
+            serve(&config, &Default::default(), assigner, health, async {
+                let _ = stopped.await;
+            })
+            .await
+        }
     });
     let assigned: Api<AzureAssignedIdentity> = Api::namespaced(client.clone(), "default");
     wait_for("web-9-default-kv-id Assigned", || async {
@@ -447,12 +454,17 @@ async fn serve_leads_assigns_and_hands_the_lease_back() {
     })
     .await;
     assert_eq!(lease_holder(&client).await.as_deref(), Some("mic-serve"));
+    assert!(
+        health.is_active(),
+        "the leader's loop runs: /healthz says Active"
+    );
     let _ = stop.send(());
     tokio::time::timeout(WAIT, task)
         .await
         .expect("stops in time")
         .expect("no panic")
         .expect("clean stop");
+    assert!(!health.is_active(), "stopped: /healthz says Not Active");
     assert_eq!(lease_holder(&client).await, None, "lease released");
 }
 
@@ -470,6 +482,7 @@ async fn serve_stops_with_lost_lease_when_another_replica_took_it() {
             &config,
             &Default::default(),
             Arc::new(NoArm),
+            Arc::new(Health::default()),
             std::future::pending(),
         )
         .await

@@ -1,9 +1,18 @@
-//! `mic` entry point: parse and validate the flags and the cloud configuration, then act.
+//! `mic` entry point: parse and validate the flags and the cloud configuration, start the
+//! `/healthz` and `/metrics` servers, then run the controller with the ARM identity assigner
+//! until SIGTERM/SIGINT. A lost leader lease ends the process with status 1, as upstream.
 
+use std::net::{Ipv4Addr, SocketAddr};
 use std::process::ExitCode;
+use std::sync::Arc;
 
+use podid_mic::arm::ArmAssigner;
 use podid_mic::cloud::{CloudConfig, Endpoints};
-use podid_mic::config::{Flags, version_line};
+use podid_mic::config::{Config, Flags, LogFormat, user_agent, version_line};
+use podid_mic::probe::{self, Endpoint, Health};
+use podid_mic::run::{RunError, serve};
+use tokio::net::TcpListener;
+use tracing::{error, info, warn};
 
 fn main() -> ExitCode {
     let flags = match Flags::parse_go(std::env::args()) {
@@ -27,30 +36,138 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    init_logging(&config);
     if config.cloud_config.is_none() {
-        eprintln!("mic: --cloudconfig not passed will use aadpodidentity-admin-secret");
+        warn!("--cloudconfig not passed will use aadpodidentity-admin-secret");
     }
     let env = |name: &str| std::env::var(name).ok();
     let cloud = match CloudConfig::load(config.cloud_config.as_deref(), env) {
         Ok(cloud) => cloud,
         Err(e) => {
-            eprintln!("mic: failed to create MIC client, error: {}", chain(&e));
+            error!("failed to create MIC client, error: {}", chain(&e));
             return ExitCode::from(2);
         }
     };
-    if let Err(e) = cloud
+    let endpoints = match cloud
         .credential()
         .and_then(|_| Endpoints::resolve(&cloud, &config.endpoints, env))
     {
-        eprintln!("mic: failed to create MIC client, error: {}", chain(&e));
-        return ExitCode::from(2);
+        Ok(endpoints) => endpoints,
+        Err(e) => {
+            error!("failed to create MIC client, error: {}", chain(&e));
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            error!(error = %e, "failed to start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(config, cloud, endpoints))
+}
+
+async fn run(config: Config, cloud: CloudConfig, endpoints: Endpoints) -> ExitCode {
+    let agent = user_agent(config.custom_user_agent.as_deref());
+    let assigner = match ArmAssigner::from_cloud(&cloud, &endpoints, &agent) {
+        Ok(assigner) => Arc::new(assigner),
+        Err(e) => {
+            error!("failed to create MIC client, error: {}", chain(&e));
+            return ExitCode::from(2);
+        }
+    };
+    if config.profile_requested {
+        warn!("--enableProfile is not supported; no profiling endpoint is served");
     }
-    eprintln!(
-        "mic: configuration valid (namespace {}); the ARM identity assigner is not wired yet, \
-         so the controller loop (podid_mic::run::serve) does not start",
-        config.pod_namespace
+    if config.scale_features_requested {
+        warn!("--enableScaleFeatures is deprecated and has no effect on MIC");
+    }
+    let health = Arc::new(Health::default());
+    let (stop_probes, probes_stopped) = tokio::sync::watch::channel(false);
+    for (port, endpoint, what) in [
+        (
+            config.probe_port,
+            Endpoint::Health(health.clone()),
+            "http probe",
+        ),
+        (config.prometheus_port, Endpoint::Metrics, "metrics"),
+    ] {
+        let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+        let listener = match TcpListener::bind(addr).await {
+            Ok(listener) => listener,
+            Err(e) => {
+                error!(%addr, error = %e, "failed to listen for the {what} server");
+                return ExitCode::FAILURE;
+            }
+        };
+        info!(%addr, "{what} server listening");
+        let mut stopped = probes_stopped.clone();
+        tokio::spawn(probe::serve(listener, endpoint, async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        }));
+    }
+    info!(
+        version = env!("CARGO_PKG_VERSION"),
+        namespace = %config.pod_namespace,
+        "starting mic"
     );
-    ExitCode::FAILURE
+    let result = serve(&config, &cloud, assigner, health, shutdown_signal()).await;
+    let _ = stop_probes.send(true);
+    match result {
+        Ok(()) => {
+            info!("mic stopped");
+            ExitCode::SUCCESS
+        }
+        Err(RunError::LostLease) => {
+            error!("lost leader lease");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            error!("{}", chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot watch SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => info!("SIGINT received; stopping"),
+        () = terminate => info!("SIGTERM received; stopping"),
+    }
+}
+
+fn init_logging(config: &Config) {
+    let default = match config.verbosity {
+        0..=2 => "info",
+        3..=5 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match config.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
 }
 
 /// The error and its causes, one after the other.
