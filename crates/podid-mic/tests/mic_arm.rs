@@ -377,3 +377,196 @@ async fn identity_leaves_the_vmss_only_with_its_last_pod() {
 
     cluster.stop().await;
 }
+
+/// An identity the simulated cloud does not know (well-formed id, ARM refuses it).
+fn ghost(azure: &Azure) -> UserAssignedIdentity {
+    UserAssignedIdentity {
+        name: "ghost-id".to_owned(),
+        subscription_id: azure.cloud.subscription_id().to_owned(),
+        resource_group: azure.cloud.resource_group().to_owned(),
+        resource_id: format!(
+            "/subscriptions/{}/resourceGroups/{}/providers/Microsoft.ManagedIdentity/userAssignedIdentities/ghost-id",
+            azure.cloud.subscription_id(),
+            azure.cloud.resource_group()
+        ),
+        client_id: "00000000-0000-0000-0000-00000000dead".to_owned(),
+        principal_id: "00000000-0000-0000-0000-00000000beef".to_owned(),
+    }
+}
+
+#[tokio::test]
+async fn immutable_and_foreign_identities_are_never_removed() {
+    let azure = Azure::start();
+    let kv = azure.cloud.add_user_assigned_identity("kv-id");
+    let cluster_id = azure.cloud.add_user_assigned_identity("cluster-id");
+    let manual = azure.cloud.add_user_assigned_identity("manual-id");
+    // Put there before MIC runs; no AzureIdentity refers to `manual`.
+    azure
+        .cloud
+        .assign_identity(&azure.vmss, &manual)
+        .expect("manual assignment");
+    let cluster = Cluster::start(
+        Arc::new(azure.assigner()),
+        &[cluster_id.client_id.as_str()],
+        HOUR,
+        &[node("n1", &azure.vmss, 0)],
+    )
+    .await;
+    cluster.bind(&kv, "kv").await;
+    cluster.bind(&cluster_id, "kv").await;
+    cluster.add_pod("web-1", "n1", "kv").await;
+    cluster
+        .wait_state("web-1-default-kv-id", AssignedIdentityState::Assigned)
+        .await;
+    cluster
+        .wait_state("web-1-default-cluster-id", AssignedIdentityState::Assigned)
+        .await;
+    assert!(azure.has(&kv) && azure.has(&cluster_id) && azure.has(&manual));
+
+    cluster.delete_pod("web-1").await;
+    cluster.wait_gone("web-1-default-kv-id").await;
+    cluster.wait_gone("web-1-default-cluster-id").await;
+    assert!(!azure.has(&kv), "the mutable identity is released");
+    assert!(azure.has(&cluster_id), "immutable identity kept");
+    assert!(azure.has(&manual), "identity MIC never assigned kept");
+    let removed: Vec<String> = azure
+        .arm
+        .calls()
+        .into_iter()
+        .flat_map(|c| c.removed)
+        .map(|id| id.to_ascii_lowercase())
+        .collect();
+    assert_eq!(
+        removed,
+        vec![kv.resource_id.to_ascii_lowercase()],
+        "only kv-id was ever asked to leave"
+    );
+    cluster.stop().await;
+}
+
+#[tokio::test]
+async fn throttled_arm_is_not_called_again_before_retry_after() {
+    let azure = Azure::start();
+    let kv = azure.cloud.add_user_assigned_identity("kv-id");
+    azure.arm.throttle_next(1, 3);
+    let cluster = Cluster::start(
+        Arc::new(azure.assigner()),
+        &[],
+        HOUR,
+        &[node("n1", &azure.vmss, 0)],
+    )
+    .await;
+    cluster.bind(&kv, "kv").await;
+    cluster.add_pod("web-1", "n1", "kv").await;
+    let throttled_by = wait_for("the throttled GET", || async {
+        azure
+            .arm
+            .calls()
+            .iter()
+            .any(|c| c.status == 429)
+            .then(std::time::Instant::now)
+    })
+    .await;
+    cluster
+        .wait_state("web-1-default-kv-id", AssignedIdentityState::Assigned)
+        .await;
+    assert!(
+        throttled_by.elapsed() >= Duration::from_millis(2500),
+        "assigned {:?} after the 429 that asked for 3 s",
+        throttled_by.elapsed()
+    );
+    let calls = azure.arm.calls();
+    let after: Vec<(String, u16)> = calls
+        .iter()
+        .skip_while(|c| c.status != 429)
+        .skip(1)
+        .map(|c| (c.method.clone(), c.status))
+        .collect();
+    assert_eq!(
+        after.first(),
+        Some(&("GET".to_owned(), 200)),
+        "after the 429 the next request is the retried GET: {calls:?}"
+    );
+    assert_eq!(
+        calls.iter().filter(|c| c.status == 429).count(),
+        1,
+        "no request hit ARM while it was throttling"
+    );
+    assert!(azure.has(&kv));
+    cluster.stop().await;
+}
+
+#[tokio::test]
+async fn a_refused_identity_does_not_block_the_others_of_its_vmss() {
+    let azure = Azure::start();
+    let kv = azure.cloud.add_user_assigned_identity("kv-id");
+    let ghost = ghost(&azure);
+    let cluster = Cluster::start(
+        Arc::new(azure.assigner()),
+        &[],
+        HOUR,
+        &[node("n1", &azure.vmss, 0)],
+    )
+    .await;
+    cluster.bind(&kv, "kv").await;
+    cluster.bind(&ghost, "kv").await;
+    cluster.add_pod("web-1", "n1", "kv").await;
+    cluster
+        .wait_state("web-1-default-kv-id", AssignedIdentityState::Assigned)
+        .await;
+    assert!(azure.has(&kv));
+    assert!(!azure.has(&ghost));
+    let event = wait_for("a binding apply error on ghost's binding", || async {
+        Api::<k8s_openapi::api::events::v1::Event>::namespaced(cluster.client.clone(), "default")
+            .list(&Default::default())
+            .await
+            .expect("list events")
+            .items
+            .into_iter()
+            .find(|e| {
+                e.reason.as_deref() == Some("binding apply error")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref())
+                        == Some("ghost-id-binding")
+            })
+    })
+    .await;
+    assert_eq!(event.type_.as_deref(), Some("Warning"));
+    let ghost_object = cluster
+        .assigned("web-1-default-ghost-id")
+        .await
+        .expect("ghost assignment exists");
+    assert_eq!(
+        ghost_object.state(),
+        AssignedIdentityState::Created,
+        "the refused identity stays Created"
+    );
+    cluster.stop().await;
+}
+
+#[tokio::test]
+async fn periodic_reconcile_repairs_a_manual_unassign() {
+    let azure = Azure::start();
+    let kv = azure.cloud.add_user_assigned_identity("kv-id");
+    let cluster = Cluster::start(
+        Arc::new(azure.assigner()),
+        &[],
+        Duration::from_secs(1),
+        &[node("n1", &azure.vmss, 0)],
+    )
+    .await;
+    cluster.bind(&kv, "kv").await;
+    cluster.add_pod("web-1", "n1", "kv").await;
+    cluster
+        .wait_state("web-1-default-kv-id", AssignedIdentityState::Assigned)
+        .await;
+    azure
+        .cloud
+        .unassign_identity(&azure.vmss, &kv)
+        .expect("manual unassign");
+    assert!(!azure.has(&kv));
+    wait_for("kv-id back on the scale set", || async {
+        azure.has(&kv).then_some(())
+    })
+    .await;
+    cluster.stop().await;
+}
