@@ -70,11 +70,10 @@ pub fn identity_spec(identity: &AzureIdentity, credential: Credential) -> Identi
     }
 }
 
-/// The broker serves type-0 identities and the exception path by client id or system-assigned
-/// identity. Types 1 and 2 need their Secret: wrap the broker in a provider that reads it and
-/// calls [`identity_spec`] with the credential. Selecting a node identity by `msi_res_id` is
-/// refused (503) until the IMDS source can send `msi_res_id`: asking IMDS without it would
-/// return a different identity than the one requested.
+/// The broker serves type-0 identities and the exception path by client id, resource id
+/// (`msi_res_id`) or the system-assigned identity. Types 1 and 2 need their Secret: wrap the
+/// broker in a provider that reads it and calls [`identity_spec`] with the credential
+/// (`agent::CredentialedBroker`).
 impl TokenProvider for TokenBroker {
     fn tokens<'a>(&'a self, request: TokenRequest<'a>) -> TokenFuture<'a> {
         Box::pin(async move {
@@ -82,12 +81,7 @@ impl TokenProvider for TokenBroker {
                 TokenTarget::Identity(identity) => identity_spec(identity, Credential::None),
                 TokenTarget::Node(NodeIdentity::SystemAssigned) => IdentitySpec::managed("", ""),
                 TokenTarget::Node(NodeIdentity::ClientId(id)) => IdentitySpec::managed(id, ""),
-                TokenTarget::Node(NodeIdentity::ResourceId(_)) => {
-                    return Err(BrokerError::Config {
-                        client_id: String::new(),
-                        reason: "selecting the node identity by msi_res_id is not supported by the IMDS source".to_owned(),
-                    });
-                }
+                TokenTarget::Node(NodeIdentity::ResourceId(id)) => IdentitySpec::managed("", id),
             };
             let spec = Arc::new(spec);
             let tokens = TokenBroker::tokens(self, &spec, request.resource).await?;
