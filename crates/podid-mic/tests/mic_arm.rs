@@ -570,3 +570,69 @@ async fn periodic_reconcile_repairs_a_manual_unassign() {
     .await;
     cluster.stop().await;
 }
+
+#[tokio::test]
+async fn managed_identity_login_through_imds_and_the_cluster_identity_stays() {
+    let azure = Azure::start();
+    let kv = azure.cloud.add_user_assigned_identity("kv-id");
+    // The kubelet/cluster identity MIC logs in with, already on the scale set.
+    let kubelet = azure.cloud.add_user_assigned_identity("kubelet-id");
+    azure
+        .cloud
+        .assign_identity(&azure.vmss, &kubelet)
+        .expect("kubelet identity");
+    let imds = ImdsHandle::start(&azure.cloud, &azure.vmss.instance("0")).expect("imds");
+    let cloud = CloudConfig::parse(
+        &serde_json::json!({
+            "cloud": "AzurePublicCloud",
+            "subscriptionId": azure.cloud.subscription_id(),
+            "resourceGroup": azure.cloud.resource_group(),
+            "useManagedIdentityExtension": true,
+            "userAssignedIdentityID": kubelet.client_id,
+        })
+        .to_string(),
+    )
+    .expect("azure.json");
+    let endpoints = Endpoints {
+        arm: azure.arm.url(),
+        arm_resource: ARM_RESOURCE.to_owned(),
+        // Unreachable: the managed identity must not need Entra.
+        aad_authority: "http://127.0.0.1:1".to_owned(),
+        imds: imds.url(),
+    };
+    let config = ArmConfig {
+        base_url: azure.arm.url(),
+        poll_interval: Duration::from_millis(10),
+        proxy_from_env: false,
+        ..ArmConfig::default()
+    };
+    let assigner = ArmAssigner::from_cloud_with(&cloud, &endpoints, config).expect("assigner");
+    // Settings::new would add the cluster identity to the immutable ids; do the same here.
+    let immutable = cloud.cluster_identity().expect("cluster identity");
+    let cluster = Cluster::start(
+        Arc::new(assigner),
+        &[immutable.as_str()],
+        HOUR,
+        &[node("n1", &azure.vmss, 0)],
+    )
+    .await;
+    cluster.bind(&kv, "kv").await;
+    cluster.bind(&kubelet, "kv").await;
+    cluster.add_pod("web-1", "n1", "kv").await;
+    cluster
+        .wait_state("web-1-default-kv-id", AssignedIdentityState::Assigned)
+        .await;
+    assert!(azure.has(&kv));
+    let issued = imds.counters().per_identity;
+    assert!(
+        issued.get(&kubelet.client_id.to_ascii_lowercase()).copied() > Some(0),
+        "the ARM token came from IMDS for the kubelet identity: {issued:?}"
+    );
+
+    cluster.delete_pod("web-1").await;
+    cluster.wait_gone("web-1-default-kv-id").await;
+    cluster.wait_gone("web-1-default-kubelet-id").await;
+    assert!(!azure.has(&kv));
+    assert!(azure.has(&kubelet), "the cluster identity is never removed");
+    cluster.stop().await;
+}
