@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use podid_api::{AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding};
-use podid_e2e::azure::UserAssignedIdentity;
+use podid_e2e::azure::{ImdsCounters, UserAssignedIdentity};
 use podid_e2e::cluster::{Cluster, NODE};
 use podid_e2e::{netns, wait_for};
 use serde_json::{Value, json};
@@ -236,14 +236,19 @@ struct Tally {
     keys: BTreeSet<(String, String)>,
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn many_pods_stay_within_the_imds_budget() -> anyhow::Result<()> {
-    const PODS: usize = 50;
-    const RESOURCES: usize = 40;
+const PODS: usize = 50;
+const RESOURCES: usize = 40;
+const IDENTITIES: [&str; 3] = ["alpha", "beta", "gamma"];
+
+/// 50 pods bound round-robin to 3 type-0 identities ask for 40 resources from all pods at once
+/// for 10 s while each IMDS answer takes `latency`. Checks every answer (a token for the pod's
+/// own identity, or 503 `temporarily_unavailable`) and that IMDS never saw more than 5
+/// concurrent requests nor throttled one; returns what was seen.
+async fn hammer(latency: Duration) -> anyhow::Result<(Tally, ImdsCounters)> {
     const WINDOW: Duration = Duration::from_secs(10);
     let mut cluster = Cluster::start().await?;
     let mut identities = Vec::new();
-    for name in ["alpha", "beta", "gamma"] {
+    for name in IDENTITIES {
         identities.push(type0_identity(&cluster, name)?);
     }
     let mut pods = Vec::with_capacity(PODS);
@@ -263,7 +268,7 @@ async fn many_pods_stay_within_the_imds_budget() -> anyhow::Result<()> {
     cluster.spawn_nmi(&[])?;
     cluster.wait_ready().await?;
     // Each upstream call takes a while, so the concurrency limit is what is tested, not luck.
-    cluster.imds.set_latency(Duration::from_millis(150));
+    cluster.imds.set_latency(latency);
 
     let started = Instant::now();
     let tally = Arc::new(std::sync::Mutex::new(Tally::default()));
@@ -319,7 +324,7 @@ async fn many_pods_stay_within_the_imds_budget() -> anyhow::Result<()> {
     }
     let elapsed = started.elapsed();
     let counters = cluster.imds.counters();
-    let tally = tally.lock().unwrap_or_else(|p| p.into_inner());
+    let tally = std::mem::take(&mut *tally.lock().unwrap_or_else(|p| p.into_inner()));
     println!(
         "{PODS} pods × {} identities × {RESOURCES} resources for {elapsed:?}: {} requests \
          ({} ok, {} refused, {} with Retry-After), {} distinct keys; IMDS: {} token requests, \
@@ -339,25 +344,44 @@ async fn many_pods_stay_within_the_imds_budget() -> anyhow::Result<()> {
     assert!(counters.max_concurrency <= 5, "{counters:?}");
     assert_eq!(counters.throttled, 0, "{counters:?}");
     assert!(tally.ok > 0, "{tally:?}");
+    Ok((tally, counters))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_pods_stay_within_the_imds_budget() -> anyhow::Result<()> {
+    // 150 ms per IMDS answer: the 20/s rate and 5-concurrent limits both bind.
+    let (tally, counters) = hammer(Duration::from_millis(150)).await?;
     // Every key is fetched once: no duplicate upstream calls for a cached or in-flight key.
-    let max_keys = u64::try_from(identities.len() * RESOURCES)?;
+    let max_keys = u64::try_from(IDENTITIES.len() * RESOURCES)?;
     assert!(counters.tokens_issued <= max_keys, "{counters:?}");
     assert!(
         counters.tokens_issued >= u64::try_from(tally.keys.len())?,
         "{counters:?} {tally:?}"
     );
     let per_identity: BTreeMap<_, _> = counters.per_identity.clone();
-    for (msi, _) in &identities {
-        let issued = per_identity
-            .get(&msi.client_id.to_ascii_lowercase())
-            .copied()
-            .unwrap_or(0);
+    assert_eq!(per_identity.len(), IDENTITIES.len(), "{counters:?}");
+    for (client_id, issued) in &per_identity {
         assert!(
-            (1..=u64::try_from(RESOURCES)?).contains(&issued),
-            "{} issued for {}: {counters:?}",
-            issued,
-            msi.name
+            (1..=u64::try_from(RESOURCES)?).contains(issued),
+            "{issued} issued for {client_id}: {counters:?}"
         );
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saturated_budget_refuses_with_503_and_never_overloads_imds() -> anyhow::Result<()> {
+    // 2 s per IMDS answer: 5 concurrent make 2.5 calls/s, far fewer than 50 pods ask for, so
+    // waiters time out in the budget's queue and are refused instead of hammering IMDS.
+    let (tally, counters) = hammer(Duration::from_secs(2)).await?;
+    assert!(tally.refused > 0, "the budget never refused: {tally:?}");
+    assert_eq!(
+        counters.token_requests, counters.tokens_issued,
+        "every call that reached IMDS was within budget: {counters:?}"
+    );
+    assert!(
+        counters.tokens_issued <= u64::try_from(tally.keys.len())? + 5,
+        "refused requests must not reach IMDS: {counters:?} {tally:?}"
+    );
     Ok(())
 }
