@@ -40,6 +40,16 @@ pub struct Cluster {
     dir: PathBuf,
     /// The running nmi, if any.
     pub nmi: Option<ChildGuard>,
+    /// The simulated ARM (on the host's loopback: mic runs outside the node, like a Deployment).
+    pub arm: azure::ArmHandle,
+    /// The running mic, if any.
+    pub mic: Option<ChildGuard>,
+}
+
+/// A port free on all interfaces right now (mic's probe and metrics ports bind 0.0.0.0).
+fn free_port() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], 0)))?;
+    Ok(listener.local_addr()?.port())
 }
 
 impl std::fmt::Debug for Cluster {
@@ -56,6 +66,9 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         if let Some(mut nmi) = self.nmi.take() {
             nmi.kill();
+        }
+        if let Some(mut mic) = self.mic.take() {
+            mic.kill();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -97,6 +110,7 @@ impl Cluster {
                    "spec": {"providerID": provider_id}}),
         )
         .map_err(|e| anyhow::anyhow!("creating the node: {}", e.message))?;
+        let arm = azure::ArmHandle::start(&cloud)?;
         let cluster = Self {
             node,
             api,
@@ -104,6 +118,8 @@ impl Cluster {
             imds,
             vmss,
             _entra: entra,
+            arm,
+            mic: None,
             entra_url,
             dir,
             nmi: None,
@@ -168,6 +184,42 @@ impl Cluster {
             "/apis/aadpodidentity.k8s.io/v1/namespaces/default/azureassignedidentities",
             value,
         )
+    }
+
+    /// Starts the real `mic` on the host (like its Deployment), logging in to the simulated ARM
+    /// as a service principal through the simulated Entra.
+    pub fn spawn_mic(&mut self) -> anyhow::Result<()> {
+        let operator = self.cloud.add_service_principal("mic");
+        let secret = self.cloud.add_client_secret(&operator.client_id)?;
+        let azure_json = self.dir.join("azure.json");
+        std::fs::write(
+            &azure_json,
+            json!({
+                "cloud": "AzurePublicCloud",
+                "tenantId": self.cloud.tenant_id(),
+                "aadClientId": operator.client_id,
+                "aadClientSecret": secret,
+                "subscriptionId": self.cloud.subscription_id(),
+                "resourceGroup": self.cloud.resource_group(),
+                "vmType": "vmss",
+            })
+            .to_string(),
+        )?;
+        let mut command = std::process::Command::new(binary("mic")?);
+        command
+            .arg(format!(
+                "--kubeconfig={}",
+                self.dir.join("kubeconfig").display()
+            ))
+            .arg(format!("--cloudconfig={}", azure_json.display()))
+            .arg(format!("--arm-endpoint={}", self.arm.url()))
+            .arg(format!("--aad-authority={}", self.entra_url))
+            .arg(format!("--http-probe-port={}", free_port()?))
+            .arg(format!("--prometheus-port={}", free_port()?))
+            .env("MIC_POD_NAMESPACE", "default")
+            .env("RUST_LOG", "info");
+        self.mic = Some(ChildGuard::spawn("mic", command)?);
+        Ok(())
     }
 
     /// Starts the real `nmi` inside the node namespace.

@@ -24,6 +24,10 @@ pub const API_VERSION: &str = "2019-12-01";
 /// Longest ARM error message kept in an [`ArmError`].
 const MAX_MESSAGE: usize = 1024;
 
+/// First poll of a long-running operation without `Retry-After`; later polls back off to
+/// [`ArmConfig::poll_interval`].
+const FIRST_POLL: Duration = Duration::from_millis(250);
+
 /// How the [`ArmClient`] talks to ARM.
 #[derive(Debug, Clone)]
 pub struct ArmConfig {
@@ -36,8 +40,9 @@ pub struct ArmConfig {
     pub user_agent: String,
     /// Connect and per-request timeouts.
     pub timeouts: HttpTimeouts,
-    /// Wait between polls of a long-running operation when ARM sends no `Retry-After`
-    /// (autorest's default, 5 s).
+    /// Longest wait between polls of a long-running operation when ARM sends no
+    /// `Retry-After` (autorest's fixed interval, 5 s); the first poll comes after 250 ms and the
+    /// wait doubles up to this.
     pub poll_interval: Duration,
     /// Longest wait for one long-running operation (autorest's default, 15 min).
     pub operation_timeout: Duration,
@@ -332,9 +337,17 @@ impl ArmClient {
         }
         let started = tokio::time::Instant::now();
         let deadline = started + self.config.operation_timeout;
-        let mut wait = self
-            .retry_after(&answer.headers)
-            .unwrap_or(self.config.poll_interval);
+        // Without ARM's Retry-After, poll soon and back off to `poll_interval`: most identity
+        // updates finish in seconds, and a fixed 5 s first wait is pure latency for the pod.
+        let mut backoff = FIRST_POLL.min(self.config.poll_interval);
+        let mut next_wait = |headers: &HeaderMap| {
+            self.retry_after(headers).unwrap_or_else(|| {
+                let wait = backoff;
+                backoff = (backoff * 2).min(self.config.poll_interval);
+                wait
+            })
+        };
+        let mut wait = next_wait(&answer.headers);
         loop {
             let now = tokio::time::Instant::now();
             if now + wait > deadline {
@@ -352,9 +365,7 @@ impl ArmClient {
             let poll = self
                 .send(compute, operation, Method::GET, url.clone(), None, ids)
                 .await?;
-            wait = self
-                .retry_after(&poll.headers)
-                .unwrap_or(self.config.poll_interval);
+            wait = next_wait(&poll.headers);
             if poll.status == StatusCode::TOO_MANY_REQUESTS
                 || (poll.status == StatusCode::SERVICE_UNAVAILABLE
                     && poll.headers.contains_key(RETRY_AFTER))
