@@ -44,6 +44,8 @@ pub struct Cluster {
     pub arm: azure::ArmHandle,
     /// The running mic, if any.
     pub mic: Option<ChildGuard>,
+    /// Where nmi's and mic's output goes; `None` (default) inherits the caller's stdout/stderr.
+    pub child_log: Option<PathBuf>,
 }
 
 /// A port free on all interfaces right now (mic's probe and metrics ports bind 0.0.0.0).
@@ -120,6 +122,7 @@ impl Cluster {
             _entra: entra,
             arm,
             mic: None,
+            child_log: None,
             entra_url,
             dir,
             nmi: None,
@@ -186,6 +189,18 @@ impl Cluster {
         )
     }
 
+    fn redirect(&self, command: &mut std::process::Command) -> anyhow::Result<()> {
+        if let Some(path) = &self.child_log {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("opening {}", path.display()))?;
+            command.stdout(file.try_clone()?).stderr(file);
+        }
+        Ok(())
+    }
+
     /// Starts the real `mic` on the host (like its Deployment), logging in to the simulated ARM
     /// as a service principal through the simulated Entra.
     pub fn spawn_mic(&mut self) -> anyhow::Result<()> {
@@ -218,6 +233,7 @@ impl Cluster {
             .arg(format!("--prometheus-port={}", free_port()?))
             .env("MIC_POD_NAMESPACE", "default")
             .env("RUST_LOG", "info");
+        self.redirect(&mut command)?;
         self.mic = Some(ChildGuard::spawn("mic", command)?);
         Ok(())
     }
@@ -237,6 +253,7 @@ impl Cluster {
             .args(extra)
             .env("KUBECONFIG", self.dir.join("kubeconfig"))
             .env("RUST_LOG", "info");
+        self.redirect(&mut command)?;
         self.nmi = Some(ChildGuard::spawn("nmi", command)?);
         Ok(())
     }

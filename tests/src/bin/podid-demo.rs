@@ -3,8 +3,8 @@
 //! the real binary, and each pod asks for a token with the official Python `azure-identity` SDK.
 //! Needs root. Leaves nothing behind (namespaces, links and rules die with the node namespace).
 //!
-//! Today MIC's part (assigning the identity to the scale set and writing the
-//! AzureAssignedIdentity) is played by the demo itself.
+//! `mic` (the real binary, on the host like its Deployment) assigns the user-assigned identity to
+//! the node's scale set through the simulated ARM and writes the AzureAssignedIdentity objects.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
-use podid_api::{AzureIdentity, IdentityType};
+use podid_api::{AzureIdentity, AzureIdentityBinding, IdentityType};
 use podid_e2e::cluster::{Cluster, pod_get, sdk_for};
 use podid_e2e::{SdkOutcome, netns};
 use serde_json::json;
@@ -63,6 +63,10 @@ async fn run() -> anyhow::Result<()> {
         "Simulated cluster and Azure: one node (network namespace), the fake API server, Entra, the VM's IMDS",
     );
     let mut cluster = Cluster::start().await?;
+    let log = podid_e2e::workspace_root().join("target/podid-demo.log");
+    let _ = std::fs::remove_file(&log);
+    cluster.child_log = Some(log.clone());
+    println!("    nmi and mic log to {}", log.display());
     let node = Arc::clone(&cluster.node);
     println!(
         "    node {} ({}), API server {}, Entra {}",
@@ -80,11 +84,10 @@ async fn run() -> anyhow::Result<()> {
     let lonely_pod = Arc::new(node.add_pod("lonely")?);
 
     let web = cluster.cloud.add_user_assigned_identity("web");
-    cluster.cloud.assign_identity(&cluster.vmss, &web)?;
     let web_identity =
         AzureIdentity::user_assigned("default", "web", &web.resource_id, &web.client_id);
     cluster.add_pod("web-1", Some("web"), web_pod.ip())?;
-    cluster.bind(&web_identity, "web", "web-1")?;
+    define(&cluster, &web_identity, "web")?;
 
     let sp = cluster.cloud.add_service_principal("sp");
     let secret = cluster.cloud.add_client_secret(&sp.client_id)?;
@@ -103,7 +106,7 @@ async fn run() -> anyhow::Result<()> {
     );
     sp_identity.spec.ad_endpoint = Some(cluster.entra_url.clone());
     cluster.add_pod("sp-1", Some("sp"), sp_pod.ip())?;
-    cluster.bind(&sp_identity, "sp", "sp-1")?;
+    define(&cluster, &sp_identity, "sp")?;
     cluster.add_pod("lonely-1", None, lonely_pod.ip())?;
     for (pod, sim) in [
         ("web-1", &web_pod),
@@ -113,7 +116,10 @@ async fn run() -> anyhow::Result<()> {
         println!("    {pod:<9} {}", sim.ip());
     }
 
-    step("Start the real nmi inside the node; it installs the aad-metadata interception");
+    step(
+        "Start the real mic (host) and nmi (inside the node; it installs the aad-metadata interception)",
+    );
+    cluster.spawn_mic()?;
     cluster.spawn_nmi(&[])?;
     cluster.wait_ready().await?;
     for line in cluster.chain()? {
@@ -148,6 +154,11 @@ async fn run() -> anyhow::Result<()> {
         elapsed.as_secs_f64() * 1000.0,
         body.trim()
     );
+    println!(
+        "\n    ARM: {} PATCH(es) on the scale set by mic; identities on it now: {}",
+        cluster.arm.patch_count(&cluster.vmss),
+        cluster.cloud.assigned_identities(&cluster.vmss)?.len()
+    );
     let counters = cluster.imds.counters();
     println!(
         "\n    the VM's IMDS saw {} token requests ({} throttled)",
@@ -162,12 +173,31 @@ async fn run() -> anyhow::Result<()> {
         "a pod got another pod's identity"
     );
 
-    step("Done; stopping nmi and removing the namespaces");
-    if let Some(mut nmi) = cluster.nmi.take() {
-        nmi.kill();
+    step("Done; stopping mic and nmi and removing the namespaces");
+    for child in [cluster.nmi.take(), cluster.mic.take()]
+        .into_iter()
+        .flatten()
+    {
+        let mut child = child;
+        child.kill();
     }
     drop(cluster);
     Ok(())
+}
+
+/// An identity and its binding, as a user applies them; mic does the rest.
+fn define(cluster: &Cluster, identity: &AzureIdentity, selector: &str) -> anyhow::Result<()> {
+    let name = identity.metadata.name.clone().unwrap_or_default();
+    cluster.create(
+        "/apis/aadpodidentity.k8s.io/v1/namespaces/default/azureidentities",
+        serde_json::to_value(identity)?,
+    )?;
+    let binding =
+        AzureIdentityBinding::for_selector("default", &format!("{name}-binding"), &name, selector);
+    cluster.create(
+        "/apis/aadpodidentity.k8s.io/v1/namespaces/default/azureidentitybindings",
+        serde_json::to_value(&binding)?,
+    )
 }
 
 fn main() -> ExitCode {
