@@ -19,7 +19,8 @@ fn main() -> ExitCode {
         Ok(flags) => flags,
         Err(e) => {
             let _ = e.print();
-            return ExitCode::from(2);
+            // `--help` is not an error (clap's code 0); bad flags are 2.
+            return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
         }
     };
     if flags.version {
