@@ -16,6 +16,7 @@ help:
 	@echo "make fmt | clippy     formatting and lints"
 	@echo "make generate         regenerate deploy/crds from the Rust types"
 	@echo "make check-generated  fail if deploy/crds is stale"
+	@echo "make bench            nmi cache-hit benchmark against a minimal hyper server (release build)"
 	@echo "make clean-netns      remove namespaces/links left by killed test runs"
 
 deps:
@@ -53,6 +54,10 @@ generate:
 check-generated:
 	$(CARGO) run -q -p podid-api --bin crdgen -- --check deploy/crds
 	git diff --exit-code -- deploy/
+
+# Benchmarks (release build); figures and how to read them: docs/performance.md.
+bench:
+	$(CARGO) run --release -q -p podid-nmi --bin nmi-bench
 
 clean-netns:
 	$(CARGO) run -q -p podid-netsim --bin netsim-sweep

@@ -1,0 +1,505 @@
+//! `nmi-bench`: the cache-hit throughput, latency and memory of nmi's IMDS server, measured
+//! against a minimal hyper server in the same run (`make bench`, docs/performance.md "nmi").
+//!
+//! Everything runs in this one process on 127.0.0.1: the real [`serve`] with a real
+//! [`PodIndex`] (110 pods, this process's 127.0.0.1 is one of them), a real [`MatchIndex`]
+//! (500 identities, bindings and assignments) and a real [`TokenBroker`] whose only source is
+//! an in-process fake that counts its calls, so every measured request takes the broker's
+//! cache-hit path. The load client opens keep-alive HTTP/1.1 connections and writes raw
+//! requests; it shares the machine (and the runtime) with the server it measures, as does the
+//! baseline, so the ratio between the two is the figure to read.
+//!
+//! Must not depend on the test doubles (`podid-testkit` and friends): the fakes are here.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, bail, ensure};
+use bytes::Bytes;
+use clap::Parser;
+use http::{Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use k8s_openapi::api::core::v1::{Pod, PodIP, PodSpec, PodStatus};
+use podid_api::{
+    AssignedIdentityState, AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding,
+};
+use podid_controller::broker::{
+    BrokerConfig, BrokerError, Credential, FetchRequest, SourceFuture, SourceKind, Sources,
+    SystemClock, Token, TokenBroker, TokenSource,
+};
+use podid_controller::matching::{MatchIndex, MatchOptions};
+use podid_imds::ErrorOptions;
+use podid_nmi::metrics::Metrics;
+use podid_nmi::pods::PodIndex;
+use podid_nmi::provider::identity_spec;
+use podid_nmi::server::{Health, Limits, Matcher, NmiState, ServerOptions, serve};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+
+const PODS: usize = 110;
+const IDENTITIES: usize = 500;
+const NAMESPACES: usize = 10;
+const RESOURCE: &str = "https://vault.azure.net";
+const REQUEST: &str = "GET /metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fvault.azure.net HTTP/1.1\r\nHost: 169.254.169.254\r\nMetadata: true\r\nUser-Agent: nmi-bench\r\n\r\n";
+/// Length of the fake access tokens: the size of a typical Entra access token.
+const TOKEN_LEN: usize = 1400;
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// Measure nmi's IMDS cache-hit path against a minimal hyper server.
+#[derive(Debug, Parser)]
+struct Args {
+    /// Seconds of load per server.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Concurrent keep-alive connections.
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+}
+
+/// A token source that answers at once and counts its calls.
+#[derive(Debug, Default)]
+struct CountingSource {
+    calls: AtomicU64,
+}
+
+impl TokenSource for CountingSource {
+    fn kind(&self) -> SourceKind {
+        SourceKind::Imds
+    }
+
+    fn fetch<'a>(&'a self, request: &'a FetchRequest) -> SourceFuture<'a> {
+        Box::pin(async move {
+            let n = self.calls.fetch_add(1, Ordering::Relaxed);
+            let mut access = format!("bench-token-{}-{n}-", request.identity.client_id);
+            while access.len() < TOKEN_LEN {
+                access.push('x');
+            }
+            Ok::<_, BrokerError>(Token::new(
+                access,
+                request.resource.clone(),
+                unix_now() + 86_400,
+            ))
+        })
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn pod(i: usize) -> Pod {
+    // Pod 0 is this process: its address is the load client's.
+    let ip = if i == 0 {
+        "127.0.0.1".to_owned()
+    } else {
+        format!("10.244.{}.{}", i / 250, i % 250 + 1)
+    };
+    let mut p = Pod::default();
+    p.metadata.namespace = Some(format!("ns-{}", i % NAMESPACES));
+    p.metadata.name = Some(format!("pod-{i}"));
+    p.metadata.labels = Some(
+        [
+            ("aadpodidbinding".to_owned(), format!("sel-{i}")),
+            ("app".to_owned(), format!("app-{i}")),
+        ]
+        .into(),
+    );
+    p.spec = Some(PodSpec {
+        service_account_name: Some(format!("sa-{i}")),
+        ..Default::default()
+    });
+    p.status = Some(PodStatus {
+        phase: Some("Running".into()),
+        pod_ip: Some(ip.clone()),
+        pod_ips: Some(vec![PodIP { ip }]),
+        ..Default::default()
+    });
+    p
+}
+
+/// Identity `j` lives in pod `j % PODS`'s namespace, is bound to that pod's selector and
+/// assigned to it.
+struct Objects {
+    identities: Vec<Arc<AzureIdentity>>,
+    bindings: Vec<Arc<AzureIdentityBinding>>,
+    assignments: Vec<Arc<AzureAssignedIdentity>>,
+}
+
+fn objects() -> Objects {
+    let mut out = Objects {
+        identities: Vec::with_capacity(IDENTITIES),
+        bindings: Vec::with_capacity(IDENTITIES),
+        assignments: Vec::with_capacity(IDENTITIES),
+    };
+    for j in 0..IDENTITIES {
+        let owner = j % PODS;
+        let ns = format!("ns-{}", owner % NAMESPACES);
+        let name = format!("id-{j}");
+        let client_id = format!("{j:08x}-0000-4000-8000-{j:012x}");
+        let resource_id = format!(
+            "/subscriptions/00000000-0000-0000-0000-000000000000/resourcegroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{name}"
+        );
+        let identity = AzureIdentity::user_assigned(&ns, &name, &resource_id, &client_id);
+        let binding = AzureIdentityBinding::for_selector(
+            &ns,
+            &format!("{name}-binding"),
+            &name,
+            &format!("sel-{owner}"),
+        );
+        let mut assigned = AzureAssignedIdentity::for_pod(
+            "default",
+            &format!("pod-{owner}"),
+            &ns,
+            "node-0",
+            identity.clone(),
+            binding.clone(),
+        );
+        if let Some(status) = assigned.status.as_mut() {
+            status.status = Some(AssignedIdentityState::Assigned);
+        }
+        out.identities.push(Arc::new(identity));
+        out.bindings.push(Arc::new(binding));
+        out.assignments.push(Arc::new(assigned));
+    }
+    out
+}
+
+/// VmRSS of this process, bytes.
+fn rss_bytes() -> anyhow::Result<u64> {
+    let status =
+        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .context("no VmRSS in /proc/self/status")?;
+    let kib: u64 = line
+        .trim_start_matches("VmRSS:")
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .context("parsing VmRSS")?;
+    Ok(kib * 1024)
+}
+
+/// Read one response from `stream` (buffer `buf` keeps bytes past it); its status and body length.
+async fn read_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<(u16, usize)> {
+    let head_end = loop {
+        if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break pos + 4;
+        }
+        let mut chunk = [0u8; 8192];
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            bail!("connection closed mid-response");
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = std::str::from_utf8(&buf[..head_end]).context("response head is not UTF-8")?;
+    let status: u16 = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("no status code")?;
+    let length: usize = head
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.trim().parse().ok())
+        .context("no Content-Length")?;
+    let total = head_end + length;
+    while buf.len() < total {
+        let mut chunk = [0u8; 8192];
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            bail!("connection closed mid-body");
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    buf.drain(..total);
+    Ok((status, length))
+}
+
+/// One request on a fresh connection; the status and body length.
+async fn probe(addr: SocketAddr) -> anyhow::Result<(u16, usize)> {
+    let mut stream = TcpStream::connect(addr).await?;
+    stream.write_all(REQUEST.as_bytes()).await?;
+    let mut buf = Vec::new();
+    read_response(&mut stream, &mut buf).await
+}
+
+/// Figures of one load run.
+#[derive(Debug)]
+struct Run {
+    requests: u64,
+    errors: u64,
+    rps: f64,
+    p50: Duration,
+    p99: Duration,
+}
+
+/// `connections` keep-alive connections sending requests back to back for `seconds`.
+async fn load(addr: SocketAddr, connections: usize, seconds: u64) -> anyhow::Result<Run> {
+    let duration = Duration::from_secs(seconds);
+    let started = Instant::now();
+    let deadline = started + duration;
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..connections {
+        tasks.spawn(async move {
+            let mut stream = TcpStream::connect(addr).await?;
+            stream.set_nodelay(true)?;
+            let mut buf = Vec::with_capacity(16 * 1024);
+            let mut latencies = Vec::with_capacity(64 * 1024);
+            let mut errors = 0u64;
+            loop {
+                let sent = Instant::now();
+                if sent >= deadline {
+                    break;
+                }
+                stream.write_all(REQUEST.as_bytes()).await?;
+                let (status, _) = read_response(&mut stream, &mut buf).await?;
+                latencies.push(sent.elapsed());
+                if status != 200 {
+                    errors += 1;
+                }
+            }
+            Ok::<_, anyhow::Error>((latencies, errors))
+        });
+    }
+    let mut all = Vec::new();
+    let mut errors = 0;
+    while let Some(joined) = tasks.join_next().await {
+        let (latencies, e) = joined.context("load task panicked")??;
+        all.extend(latencies);
+        errors += e;
+    }
+    let elapsed = started.elapsed();
+    ensure!(!all.is_empty(), "no request completed");
+    all.sort_unstable();
+    let at = |q: f64| {
+        // Nearest-rank percentile.
+        let rank = ((q * all.len() as f64).ceil() as usize).clamp(1, all.len());
+        all[rank - 1]
+    };
+    let requests = all.len() as u64;
+    Ok(Run {
+        requests,
+        errors,
+        rps: requests as f64 / elapsed.as_secs_f64(),
+        p50: at(0.50),
+        p99: at(0.99),
+    })
+}
+
+/// A minimal hyper 1 server answering every request with `body`.
+async fn baseline(listener: TcpListener, body: Bytes) {
+    while let Ok((stream, _)) = listener.accept().await {
+        let body = body.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |_: Request<Incoming>| {
+                let body = body.clone();
+                async move {
+                    let mut response = Response::new(Full::new(body));
+                    response.headers_mut().insert(
+                        http::header::CONTENT_TYPE,
+                        http::HeaderValue::from_static("application/json"),
+                    );
+                    Ok::<_, Infallible>(response)
+                }
+            });
+            let _ = http1::Builder::new()
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "ok" } else { "MISSED" }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    ensure!(
+        args.seconds > 0 && args.connections > 0,
+        "--seconds and --connections must be positive"
+    );
+    let rss_start = rss_bytes()?;
+
+    // ---- nmi: real pod index, matcher, broker and server.
+    let pods = Arc::new(PodIndex::new());
+    let all_pods: Vec<Pod> = (0..PODS).map(pod).collect();
+    pods.replace_all(&all_pods);
+    drop(all_pods);
+    pods.mark_synced();
+    ensure!(
+        pods.len() == PODS,
+        "{} pods indexed, want {PODS}",
+        pods.len()
+    );
+    let objects = objects();
+    let match_options = MatchOptions::default();
+    let matcher = Arc::new(Matcher::new(match_options));
+    matcher.replace(MatchIndex::new(
+        match_options,
+        objects.identities.iter().cloned(),
+        objects.bindings.iter().cloned(),
+        objects.assignments.iter().cloned(),
+        [],
+    ));
+    matcher.mark_synced();
+    let source = Arc::new(CountingSource::default());
+    let broker = TokenBroker::new(
+        BrokerConfig::default(),
+        Sources::all(source.clone()),
+        Arc::new(SystemClock),
+    );
+    for identity in &objects.identities {
+        let spec = Arc::new(identity_spec(identity, Credential::None));
+        broker
+            .tokens(&spec, RESOURCE)
+            .await
+            .with_context(|| format!("warming {:?}", identity.metadata.name))?;
+    }
+    drop(objects);
+    ensure!(
+        broker.len() == IDENTITIES,
+        "{} cache entries, want {IDENTITIES}",
+        broker.len()
+    );
+    let options = ServerOptions {
+        // Nothing is proxied: every request is a token request.
+        metadata: SocketAddr::from(([127, 0, 0, 1], 9)),
+        metadata_header_required: true,
+        block_instance_metadata: false,
+        enable_host_token: false,
+        errors: ErrorOptions::default(),
+        pod_wait: Duration::from_millis(200),
+        pending_wait: Duration::from_secs(1),
+        limits: Limits::default(),
+    };
+    let health = Arc::new(Health::default());
+    health.set_interception_installed(true);
+    let state = Arc::new(NmiState::new(
+        options,
+        pods,
+        matcher,
+        Arc::new(broker),
+        Arc::new(Metrics::new()),
+        health,
+    ));
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let nmi_addr = listener.local_addr()?;
+    let (stop_nmi, stopped) = oneshot::channel::<()>();
+    let nmi = tokio::spawn(serve(listener, state, async move {
+        let _ = stopped.await;
+    }));
+    let (status, body_len) = probe(nmi_addr).await.context("first nmi request")?;
+    ensure!(
+        status == 200,
+        "nmi answered {status} to the warm-up request"
+    );
+    let calls_warm = source.calls.load(Ordering::Relaxed);
+    ensure!(
+        calls_warm == IDENTITIES as u64,
+        "{calls_warm} source calls after warm-up, want {IDENTITIES}"
+    );
+    let rss_setup = rss_bytes()?;
+
+    let nmi_run = load(nmi_addr, args.connections, args.seconds).await?;
+    let calls_after = source.calls.load(Ordering::Relaxed);
+    let rss_after_load = rss_bytes()?;
+    let _ = stop_nmi.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), nmi).await;
+
+    // ---- baseline: hyper answering a body of the same size.
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let base_addr = listener.local_addr()?;
+    let base = tokio::spawn(baseline(listener, Bytes::from(vec![b'x'; body_len])));
+    let (status, base_len) = probe(base_addr).await.context("first baseline request")?;
+    ensure!(
+        status == 200 && base_len == body_len,
+        "baseline answered {status} with {base_len} bytes"
+    );
+    let base_run = load(base_addr, args.connections, args.seconds).await?;
+    base.abort();
+
+    let ratio = nmi_run.rps / base_run.rps;
+    let p99_ratio = nmi_run.p99.as_secs_f64() / base_run.p99.as_secs_f64();
+    println!(
+        "nmi cache-hit benchmark: {} keep-alive connections, {} s per server, {} pods, {} identities, token body {} bytes, {} CPUs",
+        args.connections,
+        args.seconds,
+        PODS,
+        IDENTITIES,
+        body_len,
+        std::thread::available_parallelism().map_or(0, usize::from),
+    );
+    println!();
+    println!(
+        "{:<10} {:>10} {:>8} {:>12} {:>10} {:>10}",
+        "server", "requests", "errors", "req/s", "p50 ms", "p99 ms"
+    );
+    for (name, run) in [("nmi", &nmi_run), ("baseline", &base_run)] {
+        println!(
+            "{:<10} {:>10} {:>8} {:>12.0} {:>10.3} {:>10.3}",
+            name,
+            run.requests,
+            run.errors,
+            run.rps,
+            ms(run.p50),
+            ms(run.p99)
+        );
+    }
+    println!();
+    println!(
+        "throughput ratio nmi/baseline  {ratio:>8.2}   target >= 0.8   {}",
+        verdict(ratio >= 0.8)
+    );
+    println!("p99 ratio nmi/baseline         {p99_ratio:>8.2}");
+    println!(
+        "nmi p99                        {:>8.3} ms  target < 1 ms   {}",
+        ms(nmi_run.p99),
+        verdict(nmi_run.p99 < Duration::from_millis(1))
+    );
+    println!(
+        "token source calls             {calls_warm} after warm-up, {calls_after} after load (every measured request was a cache hit: {})",
+        calls_after == calls_warm
+    );
+    let setup_mib = rss_setup as f64 / MIB;
+    println!(
+        "VmRSS before setup             {:>8.1} MiB",
+        rss_start as f64 / MIB
+    );
+    println!(
+        "VmRSS after setup              {setup_mib:>8.1} MiB  target < 30 MiB {}  (+{:.1} MiB: {PODS} pods, {IDENTITIES} identities/bindings/assignments, {IDENTITIES} cached tokens; measured before the load client started)",
+        verdict(setup_mib < 30.0),
+        (rss_setup.saturating_sub(rss_start)) as f64 / MIB,
+    );
+    println!(
+        "VmRSS after nmi load           {:>8.1} MiB  (includes the in-process load client)",
+        rss_after_load as f64 / MIB
+    );
+    ensure!(
+        nmi_run.errors == 0,
+        "nmi answered {} requests with an error",
+        nmi_run.errors
+    );
+    Ok(())
+}
