@@ -137,7 +137,12 @@ async fn hundred_concurrent_misses_make_one_upstream_call() {
         }));
     }
     let stats = broker.stats().clone();
-    eventually("all 100 requests to miss", || stats.misses() == 100).await;
+    // A miss is counted before the request joins the flight: wait until all 99 followers have
+    // joined, or the last one could find the slot already filled once the gate opens.
+    eventually("all 100 requests to miss and 99 to join the flight", || {
+        stats.misses() == 100 && stats.coalesced() == 99
+    })
+    .await;
     assert_eq!(source.calls(), 1);
     source.gate.as_ref().expect("gated").add_permits(1);
     for task in tasks {
