@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what building and testing podid needs on Debian/Ubuntu, idempotently:
-# system packages (iptables, iproute2, python3-venv, build tools), a Rust toolchain and
+# system packages (iptables, conntrack, iproute2, python3-venv, build tools), a Rust toolchain and
 # cargo-nextest when missing, and a Python virtualenv with the official Azure identity SDK
 # (used as a real client by the end-to-end suites). Safe to run again; does nothing twice.
 set -euo pipefail
@@ -20,6 +20,8 @@ need_root() {
 missing=()
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 command -v iptables >/dev/null 2>&1 || missing+=(iptables)
+# nmi --enable-conntrack-deletion shells out to conntrack(8); its tests use it too.
+command -v conntrack >/dev/null 2>&1 || missing+=(conntrack)
 command -v cc >/dev/null 2>&1 || missing+=(build-essential)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
