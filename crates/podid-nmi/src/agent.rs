@@ -378,10 +378,10 @@ impl TokenProvider for CredentialedBroker {
                 return TokenProvider::tokens(&self.broker, request).await;
             }
             let spec = Arc::new(identity_spec(identity, credential));
-            let tokens = self.broker.tokens(&spec, request.resource).await?;
+            let issued = self.broker.issue(&spec, request.resource).await?;
             Ok(crate::provider::Issued {
-                tokens,
-                cache_hit: None,
+                tokens: issued.tokens,
+                cache_hit: Some(issued.cached),
             })
         })
     }

@@ -84,10 +84,10 @@ impl TokenProvider for TokenBroker {
                 TokenTarget::Node(NodeIdentity::ResourceId(id)) => IdentitySpec::managed("", id),
             };
             let spec = Arc::new(spec);
-            let tokens = TokenBroker::tokens(self, &spec, request.resource).await?;
+            let issued = self.issue(&spec, request.resource).await?;
             Ok(Issued {
-                tokens,
-                cache_hit: None,
+                tokens: issued.tokens,
+                cache_hit: Some(issued.cached),
             })
         })
     }

@@ -60,6 +60,16 @@ pub struct CacheKey {
 }
 
 type FetchResult = Result<Arc<Token>, BrokerError>;
+
+/// The tokens of one [`TokenBroker::issue`] call and where they came from.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    /// The primary tenant's token first, then one per auxiliary tenant. Never empty.
+    pub tokens: Vec<Arc<Token>>,
+    /// Whether every token was served from the cache without waiting for an upstream call
+    /// (for audit records; a request that joined a call in flight is a miss).
+    pub cached: bool,
+}
 type InFlight = watch::Receiver<Option<FetchResult>>;
 
 struct Slot {
@@ -163,7 +173,9 @@ impl TokenBroker {
     /// A token for `identity` and `resource`, for the identity's primary tenant.
     pub async fn token(&self, identity: &Arc<IdentitySpec>, resource: &str) -> FetchResult {
         let tenant = identity.primary_tenant();
-        self.token_for(identity, resource, tenant).await
+        self.token_for(identity, resource, tenant)
+            .await
+            .map(|(token, _)| token)
     }
 
     /// The tokens for `identity` and `resource`: the primary tenant's first, then one per
@@ -174,6 +186,17 @@ impl TokenBroker {
         identity: &Arc<IdentitySpec>,
         resource: &str,
     ) -> Result<Vec<Arc<Token>>, BrokerError> {
+        self.issue(identity, resource)
+            .await
+            .map(|issued| issued.tokens)
+    }
+
+    /// [`TokenBroker::tokens`], also telling whether the answer came from the cache.
+    pub async fn issue(
+        &self,
+        identity: &Arc<IdentitySpec>,
+        resource: &str,
+    ) -> Result<Issued, BrokerError> {
         let aux = &identity.auxiliary_tenant_ids;
         if aux.len() > 3 {
             return Err(BrokerError::Config {
@@ -181,15 +204,20 @@ impl TokenBroker {
                 reason: "must specify one to three auxiliary tenants".to_owned(),
             });
         }
-        let mut out = Vec::with_capacity(1 + aux.len());
-        out.push(self.token(identity, resource).await?);
+        let mut tokens = Vec::with_capacity(1 + aux.len());
+        let (token, mut cached) = self
+            .token_for(identity, resource, identity.primary_tenant())
+            .await?;
+        tokens.push(token);
         if identity.primary_tenant().is_some() {
             for tenant in aux {
                 let tenant = Some(tenant.to_ascii_lowercase());
-                out.push(self.token_for(identity, resource, tenant).await?);
+                let (token, hit) = self.token_for(identity, resource, tenant).await?;
+                tokens.push(token);
+                cached &= hit;
             }
         }
-        Ok(out)
+        Ok(Issued { tokens, cached })
     }
 
     /// Drop every cache entry of `identity` at once (identity, binding or assignment deleted or
@@ -211,7 +239,7 @@ impl TokenBroker {
         identity: &Arc<IdentitySpec>,
         resource: &str,
         tenant: Option<String>,
-    ) -> FetchResult {
+    ) -> Result<(Arc<Token>, bool), BrokerError> {
         let inner = &self.inner;
         let Some(kind) = SourceKind::for_identity(identity) else {
             return Err(BrokerError::Config {
@@ -237,7 +265,7 @@ impl TokenBroker {
                 let token = token.clone();
                 if now_ms < slot.refresh_at_ms {
                     inner.stats.hit();
-                    return Ok(token);
+                    return Ok((token, true));
                 }
                 let refresh = slot.inflight.is_none() && now_ms >= slot.retry_not_before_ms;
                 let stale = slot.last_refresh_failed;
@@ -249,7 +277,7 @@ impl TokenBroker {
                 if stale {
                     inner.stats.serve_stale();
                 }
-                return Ok(token);
+                return Ok((token, true));
             }
         }
 
@@ -260,8 +288,8 @@ impl TokenBroker {
             Entry::Occupied(mut occupied) => {
                 let slot = occupied.get_mut();
                 if let Some(token) = slot.valid_token(now_ms) {
-                    // Filled while we were getting here.
-                    return Ok(token.clone());
+                    // Filled while we were getting here: no upstream wait for this request.
+                    return Ok((token.clone(), true));
                 }
                 match &slot.inflight {
                     Some(receiver) => {
@@ -286,7 +314,7 @@ impl TokenBroker {
         };
         match receiver.wait_for(Option::is_some).await {
             Ok(result) => match &*result {
-                Some(result) => result.clone(),
+                Some(result) => result.clone().map(|token| (token, false)),
                 None => Err(lost(identity, kind)),
             },
             Err(_) => Err(lost(identity, kind)),
@@ -430,5 +458,135 @@ fn lost(identity: &IdentitySpec, kind: SourceKind) -> BrokerError {
         client_id: identity.client_id.clone(),
         reason: "token fetch task ended without a result".to_owned(),
         retry_after: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use tokio::sync::Semaphore;
+
+    use super::super::clock::ManualClock;
+    use super::super::identity::Secret;
+    use super::super::source::{SourceFuture, TokenSource};
+    use super::*;
+
+    const T0: u64 = 1_700_000_000;
+
+    /// Counts calls; each call waits for a permit of `gate` when one is set.
+    #[derive(Debug)]
+    struct Counting {
+        clock: Arc<ManualClock>,
+        calls: AtomicUsize,
+        gate: Option<Semaphore>,
+    }
+
+    impl TokenSource for Counting {
+        fn kind(&self) -> SourceKind {
+            SourceKind::Imds
+        }
+
+        fn fetch<'a>(&'a self, request: &'a FetchRequest) -> SourceFuture<'a> {
+            Box::pin(async move {
+                let n = self.calls.fetch_add(1, Ordering::SeqCst);
+                if let Some(gate) = &self.gate {
+                    gate.acquire().await.expect("gate open").forget();
+                }
+                let now = unix_seconds(self.clock.now());
+                Ok(Token::new(
+                    format!("tok-{n}"),
+                    request.resource.clone(),
+                    now + 3600,
+                ))
+            })
+        }
+    }
+
+    fn broker(gated: bool) -> (TokenBroker, Arc<Counting>, Arc<ManualClock>) {
+        let clock = Arc::new(ManualClock::at_unix(T0));
+        let source = Arc::new(Counting {
+            clock: clock.clone(),
+            calls: AtomicUsize::new(0),
+            gate: gated.then(|| Semaphore::new(0)),
+        });
+        let broker = TokenBroker::new(
+            BrokerConfig::default(),
+            Sources::all(source.clone()),
+            clock.clone(),
+        );
+        (broker, source, clock)
+    }
+
+    #[tokio::test]
+    async fn issue_reports_miss_then_hit_including_during_refresh() {
+        let (broker, source, clock) = broker(false);
+        let id = Arc::new(IdentitySpec::managed("c1", ""));
+        let first = broker.issue(&id, "r").await.expect("token");
+        assert!(!first.cached, "the first answer waited for upstream");
+        assert_eq!(first.tokens.len(), 1);
+        let second = broker.issue(&id, "r").await.expect("token");
+        assert!(second.cached);
+        assert_eq!(
+            second.tokens[0].access_token(),
+            first.tokens[0].access_token()
+        );
+        assert_eq!(source.calls.load(Ordering::SeqCst), 1);
+        // Inside the refresh margin: still served from the cache while a refresh runs.
+        clock.advance(Duration::from_secs(3600 - 60));
+        let third = broker.issue(&id, "r").await.expect("token");
+        assert!(third.cached);
+        // Another resource is another key: a miss.
+        let other = broker.issue(&id, "r2").await.expect("token");
+        assert!(!other.cached);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_joining_a_call_in_flight_is_a_miss() {
+        let (broker, source, _clock) = broker(true);
+        let id = Arc::new(IdentitySpec::managed("c1", ""));
+        let leader = tokio::spawn({
+            let (broker, id) = (broker.clone(), id.clone());
+            async move { broker.issue(&id, "r").await }
+        });
+        let follower = tokio::spawn({
+            let (broker, id) = (broker.clone(), id.clone());
+            async move { broker.issue(&id, "r").await }
+        });
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        // Both are in once the second joined the first's call.
+        while broker.stats().coalesced() < 1 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the second request never joined the call in flight"
+            );
+            tokio::task::yield_now().await;
+        }
+        source.gate.as_ref().expect("gated").add_permits(1);
+        let leader = leader.await.expect("join").expect("token");
+        let follower = follower.await.expect("join").expect("token");
+        assert!(!leader.cached);
+        assert!(!follower.cached);
+        assert_eq!(source.calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn auxiliary_tenants_are_cached_only_when_all_are() {
+        let (broker, source, _clock) = broker(false);
+        let mut spec = IdentitySpec::client_secret("c2", "t0", Secret::new("s"));
+        spec.auxiliary_tenant_ids = vec!["t1".to_owned()];
+        let id = Arc::new(spec);
+        let first = broker.issue(&id, "r").await.expect("tokens");
+        assert_eq!(first.tokens.len(), 2);
+        assert!(!first.cached);
+        assert!(broker.issue(&id, "r").await.expect("tokens").cached);
+        // Drop only the auxiliary tenant's entry: the answer is no longer all from the cache.
+        broker
+            .inner
+            .slots
+            .retain(|key, _| key.tenant.as_deref() != Some("t1"));
+        let partial = broker.issue(&id, "r").await.expect("tokens");
+        assert!(!partial.cached);
+        assert_eq!(source.calls.load(Ordering::SeqCst), 3);
     }
 }
