@@ -263,6 +263,13 @@ async fn item_01_token_path_variants() {
                 status: 301,
                 expect: Expect::Location("/metadata/identity/oauth2/token/"),
             },
+            Row {
+                item: "§7.1 percent-encoded slashes are decoded before routing (Go's URL.Path)",
+                target: "/metadata/identity%2Foauth2%2Ftoken?resource=r",
+                headers: META,
+                status: 200,
+                expect: Expect::TokenFor(CLIENT_A),
+            },
         ],
     )
     .await;
@@ -452,6 +459,13 @@ async fn item_03_resource_and_api_version() {
             headers: META,
             status: 200,
             expect: Expect::TokenFor(CLIENT_A),
+        },
+        Row {
+            item: "§7.3 a pair with ';' is dropped (Go's url.ParseQuery) → no resource",
+            target: "/metadata/identity/oauth2/token?resource=https://vault.azure.net;x",
+            headers: META,
+            status: 400,
+            expect: Expect::Description("parameter resource cannot be empty"),
         },
     ];
     run_table(&nmi, &rows).await;
@@ -1040,6 +1054,7 @@ async fn item_07_identity_selectors() {
             // fix (docs/compatibility.md "no selector and several identities bound: the first one
             // found" → deterministic, sorted by name).
             case("§7.7 no selector → first identity by name (fix: deterministic)", String::new(), 200, Expect::TokenFor(CLIENT_A), a()),
+            case("§7.7 empty client_id counts as absent", "&client_id=".to_owned(), 200, Expect::TokenFor(CLIENT_A), a()),
             case("§7.7 client_id lower case", format!("&client_id={CLIENT_B}"), 200, Expect::TokenFor(CLIENT_B), b()),
             // fix (DESIGN §3: case-sensitive final match → case-insensitive everywhere).
             case(
@@ -1372,6 +1387,29 @@ async fn item_09_token_bodies() {
         ],
     )
     .await;
+    // /host/token errors have no Retry-After variant (upstream), even with the flag.
+    let retry = start_with(
+        &Objects::empty(),
+        BINDING_LABEL,
+        |o| {
+            o.enable_host_token = true;
+            o.errors.set_retry_after_header = true;
+        },
+        Default::default(),
+    )
+    .await;
+    let reply = request(
+        retry.addr,
+        "/host/token?resource=r",
+        &[("podns", "app"), ("podname", "web")],
+    )
+    .await;
+    assert_eq!(
+        reply.status, 404,
+        "§7.9 /host/token ignores --set-retry-after-header: {}",
+        reply.body
+    );
+    assert!(!reply.headers.contains_key("retry-after"));
     // Without the flag the path is proxied like any other (IMDS has no such path).
     let reply = request(
         nmi.addr,
@@ -1835,6 +1873,8 @@ async fn item_14_metrics_names_and_labels() {
     let needles = [
         // Both token path spellings are one series: the route, not the raw path (fix).
         format!("{nmi_hist}_count{{namespace=\"app\",operation_type=\"token\",resource=\"https://vault.azure.net\",status_code=\"200\"}} 4"),
+        // Answers without a token carry resource="" (documented difference: upstream labelled
+        // every answer with the requested resource, so any caller could add series).
         format!("{nmi_hist}_count{{namespace=\"\",operation_type=\"token\",resource=\"\",status_code=\"500\"}} 1"),
         format!("{nmi_hist}_count{{namespace=\"app\",operation_type=\"token\",resource=\"\",status_code=\"503\"}} 1"),
         format!("{nmi_hist}_count{{namespace=\"app\",operation_type=\"host_token\",resource=\"r\",status_code=\"200\"}} 1"),
@@ -1842,6 +1882,7 @@ async fn item_14_metrics_names_and_labels() {
         format!("{imds_hist}_count{{operation_type=\"adal_token\"}} 1"),
         format!("{imds_hist}_count{{operation_type=\"adal_token_msi\"}} 1"),
         "aadpodidentity_imds_operations_errors_count{operation_type=\"adal_token_msi_userassignedid\"} 1".to_owned(),
+        // One per unattributed request (documented difference: upstream counted 5 poll misses).
         "aadpodidentity_kubernetes_api_operations_errors_count{operation_type=\"get_pod_list\"} 1".to_owned(),
     ];
     let missing: Vec<&String> = needles
