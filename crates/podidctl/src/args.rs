@@ -1,0 +1,86 @@
+//! Command-line arguments (clap derive).
+
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+/// podidctl: explain and migrate pod identities.
+#[derive(Debug, Parser)]
+#[command(name = "podidctl", version, about)]
+pub struct Args {
+    /// Path to the kubeconfig (default: $KUBECONFIG, ~/.kube/config, then in-cluster).
+    #[arg(long, global = true)]
+    pub kubeconfig: Option<PathBuf>,
+    /// Kubeconfig context to use (default: the current context).
+    #[arg(long, global = true)]
+    pub context: Option<String>,
+    /// nmi's operation mode on this cluster (`--operation-mode`).
+    #[arg(long, global = true, value_enum, default_value_t = Mode::Standard)]
+    pub operation_mode: Mode,
+    /// nmi and mic run with `--forceNamespaced`.
+    #[arg(long = "force-namespaced", global = true)]
+    pub force_namespaced: bool,
+    /// The subcommand.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// nmi's operation mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// MIC assigns identities; nmi needs an `Assigned` AzureAssignedIdentity.
+    Standard,
+    /// No MIC; bindings and identities in the pod's namespace decide.
+    Managed,
+}
+
+/// Output format of `status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// A table.
+    Table,
+    /// JSON (one document).
+    Json,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Per namespace, which identity each pod gets by which path, or why none.
+    Status {
+        /// Namespace (default: the kubeconfig's namespace).
+        #[arg(short, long, conflicts_with = "all_namespaces")]
+        namespace: Option<String>,
+        /// Every namespace.
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// The ordered steps (with rollback) that move one AzureIdentity to federated tokens.
+    Migrate {
+        /// The AzureIdentity's name.
+        identity: String,
+        /// The identity's namespace (default: the kubeconfig's namespace).
+        #[arg(short, long)]
+        namespace: Option<String>,
+        /// Service-account issuer (default: the API server's /.well-known/openid-configuration).
+        #[arg(long)]
+        issuer: Option<String>,
+        /// Register one shared service account (`<name>` in the identity's namespace or
+        /// `<namespace>/<name>`) instead of one subject per service account.
+        #[arg(long)]
+        shared_service_account: Option<String>,
+        /// Tenant for type-0 identities (they carry no tenantID).
+        #[arg(long)]
+        tenant_id: Option<String>,
+    },
+    /// What `<namespace>/<pod>` would get and why, with a fix for every problem.
+    Doctor {
+        /// `<namespace>/<pod>`.
+        pod: String,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+}

@@ -1,0 +1,23 @@
+//! `podidctl`, the migration CLI: reads a cluster (read-only, through the usual kubeconfig) and
+//! explains which pod gets which identity by which path (`status`), what one pod would get and
+//! why with a concrete fix for every problem (`doctor`), and the ordered, reversible steps that
+//! move one identity to Workload Identity federation (`migrate`).
+//!
+//! The decisions are not re-implemented: [`explain`] feeds the cluster's objects to
+//! `podid_controller::matching::MatchIndex` (the matcher nmi uses) and to
+//! `podid_controller::broker::federated_credential` (nmi's federated switch), so the CLI says
+//! what nmi would decide. [`explain`], [`migrate`] and [`render`] work on plain values;
+//! only [`cluster`] talks to the API server.
+//!
+//! Must not depend on the test doubles, hyper servers or iptables, and must never write to the
+//! cluster or print a Secret's content (only the names of its keys are looked at).
+
+pub mod args;
+pub mod cluster;
+pub mod error;
+pub mod explain;
+pub mod migrate;
+pub mod render;
+pub mod run;
+
+pub use error::Error;

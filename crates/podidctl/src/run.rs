@@ -1,0 +1,128 @@
+//! Runs one subcommand against the cluster and returns its output text.
+
+use podid_controller::matching::{MatchMode, MatchOptions};
+
+use crate::args::{Args, Command, Mode, Output};
+use crate::cluster::{Cluster, Scope};
+use crate::error::Error;
+use crate::explain::{Explainer, Options, is_identity_pod};
+use crate::render::{StatusDocument, doctor_text, status_table};
+
+fn options(args: &Args) -> Options {
+    Options {
+        matching: MatchOptions {
+            mode: match args.operation_mode {
+                Mode::Standard => MatchMode::Standard,
+                Mode::Managed => MatchMode::Managed,
+            },
+            force_namespaced: args.force_namespaced,
+        },
+    }
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> String {
+    // Serializing plain report structs cannot fail (string keys, no custom serializers).
+    let mut text = serde_json::to_string_pretty(value).unwrap_or_default();
+    text.push('\n');
+    text
+}
+
+/// Runs the subcommand in `args` and returns what to print.
+pub async fn run(args: Args) -> Result<String, Error> {
+    let cluster = Cluster::connect(args.kubeconfig.as_deref(), args.context.as_deref()).await?;
+    let options = options(&args);
+    let standard = options.matching.mode == MatchMode::Standard;
+    match &args.command {
+        Command::Status {
+            namespace,
+            all_namespaces,
+            output,
+        } => {
+            let scope = if *all_namespaces {
+                Scope::All
+            } else {
+                Scope::Namespace(
+                    namespace
+                        .clone()
+                        .unwrap_or_else(|| cluster.default_namespace().to_owned()),
+                )
+            };
+            let mut pods = cluster.pods(&scope).await?;
+            pods.retain(is_identity_pod);
+            pods.sort_by(|a, b| {
+                (&a.metadata.namespace, &a.metadata.name)
+                    .cmp(&(&b.metadata.namespace, &b.metadata.name))
+            });
+            let snapshot = cluster.snapshot(pods, &[]).await?;
+            let explainer = Explainer::new(&snapshot, options);
+            let reports: Vec<_> = snapshot.pods.iter().map(|p| explainer.explain(p)).collect();
+            Ok(match output {
+                Output::Table => status_table(&reports, standard),
+                Output::Json => to_json(&StatusDocument {
+                    mode: if standard { "standard" } else { "managed" },
+                    force_namespaced: options.matching.force_namespaced,
+                    pods: &reports,
+                }),
+            })
+        }
+        Command::Doctor { pod, output } => {
+            let (namespace, name) = pod
+                .split_once('/')
+                .filter(|(ns, name)| !ns.is_empty() && !name.is_empty() && !name.contains('/'))
+                .ok_or_else(|| Error::BadPodRef(pod.clone()))?;
+            let pod = cluster.pod(namespace, name).await?;
+            let snapshot = cluster.snapshot(vec![pod], &[]).await?;
+            let explainer = Explainer::new(&snapshot, options);
+            let report = explainer.explain(&snapshot.pods[0]);
+            Ok(match output {
+                Output::Table => doctor_text(&report, standard),
+                Output::Json => to_json(&report),
+            })
+        }
+        Command::Migrate {
+            identity,
+            namespace,
+            issuer,
+            shared_service_account,
+            tenant_id,
+        } => {
+            let namespace = namespace
+                .clone()
+                .unwrap_or_else(|| cluster.default_namespace().to_owned());
+            let pods = cluster.pods(&Scope::All).await?;
+            let extra: Vec<(String, String)> = shared_service_account
+                .iter()
+                .map(|s| match s.split_once('/') {
+                    Some((ns, name)) => (ns.to_owned(), name.to_owned()),
+                    None => (namespace.clone(), s.clone()),
+                })
+                .collect();
+            let snapshot = cluster.snapshot(pods, &extra).await?;
+            let target = snapshot
+                .identities
+                .iter()
+                .find(|i| {
+                    i.metadata.namespace.as_deref() == Some(namespace.as_str())
+                        && i.metadata.name.as_deref() == Some(identity.as_str())
+                })
+                .ok_or_else(|| Error::IdentityNotFound {
+                    namespace: namespace.clone(),
+                    name: identity.clone(),
+                })?;
+            let issuer = match issuer {
+                Some(issuer) => issuer.clone(),
+                None => cluster.issuer().await?,
+            };
+            let explainer = Explainer::new(&snapshot, options);
+            let plan = crate::migrate::plan(&crate::migrate::Input {
+                identity: target,
+                users: explainer.pods_using(&namespace, identity),
+                service_accounts: &snapshot.service_accounts,
+                issuer,
+                shared_service_account: shared_service_account.clone(),
+                tenant_id: tenant_id.clone(),
+            });
+            Ok(crate::migrate::render(&plan))
+        }
+    }
+}
