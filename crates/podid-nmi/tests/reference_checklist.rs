@@ -1482,6 +1482,7 @@ async fn item_10_upstream_errors() {
         r#"{"error":"server_error","error_description":"boom"}"#,
     )
     .await;
+    let garbled = canned_imds("200 OK", "this is not json").await;
     let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let unreachable = closed.local_addr().unwrap();
     drop(closed);
@@ -1506,6 +1507,16 @@ async fn item_10_upstream_errors() {
             imds: failing,
             status: 503,
             expect: Expect::DescriptionPrefix(""),
+            retry_after: false,
+        },
+        // fix (docs/compatibility.md: upstream's adal TokenRefreshError made a 200 whose body
+        // is not a token a 403, which tells SDKs to stop; podid answers 503 like other
+        // transient upstream failures, as for Entra 5xx).
+        Upstream {
+            item: "§7.10 IMDS 200 with an unparsable body → 503 (fix: upstream 403)",
+            imds: garbled,
+            status: 503,
+            expect: Expect::DescriptionPrefix("imds token source unavailable for client "),
             retry_after: false,
         },
         Upstream {
@@ -1540,7 +1551,7 @@ async fn item_10_upstream_errors() {
                 reply.headers.get("retry-after")
             ));
         }
-        if row.status == 403 && !reply.body.contains("Identity not found") {
+        if row.imds == refusing && !reply.body.contains("Identity not found") {
             failures.push(format!(
                 "{}: IMDS's message missing: {}",
                 row.item, reply.body
