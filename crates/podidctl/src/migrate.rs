@@ -408,8 +408,8 @@ fn fic_step(identity: &AzureIdentity, subjects: &[Subject], issuer: &str, client
             "contentVersion": "1.0.0.0",
             "resources": resources,
         });
-        notes.push(format!(
-            "Or deploy this ARM template to resource group {rg} (the credentials depend on each other because ARM refuses concurrent writes on one identity):"
+        apply.push(format!(
+            "# Or deploy this ARM template to resource group {rg} (the credentials depend on each other because ARM refuses concurrent writes on one identity):"
         ));
         apply.push(serde_json::to_string_pretty(&template).unwrap_or_default());
     } else {
@@ -467,6 +467,19 @@ fn flip_step(identity: &AzureIdentity, shared: Option<&str>) -> Step {
     if shared.is_some() {
         keys.push(FEDERATED_SERVICE_ACCOUNT_ANNOTATION);
     }
+    let already = before
+        .get(TOKEN_SOURCE_ANNOTATION)
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("federated"));
+    let mut notes = Vec::new();
+    if already {
+        // Going back means leaving federation, whatever the annotations said before.
+        notes.push(format!(
+            "{ns}/{name} is already switched ({TOKEN_SOURCE_ANNOTATION}: federated); the rollback below takes it back to its {} path.",
+            if identity.identity_type() == IdentityType::UserAssignedMsi { "IMDS" } else { "Secret" }
+        ));
+        restore.push(format!("{TOKEN_SOURCE_ANNOTATION}-"));
+        keys.clear();
+    }
     for key in keys {
         match before.get(key) {
             Some(value) => restore.push(format!("--overwrite {key}={}", shell_quote(value))),
@@ -478,11 +491,10 @@ fn flip_step(identity: &AzureIdentity, shared: Option<&str>) -> Step {
     } else {
         "The Secret stays in place and unused, so a rollback takes effect at once."
     };
+    notes.insert(0, format!("nmi switches {ns}/{name} to the federated exchange at once: no pod restarts, pods keep calling IMDS. {type_note}"));
     Step {
         title: "Flip the token source".to_owned(),
-        notes: vec![format!(
-            "nmi switches {ns}/{name} to the federated exchange at once: no pod restarts, pods keep calling IMDS. {type_note}"
-        )],
+        notes,
         apply: vec![set],
         rollback: vec![format!("{target} {}", restore.join(" "))],
     }
@@ -586,8 +598,9 @@ pub fn render(plan: &Plan) -> String {
         }
     }
     let _ = writeln!(out, "\n## Full rollback, newest step first");
+    // Step 5 is per application and undone there; the others are undone newest first.
     for (i, step) in plan.steps.iter().enumerate().rev().skip(1) {
-        for r in &step.rollback {
+        for r in step.rollback.iter().filter(|r| !r.starts_with('(')) {
             let _ = writeln!(out, "# step {}: {r}", i + 1);
         }
     }

@@ -750,6 +750,29 @@ async fn migrate_of_a_service_principal_uses_graph_not_arm() {
     );
     assert!(plan.contains("graph.microsoft.com"), "{plan}");
     assert!(!plan.contains("Microsoft.ManagedIdentity"), "{plan}");
+
+    // An identity already switched: the rollback leaves federation instead of restoring it.
+    let done = c
+        .ok(&[
+            "migrate",
+            "fed-shared",
+            "-n",
+            "billing",
+            "--issuer",
+            "https://issuer.test/x",
+        ])
+        .await;
+    assert!(done.contains("is already switched"), "{done}");
+    assert!(
+        done.contains(
+            "#   kubectl annotate azureidentity -n billing fed-shared podid.io/token-source-\n"
+        ),
+        "{done}"
+    );
+    assert!(
+        done.contains("\"subject\":\"system:serviceaccount:billing:billing-shared\""),
+        "{done}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
