@@ -597,6 +597,34 @@ async fn doctor_explains_with_fixes() {
     );
     assert!(batch.contains("the node's own identity"), "{batch}");
 
+    // --forceNamespaced: the binding of apps no longer applies to a pod in legacy.
+    let forced = c
+        .ok(&["--force-namespaced", "doctor", "legacy/reader-1"])
+        .await;
+    assert!(
+        forced.contains("apps/web-binding: --forceNamespaced"),
+        "{forced}"
+    );
+    let plain_mode = c.ok(&["doctor", "legacy/reader-1"]).await;
+    assert!(
+        plain_mode.contains("binding:    apps/web-binding"),
+        "{plain_mode}"
+    );
+
+    // A flip mic has not caught up with: nmi still follows the assignment's copy.
+    c.server
+        .merge_patch_json(
+            &format!("{GROUP_PATH}/apps/azureidentities/web-id"),
+            json!({"metadata": {"annotations": {TOKEN_SOURCE_ANNOTATION: "federated"}}}),
+        )
+        .expect("flip");
+    let flipped = c.ok(&["doctor", "apps/web-1"]).await;
+    assert!(flipped.contains("path:       IMDS (VMSS)"), "{flipped}");
+    assert!(
+        flipped.contains("the live objects ask for federated (own SA), but the pod's assignment still records IMDS (VMSS)"),
+        "{flipped}"
+    );
+
     // Managed mode ignores assignments: a federated pod is served without one.
     let (code, managed, _) = c
         .run(&["--operation-mode", "managed", "doctor", "apps/api-2"])
