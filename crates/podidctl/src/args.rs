@@ -74,6 +74,9 @@ pub enum Command {
         /// Tenant for type-0 identities (they carry no tenantID).
         #[arg(long)]
         tenant_id: Option<String>,
+        /// Output format (`table` is the commented script).
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
     },
     /// What `<namespace>/<pod>` would get and why, with a fix for every problem.
     Doctor {

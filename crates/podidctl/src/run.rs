@@ -85,6 +85,7 @@ pub async fn run(args: Args) -> Result<String, Error> {
             issuer,
             shared_service_account,
             tenant_id,
+            output,
         } => {
             let namespace = namespace
                 .clone()
@@ -122,7 +123,10 @@ pub async fn run(args: Args) -> Result<String, Error> {
                 shared_service_account: shared_service_account.clone(),
                 tenant_id: tenant_id.clone(),
             });
-            Ok(crate::migrate::render(&plan))
+            Ok(match output {
+                Output::Table => crate::migrate::render(&plan),
+                Output::Json => to_json(&plan),
+            })
         }
     }
 }

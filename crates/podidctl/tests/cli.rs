@@ -751,6 +751,27 @@ async fn migrate_warns_past_twenty_subjects_and_offers_the_shared_account() {
         "{shared}"
     );
     assert!(!shared.contains("Entra allows 20"), "{shared}");
+
+    let json_plan: Value = serde_json::from_str(
+        &c.ok(&[
+            "migrate",
+            "web-id",
+            "-n",
+            "apps",
+            "--issuer",
+            "https://issuer.test/x",
+            "-o",
+            "json",
+        ])
+        .await,
+    )
+    .expect("json plan");
+    assert_eq!(json_plan["subjects"].as_array().map(Vec::len), Some(23));
+    assert_eq!(json_plan["steps"][2]["title"], "Flip the token source");
+    assert_eq!(
+        json_plan["steps"][2]["rollback"][0],
+        "kubectl annotate azureidentity -n apps web-id podid.io/token-source-"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
