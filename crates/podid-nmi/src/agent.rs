@@ -31,6 +31,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::{Config, check_kubenet};
+use crate::conntrack;
+use crate::events::{self, EventSink};
 use crate::interception::{self, Interception, SystemIptables};
 use crate::metrics::Metrics;
 use crate::pods::PodIndex;
@@ -86,6 +88,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             .context("installing the aad-metadata interception")?
     };
     tracing::info!(?first, "interception installed");
+    if config.conntrack_deletion {
+        flush_conntrack(config.metadata).await?;
+    }
 
     let clock = Arc::new(SystemClock);
     let limiter = Arc::new(ImdsLimiter::new(LimiterConfig::default()));
@@ -125,14 +130,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let options = ServerOptions::from_config(&config);
     let limits = options.limits.clone();
-    let state = Arc::new(NmiState::new(
-        options,
-        Arc::clone(&pods),
-        Arc::clone(&matcher),
-        provider.clone(),
-        Arc::clone(&metrics),
-        Arc::clone(&health),
+    let (events, queued) = EventSink::new(events::DEFAULT_QUEUE, events::DEFAULT_INTERVAL);
+    let publisher = tokio::spawn(events::publish(
+        client.clone(),
+        config.node_name.clone(),
+        queued,
     ));
+    let state = Arc::new(
+        NmiState::new(
+            options,
+            Arc::clone(&pods),
+            Arc::clone(&matcher),
+            provider.clone(),
+            Arc::clone(&metrics),
+            Arc::clone(&health),
+        )
+        .with_events(Arc::new(events)),
+    );
 
     let revoke: Revoke = {
         let broker = broker.clone();
@@ -193,7 +207,26 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!("shutting down: draining requests; the interception rules stay (fail closed)");
     let _ = stop_tx.send(true);
     watches.abort();
+    publisher.abort();
     let _ = tokio::join!(imds_server, probe_server, metrics_server, reconcile);
+    Ok(())
+}
+
+/// `--enable-conntrack-deletion`: cut flows to IMDS opened before the DNAT existed. A missing
+/// `conntrack` tool is one warning; a failing one is fatal, as upstream.
+async fn flush_conntrack(metadata: std::net::SocketAddrV4) -> anyhow::Result<()> {
+    let flushed = tokio::task::spawn_blocking(move || conntrack::flush_imds_flows(metadata))
+        .await?
+        .context("deleting conntrack entries to the metadata address")?;
+    match flushed {
+        conntrack::Flushed::Deleted(count) => {
+            tracing::info!(count, %metadata, "deleted conntrack entries to the metadata address");
+        }
+        conntrack::Flushed::ToolMissing => tracing::warn!(
+            %metadata,
+            "--enable-conntrack-deletion is set but the conntrack tool (conntrack-tools) is not installed: connections to the metadata address opened before nmi started keep bypassing the interception until they close"
+        ),
+    }
     Ok(())
 }
 

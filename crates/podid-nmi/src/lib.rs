@@ -4,13 +4,16 @@
 //!
 //! Modules: the command line ([`config`]), the interception rules ([`interception`]), the IP → pod
 //! index ([`pods`]), the token provider seam ([`provider`]), the HTTP servers ([`server`]),
-//! metrics ([`metrics`]), the watches feeding them ([`run`]) and the running agent that wires it all
-//! together ([`agent`]). Identity matching lives in `podid_controller::matching`.
+//! metrics ([`metrics`]), Kubernetes Events on pods whose requests fail ([`events`]), the
+//! conntrack flush ([`conntrack`]), the watches feeding them ([`run`]) and the running agent that
+//! wires it all together ([`agent`]). Identity matching lives in `podid_controller::matching`.
 //! Wire formats come from `podid-imds`; this crate must not write IMDS bodies itself.
 //! Must not depend on the test doubles (`podid-testkit` and friends).
 
 pub mod agent;
 pub mod config;
+pub mod conntrack;
+pub mod events;
 pub mod interception;
 pub mod metrics;
 pub mod pods;

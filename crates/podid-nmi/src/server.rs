@@ -30,7 +30,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use podid_controller::broker::{BrokerError, Token};
-use podid_controller::matching::{CallerPod, Decision, MatchIndex, MatchOptions, NodeIdentity};
+use podid_controller::matching::{
+    CallerPod, Decision, MatchIndex, MatchOptions, NoMatch, NodeIdentity,
+};
 use podid_imds::{
     ErrorOptions, HostTokenResponse, IdentitySelector, ImdsError, Route, TokenResponse,
     WireResponse, check_metadata_header, classify, parse_token_query, pod_headers,
@@ -42,6 +44,7 @@ use tokio::task::JoinSet;
 use tracing::Instrument as _;
 
 use crate::config::{Config, OperationMode};
+use crate::events::{EventSink, PodEvent, PodEventReason};
 use crate::metrics::{Metrics, imds_operation};
 use crate::pods::{LookupError, PodIndex};
 use crate::provider::{TokenProvider, TokenRequest, TokenTarget};
@@ -220,6 +223,8 @@ pub struct NmiState {
     pub metrics: Arc<Metrics>,
     /// Health flags.
     pub health: Arc<Health>,
+    /// Where Kubernetes Events about failing pods go (none: no events).
+    pub events: Option<Arc<EventSink>>,
     proxy: Client<HttpConnector, Full<Bytes>>,
 }
 
@@ -246,8 +251,16 @@ impl NmiState {
             tokens,
             metrics,
             health,
+            events: None,
             proxy,
         }
+    }
+
+    /// Report failures the pod's owner can fix as Kubernetes Events through `sink`.
+    #[must_use]
+    pub fn with_events(mut self, sink: Arc<EventSink>) -> Self {
+        self.events = Some(sink);
+        self
     }
 
     /// Ready: pods and matching caches synced and the interception installed.
@@ -525,7 +538,72 @@ impl Outcome {
             resource: None,
         }
     }
+
+    /// The answer for a refused grant, with its `Retry-After` when it has one.
+    fn denied(denied: &Denied, options: ErrorOptions, namespace: Option<&str>) -> Self {
+        let mut outcome = Self::error(&denied.error, options, namespace);
+        if let Some(seconds) = denied.retry_after {
+            outcome
+                .response
+                .headers
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        outcome
+    }
 }
+
+/// Why [`grant`] gave no token: the IMDS error, and how long the caller should wait before
+/// asking again when waiting helps.
+#[derive(Debug)]
+struct Denied {
+    error: ImdsError,
+    /// Seconds for `Retry-After` (503 answers only).
+    retry_after: Option<u64>,
+    /// The Kubernetes Event the pod gets, when its owner can fix the failure.
+    event: Option<PodEventReason>,
+}
+
+impl From<ImdsError> for Denied {
+    fn from(error: ImdsError) -> Self {
+        Self {
+            error,
+            retry_after: None,
+            event: None,
+        }
+    }
+}
+
+impl Denied {
+    fn with_event(mut self, reason: PodEventReason) -> Self {
+        self.event = Some(reason);
+        self
+    }
+}
+
+/// Queue the Event `denied` asks for on `pod` (never waits; rate-limited and bounded by the sink).
+fn report_event(state: &NmiState, pod: &CallerPod, denied: &Denied) {
+    let (Some(sink), Some(reason)) = (&state.events, denied.event) else {
+        return;
+    };
+    sink.report(PodEvent {
+        namespace: pod.namespace.clone(),
+        pod: pod.name.clone(),
+        uid: pod_uid(state, pod),
+        reason,
+        note: denied.error.to_string(),
+    });
+}
+
+/// The pod's uid, for the Event's reference (`kubectl describe pod` matches on it).
+fn pod_uid(_state: &NmiState, _pod: &CallerPod) -> Option<String> {
+    None
+}
+
+/// `Retry-After` sent while nmi's own state is not ready (caches syncing): a short, honest wait.
+const NOT_READY_RETRY_AFTER: u64 = 1;
+
+/// Longest `Retry-After` passed on from upstream (IMDS or Entra said to wait).
+const MAX_UPSTREAM_RETRY_AFTER: u64 = 60;
 
 /// Tokens for a request after attribution: match, wait while pending, fetch.
 struct Granted {
@@ -570,7 +648,10 @@ async fn token_route(state: &NmiState, ip: IpAddr, headers: &HeaderMap, query: &
                 resource: Some(query.resource.to_string()),
             }
         }
-        Err(error) => Outcome::error(&error, options, namespace),
+        Err(denied) => {
+            report_event(state, &pod, &denied);
+            Outcome::denied(&denied, options, namespace)
+        }
     }
 }
 
@@ -623,7 +704,10 @@ async fn host_token_route(
                 resource: Some(query.resource.to_string()),
             }
         }
-        Err(error) => Outcome::error(&error, options, Some(&pod.namespace)),
+        Err(denied) => {
+            report_event(state, &pod, &denied);
+            Outcome::denied(&denied, options, Some(&pod.namespace))
+        }
     }
 }
 
@@ -669,10 +753,14 @@ async fn grant(
     pod: &CallerPod,
     selector: &IdentitySelector<'_>,
     resource: &str,
-) -> Result<Granted, ImdsError> {
+) -> Result<Granted, Denied> {
     if !state.matcher.is_synced() {
-        return Err(ImdsError::TokenUnavailable {
-            detail: "NMI has not finished syncing identities from the API server".to_owned(),
+        return Err(Denied {
+            error: ImdsError::TokenUnavailable {
+                detail: "NMI has not finished syncing identities from the API server".to_owned(),
+            },
+            retry_after: Some(NOT_READY_RETRY_AFTER),
+            event: None,
         });
     }
     let deadline = tokio::time::Instant::now() + state.options.pending_wait;
@@ -685,10 +773,11 @@ async fn grant(
                 match tokio::time::timeout_at(deadline, changes.changed()).await {
                     Ok(Ok(())) => {}
                     Ok(Err(_)) | Err(_) => {
-                        return Err(ImdsError::AssignmentPending {
+                        return Err(Denied::from(ImdsError::AssignmentPending {
                             namespace: pod.namespace.clone(),
                             pod: pod.name.clone(),
-                        });
+                        })
+                        .with_event(PodEventReason::AssignmentTimeout));
                     }
                 }
             }
@@ -696,11 +785,24 @@ async fn grant(
         }
     };
     match decision {
-        Decision::NoMatch(no_match) => Err(no_match.to_imds_error(pod)),
-        Decision::Pending(_) => Err(ImdsError::AssignmentPending {
+        Decision::NoMatch(no_match) => {
+            let denied = Denied::from(no_match.to_imds_error(pod));
+            Err(match no_match {
+                // A pod without the label asks IMDS on its own (SDK probes): nothing to fix.
+                NoMatch::NoIdentityForPod if pod.binding_label().is_some() => {
+                    denied.with_event(PodEventReason::NoIdentityMatched)
+                }
+                NoMatch::IdentityNotFound { .. } => {
+                    denied.with_event(PodEventReason::IdentityNotBound)
+                }
+                _ => denied,
+            })
+        }
+        Decision::Pending(_) => Err(Denied::from(ImdsError::AssignmentPending {
             namespace: pod.namespace.clone(),
             pod: pod.name.clone(),
-        }),
+        })
+        .with_event(PodEventReason::AssignmentTimeout)),
         Decision::Identity(identity) => {
             let operation = if identity.identity_type().is_user_assigned_msi() {
                 imds_operation::MSI_USER_ASSIGNED
@@ -714,7 +816,7 @@ async fn grant(
             };
             let issued = fetch(state, request, operation)
                 .await
-                .map_err(|e| broker_error(&e))?;
+                .map_err(|e| broker_denial(&e, state.options.errors.set_retry_after_header))?;
             Ok(Granted {
                 tokens: issued.tokens,
                 client_id: identity.spec.client_id.clone(),
@@ -784,6 +886,31 @@ async fn fetch(
             .inc(),
     }
     result
+}
+
+/// The answer for a broker failure. A 503 carries `Retry-After` when waiting helps: always
+/// when the wait is known (the node's IMDS budget had no turn in time, or upstream sent
+/// `Retry-After`, capped at [`MAX_UPSTREAM_RETRY_AFTER`]); for other transport failures only
+/// with `--set-retry-after-header`, then upstream's 20 s.
+fn broker_denial(error: &BrokerError, set_retry_after_header: bool) -> Denied {
+    let retry_after = match error {
+        BrokerError::Unavailable {
+            retry_after: Some(wait),
+            ..
+        } => Some(
+            (wait.as_secs() + u64::from(wait.subsec_nanos() > 0))
+                .clamp(1, MAX_UPSTREAM_RETRY_AFTER),
+        ),
+        BrokerError::Unavailable {
+            retry_after: None, ..
+        } if set_retry_after_header => Some(u64::from(podid_imds::RETRY_AFTER_SECONDS)),
+        _ => None,
+    };
+    Denied {
+        error: broker_error(error),
+        retry_after,
+        event: PodEventReason::for_broker_error(error),
+    }
 }
 
 fn broker_error(error: &BrokerError) -> ImdsError {
@@ -902,5 +1029,90 @@ async fn passthrough(state: &NmiState, request: Request<Incoming>) -> Response<B
             },
             options,
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use podid_controller::broker::SourceKind;
+
+    use super::*;
+
+    fn unavailable(retry_after: Option<Duration>) -> BrokerError {
+        BrokerError::Unavailable {
+            source_kind: SourceKind::Imds,
+            client_id: "c".into(),
+            reason: "no turn in the node's IMDS budget".into(),
+            retry_after,
+        }
+    }
+
+    fn retry_after_of(denied: &Denied, options: ErrorOptions) -> (u16, Option<String>) {
+        let outcome = Outcome::denied(denied, options, Some("ns"));
+        let header = outcome
+            .response
+            .headers
+            .get(header::RETRY_AFTER)
+            .map(|v| v.to_str().unwrap_or_default().to_owned());
+        (outcome.response.status.as_u16(), header)
+    }
+
+    #[test]
+    fn budget_saturation_always_answers_503_with_a_short_retry_after() {
+        let error = unavailable(Some(podid_controller::broker::BUDGET_RETRY_AFTER));
+        for flag in [false, true] {
+            let denied = broker_denial(&error, flag);
+            assert_eq!(denied.retry_after, Some(1));
+            let (status, header) = retry_after_of(&denied, ErrorOptions::default());
+            assert_eq!(status, 503);
+            assert_eq!(header.as_deref(), Some("1"));
+        }
+    }
+
+    #[test]
+    fn upstream_retry_after_is_rounded_up_and_capped() {
+        let denied = broker_denial(&unavailable(Some(Duration::from_millis(2500))), false);
+        assert_eq!(denied.retry_after, Some(3));
+        let denied = broker_denial(&unavailable(Some(Duration::from_secs(3600))), false);
+        assert_eq!(denied.retry_after, Some(MAX_UPSTREAM_RETRY_AFTER));
+        let denied = broker_denial(&unavailable(Some(Duration::ZERO)), false);
+        assert_eq!(denied.retry_after, Some(1));
+    }
+
+    #[test]
+    fn unreachable_upstream_gets_retry_after_only_with_the_flag() {
+        let error = unavailable(None);
+        let denied = broker_denial(&error, false);
+        let (status, header) = retry_after_of(&denied, ErrorOptions::default());
+        assert_eq!((status, header), (503, None));
+        let denied = broker_denial(&error, true);
+        let (status, header) = retry_after_of(&denied, ErrorOptions::default());
+        assert_eq!(status, 503);
+        assert_eq!(header.as_deref(), Some("20"));
+    }
+
+    #[test]
+    fn refusals_and_config_errors_never_get_retry_after() {
+        let refused = BrokerError::Refused {
+            source_kind: SourceKind::ClientSecret,
+            client_id: "c".into(),
+            status: 401,
+            error: "invalid_client".into(),
+            description: "bad secret".into(),
+        };
+        let config = BrokerError::Config {
+            client_id: "c".into(),
+            reason: "Secret ns/s has no certificate key".into(),
+        };
+        for flag in [false, true] {
+            let (status, header) =
+                retry_after_of(&broker_denial(&refused, flag), ErrorOptions::default());
+            assert_eq!((status, header), (403, None));
+            let (status, header) =
+                retry_after_of(&broker_denial(&config, flag), ErrorOptions::default());
+            assert_eq!((status, header), (503, None));
+        }
     }
 }
