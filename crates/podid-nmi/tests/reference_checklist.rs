@@ -27,6 +27,7 @@ use podid_controller::broker::{
     Sources, SystemClock, TokenBroker,
 };
 use podid_controller::matching::{MatchMode, MatchOptions, NodeIdentity};
+use podid_fake_apiserver::FakeApiServer;
 use podid_imds::ErrorBodyStyle;
 use podid_netsim::SimNode;
 use podid_nmi::config::Flags;
@@ -36,7 +37,7 @@ use podid_nmi::interception::{
 use podid_nmi::provider::TokenProvider;
 use podid_nmi::server::{ServerOptions, serve};
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
 // ---------------------------------------------------------------- table machinery
 
@@ -2182,11 +2183,8 @@ fn lines(output: &str) -> Vec<String> {
 /// of every kind of tampering with upstream's reconcile semantics, a pod's request reaching the
 /// real server through the DNAT with its own source address, and the explicit uninstall.
 ///
-/// Not here: the periodic repair by the running agent (tests/tests/nmi.rs flushes the chain of
-/// a running `nmi` and waits for the repair) and the SIGTERM behaviour — fix (DESIGN §3,
-/// docs/compatibility.md "rules deleted on SIGTERM" → rules stay, fail closed; `nmi
-/// uninstall-interception` removes them), pinned by tests/tests/nmi.rs, where a stopped nmi
-/// leaves the chain in place and pods cannot reach IMDS.
+/// SIGTERM: [`item_13_sigterm_keeps_the_rules`]. Not here: the periodic repair by the running
+/// agent (tests/tests/nmi.rs flushes the chain of a running `nmi` and waits for the repair).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn item_13_iptables_interception() {
     let node = SimNode::create()
@@ -2493,4 +2491,82 @@ async fn item_13_iptables_interception() {
         custom.expected_listing()[1],
         "-A aad-metadata ! -s 127.0.0.1/32 -d 10.9.8.7/32 -p tcp -m tcp --dport 8080 -j DNAT --to-destination 127.0.0.1:3000"
     );
+}
+
+/// §7.13 SIGTERM: fix (DESIGN §3, docs/compatibility.md "rules deleted on SIGTERM" → rules stay,
+/// fail closed). The real `nmi` binary runs in a simulated node against the fake API server,
+/// installs the chain, and on SIGTERM exits 0 promptly (no 10 s sleep) leaving the chain and the
+/// jump in place. Needs root.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item_13_sigterm_keeps_the_rules() {
+    let node = SimNode::create()
+        .expect("§7.13 needs root (CAP_NET_ADMIN) for a simulated node; run the tests as root");
+    let api = FakeApiServer::start_on(std::net::SocketAddr::from((node.host_ip(), 0)))
+        .await
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("podid-s7-sigterm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    api.write_kubeconfig(dir.join("kubeconfig")).unwrap();
+    std::fs::write(dir.join("kubelet"), "KUBELET_FLAGS=--network-plugin=cni\n").unwrap();
+    let mut child = node
+        .command(env!("CARGO_BIN_EXE_nmi"))
+        .arg("--node=node-a")
+        .arg("--http-probe-port=8085")
+        .arg(format!(
+            "--kubelet-config={}",
+            dir.join("kubelet").display()
+        ))
+        .env("KUBECONFIG", dir.join("kubeconfig"))
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Ready = caches synced and the interception installed.
+    let probe = std::net::SocketAddr::from((node.ip(), 8085));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("§7.13 nmi exited early: {status}");
+        }
+        if let Ok(Ok(stream)) =
+            tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(probe)).await
+        {
+            drop(stream);
+            if request(probe, "/readyz", NO_HEADERS).await.status == 200 {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "§7.13 nmi not ready within 30 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let chain = || lines(&node.iptables(&["-t", "nat", "-S", CHAIN]).unwrap());
+    assert_eq!(chain(), UPSTREAM_CHAIN, "§7.13 installed by the binary");
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let stopped = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            stopped.elapsed() < Duration::from_secs(15),
+            "§7.13 nmi did not stop on SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "§7.13 SIGTERM exit status {status}");
+    assert_eq!(
+        chain(),
+        UPSTREAM_CHAIN,
+        "§7.13 the chain stays after SIGTERM (fix)"
+    );
+    assert!(
+        lines(&node.iptables(&["-t", "nat", "-S", "PREROUTING"]).unwrap())
+            .contains(&"-A PREROUTING -j aad-metadata".to_owned()),
+        "§7.13 the jump stays after SIGTERM (fix)"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
 }
