@@ -15,6 +15,15 @@
 //!   that may leave it (no desired assignment on ANY node of that VM/VMSS needs them, and their
 //!   client id is not immutable).
 //!
+//! Federated identities (the migration bridge, docs/migration.md): a (pod, identity) pair whose
+//! binding — or, when the binding does not say, identity — carries `podid.io/token-source:
+//! federated` still gets its `AzureAssignedIdentity` (NMI's standard mode serves only assigned
+//! identities, and reads the switch from the copies recorded in it), but it needs no ARM work: it
+//! turns `Assigned` at once, its resource id is not required on the VM/VMSS, and an assignment
+//! that switches to federated releases the id from the VM/VMSS unless another pod there still
+//! needs it on the IMDS path. One that switches back is rewritten as `Created` and confirmed on
+//! the VM/VMSS before NMI serves it from IMDS again.
+//!
 //! Exceptions (`AzurePodIdentityException`) do not change MIC's work: an excepted pod's token
 //! requests go straight to the node's IMDS, which can only serve identities that are on the
 //! node, so its assignments are kept as upstream keeps them.
@@ -31,6 +40,7 @@ use podid_api::{
     AssignedIdentityState, AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding,
     NODE_NAME_LABEL, POD_LABEL_KEY, assigned_identity_name, assigned_identity_namespace,
 };
+use podid_controller::broker::is_federated;
 use sha2::{Digest, Sha256};
 
 /// Longest object name the API server accepts (a DNS subdomain).
@@ -393,6 +403,14 @@ impl<'a> Candidate<'a> {
         )
     }
 
+    /// Tokens by federated exchange: no ARM work.
+    fn federated(&self) -> bool {
+        is_federated(
+            self.identity.metadata.annotations.as_ref(),
+            self.binding.metadata.annotations.as_ref(),
+        )
+    }
+
     fn build(&self, name: &str) -> AzureAssignedIdentity {
         let mut object = AzureAssignedIdentity::for_pod(
             &self.namespace,
@@ -424,6 +442,19 @@ fn existing_key(object: &AzureAssignedIdentity) -> Option<ContentKey<'_>> {
             .as_deref()
             .filter(|s| !s.is_empty())?,
     ))
+}
+
+/// Whether the copies recorded in an existing assignment put it on the federated path.
+fn existing_federated(object: &AzureAssignedIdentity) -> bool {
+    let spec = &object.spec;
+    is_federated(
+        spec.azure_identity_ref
+            .as_deref()
+            .and_then(|i| i.metadata.annotations.as_ref()),
+        spec.azure_binding_ref
+            .as_deref()
+            .and_then(|b| b.metadata.annotations.as_ref()),
+    )
 }
 
 fn is_terminating(object: &AzureAssignedIdentity) -> bool {
@@ -754,6 +785,7 @@ pub fn compute<'a>(inputs: &Inputs<'a>, options: &Options) -> Plan<'a> {
 
     // Outcome per candidate; per-target needs.
     let mut reassigned: Vec<&'a AzureAssignedIdentity> = Vec::new();
+    let mut to_federated: Vec<&'a AzureAssignedIdentity> = Vec::new();
     for (c, candidate) in candidates.iter().enumerate() {
         let (name, pending) = if let Some(e) = matched[c] {
             let existing = inputs.existing[e];
@@ -768,6 +800,8 @@ pub fn compute<'a>(inputs: &Inputs<'a>, options: &Options) -> Plan<'a> {
                         .push(update_of(existing, candidate, &name, reassign));
                     if reassign {
                         reassigned.push(existing);
+                    } else if candidate.federated() && !existing_federated(existing) {
+                        to_federated.push(existing);
                     }
                     (name, reassign)
                 }
@@ -778,7 +812,7 @@ pub fn compute<'a>(inputs: &Inputs<'a>, options: &Options) -> Plan<'a> {
         } else {
             continue; // deferred
         };
-        if !is_type0(Some(candidate.identity)) {
+        if !is_type0(Some(candidate.identity)) || candidate.federated() {
             if pending {
                 plan.assign_without_arm.push(name);
             }
@@ -826,7 +860,7 @@ pub fn compute<'a>(inputs: &Inputs<'a>, options: &Options) -> Plan<'a> {
         entry.release.insert(id.clone());
         Some((target.clone(), id))
     };
-    for object in reassigned {
+    for object in reassigned.into_iter().chain(to_federated) {
         let _ = release(object, &mut plan);
     }
     for (e, &object) in inputs.existing.iter().enumerate() {
@@ -862,6 +896,8 @@ fn classify(existing: &AzureAssignedIdentity, candidate: &Candidate<'_>) -> Opti
         i.metadata.resource_version == candidate.identity.metadata.resource_version
     });
     let same_content = existing_key(existing) == Some(candidate.key());
+    // Leaving the federated path: the id must be on the VM/VMSS again before NMI uses IMDS.
+    let leaves_federation = existing_federated(existing) && !candidate.federated();
     let state_ok = existing.state().is_assigned_or_legacy();
     let state_created = existing.state() == AssignedIdentityState::Created;
     if same_content && same_node && same_binding && same_identity && (state_ok || state_created) {
@@ -871,7 +907,7 @@ fn classify(existing: &AzureAssignedIdentity, candidate: &Candidate<'_>) -> Opti
         i.identity_type() == candidate.identity.identity_type()
             && lower_resource_id(i) == lower_resource_id(candidate.identity)
     });
-    Some(!(same_content && same_node && same_resource && state_ok))
+    Some(!(same_content && same_node && same_resource && state_ok && !leaves_federation))
 }
 
 fn update_of<'a>(

@@ -116,7 +116,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         certificate,
         federated: Arc::new(podid_controller::broker::FederatedSource::new(
             client.clone(),
-            podid_controller::broker::FederatedConfig::default(),
+            podid_controller::broker::FederatedConfig {
+                default_tenant: config.federated_default_tenant.clone(),
+                ..podid_controller::broker::FederatedConfig::default()
+            },
             clock.clone(),
         )?),
     };
@@ -406,6 +409,10 @@ impl TokenProvider for CredentialedBroker {
             let TokenTarget::Identity(identity) = request.target else {
                 return TokenProvider::tokens(&self.broker, request).await;
             };
+            if request.federated.is_some() {
+                // Federated: no Secret is read, the broker exchanges a service-account token.
+                return TokenProvider::tokens(&self.broker, request).await;
+            }
             let credential = self.credential(identity).await?;
             if matches!(credential, Credential::None) {
                 return TokenProvider::tokens(&self.broker, request).await;

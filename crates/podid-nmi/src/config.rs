@@ -123,6 +123,11 @@ pub struct Flags {
     #[arg(long = "manage-route-localnet", num_args = 0..=1, require_equals = true, default_value = "true",
           default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
     pub manage_route_localnet: bool,
+    /// podid: tenant of the federated exchange for identities switched to
+    /// `podid.io/token-source: federated` that have no `spec.tenantID` (type 0); also env
+    /// `FEDERATED_DEFAULT_TENANT_ID`.
+    #[arg(long = "federated-default-tenant-id", default_value = "")]
+    pub federated_default_tenant_id: String,
 
     // klog flags, accepted for manifest compatibility.
     /// Log verbosity (klog `-v`).
@@ -260,6 +265,9 @@ pub struct Config {
     pub error_bodies: ErrorBodyStyle,
     /// Set and verify `route_localnet`.
     pub manage_route_localnet: bool,
+    /// Tenant of federated exchanges for identities without `tenantID` (`None`: such requests
+    /// fail with 503 naming the flag).
+    pub federated_default_tenant: Option<String>,
 }
 
 impl Flags {
@@ -310,6 +318,23 @@ impl Flags {
                 ));
             }
         };
+        let federated_default_tenant = if self.federated_default_tenant_id.trim().is_empty() {
+            env("FEDERATED_DEFAULT_TENANT_ID").unwrap_or_default()
+        } else {
+            self.federated_default_tenant_id.clone()
+        };
+        let federated_default_tenant = federated_default_tenant.trim().to_owned();
+        if !federated_default_tenant.is_empty()
+            && !federated_default_tenant
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+        {
+            return Err(invalid(
+                "federated-default-tenant-id",
+                &federated_default_tenant,
+                "want a tenant id or domain ([A-Za-z0-9._-])",
+            ));
+        }
         let error_bodies = match self.error_format.as_str() {
             "json" => ErrorBodyStyle::ImdsJson,
             "text" => ErrorBodyStyle::GoPlainText,
@@ -355,6 +380,8 @@ impl Flags {
             enable_host_token: self.enable_host_token,
             error_bodies,
             manage_route_localnet: self.manage_route_localnet,
+            federated_default_tenant: (!federated_default_tenant.is_empty())
+                .then_some(federated_default_tenant),
         })
     }
 }
@@ -495,6 +522,7 @@ mod tests {
         assert!(!c.enable_host_token);
         assert_eq!(c.error_bodies, ErrorBodyStyle::ImdsJson);
         assert!(c.manage_route_localnet);
+        assert_eq!(c.federated_default_tenant, None);
     }
 
     #[test]
@@ -526,6 +554,7 @@ mod tests {
             "--enable-host-token",
             "--error-format=text",
             "--manage-route-localnet=false",
+            "--federated-default-tenant-id=72f988bf-86f1-41af-91ab-2d7cd011db47",
             "-v=4",
             "--logtostderr=true",
             "--log_dir=/tmp",
@@ -561,6 +590,10 @@ mod tests {
         assert!(c.enable_host_token);
         assert_eq!(c.error_bodies, ErrorBodyStyle::GoPlainText);
         assert!(!c.manage_route_localnet);
+        assert_eq!(
+            c.federated_default_tenant.as_deref(),
+            Some("72f988bf-86f1-41af-91ab-2d7cd011db47")
+        );
         assert_eq!(c.verbosity, 4);
     }
 
@@ -585,6 +618,15 @@ mod tests {
         // Upstream compares with "true" exactly.
         let c = parse_env(&["--node=n"], &[("FORCENAMESPACED", "1")]).expect("valid");
         assert!(!c.namespaced);
+        let c =
+            parse_env(&["--node=n"], &[("FEDERATED_DEFAULT_TENANT_ID", " tid ")]).expect("valid");
+        assert_eq!(c.federated_default_tenant.as_deref(), Some("tid"));
+        let c = parse_env(
+            &["--node=n", "--federated-default-tenant-id=flag"],
+            &[("FEDERATED_DEFAULT_TENANT_ID", "env")],
+        )
+        .expect("valid");
+        assert_eq!(c.federated_default_tenant.as_deref(), Some("flag"));
         // The flag wins over the env.
         let c = parse_env(&["--node=flag"], &[("NODE_NAME", "env")]).expect("valid");
         assert_eq!(c.node_name, "flag");
@@ -616,6 +658,10 @@ mod tests {
             ),
             (&["--log-format=xml"][..], "--log-format"),
             (&["--error-format=html"][..], "--error-format"),
+            (
+                &["--federated-default-tenant-id=a/b"][..],
+                "--federated-default-tenant-id",
+            ),
         ] {
             let mut all = vec!["--node=n"];
             all.extend_from_slice(args);

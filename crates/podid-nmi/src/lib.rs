@@ -12,6 +12,7 @@
 
 pub mod agent;
 pub mod config;
+pub mod federation;
 pub mod conntrack;
 pub mod events;
 pub mod interception;

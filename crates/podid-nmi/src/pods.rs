@@ -56,6 +56,8 @@ type PodKey = (String, String);
 struct Entry {
     ips: Vec<IpAddr>,
     pod: Arc<CallerPod>,
+    /// `metadata.uid` (a federated token is bound to it).
+    uid: String,
 }
 
 #[derive(Debug, Default)]
@@ -142,6 +144,7 @@ fn index_entry(pod: &Pod) -> Option<(PodKey, Entry)> {
         Entry {
             ips,
             pod: Arc::new(caller),
+            uid: meta.uid.clone().unwrap_or_default(),
         },
     ))
 }
@@ -237,6 +240,13 @@ impl PodIndex {
     pub fn get(&self, namespace: &str, name: &str) -> Option<Arc<CallerPod>> {
         let key = (namespace.to_owned(), name.to_owned());
         self.read().pods.get(&key).map(|e| Arc::clone(&e.pod))
+    }
+
+    /// The `metadata.uid` of the indexed pod `namespace/name` (empty when the API server sent
+    /// none), for binding a federated service-account token to the calling pod.
+    pub fn uid(&self, namespace: &str, name: &str) -> Option<String> {
+        let key = (namespace.to_owned(), name.to_owned());
+        self.read().pods.get(&key).map(|e| e.uid.clone())
     }
 
     /// The pod owning `ip` (IPv4-mapped IPv6 addresses are treated as IPv4).

@@ -30,6 +30,10 @@ pub struct TokenRequest<'a> {
     pub resource: &'a str,
     /// The calling pod (e.g. for federated exchange or secrets).
     pub pod: &'a CallerPod,
+    /// `Some` when the identity is switched to federated tokens for this pod
+    /// ([`crate::federation`]): the broker exchanges this credential's service-account token
+    /// instead of asking IMDS or reading the identity's Secret.
+    pub federated: Option<&'a Credential>,
 }
 
 /// The tokens obtained: one, or the primary tenant's first and one per auxiliary tenant.
@@ -78,7 +82,10 @@ impl TokenProvider for TokenBroker {
     fn tokens<'a>(&'a self, request: TokenRequest<'a>) -> TokenFuture<'a> {
         Box::pin(async move {
             let spec = match request.target {
-                TokenTarget::Identity(identity) => identity_spec(identity, Credential::None),
+                TokenTarget::Identity(identity) => identity_spec(
+                    identity,
+                    request.federated.cloned().unwrap_or(Credential::None),
+                ),
                 TokenTarget::Node(NodeIdentity::SystemAssigned) => IdentitySpec::managed("", ""),
                 TokenTarget::Node(NodeIdentity::ClientId(id)) => IdentitySpec::managed(id, ""),
                 TokenTarget::Node(NodeIdentity::ResourceId(id)) => IdentitySpec::managed("", id),

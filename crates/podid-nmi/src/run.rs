@@ -34,6 +34,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 
+use crate::federation::AssignedBindings;
 use crate::pods::PodIndex;
 use crate::provider::identity_spec;
 use crate::server::Matcher;
@@ -137,7 +138,8 @@ pub fn spawn_watches(
                 .identity_objects()
                 .map(|identity| identity_spec(identity, Credential::None).key())
                 .collect();
-            matcher.replace(index);
+            let assigned = AssignedBindings::new(assignments.state().iter().map(|a| &**a));
+            matcher.replace_with_assigned(index, assigned);
             if let Some(revoke) = &revoke {
                 for gone in known.difference(&keys) {
                     tracing::info!(client_id = %gone.client_id(), "identity no longer referenced, dropping its cached tokens");

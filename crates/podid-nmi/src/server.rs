@@ -29,7 +29,8 @@ use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use podid_controller::broker::{BrokerError, Token};
+use podid_api::AzureIdentity;
+use podid_controller::broker::{BrokerError, Credential, Token};
 use podid_controller::matching::{
     CallerPod, Decision, MatchIndex, MatchOptions, NoMatch, NodeIdentity,
 };
@@ -44,6 +45,7 @@ use tokio::task::JoinSet;
 use tracing::Instrument as _;
 
 use crate::config::{Config, OperationMode};
+use crate::federation::AssignedBindings;
 use crate::events::{EventSink, PodEvent, PodEventReason};
 use crate::metrics::{Metrics, imds_operation};
 use crate::pods::{LookupError, PodIndex};
@@ -145,6 +147,7 @@ impl ServerOptions {
 #[derive(Debug)]
 pub struct Matcher {
     current: RwLock<Arc<MatchIndex>>,
+    assigned: RwLock<Arc<AssignedBindings>>,
     changed: watch::Sender<u64>,
     synced: AtomicBool,
 }
@@ -154,6 +157,7 @@ impl Matcher {
     pub fn new(options: MatchOptions) -> Self {
         Self {
             current: RwLock::new(Arc::new(MatchIndex::new(options, [], [], [], []))),
+            assigned: RwLock::new(Arc::new(AssignedBindings::default())),
             changed: watch::Sender::new(0),
             synced: AtomicBool::new(false),
         }
@@ -168,6 +172,25 @@ impl Matcher {
     pub fn replace(&self, index: MatchIndex) {
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(index);
         self.changed.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// Replace the index together with the binding copies of the node's assignments (which
+    /// decide the federated switch in standard mode, see [`crate::federation`]).
+    pub fn replace_with_assigned(&self, index: MatchIndex, assigned: AssignedBindings) {
+        *self.assigned.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(assigned);
+        self.replace(index);
+    }
+
+    /// The federated credential for `pod` (uid `pod_uid`) using `identity`, or `None` when the
+    /// identity keeps its usual token source.
+    pub fn federated_credential(
+        &self,
+        pod: &CallerPod,
+        pod_uid: &str,
+        identity: &AzureIdentity,
+    ) -> Option<Credential> {
+        let assigned = Arc::clone(&self.assigned.read().unwrap_or_else(|e| e.into_inner()));
+        crate::federation::credential_for(&self.current(), &assigned, pod, pod_uid, identity)
     }
 
     /// Mark the index as built from fully synced caches.
@@ -809,10 +832,16 @@ async fn grant(
             } else {
                 imds_operation::SERVICE_PRINCIPAL
             };
+            let uid = state
+                .pods
+                .uid(&pod.namespace, &pod.name)
+                .unwrap_or_default();
+            let federated = state.matcher.federated_credential(pod, &uid, &identity);
             let request = TokenRequest {
                 target: TokenTarget::Identity(&identity),
                 resource,
                 pod,
+                federated: federated.as_ref(),
             };
             let issued = fetch(state, request, operation)
                 .await
@@ -833,6 +862,7 @@ async fn grant(
                 target: TokenTarget::Node(&node),
                 resource,
                 pod,
+                federated: None,
             };
             // Upstream answers every exception-path failure with 403.
             let issued =

@@ -81,6 +81,21 @@ pub struct PodSubject<'a> {
     pub service_account: &'a str,
 }
 
+/// Whether an identity used through a binding gets its tokens by federated exchange: the
+/// binding's [`TOKEN_SOURCE_ANNOTATION`] when it has one, else the identity's, equal to
+/// [`TOKEN_SOURCE_FEDERATED`] ignoring ASCII case and surrounding spaces. The rule
+/// [`federated_credential`] applies, without a pod (MIC uses it to keep federated identities off
+/// the scale sets).
+pub fn is_federated(
+    identity_annotations: Option<&BTreeMap<String, String>>,
+    binding_annotations: Option<&BTreeMap<String, String>>,
+) -> bool {
+    binding_annotations
+        .and_then(|a| a.get(TOKEN_SOURCE_ANNOTATION))
+        .or_else(|| identity_annotations.and_then(|a| a.get(TOKEN_SOURCE_ANNOTATION)))
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case(TOKEN_SOURCE_FEDERATED))
+}
+
 /// The [`Credential::Federated`] for a pod's request to an identity, or `None` when the
 /// identity is not switched to federation.
 ///
@@ -102,9 +117,7 @@ pub fn federated_credential(
             .or_else(|| identity_annotations.and_then(|a| a.get(key)))
             .map(|v| v.trim())
     };
-    let switched = lookup(TOKEN_SOURCE_ANNOTATION)
-        .is_some_and(|v| v.eq_ignore_ascii_case(TOKEN_SOURCE_FEDERATED));
-    if !switched {
+    if !is_federated(identity_annotations, binding_annotations) {
         return None;
     }
     let shared = lookup(FEDERATED_SERVICE_ACCOUNT_ANNOTATION).filter(|v| !v.is_empty());
@@ -194,7 +207,7 @@ impl FederatedSource {
         else {
             return Err(config_error(
                 identity,
-                "no tenant for the federated exchange: set spec.tenantID or the cluster's default tenant",
+                "no tenant for the federated exchange: set spec.tenantID or the cluster's default tenant (nmi --federated-default-tenant-id)",
             ));
         };
         if identity.client_id.is_empty() {
@@ -484,6 +497,10 @@ mod tests {
             "the binding's value wins"
         );
         assert!(federated_credential(Some(&off), "ids", Some(&on), POD).is_some());
+        assert!(is_federated(Some(&on), None));
+        assert!(!is_federated(Some(&on), Some(&off)));
+        assert!(is_federated(None, Some(&on)));
+        assert!(!is_federated(None, None));
     }
 
     #[test]

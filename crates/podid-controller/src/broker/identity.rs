@@ -241,8 +241,12 @@ impl IdentitySpec {
     }
 
     /// The tenant the primary token is for: `None` for managed identities (the node's tenant),
-    /// the lower-cased `tenantID` otherwise.
+    /// the lower-cased `tenantID` otherwise. A federated identity's `tenantID` counts whatever
+    /// its type; without one the federated source uses the cluster's default tenant (`None`).
     pub(crate) fn primary_tenant(&self) -> Option<String> {
+        if matches!(self.credential, Credential::Federated { .. }) {
+            return Some(self.tenant_id.trim().to_ascii_lowercase()).filter(|t| !t.is_empty());
+        }
         match self.identity_type {
             IdentityType::UserAssignedMsi | IdentityType::Unsupported(_) => None,
             _ => Some(self.tenant_id.to_ascii_lowercase()),

@@ -27,7 +27,7 @@ pub use entra::{
 pub use error::BrokerError;
 pub use federated::{
     FederatedConfig, FederatedSource, PodSubject, SERVICE_ACCOUNT_TOKEN_SECONDS,
-    TOKEN_EXCHANGE_AUDIENCE, TOKEN_SOURCE_FEDERATED, federated_credential,
+    TOKEN_EXCHANGE_AUDIENCE, TOKEN_SOURCE_FEDERATED, federated_credential, is_federated,
 };
 pub use http::{HttpTimeouts, SourceBuildError};
 pub use identity::{
