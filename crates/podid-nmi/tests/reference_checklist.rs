@@ -1770,6 +1770,8 @@ async fn item_12_probes_and_no_pprof() {
         .into_config_with_env(|_| None)
         .unwrap();
     assert!(config.profile_requested);
+    // Upstream's ports: probes on 8080 by default (manifests pass 8085), metrics on 9090.
+    assert_eq!((config.probe_port, config.prometheus_port), (8080, 9090));
 }
 
 // ---------------------------------------------------------------- §7.14 metrics
