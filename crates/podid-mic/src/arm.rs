@@ -27,7 +27,7 @@ use tracing::{info, warn};
 
 use crate::cloud::{ArmCredential, CloudConfig, CloudError, Endpoints};
 use crate::desired::ArmTarget;
-use crate::run::{AssignError, AssignFuture, IdentityAssigner, NotApplied};
+use crate::run::{AssignError, AssignFuture, IdentityAssigner, NotApplied, ReportingFuture};
 
 /// Why the ARM assigner could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -144,12 +144,14 @@ impl ArmAssigner {
         )
     }
 
+    /// The update and the ids of `required` that were already on `target` (neither added nor
+    /// refused by this call; empty when the update failed as a whole).
     async fn update(
         &self,
         target: &ArmTarget,
         required: &BTreeSet<String>,
         release: &BTreeSet<String>,
-    ) -> Result<(), AssignError> {
+    ) -> (Result<(), AssignError>, BTreeSet<String>) {
         let compute = self.compute_id(target);
         let mut invalid = BTreeSet::new();
         let mut parse = |ids: &BTreeSet<String>| -> Vec<IdentityResourceId> {
@@ -169,7 +171,10 @@ impl ArmAssigner {
         let started = Instant::now();
         let result = self.client.update_identities(&compute, &add, &remove).await;
         crate::metrics::cloud_operation(compute.kind(), started.elapsed(), result.as_ref().err());
-        let outcome = result?;
+        let outcome = match result {
+            Ok(outcome) => outcome,
+            Err(e) => return (Err(e.into()), BTreeSet::new()),
+        };
         if !outcome.is_noop() {
             info!(
                 %compute,
@@ -181,16 +186,26 @@ impl ArmAssigner {
         }
         let mut not_applied = invalid;
         not_applied.extend(outcome.dropped.iter().map(|id| id.as_str().to_owned()));
+        let present: BTreeSet<String> = add
+            .iter()
+            .map(|id| id.as_str().to_owned())
+            .filter(|id| {
+                !not_applied.contains(id) && !outcome.added.iter().any(|a| a.as_str() == id)
+            })
+            .collect();
         if not_applied.is_empty() {
-            return Ok(());
+            return (Ok(()), present);
         }
         let reason = outcome
             .dropped_reason
             .unwrap_or_else(|| "invalid identity resource id".to_owned());
-        Err(Box::new(NotApplied {
-            ids: not_applied,
-            reason,
-        }))
+        (
+            Err(Box::new(NotApplied {
+                ids: not_applied,
+                reason,
+            })),
+            present,
+        )
     }
 }
 
@@ -201,6 +216,15 @@ impl IdentityAssigner for ArmAssigner {
         required: &'a BTreeSet<String>,
         release: &'a BTreeSet<String>,
     ) -> AssignFuture<'a> {
+        Box::pin(async move { self.update(target, required, release).await.0 })
+    }
+
+    fn apply_reporting<'a>(
+        &'a self,
+        target: &'a ArmTarget,
+        required: &'a BTreeSet<String>,
+        release: &'a BTreeSet<String>,
+    ) -> ReportingFuture<'a> {
         Box::pin(self.update(target, required, release))
     }
 

@@ -16,10 +16,12 @@
 //!   `podid_controller::arm` with tokens from the token broker.
 //! - [`metrics`]: upstream's MIC metrics and their `/metrics` rendering.
 //! - [`probe`]: the `/healthz` and `/metrics` HTTP servers.
+//! - [`preexisting`]: identities found on a VM/VMSS before podid assigned them stay there.
+//! - [`upgrade`]: the one-time type upgrade (capitalised CRD keys) on becoming leader.
 //!
-//! [`config`], [`cloud`] and [`desired`] take values and return values: no tokio, no HTTP, no
-//! Kubernetes client; only [`run`] talks to the API server. Must not depend on the testkit or
-//! on `podid-nmi`.
+//! [`config`], [`cloud`], [`desired`] and [`preexisting`] take values and return values: no
+//! tokio, no HTTP, no Kubernetes client; only [`run`] and [`upgrade`] talk to the API server.
+//! Must not depend on the testkit or on `podid-nmi`.
 
 pub mod arm;
 pub mod cloud;
@@ -27,5 +29,7 @@ pub mod config;
 pub mod desired;
 pub mod leader;
 pub mod metrics;
+pub mod preexisting;
 pub mod probe;
 pub mod run;
+pub mod upgrade;

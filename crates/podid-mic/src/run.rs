@@ -7,7 +7,7 @@
 //! scale set does not hold the others' status updates. A pass with failures is retried with
 //! exponential backoff (1 s doubling to 5 min) instead of waiting for the next event.
 //!
-//! Not here yet: the type upgrade.
+//! [`serve`] runs the one-time type upgrade ([`crate::upgrade`]) before the loop.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt::Debug;
@@ -35,12 +35,18 @@ use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
 use crate::desired::{ArmTarget, Deletion, Inputs, Options, Plan, Warning, compute};
+use crate::preexisting::{Ownership, PREEXISTING_ANNOTATION};
 
 /// The error an [`IdentityAssigner`] reports.
 pub type AssignError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A boxed future returned by [`IdentityAssigner::apply`].
 pub type AssignFuture<'a> = Pin<Box<dyn Future<Output = Result<(), AssignError>> + Send + 'a>>;
+
+/// A boxed future returned by [`IdentityAssigner::apply_reporting`]: the outcome and the ids
+/// found already present.
+pub type ReportingFuture<'a> =
+    Pin<Box<dyn Future<Output = (Result<(), AssignError>, BTreeSet<String>)> + Send + 'a>>;
 
 /// Puts user-assigned identities on VMs and VM scale sets (the ARM client in production).
 pub trait IdentityAssigner: Send + Sync {
@@ -52,6 +58,18 @@ pub trait IdentityAssigner: Send + Sync {
         required: &'a BTreeSet<String>,
         release: &'a BTreeSet<String>,
     ) -> AssignFuture<'a>;
+
+    /// [`IdentityAssigner::apply`], also returning the ids of `required` that were already on
+    /// `target` before the call (the assigner did not add them). The default knows none: every
+    /// id counts as added by MIC, as upstream assumes.
+    fn apply_reporting<'a>(
+        &'a self,
+        target: &'a ArmTarget,
+        required: &'a BTreeSet<String>,
+        release: &'a BTreeSet<String>,
+    ) -> ReportingFuture<'a> {
+        Box::pin(async move { (self.apply(target, required, release).await, BTreeSet::new()) })
+    }
 
     /// How long the remote side asked to be left alone after `error` (ARM's `Retry-After`);
     /// the loop retries no sooner. Default: no such hint.
@@ -152,6 +170,9 @@ pub enum RunError {
     /// The client could not be built from the configuration.
     #[error("failed to build the Kubernetes client")]
     Client(#[source] kube::Error),
+    /// The one-time type upgrade failed (upstream exits then).
+    #[error("type upgrade failed with error")]
+    TypeUpgrade(#[source] crate::upgrade::UpgradeError),
 }
 
 /// The Kubernetes client from `--kubeconfig`, or the in-cluster configuration without it.
@@ -244,16 +265,33 @@ pub async fn serve(
         () = elector.acquire() => {}
         () = &mut shutdown => return Ok(()),
     }
+    // Upstream runs the type upgrade first thing as leader; the lease is renewed meanwhile.
+    let upgrade = config
+        .type_upgrade
+        .then(|| crate::upgrade::UpgradeSettings {
+            namespace: config.pod_namespace.clone(),
+            config_map: config.config_map_name.clone(),
+            key: config.type_upgrade_status_key.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        });
     let mut settings = Settings::new(config, cloud);
     settings.health = health;
     let lost = Notify::new();
     let lost_lease = {
-        let stopped = run(client, settings, assigner, async {
-            tokio::select! {
-                () = &mut shutdown => {}
-                () = lost.notified() => {}
+        let stopped = async {
+            if let Some(upgrade) = &upgrade {
+                crate::upgrade::run(&client, upgrade)
+                    .await
+                    .map_err(RunError::TypeUpgrade)?;
             }
-        });
+            run(client.clone(), settings, assigner, async {
+                tokio::select! {
+                    () = &mut shutdown => {}
+                    () = lost.notified() => {}
+                }
+            })
+            .await
+        };
         tokio::pin!(stopped);
         let held = elector.hold();
         tokio::pin!(held);
@@ -449,7 +487,9 @@ async fn pass(
         bindings: bindings.iter().map(AsRef::as_ref).collect(),
         existing: existing.iter().map(AsRef::as_ref).collect(),
     };
-    let plan = compute(&inputs, &settings.options);
+    let mut plan = compute(&inputs, &settings.options);
+    let ownership = Ownership::of(&inputs);
+    ownership.keep_found(&mut plan);
     // Each warning once while it lasts, not once per pass.
     let current: HashSet<Warning> = plan.warnings.iter().cloned().collect();
     for warning in &plan.warnings {
@@ -460,13 +500,14 @@ async fn pass(
         }
     }
     *warned = current;
-    apply_plan(
+    apply_plan_with(
         client,
         settings.batch.max(1),
         assigner,
         Some(events),
         &plan,
         every_target,
+        Some(&ownership),
     )
     .await
 }
@@ -482,6 +523,22 @@ pub async fn apply_plan(
     events: Option<&Recorder>,
     plan: &Plan<'_>,
     every_target: bool,
+) -> PassReport {
+    apply_plan_with(client, batch, assigner, events, plan, every_target, None).await
+}
+
+/// [`apply_plan`] knowing the existing assignments' [`Ownership`]: confirmations of
+/// identities ARM found already present carry the [`PREEXISTING_ANNOTATION`] mark (apply
+/// [`Ownership::keep_found`] to `plan` first), and deletions whose node is gone get upstream's
+/// `binding removed` / `binding remove error` events.
+pub async fn apply_plan_with(
+    client: &Client,
+    batch: usize,
+    assigner: &dyn IdentityAssigner,
+    events: Option<&Recorder>,
+    plan: &Plan<'_>,
+    every_target: bool,
+    ownership: Option<&Ownership>,
 ) -> PassReport {
     let mut report = PassReport::default();
     let mut objects: HashMap<&str, &AzureAssignedIdentity> = HashMap::new();
@@ -556,12 +613,26 @@ pub async fn apply_plan(
     let failed = &failed;
     let namespace = |name: &str| namespaces.get(name).copied().unwrap_or("default");
 
-    // 2. Deletions that need no ARM work.
+    // 2. Deletions that need no ARM work. Those whose node is gone get upstream's
+    //    `binding removed` / `binding remove error` events (its node-deleted path).
     let deletions: Vec<BoxFuture<'_, Result<(), kube::Error>>> = plan
         .delete
         .iter()
         .filter(|d| d.release.is_none())
-        .map(|d| Box::pin(delete_assigned(client, d.object)) as BoxFuture<'_, _>)
+        .map(|d| {
+            let node_gone = ownership.is_some_and(|o| {
+                d.object
+                    .node_name()
+                    .is_some_and(|node| !o.node_exists(node))
+            });
+            Box::pin(async move {
+                let result = delete_assigned(client, d.object).await;
+                if let (Some(events), true) = (events, node_gone) {
+                    removal_event(events, d.object, result.as_ref().err()).await;
+                }
+                result
+            }) as BoxFuture<'_, _>
+        })
         .collect();
     count(
         &mut report.deleted,
@@ -575,7 +646,14 @@ pub async fn apply_plan(
         .iter()
         .filter(|name| !failed.contains(name.as_str()))
         .map(|name| {
-            Box::pin(set_state(client, namespace(name), name, "Assigned")) as BoxFuture<'_, _>
+            let object = objects.get(name.as_str()).copied();
+            Box::pin(async move {
+                let result = set_state(client, namespace(name), name, "Assigned").await;
+                if let (Some(events), Some(object)) = (events, object) {
+                    confirm_events(events, object, result.as_ref().err(), false).await;
+                }
+                result
+            }) as BoxFuture<'_, _>
         })
         .collect();
     count(
@@ -607,9 +685,11 @@ pub async fn apply_plan(
                 .collect();
             Box::pin(async move {
                 let mut report = PassReport::default();
-                let not_applied = match assigner.apply(target, &work.required, &work.release).await
-                {
-                    Ok(()) => BTreeSet::new(),
+                let (result, present) = assigner
+                    .apply_reporting(target, &work.required, &work.release)
+                    .await;
+                let not_applied = match result {
+                    Ok(()) => None,
                     Err(e) => {
                         warn!(%target, error = %e, "failed to update the identities of the VM/VMSS");
                         report.failures += 1;
@@ -642,42 +722,39 @@ pub async fn apply_plan(
                             }
                         }
                         match partial {
-                            Some(ids) => ids,
+                            Some(ids) => Some(ids),
                             None => return report,
                         }
                     }
                 };
                 debug!(%target, "identities applied");
+                let recovered = not_applied.is_some();
+                let not_applied = not_applied.unwrap_or_default();
                 let applied: Vec<&AzureAssignedIdentity> = confirmed
                     .iter()
                     .copied()
                     .filter(|o| !not_applied.contains(&lower_id(o)))
                     .collect();
-                if let Some(events) = events {
-                    for object in applied.iter().copied() {
-                        let note = format!(
-                            "Binding {} applied on node {} for pod {}",
-                            object
-                                .spec
-                                .azure_binding_ref
-                                .as_ref()
-                                .and_then(|b| b.metadata.name.as_deref())
-                                .unwrap_or_default(),
-                            object.spec.node_name.as_deref().unwrap_or_default(),
-                            name_of(object),
-                        );
-                        publish(events, object, EventType::Normal, "binding applied", note).await;
-                    }
-                }
+                let present = &present;
                 let confirms: Vec<BoxFuture<'_, Result<(), kube::Error>>> = applied
                     .iter()
-                    .map(|object| {
-                        Box::pin(set_state(
-                            client,
-                            namespace_of(object),
-                            name_of(object),
-                            "Assigned",
-                        )) as BoxFuture<'_, _>
+                    .map(|&object| {
+                        let mark = ownership
+                            .is_some_and(|o| o.should_mark(target, &lower_id(object), present));
+                        Box::pin(async move {
+                            let result = set_assigned(
+                                client,
+                                namespace_of(object),
+                                name_of(object),
+                                mark,
+                            )
+                            .await;
+                            if let Some(events) = events {
+                                confirm_events(events, object, result.as_ref().err(), recovered)
+                                    .await;
+                            }
+                            result
+                        }) as BoxFuture<'_, _>
                     })
                     .collect();
                 let releases: Vec<BoxFuture<'_, Result<(), kube::Error>>> = deletions
@@ -687,7 +764,7 @@ pub async fn apply_plan(
                             .as_ref()
                             .is_none_or(|(_, id)| !not_applied.contains(id))
                     })
-                    .map(|d| Box::pin(release_and_delete(client, d)) as BoxFuture<'_, _>)
+                    .map(|d| Box::pin(release_and_delete(client, events, d)) as BoxFuture<'_, _>)
                     .collect();
                 count(
                     &mut report.assigned,
@@ -710,6 +787,92 @@ pub async fn apply_plan(
         report.retry_after = report.retry_after.max(r.retry_after);
     }
     report
+}
+
+/// Upstream's events for a confirmation (`Created` → `Assigned`): Normal `binding applied`
+/// on the binding, or Warning `status update error` on the assignment when the status patch
+/// failed. `recovered`: ARM failed for other ids of the VM/VMSS (upstream's error-recovery
+/// path, whose messages differ slightly).
+async fn confirm_events(
+    events: &Recorder,
+    object: &AzureAssignedIdentity,
+    error: Option<&kube::Error>,
+    recovered: bool,
+) {
+    let spec = &object.spec;
+    let binding = spec
+        .azure_binding_ref
+        .as_ref()
+        .and_then(|b| b.metadata.name.as_deref())
+        .unwrap_or_default();
+    let node = spec.node_name.as_deref().unwrap_or_default();
+    let pod = spec.pod.as_deref().unwrap_or_default();
+    let pod_namespace = spec.pod_namespace.as_deref().unwrap_or_default();
+    match error {
+        None => {
+            let note = if recovered {
+                format!(
+                    "binding {binding} applied on node {node} for pod {}",
+                    name_of(object)
+                )
+            } else {
+                format!(
+                    "Binding {binding} applied on node {node} for pod {}",
+                    name_of(object)
+                )
+            };
+            publish(events, object, EventType::Normal, "binding applied", note).await;
+        }
+        Some(e) => {
+            let for_pod = if recovered {
+                format!("{pod_namespace}/{pod}")
+            } else {
+                pod.to_owned()
+            };
+            let note = format!(
+                "failed to update AzureAssignedIdentity {}/{} status to Assigned for pod {for_pod}, error: {e}",
+                namespace_of(object),
+                name_of(object),
+            );
+            publish_on_assigned(events, object, "status update error", note).await;
+        }
+    }
+}
+
+/// Upstream's events for an assignment deleted because its node is gone.
+async fn removal_event(
+    events: &Recorder,
+    object: &AzureAssignedIdentity,
+    error: Option<&kube::Error>,
+) {
+    let spec = &object.spec;
+    let binding = spec.azure_binding_ref.as_deref();
+    let binding_name = binding
+        .and_then(|b| b.metadata.name.as_deref())
+        .unwrap_or_default();
+    let node = spec.node_name.as_deref().unwrap_or_default();
+    let pod = spec.pod.as_deref().unwrap_or_default();
+    match error {
+        None => {
+            let note = format!("Binding {binding_name} removed from node {node} for pod {pod}");
+            publish(events, object, EventType::Normal, "binding removed", note).await;
+        }
+        Some(e) => {
+            let note = format!(
+                "failed to remove AzureIdentityBinding {} from node {node} for pod {}/{pod}, error: {e}",
+                binding_key(object),
+                spec.pod_namespace.as_deref().unwrap_or_default(),
+            );
+            publish(
+                events,
+                object,
+                EventType::Warning,
+                "binding remove error",
+                note,
+            )
+            .await;
+        }
+    }
 }
 
 /// Name, whether it was a create, and the result of one create or replace.
@@ -764,6 +927,34 @@ async fn publish(
     }
 }
 
+/// Publishes an event on the AzureAssignedIdentity itself (upstream's `status update error`).
+async fn publish_on_assigned(
+    events: &Recorder,
+    object: &AzureAssignedIdentity,
+    reason: &str,
+    note: String,
+) {
+    let reference = ObjectReference {
+        api_version: Some(podid_api::API_VERSION.to_owned()),
+        kind: Some("AzureAssignedIdentity".to_owned()),
+        name: object.metadata.name.clone(),
+        namespace: Some(namespace_of(object).to_owned()),
+        uid: object.metadata.uid.clone(),
+        resource_version: None,
+        field_path: None,
+    };
+    let event = Event {
+        type_: EventType::Warning,
+        reason: reason.to_owned(),
+        note: Some(note),
+        action: "Assign".to_owned(),
+        secondary: None,
+    };
+    if let Err(e) = events.publish(&event, &reference).await {
+        debug!(error = %e, reason, "failed to publish event");
+    }
+}
+
 /// Runs `futures` at most `limit` at a time.
 async fn bounded<T>(futures: Vec<BoxFuture<'_, T>>, limit: usize) -> Vec<T> {
     stream::iter(futures)
@@ -772,12 +963,30 @@ async fn bounded<T>(futures: Vec<BoxFuture<'_, T>>, limit: usize) -> Vec<T> {
         .await
 }
 
-/// Marks a deletion `Unassigned` once its identity left the VM/VMSS, then deletes it.
-async fn release_and_delete(client: &Client, deletion: &Deletion<'_>) -> Result<(), kube::Error> {
+/// Marks a deletion `Unassigned` once its identity left the VM/VMSS, then deletes it. A
+/// failed status patch gets upstream's Warning `status update error` on the assignment.
+async fn release_and_delete(
+    client: &Client,
+    events: Option<&Recorder>,
+    deletion: &Deletion<'_>,
+) -> Result<(), kube::Error> {
     let object = deletion.object;
     match set_state(client, namespace_of(object), name_of(object), "Unassigned").await {
         Err(e) if is_status(&e, 404) => return Ok(()),
-        other => other?,
+        Err(e) => {
+            if let Some(events) = events {
+                let note = format!(
+                    "failed to update AzureAssignedIdentity {}/{} status to Unassigned for pod {}/{}, error: {e}",
+                    namespace_of(object),
+                    name_of(object),
+                    object.spec.pod_namespace.as_deref().unwrap_or_default(),
+                    object.spec.pod.as_deref().unwrap_or_default(),
+                );
+                publish_on_assigned(events, object, "status update error", note).await;
+            }
+            return Err(e);
+        }
+        Ok(()) => {}
     }
     delete_assigned(client, object).await
 }
@@ -874,6 +1083,31 @@ async fn set_state(
             name,
             &PatchParams::default(),
             &Patch::Merge(json!({"status": {"status": state}})),
+        )
+        .await
+        .map(drop)
+        .inspect_err(|_| crate::metrics::kube_error(crate::metrics::OP_STATUS))
+}
+
+/// Marks a confirmed assignment `Assigned`; with `mark`, also records that its identity was
+/// found on the VM/VMSS ([`PREEXISTING_ANNOTATION`]), in the same patch.
+async fn set_assigned(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    mark: bool,
+) -> Result<(), kube::Error> {
+    if !mark {
+        return set_state(client, namespace, name, "Assigned").await;
+    }
+    api(client, namespace)
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({
+                "metadata": {"annotations": {PREEXISTING_ANNOTATION: "true"}},
+                "status": {"status": "Assigned"},
+            })),
         )
         .await
         .map(drop)

@@ -52,6 +52,12 @@ pub struct ArmConfig {
     pub max_ids_per_patch: usize,
     /// Use `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY` from the environment.
     pub proxy_from_env: bool,
+    /// How many times an update ARM refused for some identities (`LinkedAuthorizationFailed`,
+    /// `FailedIdentityOperation`) is retried without them (`--update-user-msi-max-retry`,
+    /// upstream's default 2). 0: the refusal is returned as the error.
+    pub refusal_retries: u32,
+    /// Pause before each of those retries (`--update-user-msi-retry-interval`, default 1 s).
+    pub refusal_retry_interval: Duration,
 }
 
 impl Default for ArmConfig {
@@ -69,6 +75,8 @@ impl Default for ArmConfig {
             default_throttle: Duration::from_secs(10),
             max_ids_per_patch: MAX_IDS_PER_PATCH,
             proxy_from_env: true,
+            refusal_retries: 2,
+            refusal_retry_interval: Duration::from_secs(1),
         }
     }
 }
@@ -210,8 +218,9 @@ impl ArmClient {
     /// long-running operation. Nothing to change → no PATCH. A resource in `Deleting` is
     /// refused before any PATCH. If ARM refuses some identities (`LinkedAuthorizationFailed`,
     /// `FailedIdentityOperation`), the ids named in its message are dropped and the rest is
-    /// tried once more; the outcome lists the dropped ids. Concurrent calls for the same
-    /// resource run one after the other.
+    /// tried again after [`ArmConfig::refusal_retry_interval`], at most
+    /// [`ArmConfig::refusal_retries`] times; the outcome lists the dropped ids. Concurrent calls
+    /// for the same resource run one after the other.
     pub async fn update_identities(
         &self,
         compute: &ComputeId,
@@ -233,6 +242,7 @@ impl ArmClient {
         let _one_at_a_time = serial.lock().await;
         let mut add = add.to_vec();
         let mut remove = remove.to_vec();
+        let mut retries_left = self.config.refusal_retries;
         loop {
             let state = self.get_identity(compute).await?;
             let (to_add, to_remove) = changes(&state, &add, &remove);
@@ -272,7 +282,7 @@ impl ArmClient {
                 return Ok(outcome);
             };
             let refused = match &error {
-                ArmError::IdentitiesRefused { ids, .. } if outcome.dropped.is_empty() => ids
+                ArmError::IdentitiesRefused { ids, .. } if retries_left > 0 => ids
                     .0
                     .iter()
                     .filter(|id| add.contains(id) || remove.contains(id))
@@ -283,12 +293,17 @@ impl ArmClient {
             if refused.is_empty() {
                 return Err(error);
             }
+            retries_left -= 1;
             tracing::warn!(%compute, dropped = %IdList(refused.clone()), error = %error,
                 "ARM refused identities; retrying without them");
             add.retain(|id| !refused.contains(id));
             remove.retain(|id| !refused.contains(id));
             outcome.dropped_reason = Some(error.to_string());
-            outcome.dropped = refused;
+            outcome.dropped.extend(refused);
+            if add.is_empty() && remove.is_empty() {
+                return Ok(outcome);
+            }
+            tokio::time::sleep(self.config.refusal_retry_interval).await;
         }
     }
 

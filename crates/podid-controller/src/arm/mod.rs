@@ -3,7 +3,8 @@
 //! reads and patches the `identity` of VMs and VMSS through Azure Resource Manager exactly as
 //! upstream MIC does (reference §3.6): only changed ids, `{}` to add and `null` to remove, at
 //! most 150 per PATCH, long-running operations followed, throttling honoured per subscription,
-//! refused identities dropped and the rest retried once.
+//! refused identities dropped and the rest retried (`--update-user-msi-max-retry` times,
+//! `--update-user-msi-retry-interval` apart).
 //!
 //! This module must not depend on kube, hyper servers or the test doubles; it talks to ARM only
 //! through reqwest with a configurable base URL and gets tokens from an [`ArmTokenProvider`]

@@ -6,6 +6,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use podid_controller::arm::ArmConfig;
 use podid_mic::arm::ArmAssigner;
 use podid_mic::cloud::{CloudConfig, Endpoints};
 use podid_mic::config::{Config, Flags, LogFormat, user_agent, version_line};
@@ -73,8 +74,14 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: Config, cloud: CloudConfig, endpoints: Endpoints) -> ExitCode {
-    let agent = user_agent(config.custom_user_agent.as_deref());
-    let assigner = match ArmAssigner::from_cloud(&cloud, &endpoints, &agent) {
+    let arm = ArmConfig {
+        base_url: endpoints.arm.clone(),
+        user_agent: user_agent(config.custom_user_agent.as_deref()),
+        refusal_retries: config.update_user_msi_max_retry,
+        refusal_retry_interval: config.update_user_msi_retry_interval,
+        ..ArmConfig::default()
+    };
+    let assigner = match ArmAssigner::from_cloud_with(&cloud, &endpoints, arm) {
         Ok(assigner) => Arc::new(assigner),
         Err(e) => {
             error!("failed to create MIC client, error: {}", chain(&e));

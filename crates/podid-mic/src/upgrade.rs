@@ -1,0 +1,385 @@
+//! The one-time type upgrade upstream MIC runs when it becomes leader (reference §1.3, §3.10).
+//!
+//! With `--enable-type-upgrade` (default on): GET ConfigMap `<MIC_POD_NAMESPACE>/<--config-map-name>`
+//! (created empty when missing). When its key `--type-upgrade-status-key` is absent, every
+//! AzureIdentity, AzureIdentityBinding and AzurePodIdentityException is read raw, its keys are
+//! matched case-insensitively against the current field names (the capitalised keys of
+//! releases before 1.6 — `ResourceID`, `ClientID`, `Selector`, `PodLabels` … — become
+//! `resourceID`, `clientID`, `selector`, `podLabels`) and it is PUT back; then every
+//! AzureAssignedIdentity is PUT back the same way with its embedded identity and binding
+//! replaced by the freshly written objects. Finally the key is set to MIC's version. When the
+//! key is present, upstream's log line `type upgrade status configmap found from version: <v>.
+//! Skipping type upgrade!` is written and nothing else happens.
+//!
+//! Objects are handled as raw JSON, so fields podid does not know survive the rewrite. A
+//! failure stops the upgrade before the marker is written (the next leader tries again); the
+//! caller decides whether that is fatal (upstream exits).
+
+use std::collections::HashMap;
+
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::Client;
+use kube::api::{Api, ApiResource, DynamicObject, ListParams, PostParams};
+use serde_json::{Map, Value};
+use tracing::info;
+
+/// What to run, from the flags.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpgradeSettings {
+    /// MIC's namespace (`MIC_POD_NAMESPACE`), where the ConfigMap lives.
+    pub namespace: String,
+    /// `--config-map-name`.
+    pub config_map: String,
+    /// `--type-upgrade-status-key`.
+    pub key: String,
+    /// The value written to the key (MIC's version).
+    pub version: String,
+}
+
+/// The upgrade failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UpgradeError {
+    /// Reading or creating the marker ConfigMap failed.
+    #[error("failed to read or create ConfigMap {namespace}/{name}")]
+    ConfigMap {
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+        /// Cause.
+        #[source]
+        source: kube::Error,
+    },
+    /// Listing a kind failed.
+    #[error("failed to list {plural}")]
+    List {
+        /// The kind's plural.
+        plural: &'static str,
+        /// Cause.
+        #[source]
+        source: kube::Error,
+    },
+    /// Writing one object back failed.
+    #[error("failed to upgrade {plural} {namespace}/{name}")]
+    Replace {
+        /// The kind's plural.
+        plural: &'static str,
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+        /// Cause.
+        #[source]
+        source: kube::Error,
+    },
+    /// An object could not be turned back into an API object.
+    #[error("failed to encode {plural} {namespace}/{name}")]
+    Encode {
+        /// The kind's plural.
+        plural: &'static str,
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+        /// Cause.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// What [`run`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The marker was present (the value found).
+    Skipped(String),
+    /// Objects rewritten, per kind in upgrade order, then the marker was written.
+    Upgraded(Vec<(&'static str, usize)>),
+}
+
+/// Current field names, matched case-insensitively against what is stored (the fields of the
+/// four kinds' `spec` and `status` and of the Secret reference in `clientPassword`).
+const FIELDS: [&str; 23] = [
+    "metadata",
+    "type",
+    "resourceID",
+    "clientID",
+    "clientPassword",
+    "tenantID",
+    "auxiliaryTenantIDs",
+    "adResourceID",
+    "adEndpoint",
+    "replicas",
+    "azureIdentity",
+    "selector",
+    "weight",
+    "podLabels",
+    "azureIdentityRef",
+    "azureBindingRef",
+    "pod",
+    "podNamespace",
+    "nodeName",
+    "name",
+    "namespace",
+    "status",
+    "availableReplicas",
+];
+
+/// Fields whose content is user data (label maps) or an embedded object, left as they are.
+const OPAQUE: [&str; 4] = [
+    "metadata",
+    "podLabels",
+    "azureIdentityRef",
+    "azureBindingRef",
+];
+
+/// Renames the keys of `object` that match a current field name case-insensitively but not
+/// exactly; where both spellings are present the current one wins. Recurses into nested
+/// objects except [`OPAQUE`] ones. Returns whether anything changed.
+pub fn normalize_keys(object: &mut Map<String, Value>) -> bool {
+    let mut changed = false;
+    let keys: Vec<String> = object.keys().cloned().collect();
+    for key in keys {
+        let canonical = FIELDS
+            .iter()
+            .find(|f| f.eq_ignore_ascii_case(&key))
+            .copied();
+        let name = match canonical {
+            Some(field) if field != key => {
+                let value = object.remove(&key).unwrap_or(Value::Null);
+                changed = true;
+                if !object.contains_key(field) {
+                    object.insert(field.to_owned(), value);
+                }
+                field.to_owned()
+            }
+            _ => key,
+        };
+        if OPAQUE.contains(&name.as_str()) {
+            continue;
+        }
+        if let Some(Value::Object(inner)) = object.get_mut(&name) {
+            changed |= normalize_keys(inner);
+        }
+    }
+    changed
+}
+
+/// Normalises `spec` and `status` of an API object (see [`normalize_keys`]).
+pub fn normalize_object(object: &mut Value) {
+    for part in ["spec", "status"] {
+        if let Some(Value::Object(inner)) = object.get_mut(part) {
+            normalize_keys(inner);
+        }
+    }
+}
+
+fn resource(kind: &str, plural: &str) -> ApiResource {
+    ApiResource {
+        group: podid_api::GROUP.to_owned(),
+        version: podid_api::VERSION.to_owned(),
+        api_version: podid_api::API_VERSION.to_owned(),
+        kind: kind.to_owned(),
+        plural: plural.to_owned(),
+    }
+}
+
+/// Lists `plural`, normalises and PUTs back each object; returns the written objects by
+/// `namespace/name`.
+async fn upgrade_kind(
+    client: &Client,
+    kind: &str,
+    plural: &'static str,
+    fresh: impl Fn(&mut Value),
+) -> Result<HashMap<String, Value>, UpgradeError> {
+    let all: Api<DynamicObject> = Api::all_with(client.clone(), &resource(kind, plural));
+    let list = all
+        .list(&ListParams::default())
+        .await
+        .map_err(|source| UpgradeError::List { plural, source })?;
+    let mut written = HashMap::new();
+    for object in list.items {
+        let namespace = object.metadata.namespace.clone().unwrap_or_default();
+        let name = object.metadata.name.clone().unwrap_or_default();
+        let encode = |source| UpgradeError::Encode {
+            plural,
+            namespace: namespace.clone(),
+            name: name.clone(),
+            source,
+        };
+        let mut value = serde_json::to_value(&object).map_err(encode)?;
+        normalize_object(&mut value);
+        fresh(&mut value);
+        let object: DynamicObject = serde_json::from_value(value).map_err(encode)?;
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(client.clone(), &namespace, &resource(kind, plural));
+        let replaced = api
+            .replace(&name, &PostParams::default(), &object)
+            .await
+            .map_err(|source| UpgradeError::Replace {
+                plural,
+                namespace: namespace.clone(),
+                name: name.clone(),
+                source,
+            })?;
+        let value = serde_json::to_value(&replaced).map_err(encode)?;
+        written.insert(format!("{namespace}/{name}"), value);
+    }
+    Ok(written)
+}
+
+/// The embedded copy of `field` in an AzureAssignedIdentity's spec, replaced by the freshly
+/// upgraded object it refers to (by its embedded namespace and name), if there is one.
+fn refresh_ref(spec: &mut Map<String, Value>, field: &str, fresh: &HashMap<String, Value>) {
+    let Some(embedded) = spec.get(field) else {
+        return;
+    };
+    let meta = &embedded["metadata"];
+    let key = format!(
+        "{}/{}",
+        meta["namespace"].as_str().unwrap_or_default(),
+        meta["name"].as_str().unwrap_or_default()
+    );
+    if let Some(object) = fresh.get(&key) {
+        spec.insert(field.to_owned(), object.clone());
+    }
+}
+
+/// Runs the type upgrade unless the marker says it ran (see the module docs).
+pub async fn run(client: &Client, settings: &UpgradeSettings) -> Result<Outcome, UpgradeError> {
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &settings.namespace);
+    let cm_error = |source| UpgradeError::ConfigMap {
+        namespace: settings.namespace.clone(),
+        name: settings.config_map.clone(),
+        source,
+    };
+    let mut config_map = match config_maps
+        .get_opt(&settings.config_map)
+        .await
+        .map_err(cm_error)?
+    {
+        Some(found) => found,
+        None => {
+            let empty = ConfigMap {
+                metadata: kube::api::ObjectMeta {
+                    name: Some(settings.config_map.clone()),
+                    namespace: Some(settings.namespace.clone()),
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            match config_maps.create(&PostParams::default(), &empty).await {
+                Ok(created) => created,
+                // Created meanwhile by another replica: read it.
+                Err(kube::Error::Api(s)) if s.code == 409 => config_maps
+                    .get(&settings.config_map)
+                    .await
+                    .map_err(cm_error)?,
+                Err(e) => return Err(cm_error(e)),
+            }
+        }
+    };
+    if let Some(version) = config_map.data.as_ref().and_then(|d| d.get(&settings.key)) {
+        info!(
+            "type upgrade status configmap found from version: {version}. Skipping type upgrade!"
+        );
+        return Ok(Outcome::Skipped(version.clone()));
+    }
+    info!(
+        "upgrading the stored AzureIdentity, AzureIdentityBinding, AzurePodIdentityException and AzureAssignedIdentity objects"
+    );
+    let identities = upgrade_kind(client, "AzureIdentity", "azureidentities", |_| {}).await?;
+    let bindings = upgrade_kind(
+        client,
+        "AzureIdentityBinding",
+        "azureidentitybindings",
+        |_| {},
+    )
+    .await?;
+    let exceptions = upgrade_kind(
+        client,
+        "AzurePodIdentityException",
+        "azurepodidentityexceptions",
+        |_| {},
+    )
+    .await?;
+    let assigned = upgrade_kind(
+        client,
+        "AzureAssignedIdentity",
+        "azureassignedidentities",
+        |object| {
+            if let Some(Value::Object(spec)) = object.get_mut("spec") {
+                refresh_ref(spec, "azureIdentityRef", &identities);
+                refresh_ref(spec, "azureBindingRef", &bindings);
+            }
+        },
+    )
+    .await?;
+    config_map
+        .data
+        .get_or_insert_with(Default::default)
+        .insert(settings.key.clone(), settings.version.clone());
+    config_maps
+        .replace(&settings.config_map, &PostParams::default(), &config_map)
+        .await
+        .map_err(cm_error)?;
+    let counts = vec![
+        ("azureidentities", identities.len()),
+        ("azureidentitybindings", bindings.len()),
+        ("azurepodidentityexceptions", exceptions.len()),
+        ("azureassignedidentities", assigned.len()),
+    ];
+    info!(?counts, version = %settings.version, "type upgrade done");
+    Ok(Outcome::Upgraded(counts))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn capitalised_keys_become_current_ones() {
+        let mut object = json!({
+            "metadata": {"name": "id", "labels": {"ResourceID": "kept"}},
+            "spec": {
+                "Type": 1,
+                "ResourceID": "/subscriptions/s",
+                "ClientID": "c",
+                "ClientPassword": {"Name": "secret", "Namespace": "ns"},
+                "TenantID": "t",
+                "unknownField": 1,
+            },
+        });
+        normalize_object(&mut object);
+        assert_eq!(
+            object,
+            json!({
+                "metadata": {"name": "id", "labels": {"ResourceID": "kept"}},
+                "spec": {
+                    "type": 1,
+                    "resourceID": "/subscriptions/s",
+                    "clientID": "c",
+                    "clientPassword": {"name": "secret", "namespace": "ns"},
+                    "tenantID": "t",
+                    "unknownField": 1,
+                },
+            })
+        );
+    }
+
+    #[test]
+    fn current_spelling_wins_and_label_maps_are_untouched() {
+        let mut object = json!({
+            "spec": {
+                "Selector": "old",
+                "selector": "new",
+                "PodLabels": {"App": "x"},
+            },
+        });
+        normalize_object(&mut object);
+        assert_eq!(
+            object,
+            json!({"spec": {"selector": "new", "podLabels": {"App": "x"}}})
+        );
+    }
+}

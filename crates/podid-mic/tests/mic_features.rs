@@ -1,0 +1,600 @@
+//! The controller loop with the real [`ArmAssigner`] against the fake API server and the
+//! simulated Entra and ARM: identities found on a scale set before podid used them stay there
+//! (across a MIC restart), upstream's events for removals on deleted nodes and for failed status
+//! updates, and ARM refusals retried as `--update-user-msi-max-retry` says.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Node, NodeSpec, Pod, PodSpec};
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, DeleteParams, PostParams};
+use podid_api::{
+    AssignedIdentityState, AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding,
+};
+use podid_azure_sim::{ArmHandle, Cloud, ComputeRef, EntraHandle, UserAssignedIdentity};
+use podid_controller::arm::{ARM_RESOURCE, ArmConfig};
+use podid_fake_apiserver::{FakeApiServer, FaultKind, FaultMatch};
+use podid_mic::arm::ArmAssigner;
+use podid_mic::cloud::{CloudConfig, Endpoints};
+use podid_mic::desired::{ArmTarget, Options};
+use podid_mic::preexisting::PREEXISTING_ANNOTATION;
+use podid_mic::run::{IdentityAssigner, NotApplied, Settings, kube_client, run};
+
+const WAIT: Duration = Duration::from_secs(30);
+const VMSS: &str = "aks-pool-vmss";
+
+async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+struct Azure {
+    cloud: Cloud,
+    arm: ArmHandle,
+    entra: EntraHandle,
+    vmss: ComputeRef,
+    azure_json: String,
+}
+
+impl Azure {
+    fn start() -> Self {
+        let cloud = Cloud::new().expect("cloud");
+        let mic = cloud.add_service_principal("mic");
+        let secret = cloud.add_client_secret(&mic.client_id).expect("secret");
+        let entra = EntraHandle::start(&cloud).expect("entra");
+        let arm = ArmHandle::start(&cloud).expect("arm");
+        let vmss = cloud.add_vmss(cloud.subscription_id(), cloud.resource_group(), VMSS);
+        let azure_json = serde_json::json!({
+            "cloud": "AzurePublicCloud",
+            "tenantId": cloud.tenant_id(),
+            "aadClientId": mic.client_id,
+            "aadClientSecret": secret,
+            "subscriptionId": cloud.subscription_id(),
+            "resourceGroup": cloud.resource_group(),
+        })
+        .to_string();
+        Self {
+            cloud,
+            arm,
+            entra,
+            vmss,
+            azure_json,
+        }
+    }
+
+    fn arm_config(&self) -> ArmConfig {
+        ArmConfig {
+            base_url: self.arm.url(),
+            poll_interval: Duration::from_millis(10),
+            operation_timeout: Duration::from_secs(10),
+            proxy_from_env: false,
+            refusal_retry_interval: Duration::from_millis(10),
+            ..ArmConfig::default()
+        }
+    }
+
+    fn assigner_with(&self, config: ArmConfig) -> ArmAssigner {
+        let endpoints = Endpoints {
+            arm: self.arm.url(),
+            arm_resource: ARM_RESOURCE.to_owned(),
+            aad_authority: self.entra.url(),
+            imds: "http://127.0.0.1:1".to_owned(),
+        };
+        let cloud = CloudConfig::parse(&self.azure_json).expect("azure.json");
+        ArmAssigner::from_cloud_with(&cloud, &endpoints, config).expect("ARM assigner")
+    }
+
+    fn assigner(&self) -> ArmAssigner {
+        self.assigner_with(self.arm_config())
+    }
+
+    fn has(&self, identity: &UserAssignedIdentity) -> bool {
+        self.cloud
+            .assigned_identities(&self.vmss)
+            .expect("vmss")
+            .iter()
+            .any(|id| id.eq_ignore_ascii_case(&identity.resource_id))
+    }
+
+    fn removed(&self) -> Vec<String> {
+        self.arm
+            .calls()
+            .into_iter()
+            .flat_map(|c| c.removed)
+            .map(|id| id.to_ascii_lowercase())
+            .collect()
+    }
+
+    fn added(&self) -> Vec<String> {
+        self.arm
+            .calls()
+            .into_iter()
+            .filter(|c| c.status < 300)
+            .flat_map(|c| c.added)
+            .map(|id| id.to_ascii_lowercase())
+            .collect()
+    }
+}
+
+fn node(name: &str, vmss: &ComputeRef, instance: usize) -> Node {
+    Node {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            ..Default::default()
+        },
+        spec: Some(NodeSpec {
+            provider_id: Some(format!(
+                "azure://{}/virtualMachines/{instance}",
+                vmss.resource_id()
+            )),
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+/// The fake API server, and MIC's loop on it (restartable).
+struct Cluster {
+    server: FakeApiServer,
+    client: kube::Client,
+    azure_assigner: Arc<ArmAssigner>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Cluster {
+    async fn start(assigner: ArmAssigner, nodes: &[Node]) -> Self {
+        let server = FakeApiServer::start().await.expect("server");
+        let dir = std::env::temp_dir().join(format!("podid-mic-feat-{}", server.addr().port()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("kubeconfig");
+        server.write_kubeconfig(&path).expect("write kubeconfig");
+        let client = kube_client(Some(&path)).await.expect("client");
+        for n in nodes {
+            Api::<Node>::all(client.clone())
+                .create(&PostParams::default(), n)
+                .await
+                .expect("node");
+        }
+        let mut cluster = Self {
+            server,
+            client,
+            azure_assigner: Arc::new(assigner),
+            stop: None,
+            task: None,
+        };
+        cluster.start_loop();
+        cluster
+    }
+
+    fn start_loop(&mut self) {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let settings = Settings {
+            options: Options {
+                force_namespaced: false,
+                release_finished_pods: true,
+                immutable_client_ids: BTreeSet::new(),
+            },
+            batch: 4,
+            resync: Duration::from_secs(3600),
+            identity_reconcile: Duration::from_secs(3600),
+            instance: "mic-test".to_owned(),
+            health: Default::default(),
+        };
+        let client = self.client.clone();
+        let assigner = self.azure_assigner.clone();
+        self.task = Some(tokio::spawn(async move {
+            run(client, settings, assigner, async {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("loop ends cleanly");
+        }));
+        self.stop = Some(stop);
+    }
+
+    async fn stop_loop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(WAIT, task)
+                .await
+                .expect("stops in time")
+                .expect("no panic");
+        }
+    }
+
+    async fn bind(&self, identity: &UserAssignedIdentity, selector: &str) {
+        let pp = PostParams::default();
+        Api::<AzureIdentity>::namespaced(self.client.clone(), "default")
+            .create(
+                &pp,
+                &AzureIdentity::user_assigned(
+                    "default",
+                    &identity.name,
+                    &identity.resource_id,
+                    &identity.client_id,
+                ),
+            )
+            .await
+            .expect("identity");
+        Api::<AzureIdentityBinding>::namespaced(self.client.clone(), "default")
+            .create(
+                &pp,
+                &AzureIdentityBinding::for_selector(
+                    "default",
+                    &format!("{}-binding", identity.name),
+                    &identity.name,
+                    selector,
+                ),
+            )
+            .await
+            .expect("binding");
+    }
+
+    async fn add_pod(&self, name: &str, node: &str, selector: &str) {
+        let pod = Pod {
+            metadata: ObjectMeta {
+                name: Some(name.to_owned()),
+                namespace: Some("default".to_owned()),
+                labels: Some(BTreeMap::from([(
+                    "aadpodidbinding".to_owned(),
+                    selector.to_owned(),
+                )])),
+                ..Default::default()
+            },
+            spec: Some(PodSpec {
+                node_name: Some(node.to_owned()),
+                containers: vec![],
+                ..Default::default()
+            }),
+            status: None,
+        };
+        Api::<Pod>::namespaced(self.client.clone(), "default")
+            .create(&PostParams::default(), &pod)
+            .await
+            .expect("pod");
+    }
+
+    async fn delete_pod(&self, name: &str) {
+        Api::<Pod>::namespaced(self.client.clone(), "default")
+            .delete(name, &DeleteParams::default())
+            .await
+            .expect("delete pod");
+    }
+
+    async fn assigned(&self, name: &str) -> Option<AzureAssignedIdentity> {
+        Api::<AzureAssignedIdentity>::namespaced(self.client.clone(), "default")
+            .get_opt(name)
+            .await
+            .expect("get")
+    }
+
+    async fn wait_state(&self, name: &str, state: AssignedIdentityState) -> AzureAssignedIdentity {
+        wait_for(&format!("{name} {state:?}"), || async {
+            self.assigned(name).await.filter(|o| o.state() == state)
+        })
+        .await
+    }
+
+    async fn wait_gone(&self, name: &str) {
+        wait_for(&format!("{name} deleted"), || async {
+            self.assigned(name).await.is_none().then_some(())
+        })
+        .await;
+    }
+
+    async fn event(&self, reason: &str, regarding: &str) -> Event {
+        wait_for(&format!("event {reason:?} on {regarding}"), || async {
+            Api::<Event>::namespaced(self.client.clone(), "default")
+                .list(&Default::default())
+                .await
+                .expect("list events")
+                .items
+                .into_iter()
+                .find(|e| {
+                    e.reason.as_deref() == Some(reason)
+                        && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(regarding)
+                })
+        })
+        .await
+    }
+}
+
+fn marked(object: &AzureAssignedIdentity) -> bool {
+    object
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(PREEXISTING_ANNOTATION))
+        .is_some_and(|v| v == "true")
+}
+
+#[tokio::test]
+async fn identity_found_on_the_vmss_stays_after_its_last_pod_even_across_a_restart() {
+    let azure = Azure::start();
+    let kv = azure.cloud.add_user_assigned_identity("kv-id");
+    let found = azure.cloud.add_user_assigned_identity("found-id");
+    // Put there by someone else before MIC runs; an AzureIdentity then refers to it.
+    azure
+        .cloud
+        .assign_identity(&azure.vmss, &found)
+        .expect("pre-existing assignment");
+    let mut cluster = Cluster::start(
+        azure.assigner(),
+        &[node("n1", &azure.vmss, 0), node("n2", &azure.vmss, 1)],
+    )
+    .await;
+    cluster.bind(&kv, "app").await;
+    cluster.bind(&found, "app").await;
+    cluster.add_pod("web-1", "n1", "app").await;
+    let kv_1 = cluster
+        .wait_state("web-1-default-kv-id", AssignedIdentityState::Assigned)
+        .await;
+    let found_1 = cluster
+        .wait_state("web-1-default-found-id", AssignedIdentityState::Assigned)
+        .await;
+    assert!(!marked(&kv_1), "podid added kv-id: {:?}", kv_1.metadata);
+    assert!(
+        marked(&found_1),
+        "found-id was there: {:?}",
+        found_1.metadata
+    );
+    assert_eq!(
+        azure.added(),
+        vec![kv.resource_id.to_ascii_lowercase()],
+        "only kv-id was added"
+    );
+
+    // A restart: the record is on the API server.
+    cluster.stop_loop().await;
+    cluster.start_loop();
+    cluster.add_pod("web-2", "n2", "app").await;
+    let kv_2 = cluster
+        .wait_state("web-2-default-kv-id", AssignedIdentityState::Assigned)
+        .await;
+    let found_2 = cluster
+        .wait_state("web-2-default-found-id", AssignedIdentityState::Assigned)
+        .await;
+    assert!(
+        !marked(&kv_2),
+        "kv-id is held by web-1's assignment as podid's"
+    );
+    assert!(marked(&found_2), "the mark is inherited on the scale set");
+
+    cluster.delete_pod("web-1").await;
+    cluster.wait_gone("web-1-default-kv-id").await;
+    cluster.wait_gone("web-1-default-found-id").await;
+    assert!(
+        azure.has(&kv) && azure.has(&found),
+        "web-2 still needs both"
+    );
+    cluster.delete_pod("web-2").await;
+    cluster.wait_gone("web-2-default-kv-id").await;
+    cluster.wait_gone("web-2-default-found-id").await;
+    assert!(
+        !azure.has(&kv),
+        "podid's own identity leaves with its last pod"
+    );
+    assert!(azure.has(&found), "the identity found there stays");
+    assert_eq!(
+        azure.removed(),
+        vec![kv.resource_id.to_ascii_lowercase()],
+        "found-id was never asked to leave"
+    );
+
+    // Used again later: still found there, still kept.
+    cluster.add_pod("web-3", "n1", "app").await;
+    let found_3 = cluster
+        .wait_state("web-3-default-found-id", AssignedIdentityState::Assigned)
+        .await;
+    assert!(marked(&found_3));
+    cluster.stop_loop().await;
+}
+
+#[tokio::test]
+async fn deleted_node_removes_bindings_with_upstream_events() {
+    let azure = Azure::start();
+    let kv = azure.cloud.add_user_assigned_identity("kv-id");
+    let mut cluster = Cluster::start(
+        azure.assigner(),
+        &[node("n1", &azure.vmss, 0), node("n2", &azure.vmss, 1)],
+    )
+    .await;
+    cluster.bind(&kv, "app").await;
+    cluster.add_pod("web-1", "n1", "app").await;
+    cluster.add_pod("web-2", "n2", "app").await;
+    cluster
+        .wait_state("web-1-default-kv-id", AssignedIdentityState::Assigned)
+        .await;
+    cluster
+        .wait_state("web-2-default-kv-id", AssignedIdentityState::Assigned)
+        .await;
+
+    // n2 goes, then its pod (garbage-collected). The first delete of the assignment fails.
+    cluster.server.faults().fail_next(
+        1,
+        FaultKind::InternalError,
+        FaultMatch::path("azureassignedidentities/web-2-default-kv-id").with_method("DELETE"),
+    );
+    Api::<Node>::all(cluster.client.clone())
+        .delete("n2", &DeleteParams::default())
+        .await
+        .expect("delete node");
+    cluster.delete_pod("web-2").await;
+    let error = cluster.event("binding remove error", "kv-id-binding").await;
+    assert_eq!(error.type_.as_deref(), Some("Warning"));
+    let note = error.note.unwrap_or_default();
+    assert!(
+        note.starts_with(
+            "failed to remove AzureIdentityBinding default/kv-id-binding from node n2 for pod default/web-2, error: "
+        ),
+        "{note}"
+    );
+    cluster.wait_gone("web-2-default-kv-id").await;
+    let removed = cluster.event("binding removed", "kv-id-binding").await;
+    assert_eq!(removed.type_.as_deref(), Some("Normal"));
+    assert_eq!(
+        removed.note.as_deref(),
+        Some("Binding kv-id-binding removed from node n2 for pod web-2")
+    );
+    assert!(
+        azure.has(&kv),
+        "no ARM call for a deleted node's assignments"
+    );
+    assert!(azure.removed().is_empty());
+    cluster.stop_loop().await;
+}
+
+#[tokio::test]
+async fn failed_status_update_is_reported_on_the_assignment_and_retried() {
+    let azure = Azure::start();
+    let kv = azure.cloud.add_user_assigned_identity("kv-id");
+    let mut cluster = Cluster::start(azure.assigner(), &[node("n1", &azure.vmss, 0)]).await;
+    cluster.server.faults().fail_next(
+        1,
+        FaultKind::InternalError,
+        FaultMatch::path("azureassignedidentities/web-1-default-kv-id").with_method("PATCH"),
+    );
+    cluster.bind(&kv, "app").await;
+    cluster.add_pod("web-1", "n1", "app").await;
+    let event = cluster
+        .event("status update error", "web-1-default-kv-id")
+        .await;
+    assert_eq!(event.type_.as_deref(), Some("Warning"));
+    let regarding = event.regarding.expect("regarding");
+    assert_eq!(regarding.kind.as_deref(), Some("AzureAssignedIdentity"));
+    let note = event.note.unwrap_or_default();
+    assert!(
+        note.starts_with(
+            "failed to update AzureAssignedIdentity default/web-1-default-kv-id status to Assigned for pod web-1, error: "
+        ),
+        "{note}"
+    );
+    cluster
+        .wait_state("web-1-default-kv-id", AssignedIdentityState::Assigned)
+        .await;
+    let applied = cluster.event("binding applied", "kv-id-binding").await;
+    assert_eq!(
+        applied.note.as_deref(),
+        Some("Binding kv-id-binding applied on node n1 for pod web-1-default-kv-id")
+    );
+    cluster.stop_loop().await;
+}
+
+/// An identity ARM refuses as `LinkedAuthorizationFailed` and one it does not know
+/// (`FailedIdentityOperation`), besides a good one: two refusals in a row, so two retries are
+/// needed. Returns the three ids (lower-cased) and the two refused ones.
+fn two_refusals(azure: &Azure) -> (BTreeSet<String>, BTreeSet<String>) {
+    let ok = azure.cloud.add_user_assigned_identity("ok-id");
+    let denied = azure.cloud.add_user_assigned_identity("denied-id");
+    azure.arm.deny_linked_authorization(&denied.resource_id);
+    let ghost = format!(
+        "/subscriptions/{}/resourceGroups/{}/providers/Microsoft.ManagedIdentity/userAssignedIdentities/ghost-id",
+        azure.cloud.subscription_id(),
+        azure.cloud.resource_group()
+    );
+    let refused: BTreeSet<String> = [denied.resource_id.as_str(), ghost.as_str()]
+        .iter()
+        .map(|id| id.to_ascii_lowercase())
+        .collect();
+    let mut all = refused.clone();
+    all.insert(ok.resource_id.to_ascii_lowercase());
+    (all, refused)
+}
+
+#[tokio::test]
+async fn refusals_are_retried_update_user_msi_max_retry_times_interval_apart() {
+    let target = ArmTarget::Vmss(VMSS.to_owned());
+    let none = BTreeSet::new();
+
+    // Two retries (upstream's default): both refused ids dropped, the third PATCH succeeds.
+    let azure = Azure::start();
+    let (all, refused) = two_refusals(&azure);
+    let interval = Duration::from_millis(300);
+    let assigner = azure.assigner_with(ArmConfig {
+        refusal_retries: 2,
+        refusal_retry_interval: interval,
+        ..azure.arm_config()
+    });
+    let started = Instant::now();
+    let error = assigner
+        .apply(&target, &all, &none)
+        .await
+        .expect_err("the refused ids are reported");
+    assert!(
+        started.elapsed() >= interval * 2,
+        "two pauses of {interval:?}: {:?}",
+        started.elapsed()
+    );
+    let not_applied = error.downcast_ref::<NotApplied>().expect("partial success");
+    assert_eq!(not_applied.ids, refused);
+    assert_eq!(azure.arm.patch_count(&azure.vmss), 3);
+    assert_eq!(
+        azure
+            .cloud
+            .assigned_identities(&azure.vmss)
+            .expect("vmss")
+            .len(),
+        1
+    );
+
+    // One retry: the second refusal is the error, nothing assigned.
+    let azure = Azure::start();
+    let (all, _) = two_refusals(&azure);
+    let assigner = azure.assigner_with(ArmConfig {
+        refusal_retries: 1,
+        ..azure.arm_config()
+    });
+    let error = assigner
+        .apply(&target, &all, &none)
+        .await
+        .expect_err("second refusal returned");
+    assert!(error.downcast_ref::<NotApplied>().is_none(), "{error}");
+    assert!(
+        error.to_string().contains("FailedIdentityOperation"),
+        "{error}"
+    );
+    assert_eq!(azure.arm.patch_count(&azure.vmss), 2);
+    assert!(
+        azure
+            .cloud
+            .assigned_identities(&azure.vmss)
+            .expect("vmss")
+            .is_empty()
+    );
+
+    // No retry: the first refusal is the error.
+    let azure = Azure::start();
+    let (all, _) = two_refusals(&azure);
+    let assigner = azure.assigner_with(ArmConfig {
+        refusal_retries: 0,
+        ..azure.arm_config()
+    });
+    let error = assigner
+        .apply(&target, &all, &none)
+        .await
+        .expect_err("first refusal returned");
+    assert!(
+        error.to_string().contains("LinkedAuthorizationFailed"),
+        "{error}"
+    );
+    assert_eq!(azure.arm.patch_count(&azure.vmss), 1);
+}

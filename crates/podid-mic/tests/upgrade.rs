@@ -1,0 +1,152 @@
+//! The one-time type upgrade against the fake API server: objects stored with the capitalised
+//! keys of releases before 1.6 are rewritten with the current ones, assignments get fresh
+//! embedded copies, the marker is written, and a second run (or a marker left by the Go MIC)
+//! skips everything.
+
+use podid_fake_apiserver::FakeApiServer;
+use podid_mic::run::kube_client;
+use podid_mic::upgrade::{Outcome, UpgradeSettings, run};
+use serde_json::{Value, json};
+
+const GROUP: &str = "/apis/aadpodidentity.k8s.io/v1/namespaces/default";
+
+fn settings() -> UpgradeSettings {
+    UpgradeSettings {
+        namespace: "kube-system".to_owned(),
+        config_map: "aad-pod-identity-config".to_owned(),
+        key: "type-upgrade-status".to_owned(),
+        version: "9.9.9".to_owned(),
+    }
+}
+
+async fn client_for(server: &FakeApiServer) -> kube::Client {
+    let dir = std::env::temp_dir().join(format!("podid-mic-upgrade-{}", server.addr().port()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("kubeconfig");
+    server.write_kubeconfig(&path).expect("write kubeconfig");
+    kube_client(Some(&path)).await.expect("client")
+}
+
+fn get(server: &FakeApiServer, path: &str) -> Value {
+    server.get_json(path).expect("get")
+}
+
+#[tokio::test]
+async fn capitalised_objects_are_rewritten_once_and_the_marker_is_written() {
+    let server = FakeApiServer::start().await.expect("server");
+    let client = client_for(&server).await;
+    let create = |path: &str, object: Value| {
+        server.create_json(path, object).expect("create");
+    };
+    let identity = json!({
+        "apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureIdentity",
+        "metadata": {"name": "kv-id", "namespace": "default"},
+        "spec": {"Type": 0, "ResourceID": "/subscriptions/s/resourcegroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/kv-id", "ClientID": "c1"}
+    });
+    let binding = json!({
+        "apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureIdentityBinding",
+        "metadata": {"name": "kv-binding", "namespace": "default"},
+        "spec": {"AzureIdentity": "kv-id", "Selector": "kv"}
+    });
+    create(&format!("{GROUP}/azureidentities"), identity.clone());
+    create(&format!("{GROUP}/azureidentitybindings"), binding.clone());
+    create(
+        &format!("{GROUP}/azurepodidentityexceptions"),
+        json!({
+            "apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzurePodIdentityException",
+            "metadata": {"name": "mic", "namespace": "default"},
+            "spec": {"PodLabels": {"app": "mic"}}
+        }),
+    );
+    create(
+        &format!("{GROUP}/azureassignedidentities"),
+        json!({
+            "apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureAssignedIdentity",
+            "metadata": {"name": "web-1-default-kv-id", "namespace": "default",
+                         "labels": {"nodename": "n1"}},
+            "spec": {"AzureIdentityRef": identity, "AzureBindingRef": binding,
+                     "Pod": "web-1", "PodNamespace": "default", "NodeName": "n1"},
+            "status": {"Status": "Assigned"}
+        }),
+    );
+
+    let outcome = run(&client, &settings()).await.expect("upgrade");
+    assert_eq!(
+        outcome,
+        Outcome::Upgraded(vec![
+            ("azureidentities", 1),
+            ("azureidentitybindings", 1),
+            ("azurepodidentityexceptions", 1),
+            ("azureassignedidentities", 1),
+        ])
+    );
+    let identity = get(&server, &format!("{GROUP}/azureidentities/kv-id"));
+    assert_eq!(
+        identity["spec"],
+        json!({"type": 0, "resourceID": "/subscriptions/s/resourcegroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/kv-id", "clientID": "c1"})
+    );
+    let binding = get(
+        &server,
+        &format!("{GROUP}/azureidentitybindings/kv-binding"),
+    );
+    assert_eq!(
+        binding["spec"],
+        json!({"azureIdentity": "kv-id", "selector": "kv"})
+    );
+    let exception = get(&server, &format!("{GROUP}/azurepodidentityexceptions/mic"));
+    assert_eq!(exception["spec"], json!({"podLabels": {"app": "mic"}}));
+    let assigned = get(
+        &server,
+        &format!("{GROUP}/azureassignedidentities/web-1-default-kv-id"),
+    );
+    assert_eq!(assigned["spec"]["pod"], "web-1");
+    assert_eq!(assigned["spec"]["nodeName"], "n1");
+    assert_eq!(assigned["status"]["status"], "Assigned");
+    assert_eq!(
+        assigned["spec"]["azureIdentityRef"]["metadata"]["resourceVersion"],
+        identity["metadata"]["resourceVersion"],
+        "the embedded identity is the freshly written one"
+    );
+    assert_eq!(
+        assigned["spec"]["azureIdentityRef"]["spec"],
+        identity["spec"]
+    );
+    assert_eq!(assigned["spec"]["azureBindingRef"]["spec"], binding["spec"]);
+    let marker = get(
+        &server,
+        "/api/v1/namespaces/kube-system/configmaps/aad-pod-identity-config",
+    );
+    assert_eq!(marker["data"]["type-upgrade-status"], "9.9.9");
+
+    // Once is enough.
+    server.faults().clear_log();
+    let again = run(&client, &settings()).await.expect("second run");
+    assert_eq!(again, Outcome::Skipped("9.9.9".to_owned()));
+    assert_eq!(server.faults().count("update", "aadpodidentity.k8s.io"), 0);
+}
+
+#[tokio::test]
+async fn a_marker_left_by_the_go_mic_skips_the_upgrade() {
+    let server = FakeApiServer::start().await.expect("server");
+    let client = client_for(&server).await;
+    server
+        .create_json(
+            "/api/v1/namespaces/kube-system/configmaps",
+            json!({"apiVersion": "v1", "kind": "ConfigMap",
+                   "metadata": {"name": "aad-pod-identity-config", "namespace": "kube-system"},
+                   "data": {"type-upgrade-status": "1.8.17"}}),
+        )
+        .expect("marker");
+    server
+        .create_json(
+            &format!("{GROUP}/azureidentitybindings"),
+            json!({"apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureIdentityBinding",
+                   "metadata": {"name": "b", "namespace": "default"},
+                   "spec": {"Selector": "kv"}}),
+        )
+        .expect("binding");
+    let outcome = run(&client, &settings()).await.expect("upgrade");
+    assert_eq!(outcome, Outcome::Skipped("1.8.17".to_owned()));
+    let binding = get(&server, &format!("{GROUP}/azureidentitybindings/b"));
+    assert_eq!(binding["spec"], json!({"Selector": "kv"}), "left as it was");
+}
