@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use podid_api::{AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding};
+use podid_api::{
+    AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding, AzurePodIdentityException,
+};
 use serde_json::{Value, json};
 
 use crate::{ChildGuard, SdkOutcome, SdkSelector, azure, binary, kube, netns, sdk_get_token};
@@ -140,10 +142,23 @@ impl Cluster {
 
     /// A Running pod object on this node, labelled `aadpodidbinding=<label>` when given.
     pub fn add_pod(&self, name: &str, label: Option<&str>, ip: Ipv4Addr) -> anyhow::Result<()> {
-        let mut labels = serde_json::Map::new();
-        if let Some(label) = label {
-            labels.insert("aadpodidbinding".into(), json!(label));
+        match label {
+            Some(label) => self.add_pod_with_labels(name, &[("aadpodidbinding", label)], ip),
+            None => self.add_pod_with_labels(name, &[], ip),
         }
+    }
+
+    /// A Running pod object on this node with exactly `labels`.
+    pub fn add_pod_with_labels(
+        &self,
+        name: &str,
+        labels: &[(&str, &str)],
+        ip: Ipv4Addr,
+    ) -> anyhow::Result<()> {
+        let labels: serde_json::Map<String, Value> = labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), json!(v)))
+            .collect();
         self.create(
             "/api/v1/namespaces/default/pods",
             json!({
@@ -152,6 +167,39 @@ impl Cluster {
                 "spec": {"nodeName": NODE, "serviceAccountName": "default", "containers": [{"name": "app", "image": "app"}]},
                 "status": {"phase": "Running", "podIP": ip.to_string(), "podIPs": [{"ip": ip.to_string()}]}
             }),
+        )
+    }
+
+    /// A Secret in `default` holding `data` (base64-encoded here).
+    pub fn create_secret(&self, name: &str, data: &[(&str, &[u8])]) -> anyhow::Result<()> {
+        use base64::Engine as _;
+        let data: serde_json::Map<String, Value> = data
+            .iter()
+            .map(|(k, v)| {
+                (
+                    (*k).to_owned(),
+                    json!(base64::engine::general_purpose::STANDARD.encode(v)),
+                )
+            })
+            .collect();
+        self.create(
+            "/api/v1/namespaces/default/secrets",
+            json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "data": data}),
+        )
+    }
+
+    /// An `AzurePodIdentityException` in `default` for pods carrying any one of `pod_labels`.
+    pub fn add_exception(&self, name: &str, pod_labels: &[(&str, &str)]) -> anyhow::Result<()> {
+        let exception = AzurePodIdentityException::for_pod_labels(
+            "default",
+            name,
+            pod_labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        );
+        self.create(
+            "/apis/aadpodidentity.k8s.io/v1/namespaces/default/azurepodidentityexceptions",
+            serde_json::to_value(&exception)?,
         )
     }
 
