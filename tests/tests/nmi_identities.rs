@@ -292,6 +292,14 @@ async fn failures_the_owner_can_fix_become_one_event_per_pod_and_reason() -> any
     assert_eq!(event["action"], "GetToken");
     assert_eq!(event["reportingController"], "aadpodidentity.k8s.io/nmi");
     assert_eq!(event["regarding"]["namespace"], "default");
+    let stored = cluster
+        .api
+        .get_json("/api/v1/namespaces/default/pods/orphan-1")
+        .map_err(|e| anyhow::anyhow!("reading the pod: {}", e.message))?;
+    assert_eq!(
+        event["regarding"]["uid"], stored["metadata"]["uid"],
+        "the event names the pod's uid, so kubectl describe pod finds it"
+    );
     assert!(
         event["note"]
             .as_str()

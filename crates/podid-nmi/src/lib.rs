@@ -12,9 +12,9 @@
 
 pub mod agent;
 pub mod config;
-pub mod federation;
 pub mod conntrack;
 pub mod events;
+pub mod federation;
 pub mod interception;
 pub mod metrics;
 pub mod pods;

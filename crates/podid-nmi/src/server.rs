@@ -45,8 +45,8 @@ use tokio::task::JoinSet;
 use tracing::Instrument as _;
 
 use crate::config::{Config, OperationMode};
-use crate::federation::AssignedBindings;
 use crate::events::{EventSink, PodEvent, PodEventReason};
+use crate::federation::AssignedBindings;
 use crate::metrics::{Metrics, imds_operation};
 use crate::pods::{LookupError, PodIndex};
 use crate::provider::{TokenProvider, TokenRequest, TokenTarget};
@@ -618,8 +618,11 @@ fn report_event(state: &NmiState, pod: &CallerPod, denied: &Denied) {
 }
 
 /// The pod's uid, for the Event's reference (`kubectl describe pod` matches on it).
-fn pod_uid(_state: &NmiState, _pod: &CallerPod) -> Option<String> {
-    None
+fn pod_uid(state: &NmiState, pod: &CallerPod) -> Option<String> {
+    state
+        .pods
+        .uid(&pod.namespace, &pod.name)
+        .filter(|uid| !uid.is_empty())
 }
 
 /// `Retry-After` sent while nmi's own state is not ready (caches syncing): a short, honest wait.
