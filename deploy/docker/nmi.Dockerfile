@@ -4,7 +4,7 @@
 #
 # Runtime base: Kubernetes' debian-iptables image, which ships iptables with the same
 # legacy/nft auto-detection wrapper kube-proxy uses, so nmi's rules land in the backend the node
-# already uses. Bases are pinned by tag; pin by digest in your registry mirror for reproducibility.
+# already uses, and conntrack(8) (used by --enable-conntrack-deletion). Bases are pinned by tag; pin by digest in your registry mirror for reproducibility.
 
 ARG RUST_IMAGE=docker.io/library/rust:1.95.0-slim-bookworm
 ARG RUNTIME_IMAGE=registry.k8s.io/build-image/debian-iptables:bookworm-v1.0.0

@@ -376,6 +376,10 @@ async fn a_saturated_budget_refuses_with_503_and_never_overloads_imds() -> anyho
     let (tally, counters) = hammer(Duration::from_secs(2)).await?;
     assert!(tally.refused > 0, "the budget never refused: {tally:?}");
     assert_eq!(
+        tally.refused_with_retry_after, tally.refused,
+        "every budget refusal tells the client when to come back: {tally:?}"
+    );
+    assert_eq!(
         counters.token_requests, counters.tokens_issued,
         "every call that reached IMDS was within budget: {counters:?}"
     );
