@@ -16,7 +16,7 @@ help:
 	@echo "make fmt | clippy     formatting and lints"
 	@echo "make generate         regenerate deploy/crds from the Rust types"
 	@echo "make check-generated  fail if deploy/crds is stale"
-	@echo "make bench            nmi cache-hit benchmark against a minimal hyper server (release build)"
+	@echo "make bench            nmi cache-hit benchmark and mic scale run (release build; figures: docs/performance.md)"
 	@echo "make clean-netns      remove namespaces/links left by killed test runs"
 
 deps:
@@ -46,7 +46,7 @@ fmt-check:
 	$(CARGO) fmt --all -- --check
 
 clippy:
-	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets --all-features -- -D warnings
 
 generate:
 	$(CARGO) run -q -p podid-api --bin crdgen -- --out deploy/crds
