@@ -164,11 +164,20 @@ pub enum Decision {
     NoMatch(NoMatch),
 }
 
-/// One usable or pending candidate of a pod.
+/// One usable or pending candidate of a pod (managed mode builds a list of them).
 #[derive(Debug, Clone)]
 struct Candidate {
     identity: Arc<AzureIdentity>,
     state: CandidateState,
+}
+
+/// One assignment of a pod with its identity copy shared once at build time, so a request
+/// hands out an `Arc` instead of cloning the recorded identity.
+#[derive(Debug)]
+struct Assigned {
+    assignment: Arc<AzureAssignedIdentity>,
+    /// `spec.azureIdentityRef`, `None` when the assignment records none (never a candidate).
+    identity: Option<Arc<AzureIdentity>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -177,7 +186,12 @@ enum CandidateState {
     Created,
 }
 
-type NsName = (String, String);
+/// namespace → name → value: looked up with two `&str` without building an owned key.
+type ByNsName<V> = HashMap<String, HashMap<String, V>>;
+
+fn get_ns_name<'a, V>(map: &'a ByNsName<V>, namespace: &str, name: &str) -> Option<&'a V> {
+    map.get(namespace)?.get(name)
+}
 
 /// Indexes over snapshots of the four custom resources; see the module docs.
 #[derive(Debug, Default)]
@@ -185,10 +199,11 @@ pub struct MatchIndex {
     options: MatchOptions,
     /// selector → bindings with that selector, sorted by (namespace, name).
     bindings_by_selector: HashMap<String, Vec<Arc<AzureIdentityBinding>>>,
-    /// (namespace, name) → identity.
-    identities: HashMap<NsName, Arc<AzureIdentity>>,
-    /// (pod namespace, pod name) → the pod's assignments, as (identity copy, binding copy, state).
-    assignments: HashMap<NsName, Vec<Arc<AzureAssignedIdentity>>>,
+    /// namespace → name → identity.
+    identities: ByNsName<Arc<AzureIdentity>>,
+    /// pod namespace → pod name → the pod's assignments (identity copy, binding copy, state),
+    /// sorted by their identity copy in [`identity_order`] (without a copy: last).
+    assignments: ByNsName<Vec<Assigned>>,
     /// namespace → exceptions of that namespace.
     exceptions: HashMap<String, Vec<Arc<AzurePodIdentityException>>>,
 }
@@ -238,11 +253,15 @@ impl MatchIndex {
         for list in bindings_by_selector.values_mut() {
             list.sort_by(|a, b| ns_name!(a).cmp(&ns_name!(b)));
         }
-        let identities = identities
-            .into_iter()
-            .map(|identity| (ns_name!(identity), identity))
-            .collect();
-        let mut by_pod: HashMap<NsName, Vec<Arc<AzureAssignedIdentity>>> = HashMap::new();
+        let mut by_ns_name: ByNsName<Arc<AzureIdentity>> = HashMap::new();
+        for identity in identities {
+            let (namespace, name) = ns_name!(identity);
+            by_ns_name
+                .entry(namespace)
+                .or_default()
+                .insert(name, identity);
+        }
+        let mut by_pod: ByNsName<Vec<Assigned>> = HashMap::new();
         for assignment in assignments {
             let (Some(pod), Some(namespace)) = (
                 assignment.spec.pod.clone(),
@@ -250,7 +269,29 @@ impl MatchIndex {
             ) else {
                 continue;
             };
-            by_pod.entry((namespace, pod)).or_default().push(assignment);
+            let identity = assignment
+                .spec
+                .azure_identity_ref
+                .as_deref()
+                .map(|identity| Arc::new(identity.clone()));
+            by_pod
+                .entry(namespace)
+                .or_default()
+                .entry(pod)
+                .or_default()
+                .push(Assigned {
+                    assignment,
+                    identity,
+                });
+        }
+        // Stable: equal identities keep the watch's order, as sorting per request did.
+        for list in by_pod.values_mut().flat_map(HashMap::values_mut) {
+            list.sort_by(|a, b| match (&a.identity, &b.identity) {
+                (Some(a), Some(b)) => identity_order(a, b),
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (None, None) => std::cmp::Ordering::Equal,
+            });
         }
         let mut by_namespace: HashMap<String, Vec<Arc<AzurePodIdentityException>>> = HashMap::new();
         for exception in exceptions {
@@ -260,7 +301,7 @@ impl MatchIndex {
         Self {
             options,
             bindings_by_selector,
-            identities,
+            identities: by_ns_name,
             assignments: by_pod,
             exceptions: by_namespace,
         }
@@ -269,12 +310,17 @@ impl MatchIndex {
     /// Every identity object the index knows: the `AzureIdentity` objects and the copies
     /// recorded in assignments (for cache revocation when one disappears).
     pub fn identity_objects(&self) -> impl Iterator<Item = &AzureIdentity> {
-        self.identities.values().map(|i| &**i).chain(
-            self.assignments
-                .values()
-                .flatten()
-                .filter_map(|a| a.spec.azure_identity_ref.as_deref()),
-        )
+        self.identities
+            .values()
+            .flat_map(HashMap::values)
+            .map(|i| &**i)
+            .chain(
+                self.assignments
+                    .values()
+                    .flat_map(HashMap::values)
+                    .flatten()
+                    .filter_map(|a| a.identity.as_deref()),
+            )
     }
 
     /// The options the index was built with.
@@ -318,9 +364,7 @@ impl MatchIndex {
                     return None;
                 }
                 let name = binding.spec.azure_identity.as_deref()?;
-                let identity = self
-                    .identities
-                    .get(&(binding_ns.to_owned(), name.to_owned()))?;
+                let identity = get_ns_name(&self.identities, binding_ns, name)?;
                 if (managed || self.namespaced(identity)) && binding_ns != pod.namespace {
                     return None;
                 }
@@ -329,45 +373,40 @@ impl MatchIndex {
             .collect()
     }
 
-    /// Standard mode: the pod's assignments that pass the label and namespace rules.
-    fn assigned_candidates(&self, pod: &CallerPod) -> Vec<Candidate> {
-        let key = (pod.namespace.clone(), pod.name.clone());
-        let Some(assignments) = self.assignments.get(&key) else {
-            return Vec::new();
-        };
+    /// Standard mode: the pod's assignments that pass the label and namespace rules, in
+    /// [`identity_order`] (the index keeps them sorted; nothing is allocated).
+    fn assigned_candidates<'a>(
+        &'a self,
+        pod: &'a CallerPod,
+    ) -> impl Iterator<Item = (&'a Arc<AzureIdentity>, CandidateState)> + 'a {
+        let assignments = get_ns_name(&self.assignments, &pod.namespace, &pod.name)
+            .map_or(&[][..], Vec::as_slice);
         let label = pod.binding_label();
-        let mut out: Vec<Candidate> = assignments
-            .iter()
-            .filter_map(|assignment| {
-                let state = match assignment.state() {
-                    AssignedIdentityState::Created => CandidateState::Created,
-                    s if s.is_assigned_or_legacy() => CandidateState::Usable,
-                    _ => return None,
-                };
-                let identity = assignment.spec.azure_identity_ref.as_deref()?;
-                if let Some(binding) = assignment.spec.azure_binding_ref.as_deref() {
-                    if binding.spec.selector.as_deref() != label || label.is_none() {
-                        return None;
-                    }
-                    if self.namespaced(identity)
-                        && binding.metadata.namespace.as_deref() != Some(pod.namespace.as_str())
-                    {
-                        return None;
-                    }
+        assignments.iter().filter_map(move |assigned| {
+            let assignment = &assigned.assignment;
+            let state = match assignment.state() {
+                AssignedIdentityState::Created => CandidateState::Created,
+                s if s.is_assigned_or_legacy() => CandidateState::Usable,
+                _ => return None,
+            };
+            let identity = assigned.identity.as_ref()?;
+            if let Some(binding) = assignment.spec.azure_binding_ref.as_deref() {
+                if binding.spec.selector.as_deref() != label || label.is_none() {
+                    return None;
                 }
                 if self.namespaced(identity)
-                    && identity.metadata.namespace.as_deref() != Some(pod.namespace.as_str())
+                    && binding.metadata.namespace.as_deref() != Some(pod.namespace.as_str())
                 {
                     return None;
                 }
-                Some(Candidate {
-                    identity: Arc::new(identity.clone()),
-                    state,
-                })
-            })
-            .collect();
-        out.sort_by(|a, b| identity_order(&a.identity, &b.identity));
-        out
+            }
+            if self.namespaced(identity)
+                && identity.metadata.namespace.as_deref() != Some(pod.namespace.as_str())
+            {
+                return None;
+            }
+            Some((identity, state))
+        })
     }
 
     fn managed_candidates(&self, pod: &CallerPod) -> Vec<Candidate> {
@@ -411,17 +450,40 @@ impl MatchIndex {
                 parameter: "object_id",
             });
         }
-        let candidates = match self.options.mode {
-            MatchMode::Standard => self.assigned_candidates(pod),
-            MatchMode::Managed => self.managed_candidates(pod),
-        };
-        let wanted = candidates.iter().filter(|c| matches(&c.identity));
+        match self.options.mode {
+            MatchMode::Standard => {
+                self.decide_among(pod, selector, matches, || self.assigned_candidates(pod))
+            }
+            MatchMode::Managed => {
+                let managed = self.managed_candidates(pod);
+                self.decide_among(pod, selector, matches, || {
+                    managed.iter().map(|c| (&c.identity, c.state))
+                })
+            }
+        }
+    }
+
+    /// The decision among `candidates` (in [`identity_order`]; called again only on the paths
+    /// that answer without a token).
+    fn decide_among<'a, I>(
+        &self,
+        pod: &CallerPod,
+        selector: &IdentitySelector<'_>,
+        matches: impl Fn(&AzureIdentity) -> bool,
+        candidates: impl Fn() -> I,
+    ) -> Decision
+    where
+        I: Iterator<Item = (&'a Arc<AzureIdentity>, CandidateState)>,
+    {
         let mut created = false;
-        for candidate in wanted {
-            match candidate.state {
-                CandidateState::Usable => {
-                    return Decision::Identity(Arc::clone(&candidate.identity));
-                }
+        let mut any = false;
+        for (identity, state) in candidates() {
+            any = true;
+            if !matches(identity) {
+                continue;
+            }
+            match state {
+                CandidateState::Usable => return Decision::Identity(Arc::clone(identity)),
                 CandidateState::Created => created = true,
             }
         }
@@ -433,15 +495,13 @@ impl MatchIndex {
             // MIC has not caught up with the pod.
             let awaiting = self.pod_bindings(pod).iter().any(|(_, identity)| {
                 matches(identity)
-                    && !candidates
-                        .iter()
-                        .any(|c| same_identity(&c.identity, identity))
+                    && !candidates().any(|(candidate, _)| same_identity(candidate, identity))
             });
             if awaiting {
                 return Decision::Pending(PendingReason::AwaitingAssignment);
             }
         }
-        if candidates.is_empty() {
+        if !any {
             return Decision::NoMatch(NoMatch::NoIdentityForPod);
         }
         Decision::NoMatch(match selector {
