@@ -5,7 +5,9 @@
 //! call in flight (if any). Upstream calls run in their own tokio task, so a caller that goes
 //! away does not cancel the call the others wait for; no map lock is held across an await.
 
+use std::borrow::Borrow;
 use std::fmt;
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -17,7 +19,7 @@ use tokio::sync::watch;
 
 use super::clock::Clock;
 use super::error::BrokerError;
-use super::identity::{FederatedSubject, IdentityKey, IdentitySpec};
+use super::identity::{FederatedSubject, IdentityKey, IdentitySpec, IdentityType};
 use super::source::{FetchRequest, SourceKind, Sources};
 use super::stats::BrokerStats;
 use super::token::Token;
@@ -47,7 +49,8 @@ impl Default for BrokerConfig {
 
 /// What a token is cached under: identity × resource × tenant (× federated subject). The
 /// resource is kept as given (audiences are compared exactly by Entra); the tenant is lower-cased.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// A cache hit finds its slot without building one (see [`KeyParts`]).
+#[derive(Debug, Clone)]
 pub struct CacheKey {
     /// The identity.
     pub identity: IdentityKey,
@@ -57,6 +60,151 @@ pub struct CacheKey {
     pub tenant: Option<String>,
     /// The service account whose token was exchanged (federated identities only).
     pub subject: Option<FederatedSubject>,
+}
+
+impl CacheKey {
+    /// The owned key of `lookup` (client id, resource id and tenant lower-cased).
+    fn of(lookup: &Lookup<'_>) -> Self {
+        Self {
+            identity: lookup.identity.key(),
+            resource: lookup.resource.to_owned(),
+            tenant: lookup.tenant.map(str::to_ascii_lowercase),
+            subject: lookup.identity.federated_subject().cloned(),
+        }
+    }
+}
+
+/// A cache key's fields, borrowed. Equality and hashing go through it for both the owned
+/// [`CacheKey`] and a request's [`Lookup`], so a hit looks its slot up without allocating.
+/// Client id, resource id and tenant compare ignoring ASCII case (GUIDs and ARM ids are
+/// case-insensitive; a `CacheKey` holds them lower-cased); the resource compares exactly.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyView<'a> {
+    identity_type: IdentityType,
+    client_id: &'a str,
+    resource_id: &'a str,
+    resource: &'a str,
+    tenant: Option<&'a str>,
+    subject: Option<&'a FederatedSubject>,
+}
+
+impl KeyView<'_> {
+    fn same(&self, other: &KeyView<'_>) -> bool {
+        self.identity_type == other.identity_type
+            && self.client_id.eq_ignore_ascii_case(other.client_id)
+            && self.resource == other.resource
+            && match (self.tenant, other.tenant) {
+                (Some(a), Some(b)) => a.eq_ignore_ascii_case(b),
+                (None, None) => true,
+                _ => false,
+            }
+            && self.subject == other.subject
+            && self.resource_id.eq_ignore_ascii_case(other.resource_id)
+    }
+
+    /// Hashes what [`KeyView::same`] compares (the resource id only through equality: it
+    /// rarely differs between keys with one client id, and leaving it out keeps a hit cheap).
+    fn hash_into<H: Hasher>(&self, state: &mut H) {
+        self.identity_type.hash(state);
+        hash_ascii_lowercase(self.client_id, state);
+        self.resource.hash(state);
+        match self.tenant {
+            None => state.write_u8(0),
+            Some(tenant) => {
+                state.write_u8(1);
+                hash_ascii_lowercase(tenant, state);
+            }
+        }
+        self.subject.hash(state);
+    }
+}
+
+/// Feed `text` lower-cased (ASCII) to `state` without allocating, then a terminator.
+fn hash_ascii_lowercase<H: Hasher>(text: &str, state: &mut H) {
+    let mut buf = [0u8; 64];
+    for chunk in text.as_bytes().chunks(buf.len()) {
+        let lower = &mut buf[..chunk.len()];
+        lower.copy_from_slice(chunk);
+        lower.make_ascii_lowercase();
+        state.write(lower);
+    }
+    state.write_u8(0xff);
+}
+
+/// Something a cache slot can be looked up with: the owned [`CacheKey`] or a borrowed
+/// [`Lookup`]. Private to the broker (the module is not public).
+pub trait KeyParts {
+    /// The key's fields.
+    fn parts(&self) -> KeyView<'_>;
+}
+
+impl KeyParts for CacheKey {
+    fn parts(&self) -> KeyView<'_> {
+        KeyView {
+            identity_type: self.identity.identity_type(),
+            client_id: self.identity.client_id(),
+            resource_id: self.identity.resource_id(),
+            resource: &self.resource,
+            tenant: self.tenant.as_deref(),
+            subject: self.subject.as_ref(),
+        }
+    }
+}
+
+/// The key of a request, borrowed from the identity and the query.
+#[derive(Debug, Clone, Copy)]
+pub struct Lookup<'a> {
+    identity: &'a IdentitySpec,
+    resource: &'a str,
+    /// As configured (not lower-cased).
+    tenant: Option<&'a str>,
+}
+
+impl KeyParts for Lookup<'_> {
+    fn parts(&self) -> KeyView<'_> {
+        KeyView {
+            identity_type: self.identity.identity_type,
+            client_id: &self.identity.client_id,
+            resource_id: &self.identity.resource_id,
+            resource: self.resource,
+            tenant: self.tenant,
+            subject: self.identity.federated_subject(),
+        }
+    }
+}
+
+impl PartialEq for dyn KeyParts + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.parts().same(&other.parts())
+    }
+}
+
+impl Eq for dyn KeyParts + '_ {}
+
+impl Hash for dyn KeyParts + '_ {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.parts().hash_into(state);
+    }
+}
+
+impl PartialEq for CacheKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.parts().same(&other.parts())
+    }
+}
+
+impl Eq for CacheKey {}
+
+impl Hash for CacheKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.parts().hash_into(state);
+    }
+}
+
+impl<'a> Borrow<dyn KeyParts + 'a> for CacheKey {
+    fn borrow(&self) -> &(dyn KeyParts + 'a) {
+        self
+    }
 }
 
 type FetchResult = Result<Arc<Token>, BrokerError>;
@@ -172,7 +320,7 @@ impl TokenBroker {
 
     /// A token for `identity` and `resource`, for the identity's primary tenant.
     pub async fn token(&self, identity: &Arc<IdentitySpec>, resource: &str) -> FetchResult {
-        let tenant = identity.primary_tenant();
+        let tenant = identity.primary_tenant_as_given();
         self.token_for(identity, resource, tenant)
             .await
             .map(|(token, _)| token)
@@ -206,13 +354,14 @@ impl TokenBroker {
         }
         let mut tokens = Vec::with_capacity(1 + aux.len());
         let (token, mut cached) = self
-            .token_for(identity, resource, identity.primary_tenant())
+            .token_for(identity, resource, identity.primary_tenant_as_given())
             .await?;
         tokens.push(token);
-        if identity.primary_tenant().is_some() {
+        if identity.primary_tenant_as_given().is_some() {
             for tenant in aux {
-                let tenant = Some(tenant.to_ascii_lowercase());
-                let (token, hit) = self.token_for(identity, resource, tenant).await?;
+                let (token, hit) = self
+                    .token_for(identity, resource, Some(tenant.as_str()))
+                    .await?;
                 tokens.push(token);
                 cached &= hit;
             }
@@ -238,7 +387,7 @@ impl TokenBroker {
         &self,
         identity: &Arc<IdentitySpec>,
         resource: &str,
-        tenant: Option<String>,
+        tenant: Option<&str>,
     ) -> Result<(Arc<Token>, bool), BrokerError> {
         let inner = &self.inner;
         let Some(kind) = SourceKind::for_identity(identity) else {
@@ -250,16 +399,15 @@ impl TokenBroker {
                 ),
             });
         };
-        let key = CacheKey {
-            identity: identity.key(),
-            resource: resource.to_owned(),
+        let lookup = Lookup {
+            identity,
+            resource,
             tenant,
-            subject: identity.federated_subject().cloned(),
         };
         let now_ms = unix_millis(inner.clock.now());
 
-        // Fast path: a shared read of the slot.
-        if let Some(slot) = inner.slots.get(&key) {
+        // Fast path: a shared read of the slot, looked up without building an owned key.
+        if let Some(slot) = inner.slots.get(&lookup as &dyn KeyParts) {
             slot.last_used_ms.store(now_ms, Ordering::Relaxed);
             if let Some(token) = slot.valid_token(now_ms) {
                 let token = token.clone();
@@ -271,7 +419,7 @@ impl TokenBroker {
                 let stale = slot.last_refresh_failed;
                 drop(slot);
                 if refresh {
-                    self.start_refresh(&key, identity, kind, now_ms);
+                    self.start_refresh(&CacheKey::of(&lookup), identity, kind, now_ms);
                 }
                 inner.stats.hit();
                 if stale {
@@ -283,6 +431,7 @@ impl TokenBroker {
 
         // Miss: join the call in flight or start one, under the entry lock.
         inner.stats.miss();
+        let key = CacheKey::of(&lookup);
         self.make_room(&key, now_ms);
         let mut receiver = match inner.slots.entry(key.clone()) {
             Entry::Occupied(mut occupied) => {
@@ -588,5 +737,48 @@ mod tests {
         let partial = broker.issue(&id, "r").await.expect("tokens");
         assert!(!partial.cached);
         assert_eq!(source.calls.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn borrowed_lookup_matches_the_owned_key_ignoring_id_and_tenant_case() {
+        let (broker, source, _clock) = broker(false);
+        let rid = "/subscriptions/S/resourceGroups/RG/providers/x/ID";
+        broker
+            .issue(&Arc::new(IdentitySpec::managed("Client-1", rid)), "r")
+            .await
+            .expect("token");
+        let hit = broker
+            .issue(
+                &Arc::new(IdentitySpec::managed("CLIENT-1", rid.to_lowercase())),
+                "r",
+            )
+            .await
+            .expect("token");
+        assert!(hit.cached, "client id and resource id ignore case");
+        // Same client id, another resource id: hashed alike, still another key.
+        let other = broker
+            .issue(&Arc::new(IdentitySpec::managed("client-1", "/other")), "r")
+            .await
+            .expect("token");
+        assert!(!other.cached);
+        // The resource is compared exactly.
+        let upper = broker
+            .issue(&Arc::new(IdentitySpec::managed("client-1", rid)), "R")
+            .await
+            .expect("token");
+        assert!(!upper.cached);
+        assert_eq!(source.calls.load(Ordering::SeqCst), 3);
+
+        let sp = |tenant: &str| {
+            Arc::new(IdentitySpec::client_secret(
+                "sp",
+                tenant,
+                Secret::new("s3cret"),
+            ))
+        };
+        assert!(!broker.issue(&sp("Tenant-A"), "r").await.expect("sp").cached);
+        assert!(broker.issue(&sp("tenant-a"), "r").await.expect("sp").cached);
+        assert!(!broker.issue(&sp("tenant-b"), "r").await.expect("sp").cached);
+        assert_eq!(source.calls.load(Ordering::SeqCst), 5);
     }
 }

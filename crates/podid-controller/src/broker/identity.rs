@@ -241,15 +241,17 @@ impl IdentitySpec {
     }
 
     /// The tenant the primary token is for: `None` for managed identities (the node's tenant),
-    /// the lower-cased `tenantID` otherwise. A federated identity's `tenantID` counts whatever
-    /// its type; without one the federated source uses the cluster's default tenant (`None`).
-    pub(crate) fn primary_tenant(&self) -> Option<String> {
+    /// the `tenantID` otherwise. A federated identity's `tenantID` (trimmed) counts whatever its
+    /// type; without one the federated source uses the cluster's default tenant (`None`).
+    /// Returned as configured, not lower-cased: the cache compares tenants ignoring case (and
+    /// lower-cases them in its keys), so a hit needs no copy.
+    pub(crate) fn primary_tenant_as_given(&self) -> Option<&str> {
         if matches!(self.credential, Credential::Federated { .. }) {
-            return Some(self.tenant_id.trim().to_ascii_lowercase()).filter(|t| !t.is_empty());
+            return Some(self.tenant_id.trim()).filter(|t| !t.is_empty());
         }
         match self.identity_type {
             IdentityType::UserAssignedMsi | IdentityType::Unsupported(_) => None,
-            _ => Some(self.tenant_id.to_ascii_lowercase()),
+            _ => Some(self.tenant_id.as_str()),
         }
     }
 }
@@ -282,6 +284,11 @@ impl IdentityKey {
     /// The lower-cased client id.
     pub fn client_id(&self) -> &str {
         &self.client_id
+    }
+
+    /// The lower-cased resource id.
+    pub fn resource_id(&self) -> &str {
+        &self.resource_id
     }
 }
 
