@@ -736,7 +736,10 @@ pub async fn apply_plan_with(
                     .filter(|o| !not_applied.contains(&lower_id(o)))
                     .collect();
                 let present = &present;
-                let confirms: Vec<BoxFuture<'_, Result<(), kube::Error>>> = applied
+                // Status first, events after: a scale set's 500 `binding applied` events must
+                // not hold up its assignments turning `Assigned` (nmi waits on that state).
+                let confirms: Vec<BoxFuture<'_, (&AzureAssignedIdentity, Result<(), kube::Error>)>> =
+                    applied
                     .iter()
                     .map(|&object| {
                         let mark = ownership
@@ -749,14 +752,27 @@ pub async fn apply_plan_with(
                                 mark,
                             )
                             .await;
-                            if let Some(events) = events {
-                                confirm_events(events, object, result.as_ref().err(), recovered)
-                                    .await;
-                            }
-                            result
+                            (object, result)
                         }) as BoxFuture<'_, _>
                     })
                     .collect();
+                let confirmed = bounded(confirms, batch).await;
+                if let Some(events) = events {
+                    let publishing: Vec<BoxFuture<'_, ()>> = confirmed
+                        .iter()
+                        .map(|(object, result)| {
+                            Box::pin(confirm_events(
+                                events,
+                                object,
+                                result.as_ref().err(),
+                                recovered,
+                            )) as BoxFuture<'_, ()>
+                        })
+                        .collect();
+                    bounded(publishing, batch).await;
+                }
+                let confirms: Vec<Result<(), kube::Error>> =
+                    confirmed.into_iter().map(|(_, result)| result).collect();
                 let releases: Vec<BoxFuture<'_, Result<(), kube::Error>>> = deletions
                     .iter()
                     .filter(|d| {
@@ -766,11 +782,7 @@ pub async fn apply_plan_with(
                     })
                     .map(|d| Box::pin(release_and_delete(client, events, d)) as BoxFuture<'_, _>)
                     .collect();
-                count(
-                    &mut report.assigned,
-                    &mut report.failures,
-                    bounded(confirms, batch).await,
-                );
+                count(&mut report.assigned, &mut report.failures, confirms);
                 count(
                     &mut report.deleted,
                     &mut report.failures,
