@@ -20,21 +20,27 @@ use podid_api::{AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding};
 use podid_controller::broker::{Credential, PodSubject, federated_credential};
 use podid_controller::matching::{CallerPod, MatchIndex};
 
-/// (pod namespace, pod name, identity namespace, identity name).
-type Key = (String, String, String, String);
+/// One assignment's identity and its recorded binding copy.
+#[derive(Debug)]
+struct Recorded {
+    identity_namespace: String,
+    identity_name: String,
+    binding: Option<Arc<AzureIdentityBinding>>,
+}
 
 /// The binding copies recorded in the node's `AzureAssignedIdentity` objects, by pod and
-/// identity. Rebuilt with the matcher after every burst of watch events.
+/// identity. Rebuilt with the matcher after every burst of watch events. Looked up per token
+/// request with borrowed names (pod namespace → pod name → the pod's few assignments).
 #[derive(Debug, Default)]
 pub struct AssignedBindings {
-    by_pod_identity: HashMap<Key, Option<Arc<AzureIdentityBinding>>>,
+    by_pod: HashMap<String, HashMap<String, Vec<Recorded>>>,
 }
 
 impl AssignedBindings {
     /// Index the binding copies of `assignments` (assignments without pod or identity are
     /// skipped).
     pub fn new<'a>(assignments: impl IntoIterator<Item = &'a AzureAssignedIdentity>) -> Self {
-        let mut by_pod_identity = HashMap::new();
+        let mut by_pod: HashMap<String, HashMap<String, Vec<Recorded>>> = HashMap::new();
         for assignment in assignments {
             let spec = &assignment.spec;
             let (Some(pod_namespace), Some(pod), Some(identity)) = (
@@ -44,20 +50,29 @@ impl AssignedBindings {
             ) else {
                 continue;
             };
-            let key = (
-                pod_namespace.clone(),
-                pod.clone(),
-                identity.metadata.namespace.clone().unwrap_or_default(),
-                identity.metadata.name.clone().unwrap_or_default(),
-            );
-            by_pod_identity.insert(
-                key,
-                spec.azure_binding_ref
+            let recorded = Recorded {
+                identity_namespace: identity.metadata.namespace.clone().unwrap_or_default(),
+                identity_name: identity.metadata.name.clone().unwrap_or_default(),
+                binding: spec
+                    .azure_binding_ref
                     .as_deref()
                     .map(|b| Arc::new(b.clone())),
-            );
+            };
+            let list = by_pod
+                .entry(pod_namespace.clone())
+                .or_default()
+                .entry(pod.clone())
+                .or_default();
+            // A later assignment of the same identity to the pod replaces the earlier one.
+            match list.iter_mut().find(|r| {
+                r.identity_namespace == recorded.identity_namespace
+                    && r.identity_name == recorded.identity_name
+            }) {
+                Some(existing) => *existing = recorded,
+                None => list.push(recorded),
+            }
         }
-        Self { by_pod_identity }
+        Self { by_pod }
     }
 
     /// `Some(binding copy)` when an assignment of `identity` to `pod` exists (the inner
@@ -67,13 +82,14 @@ impl AssignedBindings {
         pod: &CallerPod,
         identity: &AzureIdentity,
     ) -> Option<Option<&AzureIdentityBinding>> {
-        let key = (
-            pod.namespace.clone(),
-            pod.name.clone(),
-            identity.metadata.namespace.clone().unwrap_or_default(),
-            identity.metadata.name.clone().unwrap_or_default(),
-        );
-        self.by_pod_identity.get(&key).map(Option::as_deref)
+        let namespace = identity.metadata.namespace.as_deref().unwrap_or_default();
+        let name = identity.metadata.name.as_deref().unwrap_or_default();
+        self.by_pod
+            .get(&pod.namespace)?
+            .get(&pod.name)?
+            .iter()
+            .find(|r| r.identity_namespace == namespace && r.identity_name == name)
+            .map(|r| r.binding.as_deref())
     }
 }
 

@@ -62,15 +62,29 @@ struct Entry {
 
 #[derive(Debug, Default)]
 struct Inner {
-    pods: HashMap<PodKey, Entry>,
+    /// namespace → name → entry (looked up with borrowed names).
+    pods: HashMap<String, HashMap<String, Entry>>,
+    /// Number of entries in `pods`.
+    count: usize,
     by_ip: HashMap<IpAddr, Vec<PodKey>>,
 }
 
 impl Inner {
+    fn entry(&self, namespace: &str, name: &str) -> Option<&Entry> {
+        self.pods.get(namespace)?.get(name)
+    }
+
     fn remove(&mut self, key: &PodKey) {
-        let Some(entry) = self.pods.remove(key) else {
+        let Some(names) = self.pods.get_mut(&key.0) else {
             return;
         };
+        let Some(entry) = names.remove(&key.1) else {
+            return;
+        };
+        if names.is_empty() {
+            self.pods.remove(&key.0);
+        }
+        self.count -= 1;
         for ip in entry.ips {
             if let Some(keys) = self.by_ip.get_mut(&ip) {
                 keys.retain(|k| k != key);
@@ -88,7 +102,16 @@ impl Inner {
                 keys.push(key.clone());
             }
         }
-        self.pods.insert(key, entry);
+        let (namespace, name) = key;
+        if self
+            .pods
+            .entry(namespace)
+            .or_default()
+            .insert(name, entry)
+            .is_none()
+        {
+            self.count += 1;
+        }
     }
 }
 
@@ -228,7 +251,7 @@ impl PodIndex {
 
     /// Number of indexed pods.
     pub fn len(&self) -> usize {
-        self.read().pods.len()
+        self.read().count
     }
 
     /// Whether no pod is indexed.
@@ -238,15 +261,15 @@ impl PodIndex {
 
     /// The indexed pod `namespace/name`, if it is live and has an address.
     pub fn get(&self, namespace: &str, name: &str) -> Option<Arc<CallerPod>> {
-        let key = (namespace.to_owned(), name.to_owned());
-        self.read().pods.get(&key).map(|e| Arc::clone(&e.pod))
+        self.read()
+            .entry(namespace, name)
+            .map(|e| Arc::clone(&e.pod))
     }
 
     /// The `metadata.uid` of the indexed pod `namespace/name` (empty when the API server sent
     /// none), for binding a federated service-account token to the calling pod.
     pub fn uid(&self, namespace: &str, name: &str) -> Option<String> {
-        let key = (namespace.to_owned(), name.to_owned());
-        self.read().pods.get(&key).map(|e| e.uid.clone())
+        self.read().entry(namespace, name).map(|e| e.uid.clone())
     }
 
     /// The pod owning `ip` (IPv4-mapped IPv6 addresses are treated as IPv4).
@@ -259,8 +282,7 @@ impl PodIndex {
         match inner.by_ip.get(&ip).map(Vec::as_slice) {
             None | Some([]) => Err(LookupError::NotFound { ip }),
             Some([key]) => inner
-                .pods
-                .get(key)
+                .entry(&key.0, &key.1)
                 .map(|e| Arc::clone(&e.pod))
                 .ok_or(LookupError::NotFound { ip }),
             Some(keys) => Err(LookupError::Ambiguous {
