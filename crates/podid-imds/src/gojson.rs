@@ -17,6 +17,15 @@ impl Formatter for GoFormatter {
     where
         W: ?Sized + io::Write,
     {
+        // Fast path (access tokens, ids, URLs): nothing Go escapes beyond JSON's own. U+2028 and
+        // U+2029 are the only escaped characters outside ASCII; both start with byte 0xE2.
+        let bytes = fragment.as_bytes();
+        if !bytes
+            .iter()
+            .any(|&b| matches!(b, b'<' | b'>' | b'&' | 0xE2))
+        {
+            return writer.write_all(bytes);
+        }
         let mut start = 0;
         for (i, c) in fragment.char_indices() {
             let escape = match c {
@@ -93,5 +102,9 @@ mod tests {
             r#""\n\r\t\u0008\u000c\u0001\u001f""#
         );
         assert_eq!(go("\u{2028}x\u{2029}é\u{7f}"), "\"\\u2028x\\u2029é\u{7f}\"");
+        // Other characters starting with byte 0xE2 pass through unescaped.
+        assert_eq!(go("\u{2027}\u{202a}€"), "\"\u{2027}\u{202a}€\"");
+        let token = "eyJ0eXAiOiJKV1QiLCJhbGciOiJSUzI1NiJ9.".repeat(40);
+        assert_eq!(go(&token), format!("\"{token}\""));
     }
 }
