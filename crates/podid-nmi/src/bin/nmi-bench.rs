@@ -7,7 +7,8 @@
 //! an in-process fake that counts its calls, so every measured request takes the broker's
 //! cache-hit path. The load client opens keep-alive HTTP/1.1 connections and writes raw
 //! requests; it shares the machine (and the runtime) with the server it measures, as does the
-//! baseline, so the ratio between the two is the figure to read. Each server is loaded twice:
+//! baseline, so the ratio between the two is the figure to read; the two servers are loaded in
+//! alternating one-second turns so both see the same machine. Each server is loaded twice:
 //! with many connections (throughput) and with a few (latency at light load, where the p99
 //! target applies). A counting global allocator gives the heap allocations per request of the
 //! whole process (server and load client) for each run.
@@ -267,9 +268,62 @@ struct Run {
     allocs_per_request: f64,
 }
 
-/// `connections` keep-alive connections sending requests back to back for `seconds`.
-async fn load(addr: SocketAddr, connections: usize, seconds: u64) -> anyhow::Result<Run> {
-    let duration = Duration::from_secs(seconds);
+/// What one slice of load measured.
+#[derive(Debug, Default)]
+struct Slice {
+    latencies: Vec<Duration>,
+    errors: u64,
+    elapsed: Duration,
+    allocations: usize,
+}
+
+impl Slice {
+    fn add(&mut self, other: Slice) {
+        self.latencies.extend(other.latencies);
+        self.errors += other.errors;
+        self.elapsed += other.elapsed;
+        self.allocations += other.allocations;
+    }
+
+    fn run(mut self) -> anyhow::Result<Run> {
+        let all = &mut self.latencies;
+        ensure!(!all.is_empty(), "no request completed");
+        all.sort_unstable();
+        let at = |q: f64| {
+            // Nearest-rank percentile.
+            let rank = ((q * all.len() as f64).ceil() as usize).clamp(1, all.len());
+            all[rank - 1]
+        };
+        let requests = all.len() as u64;
+        Ok(Run {
+            requests,
+            errors: self.errors,
+            rps: requests as f64 / self.elapsed.as_secs_f64(),
+            p50: at(0.50),
+            p99: at(0.99),
+            allocs_per_request: self.allocations as f64 / requests as f64,
+        })
+    }
+}
+
+/// Load `a` and `b` in turns of one second each, `seconds` turns per server, so both see the
+/// same share of whatever else the (shared) machine is doing.
+async fn interleaved(
+    a: SocketAddr,
+    b: SocketAddr,
+    connections: usize,
+    seconds: u64,
+) -> anyhow::Result<(Run, Run)> {
+    let (mut on_a, mut on_b) = (Slice::default(), Slice::default());
+    for _ in 0..seconds {
+        on_a.add(load(a, connections, Duration::from_secs(1)).await?);
+        on_b.add(load(b, connections, Duration::from_secs(1)).await?);
+    }
+    Ok((on_a.run()?, on_b.run()?))
+}
+
+/// `connections` keep-alive connections sending requests back to back for `duration`.
+async fn load(addr: SocketAddr, connections: usize, duration: Duration) -> anyhow::Result<Slice> {
     let allocs_before = allocations();
     let started = Instant::now();
     let deadline = started + duration;
@@ -303,23 +357,11 @@ async fn load(addr: SocketAddr, connections: usize, seconds: u64) -> anyhow::Res
         all.extend(latencies);
         errors += e;
     }
-    let elapsed = started.elapsed();
-    let allocs = allocations().saturating_sub(allocs_before);
-    ensure!(!all.is_empty(), "no request completed");
-    all.sort_unstable();
-    let at = |q: f64| {
-        // Nearest-rank percentile.
-        let rank = ((q * all.len() as f64).ceil() as usize).clamp(1, all.len());
-        all[rank - 1]
-    };
-    let requests = all.len() as u64;
-    Ok(Run {
-        requests,
+    Ok(Slice {
+        latencies: all,
         errors,
-        rps: requests as f64 / elapsed.as_secs_f64(),
-        p50: at(0.50),
-        p99: at(0.99),
-        allocs_per_request: allocs as f64 / requests as f64,
+        elapsed: started.elapsed(),
+        allocations: allocations().saturating_sub(allocs_before),
     })
 }
 
@@ -444,13 +486,6 @@ async fn main() -> anyhow::Result<()> {
     );
     let rss_setup = rss_bytes()?;
 
-    let nmi_run = load(nmi_addr, args.connections, args.seconds).await?;
-    let nmi_light = load(nmi_addr, args.light_connections, args.seconds).await?;
-    let calls_after = source.calls.load(Ordering::Relaxed);
-    let rss_after_load = rss_bytes()?;
-    let _ = stop_nmi.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(10), nmi).await;
-
     // ---- baseline: hyper answering a body of the same size.
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let base_addr = listener.local_addr()?;
@@ -460,16 +495,23 @@ async fn main() -> anyhow::Result<()> {
         status == 200 && base_len == body_len,
         "baseline answered {status} with {base_len} bytes"
     );
-    let base_run = load(base_addr, args.connections, args.seconds).await?;
-    let base_light = load(base_addr, args.light_connections, args.seconds).await?;
+
+    let (nmi_run, base_run) =
+        interleaved(nmi_addr, base_addr, args.connections, args.seconds).await?;
+    let (nmi_light, base_light) =
+        interleaved(nmi_addr, base_addr, args.light_connections, args.seconds).await?;
+    let calls_after = source.calls.load(Ordering::Relaxed);
+    let rss_after_load = rss_bytes()?;
     base.abort();
+    let _ = stop_nmi.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), nmi).await;
 
     let ratio = nmi_run.rps / base_run.rps;
     let p99_ratio = nmi_run.p99.as_secs_f64() / base_run.p99.as_secs_f64();
     let light_ratio = nmi_light.rps / base_light.rps;
     let light_p99_ratio = nmi_light.p99.as_secs_f64() / base_light.p99.as_secs_f64();
     println!(
-        "nmi cache-hit benchmark: {} and {} keep-alive connections, {} s per run, {} pods, {} identities, token body {} bytes, {} CPUs",
+        "nmi cache-hit benchmark: {} and {} keep-alive connections, {} s per server and load (1 s turns, nmi and baseline alternating), {} pods, {} identities, token body {} bytes, {} CPUs",
         args.connections,
         args.light_connections,
         args.seconds,
@@ -549,7 +591,7 @@ async fn main() -> anyhow::Result<()> {
         (rss_setup.saturating_sub(rss_start)) as f64 / MIB,
     );
     println!(
-        "VmRSS after nmi loads          {:>8.1} MiB  (includes the in-process load client)",
+        "VmRSS after the loads          {:>8.1} MiB  (includes the in-process load client and the baseline server)",
         rss_after_load as f64 / MIB
     );
     ensure!(
