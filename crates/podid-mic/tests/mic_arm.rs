@@ -3,19 +3,17 @@
 //! IMDS, identities leave it only when no pod on it needs them, and ARM's failures are retried
 //! as ARM asks.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Node, NodeSpec, Pod, PodSpec};
+use k8s_openapi::api::core::v1::{Node, Pod, PodSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, PostParams};
 use podid_api::{
     AssignedIdentityState, AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding,
 };
-use podid_azure_sim::{
-    ArmHandle, Cloud, ComputeRef, EntraHandle, ImdsHandle, UserAssignedIdentity,
-};
+use podid_azure_sim::{ImdsHandle, UserAssignedIdentity};
 use podid_controller::arm::{ARM_RESOURCE, ArmConfig};
 use podid_fake_apiserver::FakeApiServer;
 use podid_mic::arm::ArmAssigner;
@@ -23,122 +21,9 @@ use podid_mic::cloud::{CloudConfig, Endpoints};
 use podid_mic::desired::Options;
 use podid_mic::run::{IdentityAssigner, Settings, kube_client, run};
 
-const WAIT: Duration = Duration::from_secs(30);
-const VMSS: &str = "aks-pool-vmss";
+mod common;
 
-/// Polls `check` until it returns `Some` or `WAIT` passes.
-async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// The simulated Azure side: Entra, ARM, one VM scale set, and MIC's service principal.
-struct Azure {
-    cloud: Cloud,
-    arm: ArmHandle,
-    entra: EntraHandle,
-    vmss: ComputeRef,
-    azure_json: String,
-}
-
-impl Azure {
-    fn start() -> Self {
-        let cloud = Cloud::new().expect("cloud");
-        let mic = cloud.add_service_principal("mic");
-        let secret = cloud.add_client_secret(&mic.client_id).expect("secret");
-        let entra = EntraHandle::start(&cloud).expect("entra");
-        let arm = ArmHandle::start(&cloud).expect("arm");
-        let vmss = cloud.add_vmss(cloud.subscription_id(), cloud.resource_group(), VMSS);
-        let azure_json = serde_json::json!({
-            "cloud": "AzurePublicCloud",
-            "tenantId": cloud.tenant_id(),
-            "aadClientId": mic.client_id,
-            "aadClientSecret": secret,
-            "subscriptionId": cloud.subscription_id(),
-            "resourceGroup": cloud.resource_group(),
-            "vmType": "vmss",
-        })
-        .to_string();
-        Self {
-            cloud,
-            arm,
-            entra,
-            vmss,
-            azure_json,
-        }
-    }
-
-    fn cloud_config(&self) -> CloudConfig {
-        CloudConfig::parse(&self.azure_json).expect("azure.json")
-    }
-
-    fn assigner(&self) -> ArmAssigner {
-        let endpoints = Endpoints {
-            arm: self.arm.url(),
-            arm_resource: ARM_RESOURCE.to_owned(),
-            aad_authority: self.entra.url(),
-            imds: "http://127.0.0.1:1".to_owned(),
-        };
-        let config = ArmConfig {
-            base_url: self.arm.url(),
-            poll_interval: Duration::from_millis(10),
-            operation_timeout: Duration::from_secs(10),
-            proxy_from_env: false,
-            ..ArmConfig::default()
-        };
-        ArmAssigner::from_cloud_with(&self.cloud_config(), &endpoints, config)
-            .expect("ARM assigner")
-    }
-
-    /// Lower-cased resource ids on the scale set.
-    fn on_vmss(&self) -> BTreeSet<String> {
-        self.cloud
-            .assigned_identities(&self.vmss)
-            .expect("vmss")
-            .into_iter()
-            .map(|id| id.to_ascii_lowercase())
-            .collect()
-    }
-
-    fn has(&self, identity: &UserAssignedIdentity) -> bool {
-        self.on_vmss()
-            .contains(&identity.resource_id.to_ascii_lowercase())
-    }
-
-    fn patches(&self) -> u64 {
-        self.arm.patch_count(&self.vmss)
-    }
-}
-
-fn node(name: &str, vmss: &ComputeRef, instance: usize) -> Node {
-    Node {
-        metadata: ObjectMeta {
-            name: Some(name.to_owned()),
-            ..Default::default()
-        },
-        spec: Some(NodeSpec {
-            provider_id: Some(format!(
-                "azure://{}/virtualMachines/{instance}",
-                vmss.resource_id()
-            )),
-            ..Default::default()
-        }),
-        status: None,
-    }
-}
+use common::{Azure, WAIT, node, wait_for};
 
 fn pod(name: &str, node: &str, selector: &str) -> Pod {
     Pod {

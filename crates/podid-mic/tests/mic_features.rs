@@ -7,148 +7,36 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Node, NodeSpec, Pod, PodSpec};
+use k8s_openapi::api::core::v1::{Node, Pod, PodSpec};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, PostParams};
 use podid_api::{
     AssignedIdentityState, AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding,
 };
-use podid_azure_sim::{ArmHandle, Cloud, ComputeRef, EntraHandle, UserAssignedIdentity};
-use podid_controller::arm::{ARM_RESOURCE, ArmConfig};
+use podid_azure_sim::UserAssignedIdentity;
+use podid_controller::arm::ArmConfig;
 use podid_fake_apiserver::{FakeApiServer, FaultKind, FaultMatch};
 use podid_mic::arm::ArmAssigner;
-use podid_mic::cloud::{CloudConfig, Endpoints};
 use podid_mic::desired::{ArmTarget, Options};
 use podid_mic::preexisting::PREEXISTING_ANNOTATION;
 use podid_mic::run::{IdentityAssigner, NotApplied, Settings, kube_client, run};
 
-const WAIT: Duration = Duration::from_secs(30);
-const VMSS: &str = "aks-pool-vmss";
+mod common;
 
-async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+use common::{Azure, VMSS, WAIT, node, wait_for};
+
+/// The shared ARM settings with refusals retried 10 ms apart (these suites count retries).
+fn arm_config(azure: &Azure) -> ArmConfig {
+    ArmConfig {
+        refusal_retry_interval: Duration::from_millis(10),
+        ..azure.arm_config()
     }
 }
 
-struct Azure {
-    cloud: Cloud,
-    arm: ArmHandle,
-    entra: EntraHandle,
-    vmss: ComputeRef,
-    azure_json: String,
+fn assigner(azure: &Azure) -> ArmAssigner {
+    azure.assigner_with(arm_config(azure))
 }
-
-impl Azure {
-    fn start() -> Self {
-        let cloud = Cloud::new().expect("cloud");
-        let mic = cloud.add_service_principal("mic");
-        let secret = cloud.add_client_secret(&mic.client_id).expect("secret");
-        let entra = EntraHandle::start(&cloud).expect("entra");
-        let arm = ArmHandle::start(&cloud).expect("arm");
-        let vmss = cloud.add_vmss(cloud.subscription_id(), cloud.resource_group(), VMSS);
-        let azure_json = serde_json::json!({
-            "cloud": "AzurePublicCloud",
-            "tenantId": cloud.tenant_id(),
-            "aadClientId": mic.client_id,
-            "aadClientSecret": secret,
-            "subscriptionId": cloud.subscription_id(),
-            "resourceGroup": cloud.resource_group(),
-        })
-        .to_string();
-        Self {
-            cloud,
-            arm,
-            entra,
-            vmss,
-            azure_json,
-        }
-    }
-
-    fn arm_config(&self) -> ArmConfig {
-        ArmConfig {
-            base_url: self.arm.url(),
-            poll_interval: Duration::from_millis(10),
-            operation_timeout: Duration::from_secs(10),
-            proxy_from_env: false,
-            refusal_retry_interval: Duration::from_millis(10),
-            ..ArmConfig::default()
-        }
-    }
-
-    fn assigner_with(&self, config: ArmConfig) -> ArmAssigner {
-        let endpoints = Endpoints {
-            arm: self.arm.url(),
-            arm_resource: ARM_RESOURCE.to_owned(),
-            aad_authority: self.entra.url(),
-            imds: "http://127.0.0.1:1".to_owned(),
-        };
-        let cloud = CloudConfig::parse(&self.azure_json).expect("azure.json");
-        ArmAssigner::from_cloud_with(&cloud, &endpoints, config).expect("ARM assigner")
-    }
-
-    fn assigner(&self) -> ArmAssigner {
-        self.assigner_with(self.arm_config())
-    }
-
-    fn has(&self, identity: &UserAssignedIdentity) -> bool {
-        self.cloud
-            .assigned_identities(&self.vmss)
-            .expect("vmss")
-            .iter()
-            .any(|id| id.eq_ignore_ascii_case(&identity.resource_id))
-    }
-
-    fn removed(&self) -> Vec<String> {
-        self.arm
-            .calls()
-            .into_iter()
-            .flat_map(|c| c.removed)
-            .map(|id| id.to_ascii_lowercase())
-            .collect()
-    }
-
-    fn added(&self) -> Vec<String> {
-        self.arm
-            .calls()
-            .into_iter()
-            .filter(|c| c.status < 300)
-            .flat_map(|c| c.added)
-            .map(|id| id.to_ascii_lowercase())
-            .collect()
-    }
-}
-
-fn node(name: &str, vmss: &ComputeRef, instance: usize) -> Node {
-    Node {
-        metadata: ObjectMeta {
-            name: Some(name.to_owned()),
-            ..Default::default()
-        },
-        spec: Some(NodeSpec {
-            provider_id: Some(format!(
-                "azure://{}/virtualMachines/{instance}",
-                vmss.resource_id()
-            )),
-            ..Default::default()
-        }),
-        status: None,
-    }
-}
-
 /// The fake API server, and MIC's loop on it (restartable).
 struct Cluster {
     server: FakeApiServer,
@@ -338,7 +226,7 @@ async fn identity_found_on_the_vmss_stays_after_its_last_pod_even_across_a_resta
         .assign_identity(&azure.vmss, &found)
         .expect("pre-existing assignment");
     let mut cluster = Cluster::start(
-        azure.assigner(),
+        assigner(&azure),
         &[node("n1", &azure.vmss, 0), node("n2", &azure.vmss, 1)],
     )
     .await;
@@ -414,7 +302,7 @@ async fn deleted_node_removes_bindings_with_upstream_events() {
     let azure = Azure::start();
     let kv = azure.cloud.add_user_assigned_identity("kv-id");
     let mut cluster = Cluster::start(
-        azure.assigner(),
+        assigner(&azure),
         &[node("n1", &azure.vmss, 0), node("n2", &azure.vmss, 1)],
     )
     .await;
@@ -467,7 +355,7 @@ async fn deleted_node_removes_bindings_with_upstream_events() {
 async fn failed_status_update_is_reported_on_the_assignment_and_retried() {
     let azure = Azure::start();
     let kv = azure.cloud.add_user_assigned_identity("kv-id");
-    let mut cluster = Cluster::start(azure.assigner(), &[node("n1", &azure.vmss, 0)]).await;
+    let mut cluster = Cluster::start(assigner(&azure), &[node("n1", &azure.vmss, 0)]).await;
     cluster.server.faults().fail_next(
         1,
         FaultKind::InternalError,
@@ -532,7 +420,7 @@ async fn refusals_are_retried_update_user_msi_max_retry_times_interval_apart() {
     let assigner = azure.assigner_with(ArmConfig {
         refusal_retries: 2,
         refusal_retry_interval: interval,
-        ..azure.arm_config()
+        ..arm_config(&azure)
     });
     let started = Instant::now();
     let error = assigner
@@ -561,7 +449,7 @@ async fn refusals_are_retried_update_user_msi_max_retry_times_interval_apart() {
     let (all, _) = two_refusals(&azure);
     let assigner = azure.assigner_with(ArmConfig {
         refusal_retries: 1,
-        ..azure.arm_config()
+        ..arm_config(&azure)
     });
     let error = assigner
         .apply(&target, &all, &none)
@@ -586,7 +474,7 @@ async fn refusals_are_retried_update_user_msi_max_retry_times_interval_apart() {
     let (all, _) = two_refusals(&azure);
     let assigner = azure.assigner_with(ArmConfig {
         refusal_retries: 0,
-        ..azure.arm_config()
+        ..arm_config(&azure)
     });
     let error = assigner
         .apply(&target, &all, &none)
