@@ -608,7 +608,13 @@ impl World {
             };
             tokio::time::sleep(interval).await;
         };
-        // Let the passes that follow the last write finish (their own echo) before counting.
+        // The pass that converged logs `pass done` only once its events are published, after
+        // the states the poll saw: wait for that line (bounded), then let the passes that
+        // follow the last write finish (their own echo) before counting.
+        let logged_by = Instant::now() + Duration::from_secs(30);
+        while converged.is_some() && mic.log().passes == passes0 && Instant::now() < logged_by {
+            tokio::time::sleep(POLL).await;
+        }
         tokio::time::sleep(Duration::from_millis(500)).await;
         let (gets, patches) = self.arm_counts();
         let mut api = self.api_counts();
