@@ -32,6 +32,17 @@ pub const TOKEN_SOURCE_ANNOTATION: &str = "podid.io/token-source";
 /// each pod's own, so one federated credential covers all of them (Entra allows 20 per identity).
 pub const FEDERATED_SERVICE_ACCOUNT_ANNOTATION: &str = "podid.io/federated-service-account";
 
+/// Azure Workload Identity's pod label: pods with the value `"true"` are set up for Workload
+/// Identity (the webhook's object selector). With `--serve-workload-identity-pods`, NMI serves
+/// such pods' IMDS calls through the federated exchange when no binding gives them an identity.
+pub const WORKLOAD_IDENTITY_USE_LABEL: &str = "azure.workload.identity/use";
+/// Azure Workload Identity's ServiceAccount annotation: the client id of the identity its pods
+/// use.
+pub const WORKLOAD_IDENTITY_CLIENT_ID_ANNOTATION: &str = "azure.workload.identity/client-id";
+/// Azure Workload Identity's ServiceAccount annotation: the identity's tenant (without it, the
+/// cluster's default tenant).
+pub const WORKLOAD_IDENTITY_TENANT_ID_ANNOTATION: &str = "azure.workload.identity/tenant-id";
+
 /// Finalizer MIC puts on every `AzureAssignedIdentity` it creates.
 pub const ASSIGNED_IDENTITY_FINALIZER: &str =
     "azureassignedidentity.finalizers.aadpodidentity.k8s.io";

@@ -87,6 +87,16 @@ pub enum ImdsError {
         /// The query parameter's name.
         parameter: &'static str,
     },
+    /// 400 (podid): a Workload Identity pod (served with `--serve-workload-identity-pods`)
+    /// selected its identity by resource or object id; its service account names a client id
+    /// only, so the selector cannot be checked and is refused rather than ignored.
+    #[error(
+        "parameter {parameter} cannot select the identity of a Workload Identity pod: its service account names the identity by client id only; send client_id or no selector"
+    )]
+    WorkloadIdentitySelector {
+        /// The query parameter's name.
+        parameter: &'static str,
+    },
     /// 403: `/{metadata}/instance…` with `--block-instance-metadata`.
     #[error("Request blocked by AAD Pod Identity NMI")]
     InstanceMetadataBlocked,
@@ -192,7 +202,8 @@ impl ImdsError {
             | Self::MissingPodHeaders
             | Self::ConflictingIdentitySelectors
             | Self::InvalidParameterEncoding { .. }
-            | Self::UnsupportedIdentitySelector { .. } => StatusCode::BAD_REQUEST,
+            | Self::UnsupportedIdentitySelector { .. }
+            | Self::WorkloadIdentitySelector { .. } => StatusCode::BAD_REQUEST,
             Self::InstanceMetadataBlocked | Self::TokenRefused { .. } => StatusCode::FORBIDDEN,
             Self::IdentityNotFound { .. }
             | Self::NoIdentityForPod { .. }
@@ -223,6 +234,7 @@ impl ImdsError {
             | Self::ConflictingIdentitySelectors
             | Self::InvalidParameterEncoding { .. }
             | Self::UnsupportedIdentitySelector { .. }
+            | Self::WorkloadIdentitySelector { .. }
             | Self::IdentityNotFound { .. }
             | Self::NoIdentityForPod { .. } => "invalid_request",
             Self::InstanceMetadataBlocked | Self::TokenRefused { .. } => "access_denied",

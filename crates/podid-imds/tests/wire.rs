@@ -95,6 +95,12 @@ fn all_errors() -> Vec<(&'static str, ImdsError)> {
             "unsupported-selector",
             ImdsError::UnsupportedIdentitySelector { parameter: "object_id" },
         ),
+        (
+            "workload-identity-selector",
+            ImdsError::WorkloadIdentitySelector {
+                parameter: "msi_res_id",
+            },
+        ),
         ("instance-metadata-blocked", ImdsError::InstanceMetadataBlocked),
         (
             "identity-not-found",

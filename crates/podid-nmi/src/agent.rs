@@ -37,8 +37,9 @@ use crate::interception::{self, Interception, SystemIptables};
 use crate::metrics::Metrics;
 use crate::pods::PodIndex;
 use crate::provider::{TokenFuture, TokenProvider, TokenRequest, TokenTarget, identity_spec};
-use crate::run::{Revoke, WatchConfig, spawn_watches};
+use crate::run::{Revoke, WatchConfig, spawn_service_account_watch, spawn_watches};
 use crate::server::{Health, Matcher, NmiState, ServerOptions, serve, serve_metrics, serve_probes};
+use crate::workload::ServiceAccounts;
 
 /// How long a Secret read for a type 1/2 identity is reused before it is read again.
 pub const SECRET_TTL: Duration = Duration::from_secs(60);
@@ -139,17 +140,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.node_name.clone(),
         queued,
     ));
-    let state = Arc::new(
-        NmiState::new(
-            options,
-            Arc::clone(&pods),
-            Arc::clone(&matcher),
-            provider.clone(),
-            Arc::clone(&metrics),
-            Arc::clone(&health),
-        )
-        .with_events(Arc::new(events)),
-    );
+    let mut state = NmiState::new(
+        options,
+        Arc::clone(&pods),
+        Arc::clone(&matcher),
+        provider.clone(),
+        Arc::clone(&metrics),
+        Arc::clone(&health),
+    )
+    .with_events(Arc::new(events));
+    let service_accounts = config
+        .serve_workload_identity_pods
+        .then(|| Arc::new(ServiceAccounts::default()));
+    if let Some(accounts) = &service_accounts {
+        state = state.with_workload_identity(Arc::clone(accounts));
+    }
+    let state = Arc::new(state);
 
     let revoke: Revoke = {
         let broker = broker.clone();
@@ -160,7 +166,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         })
     };
     let mut watches = spawn_watches(
-        client,
+        client.clone(),
         &WatchConfig {
             node_name: config.node_name.clone(),
             match_options: ServerOptions::match_options(&config),
@@ -170,6 +176,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         matcher,
         Some(revoke),
     );
+    if let Some(accounts) = service_accounts {
+        spawn_service_account_watch(&mut watches, client, accounts);
+    }
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {

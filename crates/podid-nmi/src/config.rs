@@ -128,6 +128,12 @@ pub struct Flags {
     /// `FEDERATED_DEFAULT_TENANT_ID`.
     #[arg(long = "federated-default-tenant-id", default_value = "")]
     pub federated_default_tenant_id: String,
+    /// podid: serve pods labelled `azure.workload.identity/use: "true"` that no binding gives an
+    /// identity through the federated exchange, with the client id their service account's
+    /// `azure.workload.identity/client-id` names (watches ServiceAccounts; needs RBAC).
+    #[arg(long = "serve-workload-identity-pods", num_args = 0..=1, require_equals = true, default_value = "false",
+          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    pub serve_workload_identity_pods: bool,
 
     // klog flags, accepted for manifest compatibility.
     /// Log verbosity (klog `-v`).
@@ -268,6 +274,8 @@ pub struct Config {
     /// Tenant of federated exchanges for identities without `tenantID` (`None`: such requests
     /// fail with 503 naming the flag).
     pub federated_default_tenant: Option<String>,
+    /// Serve Workload Identity pods through IMDS (`--serve-workload-identity-pods`).
+    pub serve_workload_identity_pods: bool,
 }
 
 impl Flags {
@@ -382,6 +390,7 @@ impl Flags {
             manage_route_localnet: self.manage_route_localnet,
             federated_default_tenant: (!federated_default_tenant.is_empty())
                 .then_some(federated_default_tenant),
+            serve_workload_identity_pods: self.serve_workload_identity_pods,
         })
     }
 }
@@ -523,6 +532,7 @@ mod tests {
         assert_eq!(c.error_bodies, ErrorBodyStyle::ImdsJson);
         assert!(c.manage_route_localnet);
         assert_eq!(c.federated_default_tenant, None);
+        assert!(!c.serve_workload_identity_pods);
     }
 
     #[test]
@@ -555,6 +565,7 @@ mod tests {
             "--error-format=text",
             "--manage-route-localnet=false",
             "--federated-default-tenant-id=72f988bf-86f1-41af-91ab-2d7cd011db47",
+            "--serve-workload-identity-pods",
             "-v=4",
             "--logtostderr=true",
             "--log_dir=/tmp",
@@ -594,6 +605,7 @@ mod tests {
             c.federated_default_tenant.as_deref(),
             Some("72f988bf-86f1-41af-91ab-2d7cd011db47")
         );
+        assert!(c.serve_workload_identity_pods);
         assert_eq!(c.verbosity, 4);
     }
 

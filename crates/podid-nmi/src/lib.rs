@@ -5,7 +5,7 @@
 //! Modules: the command line ([`config`]), the interception rules ([`interception`]), the IP → pod
 //! index ([`pods`]), the token provider seam ([`provider`]), the HTTP servers ([`server`]),
 //! metrics ([`metrics`]), Kubernetes Events on pods whose requests fail ([`events`]), the
-//! conntrack flush ([`conntrack`]), the watches feeding them ([`run`]) and the running agent that
+//! conntrack flush ([`conntrack`]), Workload Identity pods served through IMDS ([`workload`]), the watches feeding them ([`run`]) and the running agent that
 //! wires it all together ([`agent`]). Identity matching lives in `podid_controller::matching`.
 //! Wire formats come from `podid-imds`; this crate must not write IMDS bodies itself.
 //! Must not depend on the test doubles (`podid-testkit` and friends).
@@ -21,3 +21,4 @@ pub mod pods;
 pub mod provider;
 pub mod run;
 pub mod server;
+pub mod workload;

@@ -31,6 +31,9 @@ pub mod imds_operation {
     pub const MSI_USER_ASSIGNED: &str = "adal_token_msi_userassignedid";
     /// Service principal token (secret or certificate).
     pub const SERVICE_PRINCIPAL: &str = "adal_token";
+    /// podid: token by federated exchange (an identity switched to `podid.io/token-source:
+    /// federated`, or a Workload Identity pod served with `--serve-workload-identity-pods`).
+    pub const FEDERATED: &str = "federated_token";
 }
 
 /// The metric families NMI records. Create once, share as `Arc<Metrics>`.

@@ -12,6 +12,8 @@ use podid_controller::broker::{
 };
 use podid_controller::matching::{CallerPod, NodeIdentity};
 
+use crate::workload::WorkloadAccount;
+
 /// Which identity a token is wanted for.
 #[derive(Debug, Clone, Copy)]
 pub enum TokenTarget<'a> {
@@ -19,6 +21,9 @@ pub enum TokenTarget<'a> {
     Identity(&'a AzureIdentity),
     /// An excepted pod: the node's own identity.
     Node(&'a NodeIdentity),
+    /// A Workload Identity pod ([`crate::workload`]): the identity its service account names;
+    /// always with a federated credential.
+    Workload(&'a WorkloadAccount),
 }
 
 /// One token request after matching.
@@ -89,6 +94,20 @@ impl TokenProvider for TokenBroker {
                 TokenTarget::Node(NodeIdentity::SystemAssigned) => IdentitySpec::managed("", ""),
                 TokenTarget::Node(NodeIdentity::ClientId(id)) => IdentitySpec::managed(id, ""),
                 TokenTarget::Node(NodeIdentity::ResourceId(id)) => IdentitySpec::managed("", id),
+                TokenTarget::Workload(account) => {
+                    let Some(credential) = request.federated.cloned() else {
+                        return Err(BrokerError::Config {
+                            client_id: account.client_id.clone(),
+                            reason: "a Workload Identity pod is served by federated exchange only"
+                                .to_owned(),
+                        });
+                    };
+                    IdentitySpec {
+                        tenant_id: account.tenant_id.clone(),
+                        credential,
+                        ..IdentitySpec::managed(account.client_id.as_str(), "")
+                    }
+                }
             };
             let spec = Arc::new(spec);
             let issued = self.issue(&spec, request.resource).await?;

@@ -19,7 +19,7 @@ use std::hash::Hash;
 use std::sync::Arc;
 
 use futures::StreamExt as _;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 use kube::runtime::WatchStreamExt as _;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher::{self, Event, watcher};
@@ -38,6 +38,7 @@ use crate::federation::AssignedBindings;
 use crate::pods::PodIndex;
 use crate::provider::identity_spec;
 use crate::server::Matcher;
+use crate::workload::ServiceAccounts;
 
 /// What to watch.
 #[derive(Debug, Clone)]
@@ -48,6 +49,45 @@ pub struct WatchConfig {
     pub match_options: MatchOptions,
     /// `--enableScaleFeatures`: watch only this node's `AzureAssignedIdentity` objects.
     pub scale_features: bool,
+}
+
+/// Start the cluster-wide ServiceAccount watch feeding `accounts` (only with
+/// `--serve-workload-identity-pods`) in `watches`. Like the pod watch, a relist replaces the
+/// index at once when complete.
+pub fn spawn_service_account_watch(
+    watches: &mut Watches,
+    client: Client,
+    accounts: Arc<ServiceAccounts>,
+) {
+    watches.tasks.spawn(async move {
+        let stream = watcher(
+            Api::<ServiceAccount>::all(client),
+            watcher::Config::default(),
+        )
+        .default_backoff();
+        futures::pin_mut!(stream);
+        let mut listing: Vec<ServiceAccount> = Vec::new();
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(Event::Init) => listing.clear(),
+                Ok(Event::InitApply(account)) => listing.push(account),
+                Ok(Event::InitDone) => {
+                    accounts.replace_all(listing.iter());
+                    listing = Vec::new();
+                    if !accounts.is_synced() {
+                        accounts.mark_synced();
+                        tracing::info!(
+                            service_accounts = accounts.len(),
+                            "service account cache synced (Workload Identity pods are served)"
+                        );
+                    }
+                }
+                Ok(Event::Apply(account)) => accounts.apply(&account),
+                Ok(Event::Delete(account)) => accounts.delete(&account),
+                Err(error) => tracing::warn!(%error, "service account watch failed, retrying"),
+            }
+        }
+    });
 }
 
 /// Called with the cache key of every identity that no watched object references any more

@@ -50,6 +50,7 @@ use crate::federation::AssignedBindings;
 use crate::metrics::{Metrics, imds_operation};
 use crate::pods::{LookupError, PodIndex};
 use crate::provider::{TokenProvider, TokenRequest, TokenTarget};
+use crate::workload::{Refusal, ServiceAccounts, is_workload_identity_pod};
 
 /// Connection and request bounds.
 #[derive(Debug, Clone)]
@@ -106,6 +107,9 @@ pub struct ServerOptions {
     pub pending_wait: Duration,
     /// Bounds.
     pub limits: Limits,
+    /// `--federated-default-tenant-id` is set (Workload Identity pods whose service account
+    /// names no tenant can be served).
+    pub federated_default_tenant: bool,
 }
 
 impl ServerOptions {
@@ -128,6 +132,7 @@ impl ServerOptions {
             pod_wait: Duration::from_millis(1200),
             pending_wait: config.find_identity_retry_interval.saturating_mul(polls),
             limits: Limits::default(),
+            federated_default_tenant: config.federated_default_tenant.is_some(),
         }
     }
 
@@ -248,6 +253,9 @@ pub struct NmiState {
     pub health: Arc<Health>,
     /// Where Kubernetes Events about failing pods go (none: no events).
     pub events: Option<Arc<EventSink>>,
+    /// `--serve-workload-identity-pods`: the service accounts naming Workload Identity client
+    /// ids (none: such pods are not served through IMDS).
+    pub workload: Option<Arc<ServiceAccounts>>,
     proxy: Client<HttpConnector, Full<Bytes>>,
 }
 
@@ -275,6 +283,7 @@ impl NmiState {
             metrics,
             health,
             events: None,
+            workload: None,
             proxy,
         }
     }
@@ -283,6 +292,14 @@ impl NmiState {
     #[must_use]
     pub fn with_events(mut self, sink: Arc<EventSink>) -> Self {
         self.events = Some(sink);
+        self
+    }
+
+    /// Serve Workload Identity pods through IMDS with the service accounts in `accounts`
+    /// (`--serve-workload-identity-pods`, [`crate::workload`]).
+    #[must_use]
+    pub fn with_workload_identity(mut self, accounts: Arc<ServiceAccounts>) -> Self {
+        self.workload = Some(accounts);
         self
     }
 
@@ -637,6 +654,8 @@ struct Granted {
     client_id: Option<String>,
     cache_hit: Option<bool>,
     exception: bool,
+    /// Served as a Workload Identity pod ([`crate::workload`]).
+    workload_identity: bool,
 }
 
 async fn token_route(state: &NmiState, ip: IpAddr, headers: &HeaderMap, query: &str) -> Outcome {
@@ -767,6 +786,7 @@ fn audit(pod: &CallerPod, granted: &Granted, resource: &str, route: &str) {
         service_account = %pod.service_account,
         client_id = granted.client_id.as_deref().unwrap_or(""),
         exception = granted.exception,
+        workload_identity = granted.workload_identity,
         resource,
         cache,
         "token issued"
@@ -811,6 +831,9 @@ async fn grant(
         }
     };
     match decision {
+        Decision::NoMatch(no_match) if serves_as_workload_pod(state, pod, &no_match) => {
+            workload_grant(state, pod, selector, resource).await
+        }
         Decision::NoMatch(no_match) => {
             let denied = Denied::from(no_match.to_imds_error(pod));
             Err(match no_match {
@@ -840,6 +863,11 @@ async fn grant(
                 .uid(&pod.namespace, &pod.name)
                 .unwrap_or_default();
             let federated = state.matcher.federated_credential(pod, &uid, &identity);
+            let operation = if federated.is_some() {
+                imds_operation::FEDERATED
+            } else {
+                operation
+            };
             let request = TokenRequest {
                 target: TokenTarget::Identity(&identity),
                 resource,
@@ -854,6 +882,7 @@ async fn grant(
                 client_id: identity.spec.client_id.clone(),
                 cache_hit: issued.cache_hit,
                 exception: false,
+                workload_identity: false,
             })
         }
         Decision::Exception(node) => {
@@ -882,9 +911,82 @@ async fn grant(
                 },
                 cache_hit: issued.cache_hit,
                 exception: true,
+                workload_identity: false,
             })
         }
     }
+}
+
+/// Whether `pod`, which `no_match` says has no identity for the request, is served as a
+/// Workload Identity pod: the flag is on, the pod has the label, and no binding gives it any
+/// identity (an unsupported selector is re-checked without it, so the Workload Identity path
+/// answers it with its own message).
+fn serves_as_workload_pod(state: &NmiState, pod: &CallerPod, no_match: &NoMatch) -> bool {
+    if state.workload.is_none() || !is_workload_identity_pod(pod) {
+        return false;
+    }
+    match no_match {
+        NoMatch::NoIdentityForPod => true,
+        NoMatch::UnsupportedSelector { .. } => matches!(
+            state.matcher.current().decide(pod, &IdentitySelector::None),
+            Decision::NoMatch(NoMatch::NoIdentityForPod)
+        ),
+        NoMatch::IdentityNotFound { .. } => false,
+    }
+}
+
+/// Tokens for a pod served as a Workload Identity pod: its service account's identity, by
+/// federated exchange ([`crate::workload`]).
+async fn workload_grant(
+    state: &NmiState,
+    pod: &CallerPod,
+    selector: &IdentitySelector<'_>,
+    resource: &str,
+) -> Result<Granted, Denied> {
+    let Some(accounts) = state.workload.as_deref() else {
+        return Err(Denied::from(ImdsError::NoIdentityForPod {
+            namespace: pod.namespace.clone(),
+            pod: pod.name.clone(),
+        }));
+    };
+    let uid = state
+        .pods
+        .uid(&pod.namespace, &pod.name)
+        .unwrap_or_default();
+    let grant = crate::workload::resolve(
+        accounts,
+        pod,
+        &uid,
+        selector,
+        state.options.federated_default_tenant,
+    )
+    .map_err(|refusal| match refusal {
+        Refusal::NotSynced(error) => Denied {
+            error,
+            retry_after: Some(NOT_READY_RETRY_AFTER),
+            event: None,
+        },
+        Refusal::Misconfigured(error) => {
+            Denied::from(error).with_event(PodEventReason::FederatedTokenFailed)
+        }
+        Refusal::Selector(error) => Denied::from(error),
+    })?;
+    let request = TokenRequest {
+        target: TokenTarget::Workload(&grant.account),
+        resource,
+        pod,
+        federated: Some(&grant.credential),
+    };
+    let issued = fetch(state, request, imds_operation::FEDERATED)
+        .await
+        .map_err(|e| broker_denial(&e, state.options.errors.set_retry_after_header))?;
+    Ok(Granted {
+        tokens: issued.tokens,
+        client_id: Some(grant.account.client_id.clone()),
+        cache_hit: issued.cache_hit,
+        exception: false,
+        workload_identity: true,
+    })
 }
 
 async fn fetch(

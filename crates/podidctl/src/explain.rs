@@ -16,11 +16,11 @@ use podid_imds::IdentitySelector;
 use serde::Serialize;
 
 /// Pod label that opts a pod into Azure Workload Identity.
-pub const WI_USE_LABEL: &str = "azure.workload.identity/use";
+pub const WI_USE_LABEL: &str = podid_api::WORKLOAD_IDENTITY_USE_LABEL;
 /// ServiceAccount annotation naming the Workload Identity client id.
-pub const WI_CLIENT_ID_ANNOTATION: &str = "azure.workload.identity/client-id";
+pub const WI_CLIENT_ID_ANNOTATION: &str = podid_api::WORKLOAD_IDENTITY_CLIENT_ID_ANNOTATION;
 /// ServiceAccount annotation naming the Workload Identity tenant id.
-pub const WI_TENANT_ID_ANNOTATION: &str = "azure.workload.identity/tenant-id";
+pub const WI_TENANT_ID_ANNOTATION: &str = podid_api::WORKLOAD_IDENTITY_TENANT_ID_ANNOTATION;
 
 /// What a Secret referenced by an identity looks like (never its content).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

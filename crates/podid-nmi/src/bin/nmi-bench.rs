@@ -457,6 +457,7 @@ async fn main() -> anyhow::Result<()> {
         pod_wait: Duration::from_millis(200),
         pending_wait: Duration::from_secs(1),
         limits: Limits::default(),
+        federated_default_tenant: false,
     };
     let health = Arc::new(Health::default());
     health.set_interception_installed(true);

@@ -46,6 +46,11 @@ pub const META: &[(&str, &str)] = &[("Metadata", "true")];
 pub enum Asked {
     Identity(String),
     Node(NodeIdentity),
+    /// A Workload Identity pod: client id and federated subject (`system:serviceaccount:…`).
+    Workload {
+        client_id: String,
+        subject: String,
+    },
 }
 
 /// Answers every request with `token-for-<client id>` (or `token-for-node`), valid one hour,
@@ -80,6 +85,21 @@ impl TokenProvider for FakeProvider {
                     (Asked::Identity(id.clone()), id)
                 }
                 TokenTarget::Node(node) => (Asked::Node(node.clone()), "node".to_owned()),
+                TokenTarget::Workload(account) => {
+                    let subject = match request.federated {
+                        Some(podid_controller::broker::Credential::Federated {
+                            subject, ..
+                        }) => subject.subject(),
+                        _ => String::new(),
+                    };
+                    (
+                        Asked::Workload {
+                            client_id: account.client_id.clone(),
+                            subject,
+                        },
+                        account.client_id.clone(),
+                    )
+                }
             };
             self.asked.lock().unwrap().push(asked);
             if let Some(error) = self.fail.lock().unwrap().clone() {
@@ -262,6 +282,7 @@ pub fn options(metadata: SocketAddr) -> ServerOptions {
         pod_wait: Duration::from_millis(200),
         pending_wait: Duration::from_secs(5),
         limits: Limits::default(),
+        federated_default_tenant: true,
     }
 }
 
@@ -275,6 +296,9 @@ pub struct Setup<'a> {
     pub tokens: Option<Arc<dyn TokenProvider>>,
     /// The IMDS for passthrough; a fresh [`fake_imds`] when `None`.
     pub metadata: Option<SocketAddr>,
+    /// `Some`: serve Workload Identity pods (`--serve-workload-identity-pods`) with these
+    /// service accounts (synced).
+    pub service_accounts: Option<Vec<k8s_openapi::api::core::v1::ServiceAccount>>,
 }
 
 impl<'a> Setup<'a> {
@@ -286,6 +310,7 @@ impl<'a> Setup<'a> {
             match_options: MatchOptions::default(),
             tokens: None,
             metadata: None,
+            service_accounts: None,
         }
     }
 }
@@ -308,14 +333,21 @@ pub async fn start_setup(setup: Setup<'_>, tweak: impl FnOnce(&mut ServerOptions
         Some(tokens) => tokens,
         None => provider.clone(),
     };
-    let state = Arc::new(NmiState::new(
+    let mut state = NmiState::new(
         opts,
         pods,
         matcher,
         tokens,
         Arc::new(Metrics::new()),
         Arc::new(Health::default()),
-    ));
+    );
+    if let Some(service_accounts) = &setup.service_accounts {
+        let accounts = Arc::new(podid_nmi::workload::ServiceAccounts::default());
+        accounts.replace_all(service_accounts);
+        accounts.mark_synced();
+        state = state.with_workload_identity(accounts);
+    }
+    let state = Arc::new(state);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let probe_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
