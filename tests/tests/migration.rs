@@ -323,3 +323,114 @@ async fn missing_federated_setup_is_a_403_naming_what_to_create() -> anyhow::Res
     );
     Ok(())
 }
+
+/// `nmi --serve-workload-identity-pods`: a pod set up for Workload Identity (label, annotated
+/// service account, no binding, no mic) that still calls IMDS gets its token through the real
+/// interception, by the federated exchange of its own service account's token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workload_identity_labelled_pod_gets_its_token_through_imds() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start().await?;
+    let app = cluster.cloud.add_user_assigned_identity("wi-app");
+    cluster.cloud.add_federated_credential(
+        &app.client_id,
+        FederatedCredential::new(
+            "wi-app",
+            cluster.api.issuer(),
+            "system:serviceaccount:default:default",
+        ),
+    )?;
+    cluster.create(
+        "/api/v1/namespaces/default/serviceaccounts",
+        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {
+            "name": "default",
+            "annotations": {podid_api::WORKLOAD_IDENTITY_CLIENT_ID_ANNOTATION: app.client_id},
+        }}),
+    )?;
+    let tenant = format!(
+        "--federated-default-tenant-id={}",
+        cluster.cloud.tenant_id()
+    );
+    let authority = format!("--federated-authority-host={}", cluster.entra_url);
+    cluster.spawn_nmi(&[&tenant, &authority, "--serve-workload-identity-pods"])?;
+    cluster.wait_ready().await?;
+    let pod = Arc::new(cluster.node.add_pod("wi")?);
+    cluster.add_pod_with_labels(
+        "wi-1",
+        &[(podid_api::WORKLOAD_IDENTITY_USE_LABEL, "true")],
+        pod.ip(),
+    )?;
+
+    // The official SDK, without a client id (the app relies on the default identity) and with it.
+    let sdk_pod = Arc::clone(&pod);
+    let outcome = tokio::task::spawn_blocking(move || {
+        podid_e2e::sdk_get_token(
+            &sdk_pod,
+            "https://vault.azure.net/.default",
+            podid_e2e::SdkSelector::None,
+            Duration::from_secs(90),
+        )
+    })
+    .await??;
+    let token = outcome.token()?;
+    assert_eq!(
+        cluster.cloud.verify_access_token(&token)?.appid,
+        app.client_id
+    );
+    let token = sdk_for(&pod, &app.client_id).await?.token()?;
+    assert_eq!(
+        cluster.cloud.verify_access_token(&token)?.appid,
+        app.client_id
+    );
+    assert!(federated_grants(&cluster, &app.client_id) > 0);
+    assert!(token_requests(&cluster, "default", "default") > 0);
+    assert_eq!(
+        cluster.imds.counters().tokens_issued,
+        0,
+        "the node's IMDS is never asked"
+    );
+
+    // A resource id cannot be checked against a client id: refused, not ignored.
+    let by_resource = format!(
+        "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https://vault.azure.net&msi_res_id={}",
+        app.resource_id
+    );
+    let (status, body, _) = pod_get(&pod, &by_resource, true).await?;
+    assert_eq!(status, 400, "{body}");
+    // Another client id is not this pod's identity.
+    let other = cluster.cloud.add_user_assigned_identity("other");
+    let (status, body, _) = pod_get(&pod, &token_path(&other.client_id), true).await?;
+    assert_eq!(status, 404, "{body}");
+
+    // The annotation removed: nmi's watch follows, the pod gets a 403 naming it, and an Event.
+    annotate(
+        &cluster,
+        "/api/v1/namespaces/default/serviceaccounts/default",
+        podid_api::WORKLOAD_IDENTITY_CLIENT_ID_ANNOTATION,
+        None,
+    )?;
+    let body = wait_for("a 403 once the annotation is gone", FLIP, || async {
+        let (status, body, _) = pod_get(&pod, &token_path(&app.client_id), true)
+            .await
+            .ok()?;
+        (status == 403).then_some(body)
+    })
+    .await?;
+    assert!(
+        body.contains(podid_api::WORKLOAD_IDENTITY_CLIENT_ID_ANNOTATION)
+            && body.contains("default/default"),
+        "{body}"
+    );
+    wait_for("a FederatedTokenFailed event on wi-1", FLIP, || async {
+        let list = cluster
+            .api
+            .get_json("/apis/events.k8s.io/v1/namespaces/default/events")
+            .ok()?;
+        list["items"]
+            .as_array()?
+            .iter()
+            .any(|e| e["regarding"]["name"] == "wi-1" && e["reason"] == "FederatedTokenFailed")
+            .then_some(())
+    })
+    .await?;
+    Ok(())
+}

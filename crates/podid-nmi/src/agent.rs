@@ -119,6 +119,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             client.clone(),
             podid_controller::broker::FederatedConfig {
                 default_tenant: config.federated_default_tenant.clone(),
+                entra: EntraConfig {
+                    default_authority: config
+                        .federated_authority_host
+                        .clone()
+                        .unwrap_or_else(|| EntraConfig::default().default_authority),
+                    ..EntraConfig::default()
+                },
                 ..podid_controller::broker::FederatedConfig::default()
             },
             clock.clone(),

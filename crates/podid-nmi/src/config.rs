@@ -134,6 +134,12 @@ pub struct Flags {
     #[arg(long = "serve-workload-identity-pods", num_args = 0..=1, require_equals = true, default_value = "false",
           default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
     pub serve_workload_identity_pods: bool,
+    /// podid: Entra authority of federated exchanges for identities without `spec.adEndpoint`
+    /// and for Workload Identity pods (default the public cloud's
+    /// `https://login.microsoftonline.com/`); also env `AZURE_AUTHORITY_HOST`, the variable
+    /// Workload Identity's webhook sets.
+    #[arg(long = "federated-authority-host", default_value = "")]
+    pub federated_authority_host: String,
 
     // klog flags, accepted for manifest compatibility.
     /// Log verbosity (klog `-v`).
@@ -276,6 +282,8 @@ pub struct Config {
     pub federated_default_tenant: Option<String>,
     /// Serve Workload Identity pods through IMDS (`--serve-workload-identity-pods`).
     pub serve_workload_identity_pods: bool,
+    /// Authority of federated exchanges without `adEndpoint` (`None`: the public cloud).
+    pub federated_authority_host: Option<String>,
 }
 
 impl Flags {
@@ -343,6 +351,28 @@ impl Flags {
                 "want a tenant id or domain ([A-Za-z0-9._-])",
             ));
         }
+        let federated_authority_host = if self.federated_authority_host.trim().is_empty() {
+            env("AZURE_AUTHORITY_HOST").unwrap_or_default()
+        } else {
+            self.federated_authority_host.clone()
+        };
+        let federated_authority_host = federated_authority_host.trim().to_owned();
+        if !federated_authority_host.is_empty() {
+            let parsed = federated_authority_host.parse::<http::Uri>().map_err(|e| {
+                invalid(
+                    "federated-authority-host",
+                    &federated_authority_host,
+                    e.to_string(),
+                )
+            })?;
+            if !matches!(parsed.scheme_str(), Some("https" | "http")) || parsed.host().is_none() {
+                return Err(invalid(
+                    "federated-authority-host",
+                    &federated_authority_host,
+                    "want an http(s) URL such as https://login.microsoftonline.com/",
+                ));
+            }
+        }
         let error_bodies = match self.error_format.as_str() {
             "json" => ErrorBodyStyle::ImdsJson,
             "text" => ErrorBodyStyle::GoPlainText,
@@ -391,6 +421,8 @@ impl Flags {
             federated_default_tenant: (!federated_default_tenant.is_empty())
                 .then_some(federated_default_tenant),
             serve_workload_identity_pods: self.serve_workload_identity_pods,
+            federated_authority_host: (!federated_authority_host.is_empty())
+                .then_some(federated_authority_host),
         })
     }
 }
@@ -566,6 +598,7 @@ mod tests {
             "--manage-route-localnet=false",
             "--federated-default-tenant-id=72f988bf-86f1-41af-91ab-2d7cd011db47",
             "--serve-workload-identity-pods",
+            "--federated-authority-host=https://login.microsoftonline.us/",
             "-v=4",
             "--logtostderr=true",
             "--log_dir=/tmp",
@@ -606,6 +639,10 @@ mod tests {
             Some("72f988bf-86f1-41af-91ab-2d7cd011db47")
         );
         assert!(c.serve_workload_identity_pods);
+        assert_eq!(
+            c.federated_authority_host.as_deref(),
+            Some("https://login.microsoftonline.us/")
+        );
         assert_eq!(c.verbosity, 4);
     }
 
@@ -639,6 +676,23 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(c.federated_default_tenant.as_deref(), Some("flag"));
+        let c = parse_env(
+            &["--node=n"],
+            &[("AZURE_AUTHORITY_HOST", "https://login.chinacloudapi.cn/")],
+        )
+        .expect("valid");
+        assert_eq!(
+            c.federated_authority_host.as_deref(),
+            Some("https://login.chinacloudapi.cn/")
+        );
+        for bad in ["login.microsoftonline.com", "ftp://x/", "https://"] {
+            let error =
+                parse(&["--node=n", &format!("--federated-authority-host={bad}")]).expect_err(bad);
+            assert!(
+                error.to_string().contains("federated-authority-host"),
+                "{error}"
+            );
+        }
         // The flag wins over the env.
         let c = parse_env(&["--node=flag"], &[("NODE_NAME", "env")]).expect("valid");
         assert_eq!(c.node_name, "flag");

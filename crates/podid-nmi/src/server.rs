@@ -303,9 +303,13 @@ impl NmiState {
         self
     }
 
-    /// Ready: pods and matching caches synced and the interception installed.
+    /// Ready: pods, matching (and, with `--serve-workload-identity-pods`, service account)
+    /// caches synced and the interception installed.
     pub fn is_ready(&self) -> bool {
-        self.pods.is_synced() && self.matcher.is_synced() && self.health.interception_installed()
+        self.pods.is_synced()
+            && self.matcher.is_synced()
+            && self.workload.as_ref().is_none_or(|a| a.is_synced())
+            && self.health.interception_installed()
     }
 }
 
