@@ -33,6 +33,18 @@ const PODID_ONLY_KEYS: &[(&str, &str)] = &[
         "nmi --manage-route-localnet: route_localnet for nodes without kube-proxy",
     ),
     (
+        "nmi.federatedDefaultTenantID",
+        "nmi --federated-default-tenant-id: tenant of federated exchanges",
+    ),
+    (
+        "nmi.federatedAuthorityHost",
+        "nmi --federated-authority-host: Entra authority of federated exchanges",
+    ),
+    (
+        "nmi.serveWorkloadIdentityPods",
+        "nmi --serve-workload-identity-pods: Workload Identity pods served through IMDS",
+    ),
+    (
         "rbac.allowServiceAccountTokens",
         "opt-in TokenRequest RBAC for federated identities (Workload Identity migration)",
     ),

@@ -19,6 +19,11 @@ pub struct Args {
     /// nmi and mic run with `--forceNamespaced`.
     #[arg(long = "force-namespaced", global = true)]
     pub force_namespaced: bool,
+    /// nmi runs with `--serve-workload-identity-pods`: pods labelled
+    /// `azure.workload.identity/use: "true"` without a binding get their service account's
+    /// identity through IMDS too.
+    #[arg(long = "serve-workload-identity-pods", global = true)]
+    pub serve_workload_identity_pods: bool,
     /// The subcommand.
     #[command(subcommand)]
     pub command: Command,

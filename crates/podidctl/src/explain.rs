@@ -65,6 +65,8 @@ pub struct Snapshot {
 pub struct Options {
     /// Matching mode and `--forceNamespaced`.
     pub matching: MatchOptions,
+    /// nmi's `--serve-workload-identity-pods`.
+    pub serve_workload_identity_pods: bool,
 }
 
 /// How a token is obtained.
@@ -188,6 +190,10 @@ pub struct WorkloadIdentityReport {
     pub client_id: Option<String>,
     /// `azure.workload.identity/tenant-id` of the service account.
     pub tenant_id: Option<String>,
+    /// nmi serves the pod's IMDS calls with this identity by federated exchange
+    /// (`--serve-workload-identity-pods`, no binding gives the pod an identity, the service
+    /// account names a client id).
+    pub served_by_nmi: bool,
 }
 
 /// How serious a finding is.
@@ -528,14 +534,35 @@ impl<'a> Explainer<'a> {
                     .and_then(|a| a.get(key))
                     .cloned()
             };
+            let client_id = annotation(WI_CLIENT_ID_ANNOTATION)
+                .map(|c| c.trim().to_owned())
+                .filter(|c| !c.is_empty());
             WorkloadIdentityReport {
                 service_account: caller.service_account.clone(),
-                client_id: annotation(WI_CLIENT_ID_ANNOTATION),
+                served_by_nmi: client_id.is_some() && self.nmi_serves_workload_pod(&caller),
+                client_id,
                 tenant_id: annotation(WI_TENANT_ID_ANNOTATION),
             }
         });
 
         let default_answer = match self.index.decide(&caller, &IdentitySelector::None) {
+            Decision::NoMatch(NoMatch::NoIdentityForPod)
+                if workload_identity.is_some() && self.options.serve_workload_identity_pods =>
+            {
+                match workload_identity
+                    .as_ref()
+                    .and_then(|wi| wi.client_id.as_ref())
+                {
+                    Some(client_id) => format!(
+                        "client id {client_id} by federated exchange for system:serviceaccount:{}:{} (Workload Identity pod)",
+                        caller.namespace, caller.service_account
+                    ),
+                    None => format!(
+                        "403: service account {}/{} has no {WI_CLIENT_ID_ANNOTATION} annotation",
+                        caller.namespace, caller.service_account
+                    ),
+                }
+            }
             Decision::Exception(_) => {
                 "the node's own identity (excepted, no identity checks)".to_owned()
             }
@@ -581,6 +608,16 @@ impl<'a> Explainer<'a> {
             default_answer,
             findings,
         }
+    }
+
+    /// Whether nmi with `--serve-workload-identity-pods` serves `caller` as a Workload Identity
+    /// pod: no binding gives it any identity.
+    fn nmi_serves_workload_pod(&self, caller: &CallerPod) -> bool {
+        self.options.serve_workload_identity_pods
+            && matches!(
+                self.index.decide(caller, &IdentitySelector::None),
+                Decision::NoMatch(NoMatch::NoIdentityForPod)
+            )
     }
 
     fn identity_report(
@@ -861,6 +898,19 @@ impl<'a> Explainer<'a> {
                     message: format!("Workload Identity: the pod's SDK exchanges its projected token of system:serviceaccount:{}:{} for client id {client_id}", caller.namespace, wi.service_account),
                     fix: None,
                 }),
+            }
+            if wi.served_by_nmi {
+                out.push(Finding {
+                    level: Level::Info,
+                    message: "nmi (--serve-workload-identity-pods) serves the pod's IMDS calls with the same identity by federated exchange; a client_id other than the service account's gets 404, msi_res_id/object_id get 400".to_owned(),
+                    fix: None,
+                });
+            } else if self.options.serve_workload_identity_pods && wi.client_id.is_some() {
+                out.push(Finding {
+                    level: Level::Info,
+                    message: "a binding gives the pod an identity, so nmi serves its IMDS calls through the binding, not as a Workload Identity pod".to_owned(),
+                    fix: Some(format!("remove the {POD_LABEL_KEY} label once the application uses the Workload Identity SDK path")),
+                });
             }
         }
     }

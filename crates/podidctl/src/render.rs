@@ -128,7 +128,9 @@ pub fn status_table(reports: &[PodReport], standard: bool) -> String {
                     "Workload Identity".into(),
                 ],
                 dash(),
-                if wi.client_id.is_some() {
+                if wi.served_by_nmi {
+                    "served by the SDK; IMDS calls via nmi (federated)".to_owned()
+                } else if wi.client_id.is_some() {
                     "served by the SDK".to_owned()
                 } else {
                     "none: service account lacks azure.workload.identity/client-id".to_owned()
@@ -239,6 +241,13 @@ pub fn doctor_text(r: &PodReport, standard: bool) -> String {
             wi.client_id.as_deref().unwrap_or("(none)"),
             wi.tenant_id.as_deref().unwrap_or("(cluster default)")
         );
+        if wi.served_by_nmi {
+            let _ = writeln!(
+                out,
+                "  IMDS calls: served by nmi (--serve-workload-identity-pods), federated exchange for system:serviceaccount:{}:{}",
+                r.namespace, wi.service_account
+            );
+        }
     }
     let _ = writeln!(out, "\nFindings");
     if r.findings.is_empty() {

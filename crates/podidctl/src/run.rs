@@ -17,6 +17,7 @@ fn options(args: &Args) -> Options {
             },
             force_namespaced: args.force_namespaced,
         },
+        serve_workload_identity_pods: args.serve_workload_identity_pods,
     }
 }
 

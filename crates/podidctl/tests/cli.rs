@@ -470,6 +470,31 @@ async fn status_table_shows_each_pods_identity_and_path() {
         wi[0]
     );
 
+    // nmi with --serve-workload-identity-pods serves the pod's IMDS calls too.
+    let table = c
+        .ok(&["status", "-A", "--serve-workload-identity-pods"])
+        .await;
+    let wi = rows(&table, "wi", "wi-1");
+    assert!(
+        wi[0].contains("IMDS calls via nmi (federated)") && wi[0].contains(WI_CLIENT),
+        "{}",
+        wi[0]
+    );
+    assert!(
+        !rows(&table, "apps", "web-1")[0].contains("via nmi"),
+        "a bound pod keeps its path"
+    );
+    let doctor = c
+        .ok(&["doctor", "wi/wi-1", "--serve-workload-identity-pods"])
+        .await;
+    assert!(
+        doctor.contains("IMDS calls: served by nmi")
+            && doctor.contains("system:serviceaccount:wi:wi-app"),
+        "{doctor}"
+    );
+    let doctor = c.ok(&["doctor", "wi/wi-1"]).await;
+    assert!(!doctor.contains("served by nmi"), "{doctor}");
+
     // -n limits the scope.
     let apps_only = c.ok(&["status", "-n", "billing"]).await;
     assert!(rows(&apps_only, "apps", "web-1").is_empty());
