@@ -18,6 +18,7 @@
 //! - [`probe`]: the `/healthz` and `/metrics` HTTP servers.
 //! - [`preexisting`]: identities found on a VM/VMSS before podid assigned them stay there.
 //! - [`upgrade`]: the one-time type upgrade (capitalised CRD keys) on becoming leader.
+//! - [`throttle`]: the `--clientQps` token bucket around the Kubernetes client (Leases exempt).
 //!
 //! [`config`], [`cloud`], [`desired`] and [`preexisting`] take values and return values: no
 //! tokio, no HTTP, no Kubernetes client; only [`run`] and [`upgrade`] talk to the API server.
@@ -32,4 +33,5 @@ pub mod metrics;
 pub mod preexisting;
 pub mod probe;
 pub mod run;
+pub mod throttle;
 pub mod upgrade;

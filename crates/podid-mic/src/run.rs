@@ -175,8 +175,38 @@ pub enum RunError {
     TypeUpgrade(#[source] crate::upgrade::UpgradeError),
 }
 
-/// The Kubernetes client from `--kubeconfig`, or the in-cluster configuration without it.
+/// The client-side request rate of mic's Kubernetes client (`--clientQps`; upstream's burst is
+/// `int(--clientQps)`). See [`crate::throttle`] for what is limited and what is exempt.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ClientRate {
+    /// Requests per second once the burst is spent.
+    pub qps: f64,
+    /// Requests that may go at once.
+    pub burst: u32,
+}
+
+impl ClientRate {
+    /// The rate of the validated flags.
+    pub fn of(config: &crate::config::Config) -> Self {
+        Self {
+            qps: config.client_qps,
+            burst: config.client_burst,
+        }
+    }
+}
+
+/// The Kubernetes client from `--kubeconfig`, or the in-cluster configuration without it; no
+/// client-side rate limit (tests, tools). `mic` itself uses [`kube_client_with_rate`].
 pub async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<Client, RunError> {
+    kube_client_with_rate(kubeconfig, None).await
+}
+
+/// [`kube_client`] whose requests (Leases excepted) take a token of a bucket of `rate`
+/// ([`crate::throttle`]); `None`: unlimited.
+pub async fn kube_client_with_rate(
+    kubeconfig: Option<&std::path::Path>,
+    rate: Option<ClientRate>,
+) -> Result<Client, RunError> {
     let config = match kubeconfig {
         Some(path) => {
             let fail = |source: Box<dyn std::error::Error + Send + Sync>| RunError::Kubeconfig {
@@ -190,7 +220,19 @@ pub async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<Client,
         }
         None => kube::Config::incluster().map_err(RunError::InCluster)?,
     };
-    Client::try_from(config).map_err(RunError::Client)
+    let Some(rate) = rate else {
+        return Client::try_from(config).map_err(RunError::Client);
+    };
+    let bucket = std::sync::Arc::new(crate::throttle::TokenBucket::new(rate.qps, rate.burst));
+    // The throttle delays a request inside its response future, so the service behind it must
+    // be cloneable: kube's stack goes behind a buffer first.
+    Ok(kube::client::ClientBuilder::try_from(config)
+        .map_err(RunError::Client)?
+        .with_layer(&tower::buffer::BufferLayer::<
+            http::Request<kube::client::Body>,
+        >::new(1024))
+        .with_layer(&crate::throttle::ThrottleLayer::new(bucket))
+        .build())
 }
 
 /// What one pass achieved.
@@ -245,8 +287,8 @@ where
     reader
 }
 
-/// The whole controller: Kubernetes client from `--kubeconfig` (or in-cluster), leader
-/// election on the Lease, then [`run`] while the lease is held. Returns `Ok` after `shutdown`
+/// The whole controller: Kubernetes client from `--kubeconfig` (or in-cluster) limited to
+/// `--clientQps` (Lease requests exempt, see [`crate::throttle`]), leader election on the Lease, then [`run`] while the lease is held. Returns `Ok` after `shutdown`
 /// (the lease is released for a fast hand-over) and [`RunError::LostLease`] when the lease is
 /// lost, on which upstream exits with status 1. `health` turns active while the loop runs.
 pub async fn serve(
@@ -257,7 +299,8 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
     crate::metrics::leader_election();
-    let client = kube_client(config.kubeconfig.as_deref()).await?;
+    let client =
+        kube_client_with_rate(config.kubeconfig.as_deref(), Some(ClientRate::of(config))).await?;
     let mut elector =
         crate::leader::Elector::new(client.clone(), crate::leader::LeaderSettings::new(config));
     tokio::pin!(shutdown);
