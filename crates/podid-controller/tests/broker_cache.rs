@@ -453,3 +453,80 @@ async fn upstream_errors_reach_every_waiter() {
     }
     assert_eq!(source.calls(), 1);
 }
+
+/// `cached` answers from a borrowed view only what `issue` would answer from the cache without
+/// any upstream work: nothing before the first fetch, the same token after it, nothing once the
+/// token is due for refresh (so `issue` starts the refresh), and it keeps identities, resources,
+/// tenants and federated subjects apart like `issue`.
+#[tokio::test]
+async fn cached_view_hits_only_what_the_cache_alone_can_answer() {
+    use podid_controller::broker::{BoundPod, Credential, FederatedSubject, IdentityView};
+    let (broker, source, clock) = setup(
+        BrokerConfig {
+            refresh_margin: Duration::from_secs(300),
+            ..BrokerConfig::default()
+        },
+        3600,
+    );
+    let identity = managed("c1");
+    let none = Credential::None;
+    let view = |client_id: &'static str, resource_id: &'static str| {
+        IdentityView::new(
+            IdentityType::UserAssignedMsi,
+            client_id,
+            resource_id,
+            "",
+            &[],
+            &none,
+        )
+    };
+    let resource_id = "/subscriptions/s/rg/c1";
+    let vault = "https://vault.azure.net";
+    assert!(broker.cached(view("c1", resource_id), vault).is_none());
+    assert_eq!(
+        broker.stats().hits(),
+        0,
+        "a miss of cached() counts nothing"
+    );
+    let issued = broker.issue(&identity, vault).await.expect("token");
+    let hit = broker
+        .cached(view("C1", resource_id), vault)
+        .expect("client id compared ignoring case");
+    assert!(hit.cached);
+    assert_eq!(hit.tokens.len(), 1);
+    assert!(Arc::ptr_eq(&hit.tokens[0], &issued.tokens[0]));
+    assert_eq!(broker.stats().hits(), 1);
+    assert!(broker.cached(view("c2", resource_id), vault).is_none());
+    assert!(broker.cached(view("c1", "/other"), vault).is_none());
+    assert!(
+        broker
+            .cached(view("c1", resource_id), "https://storage.azure.com")
+            .is_none()
+    );
+    // A federated view of the same client is another cache entry.
+    let federated = Credential::Federated {
+        subject: FederatedSubject::new("apps", "web"),
+        bound_pod: Some(BoundPod {
+            name: "web-1".into(),
+            uid: "u".into(),
+        }),
+    };
+    let federated_view = IdentityView::new(
+        IdentityType::UserAssignedMsi,
+        "c1",
+        resource_id,
+        "tenant",
+        &[],
+        &federated,
+    );
+    assert!(broker.cached(federated_view, vault).is_none());
+    // Due for refresh: left to issue(), which refreshes in the background.
+    clock.advance(Duration::from_secs(3600 - 299));
+    assert!(broker.cached(view("c1", resource_id), vault).is_none());
+    assert_eq!(source.calls(), 1);
+    broker
+        .issue(&identity, vault)
+        .await
+        .expect("stale but valid");
+    eventually("the background refresh", || source.calls() == 2).await;
+}

@@ -302,6 +302,12 @@ impl PodIndex {
         ip: IpAddr,
         timeout: Duration,
     ) -> Result<Arc<CallerPod>, LookupError> {
+        // Fast path: an indexed pod needs no subscription (a shared counter every request
+        // would touch) and no deadline.
+        match self.lookup(ip) {
+            Err(LookupError::NotFound { .. }) => {}
+            other => return other,
+        }
         let deadline = tokio::time::Instant::now() + timeout;
         let mut changes = self.changed.subscribe();
         loop {

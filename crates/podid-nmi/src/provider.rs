@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 use podid_api::AzureIdentity;
 use podid_controller::broker::{
-    BrokerError, BrokerStats, Credential, IdentitySpec, IdentityType, Token, TokenBroker,
+    BrokerError, BrokerStats, Credential, IdentitySpec, IdentityType, IdentityView, Token,
+    TokenBroker,
 };
 use podid_controller::matching::{CallerPod, NodeIdentity};
 
@@ -83,9 +84,55 @@ pub fn identity_spec(identity: &AzureIdentity, credential: Credential) -> Identi
 /// (`msi_res_id`) or the system-assigned identity. Types 1 and 2 need their Secret: wrap the
 /// broker in a provider that reads it and calls [`identity_spec`] with the credential
 /// (`agent::CredentialedBroker`).
+/// The broker's cache-key view of `request`'s identity, for a hit without building an
+/// [`IdentitySpec`] (`None`: the view needs owned data, take the full path).
+fn cache_view<'a>(request: &TokenRequest<'a>) -> Option<IdentityView<'a>> {
+    const NONE: &Credential = &Credential::None;
+    let credential = request.federated.unwrap_or(NONE);
+    let view = match request.target {
+        TokenTarget::Identity(identity) => {
+            let spec = &identity.spec;
+            IdentityView::new(
+                IdentityType::from_i64(identity.identity_type().as_i64()),
+                spec.client_id.as_deref().unwrap_or_default(),
+                spec.resource_id.as_deref().unwrap_or_default(),
+                spec.tenant_id.as_deref().unwrap_or_default(),
+                spec.auxiliary_tenant_ids(),
+                credential,
+            )
+        }
+        TokenTarget::Node(NodeIdentity::SystemAssigned) => {
+            IdentityView::new(IdentityType::UserAssignedMsi, "", "", "", &[], NONE)
+        }
+        TokenTarget::Node(NodeIdentity::ClientId(id)) => {
+            IdentityView::new(IdentityType::UserAssignedMsi, id, "", "", &[], NONE)
+        }
+        TokenTarget::Node(NodeIdentity::ResourceId(id)) => {
+            IdentityView::new(IdentityType::UserAssignedMsi, "", id, "", &[], NONE)
+        }
+        TokenTarget::Workload(account) => IdentityView::new(
+            IdentityType::UserAssignedMsi,
+            &account.client_id,
+            "",
+            &account.tenant_id,
+            &[],
+            request.federated?,
+        ),
+    };
+    Some(view)
+}
+
 impl TokenProvider for TokenBroker {
     fn tokens<'a>(&'a self, request: TokenRequest<'a>) -> TokenFuture<'a> {
         Box::pin(async move {
+            if let Some(view) = cache_view(&request)
+                && let Some(issued) = self.cached(view, request.resource)
+            {
+                return Ok(Issued {
+                    tokens: issued.tokens,
+                    cache_hit: Some(true),
+                });
+            }
             let spec = match request.target {
                 TokenTarget::Identity(identity) => identity_spec(
                     identity,

@@ -194,8 +194,19 @@ impl Matcher {
         pod_uid: &str,
         identity: &AzureIdentity,
     ) -> Option<Credential> {
-        let assigned = Arc::clone(&self.assigned.read().unwrap_or_else(|e| e.into_inner()));
-        crate::federation::credential_for(&self.current(), &assigned, pod, pod_uid, identity)
+        self.federated_credential_in(&self.current(), pod, pod_uid, identity)
+    }
+
+    /// [`Matcher::federated_credential`] with the index the request already holds.
+    pub fn federated_credential_in(
+        &self,
+        index: &MatchIndex,
+        pod: &CallerPod,
+        pod_uid: &str,
+        identity: &AzureIdentity,
+    ) -> Option<Credential> {
+        let assigned = self.assigned.read().unwrap_or_else(|e| e.into_inner());
+        crate::federation::credential_for(index, &assigned, pod, pod_uid, identity)
     }
 
     /// Mark the index as built from fully synced caches.
@@ -527,36 +538,12 @@ async fn handle(state: &NmiState, peer: SocketAddr, request: Request<Incoming>) 
     match action {
         Action::Immediate(response) => to_response(response),
         Action::Token(query) => {
-            let started = Instant::now();
-            let outcome = token_route(state, peer.ip(), request.headers(), &query).await;
-            let status = outcome.response.status.as_u16().to_string();
-            state
-                .metrics
-                .nmi_operations_duration
-                .with_label_values(&[
-                    "token",
-                    status.as_str(),
-                    outcome.namespace.as_deref().unwrap_or(""),
-                    outcome.resource.as_deref().unwrap_or(""),
-                ])
-                .observe(started.elapsed().as_secs_f64());
-            to_response(outcome.response)
+            let timed = Timed::start(state, "token");
+            to_response(token_route(state, timed, peer.ip(), request.headers(), &query).await)
         }
         Action::HostToken(query) if state.options.enable_host_token => {
-            let started = Instant::now();
-            let outcome = host_token_route(state, peer.ip(), request.headers(), &query).await;
-            let status = outcome.response.status.as_u16().to_string();
-            state
-                .metrics
-                .nmi_operations_duration
-                .with_label_values(&[
-                    "host_token",
-                    status.as_str(),
-                    outcome.namespace.as_deref().unwrap_or(""),
-                    outcome.resource.as_deref().unwrap_or(""),
-                ])
-                .observe(started.elapsed().as_secs_f64());
-            to_response(outcome.response)
+            let timed = Timed::start(state, "host_token");
+            to_response(host_token_route(state, timed, peer.ip(), request.headers(), &query).await)
         }
         Action::Instance if state.options.block_instance_metadata => {
             error_response(&ImdsError::InstanceMetadataBlocked, options)
@@ -567,33 +554,54 @@ async fn handle(state: &NmiState, peer: SocketAddr, request: Request<Incoming>) 
     }
 }
 
-/// The answer of a token route plus the metric labels it earned.
-struct Outcome {
-    response: WireResponse,
-    namespace: Option<String>,
-    resource: Option<String>,
+/// A token route's request, timed for `aadpodidentity_nmi_operations_duration_seconds`: each
+/// answer is recorded with the labels it earned (borrowed, no per-request label strings).
+#[derive(Clone, Copy)]
+struct Timed<'s> {
+    state: &'s NmiState,
+    route: &'static str,
+    started: Instant,
 }
 
-impl Outcome {
-    fn error(error: &ImdsError, options: ErrorOptions, namespace: Option<&str>) -> Self {
+impl<'s> Timed<'s> {
+    fn start(state: &'s NmiState, route: &'static str) -> Self {
         Self {
-            response: error.response(options),
-            namespace: namespace.map(str::to_owned),
-            resource: None,
+            state,
+            route,
+            started: Instant::now(),
         }
     }
 
-    /// The answer for a refused grant, with its `Retry-After` when it has one.
-    fn denied(denied: &Denied, options: ErrorOptions, namespace: Option<&str>) -> Self {
-        let mut outcome = Self::error(&denied.error, options, namespace);
-        if let Some(seconds) = denied.retry_after {
-            outcome
-                .response
-                .headers
-                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
-        }
-        outcome
+    /// Record `response` (labels `namespace` and `resource`, empty when unknown) and return it.
+    fn done(self, response: WireResponse, namespace: &str, resource: &str) -> WireResponse {
+        self.state
+            .metrics
+            .nmi_operations_duration
+            .with_label_values(&[self.route, response.status.as_str(), namespace, resource])
+            .observe(self.started.elapsed().as_secs_f64());
+        response
     }
+
+    /// Record and return the answer for `error`.
+    fn error(self, error: &ImdsError, options: ErrorOptions, namespace: &str) -> WireResponse {
+        self.done(error.response(options), namespace, "")
+    }
+
+    /// Record and return the answer for a refused grant ([`denied_response`]).
+    fn denied(self, denied: &Denied, options: ErrorOptions, namespace: &str) -> WireResponse {
+        self.done(denied_response(denied, options), namespace, "")
+    }
+}
+
+/// The answer for a refused grant, with its `Retry-After` when it has one.
+fn denied_response(denied: &Denied, options: ErrorOptions) -> WireResponse {
+    let mut response = denied.error.response(options);
+    if let Some(seconds) = denied.retry_after {
+        response
+            .headers
+            .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+    }
+    response
 }
 
 /// Why [`grant`] gave no token: the IMDS error, and how long the caller should wait before
@@ -662,54 +670,61 @@ struct Granted {
     workload_identity: bool,
 }
 
-async fn token_route(state: &NmiState, ip: IpAddr, headers: &HeaderMap, query: &str) -> Outcome {
+async fn token_route(
+    state: &NmiState,
+    timed: Timed<'_>,
+    ip: IpAddr,
+    headers: &HeaderMap,
+    query: &str,
+) -> WireResponse {
     let options = state.options.errors;
     if state.options.metadata_header_required
         && let Err(error) = check_metadata_header(headers)
     {
-        return Outcome::error(&error, options, None);
+        return timed.error(&error, options, "");
     }
     let query = match parse_token_query(query) {
         Ok(query) => query,
-        Err(error) => return Outcome::error(&error, options, None),
+        Err(error) => return timed.error(&error, options, ""),
     };
     let pod = match state.pods.wait_for(ip, state.options.pod_wait).await {
         Ok(pod) => pod,
         Err(error) => {
             record_attribution_failure(&state.metrics, error);
             tracing::info!(client_ip = %ip, %error, "token request from an unattributed address");
-            return Outcome::error(&error.to_imds_error(), options, None);
+            return timed.error(&error.to_imds_error(), options, "");
         }
     };
-    let namespace = Some(pod.namespace.as_str());
     match grant(state, &pod, &query.selector, &query.resource).await {
         Ok(granted) => {
             let now = SystemTime::now();
-            let responses: Vec<TokenResponse<'_>> = granted
-                .tokens
-                .iter()
-                .map(|t| t.response(granted.client_id.as_deref(), now))
-                .collect();
+            let client_id = granted.client_id.as_deref();
+            let response = match granted.tokens.as_slice() {
+                // The usual case, without collecting the one answer into a Vec.
+                [token] => token.response(client_id, now).response(),
+                tokens => {
+                    let responses: Vec<TokenResponse<'_>> =
+                        tokens.iter().map(|t| t.response(client_id, now)).collect();
+                    token_list_response(&responses)
+                }
+            };
             audit(&pod, &granted, &query.resource, "token");
-            Outcome {
-                response: token_list_response(&responses),
-                namespace: namespace.map(str::to_owned),
-                resource: Some(query.resource.to_string()),
-            }
+            timed.done(response, &pod.namespace, &query.resource)
         }
         Err(denied) => {
             report_event(state, &pod, &denied);
-            Outcome::denied(&denied, options, namespace)
+            timed.denied(&denied, options, &pod.namespace)
         }
     }
 }
 
 async fn host_token_route(
     state: &NmiState,
+    timed: Timed<'_>,
     ip: IpAddr,
     headers: &HeaderMap,
     query: &str,
-) -> Outcome {
+) -> WireResponse {
     // Upstream answers /host/token errors without the Retry-After variant.
     let options = ErrorOptions {
         set_retry_after_header: false,
@@ -717,21 +732,21 @@ async fn host_token_route(
     };
     let pod_ref = match pod_headers(headers) {
         Ok(pod_ref) => pod_ref,
-        Err(error) => return Outcome::error(&error, options, None),
+        Err(error) => return timed.error(&error, options, ""),
     };
     if ip.to_canonical() != IpAddr::V4(Ipv4Addr::LOCALHOST) {
-        return Outcome::error(&ImdsError::NotFromHost, options, None);
+        return timed.error(&ImdsError::NotFromHost, options, "");
     }
     let query = match parse_token_query(query) {
         Ok(query) => query,
-        Err(error) => return Outcome::error(&error, options, None),
+        Err(error) => return timed.error(&error, options, ""),
     };
     let Some(pod) = state.pods.get(pod_ref.namespace, pod_ref.name) else {
         let error = ImdsError::NoIdentityForPod {
             namespace: pod_ref.namespace.to_owned(),
             pod: pod_ref.name.to_owned(),
         };
-        return Outcome::error(&error, options, Some(pod_ref.namespace));
+        return timed.error(&error, options, pod_ref.namespace);
     };
     match grant(state, &pod, &query.selector, &query.resource).await {
         Ok(granted) => {
@@ -739,7 +754,7 @@ async fn host_token_route(
                 let error = ImdsError::TokenUnavailable {
                     detail: "the token source returned no token".to_owned(),
                 };
-                return Outcome::error(&error, options, Some(&pod.namespace));
+                return timed.error(&error, options, &pod.namespace);
             };
             let client_id = granted.client_id.as_deref().unwrap_or("");
             let body = HostTokenResponse {
@@ -747,15 +762,11 @@ async fn host_token_route(
                 client_id,
             };
             audit(&pod, &granted, &query.resource, "host_token");
-            Outcome {
-                response: body.response(),
-                namespace: Some(pod.namespace.clone()),
-                resource: Some(query.resource.to_string()),
-            }
+            timed.done(body.response(), &pod.namespace, &query.resource)
         }
         Err(denied) => {
             report_event(state, &pod, &denied);
-            Outcome::denied(&denied, options, Some(&pod.namespace))
+            timed.denied(&denied, options, &pod.namespace)
         }
     }
 }
@@ -813,26 +824,11 @@ async fn grant(
             event: None,
         });
     }
-    let deadline = tokio::time::Instant::now() + state.options.pending_wait;
-    let mut changes = state.matcher.subscribe();
-    let decision = loop {
-        changes.borrow_and_update();
-        match state.matcher.current().decide(pod, selector) {
-            Decision::Pending(reason) => {
-                tracing::debug!(pod = %pod.name, namespace = %pod.namespace, ?reason, "identity assignment pending, waiting");
-                match tokio::time::timeout_at(deadline, changes.changed()).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(_)) | Err(_) => {
-                        return Err(Denied::from(ImdsError::AssignmentPending {
-                            namespace: pod.namespace.clone(),
-                            pod: pod.name.clone(),
-                        })
-                        .with_event(PodEventReason::AssignmentTimeout));
-                    }
-                }
-            }
-            other => break other,
-        }
+    let index = state.matcher.current();
+    let decision = match index.decide(pod, selector) {
+        // Fast path: no subscription (a shared counter every request would touch), no deadline.
+        Decision::Pending(_) => wait_while_pending(state, pod, selector).await?,
+        other => other,
     };
     match decision {
         Decision::NoMatch(no_match) if serves_as_workload_pod(state, pod, &no_match) => {
@@ -862,11 +858,20 @@ async fn grant(
             } else {
                 imds_operation::SERVICE_PRINCIPAL
             };
-            let uid = state
-                .pods
-                .uid(&pod.namespace, &pod.name)
-                .unwrap_or_default();
-            let federated = state.matcher.federated_credential(pod, &uid, &identity);
+            let mut federated = state
+                .matcher
+                .federated_credential_in(&index, pod, "", &identity);
+            // The pod's uid (for a token bound to it) is looked up only when it is needed.
+            if let Some(Credential::Federated {
+                bound_pod: Some(bound),
+                ..
+            }) = federated.as_mut()
+            {
+                bound.uid = state
+                    .pods
+                    .uid(&pod.namespace, &pod.name)
+                    .unwrap_or_default();
+            }
             let operation = if federated.is_some() {
                 imds_operation::FEDERATED
             } else {
@@ -917,6 +922,36 @@ async fn grant(
                 exception: true,
                 workload_identity: false,
             })
+        }
+    }
+}
+
+/// Wait (bounded by the pending wait) while the pod's assignment is in progress; the decision
+/// once it is not, or the timeout's refusal.
+async fn wait_while_pending(
+    state: &NmiState,
+    pod: &CallerPod,
+    selector: &IdentitySelector<'_>,
+) -> Result<Decision, Denied> {
+    let deadline = tokio::time::Instant::now() + state.options.pending_wait;
+    let mut changes = state.matcher.subscribe();
+    loop {
+        changes.borrow_and_update();
+        match state.matcher.current().decide(pod, selector) {
+            Decision::Pending(reason) => {
+                tracing::debug!(pod = %pod.name, namespace = %pod.namespace, ?reason, "identity assignment pending, waiting");
+                match tokio::time::timeout_at(deadline, changes.changed()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) | Err(_) => {
+                        return Err(Denied::from(ImdsError::AssignmentPending {
+                            namespace: pod.namespace.clone(),
+                            pod: pod.name.clone(),
+                        })
+                        .with_event(PodEventReason::AssignmentTimeout));
+                    }
+                }
+            }
+            other => return Ok(other),
         }
     }
 }
@@ -1189,13 +1224,12 @@ mod tests {
     }
 
     fn retry_after_of(denied: &Denied, options: ErrorOptions) -> (u16, Option<String>) {
-        let outcome = Outcome::denied(denied, options, Some("ns"));
-        let header = outcome
-            .response
+        let response = denied_response(denied, options);
+        let header = response
             .headers
             .get(header::RETRY_AFTER)
             .map(|v| v.to_str().unwrap_or_default().to_owned());
-        (outcome.response.status.as_u16(), header)
+        (response.status.as_u16(), header)
     }
 
     #[test]

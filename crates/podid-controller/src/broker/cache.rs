@@ -19,7 +19,7 @@ use tokio::sync::watch;
 
 use super::clock::Clock;
 use super::error::BrokerError;
-use super::identity::{FederatedSubject, IdentityKey, IdentitySpec, IdentityType};
+use super::identity::{Credential, FederatedSubject, IdentityKey, IdentitySpec, IdentityType};
 use super::source::{FetchRequest, SourceKind, Sources};
 use super::stats::BrokerStats;
 use super::token::Token;
@@ -147,6 +147,60 @@ impl KeyParts for CacheKey {
             resource: &self.resource,
             tenant: self.tenant.as_deref(),
             subject: self.subject.as_ref(),
+        }
+    }
+}
+
+impl KeyParts for KeyView<'_> {
+    fn parts(&self) -> KeyView<'_> {
+        *self
+    }
+}
+
+/// An identity's cache-key fields, borrowed from wherever the caller keeps them (e.g. the
+/// `AzureIdentity` itself), for [`TokenBroker::cached`]: a cache hit without building an
+/// [`IdentitySpec`].
+#[derive(Debug, Clone, Copy)]
+pub struct IdentityView<'a> {
+    identity_type: IdentityType,
+    client_id: &'a str,
+    resource_id: &'a str,
+    tenant: Option<&'a str>,
+    single_tenant: bool,
+    subject: Option<&'a FederatedSubject>,
+}
+
+impl<'a> IdentityView<'a> {
+    /// The view of the identity an [`IdentitySpec`] with these fields would describe
+    /// (`credential`: only whether it is federated, and its subject, matter).
+    pub fn new(
+        identity_type: IdentityType,
+        client_id: &'a str,
+        resource_id: &'a str,
+        tenant_id: &'a str,
+        auxiliary_tenant_ids: &[String],
+        credential: &'a Credential,
+    ) -> Self {
+        let subject = match credential {
+            Credential::Federated { subject, .. } => Some(subject),
+            _ => None,
+        };
+        // As IdentitySpec::primary_tenant_as_given.
+        let tenant = if subject.is_some() {
+            Some(tenant_id.trim()).filter(|t| !t.is_empty())
+        } else {
+            match identity_type {
+                IdentityType::UserAssignedMsi | IdentityType::Unsupported(_) => None,
+                _ => Some(tenant_id),
+            }
+        };
+        Self {
+            identity_type,
+            client_id,
+            resource_id,
+            tenant,
+            single_tenant: tenant.is_none() || auxiliary_tenant_ids.is_empty(),
+            subject,
         }
     }
 }
@@ -367,6 +421,39 @@ impl TokenBroker {
             }
         }
         Ok(Issued { tokens, cached })
+    }
+
+    /// The cached token of `identity` for `resource` when the cache can answer on its own: a
+    /// valid token that is not yet due for refresh, for an identity with one tenant. `None`
+    /// otherwise (nothing is counted then): call [`TokenBroker::issue`], which also starts
+    /// refreshes and fetches. Builds no key and no [`IdentitySpec`].
+    pub fn cached(&self, identity: IdentityView<'_>, resource: &str) -> Option<Issued> {
+        // (Unsupported types never get a slot: `issue` refuses them before creating one.)
+        if !identity.single_tenant {
+            return None;
+        }
+        let view = KeyView {
+            identity_type: identity.identity_type,
+            client_id: identity.client_id,
+            resource_id: identity.resource_id,
+            resource,
+            tenant: identity.tenant,
+            subject: identity.subject,
+        };
+        let inner = &self.inner;
+        let now_ms = unix_millis(inner.clock.now());
+        let slot = inner.slots.get(&view as &dyn KeyParts)?;
+        let token = slot.valid_token(now_ms)?.clone();
+        if now_ms >= slot.refresh_at_ms {
+            return None;
+        }
+        slot.last_used_ms.store(now_ms, Ordering::Relaxed);
+        drop(slot);
+        inner.stats.hit();
+        Some(Issued {
+            tokens: vec![token],
+            cached: true,
+        })
     }
 
     /// Drop every cache entry of `identity` at once (identity, binding or assignment deleted or
