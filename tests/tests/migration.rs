@@ -84,6 +84,30 @@ fn token_requests(cluster: &Cluster, namespace: &str, name: &str) -> usize {
         .count()
 }
 
+/// Waits (bounded) for nmi's `FederatedTokenFailed` Event on pod `default/<pod>` and returns it.
+async fn federated_token_failed_event(cluster: &Cluster, pod: &str) -> anyhow::Result<Value> {
+    wait_for(
+        &format!("a FederatedTokenFailed event on {pod}"),
+        FLIP,
+        || async {
+            let list = cluster
+                .api
+                .get_json("/apis/events.k8s.io/v1/namespaces/default/events")
+                .ok()?;
+            list["items"]
+                .as_array()?
+                .iter()
+                .find(|e| {
+                    e["regarding"]["kind"] == "Pod"
+                        && e["regarding"]["name"] == pod
+                        && e["reason"] == "FederatedTokenFailed"
+                })
+                .cloned()
+        },
+    )
+    .await
+}
+
 /// How many requests a loop made, and every failure (status and body).
 type LoopOutcome = (usize, Vec<(u16, String)>);
 
@@ -287,22 +311,7 @@ async fn missing_federated_setup_is_a_403_naming_what_to_create() -> anyhow::Res
     );
 
     // nmi's Event on the pod names the failure (rate-limited, published off the request path).
-    let event = wait_for("a FederatedTokenFailed event on lonely-1", FLIP, || async {
-        let list = cluster
-            .api
-            .get_json("/apis/events.k8s.io/v1/namespaces/default/events")
-            .ok()?;
-        list["items"]
-            .as_array()?
-            .iter()
-            .find(|e| {
-                e["regarding"]["kind"] == "Pod"
-                    && e["regarding"]["name"] == "lonely-1"
-                    && e["reason"] == "FederatedTokenFailed"
-            })
-            .cloned()
-    })
-    .await?;
+    let event = federated_token_failed_event(&cluster, "lonely-1").await?;
     assert_eq!(event["type"], "Warning");
     assert!(
         event["note"]
@@ -420,17 +429,12 @@ async fn a_workload_identity_labelled_pod_gets_its_token_through_imds() -> anyho
             && body.contains("default/default"),
         "{body}"
     );
-    wait_for("a FederatedTokenFailed event on wi-1", FLIP, || async {
-        let list = cluster
-            .api
-            .get_json("/apis/events.k8s.io/v1/namespaces/default/events")
-            .ok()?;
-        list["items"]
-            .as_array()?
-            .iter()
-            .any(|e| e["regarding"]["name"] == "wi-1" && e["reason"] == "FederatedTokenFailed")
-            .then_some(())
-    })
-    .await?;
+    let event = federated_token_failed_event(&cluster, "wi-1").await?;
+    assert!(
+        event["note"]
+            .as_str()
+            .is_some_and(|n| n.contains(podid_api::WORKLOAD_IDENTITY_CLIENT_ID_ANNOTATION)),
+        "{event}"
+    );
     Ok(())
 }

@@ -52,42 +52,104 @@ pub struct WatchConfig {
 }
 
 /// Start the cluster-wide ServiceAccount watch feeding `accounts` (only with
-/// `--serve-workload-identity-pods`) in `watches`. Like the pod watch, a relist replaces the
-/// index at once when complete.
+/// `--serve-workload-identity-pods`) in `watches`.
 pub fn spawn_service_account_watch(
     watches: &mut Watches,
     client: Client,
     accounts: Arc<ServiceAccounts>,
 ) {
-    watches.tasks.spawn(async move {
-        let stream = watcher(
-            Api::<ServiceAccount>::all(client),
-            watcher::Config::default(),
-        )
-        .default_backoff();
-        futures::pin_mut!(stream);
-        let mut listing: Vec<ServiceAccount> = Vec::new();
-        while let Some(event) = stream.next().await {
-            match event {
-                Ok(Event::Init) => listing.clear(),
-                Ok(Event::InitApply(account)) => listing.push(account),
-                Ok(Event::InitDone) => {
-                    accounts.replace_all(listing.iter());
-                    listing = Vec::new();
-                    if !accounts.is_synced() {
-                        accounts.mark_synced();
-                        tracing::info!(
-                            service_accounts = accounts.len(),
-                            "service account cache synced (Workload Identity pods are served)"
-                        );
-                    }
+    watches.tasks.spawn(feed_listing(
+        Api::<ServiceAccount>::all(client),
+        watcher::Config::default(),
+        accounts,
+    ));
+}
+
+/// An in-memory index a watch keeps complete: the initial list (and every relist after a watch
+/// restart) replaces it at once when complete, so a relist never empties it half-way; then
+/// single updates and deletes.
+trait Listing<K>: Send + Sync + 'static {
+    /// What it holds, for log lines.
+    const KIND: &'static str;
+    fn replace_all(&self, listing: &[K]);
+    fn apply(&self, object: &K);
+    fn delete(&self, object: &K);
+    fn mark_synced(&self);
+    fn is_synced(&self) -> bool;
+    fn len(&self) -> usize;
+}
+
+impl Listing<Pod> for PodIndex {
+    const KIND: &'static str = "pod";
+    fn replace_all(&self, listing: &[Pod]) {
+        PodIndex::replace_all(self, listing);
+    }
+    fn apply(&self, pod: &Pod) {
+        PodIndex::apply(self, pod);
+    }
+    fn delete(&self, pod: &Pod) {
+        PodIndex::delete(self, pod);
+    }
+    fn mark_synced(&self) {
+        PodIndex::mark_synced(self);
+    }
+    fn is_synced(&self) -> bool {
+        PodIndex::is_synced(self)
+    }
+    fn len(&self) -> usize {
+        PodIndex::len(self)
+    }
+}
+
+impl Listing<ServiceAccount> for ServiceAccounts {
+    const KIND: &'static str = "service account";
+    fn replace_all(&self, listing: &[ServiceAccount]) {
+        ServiceAccounts::replace_all(self, listing);
+    }
+    fn apply(&self, account: &ServiceAccount) {
+        ServiceAccounts::apply(self, account);
+    }
+    fn delete(&self, account: &ServiceAccount) {
+        ServiceAccounts::delete(self, account);
+    }
+    fn mark_synced(&self) {
+        ServiceAccounts::mark_synced(self);
+    }
+    fn is_synced(&self) -> bool {
+        ServiceAccounts::is_synced(self)
+    }
+    fn len(&self) -> usize {
+        ServiceAccounts::len(self)
+    }
+}
+
+/// Keep `index` complete from a watch of `api` (see [`Listing`]); errors are retried with
+/// kube's default backoff and logged.
+async fn feed_listing<K, L>(api: Api<K>, config: watcher::Config, index: Arc<L>)
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+    L: Listing<K>,
+{
+    let stream = watcher(api, config).default_backoff();
+    futures::pin_mut!(stream);
+    let mut listing: Vec<K> = Vec::new();
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(Event::Init) => listing.clear(),
+            Ok(Event::InitApply(object)) => listing.push(object),
+            Ok(Event::InitDone) => {
+                index.replace_all(&listing);
+                listing = Vec::new();
+                if !index.is_synced() {
+                    index.mark_synced();
+                    tracing::info!(kind = L::KIND, count = index.len(), "cache synced");
                 }
-                Ok(Event::Apply(account)) => accounts.apply(&account),
-                Ok(Event::Delete(account)) => accounts.delete(&account),
-                Err(error) => tracing::warn!(%error, "service account watch failed, retrying"),
             }
+            Ok(Event::Apply(object)) => index.apply(&object),
+            Ok(Event::Delete(object)) => index.delete(&object),
+            Err(error) => tracing::warn!(kind = L::KIND, %error, "watch failed, retrying"),
         }
-    });
+    }
 }
 
 /// Called with the cache key of every identity that no watched object references any more
@@ -226,24 +288,5 @@ where
 
 async fn watch_pods(api: Api<Pod>, node: String, pods: Arc<PodIndex>) {
     let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
-    let stream = watcher(api, config).default_backoff();
-    futures::pin_mut!(stream);
-    let mut listing: Vec<Pod> = Vec::new();
-    while let Some(event) = stream.next().await {
-        match event {
-            Ok(Event::Init) => listing.clear(),
-            Ok(Event::InitApply(pod)) => listing.push(pod),
-            Ok(Event::InitDone) => {
-                pods.replace_all(listing.iter());
-                listing = Vec::new();
-                if !pods.is_synced() {
-                    pods.mark_synced();
-                    tracing::info!(node = %node, pods = pods.len(), "pod cache synced");
-                }
-            }
-            Ok(Event::Apply(pod)) => pods.apply(&pod),
-            Ok(Event::Delete(pod)) => pods.delete(&pod),
-            Err(error) => tracing::warn!(%error, "pod watch failed, retrying"),
-        }
-    }
+    feed_listing(api, config, pods).await;
 }
