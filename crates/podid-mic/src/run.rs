@@ -250,6 +250,27 @@ pub struct PassReport {
     pub failures: usize,
     /// The longest `Retry-After` an assigner reported: the retry waits at least this long.
     pub retry_after: Option<Duration>,
+    /// Uids of the objects deleted (or found gone) by this pass. The loop keeps them out of
+    /// later passes while its cache still shows them, so they are not deleted twice.
+    pub removed: Vec<String>,
+}
+
+impl PassReport {
+    /// Counts deletion results and records the uids of the objects now gone.
+    fn deletions(&mut self, results: Vec<(&AzureAssignedIdentity, Result<(), kube::Error>)>) {
+        for (object, result) in results {
+            match result {
+                Ok(()) => {
+                    self.deleted += 1;
+                    self.removed.extend(object.metadata.uid.clone());
+                }
+                Err(e) => {
+                    warn!(name = name_of(object), error = %e, "failed to delete AzureAssignedIdentity");
+                    self.failures += 1;
+                }
+            }
+        }
+    }
 }
 
 struct Stores {
@@ -461,7 +482,7 @@ async fn run_loop(
     settings.health.set_active(true);
     let mut failures_in_a_row: u32 = 0;
     let mut every_target = false;
-    let mut warned: HashSet<Warning> = HashSet::new();
+    let mut memory = Memory::default();
     let mut next_reconcile = tokio::time::Instant::now() + settings.identity_reconcile;
     loop {
         let started = std::time::Instant::now();
@@ -472,9 +493,10 @@ async fn run_loop(
             events,
             stores,
             every_target,
-            &mut warned,
+            &mut memory,
         )
         .await;
+        memory.removed.extend(report.removed.iter().cloned());
         if report != PassReport::default() {
             crate::metrics::cycle(started.elapsed());
             info!(
@@ -508,6 +530,15 @@ async fn run_loop(
     }
 }
 
+/// What the loop carries from one pass to the next.
+#[derive(Debug, Default)]
+struct Memory {
+    /// Warnings logged at `warn` while they last (repeats go to `debug`).
+    warned: HashSet<Warning>,
+    /// Uids of objects deleted by earlier passes that the cache may still show.
+    removed: HashSet<String>,
+}
+
 /// One reconcile pass over the current caches.
 async fn pass(
     client: &Client,
@@ -516,19 +547,37 @@ async fn pass(
     events: &Recorder,
     stores: &Stores,
     every_target: bool,
-    warned: &mut HashSet<Warning>,
+    memory: &mut Memory,
 ) -> PassReport {
+    let Memory { warned, removed } = memory;
     let pods = stores.pods.state();
     let nodes = stores.nodes.state();
     let identities = stores.identities.state();
     let bindings = stores.bindings.state();
     let existing = stores.assigned.state();
+    // Objects an earlier pass deleted stay in the cache until their watch events arrive: they
+    // are left out (not deleted again, their ids not released again) until the cache drops them.
+    let cached: HashSet<&str> = existing
+        .iter()
+        .filter_map(|o| o.metadata.uid.as_deref())
+        .collect();
+    removed.retain(|uid| cached.contains(uid.as_str()));
+    let existing: Vec<&AzureAssignedIdentity> = existing
+        .iter()
+        .map(AsRef::as_ref)
+        .filter(|o| {
+            o.metadata
+                .uid
+                .as_ref()
+                .is_none_or(|uid| !removed.contains(uid))
+        })
+        .collect();
     let inputs = Inputs {
         pods: pods.iter().map(AsRef::as_ref).collect(),
         nodes: nodes.iter().map(AsRef::as_ref).collect(),
         identities: identities.iter().map(AsRef::as_ref).collect(),
         bindings: bindings.iter().map(AsRef::as_ref).collect(),
-        existing: existing.iter().map(AsRef::as_ref).collect(),
+        existing,
     };
     let mut plan = compute(&inputs, &settings.options);
     let ownership = Ownership::of(&inputs);
@@ -658,7 +707,7 @@ pub async fn apply_plan_with(
 
     // 2. Deletions that need no ARM work. Those whose node is gone get upstream's
     //    `binding removed` / `binding remove error` events (its node-deleted path).
-    let deletions: Vec<BoxFuture<'_, Result<(), kube::Error>>> = plan
+    let deletions: Vec<BoxFuture<'_, (&AzureAssignedIdentity, Result<(), kube::Error>)>> = plan
         .delete
         .iter()
         .filter(|d| d.release.is_none())
@@ -673,15 +722,11 @@ pub async fn apply_plan_with(
                 if let (Some(events), true) = (events, node_gone) {
                     removal_event(events, d.object, result.as_ref().err()).await;
                 }
-                result
+                (d.object, result)
             }) as BoxFuture<'_, _>
         })
         .collect();
-    count(
-        &mut report.deleted,
-        &mut report.failures,
-        bounded(deletions, batch).await,
-    );
+    report.deletions(bounded(deletions, batch).await);
 
     // 3. Identities that need no ARM work.
     let confirms: Vec<BoxFuture<'_, Result<(), kube::Error>>> = plan
@@ -816,21 +861,21 @@ pub async fn apply_plan_with(
                 }
                 let confirms: Vec<Result<(), kube::Error>> =
                     confirmed.into_iter().map(|(_, result)| result).collect();
-                let releases: Vec<BoxFuture<'_, Result<(), kube::Error>>> = deletions
+                let releases: Vec<BoxFuture<'_, (&AzureAssignedIdentity, Result<(), kube::Error>)>> = deletions
                     .iter()
                     .filter(|d| {
                         d.release
                             .as_ref()
                             .is_none_or(|(_, id)| !not_applied.contains(id))
                     })
-                    .map(|d| Box::pin(release_and_delete(client, events, d)) as BoxFuture<'_, _>)
+                    .map(|d| {
+                        Box::pin(async move {
+                            (d.object, release_and_delete(client, events, d).await)
+                        }) as BoxFuture<'_, _>
+                    })
                     .collect();
                 count(&mut report.assigned, &mut report.failures, confirms);
-                count(
-                    &mut report.deleted,
-                    &mut report.failures,
-                    bounded(releases, batch).await,
-                );
+                report.deletions(bounded(releases, batch).await);
                 report
             }) as BoxFuture<'_, _>
         })
@@ -840,6 +885,7 @@ pub async fn apply_plan_with(
         report.deleted += r.deleted;
         report.failures += r.failures;
         report.retry_after = report.retry_after.max(r.retry_after);
+        report.removed.extend(r.removed);
     }
     report
 }
@@ -1190,10 +1236,15 @@ async fn delete_and_unfinalize(
 ) -> Result<(), kube::Error> {
     let api = api(client, namespace_of(object));
     let name = name_of(object);
-    let remaining = match api.delete(name, &DeleteParams::default()).await {
-        Ok(either) => either.left(),
-        Err(e) if is_status(&e, 404) => return Ok(()),
-        Err(e) => return Err(e),
+    // Already being deleted (by someone else): only our finalizer is left to remove.
+    let remaining = if object.metadata.deletion_timestamp.is_some() {
+        Some(object.clone())
+    } else {
+        match api.delete(name, &DeleteParams::default()).await {
+            Ok(either) => either.left(),
+            Err(e) if is_status(&e, 404) => return Ok(()),
+            Err(e) => return Err(e),
+        }
     };
     let Some(remaining) = remaining else {
         return Ok(());

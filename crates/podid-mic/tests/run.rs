@@ -157,7 +157,7 @@ async fn seed(client: &kube::Client) {
 }
 
 struct Cluster {
-    _server: FakeApiServer,
+    server: FakeApiServer,
     client: kube::Client,
     recorder: Arc<Recorder>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -200,7 +200,7 @@ impl Cluster {
             }
         });
         Self {
-            _server: server,
+            server,
             client,
             recorder,
             stop: Some(stop),
@@ -308,6 +308,96 @@ async fn assignment_lifecycle() {
         cluster.recorder.calls()
     );
     cluster.stop().await;
+}
+
+#[tokio::test]
+async fn each_removed_assignment_is_deleted_once() {
+    const PODS: usize = 30;
+    let cluster = Cluster::start(false).await;
+    let pods = Api::<Pod>::namespaced(cluster.client.clone(), "default");
+    for i in 0..PODS {
+        pods.create(&PostParams::default(), &pod(&format!("web-d{i}"), "n1"))
+            .await
+            .expect("pod");
+    }
+    let assigned_count = || async {
+        cluster
+            .assigned()
+            .list(&Default::default())
+            .await
+            .expect("list")
+            .items
+            .iter()
+            .filter(|o| o.state() == AssignedIdentityState::Assigned)
+            .count()
+    };
+    wait_for("every assignment Assigned", || async {
+        (assigned_count().await == PODS).then_some(())
+    })
+    .await;
+    let faults = cluster.server.faults();
+    faults.clear_log();
+    for i in 0..PODS {
+        pods.delete(&format!("web-d{i}"), &DeleteParams::default())
+            .await
+            .expect("delete pod");
+    }
+    wait_for("every assignment gone", || async {
+        cluster
+            .assigned()
+            .list(&Default::default())
+            .await
+            .expect("list")
+            .items
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    // Stopping waits for the pass in flight: every request mic meant to send is in the log.
+    cluster.stop().await;
+    assert_eq!(
+        faults.count("delete", "azureassignedidentities"),
+        PODS,
+        "one DELETE per removed assignment, none repeated for objects the cache still showed"
+    );
+}
+
+#[tokio::test]
+async fn an_assignment_deleted_by_a_user_loses_its_finalizer_without_a_second_delete() {
+    let cluster = Cluster::start(false).await;
+    Api::<Pod>::namespaced(cluster.client.clone(), "default")
+        .create(&PostParams::default(), &pod("web-u", "n1"))
+        .await
+        .expect("pod");
+    let name = "web-u-default-kv-id";
+    let first = wait_for("web-u Assigned", || async {
+        cluster
+            .state_of(name)
+            .await
+            .filter(|o| o.state() == AssignedIdentityState::Assigned)
+    })
+    .await;
+    let faults = cluster.server.faults();
+    faults.clear_log();
+    // `kubectl delete`: the finalizer keeps it, terminating, until mic lets go.
+    cluster
+        .assigned()
+        .delete(name, &DeleteParams::default())
+        .await
+        .expect("delete");
+    // The pod still wants it: a new object (new uid) takes the name once the old one is gone.
+    wait_for("web-u recreated and Assigned", || async {
+        cluster.state_of(name).await.filter(|o| {
+            o.metadata.uid != first.metadata.uid && o.state() == AssignedIdentityState::Assigned
+        })
+    })
+    .await;
+    cluster.stop().await;
+    assert_eq!(
+        faults.count("delete", "azureassignedidentities"),
+        1,
+        "only the user's DELETE; mic removes the finalizer of a terminating object without deleting it again"
+    );
 }
 
 #[tokio::test]
