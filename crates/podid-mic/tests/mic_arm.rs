@@ -3,182 +3,19 @@
 //! IMDS, identities leave it only when no pod on it needs them, and ARM's failures are retried
 //! as ARM asks.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Node, Pod, PodSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{Api, DeleteParams, PostParams};
-use podid_api::{
-    AssignedIdentityState, AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding,
-};
+use kube::api::Api;
+use podid_api::AssignedIdentityState;
 use podid_azure_sim::{ImdsHandle, UserAssignedIdentity};
 use podid_controller::arm::{ARM_RESOURCE, ArmConfig};
-use podid_fake_apiserver::FakeApiServer;
 use podid_mic::arm::ArmAssigner;
 use podid_mic::cloud::{CloudConfig, Endpoints};
-use podid_mic::desired::Options;
-use podid_mic::run::{IdentityAssigner, Settings, kube_client, run};
 
 mod common;
 
-use common::{Azure, WAIT, node, wait_for};
-
-fn pod(name: &str, node: &str, selector: &str) -> Pod {
-    Pod {
-        metadata: ObjectMeta {
-            name: Some(name.to_owned()),
-            namespace: Some("default".to_owned()),
-            labels: Some(BTreeMap::from([(
-                "aadpodidbinding".to_owned(),
-                selector.to_owned(),
-            )])),
-            ..Default::default()
-        },
-        spec: Some(PodSpec {
-            node_name: Some(node.to_owned()),
-            containers: vec![],
-            ..Default::default()
-        }),
-        status: None,
-    }
-}
-
-/// The fake API server with MIC's loop running on it.
-struct Cluster {
-    _server: FakeApiServer,
-    client: kube::Client,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Cluster {
-    async fn start(
-        assigner: Arc<dyn IdentityAssigner>,
-        immutable: &[&str],
-        identity_reconcile: Duration,
-        nodes: &[Node],
-    ) -> Self {
-        let server = FakeApiServer::start().await.expect("server");
-        let dir = std::env::temp_dir().join(format!("podid-mic-arm-{}", server.addr().port()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let path = dir.join("kubeconfig");
-        server.write_kubeconfig(&path).expect("write kubeconfig");
-        let client = kube_client(Some(&path)).await.expect("client");
-        for n in nodes {
-            Api::<Node>::all(client.clone())
-                .create(&PostParams::default(), n)
-                .await
-                .expect("node");
-        }
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let settings = Settings {
-            options: Options {
-                force_namespaced: false,
-                release_finished_pods: true,
-                immutable_client_ids: immutable.iter().map(|s| s.to_ascii_lowercase()).collect(),
-            },
-            batch: 4,
-            resync: Duration::from_secs(3600),
-            identity_reconcile,
-            instance: "mic-test".to_owned(),
-            health: Default::default(),
-        };
-        let task = tokio::spawn({
-            let client = client.clone();
-            async move {
-                run(client, settings, assigner, async {
-                    let _ = stopped.await;
-                })
-                .await
-                .expect("loop ends cleanly");
-            }
-        });
-        Self {
-            _server: server,
-            client,
-            stop: Some(stop),
-            task,
-        }
-    }
-
-    /// An AzureIdentity for `identity` and a binding with selector `selector`, both named after it.
-    async fn bind(&self, identity: &UserAssignedIdentity, selector: &str) {
-        let pp = PostParams::default();
-        Api::<AzureIdentity>::namespaced(self.client.clone(), "default")
-            .create(
-                &pp,
-                &AzureIdentity::user_assigned(
-                    "default",
-                    &identity.name,
-                    &identity.resource_id,
-                    &identity.client_id,
-                ),
-            )
-            .await
-            .expect("identity");
-        Api::<AzureIdentityBinding>::namespaced(self.client.clone(), "default")
-            .create(
-                &pp,
-                &AzureIdentityBinding::for_selector(
-                    "default",
-                    &format!("{}-binding", identity.name),
-                    &identity.name,
-                    selector,
-                ),
-            )
-            .await
-            .expect("binding");
-    }
-
-    async fn add_pod(&self, name: &str, node: &str, selector: &str) {
-        Api::<Pod>::namespaced(self.client.clone(), "default")
-            .create(&PostParams::default(), &pod(name, node, selector))
-            .await
-            .expect("pod");
-    }
-
-    async fn delete_pod(&self, name: &str) {
-        Api::<Pod>::namespaced(self.client.clone(), "default")
-            .delete(name, &DeleteParams::default())
-            .await
-            .expect("delete pod");
-    }
-
-    async fn assigned(&self, name: &str) -> Option<AzureAssignedIdentity> {
-        Api::<AzureAssignedIdentity>::namespaced(self.client.clone(), "default")
-            .get_opt(name)
-            .await
-            .expect("get")
-    }
-
-    async fn wait_state(&self, name: &str, state: AssignedIdentityState) -> AzureAssignedIdentity {
-        wait_for(&format!("{name} {state:?}"), || async {
-            self.assigned(name).await.filter(|o| o.state() == state)
-        })
-        .await
-    }
-
-    async fn wait_gone(&self, name: &str) {
-        wait_for(&format!("{name} deleted"), || async {
-            self.assigned(name).await.is_none().then_some(())
-        })
-        .await;
-    }
-
-    async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        tokio::time::timeout(WAIT, &mut self.task)
-            .await
-            .expect("stops in time")
-            .expect("no panic");
-    }
-}
-
-const HOUR: Duration = Duration::from_secs(3600);
+use common::{Azure, Cluster, HOUR, node, wait_for};
 
 #[tokio::test]
 async fn pod_with_binding_gets_its_identity_on_the_vmss_and_in_imds() {

@@ -3,28 +3,23 @@
 //! (across a MIC restart), upstream's events for removals on deleted nodes and for failed status
 //! updates, and ARM refusals retried as `--update-user-msi-max-retry` says.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Node, Pod, PodSpec};
-use k8s_openapi::api::events::v1::Event;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{Api, DeleteParams, PostParams};
-use podid_api::{
-    AssignedIdentityState, AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding,
-};
-use podid_azure_sim::UserAssignedIdentity;
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, DeleteParams};
+use podid_api::{AssignedIdentityState, AzureAssignedIdentity};
 use podid_controller::arm::ArmConfig;
-use podid_fake_apiserver::{FakeApiServer, FaultKind, FaultMatch};
+use podid_fake_apiserver::{FaultKind, FaultMatch};
 use podid_mic::arm::ArmAssigner;
-use podid_mic::desired::{ArmTarget, Options};
+use podid_mic::desired::ArmTarget;
 use podid_mic::preexisting::PREEXISTING_ANNOTATION;
-use podid_mic::run::{IdentityAssigner, NotApplied, Settings, kube_client, run};
+use podid_mic::run::{IdentityAssigner, NotApplied};
 
 mod common;
 
-use common::{Azure, VMSS, WAIT, node, wait_for};
+use common::{Azure, Cluster, HOUR, VMSS, node};
 
 /// The shared ARM settings with refusals retried 10 ms apart (these suites count retries).
 fn arm_config(azure: &Azure) -> ArmConfig {
@@ -37,175 +32,6 @@ fn arm_config(azure: &Azure) -> ArmConfig {
 fn assigner(azure: &Azure) -> ArmAssigner {
     azure.assigner_with(arm_config(azure))
 }
-/// The fake API server, and MIC's loop on it (restartable).
-struct Cluster {
-    server: FakeApiServer,
-    client: kube::Client,
-    azure_assigner: Arc<ArmAssigner>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
-}
-
-impl Cluster {
-    async fn start(assigner: ArmAssigner, nodes: &[Node]) -> Self {
-        let server = FakeApiServer::start().await.expect("server");
-        let dir = std::env::temp_dir().join(format!("podid-mic-feat-{}", server.addr().port()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let path = dir.join("kubeconfig");
-        server.write_kubeconfig(&path).expect("write kubeconfig");
-        let client = kube_client(Some(&path)).await.expect("client");
-        for n in nodes {
-            Api::<Node>::all(client.clone())
-                .create(&PostParams::default(), n)
-                .await
-                .expect("node");
-        }
-        let mut cluster = Self {
-            server,
-            client,
-            azure_assigner: Arc::new(assigner),
-            stop: None,
-            task: None,
-        };
-        cluster.start_loop();
-        cluster
-    }
-
-    fn start_loop(&mut self) {
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let settings = Settings {
-            options: Options {
-                force_namespaced: false,
-                release_finished_pods: true,
-                immutable_client_ids: BTreeSet::new(),
-            },
-            batch: 4,
-            resync: Duration::from_secs(3600),
-            identity_reconcile: Duration::from_secs(3600),
-            instance: "mic-test".to_owned(),
-            health: Default::default(),
-        };
-        let client = self.client.clone();
-        let assigner = self.azure_assigner.clone();
-        self.task = Some(tokio::spawn(async move {
-            run(client, settings, assigner, async {
-                let _ = stopped.await;
-            })
-            .await
-            .expect("loop ends cleanly");
-        }));
-        self.stop = Some(stop);
-    }
-
-    async fn stop_loop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            tokio::time::timeout(WAIT, task)
-                .await
-                .expect("stops in time")
-                .expect("no panic");
-        }
-    }
-
-    async fn bind(&self, identity: &UserAssignedIdentity, selector: &str) {
-        let pp = PostParams::default();
-        Api::<AzureIdentity>::namespaced(self.client.clone(), "default")
-            .create(
-                &pp,
-                &AzureIdentity::user_assigned(
-                    "default",
-                    &identity.name,
-                    &identity.resource_id,
-                    &identity.client_id,
-                ),
-            )
-            .await
-            .expect("identity");
-        Api::<AzureIdentityBinding>::namespaced(self.client.clone(), "default")
-            .create(
-                &pp,
-                &AzureIdentityBinding::for_selector(
-                    "default",
-                    &format!("{}-binding", identity.name),
-                    &identity.name,
-                    selector,
-                ),
-            )
-            .await
-            .expect("binding");
-    }
-
-    async fn add_pod(&self, name: &str, node: &str, selector: &str) {
-        let pod = Pod {
-            metadata: ObjectMeta {
-                name: Some(name.to_owned()),
-                namespace: Some("default".to_owned()),
-                labels: Some(BTreeMap::from([(
-                    "aadpodidbinding".to_owned(),
-                    selector.to_owned(),
-                )])),
-                ..Default::default()
-            },
-            spec: Some(PodSpec {
-                node_name: Some(node.to_owned()),
-                containers: vec![],
-                ..Default::default()
-            }),
-            status: None,
-        };
-        Api::<Pod>::namespaced(self.client.clone(), "default")
-            .create(&PostParams::default(), &pod)
-            .await
-            .expect("pod");
-    }
-
-    async fn delete_pod(&self, name: &str) {
-        Api::<Pod>::namespaced(self.client.clone(), "default")
-            .delete(name, &DeleteParams::default())
-            .await
-            .expect("delete pod");
-    }
-
-    async fn assigned(&self, name: &str) -> Option<AzureAssignedIdentity> {
-        Api::<AzureAssignedIdentity>::namespaced(self.client.clone(), "default")
-            .get_opt(name)
-            .await
-            .expect("get")
-    }
-
-    async fn wait_state(&self, name: &str, state: AssignedIdentityState) -> AzureAssignedIdentity {
-        wait_for(&format!("{name} {state:?}"), || async {
-            self.assigned(name).await.filter(|o| o.state() == state)
-        })
-        .await
-    }
-
-    async fn wait_gone(&self, name: &str) {
-        wait_for(&format!("{name} deleted"), || async {
-            self.assigned(name).await.is_none().then_some(())
-        })
-        .await;
-    }
-
-    async fn event(&self, reason: &str, regarding: &str) -> Event {
-        wait_for(&format!("event {reason:?} on {regarding}"), || async {
-            Api::<Event>::namespaced(self.client.clone(), "default")
-                .list(&Default::default())
-                .await
-                .expect("list events")
-                .items
-                .into_iter()
-                .find(|e| {
-                    e.reason.as_deref() == Some(reason)
-                        && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(regarding)
-                })
-        })
-        .await
-    }
-}
-
 fn marked(object: &AzureAssignedIdentity) -> bool {
     object
         .metadata
@@ -226,7 +52,9 @@ async fn identity_found_on_the_vmss_stays_after_its_last_pod_even_across_a_resta
         .assign_identity(&azure.vmss, &found)
         .expect("pre-existing assignment");
     let mut cluster = Cluster::start(
-        assigner(&azure),
+        Arc::new(assigner(&azure)),
+        &[],
+        HOUR,
         &[node("n1", &azure.vmss, 0), node("n2", &azure.vmss, 1)],
     )
     .await;
@@ -302,7 +130,9 @@ async fn deleted_node_removes_bindings_with_upstream_events() {
     let azure = Azure::start();
     let kv = azure.cloud.add_user_assigned_identity("kv-id");
     let mut cluster = Cluster::start(
-        assigner(&azure),
+        Arc::new(assigner(&azure)),
+        &[],
+        HOUR,
         &[node("n1", &azure.vmss, 0), node("n2", &azure.vmss, 1)],
     )
     .await;
@@ -355,7 +185,13 @@ async fn deleted_node_removes_bindings_with_upstream_events() {
 async fn failed_status_update_is_reported_on_the_assignment_and_retried() {
     let azure = Azure::start();
     let kv = azure.cloud.add_user_assigned_identity("kv-id");
-    let mut cluster = Cluster::start(assigner(&azure), &[node("n1", &azure.vmss, 0)]).await;
+    let mut cluster = Cluster::start(
+        Arc::new(assigner(&azure)),
+        &[],
+        HOUR,
+        &[node("n1", &azure.vmss, 0)],
+    )
+    .await;
     cluster.server.faults().fail_next(
         1,
         FaultKind::InternalError,

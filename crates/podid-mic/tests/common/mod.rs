@@ -1,20 +1,31 @@
-//! The harness shared by the controller-loop suites (`mic_arm`, `mic_features`): the simulated
-//! Azure side (Entra, ARM, one scale set, MIC's service principal), a Node of that scale set and
-//! a bounded wait. Each suite uses part of it.
+//! The harness shared by the controller-loop suites (`mic_arm`, `mic_features`, `run`,
+//! `mic_binary`): the simulated Azure side (Entra, ARM, one scale set, MIC's service principal),
+//! a Node of that scale set, the fake API server with MIC's loop on it ([`Cluster`]) and a
+//! bounded wait. Each suite uses part of it.
 
 #![allow(dead_code)]
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Node, NodeSpec};
+use k8s_openapi::api::core::v1::{Node, NodeSpec, Pod, PodSpec};
+use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, DeleteParams, PostParams};
+use podid_api::{
+    AssignedIdentityState, AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding,
+};
 use podid_azure_sim::{ArmHandle, Cloud, ComputeRef, EntraHandle, UserAssignedIdentity};
 use podid_controller::arm::{ARM_RESOURCE, ArmConfig};
+use podid_fake_apiserver::FakeApiServer;
 use podid_mic::arm::ArmAssigner;
 use podid_mic::cloud::{CloudConfig, Endpoints};
+use podid_mic::desired::Options;
+use podid_mic::run::{IdentityAssigner, Settings, kube_client, run};
 
 pub const WAIT: Duration = Duration::from_secs(30);
+pub const HOUR: Duration = Duration::from_secs(3600);
 pub const VMSS: &str = "aks-pool-vmss";
 
 /// Polls `check` until it returns `Some` or `WAIT` passes.
@@ -161,5 +172,208 @@ pub fn node(name: &str, vmss: &ComputeRef, instance: usize) -> Node {
             ..Default::default()
         }),
         status: None,
+    }
+}
+
+/// A pod in `default` on `node` with the binding selector `selector`.
+pub fn pod(name: &str, node: &str, selector: &str) -> Pod {
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: Some("default".to_owned()),
+            labels: Some(BTreeMap::from([(
+                "aadpodidbinding".to_owned(),
+                selector.to_owned(),
+            )])),
+            ..Default::default()
+        },
+        spec: Some(PodSpec {
+            node_name: Some(node.to_owned()),
+            containers: vec![],
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+/// A client of `server` through a kubeconfig it wrote.
+pub async fn client_for(server: &FakeApiServer) -> kube::Client {
+    let dir = std::env::temp_dir().join(format!("podid-mic-test-{}", server.addr().port()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("kubeconfig");
+    server.write_kubeconfig(&path).expect("write kubeconfig");
+    kube_client(Some(&path)).await.expect("client")
+}
+
+/// The fake API server, and MIC's loop on it (restartable).
+pub struct Cluster {
+    pub server: FakeApiServer,
+    pub client: kube::Client,
+    assigner: Arc<dyn IdentityAssigner>,
+    settings: Settings,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Cluster {
+    /// The server with `nodes`, and the loop running with `assigner`, `immutable` client ids
+    /// and the identity-assignment reconcile every `identity_reconcile`.
+    pub async fn start(
+        assigner: Arc<dyn IdentityAssigner>,
+        immutable: &[&str],
+        identity_reconcile: Duration,
+        nodes: &[Node],
+    ) -> Self {
+        let server = FakeApiServer::start().await.expect("server");
+        let client = client_for(&server).await;
+        for n in nodes {
+            Api::<Node>::all(client.clone())
+                .create(&PostParams::default(), n)
+                .await
+                .expect("node");
+        }
+        let settings = Settings {
+            options: Options {
+                force_namespaced: false,
+                release_finished_pods: true,
+                immutable_client_ids: immutable.iter().map(|s| s.to_ascii_lowercase()).collect(),
+            },
+            batch: 4,
+            resync: HOUR,
+            identity_reconcile,
+            instance: "mic-test".to_owned(),
+            health: Default::default(),
+        };
+        let mut cluster = Self {
+            server,
+            client,
+            assigner,
+            settings,
+            stop: None,
+            task: None,
+        };
+        cluster.start_loop();
+        cluster
+    }
+
+    /// Starts MIC's loop (again).
+    pub fn start_loop(&mut self) {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let client = self.client.clone();
+        let assigner = self.assigner.clone();
+        let settings = self.settings.clone();
+        self.task = Some(tokio::spawn(async move {
+            run(client, settings, assigner, async {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("loop ends cleanly");
+        }));
+        self.stop = Some(stop);
+    }
+
+    /// Stops the loop and waits for it (a pass in flight finishes first).
+    pub async fn stop_loop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(WAIT, task)
+                .await
+                .expect("stops in time")
+                .expect("no panic");
+        }
+    }
+
+    /// Stops the loop for good.
+    pub async fn stop(mut self) {
+        self.stop_loop().await;
+    }
+
+    /// An AzureIdentity for `identity` and a binding with selector `selector`, both named after it.
+    pub async fn bind(&self, identity: &UserAssignedIdentity, selector: &str) {
+        let pp = PostParams::default();
+        Api::<AzureIdentity>::namespaced(self.client.clone(), "default")
+            .create(
+                &pp,
+                &AzureIdentity::user_assigned(
+                    "default",
+                    &identity.name,
+                    &identity.resource_id,
+                    &identity.client_id,
+                ),
+            )
+            .await
+            .expect("identity");
+        Api::<AzureIdentityBinding>::namespaced(self.client.clone(), "default")
+            .create(
+                &pp,
+                &AzureIdentityBinding::for_selector(
+                    "default",
+                    &format!("{}-binding", identity.name),
+                    &identity.name,
+                    selector,
+                ),
+            )
+            .await
+            .expect("binding");
+    }
+
+    pub async fn add_pod(&self, name: &str, node: &str, selector: &str) {
+        Api::<Pod>::namespaced(self.client.clone(), "default")
+            .create(&PostParams::default(), &pod(name, node, selector))
+            .await
+            .expect("pod");
+    }
+
+    pub async fn delete_pod(&self, name: &str) {
+        Api::<Pod>::namespaced(self.client.clone(), "default")
+            .delete(name, &DeleteParams::default())
+            .await
+            .expect("delete pod");
+    }
+
+    /// The AzureAssignedIdentity objects in `default`.
+    pub fn assignments(&self) -> Api<AzureAssignedIdentity> {
+        Api::namespaced(self.client.clone(), "default")
+    }
+
+    pub async fn assigned(&self, name: &str) -> Option<AzureAssignedIdentity> {
+        self.assignments().get_opt(name).await.expect("get")
+    }
+
+    pub async fn wait_state(
+        &self,
+        name: &str,
+        state: AssignedIdentityState,
+    ) -> AzureAssignedIdentity {
+        wait_for(&format!("{name} {state:?}"), || async {
+            self.assigned(name).await.filter(|o| o.state() == state)
+        })
+        .await
+    }
+
+    pub async fn wait_gone(&self, name: &str) {
+        wait_for(&format!("{name} deleted"), || async {
+            self.assigned(name).await.is_none().then_some(())
+        })
+        .await;
+    }
+
+    /// The first event with `reason` about the object named `regarding`.
+    pub async fn event(&self, reason: &str, regarding: &str) -> Event {
+        wait_for(&format!("event {reason:?} on {regarding}"), || async {
+            Api::<Event>::namespaced(self.client.clone(), "default")
+                .list(&Default::default())
+                .await
+                .expect("list events")
+                .items
+                .into_iter()
+                .find(|e| {
+                    e.reason.as_deref() == Some(reason)
+                        && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(regarding)
+                })
+        })
+        .await
     }
 }
