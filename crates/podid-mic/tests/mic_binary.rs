@@ -16,6 +16,11 @@ use podid_azure_sim::{ArmHandle, Cloud, EntraHandle};
 use podid_fake_apiserver::FakeApiServer;
 use podid_mic::run::kube_client;
 
+mod common;
+
+use common::wait_within;
+
+/// A child process starts slower than the in-process loop.
 const WAIT: Duration = Duration::from_secs(60);
 
 /// Kills the child if the test fails before it stops it.
@@ -34,24 +39,6 @@ fn free_port() -> u16 {
         .local_addr()
         .expect("addr")
         .port()
-}
-
-async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 async fn get(http: &reqwest::Client, url: &str) -> Option<String> {
@@ -155,7 +142,7 @@ async fn mic_binary_assigns_an_identity_and_stops_on_sigterm() {
         .expect("http client");
 
     let healthz = format!("http://127.0.0.1:{probe_port}/healthz");
-    wait_for("/healthz Active", || async {
+    wait_within(WAIT, "/healthz Active", || async {
         (get(&http, &healthz).await.as_deref() == Some("Active")).then_some(())
     })
     .await;
@@ -184,7 +171,7 @@ async fn mic_binary_assigns_an_identity_and_stops_on_sigterm() {
         .await
         .expect("pod");
     let assigned: Api<AzureAssignedIdentity> = Api::namespaced(client.clone(), "default");
-    wait_for("web-1-default-kv-id Assigned", || async {
+    wait_within(WAIT, "web-1-default-kv-id Assigned", || async {
         assigned
             .get_opt("web-1-default-kv-id")
             .await
@@ -218,7 +205,7 @@ async fn mic_binary_assigns_an_identity_and_stops_on_sigterm() {
         .status()
         .expect("kill");
     assert!(status.success());
-    let exit = wait_for("mic exits", || {
+    let exit = wait_within(WAIT, "mic exits", || {
         let exited = mic.0.try_wait().expect("try_wait");
         async move { exited }
     })

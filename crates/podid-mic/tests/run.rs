@@ -2,12 +2,12 @@
 //! `Assigned` after the VM/VMSS work, and go away (finalizer removed, identity released) when
 //! their pod does; a failing VM/VMSS update is retried without a new event.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Node, NodeSpec, Pod, PodSpec};
+use k8s_openapi::api::core::v1::{Node, NodeSpec, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, PostParams};
 use podid_api::{
@@ -15,13 +15,13 @@ use podid_api::{
     AzureIdentityBinding,
 };
 use podid_fake_apiserver::FakeApiServer;
-use podid_mic::desired::{ArmTarget, Options};
+use podid_mic::desired::ArmTarget;
 use podid_mic::probe::Health;
-use podid_mic::run::{
-    AssignFuture, IdentityAssigner, NoArm, RunError, Settings, kube_client, run, serve,
-};
+mod common;
 
-const WAIT: Duration = Duration::from_secs(20);
+use common::{Cluster, HOUR, WAIT, wait_for};
+use podid_mic::run::{AssignFuture, IdentityAssigner, NoArm, RunError, kube_client, serve};
+
 const RID: &str = "/subscriptions/S/resourcegroups/RG/providers/Microsoft.ManagedIdentity/userAssignedIdentities/kv-id";
 
 type Call = (ArmTarget, BTreeSet<String>, BTreeSet<String>);
@@ -59,16 +59,6 @@ impl Recorder {
     }
 }
 
-async fn client_for(server: &FakeApiServer) -> kube::Client {
-    let dir = std::env::temp_dir().join(format!("podid-mic-run-{}", server.addr().port()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let path = dir.join("kubeconfig");
-    server.write_kubeconfig(&path).expect("write kubeconfig");
-    kube_client(Some(&path))
-        .await
-        .expect("client from kubeconfig")
-}
-
 #[tokio::test]
 async fn kubeconfig_errors_name_the_file() {
     let Err(err) = kube_client(Some(std::path::Path::new("/nonexistent/podid/kubeconfig"))).await
@@ -81,43 +71,9 @@ async fn kubeconfig_errors_name_the_file() {
     );
 }
 
-/// Polls `check` until it returns `Some` or `WAIT` passes.
-async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
+/// A pod on `node` with the binding selector `kv`.
 fn pod(name: &str, node: &str) -> Pod {
-    Pod {
-        metadata: ObjectMeta {
-            name: Some(name.to_owned()),
-            namespace: Some("default".to_owned()),
-            labels: Some(BTreeMap::from([(
-                "aadpodidbinding".to_owned(),
-                "kv".to_owned(),
-            )])),
-            ..Default::default()
-        },
-        spec: Some(PodSpec {
-            node_name: Some(node.to_owned()),
-            containers: vec![],
-            ..Default::default()
-        }),
-        status: None,
-    }
+    common::pod(name, node, "kv")
 }
 
 fn vmss_node(name: &str) -> Node {
@@ -156,80 +112,19 @@ async fn seed(client: &kube::Client) {
         .expect("binding");
 }
 
-struct Cluster {
-    server: FakeApiServer,
-    client: kube::Client,
-    recorder: Arc<Recorder>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Cluster {
-    async fn start(fail: bool) -> Self {
-        Self::start_with(fail, Duration::from_secs(3600)).await
-    }
-
-    async fn start_with(fail: bool, identity_reconcile: Duration) -> Self {
-        let server = FakeApiServer::start().await.expect("server");
-        let client = client_for(&server).await;
-        seed(&client).await;
-        let recorder = Arc::new(Recorder::default());
-        recorder.fail.store(fail, Ordering::SeqCst);
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let settings = Settings {
-            options: Options {
-                force_namespaced: false,
-                release_finished_pods: true,
-                immutable_client_ids: BTreeSet::new(),
-            },
-            batch: 4,
-            resync: Duration::from_secs(3600),
-            identity_reconcile,
-            instance: "mic-test".to_owned(),
-            health: Default::default(),
-        };
-        let task = tokio::spawn({
-            let client = client.clone();
-            let assigner: Arc<dyn IdentityAssigner> = recorder.clone();
-            async move {
-                run(client, settings, assigner, async {
-                    let _ = stopped.await;
-                })
-                .await
-                .expect("loop ends cleanly");
-            }
-        });
-        Self {
-            server,
-            client,
-            recorder,
-            stop: Some(stop),
-            task,
-        }
-    }
-
-    fn assigned(&self) -> Api<AzureAssignedIdentity> {
-        Api::namespaced(self.client.clone(), "default")
-    }
-
-    async fn state_of(&self, name: &str) -> Option<AzureAssignedIdentity> {
-        self.assigned().get_opt(name).await.expect("get")
-    }
-
-    async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        tokio::time::timeout(WAIT, &mut self.task)
-            .await
-            .expect("stops in time")
-            .expect("no panic");
-    }
+/// MIC's loop with a [`Recorder`] as its ARM side (failing with `fail`), on a server seeded by
+/// [`seed`].
+async fn start(fail: bool, identity_reconcile: Duration) -> (Cluster, Arc<Recorder>) {
+    let recorder = Arc::new(Recorder::default());
+    recorder.fail.store(fail, Ordering::SeqCst);
+    let cluster = Cluster::start(recorder.clone(), &[], identity_reconcile, &[]).await;
+    seed(&cluster.client).await;
+    (cluster, recorder)
 }
 
 #[tokio::test]
 async fn assignment_lifecycle() {
-    let cluster = Cluster::start(false).await;
+    let (cluster, recorder) = start(false, HOUR).await;
     Api::<Pod>::namespaced(cluster.client.clone(), "default")
         .create(&PostParams::default(), &pod("web-1", "n1"))
         .await
@@ -237,7 +132,7 @@ async fn assignment_lifecycle() {
 
     let object = wait_for("web-1-default-kv-id Assigned", || async {
         cluster
-            .state_of("web-1-default-kv-id")
+            .assigned("web-1-default-kv-id")
             .await
             .filter(|o| o.state() == AssignedIdentityState::Assigned)
     })
@@ -271,7 +166,7 @@ async fn assignment_lifecycle() {
         Some("aadpodidentity.k8s.io")
     );
     let id = RID.to_ascii_lowercase();
-    let calls = cluster.recorder.calls();
+    let calls = recorder.calls();
     assert_eq!(
         calls.first(),
         Some(&(
@@ -288,24 +183,20 @@ async fn assignment_lifecycle() {
         .expect("delete pod");
     wait_for("web-1-default-kv-id deleted", || async {
         cluster
-            .state_of("web-1-default-kv-id")
+            .assigned("web-1-default-kv-id")
             .await
             .is_none()
             .then_some(())
     })
     .await;
     assert!(
-        cluster
-            .recorder
-            .calls()
-            .iter()
-            .any(|(target, required, release)| {
-                target == &ArmTarget::Vmss("pool".to_owned())
-                    && required.is_empty()
-                    && release == &BTreeSet::from([id.clone()])
-            }),
+        recorder.calls().iter().any(|(target, required, release)| {
+            target == &ArmTarget::Vmss("pool".to_owned())
+                && required.is_empty()
+                && release == &BTreeSet::from([id.clone()])
+        }),
         "{:?}",
-        cluster.recorder.calls()
+        recorder.calls()
     );
     cluster.stop().await;
 }
@@ -313,7 +204,7 @@ async fn assignment_lifecycle() {
 #[tokio::test]
 async fn each_removed_assignment_is_deleted_once() {
     const PODS: usize = 30;
-    let cluster = Cluster::start(false).await;
+    let (cluster, _recorder) = start(false, HOUR).await;
     let pods = Api::<Pod>::namespaced(cluster.client.clone(), "default");
     for i in 0..PODS {
         pods.create(&PostParams::default(), &pod(&format!("web-d{i}"), "n1"))
@@ -322,7 +213,7 @@ async fn each_removed_assignment_is_deleted_once() {
     }
     let assigned_count = || async {
         cluster
-            .assigned()
+            .assignments()
             .list(&Default::default())
             .await
             .expect("list")
@@ -344,7 +235,7 @@ async fn each_removed_assignment_is_deleted_once() {
     }
     wait_for("every assignment gone", || async {
         cluster
-            .assigned()
+            .assignments()
             .list(&Default::default())
             .await
             .expect("list")
@@ -364,7 +255,7 @@ async fn each_removed_assignment_is_deleted_once() {
 
 #[tokio::test]
 async fn an_assignment_deleted_by_a_user_loses_its_finalizer_without_a_second_delete() {
-    let cluster = Cluster::start(false).await;
+    let (cluster, _recorder) = start(false, HOUR).await;
     Api::<Pod>::namespaced(cluster.client.clone(), "default")
         .create(&PostParams::default(), &pod("web-u", "n1"))
         .await
@@ -372,7 +263,7 @@ async fn an_assignment_deleted_by_a_user_loses_its_finalizer_without_a_second_de
     let name = "web-u-default-kv-id";
     let first = wait_for("web-u Assigned", || async {
         cluster
-            .state_of(name)
+            .assigned(name)
             .await
             .filter(|o| o.state() == AssignedIdentityState::Assigned)
     })
@@ -381,13 +272,13 @@ async fn an_assignment_deleted_by_a_user_loses_its_finalizer_without_a_second_de
     faults.clear_log();
     // `kubectl delete`: the finalizer keeps it, terminating, until mic lets go.
     cluster
-        .assigned()
+        .assignments()
         .delete(name, &DeleteParams::default())
         .await
         .expect("delete");
     // The pod still wants it: a new object (new uid) takes the name once the old one is gone.
     wait_for("web-u recreated and Assigned", || async {
-        cluster.state_of(name).await.filter(|o| {
+        cluster.assigned(name).await.filter(|o| {
             o.metadata.uid != first.metadata.uid && o.state() == AssignedIdentityState::Assigned
         })
     })
@@ -402,14 +293,14 @@ async fn an_assignment_deleted_by_a_user_loses_its_finalizer_without_a_second_de
 
 #[tokio::test]
 async fn failed_vmss_update_is_retried_without_a_new_event() {
-    let cluster = Cluster::start(true).await;
+    let (cluster, recorder) = start(true, HOUR).await;
     Api::<Pod>::namespaced(cluster.client.clone(), "default")
         .create(&PostParams::default(), &pod("web-2", "n1"))
         .await
         .expect("pod");
     // ARM refuses: the object exists but stays Created.
     let object = wait_for("web-2-default-kv-id created", || async {
-        cluster.state_of("web-2-default-kv-id").await
+        cluster.assigned("web-2-default-kv-id").await
     })
     .await;
     assert_eq!(object.state(), AssignedIdentityState::Created);
@@ -431,21 +322,21 @@ async fn failed_vmss_update_is_retried_without_a_new_event() {
         )
     );
     wait_for("a second ARM attempt", || async {
-        (cluster.recorder.calls().len() >= 2).then_some(())
+        (recorder.calls().len() >= 2).then_some(())
     })
     .await;
     assert_eq!(
         cluster
-            .state_of("web-2-default-kv-id")
+            .assigned("web-2-default-kv-id")
             .await
             .map(|o| o.state()),
         Some(AssignedIdentityState::Created)
     );
     // ARM recovers: the retry (no event involved) makes it Assigned.
-    cluster.recorder.fail.store(false, Ordering::SeqCst);
+    recorder.fail.store(false, Ordering::SeqCst);
     wait_for("web-2-default-kv-id Assigned", || async {
         cluster
-            .state_of("web-2-default-kv-id")
+            .assigned("web-2-default-kv-id")
             .await
             .filter(|o| o.state() == AssignedIdentityState::Assigned)
     })
@@ -455,22 +346,22 @@ async fn failed_vmss_update_is_retried_without_a_new_event() {
 
 #[tokio::test]
 async fn periodic_reconcile_hands_required_ids_again_without_events() {
-    let cluster = Cluster::start_with(false, Duration::from_millis(300)).await;
+    let (cluster, recorder) = start(false, Duration::from_millis(300)).await;
     Api::<Pod>::namespaced(cluster.client.clone(), "default")
         .create(&PostParams::default(), &pod("web-3", "n1"))
         .await
         .expect("pod");
     wait_for("web-3-default-kv-id Assigned", || async {
         cluster
-            .state_of("web-3-default-kv-id")
+            .assigned("web-3-default-kv-id")
             .await
             .filter(|o| o.state() == AssignedIdentityState::Assigned)
     })
     .await;
-    let after_assignment = cluster.recorder.calls().len();
+    let after_assignment = recorder.calls().len();
     let id = RID.to_ascii_lowercase();
     let calls = wait_for("two reconcile calls", || async {
-        let calls = cluster.recorder.calls();
+        let calls = recorder.calls();
         (calls.len() >= after_assignment + 2).then_some(calls)
     })
     .await;

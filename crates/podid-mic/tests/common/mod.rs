@@ -29,12 +29,21 @@ pub const HOUR: Duration = Duration::from_secs(3600);
 pub const VMSS: &str = "aks-pool-vmss";
 
 /// Polls `check` until it returns `Some` or `WAIT` passes.
-pub async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> T
+pub async fn wait_for<T, F, Fut>(what: &str, check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let deadline = tokio::time::Instant::now() + WAIT;
+    wait_within(WAIT, what, check).await
+}
+
+/// Polls `check` every 50 ms until it returns `Some`; fails after `limit`.
+pub async fn wait_within<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
     loop {
         if let Some(v) = check().await {
             return v;
