@@ -3,129 +3,19 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use k8s_openapi::api::core::v1::{Node, NodeSpec, Pod, PodSpec, PodStatus};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use k8s_openapi::api::core::v1::{Node, Pod, PodSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use podid_api::{
     ASSIGNED_IDENTITY_FINALIZER, AssignedIdentityState, AzureAssignedIdentity, AzureIdentity,
     AzureIdentityBinding, IdentityType, NODE_NAME_LABEL,
 };
-use podid_mic::desired::{
-    ArmTarget, Inputs, MAX_NAME_LEN, Options, Plan, Warning, compute, is_valid_resource_id,
-};
+mod fixtures;
+
+use fixtures::{World, binding, identity, node, options, pod, rid, vm_node, vmss_node, with_phase};
+use podid_mic::desired::{ArmTarget, MAX_NAME_LEN, Options, Plan, Warning, is_valid_resource_id};
 
 const GO_MIC_CREATED: &str =
     include_str!("../../podid-api/tests/fixtures/assigned-go-mic-created.json");
-
-fn rid(name: &str) -> String {
-    format!(
-        "/subscriptions/S/resourcegroups/RG/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{name}"
-    )
-}
-
-fn identity(ns: &str, name: &str, client_id: &str) -> AzureIdentity {
-    let mut i = AzureIdentity::user_assigned(ns, name, &rid(name), client_id);
-    i.metadata.resource_version = Some("1".to_owned());
-    i
-}
-
-fn binding(ns: &str, name: &str, identity: &str, selector: &str) -> AzureIdentityBinding {
-    let mut b = AzureIdentityBinding::for_selector(ns, name, identity, selector);
-    b.metadata.resource_version = Some("1".to_owned());
-    b
-}
-
-fn pod(ns: &str, name: &str, node: &str, label: &str) -> Pod {
-    Pod {
-        metadata: ObjectMeta {
-            name: Some(name.to_owned()),
-            namespace: Some(ns.to_owned()),
-            labels: Some(BTreeMap::from([(
-                "aadpodidbinding".to_owned(),
-                label.to_owned(),
-            )])),
-            ..Default::default()
-        },
-        spec: Some(PodSpec {
-            node_name: Some(node.to_owned()),
-            ..Default::default()
-        }),
-        status: Some(PodStatus {
-            phase: Some("Running".to_owned()),
-            ..Default::default()
-        }),
-    }
-}
-
-fn with_phase(mut p: Pod, phase: &str) -> Pod {
-    p.status = Some(PodStatus {
-        phase: Some(phase.to_owned()),
-        ..Default::default()
-    });
-    p
-}
-
-fn node(name: &str, provider_id: &str) -> Node {
-    Node {
-        metadata: ObjectMeta {
-            name: Some(name.to_owned()),
-            ..Default::default()
-        },
-        spec: Some(NodeSpec {
-            provider_id: Some(provider_id.to_owned()),
-            ..Default::default()
-        }),
-        status: None,
-    }
-}
-
-fn vmss_node(name: &str, vmss: &str) -> Node {
-    node(
-        name,
-        &format!(
-            "azure:///subscriptions/S/resourceGroups/MC_rg/providers/Microsoft.Compute/virtualMachineScaleSets/{vmss}/virtualMachines/0"
-        ),
-    )
-}
-
-fn vm_node(name: &str) -> Node {
-    node(
-        name,
-        &format!(
-            "azure:///subscriptions/S/resourceGroups/MC_rg/providers/Microsoft.Compute/virtualMachines/{name}"
-        ),
-    )
-}
-
-fn options() -> Options {
-    Options {
-        force_namespaced: false,
-        release_finished_pods: true,
-        immutable_client_ids: BTreeSet::new(),
-    }
-}
-
-struct World {
-    pods: Vec<Pod>,
-    nodes: Vec<Node>,
-    identities: Vec<AzureIdentity>,
-    bindings: Vec<AzureIdentityBinding>,
-    existing: Vec<AzureAssignedIdentity>,
-}
-
-impl World {
-    fn plan(&self, options: &Options) -> Plan<'_> {
-        compute(
-            &Inputs::from_slices(
-                &self.pods,
-                &self.nodes,
-                &self.identities,
-                &self.bindings,
-                &self.existing,
-            ),
-            options,
-        )
-    }
-}
 
 fn names(objects: &[AzureAssignedIdentity]) -> Vec<&str> {
     objects
