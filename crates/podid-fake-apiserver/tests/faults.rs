@@ -147,7 +147,9 @@ async fn watcher_recovers_from_failing_watches() {
     pods.create(&PostParams::default(), &pod("late", &[], None))
         .await
         .expect("create");
-    wait_for("the pod after failed watches", WAIT, || async {
+    // kube's default backoff waits about 0.8 + 1.6 + 3.2 s after three failures, each up to
+    // doubled by jitter: allow well over the worst case (11.2 s) instead of the usual WAIT.
+    wait_for("the pod after failed watches", WAIT * 4, || async {
         reader
             .state()
             .iter()
