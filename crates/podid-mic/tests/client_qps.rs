@@ -10,6 +10,8 @@ use podid_mic::probe::Health;
 use podid_mic::run::{IdentityAssigner, NoArm, serve};
 use serde_json::{Value, json};
 
+mod common;
+
 /// Bound on the whole run (generous: the machine is shared).
 const WAIT: Duration = Duration::from_secs(90);
 const QPS: f64 = 2.0;
@@ -102,10 +104,7 @@ fn throttled_requests(server: &FakeApiServer) -> usize {
 #[tokio::test]
 async fn client_qps_bounds_mic_requests_but_not_its_lease_renewals() {
     let server = FakeApiServer::start().await.expect("server");
-    let dir = std::env::temp_dir().join(format!("podid-mic-qps-{}", server.addr().port()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let path = dir.join("kubeconfig");
-    server.write_kubeconfig(&path).expect("kubeconfig");
+    let path = common::kubeconfig(&server);
     seed(&server);
     let flags = podid_mic::config::Flags::parse_go([
         "mic".to_owned(),

@@ -6,7 +6,10 @@ use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::Api;
 use podid_fake_apiserver::FakeApiServer;
 use podid_mic::leader::{Elector, LeaderSettings};
-use podid_mic::run::kube_client;
+
+mod common;
+
+use common::{client_for, lease_holder};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -21,32 +24,15 @@ fn settings(identity: &str) -> LeaderSettings {
     }
 }
 
-async fn client(server: &FakeApiServer) -> kube::Client {
-    let dir = std::env::temp_dir().join(format!("podid-mic-leader-{}", server.addr().port()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let path = dir.join("kubeconfig");
-    server.write_kubeconfig(&path).expect("write kubeconfig");
-    kube_client(Some(&path)).await.expect("client")
-}
-
-async fn holder(client: &kube::Client) -> Option<String> {
-    Api::<Lease>::namespaced(client.clone(), "default")
-        .get_opt("aad-pod-identity-mic")
-        .await
-        .expect("get lease")
-        .and_then(|l| l.spec)
-        .and_then(|s| s.holder_identity)
-}
-
 #[tokio::test]
 async fn one_leader_at_a_time_and_takeover_after_expiry() {
     let server = FakeApiServer::start().await.expect("server");
-    let client = client(&server).await;
+    let client = client_for(&server).await;
     let mut a = Elector::new(client.clone(), settings("mic-a"));
     let mut b = Elector::new(client.clone(), settings("mic-b"));
 
     assert!(a.try_acquire_or_renew().await.expect("a tries"));
-    assert_eq!(holder(&client).await.as_deref(), Some("mic-a"));
+    assert_eq!(lease_holder(&client).await.as_deref(), Some("mic-a"));
     assert!(!b.try_acquire_or_renew().await.expect("b tries"));
     assert!(a.try_acquire_or_renew().await.expect("a renews"));
 
@@ -66,7 +52,7 @@ async fn one_leader_at_a_time_and_takeover_after_expiry() {
     tokio::time::timeout(WAIT, b.acquire())
         .await
         .expect("b becomes leader");
-    assert_eq!(holder(&client).await.as_deref(), Some("mic-b"));
+    assert_eq!(lease_holder(&client).await.as_deref(), Some("mic-b"));
     let lease = Api::<Lease>::namespaced(client.clone(), "default")
         .get("aad-pod-identity-mic")
         .await
@@ -79,12 +65,12 @@ async fn one_leader_at_a_time_and_takeover_after_expiry() {
 #[tokio::test]
 async fn release_hands_over_at_once_and_a_lost_lease_ends_hold() {
     let server = FakeApiServer::start().await.expect("server");
-    let client = client(&server).await;
+    let client = client_for(&server).await;
     let mut a = Elector::new(client.clone(), settings("mic-a"));
     let mut b = Elector::new(client.clone(), settings("mic-b"));
     assert!(a.try_acquire_or_renew().await.expect("a"));
     a.release().await.expect("release");
-    assert_eq!(holder(&client).await, None);
+    assert_eq!(lease_holder(&client).await, None);
     assert!(
         b.try_acquire_or_renew()
             .await

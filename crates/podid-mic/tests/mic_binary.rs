@@ -9,9 +9,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{Node, NodeSpec, Pod, PodSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, PostParams};
-use podid_api::{
-    AssignedIdentityState, AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding,
-};
+use podid_api::{AssignedIdentityState, AzureAssignedIdentity};
 use podid_azure_sim::{ArmHandle, Cloud, EntraHandle};
 use podid_fake_apiserver::FakeApiServer;
 use podid_mic::run::kube_client;
@@ -63,11 +61,8 @@ async fn mic_binary_assigns_an_identity_and_stops_on_sigterm() {
     let kv = cloud.add_user_assigned_identity("kv-id");
 
     let server = FakeApiServer::start().await.expect("server");
-    let dir = std::env::temp_dir().join(format!("podid-mic-bin-{}", server.addr().port()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let kubeconfig = dir.join("kubeconfig");
-    server.write_kubeconfig(&kubeconfig).expect("kubeconfig");
-    let azure_json = dir.join("azure.json");
+    let kubeconfig = common::kubeconfig(&server);
+    let azure_json = kubeconfig.with_file_name("azure.json");
     std::fs::write(
         &azure_json,
         serde_json::json!({
@@ -100,20 +95,15 @@ async fn mic_binary_assigns_an_identity_and_stops_on_sigterm() {
         )
         .await
         .expect("node");
-    Api::<AzureIdentity>::namespaced(client.clone(), "default")
-        .create(
-            &pp,
-            &AzureIdentity::user_assigned("default", "kv-id", &kv.resource_id, &kv.client_id),
-        )
-        .await
-        .expect("identity");
-    Api::<AzureIdentityBinding>::namespaced(client.clone(), "default")
-        .create(
-            &pp,
-            &AzureIdentityBinding::for_selector("default", "kv-binding", "kv-id", "kv"),
-        )
-        .await
-        .expect("binding");
+    common::create_binding(
+        &client,
+        "kv-id",
+        &kv.resource_id,
+        &kv.client_id,
+        "kv-binding",
+        "kv",
+    )
+    .await;
 
     let probe_port = free_port();
     let metrics_port = free_port();

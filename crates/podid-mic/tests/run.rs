@@ -10,16 +10,13 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{Node, NodeSpec, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, PostParams};
-use podid_api::{
-    ASSIGNED_IDENTITY_FINALIZER, AssignedIdentityState, AzureAssignedIdentity, AzureIdentity,
-    AzureIdentityBinding,
-};
+use podid_api::{ASSIGNED_IDENTITY_FINALIZER, AssignedIdentityState, AzureAssignedIdentity};
 use podid_fake_apiserver::FakeApiServer;
 use podid_mic::desired::ArmTarget;
 use podid_mic::probe::Health;
 mod common;
 
-use common::{Cluster, HOUR, WAIT, wait_for};
+use common::{Cluster, HOUR, WAIT, lease_holder, wait_for};
 use podid_mic::run::{AssignFuture, IdentityAssigner, NoArm, RunError, kube_client, serve};
 
 const RID: &str = "/subscriptions/S/resourcegroups/RG/providers/Microsoft.ManagedIdentity/userAssignedIdentities/kv-id";
@@ -96,20 +93,7 @@ async fn seed(client: &kube::Client) {
         .create(&pp, &vmss_node("n1"))
         .await
         .expect("node");
-    Api::<AzureIdentity>::namespaced(client.clone(), "default")
-        .create(
-            &pp,
-            &AzureIdentity::user_assigned("default", "kv-id", RID, "client-1"),
-        )
-        .await
-        .expect("identity");
-    Api::<AzureIdentityBinding>::namespaced(client.clone(), "default")
-        .create(
-            &pp,
-            &AzureIdentityBinding::for_selector("default", "kv-binding", "kv-id", "kv"),
-        )
-        .await
-        .expect("binding");
+    common::create_binding(client, "kv-id", RID, "client-1", "kv-binding", "kv").await;
 }
 
 /// MIC's loop with a [`Recorder`] as its ARM side (failing with `fail`), on a server seeded by
@@ -389,22 +373,10 @@ fn config_for(kubeconfig: &std::path::Path) -> podid_mic::config::Config {
         .expect("config")
 }
 
-async fn lease_holder(client: &kube::Client) -> Option<String> {
-    Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(client.clone(), "default")
-        .get_opt("aad-pod-identity-mic")
-        .await
-        .expect("get lease")
-        .and_then(|l| l.spec)
-        .and_then(|s| s.holder_identity)
-}
-
 #[tokio::test]
 async fn serve_leads_assigns_and_hands_the_lease_back() {
     let server = FakeApiServer::start().await.expect("server");
-    let dir = std::env::temp_dir().join(format!("podid-mic-serve-{}", server.addr().port()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let path = dir.join("kubeconfig");
-    server.write_kubeconfig(&path).expect("kubeconfig");
+    let path = common::kubeconfig(&server);
     let client = kube_client(Some(&path)).await.expect("client");
     seed(&client).await;
     Api::<Pod>::namespaced(client.clone(), "default")
@@ -452,10 +424,7 @@ async fn serve_leads_assigns_and_hands_the_lease_back() {
 #[tokio::test]
 async fn serve_stops_with_lost_lease_when_another_replica_took_it() {
     let server = FakeApiServer::start().await.expect("server");
-    let dir = std::env::temp_dir().join(format!("podid-mic-lost-{}", server.addr().port()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let path = dir.join("kubeconfig");
-    server.write_kubeconfig(&path).expect("kubeconfig");
+    let path = common::kubeconfig(&server);
     let client = kube_client(Some(&path)).await.expect("client");
     let config = config_for(&path);
     let task = tokio::spawn(async move {

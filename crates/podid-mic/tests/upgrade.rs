@@ -4,9 +4,12 @@
 //! skips everything.
 
 use podid_fake_apiserver::FakeApiServer;
-use podid_mic::run::kube_client;
 use podid_mic::upgrade::{Outcome, UpgradeSettings, run};
 use serde_json::{Value, json};
+
+mod common;
+
+use common::client_for;
 
 const GROUP: &str = "/apis/aadpodidentity.k8s.io/v1/namespaces/default";
 
@@ -17,14 +20,6 @@ fn settings() -> UpgradeSettings {
         key: "type-upgrade-status".to_owned(),
         version: "9.9.9".to_owned(),
     }
-}
-
-async fn client_for(server: &FakeApiServer) -> kube::Client {
-    let dir = std::env::temp_dir().join(format!("podid-mic-upgrade-{}", server.addr().port()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let path = dir.join("kubeconfig");
-    server.write_kubeconfig(&path).expect("write kubeconfig");
-    kube_client(Some(&path)).await.expect("client")
 }
 
 fn get(server: &FakeApiServer, path: &str) -> Value {

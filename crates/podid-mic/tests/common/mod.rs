@@ -205,13 +205,57 @@ pub fn pod(name: &str, node: &str, selector: &str) -> Pod {
     }
 }
 
-/// A client of `server` through a kubeconfig it wrote.
-pub async fn client_for(server: &FakeApiServer) -> kube::Client {
+/// An AzureIdentity `identity` (type 0: `resource_id`, `client_id`) and an
+/// AzureIdentityBinding `binding` of it with selector `selector`, in `default`.
+pub async fn create_binding(
+    client: &kube::Client,
+    identity: &str,
+    resource_id: &str,
+    client_id: &str,
+    binding: &str,
+    selector: &str,
+) {
+    let pp = PostParams::default();
+    Api::<AzureIdentity>::namespaced(client.clone(), "default")
+        .create(
+            &pp,
+            &AzureIdentity::user_assigned("default", identity, resource_id, client_id),
+        )
+        .await
+        .expect("identity");
+    Api::<AzureIdentityBinding>::namespaced(client.clone(), "default")
+        .create(
+            &pp,
+            &AzureIdentityBinding::for_selector("default", binding, identity, selector),
+        )
+        .await
+        .expect("binding");
+}
+
+/// A kubeconfig for `server`, written in a directory of its own (the server's port).
+pub fn kubeconfig(server: &FakeApiServer) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("podid-mic-test-{}", server.addr().port()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let path = dir.join("kubeconfig");
     server.write_kubeconfig(&path).expect("write kubeconfig");
-    kube_client(Some(&path)).await.expect("client")
+    path
+}
+
+/// The holder of MIC's leader Lease (`default/aad-pod-identity-mic`), if any.
+pub async fn lease_holder(client: &kube::Client) -> Option<String> {
+    Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(client.clone(), "default")
+        .get_opt("aad-pod-identity-mic")
+        .await
+        .expect("get lease")
+        .and_then(|l| l.spec)
+        .and_then(|s| s.holder_identity)
+}
+
+/// A client of `server` through [`kubeconfig`].
+pub async fn client_for(server: &FakeApiServer) -> kube::Client {
+    kube_client(Some(&kubeconfig(server)))
+        .await
+        .expect("client")
 }
 
 /// The fake API server, and MIC's loop on it (restartable).
@@ -301,31 +345,15 @@ impl Cluster {
 
     /// An AzureIdentity for `identity` and a binding with selector `selector`, both named after it.
     pub async fn bind(&self, identity: &UserAssignedIdentity, selector: &str) {
-        let pp = PostParams::default();
-        Api::<AzureIdentity>::namespaced(self.client.clone(), "default")
-            .create(
-                &pp,
-                &AzureIdentity::user_assigned(
-                    "default",
-                    &identity.name,
-                    &identity.resource_id,
-                    &identity.client_id,
-                ),
-            )
-            .await
-            .expect("identity");
-        Api::<AzureIdentityBinding>::namespaced(self.client.clone(), "default")
-            .create(
-                &pp,
-                &AzureIdentityBinding::for_selector(
-                    "default",
-                    &format!("{}-binding", identity.name),
-                    &identity.name,
-                    selector,
-                ),
-            )
-            .await
-            .expect("binding");
+        create_binding(
+            &self.client,
+            &identity.name,
+            &identity.resource_id,
+            &identity.client_id,
+            &format!("{}-binding", identity.name),
+            selector,
+        )
+        .await;
     }
 
     pub async fn add_pod(&self, name: &str, node: &str, selector: &str) {
