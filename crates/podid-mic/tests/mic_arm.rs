@@ -6,7 +6,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use kube::api::Api;
 use podid_api::AssignedIdentityState;
 use podid_azure_sim::{ImdsHandle, UserAssignedIdentity};
 use podid_controller::arm::{ARM_RESOURCE, ArmConfig};
@@ -238,20 +237,9 @@ async fn a_refused_identity_does_not_block_the_others_of_its_vmss() {
         .await;
     assert!(azure.has(&kv));
     assert!(!azure.has(&ghost));
-    let event = wait_for("a binding apply error on ghost's binding", || async {
-        Api::<k8s_openapi::api::events::v1::Event>::namespaced(cluster.client.clone(), "default")
-            .list(&Default::default())
-            .await
-            .expect("list events")
-            .items
-            .into_iter()
-            .find(|e| {
-                e.reason.as_deref() == Some("binding apply error")
-                    && e.regarding.as_ref().and_then(|r| r.name.as_deref())
-                        == Some("ghost-id-binding")
-            })
-    })
-    .await;
+    let event = cluster
+        .event("binding apply error", "ghost-id-binding")
+        .await;
     assert_eq!(event.type_.as_deref(), Some("Warning"));
     let ghost_object = cluster
         .assigned("web-1-default-ghost-id")

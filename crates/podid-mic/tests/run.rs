@@ -109,18 +109,11 @@ async fn start(fail: bool, identity_reconcile: Duration) -> (Cluster, Arc<Record
 #[tokio::test]
 async fn assignment_lifecycle() {
     let (cluster, recorder) = start(false, HOUR).await;
-    Api::<Pod>::namespaced(cluster.client.clone(), "default")
-        .create(&PostParams::default(), &pod("web-1", "n1"))
-        .await
-        .expect("pod");
+    cluster.add_pod("web-1", "n1", "kv").await;
 
-    let object = wait_for("web-1-default-kv-id Assigned", || async {
-        cluster
-            .assigned("web-1-default-kv-id")
-            .await
-            .filter(|o| o.state() == AssignedIdentityState::Assigned)
-    })
-    .await;
+    let object = cluster
+        .wait_state("web-1-default-kv-id", AssignedIdentityState::Assigned)
+        .await;
     assert_eq!(
         object.metadata.finalizers,
         Some(vec![ASSIGNED_IDENTITY_FINALIZER.to_owned()])
@@ -240,18 +233,11 @@ async fn each_removed_assignment_is_deleted_once() {
 #[tokio::test]
 async fn an_assignment_deleted_by_a_user_loses_its_finalizer_without_a_second_delete() {
     let (cluster, _recorder) = start(false, HOUR).await;
-    Api::<Pod>::namespaced(cluster.client.clone(), "default")
-        .create(&PostParams::default(), &pod("web-u", "n1"))
-        .await
-        .expect("pod");
+    cluster.add_pod("web-u", "n1", "kv").await;
     let name = "web-u-default-kv-id";
-    let first = wait_for("web-u Assigned", || async {
-        cluster
-            .assigned(name)
-            .await
-            .filter(|o| o.state() == AssignedIdentityState::Assigned)
-    })
-    .await;
+    let first = cluster
+        .wait_state(name, AssignedIdentityState::Assigned)
+        .await;
     let faults = cluster.server.faults();
     faults.clear_log();
     // `kubectl delete`: the finalizer keeps it, terminating, until mic lets go.
@@ -278,10 +264,7 @@ async fn an_assignment_deleted_by_a_user_loses_its_finalizer_without_a_second_de
 #[tokio::test]
 async fn failed_vmss_update_is_retried_without_a_new_event() {
     let (cluster, recorder) = start(true, HOUR).await;
-    Api::<Pod>::namespaced(cluster.client.clone(), "default")
-        .create(&PostParams::default(), &pod("web-2", "n1"))
-        .await
-        .expect("pod");
+    cluster.add_pod("web-2", "n1", "kv").await;
     // ARM refuses: the object exists but stays Created.
     let object = wait_for("web-2-default-kv-id created", || async {
         cluster.assigned("web-2-default-kv-id").await
@@ -318,30 +301,19 @@ async fn failed_vmss_update_is_retried_without_a_new_event() {
     );
     // ARM recovers: the retry (no event involved) makes it Assigned.
     recorder.fail.store(false, Ordering::SeqCst);
-    wait_for("web-2-default-kv-id Assigned", || async {
-        cluster
-            .assigned("web-2-default-kv-id")
-            .await
-            .filter(|o| o.state() == AssignedIdentityState::Assigned)
-    })
-    .await;
+    cluster
+        .wait_state("web-2-default-kv-id", AssignedIdentityState::Assigned)
+        .await;
     cluster.stop().await;
 }
 
 #[tokio::test]
 async fn periodic_reconcile_hands_required_ids_again_without_events() {
     let (cluster, recorder) = start(false, Duration::from_millis(300)).await;
-    Api::<Pod>::namespaced(cluster.client.clone(), "default")
-        .create(&PostParams::default(), &pod("web-3", "n1"))
-        .await
-        .expect("pod");
-    wait_for("web-3-default-kv-id Assigned", || async {
-        cluster
-            .assigned("web-3-default-kv-id")
-            .await
-            .filter(|o| o.state() == AssignedIdentityState::Assigned)
-    })
-    .await;
+    cluster.add_pod("web-3", "n1", "kv").await;
+    cluster
+        .wait_state("web-3-default-kv-id", AssignedIdentityState::Assigned)
+        .await;
     let after_assignment = recorder.calls().len();
     let id = RID.to_ascii_lowercase();
     let calls = wait_for("two reconcile calls", || async {
