@@ -80,12 +80,9 @@ pub fn identity_spec(identity: &AzureIdentity, credential: Credential) -> Identi
     }
 }
 
-/// The broker serves type-0 identities and the exception path by client id, resource id
-/// (`msi_res_id`) or the system-assigned identity. Types 1 and 2 need their Secret: wrap the
-/// broker in a provider that reads it and calls [`identity_spec`] with the credential
-/// (`agent::CredentialedBroker`).
 /// The broker's cache-key view of `request`'s identity, for a hit without building an
-/// [`IdentitySpec`] (`None`: the view needs owned data, take the full path).
+/// [`IdentitySpec`] (`None` for a Workload Identity target without its federated credential,
+/// which the full path refuses).
 fn cache_view<'a>(request: &TokenRequest<'a>) -> Option<IdentityView<'a>> {
     const NONE: &Credential = &Credential::None;
     let credential = request.federated.unwrap_or(NONE);
@@ -122,6 +119,10 @@ fn cache_view<'a>(request: &TokenRequest<'a>) -> Option<IdentityView<'a>> {
     Some(view)
 }
 
+/// The broker serves type-0 identities and the exception path by client id, resource id
+/// (`msi_res_id`) or the system-assigned identity. Types 1 and 2 need their Secret: wrap the
+/// broker in a provider that reads it and calls [`identity_spec`] with the credential
+/// (`agent::CredentialedBroker`).
 impl TokenProvider for TokenBroker {
     fn tokens<'a>(&'a self, request: TokenRequest<'a>) -> TokenFuture<'a> {
         Box::pin(async move {
