@@ -14,6 +14,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{ArgAction, Parser};
+use podid_controller::cli::KlogFlags;
+pub use podid_controller::cli::parse_go_bool;
 
 /// The raw command line, exactly as upstream spells it. Turn it into a [`Config`] with
 /// [`Flags::into_config`].
@@ -133,39 +135,9 @@ pub struct Flags {
           default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
     pub release_finished_pods: bool,
 
-    // klog flags, accepted for manifest compatibility.
-    /// Log verbosity (klog `-v`).
-    #[arg(short = 'v', long = "v", default_value_t = 0)]
-    pub verbosity: u8,
-    #[arg(long = "logtostderr", hide = true, num_args = 0..=1, require_equals = true,
-          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
-    #[doc(hidden)]
-    pub logtostderr: Option<bool>,
-    #[arg(long = "alsologtostderr", hide = true, num_args = 0..=1, require_equals = true,
-          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
-    #[doc(hidden)]
-    pub alsologtostderr: Option<bool>,
-    #[arg(long = "log_dir", hide = true)]
-    #[doc(hidden)]
-    pub log_dir: Option<String>,
-    #[arg(long = "log_file", hide = true)]
-    #[doc(hidden)]
-    pub log_file: Option<String>,
-    #[arg(long = "vmodule", hide = true)]
-    #[doc(hidden)]
-    pub vmodule: Option<String>,
-    #[arg(long = "stderrthreshold", hide = true)]
-    #[doc(hidden)]
-    pub stderrthreshold: Option<String>,
-}
-
-/// Parses a boolean the way Go's `strconv.ParseBool` does.
-pub fn parse_go_bool(value: &str) -> Result<bool, String> {
-    match value {
-        "1" | "t" | "T" | "TRUE" | "true" | "True" => Ok(true),
-        "0" | "f" | "F" | "FALSE" | "false" | "False" => Ok(false),
-        other => Err(format!("invalid boolean value {other:?}")),
-    }
+    /// klog's flags (`-v` and the ignored others).
+    #[command(flatten)]
+    pub klog: KlogFlags,
 }
 
 /// Parses a duration the way Go's `time.ParseDuration` does: an optional sign, then one or more
@@ -490,7 +462,7 @@ impl Flags {
                 &self.identity_assignment_reconcile_interval,
             )?,
             log_format,
-            verbosity: self.verbosity,
+            verbosity: self.klog.verbosity,
             custom_user_agent: (!self.custom_user_agent.trim().is_empty())
                 .then(|| self.custom_user_agent.trim().to_owned()),
             endpoints,
@@ -591,17 +563,6 @@ mod tests {
         for bad in ["", "1", "s", "1x", "1.2.3s", "-1s", "1h-5m", ".s", "3600"] {
             assert!(parse_go_duration(bad).is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn go_bools() {
-        for yes in ["1", "t", "T", "TRUE", "true", "True"] {
-            assert_eq!(parse_go_bool(yes), Ok(true));
-        }
-        for no in ["0", "f", "F", "FALSE", "false", "False"] {
-            assert_eq!(parse_go_bool(no), Ok(false));
-        }
-        assert!(parse_go_bool("yes").is_err());
     }
 
     #[test]

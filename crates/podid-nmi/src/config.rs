@@ -12,6 +12,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{ArgAction, Parser};
+use podid_controller::cli::KlogFlags;
+pub use podid_controller::cli::parse_go_bool;
 use podid_imds::ErrorBodyStyle;
 
 /// The raw command line, exactly as upstream spells it. Turn it into a [`Config`] with
@@ -141,39 +143,9 @@ pub struct Flags {
     #[arg(long = "federated-authority-host", default_value = "")]
     pub federated_authority_host: String,
 
-    // klog flags, accepted for manifest compatibility.
-    /// Log verbosity (klog `-v`).
-    #[arg(short = 'v', long = "v", default_value_t = 0)]
-    pub verbosity: u8,
-    #[arg(long = "logtostderr", hide = true, num_args = 0..=1, require_equals = true,
-          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
-    #[doc(hidden)]
-    pub logtostderr: Option<bool>,
-    #[arg(long = "alsologtostderr", hide = true, num_args = 0..=1, require_equals = true,
-          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
-    #[doc(hidden)]
-    pub alsologtostderr: Option<bool>,
-    #[arg(long = "log_dir", hide = true)]
-    #[doc(hidden)]
-    pub log_dir: Option<String>,
-    #[arg(long = "log_file", hide = true)]
-    #[doc(hidden)]
-    pub log_file: Option<String>,
-    #[arg(long = "vmodule", hide = true)]
-    #[doc(hidden)]
-    pub vmodule: Option<String>,
-    #[arg(long = "stderrthreshold", hide = true)]
-    #[doc(hidden)]
-    pub stderrthreshold: Option<String>,
-}
-
-/// Parses a boolean the way Go's `strconv.ParseBool` does.
-pub fn parse_go_bool(value: &str) -> Result<bool, String> {
-    match value {
-        "1" | "t" | "T" | "TRUE" | "true" | "True" => Ok(true),
-        "0" | "f" | "F" | "FALSE" | "false" | "False" => Ok(false),
-        other => Err(format!("invalid boolean value {other:?}")),
-    }
+    /// klog's flags (`-v` and the ignored others).
+    #[command(flatten)]
+    pub klog: KlogFlags,
 }
 
 /// How NMI picks identities (reference §2.8, §2.9).
@@ -411,7 +383,7 @@ impl Flags {
             set_retry_after_header: self.set_retry_after_header,
             conntrack_deletion: self.enable_conntrack_deletion,
             log_format,
-            verbosity: self.verbosity,
+            verbosity: self.klog.verbosity,
             custom_user_agent: (!self.custom_user_agent.trim().is_empty())
                 .then(|| self.custom_user_agent.trim().to_owned()),
             profile_requested: self.enable_profile,
@@ -754,17 +726,6 @@ mod tests {
                 .contains("--node is required")
         );
         assert!(parse(&["--node=n", "--no-such-flag"]).is_err());
-    }
-
-    #[test]
-    fn go_bools() {
-        for yes in ["1", "t", "T", "TRUE", "true", "True"] {
-            assert_eq!(parse_go_bool(yes), Ok(true));
-        }
-        for no in ["0", "f", "F", "FALSE", "false", "False"] {
-            assert_eq!(parse_go_bool(no), Ok(false));
-        }
-        assert!(parse_go_bool("yes").is_err());
     }
 
     #[test]
