@@ -84,6 +84,19 @@ fn token_requests(cluster: &Cluster, namespace: &str, name: &str) -> usize {
         .count()
 }
 
+/// Starts nmi with the simulated tenant as the cluster's default federated tenant, plus `extra`
+/// flags, and waits until it is ready.
+async fn start_nmi(cluster: &mut Cluster, extra: &[&str]) -> anyhow::Result<()> {
+    let tenant = format!(
+        "--federated-default-tenant-id={}",
+        cluster.cloud.tenant_id()
+    );
+    let mut flags = vec![tenant.as_str()];
+    flags.extend_from_slice(extra);
+    cluster.spawn_nmi(&flags)?;
+    cluster.wait_ready().await
+}
+
 /// Waits (bounded) for nmi's `FederatedTokenFailed` Event on pod `default/<pod>` and returns it.
 async fn federated_token_failed_event(cluster: &Cluster, pod: &str) -> anyhow::Result<Value> {
     wait_for(
@@ -153,12 +166,7 @@ async fn flipping_an_identity_to_federated_and_back_serves_every_request() -> an
     cluster.create(BINDINGS, serde_json::to_value(&binding)?)?;
 
     cluster.spawn_mic()?;
-    let tenant = format!(
-        "--federated-default-tenant-id={}",
-        cluster.cloud.tenant_id()
-    );
-    cluster.spawn_nmi(&[&tenant])?;
-    cluster.wait_ready().await?;
+    start_nmi(&mut cluster, &[]).await?;
     let pod = Arc::new(cluster.node.add_pod("web")?);
     cluster.add_pod("web-1", Some("web"), pod.ip())?;
 
@@ -281,12 +289,7 @@ async fn missing_federated_setup_is_a_403_naming_what_to_create() -> anyhow::Res
         cluster.create(BINDINGS, serde_json::to_value(&binding)?)?;
     }
     cluster.spawn_mic()?;
-    let tenant = format!(
-        "--federated-default-tenant-id={}",
-        cluster.cloud.tenant_id()
-    );
-    cluster.spawn_nmi(&[&tenant])?;
-    cluster.wait_ready().await?;
+    start_nmi(&mut cluster, &[]).await?;
     let lonely_pod = Arc::new(cluster.node.add_pod("lonely")?);
     cluster.add_pod("lonely-1", Some("lonely"), lonely_pod.ip())?;
     let shared_pod = Arc::new(cluster.node.add_pod("shared")?);
@@ -355,13 +358,12 @@ async fn a_workload_identity_labelled_pod_gets_its_token_through_imds() -> anyho
             "annotations": {podid_api::WORKLOAD_IDENTITY_CLIENT_ID_ANNOTATION: app.client_id},
         }}),
     )?;
-    let tenant = format!(
-        "--federated-default-tenant-id={}",
-        cluster.cloud.tenant_id()
-    );
     let authority = format!("--federated-authority-host={}", cluster.entra_url);
-    cluster.spawn_nmi(&[&tenant, &authority, "--serve-workload-identity-pods"])?;
-    cluster.wait_ready().await?;
+    start_nmi(
+        &mut cluster,
+        &[&authority, "--serve-workload-identity-pods"],
+    )
+    .await?;
     let pod = Arc::new(cluster.node.add_pod("wi")?);
     cluster.add_pod_with_labels(
         "wi-1",
