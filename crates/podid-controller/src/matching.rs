@@ -349,28 +349,33 @@ impl MatchIndex {
         &self,
         pod: &CallerPod,
     ) -> Vec<(Arc<AzureIdentityBinding>, Arc<AzureIdentity>)> {
-        let Some(label) = pod.binding_label() else {
-            return Vec::new();
-        };
-        let Some(bindings) = self.bindings_by_selector.get(label) else {
-            return Vec::new();
-        };
-        let managed = self.options.mode == MatchMode::Managed;
-        bindings
-            .iter()
-            .filter_map(|binding| {
-                let binding_ns = binding.metadata.namespace.as_deref().unwrap_or_default();
-                if managed && binding_ns != pod.namespace {
-                    return None;
-                }
-                let name = binding.spec.azure_identity.as_deref()?;
-                let identity = get_ns_name(&self.identities, binding_ns, name)?;
-                if (managed || self.namespaced(identity)) && binding_ns != pod.namespace {
-                    return None;
-                }
-                Some((Arc::clone(binding), Arc::clone(identity)))
-            })
+        self.pod_binding_refs(pod)
+            .map(|(binding, identity)| (Arc::clone(binding), Arc::clone(identity)))
             .collect()
+    }
+
+    /// [`MatchIndex::pod_bindings`] borrowed, without collecting (for the token path).
+    pub fn pod_binding_refs<'a>(
+        &'a self,
+        pod: &'a CallerPod,
+    ) -> impl Iterator<Item = (&'a Arc<AzureIdentityBinding>, &'a Arc<AzureIdentity>)> + 'a {
+        let bindings = pod
+            .binding_label()
+            .and_then(|label| self.bindings_by_selector.get(label))
+            .map_or(&[][..], Vec::as_slice);
+        let managed = self.options.mode == MatchMode::Managed;
+        bindings.iter().filter_map(move |binding| {
+            let binding_ns = binding.metadata.namespace.as_deref().unwrap_or_default();
+            if managed && binding_ns != pod.namespace {
+                return None;
+            }
+            let name = binding.spec.azure_identity.as_deref()?;
+            let identity = get_ns_name(&self.identities, binding_ns, name)?;
+            if (managed || self.namespaced(identity)) && binding_ns != pod.namespace {
+                return None;
+            }
+            Some((binding, identity))
+        })
     }
 
     /// Standard mode: the pod's assignments that pass the label and namespace rules, in
@@ -493,7 +498,7 @@ impl MatchIndex {
         if self.options.mode == MatchMode::Standard {
             // A binding selects the pod for a wanted identity that has no assignment at all yet:
             // MIC has not caught up with the pod.
-            let awaiting = self.pod_bindings(pod).iter().any(|(_, identity)| {
+            let awaiting = self.pod_binding_refs(pod).any(|(_, identity)| {
                 matches(identity)
                     && !candidates().any(|(candidate, _)| same_identity(candidate, identity))
             });

@@ -59,5 +59,6 @@ pub use response::{
 };
 pub use route::{Route, classify, decoded_path, split_path_and_query};
 pub use token::{
-    HostTokenResponse, TokenResponse, parse_expires_on, token_list_response, unix_seconds,
+    AccessToken, HostTokenResponse, TokenResponse, parse_expires_on, token_list_response,
+    unix_seconds,
 };

@@ -16,11 +16,46 @@ use serde::ser::{Serialize, SerializeStruct, Serializer};
 use crate::gojson;
 use crate::response::{CONTENT_TYPE_JSON, WireResponse};
 
+/// An access token, checked once for what writing it as a JSON string needs. A token made only
+/// of printable ASCII that neither JSON nor Go escapes (every JWT) is copied into each answer
+/// as it is; any other is escaped on every write, as [`TokenResponse::new`] does. Token
+/// sources' tokens are kept in this form so the per-request body costs one copy, not a scan
+/// of a ~1.4 KB string. `Debug` never shows the token.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AccessToken {
+    text: String,
+    plain: bool,
+}
+
+impl AccessToken {
+    /// Check `text` once.
+    pub fn new(text: impl Into<String>) -> Self {
+        let text = text.into();
+        let plain = text
+            .bytes()
+            .all(|b| matches!(b, 0x20..=0x7e) && !matches!(b, b'"' | b'\\' | b'<' | b'>' | b'&'));
+        Self { text, plain }
+    }
+
+    /// The token. Never log or format it.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+}
+
+impl fmt::Debug for AccessToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AccessToken(<redacted>)")
+    }
+}
+
 /// One token as NMI hands it out. Borrows everything; serialising is the only allocation.
 /// `Debug` never shows the access token.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct TokenResponse<'a> {
     access_token: &'a str,
+    /// `access_token` needs no escaping (checked by [`AccessToken::new`]).
+    access_token_plain: bool,
     resource: &'a str,
     token_type: &'a str,
     expires_on: u64,
@@ -42,12 +77,27 @@ impl<'a> TokenResponse<'a> {
     pub fn new(access_token: &'a str, resource: &'a str, expires_on: u64, now: SystemTime) -> Self {
         Self {
             access_token,
+            access_token_plain: false,
             resource,
             token_type: "Bearer",
             expires_on,
             expires_in: expires_on.saturating_sub(unix_seconds(now)),
             not_before: None,
             client_id: None,
+        }
+    }
+
+    /// [`TokenResponse::new`] for a checked [`AccessToken`], whose body is written without
+    /// scanning the token again.
+    pub fn from_access_token(
+        access_token: &'a AccessToken,
+        resource: &'a str,
+        expires_on: u64,
+        now: SystemTime,
+    ) -> Self {
+        Self {
+            access_token_plain: access_token.plain,
+            ..Self::new(&access_token.text, resource, expires_on, now)
         }
     }
 
@@ -79,10 +129,48 @@ impl<'a> TokenResponse<'a> {
         self.expires_in
     }
 
-    /// The JSON body, byte-identical to Go's `json.Marshal` of the same fields.
+    /// The JSON body, byte-identical to Go's `json.Marshal` of the same fields (and to this
+    /// type's `Serialize`, which arrays of tokens use). Written directly, not through serde:
+    /// it is the body of every cache hit.
     pub fn to_json(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.access_token.len() + self.resource.len() + 192);
-        gojson::write(&mut out, self);
+        let client_id_len = self.client_id.map_or(0, str::len);
+        // Keys, quotes and five numbers of at most 20 digits fit in 320 bytes; escaping may
+        // grow the strings, which only costs a reallocation.
+        let mut out = Vec::with_capacity(
+            self.access_token.len()
+                + self.resource.len()
+                + self.token_type.len()
+                + client_id_len
+                + 320,
+        );
+        out.extend_from_slice(b"{\"access_token\":");
+        if self.access_token_plain {
+            out.push(b'"');
+            out.extend_from_slice(self.access_token.as_bytes());
+            out.push(b'"');
+        } else {
+            gojson::write(&mut out, self.access_token);
+        }
+        out.extend_from_slice(b",\"refresh_token\":\"\",\"expires_in\":\"");
+        push_digits(&mut out, self.expires_in);
+        out.extend_from_slice(b"\",\"expires_on\":\"");
+        push_digits(&mut out, self.expires_on);
+        out.extend_from_slice(b"\",\"not_before\":\"");
+        if let Some(not_before) = self.not_before {
+            push_digits(&mut out, not_before);
+        }
+        out.extend_from_slice(b"\",\"resource\":");
+        gojson::write(&mut out, self.resource);
+        out.extend_from_slice(b",\"token_type\":");
+        gojson::write(&mut out, self.token_type);
+        if let Some(client_id) = self.client_id {
+            out.extend_from_slice(b",\"client_id\":");
+            gojson::write(&mut out, client_id);
+            out.extend_from_slice(b",\"ext_expires_in\":\"");
+            push_digits(&mut out, self.expires_in);
+            out.push(b'"');
+        }
+        out.push(b'}');
         out
     }
 
@@ -142,6 +230,21 @@ impl fmt::Debug for TokenResponse<'_> {
             .field("client_id", &self.client_id)
             .finish()
     }
+}
+
+/// Append `n`'s decimal digits.
+fn push_digits(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b"0123456789"[usize::try_from(n % 10).unwrap_or_default()];
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[start..]);
 }
 
 /// A number written as a JSON string of digits; `None` as `""`.
@@ -313,6 +416,73 @@ mod tests {
                 client_id: "c"
             }
         );
+        assert!(!shown.contains("secret"), "{shown}");
+    }
+
+    /// The body every cache hit gets is written by hand; it must stay byte-identical to the
+    /// serde encoding (Go's `json.Marshal` order and escaping, covered by the golden tests).
+    #[test]
+    fn direct_body_matches_the_serde_encoding() {
+        let tokens = [
+            "eyJ0eXAi.eyJhdWQi.c2ln-_",
+            "",
+            "a<b>&\"q\"\\\n\u{2028}é\u{7f}",
+            "x y~",
+        ];
+        let mut checked = 0;
+        for text in tokens {
+            let checked_token = AccessToken::new(text);
+            for resource in ["https://vault.azure.net", "r&<\u{2029}>"] {
+                for token_type in ["Bearer", "po\"p"] {
+                    for not_before in [None, Some(0), Some(u64::MAX)] {
+                        for (expires_on, now) in
+                            [(0, 5), (1_700_003_599, 1_700_000_000), (u64::MAX, 0)]
+                        {
+                            for client_id in [None, Some("0d1c2b3a"), Some("c<\"&")] {
+                                let plain = TokenResponse::new(text, resource, expires_on, at(now));
+                                let fast = TokenResponse::from_access_token(
+                                    &checked_token,
+                                    resource,
+                                    expires_on,
+                                    at(now),
+                                );
+                                for t in [plain, fast] {
+                                    let mut t = t.with_token_type(token_type);
+                                    if let Some(n) = not_before {
+                                        t = t.with_not_before(n);
+                                    }
+                                    if let Some(c) = client_id {
+                                        t = t.with_client_id(c);
+                                    }
+                                    let mut serde = Vec::new();
+                                    gojson::write(&mut serde, &t);
+                                    assert_eq!(
+                                        String::from_utf8(t.to_json()).unwrap(),
+                                        String::from_utf8(serde).unwrap()
+                                    );
+                                    checked += 1;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(checked, 4 * 2 * 2 * 3 * 3 * 3 * 2);
+    }
+
+    #[test]
+    fn only_tokens_nothing_escapes_are_copied_unchecked() {
+        assert!(AccessToken::new("eyJ0eXAi.eyJhdWQi.c2ln-_~ =/+").plain);
+        assert!(AccessToken::new("").plain);
+        for special in [
+            "\"", "\\", "<", ">", "&", "\n", "\u{1f}", "\u{7f}", "é", "\u{2028}",
+        ] {
+            let token = AccessToken::new(format!("eyJ{special}x"));
+            assert!(!token.plain, "{special:?}");
+            assert_eq!(token.as_str(), format!("eyJ{special}x"));
+        }
+        let shown = format!("{:?}", AccessToken::new("eyJ.secret.sig"));
         assert!(!shown.contains("secret"), "{shown}");
     }
 

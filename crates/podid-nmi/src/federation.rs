@@ -103,16 +103,15 @@ pub fn credential_for(
     pod_uid: &str,
     identity: &AzureIdentity,
 ) -> Option<Credential> {
-    let live;
     let binding = match assigned.binding(pod, identity) {
         Some(recorded) => recorded,
-        None => {
-            live = index.pod_bindings(pod).into_iter().find(|(_, candidate)| {
+        None => index
+            .pod_binding_refs(pod)
+            .find(|(_, candidate)| {
                 candidate.metadata.namespace == identity.metadata.namespace
                     && candidate.metadata.name == identity.metadata.name
-            });
-            live.as_ref().map(|(binding, _)| &**binding)
-        }
+            })
+            .map(|(binding, _)| &**binding),
     };
     let identity_namespace = identity.metadata.namespace.as_deref().unwrap_or("default");
     federated_credential(

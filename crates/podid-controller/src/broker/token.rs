@@ -3,12 +3,13 @@
 use std::fmt;
 use std::time::SystemTime;
 
-use podid_imds::{TokenResponse, unix_seconds};
+use podid_imds::{AccessToken, TokenResponse, unix_seconds};
 
 /// An access token with its expiry. `Debug` never shows the token.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Token {
-    access_token: String,
+    /// Checked once for JSON escaping ([`AccessToken`]).
+    access_token: AccessToken,
     /// Expiry, Unix seconds.
     pub expires_on: u64,
     /// `not_before`, Unix seconds, if the source gave one.
@@ -27,7 +28,7 @@ impl Token {
         expires_on: u64,
     ) -> Self {
         Self {
-            access_token: access_token.into(),
+            access_token: AccessToken::new(access_token),
             expires_on,
             not_before: None,
             resource: resource.into(),
@@ -37,7 +38,7 @@ impl Token {
 
     /// The access token. Never log or format it.
     pub fn access_token(&self) -> &str {
-        &self.access_token
+        self.access_token.as_str()
     }
 
     /// Whether the token is still valid at `now`.
@@ -52,9 +53,13 @@ impl Token {
         client_id: Option<&'a str>,
         now: SystemTime,
     ) -> TokenResponse<'a> {
-        let mut response =
-            TokenResponse::new(&self.access_token, &self.resource, self.expires_on, now)
-                .with_token_type(&self.token_type);
+        let mut response = TokenResponse::from_access_token(
+            &self.access_token,
+            &self.resource,
+            self.expires_on,
+            now,
+        )
+        .with_token_type(&self.token_type);
         if let Some(not_before) = self.not_before {
             response = response.with_not_before(not_before);
         }

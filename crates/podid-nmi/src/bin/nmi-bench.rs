@@ -41,6 +41,7 @@ use podid_controller::broker::{
 };
 use podid_controller::matching::{MatchIndex, MatchOptions};
 use podid_imds::ErrorOptions;
+use podid_nmi::federation::AssignedBindings;
 use podid_nmi::metrics::Metrics;
 use podid_nmi::pods::PodIndex;
 use podid_nmi::provider::identity_spec;
@@ -420,13 +421,18 @@ async fn main() -> anyhow::Result<()> {
     let objects = objects();
     let match_options = MatchOptions::default();
     let matcher = Arc::new(Matcher::new(match_options));
-    matcher.replace(MatchIndex::new(
-        match_options,
-        objects.identities.iter().cloned(),
-        objects.bindings.iter().cloned(),
-        objects.assignments.iter().cloned(),
-        [],
-    ));
+    // As nmi's watch loop builds it in standard mode: the index plus the binding copies the
+    // assignments record (which the federated-switch check reads).
+    matcher.replace_with_assigned(
+        MatchIndex::new(
+            match_options,
+            objects.identities.iter().cloned(),
+            objects.bindings.iter().cloned(),
+            objects.assignments.iter().cloned(),
+            [],
+        ),
+        AssignedBindings::new(objects.assignments.iter().map(|a| &**a)),
+    );
     matcher.mark_synced();
     let source = Arc::new(CountingSource::default());
     let broker = TokenBroker::new(
