@@ -8,11 +8,12 @@
 //! podid adds `podid_nmi_token_cache_hits_total`, `podid_nmi_token_cache_misses_total` (copied
 //! from the broker's counters at scrape time) and `podid_nmi_attribution_failures_total`.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use podid_controller::broker::BrokerStats;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
+    TextEncoder,
 };
 
 /// Upstream's NMI request histogram buckets (seconds).
@@ -53,7 +54,19 @@ pub struct Metrics {
     cache_hits: IntCounter,
     cache_misses: IntCounter,
     broker: Mutex<Option<BrokerMirror>>,
+    /// The `imds_operations_duration` child of each known `operation_type`, resolved on first
+    /// use (so the exposition still shows only observed series): every token request records
+    /// one, and resolving a child hashes its label and takes the family's lock.
+    imds_durations: [OnceLock<Histogram>; IMDS_OPERATIONS.len()],
 }
+
+/// The `operation_type`s [`Metrics::observe_imds_operation`] keeps a resolved child for.
+const IMDS_OPERATIONS: [&str; 4] = [
+    imds_operation::MSI,
+    imds_operation::MSI_USER_ASSIGNED,
+    imds_operation::SERVICE_PRINCIPAL,
+    imds_operation::FEDERATED,
+];
 
 #[derive(Debug)]
 struct BrokerMirror {
@@ -156,6 +169,24 @@ impl Metrics {
             cache_hits,
             cache_misses,
             broker: Mutex::new(None),
+            imds_durations: Default::default(),
+        }
+    }
+
+    /// Record one token operation of `operation` (an [`imds_operation`] name) taking `seconds`
+    /// in `aadpodidentity_imds_operations_duration_seconds`.
+    pub fn observe_imds_operation(&self, operation: &str, seconds: f64) {
+        match IMDS_OPERATIONS.iter().position(|known| *known == operation) {
+            Some(i) => self.imds_durations[i]
+                .get_or_init(|| {
+                    self.imds_operations_duration
+                        .with_label_values(&[operation])
+                })
+                .observe(seconds),
+            None => self
+                .imds_operations_duration
+                .with_label_values(&[operation])
+                .observe(seconds),
         }
     }
 
@@ -202,5 +233,35 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exposition(metrics: &Metrics) -> String {
+        String::from_utf8(metrics.encode()).unwrap_or_default()
+    }
+
+    #[test]
+    fn imds_operations_are_recorded_in_their_own_series_only_once_observed() {
+        let metrics = Metrics::new();
+        let family = "aadpodidentity_imds_operations_duration_seconds_count";
+        assert!(!exposition(&metrics).contains(family));
+        metrics.observe_imds_operation(imds_operation::MSI_USER_ASSIGNED, 0.001);
+        metrics.observe_imds_operation(imds_operation::MSI_USER_ASSIGNED, 0.002);
+        metrics.observe_imds_operation(imds_operation::FEDERATED, 0.003);
+        metrics.observe_imds_operation("something_else", 0.004);
+        let text = exposition(&metrics);
+        for (operation, count) in [
+            (imds_operation::MSI_USER_ASSIGNED, 2),
+            (imds_operation::FEDERATED, 1),
+            ("something_else", 1),
+        ] {
+            let line = format!("{family}{{operation_type=\"{operation}\"}} {count}");
+            assert!(text.contains(&line), "{line} missing in:\n{text}");
+        }
+        assert!(!text.contains(&format!("operation_type=\"{}\"", imds_operation::MSI)));
     }
 }

@@ -515,46 +515,28 @@ async fn serve_with<M, S>(
     }
 }
 
-/// What a request turned out to be, owned so the request can be consumed afterwards.
-enum Action {
-    Immediate(WireResponse),
-    Token(String),
-    HostToken(String),
-    Instance,
-    Passthrough,
-}
-
 async fn handle(state: &NmiState, peer: SocketAddr, request: Request<Incoming>) -> Response<Body> {
     let options = state.options.errors;
-    let action = {
-        let target = request.uri().path_and_query().map_or("/", |p| p.as_str());
-        let route = classify(request.method(), target);
-        match route.immediate_response(options) {
-            Some(response) => Action::Immediate(response),
-            None => match route {
-                Route::Token { query } => Action::Token(query.to_owned()),
-                Route::HostToken { query } => Action::HostToken(query.to_owned()),
-                Route::InstanceMetadata => Action::Instance,
-                _ => Action::Passthrough,
-            },
-        }
-    };
-    match action {
-        Action::Immediate(response) => to_response(response),
-        Action::Token(query) => {
+    // The token routes borrow their query from the request (no copy per request); only
+    // passthrough consumes it.
+    let target = request.uri().path_and_query().map_or("/", |p| p.as_str());
+    let route = classify(request.method(), target);
+    if let Some(response) = route.immediate_response(options) {
+        return to_response(response);
+    }
+    match route {
+        Route::Token { query } => {
             let timed = Timed::start(state, "token");
-            to_response(token_route(state, timed, peer.ip(), request.headers(), &query).await)
+            to_response(token_route(state, timed, peer.ip(), request.headers(), query).await)
         }
-        Action::HostToken(query) if state.options.enable_host_token => {
+        Route::HostToken { query } if state.options.enable_host_token => {
             let timed = Timed::start(state, "host_token");
-            to_response(host_token_route(state, timed, peer.ip(), request.headers(), &query).await)
+            to_response(host_token_route(state, timed, peer.ip(), request.headers(), query).await)
         }
-        Action::Instance if state.options.block_instance_metadata => {
+        Route::InstanceMetadata if state.options.block_instance_metadata => {
             error_response(&ImdsError::InstanceMetadataBlocked, options)
         }
-        Action::HostToken(_) | Action::Instance | Action::Passthrough => {
-            passthrough(state, request).await
-        }
+        _ => passthrough(state, request).await,
     }
 }
 
@@ -1041,9 +1023,7 @@ async fn fetch(
     let result = state.tokens.tokens(request).await;
     state
         .metrics
-        .imds_operations_duration
-        .with_label_values(&[operation])
-        .observe(started.elapsed().as_secs_f64());
+        .observe_imds_operation(operation, started.elapsed().as_secs_f64());
     match &result {
         Ok(issued) if issued.tokens.is_empty() => {
             state
