@@ -31,9 +31,7 @@ impl AccessToken {
     /// Check `text` once.
     pub fn new(text: impl Into<String>) -> Self {
         let text = text.into();
-        let plain = text
-            .bytes()
-            .all(|b| matches!(b, 0x20..=0x7e) && !matches!(b, b'"' | b'\\' | b'<' | b'>' | b'&'));
+        let plain = is_plain(&text);
         Self { text, plain }
     }
 
@@ -144,13 +142,8 @@ impl<'a> TokenResponse<'a> {
                 + 320,
         );
         out.extend_from_slice(b"{\"access_token\":");
-        if self.access_token_plain {
-            out.push(b'"');
-            out.extend_from_slice(self.access_token.as_bytes());
-            out.push(b'"');
-        } else {
-            gojson::write(&mut out, self.access_token);
-        }
+        // A checked token (`AccessToken`) is not scanned again.
+        push_str(&mut out, self.access_token, self.access_token_plain);
         out.extend_from_slice(b",\"refresh_token\":\"\",\"expires_in\":\"");
         push_digits(&mut out, self.expires_in);
         out.extend_from_slice(b"\",\"expires_on\":\"");
@@ -160,12 +153,12 @@ impl<'a> TokenResponse<'a> {
             push_digits(&mut out, not_before);
         }
         out.extend_from_slice(b"\",\"resource\":");
-        gojson::write(&mut out, self.resource);
+        push_str(&mut out, self.resource, false);
         out.extend_from_slice(b",\"token_type\":");
-        gojson::write(&mut out, self.token_type);
+        push_str(&mut out, self.token_type, false);
         if let Some(client_id) = self.client_id {
             out.extend_from_slice(b",\"client_id\":");
-            gojson::write(&mut out, client_id);
+            push_str(&mut out, client_id, false);
             out.extend_from_slice(b",\"ext_expires_in\":\"");
             push_digits(&mut out, self.expires_in);
             out.push(b'"');
@@ -229,6 +222,25 @@ impl fmt::Debug for TokenResponse<'_> {
             .field("not_before", &self.not_before)
             .field("client_id", &self.client_id)
             .finish()
+    }
+}
+
+/// Whether `text` is written into a JSON string unchanged by Go's encoder: printable ASCII
+/// without `"`, `\\`, `<`, `>` or `&`.
+fn is_plain(text: &str) -> bool {
+    text.bytes()
+        .all(|b| matches!(b, 0x20..=0x7e) && !matches!(b, b'"' | b'\\' | b'<' | b'>' | b'&'))
+}
+
+/// Append `text` as a JSON string: copied between quotes when [plain](is_plain) (checked
+/// already when `plain`), else escaped like Go.
+fn push_str(out: &mut Vec<u8>, text: &str, plain: bool) {
+    if plain || is_plain(text) {
+        out.push(b'"');
+        out.extend_from_slice(text.as_bytes());
+        out.push(b'"');
+    } else {
+        gojson::write(out, text);
     }
 }
 
