@@ -36,7 +36,9 @@ use crate::events::{self, EventSink};
 use crate::interception::{self, Interception, SystemIptables};
 use crate::metrics::Metrics;
 use crate::pods::PodIndex;
-use crate::provider::{TokenFuture, TokenProvider, TokenRequest, TokenTarget, identity_spec};
+use crate::provider::{
+    Issued, TokenFuture, TokenProvider, TokenRequest, TokenTarget, identity_spec,
+};
 use crate::run::{Revoke, WatchConfig, spawn_service_account_watch, spawn_watches};
 use crate::server::{Health, Matcher, NmiState, ServerOptions, serve, serve_metrics, serve_probes};
 use crate::workload::ServiceAccounts;
@@ -435,14 +437,109 @@ impl TokenProvider for CredentialedBroker {
             }
             let spec = Arc::new(identity_spec(identity, credential));
             let issued = self.broker.issue(&spec, request.resource).await?;
-            Ok(crate::provider::Issued {
+            Ok(Issued {
                 tokens: issued.tokens,
                 cache_hit: Some(issued.cached),
             })
         })
     }
 
+    /// Types 1 and 2 read their Secret on every request (a deleted or changed Secret stops
+    /// or changes the identity at once), so only the other targets are answered from the
+    /// cache here.
+    fn cached(&self, request: &TokenRequest<'_>) -> Option<Issued> {
+        if let TokenTarget::Identity(identity) = request.target
+            && request.federated.is_none()
+            && matches!(identity.identity_type().as_i64(), 1 | 2)
+        {
+            return None;
+        }
+        TokenProvider::cached(&self.broker, request)
+    }
+
     fn stats(&self) -> Option<Arc<BrokerStats>> {
         Some(Arc::clone(self.broker.stats()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use podid_api::IdentityType as WireType;
+    use podid_controller::broker::{
+        FetchRequest, Secret as SecretValue, SourceFuture, SourceKind, Token, TokenSource,
+    };
+    use podid_controller::matching::CallerPod;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    #[derive(Debug, Default)]
+    struct Counting(AtomicU64);
+
+    impl TokenSource for Counting {
+        fn kind(&self) -> SourceKind {
+            SourceKind::Imds
+        }
+
+        fn fetch<'a>(&'a self, request: &'a FetchRequest) -> SourceFuture<'a> {
+            self.0.fetch_add(1, Ordering::Relaxed);
+            let resource = request.resource.clone();
+            Box::pin(async move { Ok(Token::new("eyJ.a.b", resource, u64::MAX / 2)) })
+        }
+    }
+
+    /// A cache hit is answered without a future for identities without a Secret; types 1 and 2
+    /// always take the full path, which reads their Secret (here: an API server that is not
+    /// there, so the request fails instead of serving the cached token).
+    #[tokio::test]
+    async fn cache_hits_skip_the_future_but_never_the_secret_read() {
+        let source = Arc::new(Counting::default());
+        let broker = TokenBroker::new(
+            BrokerConfig::default(),
+            Sources::all(source.clone()),
+            Arc::new(SystemClock),
+        );
+        let msi = AzureIdentity::user_assigned("app", "msi", "/subscriptions/s/x/msi", "client-0");
+        let sp = AzureIdentity::service_principal(
+            "app",
+            "sp",
+            WireType::ServicePrincipal,
+            "tenant",
+            "client-1",
+            "sp-secret",
+        );
+        for (identity, credential) in [
+            (&msi, Credential::None),
+            (&sp, Credential::ClientSecret(SecretValue::new("hunter2"))),
+        ] {
+            let spec = Arc::new(identity_spec(identity, credential));
+            broker
+                .tokens(&spec, "https://vault.azure.net")
+                .await
+                .unwrap();
+        }
+        assert_eq!(source.0.load(Ordering::Relaxed), 2);
+        let config = kube::Config::new("http://127.0.0.1:9".parse().unwrap());
+        let credentialed = CredentialedBroker::new(broker, kube::Client::try_from(config).unwrap());
+        let pod = CallerPod {
+            namespace: "app".to_owned(),
+            name: "p".to_owned(),
+            service_account: String::new(),
+            labels: BTreeMap::new(),
+            annotations: BTreeMap::new(),
+        };
+        let request = |identity| TokenRequest {
+            target: TokenTarget::Identity(identity),
+            resource: "https://vault.azure.net",
+            pod: &pod,
+            federated: None,
+        };
+        let hit = credentialed.cached(&request(&msi)).unwrap();
+        assert_eq!(hit.cache_hit, Some(true));
+        assert_eq!(hit.tokens[0].access_token(), "eyJ.a.b");
+        assert!(credentialed.cached(&request(&sp)).is_none());
+        let error = credentialed.tokens(request(&sp)).await.unwrap_err();
+        assert!(error.to_string().contains("sp-secret"), "{error}");
+        assert_eq!(source.0.load(Ordering::Relaxed), 2);
     }
 }

@@ -59,6 +59,13 @@ pub trait TokenProvider: Send + Sync + fmt::Debug {
     /// The tokens for `request`.
     fn tokens<'a>(&'a self, request: TokenRequest<'a>) -> TokenFuture<'a>;
 
+    /// The tokens for `request` when a cache holds them (what [`TokenProvider::tokens`] would
+    /// answer at once), without the future: the server tries it first on every request. `None`
+    /// means "ask [`TokenProvider::tokens`]", never a refusal.
+    fn cached(&self, _request: &TokenRequest<'_>) -> Option<Issued> {
+        None
+    }
+
     /// Broker counters to expose as metrics, if any.
     fn stats(&self) -> Option<Arc<BrokerStats>> {
         None
@@ -126,13 +133,8 @@ fn cache_view<'a>(request: &TokenRequest<'a>) -> Option<IdentityView<'a>> {
 impl TokenProvider for TokenBroker {
     fn tokens<'a>(&'a self, request: TokenRequest<'a>) -> TokenFuture<'a> {
         Box::pin(async move {
-            if let Some(view) = cache_view(&request)
-                && let Some(issued) = self.cached(view, request.resource)
-            {
-                return Ok(Issued {
-                    tokens: issued.tokens,
-                    cache_hit: Some(true),
-                });
+            if let Some(hit) = TokenProvider::cached(self, &request) {
+                return Ok(hit);
             }
             let spec = match request.target {
                 TokenTarget::Identity(identity) => identity_spec(
@@ -163,6 +165,14 @@ impl TokenProvider for TokenBroker {
                 tokens: issued.tokens,
                 cache_hit: Some(issued.cached),
             })
+        })
+    }
+
+    fn cached(&self, request: &TokenRequest<'_>) -> Option<Issued> {
+        let issued = TokenBroker::cached(self, cache_view(request)?, request.resource)?;
+        Some(Issued {
+            tokens: issued.tokens,
+            cache_hit: Some(true),
         })
     }
 

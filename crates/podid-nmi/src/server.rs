@@ -531,12 +531,21 @@ async fn handle(state: &NmiState, peer: SocketAddr, request: Request<Incoming>) 
         }
         Route::HostToken { query } if state.options.enable_host_token => {
             let timed = Timed::start(state, "host_token");
-            to_response(host_token_route(state, timed, peer.ip(), request.headers(), query).await)
+            let answer = Box::pin(host_token_route(
+                state,
+                timed,
+                peer.ip(),
+                request.headers(),
+                query,
+            ));
+            to_response(answer.await)
         }
         Route::InstanceMetadata if state.options.block_instance_metadata => {
             error_response(&ImdsError::InstanceMetadataBlocked, options)
         }
-        _ => passthrough(state, request).await,
+        // Boxed: the proxy's state is large, and every token request would carry (and copy)
+        // it inline.
+        _ => Box::pin(passthrough(state, request)).await,
     }
 }
 
@@ -673,7 +682,15 @@ async fn token_route(
         Ok(query) => query,
         Err(error) => return timed.error(&error, options, ""),
     };
-    let pod = match state.pods.wait_for(ip, state.options.pod_wait).await {
+    // A pod not indexed yet is waited for (boxed: the wait's timer would make every
+    // request's future larger).
+    let pod = match state.pods.lookup(ip) {
+        Err(LookupError::NotFound { .. }) => {
+            Box::pin(state.pods.wait_for(ip, state.options.pod_wait)).await
+        }
+        found => found,
+    };
+    let pod = match pod {
         Ok(pod) => pod,
         Err(error) => {
             record_attribution_failure(&state.metrics, error);
@@ -813,12 +830,13 @@ async fn grant(
     let index = state.matcher.current();
     let decision = match index.decide(pod, selector) {
         // Fast path: no subscription (a shared counter every request would touch), no deadline.
-        Decision::Pending(_) => wait_while_pending(state, pod, selector).await?,
+        // Boxed, like the other slow paths: keeps the per-request future small.
+        Decision::Pending(_) => Box::pin(wait_while_pending(state, pod, selector)).await?,
         other => other,
     };
     match decision {
         Decision::NoMatch(no_match) if serves_as_workload_pod(state, pod, &no_match) => {
-            workload_grant(state, pod, selector, resource).await
+            Box::pin(workload_grant(state, pod, selector, resource)).await
         }
         Decision::NoMatch(no_match) => {
             let denied = Denied::from(no_match.to_imds_error(pod));
@@ -1020,7 +1038,10 @@ async fn fetch(
     operation: &'static str,
 ) -> Result<crate::provider::Issued, BrokerError> {
     let started = Instant::now();
-    let result = state.tokens.tokens(request).await;
+    let result = match state.tokens.cached(&request) {
+        Some(hit) => Ok(hit),
+        None => state.tokens.tokens(request).await,
+    };
     state
         .metrics
         .observe_imds_operation(operation, started.elapsed().as_secs_f64());
