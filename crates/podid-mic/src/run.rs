@@ -253,9 +253,80 @@ pub struct PassReport {
     /// Uids of the objects deleted (or found gone) by this pass. The loop keeps them out of
     /// later passes while its cache still shows them, so they are not deleted twice.
     pub removed: Vec<String>,
+    /// The objects this pass created or marked `Assigned`, as the API server returned them.
+    /// The loop reads these instead of its cache's copies while the cache has not caught up,
+    /// so a later pass neither creates them again nor confirms them again (with their events).
+    pub written: Vec<Written>,
 }
 
+/// An assignment a pass created or marked `Assigned`, as the API server returned it.
+#[derive(Debug, Clone)]
+pub struct Written {
+    /// The resourceVersion this write replaced (the cache's copy, or what this pass created
+    /// or updated before it); `None` for a create.
+    stale_version: Option<String>,
+    /// Created by the pass: until the cache shows it, it is read from here.
+    created: bool,
+    object: AzureAssignedIdentity,
+    at: std::time::Instant,
+}
+
+impl PartialEq for Written {
+    fn eq(&self, other: &Self) -> bool {
+        self.stale_version == other.stale_version
+            && self.created == other.created
+            && self.object.metadata.resource_version == other.object.metadata.resource_version
+            && self.object.metadata.uid == other.object.metadata.uid
+    }
+}
+
+impl Eq for Written {}
+
+impl Written {
+    /// Whether the cache, holding `cached_version` of the object (`None`: not at all), is
+    /// still behind this write.
+    fn ahead_of(&self, cached_version: Option<Option<&str>>) -> bool {
+        match cached_version {
+            Some(version) => version.is_some() && version == self.stale_version.as_deref(),
+            None => self.created && self.at.elapsed() < WRITTEN_TTL,
+        }
+    }
+}
+
+/// How long a created object the cache does not show yet is read from the pass's own record:
+/// the watch delivers a create well within this, and an object deleted meanwhile must not
+/// linger.
+const WRITTEN_TTL: Duration = Duration::from_secs(60);
+
 impl PassReport {
+    /// Counts confirmation results and records what each successful one wrote (`record`:
+    /// the [`Written`] record of an object and the API server's answer, `None` when its
+    /// previous version is unknown).
+    fn confirmations<'o>(
+        &mut self,
+        results: impl IntoIterator<
+            Item = (
+                Option<&'o AzureAssignedIdentity>,
+                Result<AzureAssignedIdentity, kube::Error>,
+            ),
+        >,
+        record: impl Fn(&AzureAssignedIdentity, AzureAssignedIdentity) -> Option<Written>,
+    ) {
+        for (object, result) in results {
+            match result {
+                Ok(after) => {
+                    self.assigned += 1;
+                    self.written
+                        .extend(object.and_then(|object| record(object, after)));
+                }
+                Err(e) => {
+                    warn!(error = %e, "AzureAssignedIdentity call failed");
+                    self.failures += 1;
+                }
+            }
+        }
+    }
+
     /// Counts deletion results and records the uids of the objects now gone.
     fn deletions(&mut self, results: Vec<(&AzureAssignedIdentity, Result<(), kube::Error>)>) {
         for (object, result) in results {
@@ -496,7 +567,7 @@ async fn run_loop(
             &mut memory,
         )
         .await;
-        memory.removed.extend(report.removed.iter().cloned());
+        memory.remember(&report);
         if report != PassReport::default() {
             crate::metrics::cycle(started.elapsed());
             info!(
@@ -537,6 +608,31 @@ struct Memory {
     warned: HashSet<Warning>,
     /// Uids of objects deleted by earlier passes that the cache may still show.
     removed: HashSet<String>,
+    /// What earlier passes created or confirmed, by (namespace, name), while the cache may
+    /// not show it yet.
+    written: HashMap<(String, String), Written>,
+}
+
+impl Memory {
+    /// Takes in what a pass wrote.
+    fn remember(&mut self, report: &PassReport) {
+        self.removed.extend(report.removed.iter().cloned());
+        for written in &report.written {
+            let object = &written.object;
+            let key = (namespace_of(object).to_owned(), name_of(object).to_owned());
+            self.written.insert(key, written.clone());
+        }
+        if !report.removed.is_empty() {
+            self.written.retain(|_, written| {
+                written
+                    .object
+                    .metadata
+                    .uid
+                    .as_ref()
+                    .is_none_or(|uid| !report.removed.contains(uid))
+            });
+        }
+    }
 }
 
 /// One reconcile pass over the current caches.
@@ -549,7 +645,11 @@ async fn pass(
     every_target: bool,
     memory: &mut Memory,
 ) -> PassReport {
-    let Memory { warned, removed } = memory;
+    let Memory {
+        warned,
+        removed,
+        written,
+    } = memory;
     let pods = stores.pods.state();
     let nodes = stores.nodes.state();
     let identities = stores.identities.state();
@@ -562,9 +662,45 @@ async fn pass(
         .filter_map(|o| o.metadata.uid.as_deref())
         .collect();
     removed.retain(|uid| cached.contains(uid.as_str()));
+    // What earlier passes created or marked `Assigned` is read as the API server returned it
+    // while the cache is behind (else it would be created or confirmed again). A record goes
+    // once the cache caught up or moved on, or when a created object never showed up in time.
+    let cached_versions: HashMap<(&str, &str), Option<&str>> = existing
+        .iter()
+        .map(|o| {
+            (
+                (namespace_of(o), name_of(o)),
+                o.metadata.resource_version.as_deref(),
+            )
+        })
+        .collect();
+    written.retain(|(namespace, name), record| {
+        record.ahead_of(
+            cached_versions
+                .get(&(namespace.as_str(), name.as_str()))
+                .copied(),
+        )
+    });
+    let written = &*written;
     let existing: Vec<&AzureAssignedIdentity> = existing
         .iter()
-        .map(AsRef::as_ref)
+        .map(|o| {
+            if written.is_empty() {
+                return o.as_ref();
+            }
+            let key = (namespace_of(o).to_owned(), name_of(o).to_owned());
+            written
+                .get(&key)
+                .map_or(o.as_ref(), |record| &record.object)
+        })
+        .chain(
+            written
+                .iter()
+                .filter(|((namespace, name), _)| {
+                    !cached_versions.contains_key(&(namespace.as_str(), name.as_str()))
+                })
+                .map(|(_, record)| &record.object),
+        )
         .filter(|o| {
             o.metadata
                 .uid
@@ -665,10 +801,25 @@ pub async fn apply_plan_with(
         })
         .collect();
     let mut failed: HashSet<&str> = HashSet::new();
+    // resourceVersions as this pass wrote them (a later confirmation patches that version).
+    let mut versions: HashMap<&str, (String, bool)> = HashMap::new();
     for (name, create, result) in bounded(writes, batch).await {
+        if let Ok(Some(object)) = &result {
+            if let Some(version) = &object.metadata.resource_version {
+                versions.insert(name, (version.clone(), create));
+            }
+            if create {
+                report.written.push(Written {
+                    stale_version: None,
+                    created: true,
+                    object: object.clone(),
+                    at: std::time::Instant::now(),
+                });
+            }
+        }
         match result {
-            Ok(()) if create => report.created += 1,
-            Ok(()) => report.updated += 1,
+            Ok(_) if create => report.created += 1,
+            Ok(_) => report.updated += 1,
             Err(e) => {
                 warn!(name, error = %e, "failed to write AzureAssignedIdentity");
                 report.failures += 1;
@@ -704,6 +855,21 @@ pub async fn apply_plan_with(
     }
     let failed = &failed;
     let namespace = |name: &str| namespaces.get(name).copied().unwrap_or("default");
+    // The record of a confirmation of `object`: the version it patched (the one this pass
+    // wrote, else the one the plan read) and the API server's answer.
+    let versions = &versions;
+    let confirmation = move |object: &AzureAssignedIdentity, after: AzureAssignedIdentity| {
+        let (stale_version, created) = match versions.get(name_of(object)) {
+            Some((version, created)) => (version.clone(), *created),
+            None => (object.metadata.resource_version.clone()?, false),
+        };
+        Some(Written {
+            stale_version: Some(stale_version),
+            created,
+            object: after,
+            at: std::time::Instant::now(),
+        })
+    };
 
     // 2. Deletions that need no ARM work. Those whose node is gone get upstream's
     //    `binding removed` / `binding remove error` events (its node-deleted path).
@@ -729,7 +895,11 @@ pub async fn apply_plan_with(
     report.deletions(bounded(deletions, batch).await);
 
     // 3. Identities that need no ARM work.
-    let confirms: Vec<BoxFuture<'_, Result<(), kube::Error>>> = plan
+    type Confirmed<'o> = (
+        Option<&'o AzureAssignedIdentity>,
+        Result<AzureAssignedIdentity, kube::Error>,
+    );
+    let confirms: Vec<BoxFuture<'_, Confirmed<'_>>> = plan
         .assign_without_arm
         .iter()
         .filter(|name| !failed.contains(name.as_str()))
@@ -740,15 +910,12 @@ pub async fn apply_plan_with(
                 if let (Some(events), Some(object)) = (events, object) {
                     confirm_events(events, object, result.as_ref().err(), false).await;
                 }
-                result
+                (object, result)
             }) as BoxFuture<'_, _>
         })
         .collect();
-    count(
-        &mut report.assigned,
-        &mut report.failures,
-        bounded(confirms, batch).await,
-    );
+    let confirmed = bounded(confirms, batch).await;
+    report.confirmations(confirmed, confirmation);
 
     // 4. Per VM/VMSS, concurrently.
     let per_target: Vec<BoxFuture<'_, PassReport>> = plan
@@ -826,7 +993,7 @@ pub async fn apply_plan_with(
                 let present = &present;
                 // Status first, events after: a scale set's 500 `binding applied` events must
                 // not hold up its assignments turning `Assigned` (nmi waits on that state).
-                let confirms: Vec<BoxFuture<'_, (&AzureAssignedIdentity, Result<(), kube::Error>)>> =
+                let confirms: Vec<BoxFuture<'_, (&AzureAssignedIdentity, Result<AzureAssignedIdentity, kube::Error>)>> =
                     applied
                     .iter()
                     .map(|&object| {
@@ -859,8 +1026,7 @@ pub async fn apply_plan_with(
                         .collect();
                     bounded(publishing, batch).await;
                 }
-                let confirms: Vec<Result<(), kube::Error>> =
-                    confirmed.into_iter().map(|(_, result)| result).collect();
+
                 let releases: Vec<BoxFuture<'_, (&AzureAssignedIdentity, Result<(), kube::Error>)>> = deletions
                     .iter()
                     .filter(|d| {
@@ -874,7 +1040,10 @@ pub async fn apply_plan_with(
                         }) as BoxFuture<'_, _>
                     })
                     .collect();
-                count(&mut report.assigned, &mut report.failures, confirms);
+                report.confirmations(
+                    confirmed.into_iter().map(|(object, result)| (Some(object), result)),
+                    confirmation,
+                );
                 report.deletions(bounded(releases, batch).await);
                 report
             }) as BoxFuture<'_, _>
@@ -886,6 +1055,7 @@ pub async fn apply_plan_with(
         report.failures += r.failures;
         report.retry_after = report.retry_after.max(r.retry_after);
         report.removed.extend(r.removed);
+        report.written.extend(r.written);
     }
     report
 }
@@ -977,7 +1147,12 @@ async fn removal_event(
 }
 
 /// Name, whether it was a create, and the result of one create or replace.
-type WriteOutcome<'a> = (&'a str, bool, Result<(), kube::Error>);
+/// A create or update: the name, whether it was a create, and what was written.
+type WriteOutcome<'a> = (
+    &'a str,
+    bool,
+    Result<Option<AzureAssignedIdentity>, kube::Error>,
+);
 
 /// Source component of MIC's events, as upstream.
 pub const EVENT_SOURCE: &str = "aadpodidentity.k8s.io";
@@ -1072,7 +1247,10 @@ async fn release_and_delete(
     deletion: &Deletion<'_>,
 ) -> Result<(), kube::Error> {
     let object = deletion.object;
-    match set_state(client, namespace_of(object), name_of(object), "Unassigned").await {
+    match set_state(client, namespace_of(object), name_of(object), "Unassigned")
+        .await
+        .map(drop)
+    {
         Err(e) if is_status(&e, 404) => return Ok(()),
         Err(e) => {
             if let Some(events) = events {
@@ -1090,18 +1268,6 @@ async fn release_and_delete(
         Ok(()) => {}
     }
     delete_assigned(client, object).await
-}
-
-fn count(ok: &mut usize, failures: &mut usize, results: Vec<Result<(), kube::Error>>) {
-    for result in results {
-        match result {
-            Ok(()) => *ok += 1,
-            Err(e) => {
-                warn!(error = %e, "AzureAssignedIdentity call failed");
-                *failures += 1;
-            }
-        }
-    }
 }
 
 /// The lower-cased resource id of the identity behind `object` (empty when it has none).
@@ -1131,21 +1297,22 @@ fn is_status(e: &kube::Error, code: u16) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == code)
 }
 
+/// Creates `object`; what was created (`None` when it already existed).
 async fn create_assigned(
     client: &Client,
     object: &AzureAssignedIdentity,
-) -> Result<(), kube::Error> {
+) -> Result<Option<AzureAssignedIdentity>, kube::Error> {
     let started = std::time::Instant::now();
     match api(client, namespace_of(object))
         .create(&PostParams::default(), object)
         .await
     {
-        Ok(_) => {
+        Ok(created) => {
             crate::metrics::addition(started.elapsed());
-            Ok(())
+            Ok(Some(created))
         }
         // The cache lags our own writes; the next pass sees the object.
-        Err(e) if is_status(&e, 409) => Ok(()),
+        Err(e) if is_status(&e, 409) => Ok(None),
         Err(e) => {
             crate::metrics::kube_error(crate::metrics::OP_ADDITION);
             Err(e)
@@ -1153,18 +1320,19 @@ async fn create_assigned(
     }
 }
 
+/// Rewrites `object`; what was written.
 async fn replace_assigned(
     client: &Client,
     object: &AzureAssignedIdentity,
-) -> Result<(), kube::Error> {
+) -> Result<Option<AzureAssignedIdentity>, kube::Error> {
     let started = std::time::Instant::now();
     let result = api(client, namespace_of(object))
         .replace(name_of(object), &PostParams::default(), object)
         .await;
     match result {
-        Ok(_) => {
+        Ok(written) => {
             crate::metrics::update(started.elapsed());
-            Ok(())
+            Ok(Some(written))
         }
         Err(e) => {
             crate::metrics::kube_error(crate::metrics::OP_UPDATE);
@@ -1173,12 +1341,13 @@ async fn replace_assigned(
     }
 }
 
+/// Patches the state; the object as the API server returned it.
 async fn set_state(
     client: &Client,
     namespace: &str,
     name: &str,
     state: &str,
-) -> Result<(), kube::Error> {
+) -> Result<AzureAssignedIdentity, kube::Error> {
     api(client, namespace)
         .patch(
             name,
@@ -1186,7 +1355,6 @@ async fn set_state(
             &Patch::Merge(json!({"status": {"status": state}})),
         )
         .await
-        .map(drop)
         .inspect_err(|_| crate::metrics::kube_error(crate::metrics::OP_STATUS))
 }
 
@@ -1197,7 +1365,7 @@ async fn set_assigned(
     namespace: &str,
     name: &str,
     mark: bool,
-) -> Result<(), kube::Error> {
+) -> Result<AzureAssignedIdentity, kube::Error> {
     if !mark {
         return set_state(client, namespace, name, "Assigned").await;
     }
@@ -1211,7 +1379,6 @@ async fn set_assigned(
             })),
         )
         .await
-        .map(drop)
         .inspect_err(|_| crate::metrics::kube_error(crate::metrics::OP_STATUS))
 }
 

@@ -231,6 +231,45 @@ async fn each_removed_assignment_is_deleted_once() {
 }
 
 #[tokio::test]
+async fn each_new_assignment_is_confirmed_once() {
+    const PODS: usize = 60;
+    let (cluster, _recorder) = start(false, HOUR).await;
+    let faults = cluster.server.faults();
+    faults.clear_log();
+    let pods = Api::<Pod>::namespaced(cluster.client.clone(), "default");
+    for i in 0..PODS {
+        pods.create(&PostParams::default(), &pod(&format!("web-c{i}"), "n1"))
+            .await
+            .expect("pod");
+    }
+    wait_for("every assignment Assigned", || async {
+        let list = cluster
+            .assignments()
+            .list(&Default::default())
+            .await
+            .expect("list");
+        (list.items.len() == PODS
+            && list
+                .items
+                .iter()
+                .all(|o| o.state() == AssignedIdentityState::Assigned))
+        .then_some(())
+    })
+    .await;
+    cluster.stop().await;
+    assert_eq!(
+        faults.count("create", "azureassignedidentities"),
+        PODS,
+        "one create per pod"
+    );
+    assert_eq!(
+        faults.count("patch", "azureassignedidentities"),
+        PODS,
+        "one status patch per assignment, none repeated for objects the cache still showed Created"
+    );
+}
+
+#[tokio::test]
 async fn an_assignment_deleted_by_a_user_loses_its_finalizer_without_a_second_delete() {
     let (cluster, _recorder) = start(false, HOUR).await;
     cluster.add_pod("web-u", "n1", "kv").await;
