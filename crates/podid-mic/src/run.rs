@@ -253,71 +253,74 @@ pub struct PassReport {
     /// Uids of the objects deleted (or found gone) by this pass. The loop keeps them out of
     /// later passes while its cache still shows them, so they are not deleted twice.
     pub removed: Vec<String>,
-    /// The objects this pass created or marked `Assigned`, as the API server returned them.
-    /// The loop reads these instead of its cache's copies while the cache has not caught up,
-    /// so a later pass neither creates them again nor confirms them again (with their events).
+    /// What this pass created or marked `Assigned` (compact: names, versions, the new state).
+    /// While the cache has not caught up, the loop waits for created objects to show up and
+    /// reads confirmed ones with their new state, so a later pass neither creates nor confirms
+    /// them again (with their events).
     pub written: Vec<Written>,
 }
 
-/// An assignment a pass created or marked `Assigned`, as the API server returned it.
-#[derive(Debug, Clone)]
+/// One object a pass created or marked `Assigned`.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Written {
-    /// The resourceVersion this write replaced (the cache's copy, or what this pass created
-    /// or updated before it); `None` for a create.
-    stale_version: Option<String>,
-    /// Created by the pass: until the cache shows it, it is read from here.
+    namespace: String,
+    name: String,
+    /// Created by the pass.
     created: bool,
-    object: AzureAssignedIdentity,
+    /// A confirmation: the version it patched, and what the patch made of it.
+    confirmed: Option<Confirmed>,
     at: std::time::Instant,
 }
 
-impl PartialEq for Written {
-    fn eq(&self, other: &Self) -> bool {
-        self.stale_version == other.stale_version
-            && self.created == other.created
-            && self.object.metadata.resource_version == other.object.metadata.resource_version
-            && self.object.metadata.uid == other.object.metadata.uid
-    }
+/// What a confirmation patched and wrote (the status and the pre-existing mark; nothing else
+/// changes).
+#[derive(Debug, Clone, PartialEq)]
+struct Confirmed {
+    stale_version: String,
+    version: Option<String>,
+    status: Option<podid_api::AzureAssignedIdentityStatus>,
+    preexisting: Option<String>,
 }
 
 impl Eq for Written {}
 
-impl Written {
-    /// Whether the cache, holding `cached_version` of the object (`None`: not at all), is
-    /// still behind this write.
-    fn ahead_of(&self, cached_version: Option<Option<&str>>) -> bool {
-        match cached_version {
-            Some(version) => version.is_some() && version == self.stale_version.as_deref(),
-            None => self.created && self.at.elapsed() < WRITTEN_TTL,
+impl Confirmed {
+    /// `cached` (the version the patch applied to) as the patch left it.
+    fn apply(&self, cached: &AzureAssignedIdentity) -> AzureAssignedIdentity {
+        let mut object = cached.clone();
+        object.metadata.resource_version.clone_from(&self.version);
+        object.status.clone_from(&self.status);
+        if let Some(mark) = &self.preexisting {
+            object
+                .metadata
+                .annotations
+                .get_or_insert_default()
+                .insert(PREEXISTING_ANNOTATION.to_owned(), mark.clone());
         }
+        object
     }
 }
 
-/// How long a created object the cache does not show yet is read from the pass's own record:
-/// the watch delivers a create well within this, and an object deleted meanwhile must not
-/// linger.
+/// How long a record of a created or confirmed object is kept while the cache does not show
+/// the object: the watch delivers a create well within this, and an object deleted meanwhile
+/// must not be waited for.
 const WRITTEN_TTL: Duration = Duration::from_secs(60);
 
+/// Longest wait, before a pass, for objects the previous pass created to reach the cache.
+const CREATED_WAIT: Duration = Duration::from_secs(1);
+
 impl PassReport {
-    /// Counts confirmation results and records what each successful one wrote (`record`:
-    /// the [`Written`] record of an object and the API server's answer, `None` when its
-    /// previous version is unknown).
-    fn confirmations<'o>(
+    /// Counts confirmation results and keeps the record of each successful one (`None` when
+    /// the object it confirmed is not known).
+    fn confirmations(
         &mut self,
-        results: impl IntoIterator<
-            Item = (
-                Option<&'o AzureAssignedIdentity>,
-                Result<AzureAssignedIdentity, kube::Error>,
-            ),
-        >,
-        record: impl Fn(&AzureAssignedIdentity, AzureAssignedIdentity) -> Option<Written>,
+        results: impl IntoIterator<Item = Result<Option<Written>, kube::Error>>,
     ) {
-        for (object, result) in results {
+        for result in results {
             match result {
-                Ok(after) => {
+                Ok(written) => {
                     self.assigned += 1;
-                    self.written
-                        .extend(object.and_then(|object| record(object, after)));
+                    self.written.extend(written);
                 }
                 Err(e) => {
                     warn!(error = %e, "AzureAssignedIdentity call failed");
@@ -556,6 +559,17 @@ async fn run_loop(
     let mut memory = Memory::default();
     let mut next_reconcile = tokio::time::Instant::now() + settings.identity_reconcile;
     loop {
+        // Objects the last pass created reach the cache within milliseconds; a pass that ran
+        // before would create them again (and confirm them twice). Bounded wait.
+        let deadline = tokio::time::Instant::now() + CREATED_WAIT;
+        while memory.awaits_created(&stores.assigned.state())
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::select! {
+                () = notify.notified() => {}
+                () = tokio::time::sleep_until(deadline) => {}
+            }
+        }
         let started = std::time::Instant::now();
         let report = pass(
             client,
@@ -618,20 +632,32 @@ impl Memory {
     fn remember(&mut self, report: &PassReport) {
         self.removed.extend(report.removed.iter().cloned());
         for written in &report.written {
-            let object = &written.object;
-            let key = (namespace_of(object).to_owned(), name_of(object).to_owned());
-            self.written.insert(key, written.clone());
+            let key = (written.namespace.clone(), written.name.clone());
+            match self.written.get_mut(&key) {
+                // A create and its confirmation in one pass.
+                Some(known) if written.confirmed.is_some() => {
+                    known.confirmed.clone_from(&written.confirmed);
+                    known.at = written.at;
+                }
+                _ => {
+                    self.written.insert(key, written.clone());
+                }
+            }
         }
-        if !report.removed.is_empty() {
-            self.written.retain(|_, written| {
-                written
-                    .object
-                    .metadata
-                    .uid
-                    .as_ref()
-                    .is_none_or(|uid| !report.removed.contains(uid))
-            });
-        }
+    }
+
+    /// Whether an object an earlier pass created is not in `cached` yet (recently enough to
+    /// wait for it).
+    fn awaits_created(&self, cached: &[Arc<AzureAssignedIdentity>]) -> bool {
+        let shown: HashSet<(&str, &str)> = cached
+            .iter()
+            .map(|o| (namespace_of(o), name_of(o)))
+            .collect();
+        self.written.values().any(|w| {
+            w.created
+                && w.at.elapsed() < WRITTEN_TTL
+                && !shown.contains(&(w.namespace.as_str(), w.name.as_str()))
+        })
     }
 }
 
@@ -662,9 +688,9 @@ async fn pass(
         .filter_map(|o| o.metadata.uid.as_deref())
         .collect();
     removed.retain(|uid| cached.contains(uid.as_str()));
-    // What earlier passes created or marked `Assigned` is read as the API server returned it
-    // while the cache is behind (else it would be created or confirmed again). A record goes
-    // once the cache caught up or moved on, or when a created object never showed up in time.
+    // What earlier passes marked `Assigned` is read with that state while the cache still
+    // shows the version before the patch (else it would be confirmed again). A record goes
+    // once the cache moved past it, or when its object is not shown in time.
     let cached_versions: HashMap<(&str, &str), Option<&str>> = existing
         .iter()
         .map(|o| {
@@ -675,32 +701,35 @@ async fn pass(
         })
         .collect();
     written.retain(|(namespace, name), record| {
-        record.ahead_of(
-            cached_versions
-                .get(&(namespace.as_str(), name.as_str()))
-                .copied(),
-        )
+        match cached_versions.get(&(namespace.as_str(), name.as_str())) {
+            Some(version) => record
+                .confirmed
+                .as_ref()
+                .is_some_and(|c| *version == Some(c.stale_version.as_str())),
+            None => record.at.elapsed() < WRITTEN_TTL,
+        }
     });
-    let written = &*written;
+    let substituted: Vec<AzureAssignedIdentity> = if written.is_empty() {
+        Vec::new()
+    } else {
+        existing
+            .iter()
+            .filter_map(|o| {
+                let key = (namespace_of(o).to_owned(), name_of(o).to_owned());
+                let confirmed = written.get(&key)?.confirmed.as_ref()?;
+                Some(confirmed.apply(o))
+            })
+            .collect()
+    };
+    let replaced: HashSet<(&str, &str)> = substituted
+        .iter()
+        .map(|o| (namespace_of(o), name_of(o)))
+        .collect();
     let existing: Vec<&AzureAssignedIdentity> = existing
         .iter()
-        .map(|o| {
-            if written.is_empty() {
-                return o.as_ref();
-            }
-            let key = (namespace_of(o).to_owned(), name_of(o).to_owned());
-            written
-                .get(&key)
-                .map_or(o.as_ref(), |record| &record.object)
-        })
-        .chain(
-            written
-                .iter()
-                .filter(|((namespace, name), _)| {
-                    !cached_versions.contains_key(&(namespace.as_str(), name.as_str()))
-                })
-                .map(|(_, record)| &record.object),
-        )
+        .map(AsRef::as_ref)
+        .filter(|o| !replaced.contains(&(namespace_of(o), name_of(o))))
+        .chain(substituted.iter())
         .filter(|o| {
             o.metadata
                 .uid
@@ -804,15 +833,18 @@ pub async fn apply_plan_with(
     // resourceVersions as this pass wrote them (a later confirmation patches that version).
     let mut versions: HashMap<&str, (String, bool)> = HashMap::new();
     for (name, create, result) in bounded(writes, batch).await {
-        if let Ok(Some(object)) = &result {
-            if let Some(version) = &object.metadata.resource_version {
-                versions.insert(name, (version.clone(), create));
-            }
+        if let Ok(Some(version)) = &result {
+            versions.insert(name, (version.clone(), create));
             if create {
                 report.written.push(Written {
-                    stale_version: None,
+                    namespace: namespaces
+                        .get(name)
+                        .copied()
+                        .unwrap_or("default")
+                        .to_owned(),
+                    name: name.to_owned(),
                     created: true,
-                    object: object.clone(),
+                    confirmed: None,
                     at: std::time::Instant::now(),
                 });
             }
@@ -856,19 +888,30 @@ pub async fn apply_plan_with(
     let failed = &failed;
     let namespace = |name: &str| namespaces.get(name).copied().unwrap_or("default");
     // The record of a confirmation of `object`: the version it patched (the one this pass
-    // wrote, else the one the plan read) and the API server's answer.
+    // wrote, else the one the plan read) and what the API server answered.
     let versions = &versions;
-    let confirmation = move |object: &AzureAssignedIdentity, after: AzureAssignedIdentity| {
+    let confirmation = move |object: &AzureAssignedIdentity, after: &AzureAssignedIdentity| {
         let (stale_version, created) = match versions.get(name_of(object)) {
-            Some((version, created)) => (version.clone(), *created),
-            None => (object.metadata.resource_version.clone()?, false),
+            Some((version, created)) => (Some(version.clone()), *created),
+            None => (object.metadata.resource_version.clone(), false),
         };
-        Some(Written {
-            stale_version: Some(stale_version),
+        Written {
+            namespace: namespace_of(object).to_owned(),
+            name: name_of(object).to_owned(),
             created,
-            object: after,
+            confirmed: stale_version.map(|stale_version| Confirmed {
+                stale_version,
+                version: after.metadata.resource_version.clone(),
+                status: after.status.clone(),
+                preexisting: after
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(PREEXISTING_ANNOTATION))
+                    .cloned(),
+            }),
             at: std::time::Instant::now(),
-        })
+        }
     };
 
     // 2. Deletions that need no ARM work. Those whose node is gone get upstream's
@@ -895,11 +938,9 @@ pub async fn apply_plan_with(
     report.deletions(bounded(deletions, batch).await);
 
     // 3. Identities that need no ARM work.
-    type Confirmed<'o> = (
-        Option<&'o AzureAssignedIdentity>,
-        Result<AzureAssignedIdentity, kube::Error>,
-    );
-    let confirms: Vec<BoxFuture<'_, Confirmed<'_>>> = plan
+    // Each answer is reduced to its record at once: thousands of whole objects must not wait
+    // for the batch to finish.
+    let confirms: Vec<BoxFuture<'_, Result<Option<Written>, kube::Error>>> = plan
         .assign_without_arm
         .iter()
         .filter(|name| !failed.contains(name.as_str()))
@@ -910,12 +951,11 @@ pub async fn apply_plan_with(
                 if let (Some(events), Some(object)) = (events, object) {
                     confirm_events(events, object, result.as_ref().err(), false).await;
                 }
-                (object, result)
+                result.map(|after| object.map(|object| confirmation(object, &after)))
             }) as BoxFuture<'_, _>
         })
         .collect();
-    let confirmed = bounded(confirms, batch).await;
-    report.confirmations(confirmed, confirmation);
+    report.confirmations(bounded(confirms, batch).await);
 
     // 4. Per VM/VMSS, concurrently.
     let per_target: Vec<BoxFuture<'_, PassReport>> = plan
@@ -993,7 +1033,7 @@ pub async fn apply_plan_with(
                 let present = &present;
                 // Status first, events after: a scale set's 500 `binding applied` events must
                 // not hold up its assignments turning `Assigned` (nmi waits on that state).
-                let confirms: Vec<BoxFuture<'_, (&AzureAssignedIdentity, Result<AzureAssignedIdentity, kube::Error>)>> =
+                let confirms: Vec<BoxFuture<'_, (&AzureAssignedIdentity, Result<Option<Written>, kube::Error>)>> =
                     applied
                     .iter()
                     .map(|&object| {
@@ -1007,7 +1047,8 @@ pub async fn apply_plan_with(
                                 mark,
                             )
                             .await;
-                            (object, result)
+                            let record = result.map(|after| Some(confirmation(object, &after)));
+                            (object, record)
                         }) as BoxFuture<'_, _>
                     })
                     .collect();
@@ -1040,10 +1081,7 @@ pub async fn apply_plan_with(
                         }) as BoxFuture<'_, _>
                     })
                     .collect();
-                report.confirmations(
-                    confirmed.into_iter().map(|(object, result)| (Some(object), result)),
-                    confirmation,
-                );
+                report.confirmations(confirmed.into_iter().map(|(_, result)| result));
                 report.deletions(bounded(releases, batch).await);
                 report
             }) as BoxFuture<'_, _>
@@ -1147,12 +1185,8 @@ async fn removal_event(
 }
 
 /// Name, whether it was a create, and the result of one create or replace.
-/// A create or update: the name, whether it was a create, and what was written.
-type WriteOutcome<'a> = (
-    &'a str,
-    bool,
-    Result<Option<AzureAssignedIdentity>, kube::Error>,
-);
+/// A create or update: the name, whether it was a create, and the resourceVersion written.
+type WriteOutcome<'a> = (&'a str, bool, Result<Option<String>, kube::Error>);
 
 /// Source component of MIC's events, as upstream.
 pub const EVENT_SOURCE: &str = "aadpodidentity.k8s.io";
@@ -1297,11 +1331,11 @@ fn is_status(e: &kube::Error, code: u16) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == code)
 }
 
-/// Creates `object`; what was created (`None` when it already existed).
+/// Creates `object`; the resourceVersion created (`None` when it already existed).
 async fn create_assigned(
     client: &Client,
     object: &AzureAssignedIdentity,
-) -> Result<Option<AzureAssignedIdentity>, kube::Error> {
+) -> Result<Option<String>, kube::Error> {
     let started = std::time::Instant::now();
     match api(client, namespace_of(object))
         .create(&PostParams::default(), object)
@@ -1309,7 +1343,7 @@ async fn create_assigned(
     {
         Ok(created) => {
             crate::metrics::addition(started.elapsed());
-            Ok(Some(created))
+            Ok(created.metadata.resource_version)
         }
         // The cache lags our own writes; the next pass sees the object.
         Err(e) if is_status(&e, 409) => Ok(None),
@@ -1320,11 +1354,11 @@ async fn create_assigned(
     }
 }
 
-/// Rewrites `object`; what was written.
+/// Rewrites `object`; the resourceVersion written.
 async fn replace_assigned(
     client: &Client,
     object: &AzureAssignedIdentity,
-) -> Result<Option<AzureAssignedIdentity>, kube::Error> {
+) -> Result<Option<String>, kube::Error> {
     let started = std::time::Instant::now();
     let result = api(client, namespace_of(object))
         .replace(name_of(object), &PostParams::default(), object)
@@ -1332,7 +1366,7 @@ async fn replace_assigned(
     match result {
         Ok(written) => {
             crate::metrics::update(started.elapsed());
-            Ok(Some(written))
+            Ok(written.metadata.resource_version)
         }
         Err(e) => {
             crate::metrics::kube_error(crate::metrics::OP_UPDATE);
