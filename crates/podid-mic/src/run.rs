@@ -940,7 +940,7 @@ pub async fn apply_plan_with(
     // 3. Identities that need no ARM work.
     // Each answer is reduced to its record at once: thousands of whole objects must not wait
     // for the batch to finish.
-    let confirms: Vec<BoxFuture<'_, Result<Option<Written>, kube::Error>>> = plan
+    let confirms: Vec<BoxFuture<'_, ConfirmResult>> = plan
         .assign_without_arm
         .iter()
         .filter(|name| !failed.contains(name.as_str()))
@@ -1033,7 +1033,7 @@ pub async fn apply_plan_with(
                 let present = &present;
                 // Status first, events after: a scale set's 500 `binding applied` events must
                 // not hold up its assignments turning `Assigned` (nmi waits on that state).
-                let confirms: Vec<BoxFuture<'_, (&AzureAssignedIdentity, Result<Option<Written>, kube::Error>)>> =
+                let confirms: Vec<BoxFuture<'_, (&AzureAssignedIdentity, ConfirmResult)>> =
                     applied
                     .iter()
                     .map(|&object| {
@@ -1185,6 +1185,9 @@ async fn removal_event(
 }
 
 /// Name, whether it was a create, and the result of one create or replace.
+/// A confirmation's outcome: its record (`None` when the object it confirmed is not known).
+type ConfirmResult = Result<Option<Written>, kube::Error>;
+
 /// A create or update: the name, whether it was a create, and the resourceVersion written.
 type WriteOutcome<'a> = (&'a str, bool, Result<Option<String>, kube::Error>);
 
