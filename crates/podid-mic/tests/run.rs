@@ -190,11 +190,8 @@ async fn each_removed_assignment_is_deleted_once() {
     }
     let assigned_count = || async {
         cluster
-            .assignments()
-            .list(&Default::default())
+            .assignment_list()
             .await
-            .expect("list")
-            .items
             .iter()
             .filter(|o| o.state() == AssignedIdentityState::Assigned)
             .count()
@@ -211,14 +208,7 @@ async fn each_removed_assignment_is_deleted_once() {
             .expect("delete pod");
     }
     wait_for("every assignment gone", || async {
-        cluster
-            .assignments()
-            .list(&Default::default())
-            .await
-            .expect("list")
-            .items
-            .is_empty()
-            .then_some(())
+        cluster.assignment_list().await.is_empty().then_some(())
     })
     .await;
     // Stopping waits for the pass in flight: every request mic meant to send is in the log.
@@ -243,14 +233,9 @@ async fn each_new_assignment_is_confirmed_once() {
             .expect("pod");
     }
     wait_for("every assignment Assigned", || async {
-        let list = cluster
-            .assignments()
-            .list(&Default::default())
-            .await
-            .expect("list");
-        (list.items.len() == PODS
+        let list = cluster.assignment_list().await;
+        (list.len() == PODS
             && list
-                .items
                 .iter()
                 .all(|o| o.state() == AssignedIdentityState::Assigned))
         .then_some(())

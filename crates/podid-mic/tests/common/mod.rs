@@ -375,6 +375,15 @@ impl Cluster {
         Api::namespaced(self.client.clone(), "default")
     }
 
+    /// Every `AzureAssignedIdentity` of the namespace.
+    pub async fn assignment_list(&self) -> Vec<AzureAssignedIdentity> {
+        self.assignments()
+            .list(&Default::default())
+            .await
+            .expect("list")
+            .items
+    }
+
     pub async fn assigned(&self, name: &str) -> Option<AzureAssignedIdentity> {
         self.assignments().get_opt(name).await.expect("get")
     }
