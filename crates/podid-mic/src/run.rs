@@ -690,7 +690,8 @@ async fn pass(
     removed.retain(|uid| cached.contains(uid.as_str()));
     // What earlier passes marked `Assigned` is read with that state while the cache still
     // shows the version before the patch (else it would be confirmed again). A record goes
-    // once the cache moved past it, or when its object is not shown in time.
+    // once the cache moved past it (a create's, once the cache shows the object), or when
+    // its object is not shown in time.
     let cached_versions: HashMap<(&str, &str), Option<&str>> = existing
         .iter()
         .map(|o| {
@@ -1067,7 +1068,6 @@ pub async fn apply_plan_with(
                         .collect();
                     bounded(publishing, batch).await;
                 }
-
                 let releases: Vec<BoxFuture<'_, (&AzureAssignedIdentity, Result<(), kube::Error>)>> = deletions
                     .iter()
                     .filter(|d| {
@@ -1184,7 +1184,6 @@ async fn removal_event(
     }
 }
 
-/// Name, whether it was a create, and the result of one create or replace.
 /// A confirmation's outcome: its record (`None` when the object it confirmed is not known).
 type ConfirmResult = Result<Option<Written>, kube::Error>;
 
