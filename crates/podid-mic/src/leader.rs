@@ -163,25 +163,35 @@ impl Elector {
         }
     }
 
-    /// Keeps renewing; returns when the lease is lost (another holder, or no successful
-    /// renewal within the renew deadline). Upstream exits the process then.
+    /// Keeps renewing every retry period; returns when the lease is lost: another holder, or
+    /// no successful renewal within the renew deadline of a renewal round (as client-go: the
+    /// round starts one retry period after the last renewal, and an attempt still in flight at
+    /// the deadline counts as failed). A round thus ends at most retry period + renew deadline
+    /// after the last renewal, before any other replica can see the lease expire. Upstream
+    /// exits the process then.
     pub async fn hold(&mut self) {
-        let mut last_renewal = Instant::now();
         loop {
             tokio::time::sleep(self.settings.retry_period).await;
-            match self.try_acquire_or_renew().await {
-                Ok(true) => last_renewal = Instant::now(),
-                Ok(false) => {
-                    warn!("lost leader lease");
-                    return;
-                }
-                Err(e) => {
-                    warn!(error = %e, "leader lease renewal failed");
-                    if last_renewal.elapsed() >= self.settings.renew_deadline {
-                        warn!("lost leader lease");
+            let deadline = Instant::now() + self.settings.renew_deadline;
+            loop {
+                match tokio::time::timeout_at(deadline, self.try_acquire_or_renew()).await {
+                    Ok(Ok(true)) => break,
+                    Ok(Ok(false)) => {
+                        warn!("lost leader lease: another replica holds it");
                         return;
                     }
+                    Ok(Err(e)) => warn!(error = %e, "leader lease renewal failed"),
+                    Err(_) => {}
                 }
+                let next = Instant::now() + self.settings.retry_period;
+                if next >= deadline {
+                    warn!(
+                        deadline_ms = self.settings.renew_deadline.as_millis(),
+                        "lost leader lease: not renewed within the renew deadline"
+                    );
+                    return;
+                }
+                tokio::time::sleep_until(next).await;
             }
         }
     }

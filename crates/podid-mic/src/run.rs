@@ -383,9 +383,11 @@ where
 }
 
 /// The whole controller: Kubernetes client from `--kubeconfig` (or in-cluster) limited to
-/// `--clientQps` (Lease requests exempt, see [`crate::throttle`]), leader election on the Lease, then [`run`] while the lease is held. Returns `Ok` after `shutdown`
-/// (the lease is released for a fast hand-over) and [`RunError::LostLease`] when the lease is
-/// lost, on which upstream exits with status 1. `health` turns active while the loop runs.
+/// `--clientQps` (Lease requests exempt, see [`crate::throttle`]), leader election on the
+/// Lease, then [`run`] while the lease is held. Returns `Ok` after `shutdown` (a pass in flight
+/// finishes first; the lease is then released for a fast hand-over) and
+/// [`RunError::LostLease`] as soon as the lease is lost (the pass in flight is cancelled), on
+/// which upstream exits with status 1. `health` turns active while the loop runs.
 pub async fn serve(
     config: &crate::config::Config,
     cloud: &crate::cloud::CloudConfig,
@@ -414,39 +416,20 @@ pub async fn serve(
         });
     let mut settings = Settings::new(config, cloud);
     settings.health = health;
-    let lost = Notify::new();
-    let lost_lease = {
-        let stopped = async {
-            if let Some(upgrade) = &upgrade {
-                crate::upgrade::run(&client, upgrade)
-                    .await
-                    .map_err(RunError::TypeUpgrade)?;
-            }
-            run(client.clone(), settings, assigner, async {
-                tokio::select! {
-                    () = &mut shutdown => {}
-                    () = lost.notified() => {}
-                }
-            })
-            .await
-        };
-        tokio::pin!(stopped);
-        let held = elector.hold();
-        tokio::pin!(held);
-        tokio::select! {
-            r = &mut stopped => {
-                r?;
-                false
-            }
-            () = &mut held => {
-                lost.notify_one();
-                stopped.await?;
-                true
-            }
+    let stopped = async {
+        if let Some(upgrade) = &upgrade {
+            crate::upgrade::run(&client, upgrade)
+                .await
+                .map_err(RunError::TypeUpgrade)?;
         }
+        run(client.clone(), settings, assigner, &mut shutdown).await
     };
-    if lost_lease {
-        return Err(RunError::LostLease);
+    tokio::select! {
+        r = stopped => r?,
+        // Dropping the loop's future cancels the pass in flight with its API and ARM requests
+        // (and turns /healthz Not Active): another replica may lead from now on, so not one
+        // more write. Upstream exits here.
+        () = elector.hold() => return Err(RunError::LostLease),
     }
     if let Err(e) = elector.release().await {
         warn!(error = %e, "failed to release the leader lease");

@@ -81,3 +81,19 @@ async fn release_hands_over_at_once_and_a_lost_lease_ends_hold() {
         .await
         .expect("hold returns when the lease belongs to someone else");
 }
+
+#[tokio::test]
+async fn a_renewal_stuck_past_the_renew_deadline_ends_hold() {
+    let server = FakeApiServer::start().await.expect("server");
+    let client = client_for(&server).await;
+    let mut a = Elector::new(client.clone(), settings("mic-a"));
+    assert!(a.try_acquire_or_renew().await.expect("a"));
+    // The API server now answers after a minute: every renewal is still in flight at the
+    // deadline. hold must give up on its own, long before another replica could take over
+    // (lease 1.2 s), not wait for the answer.
+    server.faults().set_delay(Duration::from_secs(60));
+    tokio::time::timeout(WAIT, a.hold())
+        .await
+        .expect("hold returns while its renewal hangs");
+    server.faults().set_delay(Duration::ZERO);
+}

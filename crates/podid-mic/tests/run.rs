@@ -417,6 +417,21 @@ async fn serve_leads_assigns_and_hands_the_lease_back() {
     assert_eq!(lease_holder(&client).await, None, "lease released");
 }
 
+/// Another replica writes itself into the lease.
+async fn take_lease(client: &kube::Client) {
+    let leases =
+        Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(client.clone(), "default");
+    let mut lease = leases.get("aad-pod-identity-mic").await.expect("lease");
+    if let Some(spec) = lease.spec.as_mut() {
+        spec.holder_identity = Some("mic-other".to_owned());
+        spec.lease_duration_seconds = Some(3600);
+    }
+    leases
+        .replace("aad-pod-identity-mic", &PostParams::default(), &lease)
+        .await
+        .expect("take over");
+}
+
 #[tokio::test]
 async fn serve_stops_with_lost_lease_when_another_replica_took_it() {
     let server = FakeApiServer::start().await.expect("server");
@@ -437,22 +452,76 @@ async fn serve_stops_with_lost_lease_when_another_replica_took_it() {
         (lease_holder(&client).await.as_deref() == Some("mic-serve")).then_some(())
     })
     .await;
-    // Another replica writes itself into the lease.
-    let leases =
-        Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(client.clone(), "default");
-    let mut lease = leases.get("aad-pod-identity-mic").await.expect("lease");
-    if let Some(spec) = lease.spec.as_mut() {
-        spec.holder_identity = Some("mic-other".to_owned());
-        spec.lease_duration_seconds = Some(3600);
-    }
-    leases
-        .replace("aad-pod-identity-mic", &PostParams::default(), &lease)
-        .await
-        .expect("take over");
+    take_lease(&client).await;
     let result = tokio::time::timeout(WAIT, task)
         .await
         .expect("serve ends")
         .expect("no panic");
     assert!(matches!(result, Err(RunError::LostLease)), "{result:?}");
     assert_eq!(lease_holder(&client).await.as_deref(), Some("mic-other"));
+}
+
+/// An ARM side whose every call hangs (a scale set in a long operation), counting the calls.
+#[derive(Default)]
+struct Hanging {
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+impl IdentityAssigner for Hanging {
+    fn apply<'a>(
+        &'a self,
+        _target: &'a ArmTarget,
+        _required: &'a BTreeSet<String>,
+        _release: &'a BTreeSet<String>,
+    ) -> AssignFuture<'a> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        Box::pin(std::future::pending())
+    }
+}
+
+#[tokio::test]
+async fn a_lost_lease_cancels_the_pass_in_flight() {
+    let server = FakeApiServer::start().await.expect("server");
+    let path = common::kubeconfig(&server);
+    let client = kube_client(Some(&path)).await.expect("client");
+    seed(&client).await;
+    Api::<Pod>::namespaced(client.clone(), "default")
+        .create(&PostParams::default(), &pod("web-9", "n1"))
+        .await
+        .expect("pod");
+    let config = config_for(&path);
+    let arm = Arc::new(Hanging::default());
+    let health = Arc::new(Health::default());
+    let task = tokio::spawn({
+        let (arm, health) = (arm.clone(), health.clone());
+        async move {
+            serve(
+                &config,
+                &Default::default(),
+                arm,
+                health,
+                std::future::pending(),
+            )
+            .await
+        }
+    });
+    wait_for("the pass waiting on ARM", || async {
+        (arm.calls.load(Ordering::SeqCst) > 0).then_some(())
+    })
+    .await;
+    take_lease(&client).await;
+    // Without cancelling, serve would wait for ARM for ever (and then write `Assigned`).
+    let result = tokio::time::timeout(WAIT, task)
+        .await
+        .expect("serve ends while ARM still hangs")
+        .expect("no panic");
+    assert!(matches!(result, Err(RunError::LostLease)), "{result:?}");
+    assert!(!health.is_active(), "/healthz says Not Active");
+    let assigned: Api<AzureAssignedIdentity> = Api::namespaced(client.clone(), "default");
+    let object = assigned
+        .get("web-9-default-kv-id")
+        .await
+        .expect("the assignment stays for the next leader");
+    assert_eq!(object.state(), AssignedIdentityState::Created);
+    assert_eq!(arm.calls.load(Ordering::SeqCst), 1);
 }
