@@ -46,6 +46,8 @@ pub struct Cluster {
     pub arm: azure::ArmHandle,
     /// The running mic, if any.
     pub mic: Option<ChildGuard>,
+    /// mic's `--http-probe-port` once spawned.
+    mic_probe: Option<u16>,
     /// Where nmi's and mic's output goes; `None` (default) inherits the caller's stdout/stderr.
     pub child_log: Option<PathBuf>,
 }
@@ -124,6 +126,7 @@ impl Cluster {
             _entra: entra,
             arm,
             mic: None,
+            mic_probe: None,
             child_log: None,
             entra_url,
             dir,
@@ -268,6 +271,7 @@ impl Cluster {
             })
             .to_string(),
         )?;
+        let probe = free_port()?;
         let mut command = std::process::Command::new(binary("mic")?);
         command
             .arg(format!(
@@ -277,13 +281,22 @@ impl Cluster {
             .arg(format!("--cloudconfig={}", azure_json.display()))
             .arg(format!("--arm-endpoint={}", self.arm.url()))
             .arg(format!("--aad-authority={}", self.entra_url))
-            .arg(format!("--http-probe-port={}", free_port()?))
+            .arg(format!("--http-probe-port={probe}"))
             .arg(format!("--prometheus-port={}", free_port()?))
             .env("MIC_POD_NAMESPACE", "default")
             .env("RUST_LOG", "info");
         self.redirect(&mut command)?;
         self.mic = Some(ChildGuard::spawn("mic", command)?);
+        self.mic_probe = Some(probe);
         Ok(())
+    }
+
+    /// Waits until mic leads with its caches synced (`/healthz` says `Active`), failing if it
+    /// exits or takes over 30 s.
+    pub async fn wait_mic_active(&mut self) -> anyhow::Result<()> {
+        let port = self.mic_probe.context("mic was not spawned")?;
+        let url = format!("http://127.0.0.1:{port}/healthz");
+        wait_probe(&url, self.mic.as_mut(), Some("Active")).await
     }
 
     /// Starts the real `nmi` inside the node namespace.
@@ -309,23 +322,7 @@ impl Cluster {
     /// Waits until nmi's `/readyz` answers 200.
     pub async fn wait_ready(&mut self) -> anyhow::Result<()> {
         let url = format!("http://{}:{PROBE_PORT}/readyz", self.node.ip());
-        let http = reqwest::Client::builder()
-            .no_proxy()
-            .timeout(Duration::from_secs(1))
-            .build()?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(nmi) = self.nmi.as_mut() {
-                nmi.check_running()?;
-            }
-            if let Ok(response) = http.get(&url).send().await
-                && response.status().is_success()
-            {
-                return Ok(());
-            }
-            anyhow::ensure!(Instant::now() < deadline, "nmi not ready within 30 s");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_probe(&url, self.nmi.as_mut(), None).await
     }
 
     /// `iptables -t nat -S aad-metadata` inside the node.
@@ -336,6 +333,36 @@ impl Cluster {
             .lines()
             .map(str::to_owned)
             .collect())
+    }
+}
+
+/// Polls the probe at `url` until it answers 2xx (with exactly `body`, when given), failing
+/// after 30 s or as soon as `child` has exited.
+async fn wait_probe(
+    url: &str,
+    mut child: Option<&mut ChildGuard>,
+    body: Option<&str>,
+) -> anyhow::Result<()> {
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(1))
+        .build()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(child) = child.as_deref_mut() {
+            child.check_running()?;
+        }
+        if let Ok(response) = http.get(url).send().await
+            && response.status().is_success()
+            && match body {
+                None => true,
+                Some(expected) => response.text().await.is_ok_and(|b| b == expected),
+            }
+        {
+            return Ok(());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "{url} not ready within 30 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

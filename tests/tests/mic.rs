@@ -27,6 +27,9 @@ async fn a_new_pod_gets_its_first_token_once_mic_assigned_its_identity() -> anyh
     cluster.spawn_mic()?;
     cluster.spawn_nmi(&[])?;
     cluster.wait_ready().await?;
+    // mic leads and has synced its caches: the clock below measures a new pod on a running
+    // cluster, not mic's start-up.
+    cluster.wait_mic_active().await?;
     assert!(
         cluster.cloud.assigned_identities(&cluster.vmss)?.is_empty(),
         "nothing is assigned before the pod exists"
@@ -44,9 +47,11 @@ async fn a_new_pod_gets_its_first_token_once_mic_assigned_its_identity() -> anyh
         "time to first token for a new pod: {} ms (simulated ARM latency 0)",
         elapsed.as_millis()
     );
-    // DESIGN target: within the simulated ARM latency (0 here) + 2 s, SDK start-up included.
+    // The target: within the simulated ARM latency (0 here) + 2 s, the SDK's own
+    // start-up included (measured: about 0.47 s; 1.47 s while mic's watches still queued
+    // behind --clientQps after its start).
     assert!(
-        elapsed < Duration::from_secs(4),
+        elapsed < Duration::from_secs(2),
         "first token took {elapsed:?}"
     );
 

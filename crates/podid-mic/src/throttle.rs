@@ -2,10 +2,15 @@
 //! `burst` tokens refilled at `qps` per second, as a tower layer around the kube client's HTTP
 //! service (upstream sets client-go's `QPS = --clientQps`, `Burst = int(--clientQps)`).
 //!
-//! Every request takes one token when it starts: a watch is one long request and counts once,
-//! as in client-go. Requests to `coordination.k8s.io` (the leader-election Lease) are exempt: a
-//! renewal queued behind throttled writes would lose the lease exactly when the leader is
-//! busiest (upstream throttles them too; podid does not).
+//! Every request takes one token when it starts (lists, gets, creates, patches, deletes,
+//! events), as in client-go. Two kinds are exempt, unlike upstream, because queueing them
+//! behind a backlog of throttled writes fails exactly when the leader is busiest:
+//! - requests to `coordination.k8s.io` (the leader-election Lease): a renewal that waits loses
+//!   the lease;
+//! - watches (`watch=true`): the watcher re-opens each watch every few minutes, and one that
+//!   waits behind writes leaves the cache blind for as long as the backlog lasts (tens of
+//!   minutes for a large first convergence at the default 5/s). A watch start is one cheap
+//!   request per resource kind every few minutes.
 //!
 //! Waiting is a tokio timer, never a blocked thread, and the bucket's lock is held only to
 //! take a reservation, never across an await. A token is reserved in arrival order (the
@@ -22,6 +27,9 @@ use tower::{Layer, Service, ServiceExt as _};
 
 /// Path prefix of the requests that are never throttled (Leases).
 pub const EXEMPT_PREFIX: &str = "/apis/coordination.k8s.io/";
+
+/// The query parameter that makes a request a watch.
+const WATCH: &str = "watch";
 
 /// A token bucket: `burst` requests at once, then `qps` per second.
 #[derive(Debug)]
@@ -77,9 +85,15 @@ impl TokenBucket {
     }
 }
 
-/// Whether a request to `path` skips the bucket.
-pub fn is_exempt(path: &str) -> bool {
-    path.starts_with(EXEMPT_PREFIX)
+/// Whether a request to `uri` skips the bucket: a Lease request or a watch.
+pub fn is_exempt(uri: &http::Uri) -> bool {
+    uri.path().starts_with(EXEMPT_PREFIX)
+        || uri.query().is_some_and(|query| {
+            query.split('&').any(|pair| {
+                pair.split_once('=')
+                    .is_some_and(|(key, value)| key == WATCH && matches!(value, "true" | "1"))
+            })
+        })
 }
 
 /// The layer: wraps a cloneable HTTP service (the kube client's stack behind a
@@ -107,7 +121,7 @@ impl<S> Layer<S> for ThrottleLayer {
     }
 }
 
-/// Takes a token from the bucket before passing a request on (Lease requests excepted).
+/// Takes a token from the bucket before passing a request on ([`is_exempt`] ones excepted).
 #[derive(Debug, Clone)]
 pub struct Throttle<S> {
     inner: S,
@@ -129,7 +143,7 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        if is_exempt(request.uri().path()) {
+        if is_exempt(request.uri()) {
             return Box::pin(self.inner.call(request));
         }
         // The readied `self.inner` keeps its readiness for the next call; the waiting request
@@ -248,7 +262,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn the_layer_throttles_requests_but_not_leases() {
+    async fn the_layer_throttles_requests_but_not_leases_or_watches() {
         let (service, seen) = recorder();
         let bucket = Arc::new(TokenBucket::new(1.0, 1));
         let service = ThrottleLayer::new(bucket).layer(service);
@@ -262,12 +276,17 @@ mod tests {
             second.await.expect("second");
             third.await.expect("third");
         });
-        // While two requests wait for tokens, a Lease request goes through at once.
+        // While two requests wait for tokens, a Lease request and a watch go through at once.
         tokio::task::yield_now().await;
         service.clone().oneshot(get(lease)).await.expect("lease");
+        service
+            .clone()
+            .oneshot(get("/api/v1/nodes?&watch=true&resourceVersion=1"))
+            .await
+            .expect("watch");
         writes.await.expect("no panic");
         let seen = seen.lock().expect("lock").clone();
-        assert_eq!(seen.len(), 4);
+        assert_eq!(seen.len(), 5);
         let at = |path: &str| -> Vec<Duration> {
             seen.iter()
                 .filter(|(p, _)| p == path)
@@ -276,19 +295,26 @@ mod tests {
         };
         assert_eq!(at(pods), vec![ms(0), ms(1000), ms(2000)]);
         assert_eq!(at(lease), vec![ms(0)], "the Lease is never throttled");
+        assert_eq!(at("/api/v1/nodes"), vec![ms(0)], "nor is a watch");
     }
 
     #[test]
-    fn only_coordination_requests_are_exempt() {
-        assert!(is_exempt(
+    fn only_lease_requests_and_watches_are_exempt() {
+        let exempt = |uri: &str| is_exempt(&uri.parse().expect("uri"));
+        assert!(exempt(
             "/apis/coordination.k8s.io/v1/namespaces/default/leases/x"
         ));
-        assert!(!is_exempt("/api/v1/pods"));
-        assert!(!is_exempt(
+        assert!(exempt(
+            "/api/v1/pods?&watch=true&timeoutSeconds=290&resourceVersion=10"
+        ));
+        assert!(exempt("/api/v1/pods?watch=1"));
+        assert!(!exempt("/api/v1/pods"));
+        assert!(!exempt("/api/v1/pods?watch=false"));
+        assert!(!exempt("/api/v1/pods?labelSelector=watch%3Dtrue"));
+        assert!(!exempt("/api/v1/pods?nowatch=true"));
+        assert!(!exempt(
             "/apis/aadpodidentity.k8s.io/v1/namespaces/default/azureassignedidentities"
         ));
-        assert!(!is_exempt(
-            "/apis/events.k8s.io/v1/namespaces/default/events"
-        ));
+        assert!(!exempt("/apis/events.k8s.io/v1/namespaces/default/events"));
     }
 }
