@@ -417,19 +417,26 @@ async fn serve_leads_assigns_and_hands_the_lease_back() {
     assert_eq!(lease_holder(&client).await, None, "lease released");
 }
 
-/// Another replica writes itself into the lease.
+/// Another replica writes itself into the lease (again when a renewal came in between, 409).
 async fn take_lease(client: &kube::Client) {
     let leases =
         Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(client.clone(), "default");
-    let mut lease = leases.get("aad-pod-identity-mic").await.expect("lease");
-    if let Some(spec) = lease.spec.as_mut() {
-        spec.holder_identity = Some("mic-other".to_owned());
-        spec.lease_duration_seconds = Some(3600);
-    }
-    leases
-        .replace("aad-pod-identity-mic", &PostParams::default(), &lease)
-        .await
-        .expect("take over");
+    wait_for("the lease taken over", || async {
+        let mut lease = leases.get("aad-pod-identity-mic").await.expect("lease");
+        if let Some(spec) = lease.spec.as_mut() {
+            spec.holder_identity = Some("mic-other".to_owned());
+            spec.lease_duration_seconds = Some(3600);
+        }
+        match leases
+            .replace("aad-pod-identity-mic", &PostParams::default(), &lease)
+            .await
+        {
+            Ok(_) => Some(()),
+            Err(kube::Error::Api(status)) if status.code == 409 => None,
+            Err(e) => panic!("taking the lease over: {e}"),
+        }
+    })
+    .await;
 }
 
 #[tokio::test]
