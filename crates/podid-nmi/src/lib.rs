@@ -21,4 +21,5 @@ pub mod pods;
 pub mod provider;
 pub mod run;
 pub mod server;
+mod watchdog;
 pub mod workload;

@@ -28,7 +28,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use podid_api::AzureIdentity;
 use podid_controller::broker::{BrokerError, Credential, Token};
 use podid_controller::matching::{
@@ -50,6 +50,7 @@ use crate::federation::AssignedBindings;
 use crate::metrics::{Metrics, imds_operation};
 use crate::pods::{LookupError, PodIndex};
 use crate::provider::{TokenProvider, TokenRequest, TokenTarget};
+use crate::watchdog::{self, Activity, Watched};
 use crate::workload::{Refusal, ServiceAccounts, is_workload_identity_pod};
 
 /// Connection and request bounds.
@@ -57,7 +58,9 @@ use crate::workload::{Refusal, ServiceAccounts, is_workload_identity_pod};
 pub struct Limits {
     /// Most connections served at once.
     pub max_connections: usize,
-    /// Deadline for reading a request's headers (also closes idle keep-alive connections).
+    /// How long a connection may go without a request starting or finishing while none is in
+    /// flight: bounds both slow request heads and idle keep-alive connections (closed after
+    /// one to one and a half times this).
     pub header_read_timeout: Duration,
     /// Most request headers; `None` keeps hyper's own bound of 100. hyper parses into a stack
     /// buffer under its own bound, but fills a buffer of the configured size on every request
@@ -444,10 +447,10 @@ async fn serve_with<M, S>(
         + 'static,
     S::Future: Send + 'static,
 {
+    // No hyper timer: its header-read timeout arms a timer per request; the watchdog below
+    // bounds idle and stalled connections per connection instead.
     let mut builder = http1::Builder::new();
     builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(limits.max_buf_size.max(8192))
         .keep_alive(true);
     if let Some(max_headers) = limits.max_headers {
@@ -478,9 +481,11 @@ async fn serve_with<M, S>(
             },
         };
         while connections.try_join_next().is_some() {}
-        let service = make_service(peer);
+        let activity = Arc::new(Activity::default());
+        let service = Watched::new(make_service(peer), Arc::clone(&activity));
         let builder = builder.clone();
         let mut stop = stop_rx.clone();
+        let header_read_timeout = limits.header_read_timeout;
         connections.spawn(async move {
             let _permit = permit;
             let connection = builder.serve_connection(TokioIo::new(stream), service);
@@ -493,6 +498,10 @@ async fn serve_with<M, S>(
                 () = stopping => {
                     connection.as_mut().graceful_shutdown();
                     connection.await
+                }
+                () = watchdog::stalled(&activity, header_read_timeout) => {
+                    tracing::debug!(%peer, "closing an idle or stalled connection");
+                    return;
                 }
             };
             if let Err(error) = result {

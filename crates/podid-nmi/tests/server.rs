@@ -518,3 +518,77 @@ async fn shutdown_stops_accepting_and_returns() {
         .unwrap();
     assert!(TcpStream::connect(nmi.addr).await.is_err());
 }
+
+/// Read until the server closes the connection; panics if it is still open after [`TIMEOUT`].
+async fn read_until_closed(stream: &mut TcpStream) -> Vec<u8> {
+    use tokio::io::AsyncReadExt as _;
+    let mut buf = Vec::new();
+    tokio::time::timeout(TIMEOUT, stream.read_to_end(&mut buf))
+        .await
+        .expect("the server closes the connection")
+        .expect("read");
+    buf
+}
+
+#[tokio::test]
+async fn stalled_request_heads_and_idle_keep_alive_connections_are_closed() {
+    use tokio::io::AsyncWriteExt as _;
+    let deadline = Duration::from_millis(200);
+    let nmi = start_with(
+        &Objects::bound("app", CLIENT_A, AssignedIdentityState::Assigned),
+        &[("aadpodidbinding", "kv")],
+        |o| o.limits.header_read_timeout = deadline,
+        MatchOptions::default(),
+    )
+    .await;
+
+    // Half a request head, then nothing: closed without an answer.
+    let mut stalled = TcpStream::connect(nmi.addr).await.unwrap();
+    let started = Instant::now();
+    stalled
+        .write_all(
+            b"GET /metadata/identity/oauth2/token?api-version=2018-02-01 HTTP/1.1\r\nHost: x\r\n",
+        )
+        .await
+        .unwrap();
+    assert!(read_until_closed(&mut stalled).await.is_empty());
+    assert!(started.elapsed() >= deadline, "{:?}", started.elapsed());
+
+    // A keep-alive request is answered, then the idle connection is closed.
+    let mut idle = TcpStream::connect(nmi.addr).await.unwrap();
+    idle.write_all(
+        format!("GET {TOKEN_PATH} HTTP/1.1\r\nHost: x\r\nMetadata: true\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let started = Instant::now();
+    let reply = parse_reply(&read_until_closed(&mut idle).await);
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.json()["client_id"], CLIENT_A);
+    assert!(started.elapsed() >= deadline, "{:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn an_answer_slower_than_the_idle_deadline_is_not_cut() {
+    // The request waits for its assignment (700 ms) much longer than a connection may idle.
+    let nmi = start_with(
+        &Objects::bound("app", CLIENT_A, AssignedIdentityState::Created),
+        &[("aadpodidbinding", "kv")],
+        |o| {
+            o.limits.header_read_timeout = Duration::from_millis(100);
+            o.pending_wait = Duration::from_millis(700);
+        },
+        MatchOptions::default(),
+    )
+    .await;
+    let started = Instant::now();
+    let reply = request(nmi.addr, TOKEN_PATH, META).await;
+    assert!(started.elapsed() >= Duration::from_millis(700));
+    assert_eq!(reply.status, 404, "{}", reply.body);
+    assert!(
+        reply.json()["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("still in progress")
+    );
+}
