@@ -131,39 +131,71 @@ impl<'a> TokenResponse<'a> {
     /// type's `Serialize`, which arrays of tokens use). Written directly, not through serde:
     /// it is the body of every cache hit.
     pub fn to_json(&self) -> Vec<u8> {
-        let client_id_len = self.client_id.map_or(0, str::len);
-        // Keys, quotes and five numbers of at most 20 digits fit in 320 bytes; escaping may
-        // grow the strings, which only costs a reallocation.
-        let mut out = Vec::with_capacity(
-            self.access_token.len()
-                + self.resource.len()
-                + self.token_type.len()
-                + client_id_len
-                + 320,
-        );
-        out.extend_from_slice(b"{\"access_token\":");
+        const OPEN: &[u8] = b"{\"access_token\":";
+        const REFRESH_EXPIRES_IN: &[u8] = b",\"refresh_token\":\"\",\"expires_in\":\"";
+        const EXPIRES_ON: &[u8] = b"\",\"expires_on\":\"";
+        const NOT_BEFORE: &[u8] = b"\",\"not_before\":\"";
+        const RESOURCE: &[u8] = b"\",\"resource\":";
+        const TOKEN_TYPE: &[u8] = b",\"token_type\":";
+        const CLIENT_ID: &[u8] = b",\"client_id\":";
+        const EXT_EXPIRES_IN: &[u8] = b",\"ext_expires_in\":\"";
         // A checked token (`AccessToken`) is not scanned again.
-        push_str(&mut out, self.access_token, self.access_token_plain);
-        out.extend_from_slice(b",\"refresh_token\":\"\",\"expires_in\":\"");
+        let token_plain = self.access_token_plain || is_plain(self.access_token);
+        let resource_plain = is_plain(self.resource);
+        let token_type_plain = is_plain(self.token_type);
+        let client_id_plain = self.client_id.is_none_or(is_plain);
+        // The exact length when nothing needs escaping (the rule): a body whose capacity is
+        // its length becomes the response's bytes without another allocation. Escaping only
+        // grows the strings, which costs a reallocation.
+        let quoted = |text: &str| text.len() + 2;
+        let mut len = OPEN.len()
+            + quoted(self.access_token)
+            + REFRESH_EXPIRES_IN.len()
+            + digit_count(self.expires_in)
+            + EXPIRES_ON.len()
+            + digit_count(self.expires_on)
+            + NOT_BEFORE.len()
+            + self.not_before.map_or(0, digit_count)
+            + RESOURCE.len()
+            + quoted(self.resource)
+            + TOKEN_TYPE.len()
+            + quoted(self.token_type)
+            + 1;
+        if let Some(client_id) = self.client_id {
+            len += CLIENT_ID.len()
+                + quoted(client_id)
+                + EXT_EXPIRES_IN.len()
+                + digit_count(self.expires_in)
+                + 1;
+        }
+        let mut out = Vec::with_capacity(len);
+        out.extend_from_slice(OPEN);
+        push_str(&mut out, self.access_token, token_plain);
+        out.extend_from_slice(REFRESH_EXPIRES_IN);
         push_digits(&mut out, self.expires_in);
-        out.extend_from_slice(b"\",\"expires_on\":\"");
+        out.extend_from_slice(EXPIRES_ON);
         push_digits(&mut out, self.expires_on);
-        out.extend_from_slice(b"\",\"not_before\":\"");
+        out.extend_from_slice(NOT_BEFORE);
         if let Some(not_before) = self.not_before {
             push_digits(&mut out, not_before);
         }
-        out.extend_from_slice(b"\",\"resource\":");
-        push_str(&mut out, self.resource, false);
-        out.extend_from_slice(b",\"token_type\":");
-        push_str(&mut out, self.token_type, false);
+        out.extend_from_slice(RESOURCE);
+        push_str(&mut out, self.resource, resource_plain);
+        out.extend_from_slice(TOKEN_TYPE);
+        push_str(&mut out, self.token_type, token_type_plain);
         if let Some(client_id) = self.client_id {
-            out.extend_from_slice(b",\"client_id\":");
-            push_str(&mut out, client_id, false);
-            out.extend_from_slice(b",\"ext_expires_in\":\"");
+            out.extend_from_slice(CLIENT_ID);
+            push_str(&mut out, client_id, client_id_plain);
+            out.extend_from_slice(EXT_EXPIRES_IN);
             push_digits(&mut out, self.expires_in);
             out.push(b'"');
         }
         out.push(b'}');
+        debug_assert!(
+            !(token_plain && resource_plain && token_type_plain && client_id_plain)
+                || out.len() == len,
+            "the computed body length is exact"
+        );
         out
     }
 
@@ -232,16 +264,21 @@ fn is_plain(text: &str) -> bool {
         .all(|b| matches!(b, 0x20..=0x7e) && !matches!(b, b'"' | b'\\' | b'<' | b'>' | b'&'))
 }
 
-/// Append `text` as a JSON string: copied between quotes when [plain](is_plain) (checked
-/// already when `plain`), else escaped like Go.
+/// Append `text` as a JSON string: copied between quotes when `plain` (the caller checked
+/// [`is_plain`]), else escaped like Go.
 fn push_str(out: &mut Vec<u8>, text: &str, plain: bool) {
-    if plain || is_plain(text) {
+    if plain {
         out.push(b'"');
         out.extend_from_slice(text.as_bytes());
         out.push(b'"');
     } else {
         gojson::write(out, text);
     }
+}
+
+/// How many decimal digits `n` has.
+fn digit_count(n: u64) -> usize {
+    n.checked_ilog10().map_or(1, |log| log as usize + 1)
 }
 
 /// Append `n`'s decimal digits.
@@ -468,8 +505,18 @@ mod tests {
                                     }
                                     let mut serde = Vec::new();
                                     gojson::write(&mut serde, &t);
+                                    let body = t.to_json();
+                                    // Nothing to escape: allocated at its exact length.
+                                    let escapes =
+                                        [Some(text), Some(resource), Some(token_type), client_id]
+                                            .into_iter()
+                                            .flatten()
+                                            .any(|s| !is_plain(s));
+                                    if !escapes {
+                                        assert_eq!(body.capacity(), body.len());
+                                    }
                                     assert_eq!(
-                                        String::from_utf8(t.to_json()).unwrap(),
+                                        String::from_utf8(body).unwrap(),
                                         String::from_utf8(serde).unwrap()
                                     );
                                     checked += 1;

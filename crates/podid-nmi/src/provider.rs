@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use podid_api::AzureIdentity;
 use podid_controller::broker::{
-    BrokerError, BrokerStats, Credential, IdentitySpec, IdentityType, IdentityView, Token,
-    TokenBroker,
+    BrokerError, BrokerStats, Credential, IdentitySpec, IdentityType, IdentityView, TokenBroker,
+    Tokens,
 };
 use podid_controller::matching::{CallerPod, NodeIdentity};
 
@@ -46,7 +46,7 @@ pub struct TokenRequest<'a> {
 #[derive(Debug, Clone)]
 pub struct Issued {
     /// Never empty on success.
-    pub tokens: Vec<Arc<Token>>,
+    pub tokens: Tokens,
     /// Whether the answer came from a cache, when the provider knows.
     pub cache_hit: Option<bool>,
 }

@@ -30,7 +30,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use podid_api::AzureIdentity;
-use podid_controller::broker::{BrokerError, Credential, Token};
+use podid_controller::broker::{BrokerError, Credential, Tokens};
 use podid_controller::matching::{
     CallerPod, Decision, MatchIndex, MatchOptions, NoMatch, NodeIdentity,
 };
@@ -666,12 +666,30 @@ const MAX_UPSTREAM_RETRY_AFTER: u64 = 60;
 
 /// Tokens for a request after attribution: match, wait while pending, fetch.
 struct Granted {
-    tokens: Vec<Arc<Token>>,
-    client_id: Option<String>,
+    tokens: Tokens,
+    client_id: ClientId,
     cache_hit: Option<bool>,
     exception: bool,
     /// Served as a Workload Identity pod ([`crate::workload`]).
     workload_identity: bool,
+}
+
+/// The `client_id` a grant answers with: the matched identity's (read from it, not copied per
+/// request), another one, or none.
+enum ClientId {
+    None,
+    Identity(Arc<AzureIdentity>),
+    Other(String),
+}
+
+impl ClientId {
+    fn as_deref(&self) -> Option<&str> {
+        match self {
+            Self::None => None,
+            Self::Identity(identity) => identity.spec.client_id.as_deref(),
+            Self::Other(id) => Some(id),
+        }
+    }
 }
 
 async fn token_route(
@@ -711,7 +729,7 @@ async fn token_route(
         Ok(granted) => {
             let now = SystemTime::now();
             let client_id = granted.client_id.as_deref();
-            let response = match granted.tokens.as_slice() {
+            let response = match &*granted.tokens {
                 // The usual case, without collecting the one answer into a Vec.
                 [token] => token.response(client_id, now).response(),
                 tokens => {
@@ -901,7 +919,7 @@ async fn grant(
                 .map_err(|e| broker_denial(&e, state.options.errors.set_retry_after_header))?;
             Ok(Granted {
                 tokens: issued.tokens,
-                client_id: identity.spec.client_id.clone(),
+                client_id: ClientId::Identity(identity),
                 cache_hit: issued.cache_hit,
                 exception: false,
                 workload_identity: false,
@@ -928,8 +946,8 @@ async fn grant(
             Ok(Granted {
                 tokens: issued.tokens,
                 client_id: match node {
-                    NodeIdentity::ClientId(id) => Some(id),
-                    _ => None,
+                    NodeIdentity::ClientId(id) => ClientId::Other(id),
+                    _ => ClientId::None,
                 },
                 cache_hit: issued.cache_hit,
                 exception: true,
@@ -1034,7 +1052,7 @@ async fn workload_grant(
         .map_err(|e| broker_denial(&e, state.options.errors.set_retry_after_header))?;
     Ok(Granted {
         tokens: issued.tokens,
-        client_id: Some(grant.account.client_id.clone()),
+        client_id: ClientId::Other(grant.account.client_id.clone()),
         cache_hit: issued.cache_hit,
         exception: false,
         workload_identity: true,

@@ -263,11 +263,48 @@ impl<'a> Borrow<dyn KeyParts + 'a> for CacheKey {
 
 type FetchResult = Result<Arc<Token>, BrokerError>;
 
+/// The tokens of one answer, the primary tenant's first, then one per auxiliary tenant. Almost
+/// always one, held inline then: a cache hit builds no `Vec`. Reads as a slice.
+#[derive(Debug, Clone)]
+pub enum Tokens {
+    /// The primary tenant's token only.
+    One(Arc<Token>),
+    /// Any number of tokens.
+    Many(Vec<Arc<Token>>),
+}
+
+impl Tokens {
+    /// The tokens as a `Vec`.
+    pub fn into_vec(self) -> Vec<Arc<Token>> {
+        match self {
+            Self::One(token) => vec![token],
+            Self::Many(tokens) => tokens,
+        }
+    }
+}
+
+impl std::ops::Deref for Tokens {
+    type Target = [Arc<Token>];
+
+    fn deref(&self) -> &[Arc<Token>] {
+        match self {
+            Self::One(token) => std::slice::from_ref(token),
+            Self::Many(tokens) => tokens,
+        }
+    }
+}
+
+impl From<Vec<Arc<Token>>> for Tokens {
+    fn from(tokens: Vec<Arc<Token>>) -> Self {
+        Self::Many(tokens)
+    }
+}
+
 /// The tokens of one [`TokenBroker::issue`] call and where they came from.
 #[derive(Debug, Clone)]
 pub struct Issued {
     /// The primary tenant's token first, then one per auxiliary tenant. Never empty.
-    pub tokens: Vec<Arc<Token>>,
+    pub tokens: Tokens,
     /// Whether every token was served from the cache without waiting for an upstream call
     /// (for audit records; a request that joined a call in flight is a miss).
     pub cached: bool,
@@ -390,7 +427,7 @@ impl TokenBroker {
     ) -> Result<Vec<Arc<Token>>, BrokerError> {
         self.issue(identity, resource)
             .await
-            .map(|issued| issued.tokens)
+            .map(|issued| issued.tokens.into_vec())
     }
 
     /// [`TokenBroker::tokens`], also telling whether the answer came from the cache.
@@ -406,21 +443,28 @@ impl TokenBroker {
                 reason: "must specify one to three auxiliary tenants".to_owned(),
             });
         }
-        let mut tokens = Vec::with_capacity(1 + aux.len());
         let (token, mut cached) = self
             .token_for(identity, resource, identity.primary_tenant_as_given())
             .await?;
-        tokens.push(token);
-        if identity.primary_tenant_as_given().is_some() {
-            for tenant in aux {
-                let (token, hit) = self
-                    .token_for(identity, resource, Some(tenant.as_str()))
-                    .await?;
-                tokens.push(token);
-                cached &= hit;
-            }
+        if aux.is_empty() || identity.primary_tenant_as_given().is_none() {
+            return Ok(Issued {
+                tokens: Tokens::One(token),
+                cached,
+            });
         }
-        Ok(Issued { tokens, cached })
+        let mut tokens = Vec::with_capacity(1 + aux.len());
+        tokens.push(token);
+        for tenant in aux {
+            let (token, hit) = self
+                .token_for(identity, resource, Some(tenant.as_str()))
+                .await?;
+            tokens.push(token);
+            cached &= hit;
+        }
+        Ok(Issued {
+            tokens: Tokens::Many(tokens),
+            cached,
+        })
     }
 
     /// The cached token of `identity` for `resource` when the cache can answer on its own: a
@@ -451,7 +495,7 @@ impl TokenBroker {
         drop(slot);
         inner.stats.hit();
         Some(Issued {
-            tokens: vec![token],
+            tokens: Tokens::One(token),
             cached: true,
         })
     }

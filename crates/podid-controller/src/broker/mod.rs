@@ -19,7 +19,7 @@ mod source;
 mod stats;
 mod token;
 
-pub use cache::{BrokerConfig, CacheKey, IdentityView, Issued, TokenBroker};
+pub use cache::{BrokerConfig, CacheKey, IdentityView, Issued, TokenBroker, Tokens};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use entra::{
     CLIENT_ASSERTION_TYPE, CertificateSource, ClientSecretSource, DEFAULT_AUTHORITY, EntraConfig,

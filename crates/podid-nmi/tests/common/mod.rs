@@ -106,7 +106,7 @@ impl TokenProvider for FakeProvider {
                 return Err(error);
             }
             let count = self.tokens_per_answer.lock().unwrap().unwrap_or(1);
-            let tokens = (0..count)
+            let tokens: Vec<_> = (0..count)
                 .map(|i| {
                     let access = if i == 0 {
                         format!("token-for-{name}")
@@ -117,7 +117,7 @@ impl TokenProvider for FakeProvider {
                 })
                 .collect();
             Ok(Issued {
-                tokens,
+                tokens: tokens.into(),
                 cache_hit: Some(false),
             })
         })
