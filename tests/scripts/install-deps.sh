@@ -9,6 +9,8 @@ root=$(cd "$(dirname "$0")/../.." && pwd)
 venv="${PODID_VENV:-$root/target/venv}"
 # Pinned so CI is reproducible; bump deliberately.
 azure_identity_version="1.27.0"
+# The real Helm engine (the Helm library as a Python extension), for chart renders in the tests.
+helm_sdk_version="0.2.2"
 
 need_root() {
     if [ "$(id -u)" -ne 0 ]; then
@@ -54,4 +56,8 @@ if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import azure.identity
     echo "podid: creating $venv with azure-identity $azure_identity_version" >&2
     python3 -m venv "$venv"
     "$venv/bin/pip" install -q --disable-pip-version-check "azure-identity==$azure_identity_version"
+fi
+if ! "$venv/bin/python" -c "import helm_python, sys; from importlib.metadata import version; sys.exit(version('helm-python-sdk') != '$helm_sdk_version')" >/dev/null 2>&1; then
+    echo "podid: installing helm-python-sdk $helm_sdk_version (the Helm engine) into $venv" >&2
+    "$venv/bin/pip" install -q --disable-pip-version-check "helm-python-sdk==$helm_sdk_version"
 fi

@@ -263,6 +263,11 @@ fn check_nmi(ds: &DaemonSet) -> &Container {
         "NMI must run on the host network"
     );
     assert_eq!(spec.dns_policy.as_deref(), Some("ClusterFirstWithHostNet"));
+    assert_eq!(
+        spec.priority_class_name.as_deref(),
+        Some("system-node-critical"),
+        "nmi fails closed: its eviction cuts the node's pods off IMDS"
+    );
     let nmi = container(spec, "nmi");
     assert_eq!(
         nmi.image.as_deref(),
@@ -622,25 +627,78 @@ fn standard_mode_mic_is_leader_elected_and_exempted_from_nmi() {
             .is_none()
     );
 
-    // The exception must match MIC's pod labels (any one pair suffices), in MIC's namespace.
+    // The exception lives in mic-exception.yaml (applied after the CRDs), not in this file: a
+    // custom resource in the same file as the Deployment fails on a cluster without the CRDs.
+    assert!(
+        !objs
+            .iter()
+            .any(|o| matches!(o, Object::AzurePodIdentityException(_))),
+        "deployment-rbac.yaml must not carry a custom resource"
+    );
     let pod_labels = dspec
         .template
         .metadata
         .as_ref()
         .and_then(|m| m.labels.clone())
         .unwrap_or_default();
-    let exempt = objs.iter().any(|o| match o {
-        Object::AzurePodIdentityException(e) => {
-            e.metadata.namespace == mic.metadata.namespace
-                && e.spec
-                    .pod_labels
-                    .iter()
-                    .flatten()
-                    .any(|(k, v)| pod_labels.get(k) == Some(v))
-        }
-        _ => false,
-    });
-    assert!(exempt, "no AzurePodIdentityException matches MIC's pods");
+    let exceptions = infra("mic-exception.yaml");
+    let mic_exception = mic_exception(&exceptions, "mic-exception");
+    assert_eq!(mic_exception.metadata.namespace, mic.metadata.namespace);
+    assert!(
+        mic_exception.excepts(&pod_labels),
+        "mic-exception does not match MIC's pods ({pod_labels:?})"
+    );
+}
+
+/// The shipped MIC exception in `name` among `objs`.
+fn mic_exception<'a>(objs: &'a [Object], name: &str) -> &'a AzurePodIdentityException {
+    objs.iter()
+        .find_map(|o| match o {
+            Object::AzurePodIdentityException(e) if name_of(&e.metadata) == name => Some(&**e),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no AzurePodIdentityException {name}"))
+}
+
+/// Pods an attacker who may create pods in MIC's namespace would label to be excepted (and so
+/// reach the node's own identity): every label upstream's exceptions matched, and the chart's
+/// generic component label.
+fn claimed_mic_labels() -> Vec<BTreeMap<String, String>> {
+    [
+        ("app", "mic"),
+        ("component", "mic"),
+        ("app.kubernetes.io/component", "mic"),
+        ("app.kubernetes.io/name", "aad-pod-identity"),
+        ("k8s-app", "aad-pod-id"),
+    ]
+    .iter()
+    .map(|(k, v)| BTreeMap::from([((*k).to_owned(), (*v).to_owned())]))
+    .chain(std::iter::once(BTreeMap::from([
+        ("app".to_owned(), "mic".to_owned()),
+        ("component".to_owned(), "mic".to_owned()),
+        ("app.kubernetes.io/component".to_owned(), "mic".to_owned()),
+    ])))
+    .collect()
+}
+
+#[test]
+fn the_shipped_mic_exception_matches_only_a_podid_label() {
+    let exceptions = infra("mic-exception.yaml");
+    let exception = mic_exception(&exceptions, "mic-exception");
+    let wanted = exception.spec.pod_labels.clone().unwrap_or_default();
+    assert!(!wanted.is_empty());
+    for key in wanted.keys() {
+        assert!(
+            key.starts_with("podid.io/"),
+            "mic-exception matches the generic label {key}"
+        );
+    }
+    for labels in claimed_mic_labels() {
+        assert!(
+            !exception.excepts(&labels),
+            "a pod labelled {labels:?} is excepted by mic-exception"
+        );
+    }
 }
 
 #[test]
@@ -655,7 +713,11 @@ fn managed_mode_is_nmi_only_in_kube_system() {
     assert!(a.contains(&"--forceNamespaced"), "{a:?}");
     let role = cluster_role(&objs, "aad-pod-id-nmi-role");
     let rules = role.rules.clone().unwrap_or_default();
-    assert!(verbs(&rules, "aadpodidentity.k8s.io", "azureassignedidentities").is_empty());
+    // nmi watches assignments in every mode and serves nothing until that watch has synced.
+    assert_eq!(
+        verbs(&rules, "aadpodidentity.k8s.io", "azureassignedidentities"),
+        set(&["get", "list", "watch"])
+    );
     assert_eq!(
         verbs(&rules, "aadpodidentity.k8s.io", "azureidentities"),
         set(&["get", "list", "watch"])

@@ -51,3 +51,25 @@ helm.sh/chart: {{ include "podid.chart" . }}
 {{- define "podid.mic.leaseName" -}}
 {{- default "aad-pod-identity-mic" .Values.mic.leaderElection.name -}}
 {{- end -}}
+
+{{/*
+Refuse values that would deploy aad-pod-identity's Go images under podid's RBAC and probes (an
+upstream values file that kept `image.repository` or the image tags): the pods would never turn
+Ready and MIC would never lead, with nothing failing at render time. Upstream released its images
+as <registry>/…/aad-pod-identity/{mic,nmi} with tags v1.5 to v1.8.
+*/}}
+{{- define "podid.validateImages" -}}
+{{- $keys := list -}}
+{{- if hasSuffix "aad-pod-identity" (trimSuffix "/" (toString .Values.image.repository)) -}}
+{{- $keys = append $keys (printf "image.repository (%s)" .Values.image.repository) -}}
+{{- end -}}
+{{- range $component := list "mic" "nmi" -}}
+{{- $tag := toString (index $.Values $component "tag") -}}
+{{- if regexMatch "^v?1\\.[5-8]\\.[0-9]+$" $tag -}}
+{{- $keys = append $keys (printf "%s.tag (%s)" $component $tag) -}}
+{{- end -}}
+{{- end -}}
+{{- if $keys -}}
+{{- fail (printf "these values select aad-pod-identity's Go images, which do not run under this chart: %s. Drop these keys from your values file (the chart's defaults are the podid images) or set them to podid images; see the chart README, \"Upgrading from aad-pod-identity\"." (join ", " $keys)) -}}
+{{- end -}}
+{{- end -}}
