@@ -3,7 +3,7 @@
 //! references no value that values.yaml lacks, ships the generated CRDs unchanged, and has
 //! templates for every kind of the plain manifests.
 //!
-//! No helm binary exists here, so templates are not rendered; they are checked textually.
+//! The rendered chart (real Helm) is checked in chart_render.rs.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -109,25 +109,6 @@ fn templates() -> BTreeMap<String, String> {
     out
 }
 
-/// Every `{{ … }}` action of a template, trimmed of `-` markers and spaces.
-fn actions(text: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut rest = text;
-    while let Some(start) = rest.find("{{") {
-        let after = &rest[start + 2..];
-        let end = after
-            .find("}}")
-            .unwrap_or_else(|| panic!("unclosed action in {rest:.60}"));
-        let inner = after[..end]
-            .trim_start_matches('-')
-            .trim_end_matches('-')
-            .trim();
-        out.push(inner.to_owned());
-        rest = &after[end + 2..];
-    }
-    out
-}
-
 /// `.Values.a.b.c` paths referenced in a template.
 fn value_refs(text: &str) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
@@ -223,82 +204,6 @@ fn every_value_a_template_references_exists() {
         !resolves(&v, "nmi.noSuchKey"),
         "the check must be able to fail"
     );
-}
-
-#[test]
-fn templates_are_balanced_and_use_defined_helpers() {
-    let all = templates();
-    let mut defined = BTreeSet::new();
-    for text in all.values() {
-        for a in actions(text) {
-            if let Some(rest) = a.strip_prefix("define ") {
-                defined.insert(rest.trim().trim_matches('"').to_owned());
-            }
-        }
-    }
-    for (name, text) in &all {
-        let mut depth: i32 = 0;
-        for a in actions(text) {
-            if a.starts_with("/*") {
-                continue;
-            }
-            let word = a.split_whitespace().next().unwrap_or_default();
-            match word {
-                "if" | "with" | "range" | "define" => depth += 1,
-                "end" => depth -= 1,
-                _ => {}
-            }
-            assert!(depth >= 0, "{name}: `end` without a block");
-            for helper in ["include ", "template "] {
-                for (i, _) in a.match_indices(helper) {
-                    let arg = a[i + helper.len()..].trim_start();
-                    if let Some(quoted) = arg.strip_prefix('"') {
-                        let helper_name = quoted.split('"').next().unwrap_or_default();
-                        assert!(
-                            defined.contains(helper_name),
-                            "{name}: undefined helper {helper_name}"
-                        );
-                    }
-                }
-            }
-        }
-        assert_eq!(depth, 0, "{name}: unbalanced blocks");
-    }
-}
-
-#[test]
-fn templates_cover_every_kind_of_the_plain_manifests() {
-    let joined: String = templates().into_values().collect();
-    let kinds_in = |text: &str| -> BTreeSet<String> {
-        text.lines()
-            .filter_map(|l| l.trim().strip_prefix("kind: "))
-            .filter(|k| !k.contains("{{"))
-            .map(|k| k.trim().to_owned())
-            .collect()
-    };
-    let chart_kinds = kinds_in(&joined);
-    let root = chart().join("../../infra");
-    for file in ["deployment-rbac.yaml", "nmi-federated-rbac.yaml"] {
-        for kind in kinds_in(&read(&root.join(file))) {
-            assert!(chart_kinds.contains(&kind), "{file}: chart has no {kind}");
-        }
-    }
-    // Same invariants as the manifests, textually.
-    let nmi = &templates()["nmi-daemonset.yaml"];
-    for needle in [
-        "hostNetwork: true",
-        "\"--node=$(NODE_NAME)\"",
-        "path: /healthz",
-        "path: /readyz",
-        "path: /run/xtables.lock",
-        "- NET_ADMIN",
-    ] {
-        assert!(nmi.contains(needle), "nmi-daemonset.yaml lacks {needle}");
-    }
-    assert!(!joined.contains("\"*\""), "no wildcard RBAC in the chart");
-    assert!(!joined.contains("customresourcedefinitions"));
-    assert!(!joined.contains("endpoints"), "the leader lock is a Lease");
-    assert!(joined.contains("coordination.k8s.io"));
 }
 
 #[test]
