@@ -14,7 +14,7 @@ helm_sdk_version="0.2.2"
 
 need_root() {
     if [ "$(id -u)" -ne 0 ]; then
-        echo "podid: this step needs root (network namespaces, iptables, apt): run it with sudo" >&2
+        echo "podid: this step needs root (network namespaces, iptables, apt): run it as root (or with sudo)" >&2
         exit 1
     fi
 }
@@ -26,6 +26,8 @@ command -v iptables >/dev/null 2>&1 || missing+=(iptables)
 command -v conntrack >/dev/null 2>&1 || missing+=(conntrack)
 command -v cc >/dev/null 2>&1 || missing+=(build-essential)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
+# A minimal image has no CA bundle: rustup's download over TLS needs one.
+[ -f /etc/ssl/certs/ca-certificates.crt ] || missing+=(ca-certificates)
 command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
