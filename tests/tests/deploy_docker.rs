@@ -64,13 +64,48 @@ fn check(name: &str, package: &str, bin: &str) -> String {
     text
 }
 
+/// Packages installed with `apt-get install` in the runtime stage (after the last `FROM`).
+fn runtime_packages(text: &str) -> Vec<String> {
+    let runtime = text
+        .rsplit_once("\nFROM ")
+        .map(|(_, r)| r)
+        .unwrap_or_default();
+    let joined = runtime.replace("\\\n", " ");
+    joined
+        .lines()
+        .filter_map(|l| l.split_once("apt-get install").map(|(_, rest)| rest))
+        .flat_map(|rest| {
+            rest.split("&&")
+                .next()
+                .unwrap_or_default()
+                .split_whitespace()
+                .filter(|w| !w.starts_with('-'))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
 #[test]
-fn nmi_image_builds_nmi_on_an_iptables_base() {
+fn nmi_image_builds_nmi_on_an_iptables_base_with_a_ca_bundle() {
     let text = check("nmi.Dockerfile", "podid-nmi", "nmi");
     assert!(
         base_images(&text)[1].contains("iptables"),
         "nmi needs iptables"
     );
+    // The debian-iptables base ships iptables and conntrack but no CA bundle; without one,
+    // nmi's HTTPS client cannot verify Entra and type 1, 2 and federated identities fail.
+    let packages = runtime_packages(&text);
+    assert!(
+        packages.iter().any(|p| p == "ca-certificates"),
+        "nmi's runtime stage must install ca-certificates: {packages:?}"
+    );
+}
+
+#[test]
+fn runtime_packages_reads_the_last_stage_only() {
+    let text = "FROM a AS b\nRUN apt-get install -y curl\nFROM c\nRUN apt-get update \\\n && apt-get install -y --no-install-recommends ca-certificates tzdata \\\n && rm -rf x\n";
+    assert_eq!(runtime_packages(text), ["ca-certificates", "tzdata"]);
 }
 
 #[test]
