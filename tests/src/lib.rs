@@ -108,18 +108,41 @@ pub fn sdk_get_token(
     selector: SdkSelector<'_>,
     timeout: Duration,
 ) -> anyhow::Result<SdkOutcome> {
-    let script = workspace_root().join("tests/clients/get_token.py");
-    let mut command = pod.command(python()?);
-    command.arg(&script).arg(scope);
+    let mut args = vec![scope.to_owned()];
     match selector {
         SdkSelector::None => {}
-        SdkSelector::ClientId(id) => {
-            command.arg("--client-id").arg(id);
-        }
-        SdkSelector::ResourceId(id) => {
-            command.arg("--resource-id").arg(id);
-        }
+        SdkSelector::ClientId(id) => args.extend(["--client-id".to_owned(), id.to_owned()]),
+        SdkSelector::ResourceId(id) => args.extend(["--resource-id".to_owned(), id.to_owned()]),
     }
+    Ok(run_sdk_client(pod, &args, timeout)?.0)
+}
+
+/// Runs azure-identity's `DefaultAzureCredential` (the whole chain: environment, workload
+/// identity, managed identity, developer tools) inside `pod` for `scope`, as an application
+/// that runs both in a pod and on a laptop does; returns what it printed and how long
+/// `get_token` took (seconds, measured inside the client).
+pub fn sdk_default_credential(
+    pod: &netns::SimPod,
+    scope: &str,
+    timeout: Duration,
+) -> anyhow::Result<(SdkOutcome, f64)> {
+    let args = [scope.to_owned(), "--default-credential".to_owned()];
+    let (outcome, elapsed) = run_sdk_client(pod, &args, timeout)?;
+    Ok((
+        outcome,
+        elapsed.context("the client printed no elapsed time")?,
+    ))
+}
+
+/// Runs tests/clients/get_token.py with `args` in `pod`: what it printed and its `elapsed`.
+fn run_sdk_client(
+    pod: &netns::SimPod,
+    args: &[String],
+    timeout: Duration,
+) -> anyhow::Result<(SdkOutcome, Option<f64>)> {
+    let script = workspace_root().join("tests/clients/get_token.py");
+    let mut command = pod.command(python()?);
+    command.arg(&script).args(args);
     let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -153,17 +176,21 @@ pub fn sdk_get_token(
     let value: Value = serde_json::from_str(line).with_context(|| {
         format!("the Python SDK client printed a non-JSON line (exit {status})")
     })?;
+    let elapsed = value.get("elapsed").and_then(Value::as_f64);
     if let Some(token) = value.get("token").and_then(Value::as_str) {
         let expires_on = value
             .get("expires_on")
             .and_then(Value::as_i64)
             .context("no expires_on")?;
-        return Ok(SdkOutcome::Token {
-            token: token.to_owned(),
-            expires_on,
-        });
+        return Ok((
+            SdkOutcome::Token {
+                token: token.to_owned(),
+                expires_on,
+            },
+            elapsed,
+        ));
     }
-    Ok(SdkOutcome::Error {
+    let error = SdkOutcome::Error {
         class: value
             .get("error")
             .and_then(Value::as_str)
@@ -174,7 +201,8 @@ pub fn sdk_get_token(
             .and_then(Value::as_str)
             .unwrap_or_default()
             .to_owned(),
-    })
+    };
+    Ok((error, elapsed))
 }
 
 /// A minimal ARM client for identity assignment, authenticated as a service principal through

@@ -130,6 +130,7 @@ fn every_key_set() -> Value {
             "enableConntrackDeletion": true,
             "enableHostToken": true,
             "errorFormat": "text",
+            "notFoundForFinalRefusals": true,
             "manageRouteLocalnet": "false",
             "federatedDefaultTenantID": "00000000-0000-0000-0000-000000000002",
             "federatedAuthorityHost": "https://login.microsoftonline.us/",
@@ -320,6 +321,7 @@ fn every_key_set_reaches_the_flags() {
         "--prometheus-port=9091",
         "--block-instance-metadata=true",
         "--error-format=text",
+        "--not-found-for-final-refusals=true",
         "--manage-route-localnet=false",
         "--serve-workload-identity-pods",
     ] {

@@ -197,8 +197,8 @@ fn the_demo_prints_each_pods_token_or_refusal_and_leaves_nothing_behind() {
         );
     }
     assert!(
-        output.contains("HTTP 404"),
-        "the unbound pod's 404 is missing:\n{output}"
+        output.contains("HTTP 400"),
+        "the unbound pod's final 400 is missing:\n{output}"
     );
     assert!(
         output.contains("apply AzurePodIdentityException monitoring/monitoring-agent-exception"),

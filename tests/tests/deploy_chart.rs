@@ -29,6 +29,10 @@ const PODID_ONLY_KEYS: &[(&str, &str)] = &[
         "nmi --error-format: JSON or upstream's plain-text error bodies",
     ),
     (
+        "nmi.notFoundForFinalRefusals",
+        "nmi --not-found-for-final-refusals: upstream's 404 for final refusals",
+    ),
+    (
         "nmi.manageRouteLocalnet",
         "nmi --manage-route-localnet: route_localnet for nodes without kube-proxy",
     ),

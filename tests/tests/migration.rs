@@ -410,7 +410,7 @@ async fn a_workload_identity_labelled_pod_gets_its_token_through_imds() -> anyho
     // Another client id is not this pod's identity.
     let other = cluster.cloud.add_user_assigned_identity("other");
     let (status, body, _) = pod_get(&pod, &token_path(&other.client_id), true).await?;
-    assert_eq!(status, 404, "{body}");
+    assert_eq!(status, 400, "a final refusal: {body}");
 
     // The annotation removed: nmi's watch follows, the pod gets a 403 naming it, and an Event.
     annotate(

@@ -79,19 +79,44 @@ async fn pods_get_their_own_identity_through_real_interception() -> anyhow::Resu
         sp.client_id
     );
     let (status, body, _) = pod_get(&web_pod, &path, true).await?;
-    assert!(
-        status == 404 || status == 400 || status == 403,
-        "{status} {body}"
-    );
+    assert_eq!(status, 400, "a final refusal: {body}");
     assert!(!body.contains("access_token"), "{body}");
 
-    // A pod with no binding gets 404 at once.
+    // A pod with no binding gets a final 400 (the real IMDS's "no such identity") at once.
     let path =
         "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https://vault.azure.net";
     let (status, body, elapsed) = pod_get(&lonely_pod, path, true).await?;
-    assert_eq!(status, 404, "{body}");
-    println!("unbound pod answered 404 in {elapsed:?}");
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body)?["error"],
+        "invalid_request"
+    );
+    println!("unbound pod answered 400 in {elapsed:?}");
     assert!(elapsed < Duration::from_secs(1), "took {elapsed:?}");
+
+    // The real SDK's DefaultAzureCredential in that pod takes the 400 as final and moves on to
+    // its next credential (a 404 made it retry IMDS for ~24 s first).
+    let pod = Arc::clone(&lonely_pod);
+    let (outcome, seconds) = tokio::task::spawn_blocking(move || {
+        podid_e2e::sdk_default_credential(&pod, podid_e2e::cluster::SCOPE, Duration::from_secs(90))
+    })
+    .await??;
+    println!("DefaultAzureCredential in the unbound pod gave up on IMDS after {seconds:.2} s");
+    let podid_e2e::SdkOutcome::Error { message, .. } = outcome else {
+        panic!("an unbound pod got a token");
+    };
+    assert!(
+        message.contains("ManagedIdentityCredential"),
+        "the chain did not try managed identity: {message}"
+    );
+    assert!(
+        message.contains("AzureCliCredential"),
+        "the chain did not move on past managed identity: {message}"
+    );
+    assert!(
+        seconds < 10.0,
+        "DefaultAzureCredential retried IMDS for {seconds:.1} s: the refusal was not final"
+    );
 
     // A missing Metadata header gets IMDS's own 400.
     let (status, body, _) = pod_get(&web_pod, path, false).await?;

@@ -257,14 +257,14 @@ async fn failures_the_owner_can_fix_become_one_event_per_pod_and_reason() -> any
         "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https://vault.azure.net";
     for _ in 0..100 {
         let (status, body, _) = pod_get(&orphan_pod, path, true).await?;
-        assert_eq!(status, 404, "{body}");
+        assert_eq!(status, 400, "a final refusal: {body}");
     }
     for _ in 0..20 {
         let (status, body, _) = pod_get(&nosecret_pod, path, true).await?;
         assert_eq!(status, 503, "{body}");
         assert!(body.contains("secret-that-does-not-exist"), "{body}");
         let (status, _, _) = pod_get(&unlabelled_pod, path, true).await?;
-        assert_eq!(status, 404);
+        assert_eq!(status, 400);
     }
 
     let orphan = wait_for("the orphan pod's event", Duration::from_secs(15), || {

@@ -45,6 +45,12 @@ pub struct ErrorOptions {
     /// `Retry-After: 20` instead of 404. Upstream applies it on the token path only; pass `false`
     /// when answering `/host/token`.
     pub set_retry_after_header: bool,
+    /// Upstream's status for final refusals: 404 (or 503 + `Retry-After` with
+    /// `set_retry_after_header`) also where nothing can change the answer soon. Off (podid's
+    /// default), a final refusal ([`ImdsError::is_final_refusal`]) is the real IMDS's answer for
+    /// an identity the VM does not have, 400 `invalid_request`, which every Azure SDK treats as
+    /// final at once instead of retrying a 404 for 20–100 s.
+    pub not_found_for_final_refusals: bool,
 }
 
 /// An error answer of the NMI port. Each variant documents its status code.
@@ -100,15 +106,16 @@ pub enum ImdsError {
     /// 403: `/{metadata}/instance…` with `--block-instance-metadata`.
     #[error("Request blocked by AAD Pod Identity NMI")]
     InstanceMetadataBlocked,
-    /// 404, or 503 + `Retry-After` with `--set-retry-after-header`: the pod has identities but
-    /// none matches the requested one.
+    /// 400 `invalid_request` (a final refusal; upstream: 404, or 503 + `Retry-After` with
+    /// `--set-retry-after-header`): the pod has identities but none matches the requested one.
     #[error("no azure identity found for request clientID {client_id}")]
     IdentityNotFound {
         /// The requested client id, already redacted; empty when the caller selected by
         /// resource id. Build with [`ImdsError::identity_not_found`].
         client_id: String,
     },
-    /// 404, or 503 + `Retry-After`: no identity is bound to the calling pod at all.
+    /// 400 `invalid_request` (a final refusal; upstream: 404, or 503 + `Retry-After`): no
+    /// identity is bound to the calling pod at all.
     #[error("no azure identity is bound to pod {namespace}/{pod}")]
     NoIdentityForPod {
         /// Pod namespace.
@@ -182,7 +189,26 @@ impl ImdsError {
         }
     }
 
-    /// Whether `--set-retry-after-header` turns this error into 503 + `Retry-After`.
+    /// Whether nothing can change this answer soon: no binding gives the pod any identity, or
+    /// the requested identity is not among the pod's. Waiting cannot help, so the answer is
+    /// final (400) unless [`ErrorOptions::not_found_for_final_refusals`] asks for upstream's 404.
+    pub fn is_final_refusal(&self) -> bool {
+        matches!(
+            self,
+            Self::IdentityNotFound { .. } | Self::NoIdentityForPod { .. }
+        )
+    }
+
+    /// Whether `--set-retry-after-header` turns this error into 503 + `Retry-After` (with the
+    /// options, final refusals only when they keep upstream's status).
+    fn retries_after(&self, options: ErrorOptions) -> bool {
+        options.set_retry_after_header
+            && self.is_identity_selection_error()
+            && (options.not_found_for_final_refusals || !self.is_final_refusal())
+    }
+
+    /// Whether `--set-retry-after-header` turns this error into 503 + `Retry-After` under
+    /// upstream's rules (final refusals included).
     pub fn is_identity_selection_error(&self) -> bool {
         matches!(
             self,
@@ -205,6 +231,11 @@ impl ImdsError {
             | Self::UnsupportedIdentitySelector { .. }
             | Self::WorkloadIdentitySelector { .. } => StatusCode::BAD_REQUEST,
             Self::InstanceMetadataBlocked | Self::TokenRefused { .. } => StatusCode::FORBIDDEN,
+            Self::IdentityNotFound { .. } | Self::NoIdentityForPod { .. }
+                if !options.not_found_for_final_refusals =>
+            {
+                StatusCode::BAD_REQUEST
+            }
             Self::IdentityNotFound { .. }
             | Self::NoIdentityForPod { .. }
             | Self::AssignmentPending { .. } => {
@@ -286,7 +317,7 @@ impl ImdsError {
 
     /// The complete response: status, headers (`Content-Type`, `Content-Length`, and as upstream
     /// `X-Content-Type-Options: nosniff` for plain text, `Retry-After: 20` for identity-selection
-    /// errors with `--set-retry-after-header`, `Connection: close` for a malformed request
+    /// errors answered 503 with `--set-retry-after-header`, `Connection: close` for a malformed request
     /// target in plain-text style), body.
     pub fn response(&self, options: ErrorOptions) -> WireResponse {
         let (body, content_type) = self.body_and_type(options);
@@ -303,7 +334,7 @@ impl ImdsError {
                 .headers
                 .insert(CONNECTION, HeaderValue::from_static("close"));
         }
-        if options.set_retry_after_header && self.is_identity_selection_error() {
+        if self.retries_after(options) {
             response
                 .headers
                 .insert(RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));

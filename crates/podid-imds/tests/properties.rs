@@ -120,10 +120,11 @@ proptest! {
     }
 
     #[test]
-    fn error_responses_are_well_formed(detail in any::<String>(), retry in any::<bool>(), go in any::<bool>()) {
+    fn error_responses_are_well_formed(detail in any::<String>(), retry in any::<bool>(), go in any::<bool>(), upstream in any::<bool>()) {
         let options = ErrorOptions {
             style: if go { ErrorBodyStyle::GoPlainText } else { ErrorBodyStyle::ImdsJson },
             set_retry_after_header: retry,
+            not_found_for_final_refusals: upstream,
         };
         for error in [
             ImdsError::TokenRefused { detail: detail.clone() },

@@ -19,19 +19,31 @@ use podid_imds::{
 const JSON: ErrorOptions = ErrorOptions {
     style: ErrorBodyStyle::ImdsJson,
     set_retry_after_header: false,
+    not_found_for_final_refusals: false,
 };
 const GO: ErrorOptions = ErrorOptions {
     style: ErrorBodyStyle::GoPlainText,
     set_retry_after_header: false,
+    not_found_for_final_refusals: false,
 };
 const GO_RETRY: ErrorOptions = ErrorOptions {
     style: ErrorBodyStyle::GoPlainText,
     set_retry_after_header: true,
+    not_found_for_final_refusals: false,
 };
 const JSON_RETRY: ErrorOptions = ErrorOptions {
     style: ErrorBodyStyle::ImdsJson,
     set_retry_after_header: true,
+    not_found_for_final_refusals: false,
 };
+
+/// `options` with upstream's 404 for final refusals.
+const fn upstream_not_found(options: ErrorOptions) -> ErrorOptions {
+    ErrorOptions {
+        not_found_for_final_refusals: true,
+        ..options
+    }
+}
 
 /// `HTTP <code>`, headers sorted by name as `name: value`, a blank line, then the body bytes.
 fn render(response: &WireResponse) -> Vec<u8> {
@@ -159,6 +171,19 @@ fn every_error_matches_its_golden_files() {
                 &error.response(JSON_RETRY),
             );
         }
+        if error.is_final_refusal() {
+            for (style, options) in [
+                ("json", JSON),
+                ("go", GO),
+                ("json-retry-after", JSON_RETRY),
+                ("go-retry-after", GO_RETRY),
+            ] {
+                golden(
+                    &format!("error-{name}.{style}-upstream-404.http"),
+                    &error.response(upstream_not_found(options)),
+                );
+            }
+        }
     }
 }
 
@@ -220,15 +245,16 @@ fn upstream_bodies_byte_for_byte() {
         assert_eq!(r.headers["content-length"], body.len().to_string().as_str());
     }
 
+    // Upstream's status for a refusal, restored by --not-found-for-final-refusals.
     let not_found = ImdsError::identity_not_found(Some("77788899-f67e-42e1-9a78-89985f6bff3e"));
-    let r = not_found.response(GO);
+    let r = not_found.response(upstream_not_found(GO));
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     assert_eq!(
         r.body,
         b"no azure identity found for request clientID 7778##### REDACTED #####ff3e\n"
     );
     assert!(r.headers.get("retry-after").is_none());
-    let r = not_found.response(GO_RETRY);
+    let r = not_found.response(upstream_not_found(GO_RETRY));
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(r.headers["retry-after"], "20");
 
@@ -242,6 +268,42 @@ fn upstream_bodies_byte_for_byte() {
         assert!(r.headers.get("retry-after").is_none(), "{error:?}");
         assert_eq!(r.status, error.status(GO), "{error:?}");
     }
+}
+
+/// A final refusal is the real IMDS's answer for an identity the VM lacks (400
+/// `invalid_request`, never retried by the SDKs) whatever `--set-retry-after-header` says; an
+/// assignment in progress keeps the answers that ask the client to come back.
+#[test]
+fn final_refusals_are_400_and_pending_assignments_stay_retryable() {
+    let pod = || ("default".to_owned(), "web-0".to_owned());
+    let finals = [
+        ImdsError::identity_not_found(Some("77788899-f67e-42e1-9a78-89985f6bff3e")),
+        ImdsError::identity_not_found(None),
+        ImdsError::NoIdentityForPod {
+            namespace: pod().0,
+            pod: pod().1,
+        },
+    ];
+    for error in &finals {
+        assert!(error.is_final_refusal(), "{error:?}");
+        for options in [JSON, GO, JSON_RETRY, GO_RETRY] {
+            let r = error.response(options);
+            assert_eq!(r.status, StatusCode::BAD_REQUEST, "{error:?} {options:?}");
+            assert!(r.headers.get("retry-after").is_none(), "{error:?}");
+        }
+        let v: serde_json::Value = serde_json::from_slice(&error.response(JSON).body).unwrap();
+        assert_eq!(v["error"], "invalid_request");
+        assert_eq!(v["error_description"], error.to_string());
+    }
+    let pending = ImdsError::AssignmentPending {
+        namespace: pod().0,
+        pod: pod().1,
+    };
+    assert!(!pending.is_final_refusal());
+    assert_eq!(pending.response(JSON).status, StatusCode::NOT_FOUND);
+    let r = pending.response(JSON_RETRY);
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.headers["retry-after"], "20");
 }
 
 #[test]

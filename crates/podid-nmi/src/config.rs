@@ -92,7 +92,8 @@ pub struct Flags {
     /// File scanned for `--network-plugin=kubenet`.
     #[arg(long = "kubelet-config", default_value = "/etc/default/kubelet")]
     pub kubelet_config: PathBuf,
-    /// Identity-selection failures answer 503 + `Retry-After: 20` instead of 404.
+    /// Identity-selection failures that waiting can fix (an assignment in progress) answer
+    /// 503 + `Retry-After: 20` instead of 404.
     #[arg(long = "set-retry-after-header", num_args = 0..=1, require_equals = true, default_value = "false",
           default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
     pub set_retry_after_header: bool,
@@ -120,6 +121,13 @@ pub struct Flags {
     /// (`text`).
     #[arg(long = "error-format", default_value = "json")]
     pub error_format: String,
+    /// podid: answer final refusals (no binding gives the pod an identity, the requested
+    /// identity is not the pod's) with upstream's 404 (503 + `Retry-After` with
+    /// `--set-retry-after-header`) instead of the real IMDS's final 400 `invalid_request`, which
+    /// SDKs do not retry.
+    #[arg(long = "not-found-for-final-refusals", num_args = 0..=1, require_equals = true, default_value = "false",
+          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    pub not_found_for_final_refusals: bool,
     /// podid: set and verify `net.ipv4.conf.all.route_localnet=1` so DNAT to 127.0.0.1 works on
     /// nodes without kube-proxy.
     #[arg(long = "manage-route-localnet", num_args = 0..=1, require_equals = true, default_value = "true",
@@ -233,6 +241,8 @@ pub struct Config {
     pub kubenet_check: Option<PathBuf>,
     /// 503 + `Retry-After` for identity-selection errors.
     pub set_retry_after_header: bool,
+    /// Upstream's 404 for final refusals instead of 400.
+    pub not_found_for_final_refusals: bool,
     /// Flush conntrack entries to IMDS after the first rule install.
     pub conntrack_deletion: bool,
     /// Log format.
@@ -381,6 +391,7 @@ impl Flags {
             mode,
             kubenet_check: (!self.allow_network_plugin_kubenet).then_some(self.kubelet_config),
             set_retry_after_header: self.set_retry_after_header,
+            not_found_for_final_refusals: self.not_found_for_final_refusals,
             conntrack_deletion: self.enable_conntrack_deletion,
             log_format,
             verbosity: self.klog.verbosity,

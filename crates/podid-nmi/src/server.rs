@@ -133,6 +133,7 @@ impl ServerOptions {
             errors: ErrorOptions {
                 style: config.error_bodies,
                 set_retry_after_header: config.set_retry_after_header,
+                not_found_for_final_refusals: config.not_found_for_final_refusals,
             },
             pod_wait: Duration::from_millis(1200),
             pending_wait: config.find_identity_retry_interval.saturating_mul(polls),

@@ -404,9 +404,10 @@ mod tests {
         let Err(Refusal::Selector(error @ ImdsError::IdentityNotFound { .. })) = other else {
             panic!("expected not found, got {other:?}");
         };
+        assert!(error.is_final_refusal());
         assert_eq!(
             error.status(Default::default()),
-            http::StatusCode::NOT_FOUND
+            http::StatusCode::BAD_REQUEST
         );
         for selector in [
             IdentitySelector::ResourceId(Cow::Borrowed("/subscriptions/s/x")),

@@ -678,7 +678,7 @@ async fn item_04_caller_pod_attribution() {
             case(
                 "§7.4 a Pending pod is attributed",
                 6,
-                404,
+                400,
                 Expect::Description("no azure identity is bound to pod app/starting"),
                 None,
             ),
@@ -819,7 +819,7 @@ async fn item_05_exceptions() {
             source: 2,
             target: TOKEN_PATH.to_owned(),
             headers: META,
-            status: 404,
+            status: 400,
             expect: Expect::Description("no azure identity is bound to pod app/team-x"),
             asked: None,
         },
@@ -828,7 +828,7 @@ async fn item_05_exceptions() {
             source: 3,
             target: TOKEN_PATH.to_owned(),
             headers: META,
-            status: 404,
+            status: 400,
             expect: Expect::Description("no azure identity is bound to pod app/micro"),
             asked: None,
         },
@@ -839,7 +839,7 @@ async fn item_05_exceptions() {
             source: 4,
             target: TOKEN_PATH.to_owned(),
             headers: META,
-            status: 404,
+            status: 400,
             expect: Expect::Description("no azure identity is bound to pod default/mic-5d8f-abcde"),
             asked: None,
         },
@@ -848,7 +848,7 @@ async fn item_05_exceptions() {
             source: 5,
             target: TOKEN_PATH.to_owned(),
             headers: META,
-            status: 404,
+            status: 400,
             expect: Expect::Description(
                 "no azure identity is bound to pod default/microservice-7f9-xyz",
             ),
@@ -915,9 +915,9 @@ async fn item_06_standard_mode_timing() {
         },
         // fix (DESIGN §3: "pod with no matching binding waits 80–100 s, then 404" → at once).
         Timing {
-            item: "§7.6 no AzureAssignedIdentity and no binding → 404 at once (fix)",
+            item: "§7.6 no AzureAssignedIdentity and no binding → final 400 at once (fix: upstream 404 after 80 s)",
             objects: Objects::empty(),
-            status: 404,
+            status: 400,
             expect: Expect::Description("no azure identity is bound to pod app/web"),
             waits: false,
         },
@@ -1066,9 +1066,9 @@ async fn item_07_identity_selectors() {
                 b(),
             ),
             case(
-                "§7.7 client_id of no identity of the pod → 404 at once, redacted",
+                "§7.7 client_id of no identity of the pod → final 400 at once, redacted (upstream 404)",
                 format!("&client_id={CLIENT_C}"),
-                404,
+                400,
                 Expect::Description("no azure identity found for request clientID cccc##### REDACTED #####000c"),
                 None,
             ),
@@ -1096,9 +1096,9 @@ async fn item_07_identity_selectors() {
                 a(),
             ),
             case(
-                "§7.7 unknown msi_res_id → 404 with an empty clientID",
+                "§7.7 unknown msi_res_id → final 400 with an empty clientID (upstream 404)",
                 format!("&msi_res_id={}", rid("nope")),
-                404,
+                400,
                 Expect::Description("no azure identity found for request clientID "),
                 None,
             ),
@@ -1159,11 +1159,11 @@ async fn item_08_namespaced_filter() {
     let rows = [
         // fix (DESIGN §3 "panic → 500 when the namespaced filter empties the candidate list").
         Namespaced {
-            item: "§7.8 annotation, identity in another namespace → 404 (fix: upstream 500)",
+            item: "§7.8 annotation, identity in another namespace → final 400 (fix: upstream 500)",
             identity_ns: "other",
             annotated: true,
             options: MatchOptions::default(),
-            status: 404,
+            status: 400,
             expect: no_identity,
         },
         Namespaced {
@@ -1175,11 +1175,11 @@ async fn item_08_namespaced_filter() {
             expect: Expect::TokenFor(CLIENT_A),
         },
         Namespaced {
-            item: "§7.8 --forceNamespaced, identity in another namespace → 404 (fix: upstream 500)",
+            item: "§7.8 --forceNamespaced, identity in another namespace → final 400 (fix: upstream 500)",
             identity_ns: "other",
             annotated: false,
             options: flag,
-            status: 404,
+            status: 400,
             expect: no_identity,
         },
         Namespaced {
@@ -1207,11 +1207,11 @@ async fn item_08_namespaced_filter() {
             expect: Expect::TokenFor(CLIENT_A),
         },
         Namespaced {
-            item: "§7.8 managed mode, binding in another namespace → 404 at once",
+            item: "§7.8 managed mode, binding in another namespace → final 400 at once (upstream 404)",
             identity_ns: "other",
             annotated: false,
             options: managed,
-            status: 404,
+            status: 400,
             expect: no_identity,
         },
     ];
@@ -1377,11 +1377,11 @@ async fn item_09_token_bodies() {
                 asked: None,
             },
             Case {
-                item: "§7.9 /host/token for a pod without identity → 404",
+                item: "§7.9 /host/token for a pod without identity → final 400 (upstream 404)",
                 source: 1,
                 target: "/host/token?resource=r".into(),
                 headers: &[("podns", "app"), ("podname", "nope")],
-                status: 404,
+                status: 400,
                 expect: Expect::DescriptionPrefix("no azure identity is bound to pod app/nope"),
                 asked: None,
             },
@@ -1406,8 +1406,8 @@ async fn item_09_token_bodies() {
     )
     .await;
     assert_eq!(
-        reply.status, 404,
-        "§7.9 /host/token ignores --set-retry-after-header: {}",
+        reply.status, 400,
+        "§7.9 /host/token ignores --set-retry-after-header (a final refusal): {}",
         reply.body
     );
     assert!(!reply.headers.contains_key("retry-after"));
@@ -1564,11 +1564,17 @@ async fn item_10_upstream_errors() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 
-    // --set-retry-after-header: identity-selection errors → 503 + Retry-After: 20 (token path).
+    // --set-retry-after-header: identity-selection errors → 503 + Retry-After: 20 (token path),
+    // with upstream's statuses for final refusals (--not-found-for-final-refusals); without
+    // that flag a final refusal stays 400 (waiting cannot change it).
+    let upstream_statuses = |o: &mut ServerOptions| {
+        o.errors.set_retry_after_header = true;
+        o.errors.not_found_for_final_refusals = true;
+    };
     let nmi = start_with(
         &assigned_a(),
         BINDING_LABEL,
-        |o| o.errors.set_retry_after_header = true,
+        upstream_statuses,
         Default::default(),
     )
     .await;
@@ -1583,13 +1589,26 @@ async fn item_10_upstream_errors() {
     let nmi = start_with(
         &Objects::empty(),
         BINDING_LABEL,
-        |o| o.errors.set_retry_after_header = true,
+        upstream_statuses,
         Default::default(),
     )
     .await;
     let reply = request(nmi.addr, TOKEN_PATH, META).await;
     assert_eq!(reply.status, 503, "§7.10 retry-after: unbound pod");
     assert_eq!(reply.headers["retry-after"], "20");
+    let nmi = start_with(
+        &Objects::empty(),
+        BINDING_LABEL,
+        |o| o.errors.set_retry_after_header = true,
+        Default::default(),
+    )
+    .await;
+    let reply = request(nmi.addr, TOKEN_PATH, META).await;
+    assert_eq!(
+        reply.status, 400,
+        "§7.10 retry-after: an unbound pod is a final refusal"
+    );
+    assert!(reply.headers.get("retry-after").is_none());
     // Request errors keep their status with the flag.
     let reply = request(nmi.addr, "/metadata/identity/oauth2/token", META).await;
     assert_eq!(reply.status, 400, "§7.10 retry-after does not touch 400s");
@@ -2035,11 +2054,11 @@ async fn status_catalogue_2_14() {
         ),
         // fix (DESIGN §3): upstream answered after 80 s.
         case(
-            "§2.14 404 no usable identity",
+            "§2.14 no usable identity: final 400 (upstream 404)",
             4,
             TOKEN_PATH,
             META,
-            404,
+            400,
             Expect::Description("no azure identity is bound to pod app/lonely"),
         ),
         case(
@@ -2127,11 +2146,15 @@ async fn status_catalogue_2_14() {
         }],
     )
     .await;
-    // 503 + Retry-After for identity lookups with --set-retry-after-header.
+    // 503 + Retry-After for identity lookups with --set-retry-after-header (final refusals
+    // too with upstream's statuses, --not-found-for-final-refusals).
     let retry = start_with(
         &Objects::empty(),
         BINDING_LABEL,
-        |o| o.errors.set_retry_after_header = true,
+        |o| {
+            o.errors.set_retry_after_header = true;
+            o.errors.not_found_for_final_refusals = true;
+        },
         Default::default(),
     )
     .await;

@@ -94,7 +94,7 @@ async fn unknown_pod_is_500() {
 }
 
 #[tokio::test]
-async fn unbound_pod_gets_404_at_once() {
+async fn unbound_pod_gets_a_final_400_at_once() {
     let nmi = start_with(&Objects::empty(), &[], |_| {}, MatchOptions::default()).await;
     let started = Instant::now();
     let reply = request(nmi.addr, TOKEN_PATH, META).await;
@@ -103,17 +103,44 @@ async fn unbound_pod_gets_404_at_once() {
         "{:?}",
         started.elapsed()
     );
-    assert_eq!(reply.status, 404);
+    // The real IMDS's answer for an identity the VM lacks: SDKs stop at once instead of
+    // retrying a 404 for 20-100 s.
+    assert_eq!(reply.status, 400);
+    assert_eq!(reply.json()["error"], "invalid_request");
     assert_eq!(
         reply.json()["error_description"],
         "no azure identity is bound to pod app/web"
     );
     assert!(nmi.provider.asked().is_empty());
 
+    // Waiting cannot change the answer, so --set-retry-after-header leaves it final.
     let nmi = start_with(
         &Objects::empty(),
         &[],
         |o| o.errors.set_retry_after_header = true,
+        MatchOptions::default(),
+    )
+    .await;
+    let reply = request(nmi.addr, TOKEN_PATH, META).await;
+    assert_eq!(reply.status, 400);
+    assert!(reply.headers.get("retry-after").is_none());
+
+    // --not-found-for-final-refusals restores upstream's statuses.
+    let nmi = start_with(
+        &Objects::empty(),
+        &[],
+        |o| o.errors.not_found_for_final_refusals = true,
+        MatchOptions::default(),
+    )
+    .await;
+    assert_eq!(request(nmi.addr, TOKEN_PATH, META).await.status, 404);
+    let nmi = start_with(
+        &Objects::empty(),
+        &[],
+        |o| {
+            o.errors.not_found_for_final_refusals = true;
+            o.errors.set_retry_after_header = true;
+        },
         MatchOptions::default(),
     )
     .await;
@@ -138,7 +165,7 @@ async fn wrong_client_id_never_gets_another_identity() {
     )
     .await;
     assert!(started.elapsed() < Duration::from_secs(2));
-    assert_eq!(reply.status, 404);
+    assert_eq!(reply.status, 400, "a final refusal");
     assert!(!reply.body.contains("token-for"));
     let reply = request(
         nmi.addr,
@@ -226,7 +253,7 @@ async fn broker_errors_map_to_403_and_503() {
 }
 
 #[tokio::test]
-async fn namespaced_identity_in_another_namespace_is_404() {
+async fn namespaced_identity_in_another_namespace_is_a_final_refusal() {
     let mut objects = Objects::empty();
     objects.add(
         AzureIdentity::user_assigned("other", "id", &rid("id"), CLIENT_A).namespaced(),
@@ -234,7 +261,7 @@ async fn namespaced_identity_in_another_namespace_is_404() {
     );
     let nmi = start(&objects).await;
     let reply = request(nmi.addr, TOKEN_PATH, META).await;
-    assert_eq!(reply.status, 404);
+    assert_eq!(reply.status, 400);
     // force_namespaced does the same for an unannotated identity.
     let nmi = start_with(
         &Objects::bound("other", CLIENT_A, AssignedIdentityState::Assigned),
@@ -246,7 +273,7 @@ async fn namespaced_identity_in_another_namespace_is_404() {
         },
     )
     .await;
-    assert_eq!(request(nmi.addr, TOKEN_PATH, META).await.status, 404);
+    assert_eq!(request(nmi.addr, TOKEN_PATH, META).await.status, 400);
     assert!(nmi.provider.asked().is_empty());
 }
 

@@ -100,7 +100,7 @@ async fn selectors_are_honoured_never_ignored() {
     let nmi = start_cluster(true).await;
     let other = format!("{TOKEN_PATH}&client_id={CLIENT_B}");
     let reply = request(nmi.addr, &other, META).await;
-    assert_eq!(reply.status, 404, "{}", reply.body);
+    assert_eq!(reply.status, 400, "a final refusal: {}", reply.body);
     for selector in ["msi_res_id", "mi_res_id", "object_id"] {
         let target = format!("{TOKEN_PATH}&{selector}=%2Fsubscriptions%2Fs%2Fx");
         let reply = request(nmi.addr, &target, META).await;
@@ -142,7 +142,7 @@ async fn a_binding_wins_over_the_workload_identity_label_and_unlabelled_pods_are
     assert_eq!(reply.status, 200, "{}", reply.body);
     assert_eq!(reply.json()["client_id"], CLIENT_A);
     let reply = request_from(from(4), nmi.addr, TOKEN_PATH, META).await;
-    assert_eq!(reply.status, 404, "{}", reply.body);
+    assert_eq!(reply.status, 400, "a final refusal: {}", reply.body);
     assert_eq!(nmi.provider.asked(), vec![Asked::Identity(CLIENT_A.into())]);
 }
 
@@ -150,6 +150,6 @@ async fn a_binding_wins_over_the_workload_identity_label_and_unlabelled_pods_are
 async fn without_the_flag_a_workload_identity_pod_is_not_served() {
     let nmi = start_cluster(false).await;
     let reply = request(nmi.addr, TOKEN_PATH, META).await;
-    assert_eq!(reply.status, 404, "{}", reply.body);
+    assert_eq!(reply.status, 400, "a final refusal: {}", reply.body);
     assert!(nmi.provider.asked().is_empty());
 }

@@ -391,7 +391,10 @@ async fn run(cluster_slot: &mut Option<Cluster>) -> anyhow::Result<()> {
         "unexpected results: {}",
         unexpected.join(", ")
     );
-    anyhow::ensure!(status == 404, "the unbound pod got HTTP {status}, not 404");
+    anyhow::ensure!(
+        status == 400,
+        "the unbound pod got HTTP {status}, not the final 400"
+    );
     Ok(())
 }
 

@@ -42,6 +42,7 @@ fuzz_target!(|data: &[u8]| {
             ErrorBodyStyle::GoPlainText
         },
         set_retry_after_header: selector & 0x40 != 0,
+        not_found_for_final_refusals: selector & 0x20 != 0,
     };
     let answer = |error: podid_imds::ImdsError| {
         let response = error.response(options);
