@@ -123,7 +123,7 @@ async fn unbound_pod_gets_a_final_400_at_once() {
     .await;
     let reply = request(nmi.addr, TOKEN_PATH, META).await;
     assert_eq!(reply.status, 400);
-    assert!(reply.headers.get("retry-after").is_none());
+    assert!(!reply.headers.contains_key("retry-after"));
 
     // --not-found-for-final-refusals restores upstream's statuses.
     let nmi = start_with(
