@@ -158,23 +158,66 @@ impl Cluster {
         labels: &[(&str, &str)],
         ip: Ipv4Addr,
     ) -> anyhow::Result<()> {
+        self.add_pod_in("default", name, labels, ip)
+    }
+
+    /// A Running pod object in `namespace` on this node with exactly `labels`, running as the
+    /// namespace's `default` service account.
+    pub fn add_pod_in(
+        &self,
+        namespace: &str,
+        name: &str,
+        labels: &[(&str, &str)],
+        ip: Ipv4Addr,
+    ) -> anyhow::Result<()> {
         let labels: serde_json::Map<String, Value> = labels
             .iter()
             .map(|(k, v)| ((*k).to_owned(), json!(v)))
             .collect();
+        let uid = if namespace == "default" {
+            format!("uid-{name}")
+        } else {
+            format!("uid-{namespace}-{name}")
+        };
         self.create(
-            "/api/v1/namespaces/default/pods",
+            &format!("/api/v1/namespaces/{namespace}/pods"),
             json!({
                 "apiVersion": "v1", "kind": "Pod",
-                "metadata": {"name": name, "namespace": "default", "labels": labels, "uid": format!("uid-{name}")},
+                "metadata": {"name": name, "namespace": namespace, "labels": labels, "uid": uid},
                 "spec": {"nodeName": NODE, "serviceAccountName": "default", "containers": [{"name": "app", "image": "app"}]},
                 "status": {"phase": "Running", "podIP": ip.to_string(), "podIPs": [{"ip": ip.to_string()}]}
             }),
         )
     }
 
+    /// A namespace.
+    pub fn create_namespace(&self, name: &str) -> anyhow::Result<()> {
+        self.create(
+            "/api/v1/namespaces",
+            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}),
+        )
+    }
+
+    /// A ServiceAccount `namespace/name`.
+    pub fn create_service_account(&self, namespace: &str, name: &str) -> anyhow::Result<()> {
+        self.create(
+            &format!("/api/v1/namespaces/{namespace}/serviceaccounts"),
+            json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": namespace}}),
+        )
+    }
+
     /// A Secret in `default` holding `data` (base64-encoded here).
     pub fn create_secret(&self, name: &str, data: &[(&str, &[u8])]) -> anyhow::Result<()> {
+        self.create_secret_in("default", name, data)
+    }
+
+    /// A Secret in `namespace` holding `data` (base64-encoded here).
+    pub fn create_secret_in(
+        &self,
+        namespace: &str,
+        name: &str,
+        data: &[(&str, &[u8])],
+    ) -> anyhow::Result<()> {
         use base64::Engine as _;
         let data: serde_json::Map<String, Value> = data
             .iter()
@@ -186,8 +229,8 @@ impl Cluster {
             })
             .collect();
         self.create(
-            "/api/v1/namespaces/default/secrets",
-            json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "data": data}),
+            &format!("/api/v1/namespaces/{namespace}/secrets"),
+            json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": namespace}, "data": data}),
         )
     }
 
@@ -209,25 +252,41 @@ impl Cluster {
     /// An identity, its binding for `selector`, and (standard mode, standing in for MIC) the
     /// `Assigned` AzureAssignedIdentity for `pod`.
     pub fn bind(&self, identity: &AzureIdentity, selector: &str, pod: &str) -> anyhow::Result<()> {
+        self.bind_in(identity, selector, pod)
+    }
+
+    /// [`Cluster::bind`] for an identity, binding and pod in the identity's namespace (the
+    /// assignment lives in `default`, MIC's namespace).
+    pub fn bind_in(
+        &self,
+        identity: &AzureIdentity,
+        selector: &str,
+        pod: &str,
+    ) -> anyhow::Result<()> {
         let name = identity.metadata.name.clone().unwrap_or_default();
+        let namespace = identity
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".to_owned());
         self.create(
-            "/apis/aadpodidentity.k8s.io/v1/namespaces/default/azureidentities",
+            &format!("/apis/aadpodidentity.k8s.io/v1/namespaces/{namespace}/azureidentities"),
             serde_json::to_value(identity)?,
         )?;
         let binding = AzureIdentityBinding::for_selector(
-            "default",
+            &namespace,
             &format!("{name}-binding"),
             &name,
             selector,
         );
         self.create(
-            "/apis/aadpodidentity.k8s.io/v1/namespaces/default/azureidentitybindings",
+            &format!("/apis/aadpodidentity.k8s.io/v1/namespaces/{namespace}/azureidentitybindings"),
             serde_json::to_value(&binding)?,
         )?;
         let assigned = AzureAssignedIdentity::for_pod(
             "default",
             pod,
-            "default",
+            &namespace,
             NODE,
             identity.clone(),
             binding,
@@ -299,8 +358,24 @@ impl Cluster {
         wait_probe(&url, self.mic.as_mut(), Some("Active")).await
     }
 
-    /// Starts the real `nmi` inside the node namespace.
+    /// Starts the real `nmi` inside the node namespace. The simulated Entra is an authority
+    /// over http on a test address, so nmi is told to allow it (`--allowed-authorities`, merged
+    /// with any list in `extra`).
     pub fn spawn_nmi(&mut self, extra: &[&str]) -> anyhow::Result<()> {
+        const FLAG: &str = "--allowed-authorities=";
+        let mut allowed = vec![self.entra_url.clone()];
+        let mut extra: Vec<String> = extra
+            .iter()
+            .filter(|arg| match arg.strip_prefix(FLAG) {
+                Some(list) => {
+                    allowed.push(list.to_owned());
+                    false
+                }
+                None => true,
+            })
+            .map(|arg| (*arg).to_owned())
+            .collect();
+        extra.push(format!("{FLAG}{}", allowed.join(",")));
         let mut command = self.node.command(binary("nmi")?);
         command
             .arg(format!("--node={NODE}"))

@@ -16,6 +16,7 @@ mod entra;
 mod error;
 mod http;
 mod imds;
+mod rogue;
 mod token;
 mod util;
 mod world;
@@ -25,6 +26,7 @@ pub use entra::{EntraCall, EntraHandle, GrantKind, serve_entra};
 pub use error::Error;
 pub use http::ServerHandle;
 pub use imds::{IMDS_CONCURRENCY_LIMIT, IMDS_RATE_LIMIT, ImdsCounters, ImdsHandle, serve_imds};
+pub use rogue::{RogueHandle, RogueRequest, rogue_token, serve_rogue};
 pub use token::AccessTokenClaims;
 pub use world::{
     Cloud, ComputeKind, ComputeRef, FederatedCredential, IdentityType, MAX_FEDERATED_CREDENTIALS,

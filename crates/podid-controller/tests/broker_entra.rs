@@ -114,20 +114,39 @@ async fn client_secret_posts_v1_client_credentials() {
 }
 
 #[tokio::test]
-async fn ad_endpoint_overrides_the_authority() {
+async fn ad_endpoint_overrides_the_authority_only_when_allowed() {
     let upstream = entra_ok().await;
     let unused = EntraConfig {
         default_authority: "http://127.0.0.1:9/".to_owned(),
         ..EntraConfig::default()
     };
-    let broker = make_broker(
-        ClientSecretSource::new(unused.clone(), Arc::new(SystemClock)).expect("source"),
-        CertificateSource::new(unused, Arc::new(SystemClock)).expect("source"),
-    );
     let mut spec = IdentitySpec::client_secret(CLIENT, TENANT, Secret::new(SECRET));
     spec.ad_endpoint = format!("{}/", upstream.base_url());
+    let spec = Arc::new(spec);
+
+    // Not listed by the operator: refused before anything is sent, naming the flag.
+    let unlisted = make_broker(
+        ClientSecretSource::new(unused.clone(), Arc::new(SystemClock)).expect("source"),
+        CertificateSource::new(unused.clone(), Arc::new(SystemClock)).expect("source"),
+    );
+    let error = unlisted.token(&spec, VAULT).await.expect_err("unlisted");
+    assert!(
+        error.to_string().contains("--allowed-authorities"),
+        "{error}"
+    );
+    assert_no_secret(&error);
+    assert_eq!(upstream.calls(), 0, "the secret never left for it");
+
+    let listed = EntraConfig {
+        extra_authorities: vec![upstream.base_url().parse().expect("url")],
+        ..unused
+    };
+    let broker = make_broker(
+        ClientSecretSource::new(listed.clone(), Arc::new(SystemClock)).expect("source"),
+        CertificateSource::new(listed, Arc::new(SystemClock)).expect("source"),
+    );
     broker
-        .token(&Arc::new(spec), VAULT)
+        .token(&spec, VAULT)
         .await
         .expect("token via adEndpoint");
     assert_eq!(upstream.calls(), 1);

@@ -24,8 +24,8 @@ use kube::Api;
 use podid_api::AzureIdentity;
 use podid_controller::broker::{
     BrokerConfig, BrokerError, BrokerStats, CertificateSource, ClientSecretSource, Credential,
-    EntraConfig, ImdsConfig, ImdsLimiter, ImdsSource, LimiterConfig, Sources, SystemClock,
-    TokenBroker,
+    CredentialOrigin, EntraConfig, ImdsConfig, ImdsLimiter, ImdsSource, LimiterConfig,
+    Secret as SecretValue, Sources, SystemClock, TokenBroker,
 };
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -105,14 +105,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         limiter,
         clock.clone(),
     )?);
-    let secret = Arc::new(ClientSecretSource::new(
-        EntraConfig::default(),
-        clock.clone(),
-    )?);
-    let certificate = Arc::new(CertificateSource::new(
-        EntraConfig::default(),
-        clock.clone(),
-    )?);
+    // Where identities' credentials may go besides the clouds' Entra hosts: what the operator
+    // lists, and the federated authority the operator chose.
+    let mut extra_authorities = config.allowed_authorities.clone();
+    if let Some(host) = &config.federated_authority_host {
+        extra_authorities
+            .push(url::Url::parse(host).context("parsing --federated-authority-host")?);
+    }
+    let entra = EntraConfig {
+        extra_authorities,
+        ..EntraConfig::default()
+    };
+    let secret = Arc::new(ClientSecretSource::new(entra.clone(), clock.clone())?);
+    let certificate = Arc::new(CertificateSource::new(entra.clone(), clock.clone())?);
     let sources = Sources {
         imds,
         client_secret: secret,
@@ -126,7 +131,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                         .federated_authority_host
                         .clone()
                         .unwrap_or_else(|| EntraConfig::default().default_authority),
-                    ..EntraConfig::default()
+                    ..entra
                 },
                 ..podid_controller::broker::FederatedConfig::default()
             },
@@ -134,7 +139,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         )?),
     };
     let broker = TokenBroker::new(BrokerConfig::default(), sources, clock);
-    let provider = Arc::new(CredentialedBroker::new(broker.clone(), client.clone()));
+    let provider = Arc::new(
+        CredentialedBroker::new(broker.clone(), client.clone())
+            .allow_cross_namespace_secrets(config.allow_cross_namespace_secrets),
+    );
 
     let pods = Arc::new(PodIndex::new());
     let matcher = Arc::new(Matcher::new(ServerOptions::match_options(&config)));
@@ -305,33 +313,96 @@ async fn shutdown_signal() {
     }
 }
 
-type SecretData = Arc<BTreeMap<String, ByteString>>;
+/// A Secret-held credential and where it came from, derived once per Secret read.
+type Derived = Result<(Credential, Arc<CredentialOrigin>), String>;
+
+/// What one read of a Secret yields: the type 1 and the type 2 credential (or why there is
+/// none), each with its origin (namespace, name and digest, computed here, not per request).
+#[derive(Debug)]
+struct ReadSecret {
+    client_secret: Derived,
+    certificate: Derived,
+}
+
+impl ReadSecret {
+    /// The credentials in `data`, read from Secret `namespace/name`: type 1 needs key
+    /// `clientSecret` (UTF-8), type 2 keys `certificate` and `password`. Other keys never
+    /// count (upstream took any single key, so any Secret could be sent as a client secret).
+    fn new(namespace: &str, name: &str, data: &BTreeMap<String, ByteString>) -> Self {
+        let origin = |credential: Credential| {
+            let origin = Arc::new(CredentialOrigin::new(namespace, name, &credential));
+            (credential, origin)
+        };
+        let client_secret = match data.get("clientSecret") {
+            None => Err(format!(
+                "Secret {namespace}/{name} has no clientSecret key (a type 1 identity's Secret must hold its client secret under clientSecret)"
+            )),
+            Some(value) => match std::str::from_utf8(&value.0) {
+                Ok(text) => Ok(origin(Credential::ClientSecret(SecretValue::new(
+                    text.trim_end(),
+                )))),
+                Err(_) => Err(format!(
+                    "Secret {namespace}/{name}: clientSecret is not UTF-8"
+                )),
+            },
+        };
+        let certificate = match (data.get("certificate"), data.get("password")) {
+            (Some(certificate), Some(password)) => Ok(origin(Credential::Certificate {
+                pkcs12: Arc::from(certificate.0.as_slice()),
+                password: SecretValue::new(String::from_utf8_lossy(&password.0).trim_end()),
+            })),
+            (None, _) => Err(format!("Secret {namespace}/{name} has no certificate key")),
+            (Some(_), None) => Err(format!(
+                "Secret {namespace}/{name} has no password key (a type 2 identity's Secret holds certificate and password; an empty password is fine)"
+            )),
+        };
+        Self {
+            client_secret,
+            certificate,
+        }
+    }
+}
 
 /// The broker, with the credentials of type 1 and 2 identities read from their Secret
 /// (`spec.clientPassword`). Reads are cached for [`SECRET_TTL`], so a cache hit in the broker
 /// costs no API call; a revoked identity drops its Secret at once.
+///
+/// Trust boundary: the Secret must live in the identity's own namespace (unless the operator
+/// passes `--allow-cross-namespace-secrets`), so an identity author reads only credentials of
+/// their own namespace, and only its documented keys count. Each credential carries its origin
+/// into the broker's cache key, so it never gets a token another Secret produced.
 pub struct CredentialedBroker {
     broker: TokenBroker,
     client: kube::Client,
-    secrets: DashMap<(String, String), (Instant, SecretData)>,
+    allow_cross_namespace: bool,
+    secrets: DashMap<(String, String), (Instant, Arc<ReadSecret>)>,
 }
 
 impl std::fmt::Debug for CredentialedBroker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CredentialedBroker")
             .field("cached_secrets", &self.secrets.len())
+            .field("allow_cross_namespace", &self.allow_cross_namespace)
             .finish_non_exhaustive()
     }
 }
 
 impl CredentialedBroker {
-    /// Wraps `broker`; Secrets are read through `client`.
+    /// Wraps `broker`; Secrets are read through `client`, from the identity's namespace only.
     pub fn new(broker: TokenBroker, client: kube::Client) -> Self {
         Self {
             broker,
             client,
+            allow_cross_namespace: false,
             secrets: DashMap::new(),
         }
+    }
+
+    /// Also read Secrets another namespace's `clientPassword` names (upstream's behaviour,
+    /// `--allow-cross-namespace-secrets`).
+    pub fn allow_cross_namespace_secrets(mut self, allow: bool) -> Self {
+        self.allow_cross_namespace = allow;
+        self
     }
 
     /// Forgets every cached Secret (an identity went away or changed).
@@ -339,7 +410,7 @@ impl CredentialedBroker {
         self.secrets.clear();
     }
 
-    async fn secret(&self, namespace: &str, name: &str) -> Result<SecretData, String> {
+    async fn secret(&self, namespace: &str, name: &str) -> Result<Arc<ReadSecret>, String> {
         let key = (namespace.to_owned(), name.to_owned());
         if let Some(entry) = self.secrets.get(&key)
             && entry.0.elapsed() < SECRET_TTL
@@ -351,16 +422,24 @@ impl CredentialedBroker {
             .get(name)
             .await
             .map_err(|e| format!("reading Secret {namespace}/{name}: {}", kube_reason(&e)))?;
-        let data = Arc::new(secret.data.unwrap_or_default());
+        let read = Arc::new(ReadSecret::new(
+            namespace,
+            name,
+            &secret.data.unwrap_or_default(),
+        ));
         self.secrets
-            .insert(key, (Instant::now(), Arc::clone(&data)));
-        Ok(data)
+            .insert(key, (Instant::now(), Arc::clone(&read)));
+        Ok(read)
     }
 
-    async fn credential(&self, identity: &AzureIdentity) -> Result<Credential, BrokerError> {
+    /// The credential of a type 1 or 2 identity and its origin; `None` for other types.
+    async fn credential(
+        &self,
+        identity: &AzureIdentity,
+    ) -> Result<Option<(Credential, Arc<CredentialOrigin>)>, BrokerError> {
         let kind = identity.identity_type().as_i64();
         if kind != 1 && kind != 2 {
-            return Ok(Credential::None);
+            return Ok(None);
         }
         let client_id = identity.spec.client_id.clone().unwrap_or_default();
         let config = |reason: String| BrokerError::Config {
@@ -371,46 +450,24 @@ impl CredentialedBroker {
             return Err(config("spec.clientPassword names no Secret".to_owned()));
         };
         let name = reference.name.clone().unwrap_or_default();
+        let own = identity.metadata.namespace.as_deref().unwrap_or("default");
         let namespace = reference
             .namespace
-            .clone()
-            .or_else(|| identity.metadata.namespace.clone())
-            .unwrap_or_else(|| "default".to_owned());
-        let data = self.secret(&namespace, &name).await.map_err(config)?;
-        if kind == 1 {
-            let value = match data.get("clientSecret") {
-                Some(value) => value,
-                None if data.len() == 1 => data
-                    .values()
-                    .next()
-                    .ok_or_else(|| config(format!("Secret {namespace}/{name} is empty")))?,
-                None => {
-                    return Err(config(format!(
-                        "Secret {namespace}/{name} has {} keys and none is clientSecret",
-                        data.len()
-                    )));
-                }
-            };
-            let text = String::from_utf8(value.0.clone()).map_err(|_| {
-                config(format!(
-                    "Secret {namespace}/{name}: clientSecret is not UTF-8"
-                ))
-            })?;
-            return Ok(Credential::ClientSecret(
-                podid_controller::broker::Secret::new(text.trim_end().to_owned()),
-            ));
+            .as_deref()
+            .filter(|ns| !ns.is_empty())
+            .unwrap_or(own);
+        if namespace != own && !self.allow_cross_namespace {
+            return Err(config(format!(
+                "spec.clientPassword names Secret {namespace}/{name} outside the identity's namespace {own:?}: nmi reads credentials only from the identity's own namespace (the operator can restore upstream's cross-namespace references with nmi's --allow-cross-namespace-secrets)"
+            )));
         }
-        let certificate = data
-            .get("certificate")
-            .ok_or_else(|| config(format!("Secret {namespace}/{name} has no certificate key")))?;
-        let password = data
-            .get("password")
-            .map(|p| String::from_utf8_lossy(&p.0).trim_end().to_owned())
-            .unwrap_or_default();
-        Ok(Credential::Certificate {
-            pkcs12: Arc::from(certificate.0.as_slice()),
-            password: podid_controller::broker::Secret::new(password),
-        })
+        let read = self.secret(namespace, &name).await.map_err(&config)?;
+        let derived = if kind == 1 {
+            &read.client_secret
+        } else {
+            &read.certificate
+        };
+        derived.clone().map(Some).map_err(config)
     }
 }
 
@@ -431,11 +488,12 @@ impl TokenProvider for CredentialedBroker {
                 // Federated: no Secret is read, the broker exchanges a service-account token.
                 return TokenProvider::tokens(&self.broker, request).await;
             }
-            let credential = self.credential(identity).await?;
-            if matches!(credential, Credential::None) {
+            let Some((credential, origin)) = self.credential(identity).await? else {
                 return TokenProvider::tokens(&self.broker, request).await;
-            }
-            let spec = Arc::new(identity_spec(identity, credential));
+            };
+            let mut spec = identity_spec(identity, credential);
+            spec.origin = Some(origin);
+            let spec = Arc::new(spec);
             let issued = self.broker.issue(&spec, request.resource).await?;
             Ok(Issued {
                 tokens: issued.tokens,
@@ -512,7 +570,12 @@ mod tests {
             (&msi, Credential::None),
             (&sp, Credential::ClientSecret(SecretValue::new("hunter2"))),
         ] {
-            let spec = Arc::new(identity_spec(identity, credential));
+            let spec = identity_spec(identity, credential);
+            let spec = Arc::new(if identity.identity_type().as_i64() == 1 {
+                spec.with_origin_in("app", "sp-secret")
+            } else {
+                spec
+            });
             broker
                 .tokens(&spec, "https://vault.azure.net")
                 .await

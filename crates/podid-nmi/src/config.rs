@@ -150,6 +150,19 @@ pub struct Flags {
     /// Workload Identity's webhook sets.
     #[arg(long = "federated-authority-host", default_value = "")]
     pub federated_authority_host: String,
+    /// podid: further Entra authorities an identity's `spec.adEndpoint` may name, comma-separated
+    /// URLs compared by scheme, host and port (http only if listed so). Without it credentials
+    /// go only over https to the Azure clouds' Entra hosts (login.microsoftonline.com,
+    /// login.microsoftonline.us, login.chinacloudapi.cn, login.partner.microsoftonline.cn) and
+    /// to `--federated-authority-host`.
+    #[arg(long = "allowed-authorities", default_value = "")]
+    pub allowed_authorities: String,
+    /// podid: let `spec.clientPassword` name a Secret in another namespace than the identity's
+    /// (upstream's behaviour; off by default: whoever may create an AzureIdentity could then
+    /// have nmi send any namespace's Secret to an authority).
+    #[arg(long = "allow-cross-namespace-secrets", num_args = 0..=1, require_equals = true, default_value = "false",
+          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    pub allow_cross_namespace_secrets: bool,
 
     /// klog's flags (`-v` and the ignored others).
     #[command(flatten)]
@@ -266,6 +279,11 @@ pub struct Config {
     pub serve_workload_identity_pods: bool,
     /// Authority of federated exchanges without `adEndpoint` (`None`: the public cloud).
     pub federated_authority_host: Option<String>,
+    /// Authorities `adEndpoint` may name besides the clouds' Entra hosts
+    /// (`--allowed-authorities`).
+    pub allowed_authorities: Vec<url::Url>,
+    /// `clientPassword` may name another namespace's Secret.
+    pub allow_cross_namespace_secrets: bool,
 }
 
 impl Flags {
@@ -355,6 +373,26 @@ impl Flags {
                 ));
             }
         }
+        let mut allowed_authorities = Vec::new();
+        for entry in self.allowed_authorities.split(',').map(str::trim) {
+            if entry.is_empty() {
+                continue;
+            }
+            let parsed = url::Url::parse(entry)
+                .map_err(|e| invalid("allowed-authorities", entry, e.to_string()))?;
+            if !matches!(parsed.scheme(), "https" | "http")
+                || parsed.host_str().is_none()
+                || !parsed.username().is_empty()
+                || parsed.password().is_some()
+            {
+                return Err(invalid(
+                    "allowed-authorities",
+                    entry,
+                    "want http(s) URLs without user info, such as https://login.example.net/",
+                ));
+            }
+            allowed_authorities.push(parsed);
+        }
         let error_bodies = match self.error_format.as_str() {
             "json" => ErrorBodyStyle::ImdsJson,
             "text" => ErrorBodyStyle::GoPlainText,
@@ -406,6 +444,8 @@ impl Flags {
             serve_workload_identity_pods: self.serve_workload_identity_pods,
             federated_authority_host: (!federated_authority_host.is_empty())
                 .then_some(federated_authority_host),
+            allowed_authorities,
+            allow_cross_namespace_secrets: self.allow_cross_namespace_secrets,
         })
     }
 }
@@ -548,6 +588,8 @@ mod tests {
         assert!(c.manage_route_localnet);
         assert_eq!(c.federated_default_tenant, None);
         assert!(!c.serve_workload_identity_pods);
+        assert!(c.allowed_authorities.is_empty());
+        assert!(!c.allow_cross_namespace_secrets);
     }
 
     #[test]
@@ -582,6 +624,8 @@ mod tests {
             "--federated-default-tenant-id=72f988bf-86f1-41af-91ab-2d7cd011db47",
             "--serve-workload-identity-pods",
             "--federated-authority-host=https://login.microsoftonline.us/",
+            "--allowed-authorities=https://login.example.net/, http://10.0.0.5:8080",
+            "--allow-cross-namespace-secrets",
             "-v=4",
             "--logtostderr=true",
             "--log_dir=/tmp",
@@ -626,6 +670,14 @@ mod tests {
             c.federated_authority_host.as_deref(),
             Some("https://login.microsoftonline.us/")
         );
+        assert_eq!(
+            c.allowed_authorities
+                .iter()
+                .map(url::Url::as_str)
+                .collect::<Vec<_>>(),
+            ["https://login.example.net/", "http://10.0.0.5:8080/"]
+        );
+        assert!(c.allow_cross_namespace_secrets);
         assert_eq!(c.verbosity, 4);
     }
 
@@ -710,6 +762,18 @@ mod tests {
             (
                 &["--federated-default-tenant-id=a/b"][..],
                 "--federated-default-tenant-id",
+            ),
+            (
+                &["--allowed-authorities=login.example.net"][..],
+                "--allowed-authorities",
+            ),
+            (
+                &["--allowed-authorities=ftp://x/"][..],
+                "--allowed-authorities",
+            ),
+            (
+                &["--allowed-authorities=https://u:p@x/"][..],
+                "--allowed-authorities",
             ),
         ] {
             let mut all = vec!["--node=n"];

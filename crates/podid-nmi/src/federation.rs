@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use podid_api::{AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding};
-use podid_controller::broker::{Credential, PodSubject, federated_credential};
+use podid_controller::broker::{Credential, PodSubject, confine_federated, federated_credential};
 use podid_controller::matching::{CallerPod, MatchIndex};
 
 /// One assignment's identity and its recorded binding copy.
@@ -96,13 +96,15 @@ impl AssignedBindings {
 /// The federated credential for `pod` (uid `pod_uid`) using `identity`, or `None` when the
 /// identity keeps its usual source. The binding is the one recorded in the pod's assignment of
 /// that identity, else the live binding through which `index` gives the pod the identity.
+/// `Some(Err(reason))` when the annotations name a service account the pod may not use
+/// ([`confine_federated`]: only the pod's own or one in the identity's namespace).
 pub fn credential_for(
     index: &MatchIndex,
     assigned: &AssignedBindings,
     pod: &CallerPod,
     pod_uid: &str,
     identity: &AzureIdentity,
-) -> Option<Credential> {
+) -> Option<Result<Credential, String>> {
     let binding = match assigned.binding(pod, identity) {
         Some(recorded) => recorded,
         None => index
@@ -114,17 +116,19 @@ pub fn credential_for(
             .map(|(binding, _)| &**binding),
     };
     let identity_namespace = identity.metadata.namespace.as_deref().unwrap_or("default");
-    federated_credential(
+    let subject = PodSubject {
+        namespace: &pod.namespace,
+        name: &pod.name,
+        uid: pod_uid,
+        service_account: &pod.service_account,
+    };
+    let credential = federated_credential(
         identity.metadata.annotations.as_ref(),
         identity_namespace,
         binding.and_then(|b| b.metadata.annotations.as_ref()),
-        PodSubject {
-            namespace: &pod.namespace,
-            name: &pod.name,
-            uid: pod_uid,
-            service_account: &pod.service_account,
-        },
-    )
+        subject,
+    )?;
+    Some(confine_federated(credential, identity_namespace, subject))
 }
 
 #[cfg(test)]
@@ -196,16 +200,16 @@ mod tests {
         let recorded = assignment(&identity(Some("federated")), &binding(None));
         let assigned = AssignedBindings::new([&recorded]);
         let copy = recorded.spec.azure_identity_ref.as_deref().expect("copy");
-        let credential = credential_for(&index, &assigned, &pod(), "uid-1", copy);
+        let credential = credential_for(&index, &assigned, &pod(), "uid-1", copy).transpose();
         assert_eq!(
             credential,
-            Some(Credential::Federated {
+            Ok(Some(Credential::Federated {
                 subject: FederatedSubject::new("app", "web-sa"),
                 bound_pod: Some(BoundPod {
                     name: "web".into(),
                     uid: "uid-1".into()
                 }),
-            })
+            }))
         );
         // The recorded binding opts out: IMDS path although the identity is switched.
         let opted_out = assignment(&identity(Some("federated")), &binding(Some("default")));
@@ -233,7 +237,7 @@ mod tests {
         let assigned = AssignedBindings::default();
         assert!(matches!(
             credential_for(&index, &assigned, &pod(), "u", &live_identity),
-            Some(Credential::Federated { .. })
+            Some(Ok(Credential::Federated { .. }))
         ));
         let index = MatchIndex::new(
             MatchOptions {

@@ -73,7 +73,8 @@ pub trait TokenProvider: Send + Sync + fmt::Debug {
 }
 
 /// The broker's view of an `AzureIdentity` with the credential read from its Secret
-/// ([`Credential::None`] for type 0).
+/// ([`Credential::None`] for type 0). A Secret-held credential also needs its origin
+/// ([`IdentitySpec::origin`], set by whoever read the Secret), or the broker refuses it.
 pub fn identity_spec(identity: &AzureIdentity, credential: Credential) -> IdentitySpec {
     let spec = &identity.spec;
     IdentitySpec {
@@ -84,6 +85,7 @@ pub fn identity_spec(identity: &AzureIdentity, credential: Credential) -> Identi
         auxiliary_tenant_ids: spec.auxiliary_tenant_ids().to_vec(),
         ad_endpoint: spec.ad_endpoint.clone().unwrap_or_default(),
         credential,
+        origin: None,
     }
 }
 
@@ -104,6 +106,7 @@ fn cache_view<'a>(request: &TokenRequest<'a>) -> Option<IdentityView<'a>> {
                 spec.auxiliary_tenant_ids(),
                 credential,
             )
+            .with_authority(spec.ad_endpoint.as_deref().unwrap_or_default())
         }
         TokenTarget::Node(NodeIdentity::SystemAssigned) => {
             IdentityView::new(IdentityType::UserAssignedMsi, "", "", "", &[], NONE)

@@ -193,13 +193,14 @@ impl Matcher {
     }
 
     /// The federated credential for `pod` (uid `pod_uid`) using `identity`, or `None` when the
-    /// identity keeps its usual token source.
+    /// identity keeps its usual token source; `Some(Err(reason))` when the annotations name a
+    /// service account the pod may not use.
     pub fn federated_credential(
         &self,
         pod: &CallerPod,
         pod_uid: &str,
         identity: &AzureIdentity,
-    ) -> Option<Credential> {
+    ) -> Option<Result<Credential, String>> {
         self.federated_credential_in(&self.current(), pod, pod_uid, identity)
     }
 
@@ -210,7 +211,7 @@ impl Matcher {
         pod: &CallerPod,
         pod_uid: &str,
         identity: &AzureIdentity,
-    ) -> Option<Credential> {
+    ) -> Option<Result<Credential, String>> {
         let assigned = self.assigned.read().unwrap_or_else(|e| e.into_inner());
         crate::federation::credential_for(index, &assigned, pod, pod_uid, identity)
     }
@@ -890,9 +891,23 @@ async fn grant(
             } else {
                 imds_operation::SERVICE_PRINCIPAL
             };
-            let mut federated = state
+            let mut federated = match state
                 .matcher
-                .federated_credential_in(&index, pod, "", &identity);
+                .federated_credential_in(&index, pod, "", &identity)
+            {
+                None => None,
+                Some(Ok(credential)) => Some(credential),
+                Some(Err(reason)) => {
+                    let error = BrokerError::Config {
+                        client_id: identity.spec.client_id.clone().unwrap_or_default(),
+                        reason,
+                    };
+                    return Err(broker_denial(
+                        &error,
+                        state.options.errors.set_retry_after_header,
+                    ));
+                }
+            };
             // The pod's uid (for a token bound to it) is looked up only when it is needed.
             if let Some(Credential::Federated {
                 bound_pod: Some(bound),

@@ -19,7 +19,9 @@ use tokio::sync::watch;
 
 use super::clock::Clock;
 use super::error::BrokerError;
-use super::identity::{Credential, FederatedSubject, IdentityKey, IdentitySpec, IdentityType};
+use super::identity::{
+    Credential, CredentialOrigin, FederatedSubject, IdentityKey, IdentitySpec, IdentityType,
+};
 use super::source::{FetchRequest, SourceKind, Sources};
 use super::stats::BrokerStats;
 use super::token::Token;
@@ -47,9 +49,15 @@ impl Default for BrokerConfig {
     }
 }
 
-/// What a token is cached under: identity × resource × tenant (× federated subject). The
-/// resource is kept as given (audiences are compared exactly by Entra); the tenant is lower-cased.
-/// A cache hit finds its slot without building one (see [`KeyParts`]).
+/// What a token is cached under: everything that decides which credential produced it —
+/// identity (type, client id, resource id) × resource × tenant × authority × credential origin
+/// (the Secret and a digest of its content for types 1 and 2, the service account for a
+/// federated exchange). Two requests share an entry only when they would send the same
+/// credential to the same authority; an identity elsewhere that merely claims another's client
+/// id and tenant never reads, fills or refreshes its entries (docs/security.md).
+///
+/// The resource is kept as given (audiences are compared exactly by Entra); the tenant is
+/// lower-cased. A cache hit finds its slot without building one (see [`KeyParts`]).
 #[derive(Debug, Clone)]
 pub struct CacheKey {
     /// The identity.
@@ -60,17 +68,35 @@ pub struct CacheKey {
     pub tenant: Option<String>,
     /// The service account whose token was exchanged (federated identities only).
     pub subject: Option<FederatedSubject>,
+    /// The authority the credential goes to (see [`key_authority`]), lower-cased; empty for
+    /// IMDS and for the source's default authority.
+    pub authority: String,
+    /// Where a Secret-held credential came from (types 1 and 2 only).
+    pub origin: Option<Arc<CredentialOrigin>>,
 }
 
 impl CacheKey {
-    /// The owned key of `lookup` (client id, resource id and tenant lower-cased).
+    /// The owned key of `lookup` (client id, resource id, tenant and authority lower-cased).
     fn of(lookup: &Lookup<'_>) -> Self {
         Self {
             identity: lookup.identity.key(),
             resource: lookup.resource.to_owned(),
             tenant: lookup.tenant.map(str::to_ascii_lowercase),
             subject: lookup.identity.federated_subject().cloned(),
+            authority: key_authority(lookup.identity).to_ascii_lowercase(),
+            origin: lookup.identity.origin.clone(),
         }
+    }
+}
+
+/// The authority part of an identity's key: `adEndpoint` as written (trimmed, as the URL parser
+/// does), compared ignoring ASCII case; empty when the identity has none (the source's default
+/// authority, fixed per source) and for IMDS identities (no authority is involved). Two
+/// spellings of one authority are two keys: less sharing, never a wrong token.
+fn key_authority(identity: &IdentitySpec) -> &str {
+    match SourceKind::for_identity(identity) {
+        Some(SourceKind::Imds) | None => "",
+        Some(_) => identity.ad_endpoint.trim(),
     }
 }
 
@@ -86,6 +112,8 @@ pub struct KeyView<'a> {
     resource: &'a str,
     tenant: Option<&'a str>,
     subject: Option<&'a FederatedSubject>,
+    authority: &'a str,
+    origin: Option<&'a CredentialOrigin>,
 }
 
 impl KeyView<'_> {
@@ -99,11 +127,18 @@ impl KeyView<'_> {
                 _ => false,
             }
             && self.subject == other.subject
+            && match (self.origin, other.origin) {
+                (Some(a), Some(b)) => std::ptr::eq(a, b) || a == b,
+                (None, None) => true,
+                _ => false,
+            }
             && self.resource_id.eq_ignore_ascii_case(other.resource_id)
+            && self.authority.eq_ignore_ascii_case(other.authority)
     }
 
-    /// Hashes what [`KeyView::same`] compares (the resource id only through equality: it
-    /// rarely differs between keys with one client id, and leaving it out keeps a hit cheap).
+    /// Hashes what [`KeyView::same`] compares (the resource id and the authority only through
+    /// equality: they rarely differ between keys with one client id, and leaving them out
+    /// keeps a hit cheap; of the origin, the first bytes of its digest).
     fn hash_into<H: Hasher>(&self, state: &mut H) {
         self.identity_type.hash(state);
         hash_ascii_lowercase(self.client_id, state);
@@ -116,6 +151,10 @@ impl KeyView<'_> {
             }
         }
         self.subject.hash(state);
+        match self.origin {
+            None => state.write_u8(0),
+            Some(origin) => state.write(&origin.digest()[..8]),
+        }
     }
 }
 
@@ -147,6 +186,8 @@ impl KeyParts for CacheKey {
             resource: &self.resource,
             tenant: self.tenant.as_deref(),
             subject: self.subject.as_ref(),
+            authority: &self.authority,
+            origin: self.origin.as_deref(),
         }
     }
 }
@@ -159,7 +200,9 @@ impl KeyParts for KeyView<'_> {
 
 /// An identity's cache-key fields, borrowed from wherever the caller keeps them (e.g. the
 /// `AzureIdentity` itself), for [`TokenBroker::cached`]: a cache hit without building an
-/// [`IdentitySpec`].
+/// [`IdentitySpec`]. A view carries no [`CredentialOrigin`], so it never finds the entries of
+/// Secret-held credentials (types 1 and 2): those go through [`TokenBroker::issue`] with the
+/// credential read from their Secret.
 #[derive(Debug, Clone, Copy)]
 pub struct IdentityView<'a> {
     identity_type: IdentityType,
@@ -168,6 +211,7 @@ pub struct IdentityView<'a> {
     tenant: Option<&'a str>,
     single_tenant: bool,
     subject: Option<&'a FederatedSubject>,
+    authority: &'a str,
 }
 
 impl<'a> IdentityView<'a> {
@@ -201,7 +245,20 @@ impl<'a> IdentityView<'a> {
             tenant,
             single_tenant: tenant.is_none() || auxiliary_tenant_ids.is_empty(),
             subject,
+            authority: "",
         }
+    }
+
+    /// This view with the identity's `adEndpoint` (as [`IdentitySpec::ad_endpoint`]; ignored
+    /// for IMDS identities, which involve no authority).
+    pub fn with_authority(mut self, ad_endpoint: &'a str) -> Self {
+        let imds = self.subject.is_none()
+            && matches!(
+                self.identity_type,
+                IdentityType::UserAssignedMsi | IdentityType::Unsupported(_)
+            );
+        self.authority = if imds { "" } else { ad_endpoint.trim() };
+        self
     }
 }
 
@@ -223,6 +280,8 @@ impl KeyParts for Lookup<'_> {
             resource: self.resource,
             tenant: self.tenant,
             subject: self.identity.federated_subject(),
+            authority: key_authority(self.identity),
+            origin: self.identity.origin.as_deref(),
         }
     }
 }
@@ -313,6 +372,9 @@ type InFlight = watch::Receiver<Option<FetchResult>>;
 
 struct Slot {
     token: Option<Arc<Token>>,
+    /// The identity whose upstream call filled the slot: background refreshes run with it, not
+    /// with whoever happens to hit the entry inside the refresh margin.
+    spec: Option<Arc<IdentitySpec>>,
     /// Unix milliseconds from which a hit triggers a background refresh.
     refresh_at_ms: u64,
     /// Unix milliseconds before which no new background refresh starts (after a failure).
@@ -328,6 +390,7 @@ impl Slot {
     fn new(generation: u64, now_ms: u64) -> Self {
         Self {
             token: None,
+            spec: None,
             refresh_at_ms: 0,
             retry_not_before_ms: 0,
             last_refresh_failed: false,
@@ -483,6 +546,8 @@ impl TokenBroker {
             resource,
             tenant: identity.tenant,
             subject: identity.subject,
+            authority: identity.authority,
+            origin: None,
         };
         let inner = &self.inner;
         let now_ms = unix_millis(inner.clock.now());
@@ -530,6 +595,15 @@ impl TokenBroker {
                 ),
             });
         };
+        if matches!(kind, SourceKind::ClientSecret | SourceKind::Certificate)
+            && identity.origin.is_none()
+        {
+            // Without its origin the key could not tell this credential from another one.
+            return Err(BrokerError::Config {
+                client_id: identity.client_id.clone(),
+                reason: "the credential's origin (its Secret) is unknown".to_owned(),
+            });
+        }
         let lookup = Lookup {
             identity,
             resource,
@@ -601,11 +675,14 @@ impl TokenBroker {
         }
     }
 
-    /// Start one background refresh for `key` unless one is already running.
+    /// Start one background refresh for `key` unless one is already running. It runs with the
+    /// entry's own identity (the one whose call filled it), not the requester's: the requester
+    /// only triggers it. For a federated entry the token is bound to the requesting pod (same
+    /// service account, the key says so), since the pod that filled the entry may be gone.
     fn start_refresh(
         &self,
         key: &CacheKey,
-        identity: &Arc<IdentitySpec>,
+        requester: &Arc<IdentitySpec>,
         kind: SourceKind,
         now_ms: u64,
     ) {
@@ -613,7 +690,11 @@ impl TokenBroker {
             && slot.inflight.is_none()
             && now_ms >= slot.retry_not_before_ms
         {
-            let receiver = self.spawn_fetch(key, identity, kind, slot.generation);
+            let identity = match &slot.spec {
+                Some(own) => refresh_spec(own, requester),
+                None => requester.clone(),
+            };
+            let receiver = self.spawn_fetch(key, &identity, kind, slot.generation);
             slot.inflight = Some(receiver);
             self.inner.stats.background_refresh();
         }
@@ -654,7 +735,7 @@ impl TokenBroker {
             if result.is_err() {
                 inner.stats.upstream_error(kind);
             }
-            inner.store(&key, generation, &result, now);
+            inner.store(&key, generation, &request.identity, &result, now);
             // Nobody waiting is fine (background refresh).
             let _ = sender.send(Some(result));
         });
@@ -693,7 +774,14 @@ impl TokenBroker {
 
 impl Inner {
     /// Record the outcome of an upstream call in its slot, unless the slot was invalidated.
-    fn store(&self, key: &CacheKey, generation: u64, result: &FetchResult, now: SystemTime) {
+    fn store(
+        &self,
+        key: &CacheKey,
+        generation: u64,
+        spec: &Arc<IdentitySpec>,
+        result: &FetchResult,
+        now: SystemTime,
+    ) {
         let now_ms = unix_millis(now);
         let Some(mut slot) = self.slots.get_mut(key) else {
             return;
@@ -711,6 +799,7 @@ impl Inner {
                 slot.retry_not_before_ms = 0;
                 slot.last_refresh_failed = false;
                 slot.token = Some(token.clone());
+                slot.spec = Some(spec.clone());
             }
             Err(error) => {
                 // Stale-if-error: keep a still-valid token, back off before the next refresh.
@@ -730,6 +819,33 @@ impl Inner {
         }
         tracing::debug!(source = ?key.identity.identity_type(), ok = result.is_ok(), now = unix_seconds(now), "token fetch done");
     }
+}
+
+/// The identity a background refresh of an entry filled by `own` runs with: `own`, except that a
+/// federated token is bound to the requesting pod when both bind one (the key holds the service
+/// account, so both pods run as it).
+fn refresh_spec(own: &Arc<IdentitySpec>, requester: &Arc<IdentitySpec>) -> Arc<IdentitySpec> {
+    if let (
+        Credential::Federated {
+            subject,
+            bound_pod: Some(own_pod),
+        },
+        Credential::Federated {
+            subject: requester_subject,
+            bound_pod: Some(requester_pod),
+        },
+    ) = (&own.credential, &requester.credential)
+        && subject == requester_subject
+        && own_pod != requester_pod
+    {
+        let mut spec = IdentitySpec::clone(own);
+        spec.credential = Credential::Federated {
+            subject: subject.clone(),
+            bound_pod: Some(requester_pod.clone()),
+        };
+        return Arc::new(spec);
+    }
+    own.clone()
 }
 
 fn lost(identity: &IdentitySpec, kind: SourceKind) -> BrokerError {
@@ -911,5 +1027,205 @@ mod tests {
         assert!(broker.issue(&sp("tenant-a"), "r").await.expect("sp").cached);
         assert!(!broker.issue(&sp("tenant-b"), "r").await.expect("sp").cached);
         assert_eq!(source.calls.load(Ordering::SeqCst), 5);
+    }
+    /// Issues `tok-<n>` for the client secret `right` and refuses any other credential, as
+    /// Entra would; records the client id and authority of every call as given; each call
+    /// waits for a permit of `gate` when one is set.
+    #[derive(Debug)]
+    struct Judging {
+        clock: Arc<ManualClock>,
+        calls: std::sync::Mutex<Vec<(String, String)>>,
+        gate: Option<Semaphore>,
+    }
+
+    impl TokenSource for Judging {
+        fn kind(&self) -> SourceKind {
+            SourceKind::ClientSecret
+        }
+
+        fn fetch<'a>(&'a self, request: &'a FetchRequest) -> SourceFuture<'a> {
+            Box::pin(async move {
+                let n = {
+                    let mut calls = self.calls.lock().expect("calls");
+                    calls.push((
+                        request.identity.client_id.clone(),
+                        request.identity.ad_endpoint.clone(),
+                    ));
+                    calls.len()
+                };
+                if let Some(gate) = &self.gate {
+                    gate.acquire().await.expect("gate open").forget();
+                }
+                match &request.identity.credential {
+                    Credential::ClientSecret(secret) if secret.expose() == "right" => {
+                        let now = unix_seconds(self.clock.now());
+                        Ok(Token::new(
+                            format!("tok-{n}"),
+                            request.resource.clone(),
+                            now + 3600,
+                        ))
+                    }
+                    _ => Err(BrokerError::Refused {
+                        source_kind: SourceKind::ClientSecret,
+                        client_id: request.identity.client_id.clone(),
+                        status: 401,
+                        error: "invalid_client".to_owned(),
+                        description: "AADSTS7000215: Invalid client secret provided.".to_owned(),
+                    }),
+                }
+            })
+        }
+    }
+
+    fn judging(gated: bool) -> (TokenBroker, Arc<Judging>, Arc<ManualClock>) {
+        let clock = Arc::new(ManualClock::at_unix(T0));
+        let source = Arc::new(Judging {
+            clock: clock.clone(),
+            calls: std::sync::Mutex::new(Vec::new()),
+            gate: gated.then(|| Semaphore::new(0)),
+        });
+        let broker = TokenBroker::new(
+            BrokerConfig::default(),
+            Sources::all(source.clone()),
+            clock.clone(),
+        );
+        (broker, source, clock)
+    }
+
+    /// The victim's identity: its Secret `default/victim` holds the right secret.
+    fn victim() -> IdentitySpec {
+        IdentitySpec::client_secret("victim-client", "tenant-1", Secret::new("right"))
+            .with_origin_in("default", "victim")
+    }
+
+    /// The attacker's identity in `evil`: the victim's client id and tenant, its own Secret.
+    fn attacker(secret: &str) -> IdentitySpec {
+        IdentitySpec::client_secret("victim-client", "tenant-1", Secret::new(secret))
+            .with_origin_in("evil", "stolen")
+    }
+
+    #[tokio::test]
+    async fn another_secret_with_the_victims_ids_never_gets_the_victims_token() {
+        let (broker, source, _clock) = judging(false);
+        let victims = Arc::new(victim());
+        let token = broker.issue(&victims, "r").await.expect("victim's token");
+        // Theft: same client id, tenant and resource, a wrong secret: no cache hit, Entra asked
+        // with the attacker's own (wrong) credential, which it refuses.
+        let error = broker
+            .issue(&Arc::new(attacker("wrong")), "r")
+            .await
+            .expect_err("the attacker's credential is refused");
+        assert!(matches!(error, BrokerError::Refused { .. }), "{error}");
+        assert_eq!(source.calls.lock().expect("calls").len(), 2);
+        // Even the right secret under another Secret's name is another entry (the origin is
+        // part of the key), so the attacker cannot tell from a hit that a guess was right.
+        let guessed = broker
+            .issue(&Arc::new(attacker("right")), "r")
+            .await
+            .expect("a correct secret gets its own token");
+        assert!(!guessed.cached);
+        // Poisoning: another authority is another entry, and the victim still gets its own.
+        let mut elsewhere = attacker("right");
+        elsewhere.ad_endpoint = "https://attacker.example/".to_owned();
+        let poisoned = broker.issue(&Arc::new(elsewhere), "r").await.expect("own");
+        assert!(!poisoned.cached);
+        let again = broker.issue(&victims, "r").await.expect("victim's token");
+        assert!(again.cached);
+        assert_eq!(
+            again.tokens[0].access_token(),
+            token.tokens[0].access_token()
+        );
+        // A Secret-held credential without origin is refused rather than cached under a key
+        // that cannot tell whose it is.
+        let mut anonymous = victim();
+        anonymous.origin = None;
+        let error = broker
+            .issue(&Arc::new(anonymous), "r")
+            .await
+            .expect_err("no origin");
+        assert!(matches!(error, BrokerError::Config { .. }), "{error}");
+    }
+
+    #[tokio::test]
+    async fn identities_resolving_to_the_same_credential_share_one_entry() {
+        let (broker, source, _clock) = judging(false);
+        // Two AzureIdentities naming the same Secret (same namespace, name and content), one
+        // spelling the ids and the authority in another case: one credential, one entry.
+        let mut one = victim();
+        one.ad_endpoint = "https://login.microsoftonline.com/".to_owned();
+        let mut two =
+            IdentitySpec::client_secret("VICTIM-CLIENT", "Tenant-1", Secret::new("right"))
+                .with_origin_in("default", "victim");
+        two.ad_endpoint = " https://LOGIN.microsoftonline.com/".to_owned();
+        assert!(!broker.issue(&Arc::new(one), "r").await.expect("one").cached);
+        assert!(broker.issue(&Arc::new(two), "r").await.expect("two").cached);
+        assert_eq!(source.calls.lock().expect("calls").len(), 1);
+        assert_eq!(broker.len(), 1);
+        // The same Secret name with other content (rotated): another entry.
+        let rotated =
+            IdentitySpec::client_secret("victim-client", "tenant-1", Secret::new("right "))
+                .with_origin_in("default", "victim");
+        assert_ne!(rotated.origin, victim().origin);
+    }
+
+    #[tokio::test]
+    async fn a_background_refresh_runs_with_the_entrys_own_identity() {
+        let (broker, source, clock) = judging(false);
+        let mut own = victim();
+        own.ad_endpoint = "https://login.microsoftonline.com/".to_owned();
+        broker.issue(&Arc::new(own), "r").await.expect("filled");
+        // Inside the refresh margin, a request with the same key but another spelling of the
+        // authority triggers the refresh: it must run with the entry's spec.
+        clock.advance(Duration::from_secs(3600 - 60));
+        let mut requester = victim();
+        requester.ad_endpoint = "HTTPS://LOGIN.MICROSOFTONLINE.COM/".to_owned();
+        let hit = broker.issue(&Arc::new(requester), "r").await.expect("hit");
+        assert!(hit.cached);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while broker.stats().background_refreshes() < 1
+            || source.calls.lock().expect("calls").len() < 2
+        {
+            assert!(tokio::time::Instant::now() < deadline, "no refresh started");
+            tokio::task::yield_now().await;
+        }
+        let calls = source.calls.lock().expect("calls").clone();
+        assert_eq!(
+            calls[1].1, "https://login.microsoftonline.com/",
+            "the refresh used the requester's spec: {calls:?}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failing_attacker_flight_is_not_joined_by_the_victim() {
+        let (broker, source, _clock) = judging(true);
+        let attacker = tokio::spawn({
+            let broker = broker.clone();
+            async move { broker.issue(&Arc::new(attacker("wrong")), "r").await }
+        });
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while source.calls.lock().expect("calls").is_empty() {
+            assert!(tokio::time::Instant::now() < deadline, "no attacker call");
+            tokio::task::yield_now().await;
+        }
+        // The victim asks while the attacker's call is in flight: its own flight, not a join.
+        let victim_request = tokio::spawn({
+            let broker = broker.clone();
+            async move { broker.issue(&Arc::new(victim()), "r").await }
+        });
+        while source.calls.lock().expect("calls").len() < 2 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the victim joined the attacker's flight"
+            );
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(broker.stats().coalesced(), 0);
+        source.gate.as_ref().expect("gated").add_permits(2);
+        assert!(attacker.await.expect("join").is_err());
+        let victim = victim_request
+            .await
+            .expect("join")
+            .expect("the victim's own token");
+        assert!(!victim.cached);
     }
 }

@@ -35,6 +35,19 @@ use super::token::Token;
 /// Public cloud authority, used when `spec.adEndpoint` is empty.
 pub const DEFAULT_AUTHORITY: &str = "https://login.microsoftonline.com/";
 
+/// The Entra authorities of the Azure clouds (public, US Government, China under both its
+/// names): where an identity's `adEndpoint` may point without the operator listing it. Over
+/// https on the default port only.
+pub const CLOUD_AUTHORITIES: [&str; 4] = [
+    "https://login.microsoftonline.com/",
+    "https://login.microsoftonline.us/",
+    "https://login.chinacloudapi.cn/",
+    "https://login.partner.microsoftonline.cn/",
+];
+
+/// The nmi flag that lists further authorities, named in refusals.
+pub const ALLOWED_AUTHORITIES_FLAG: &str = "--allowed-authorities";
+
 /// `client_assertion_type` of a JWT client assertion.
 pub const CLIENT_ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 
@@ -53,6 +66,10 @@ pub struct EntraConfig {
     pub assertion_lifetime: Duration,
     /// Extra trusted roots for the token endpoint (tests, private clouds).
     pub extra_roots: Vec<reqwest::Certificate>,
+    /// Authorities an identity's `adEndpoint` may name besides [`CLOUD_AUTHORITIES`] (operator
+    /// configuration: nmi's `--allowed-authorities`; http only when listed with http). Compared
+    /// by scheme, host and port.
+    pub extra_authorities: Vec<reqwest::Url>,
 }
 
 impl Default for EntraConfig {
@@ -67,6 +84,7 @@ impl Default for EntraConfig {
             retry_base: Duration::from_millis(500),
             assertion_lifetime: Duration::from_secs(600),
             extra_roots: Vec::new(),
+            extra_authorities: Vec::new(),
         }
     }
 }
@@ -117,6 +135,11 @@ impl EntraClient {
     }
 
     /// `{authority}{tenant}/{path}`, the authority from `adEndpoint` or the default.
+    ///
+    /// Trust boundary: `adEndpoint` is written by whoever may create an `AzureIdentity`, and
+    /// the credential (secret, certificate assertion, service-account token) goes where it
+    /// points. So it must be an allowed authority ([`authority_allowed`]); the default
+    /// authority is the operator's and needs no check.
     pub(super) fn endpoint(
         &self,
         identity: &IdentitySpec,
@@ -145,6 +168,21 @@ impl EntraClient {
             return Err(config_error(
                 identity,
                 format!("adEndpoint {authority:?} is not an http(s) URL"),
+            ));
+        }
+        if !identity.ad_endpoint.is_empty()
+            && !authority_allowed(&base, &self.config.extra_authorities)
+        {
+            return Err(config_error(
+                identity,
+                format!(
+                    "adEndpoint {authority:?} is not an allowed authority: credentials are sent only over https to the Azure clouds' Entra authorities ({}) and to authorities the operator lists with nmi's {ALLOWED_AUTHORITIES_FLAG}",
+                    CLOUD_AUTHORITIES
+                        .iter()
+                        .map(|a| a.trim_start_matches("https://").trim_end_matches('/'))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
             ));
         }
         base.join(&format!("{tenant}/{path}"))
@@ -197,6 +235,25 @@ impl EntraClient {
         let body = response.bytes().await.map_err(|e| exchange.transport(&e))?;
         exchange.answer(status, wait, &body, self.clock.now())
     }
+}
+
+/// Whether an identity may send its credential to `authority`: no user info, and the same
+/// scheme, host and port as one of [`CLOUD_AUTHORITIES`] or of `extra`.
+pub fn authority_allowed(authority: &reqwest::Url, extra: &[reqwest::Url]) -> bool {
+    if !authority.username().is_empty() || authority.password().is_some() {
+        return false;
+    }
+    let same = |allowed: &reqwest::Url| {
+        allowed.scheme() == authority.scheme()
+            && allowed.host_str().is_some()
+            && allowed.host_str() == authority.host_str()
+            && allowed.port_or_known_default() == authority.port_or_known_default()
+    };
+    CLOUD_AUTHORITIES
+        .iter()
+        .filter_map(|a| reqwest::Url::parse(a).ok())
+        .any(|a| same(&a))
+        || extra.iter().any(same)
 }
 
 /// Type 1: client credentials with the client secret.
@@ -446,10 +503,65 @@ mod tests {
     fn client() -> EntraClient {
         EntraClient::new(
             SourceKind::ClientSecret,
-            EntraConfig::default(),
+            EntraConfig {
+                extra_authorities: vec![
+                    reqwest::Url::parse("http://127.0.0.1:8080/").expect("url"),
+                ],
+                ..EntraConfig::default()
+            },
             Arc::new(SystemClock),
         )
         .expect("client")
+    }
+
+    /// Item 3 of the trust-boundary issue: an identity author cannot point its credential at a
+    /// server of its choosing. Only https to the clouds' Entra hosts, plus what the operator
+    /// lists (by scheme, host and port); the refusal names the flag.
+    #[test]
+    fn authorities_outside_the_clouds_and_the_operators_list_are_refused() {
+        let c = client();
+        let url = |ad: &str| c.token_url(&request(ad, "tid")).map(|u| u.to_string());
+        for cloud in CLOUD_AUTHORITIES {
+            assert!(url(cloud).is_ok(), "{cloud}");
+        }
+        assert!(
+            url("https://LOGIN.microsoftonline.us/").is_ok(),
+            "host case"
+        );
+        assert!(
+            url("http://127.0.0.1:8080/base/").is_ok(),
+            "listed by the operator"
+        );
+        for refused in [
+            "https://attacker.example/",
+            "http://login.microsoftonline.com/",
+            "https://login.microsoftonline.com:8443/",
+            "https://login.microsoftonline.com.attacker.example/",
+            "https://user:pw@login.microsoftonline.com/",
+            "http://127.0.0.1:8081/",
+            "https://127.0.0.1:8080/",
+        ] {
+            let error = url(refused).expect_err(refused).to_string();
+            assert!(
+                error.contains(ALLOWED_AUTHORITIES_FLAG),
+                "{refused}: {error}"
+            );
+        }
+        // The operator's default authority needs no listing.
+        let own = EntraClient::new(
+            SourceKind::ClientSecret,
+            EntraConfig {
+                default_authority: "http://10.0.0.1:9/".to_owned(),
+                ..EntraConfig::default()
+            },
+            Arc::new(SystemClock),
+        )
+        .expect("client");
+        assert!(own.token_url(&request("", "tid")).is_ok());
+        assert!(
+            own.token_url(&request("http://10.0.0.1:9/", "tid"))
+                .is_err()
+        );
     }
 
     #[test]

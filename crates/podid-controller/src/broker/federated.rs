@@ -36,8 +36,10 @@ pub const TOKEN_SOURCE_FEDERATED: &str = "federated";
 /// credentials accept by default).
 pub const TOKEN_EXCHANGE_AUDIENCE: &str = "api://AzureADTokenExchange";
 
-/// Lifetime asked for the service-account token (the API server's minimum is 600 s).
-pub const SERVICE_ACCOUNT_TOKEN_SECONDS: i64 = 3600;
+/// Lifetime asked for the service-account token: the API server's minimum (600 s). The token
+/// is presented once, right away, so anything longer only widens the window in which a copy of
+/// it is useful to whoever obtains one.
+pub const SERVICE_ACCOUNT_TOKEN_SECONDS: i64 = 600;
 
 /// Federated source settings.
 #[derive(Debug, Clone)]
@@ -147,6 +149,40 @@ pub fn federated_credential(
             }
         }
     })
+}
+
+/// The trust boundary of the federated switch, applied to what [`federated_credential`] chose
+/// for `pod` and an identity in `identity_namespace`.
+///
+/// nmi may create tokens for every service account of the cluster, and the annotations are
+/// written by whoever may create the identity or the binding. So the subject must be the pod's
+/// own service account, or one in the identity's own namespace (the shared-service-account
+/// annotation cannot name another namespace's); anything else is refused with the reason.
+/// Whenever the pod lives in the subject's namespace the token is bound to it (a TokenRequest
+/// can only bind objects of its own namespace), so it dies with the pod.
+pub fn confine_federated(
+    credential: Credential,
+    identity_namespace: &str,
+    pod: PodSubject<'_>,
+) -> Result<Credential, String> {
+    let Credential::Federated { subject, bound_pod } = credential else {
+        return Ok(credential);
+    };
+    let pods_own = subject.namespace == pod.namespace
+        && (subject.service_account == pod.service_account
+            || (pod.service_account.is_empty() && subject.service_account == "default"));
+    if !pods_own && subject.namespace != identity_namespace {
+        return Err(format!(
+            "the federated exchange may use the pod's own service account or one in the identity's namespace {identity_namespace:?}, not service account {subject} ({FEDERATED_SERVICE_ACCOUNT_ANNOTATION})"
+        ));
+    }
+    let bound_pod = bound_pod.or_else(|| {
+        (subject.namespace == pod.namespace).then(|| BoundPod {
+            name: pod.name.to_owned(),
+            uid: pod.uid.to_owned(),
+        })
+    });
+    Ok(Credential::Federated { subject, bound_pod })
 }
 
 /// Federated exchange: TokenRequest for the subject, then Entra's v2 client-credentials grant
@@ -555,13 +591,73 @@ mod tests {
             body["spec"],
             serde_json::json!({
                 "audiences": ["api://AzureADTokenExchange"],
-                "expirationSeconds": 3600,
+                "expirationSeconds": 600,
                 "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": "web-0", "uid": "uid-1"},
             })
         );
         let shared =
             serde_json::to_value(token_request(TOKEN_EXCHANGE_AUDIENCE, 3600, None)).expect("json");
         assert!(shared["spec"].get("boundObjectRef").is_none());
+    }
+
+    /// Item 4 of the trust-boundary issue: the shared-service-account annotation cannot name
+    /// another namespace's service account (nmi could mint its tokens), and a token of a service
+    /// account in the pod's namespace is bound to the pod.
+    #[test]
+    fn the_subject_is_the_pods_own_or_in_the_identitys_namespace_and_bound_when_possible() {
+        let credential = |value: &str| {
+            let shared = annotations(&[
+                (TOKEN_SOURCE_ANNOTATION, "federated"),
+                (FEDERATED_SERVICE_ACCOUNT_ANNOTATION, value),
+            ]);
+            federated_credential(Some(&shared), "apps", None, POD).expect("switched")
+        };
+        for stolen in ["kube-system/default", "infra/shared", "default/admin"] {
+            let error = confine_federated(credential(stolen), "apps", POD).expect_err(stolen);
+            assert!(error.contains(stolen), "{error}");
+        }
+        // In the identity's (and here the pod's) namespace: allowed, and bound to the pod.
+        for allowed in ["podid-web", "apps/podid-web"] {
+            let Ok(Credential::Federated { subject, bound_pod }) =
+                confine_federated(credential(allowed), "apps", POD)
+            else {
+                panic!("{allowed} is in the identity's namespace");
+            };
+            assert_eq!(subject, FederatedSubject::new("apps", "podid-web"));
+            assert_eq!(bound_pod.map(|p| p.uid), Some("uid-1".to_owned()));
+        }
+        // The identity's namespace, the pod elsewhere: allowed, unbound (cannot bind across).
+        let other_pod = PodSubject {
+            namespace: "web",
+            ..POD
+        };
+        let shared = annotations(&[
+            (TOKEN_SOURCE_ANNOTATION, "federated"),
+            (FEDERATED_SERVICE_ACCOUNT_ANNOTATION, "podid-web"),
+        ]);
+        let chosen = federated_credential(Some(&shared), "apps", None, other_pod).expect("on");
+        assert!(matches!(
+            confine_federated(chosen, "apps", other_pod),
+            Ok(Credential::Federated {
+                bound_pod: None,
+                ..
+            })
+        ));
+        // The pod's own service account, whatever the identity's namespace: allowed, bound.
+        let on = annotations(&[(TOKEN_SOURCE_ANNOTATION, "federated")]);
+        let own = federated_credential(Some(&on), "ids", None, POD).expect("on");
+        assert!(matches!(
+            confine_federated(own, "ids", POD),
+            Ok(Credential::Federated {
+                bound_pod: Some(_),
+                ..
+            })
+        ));
+        // Not federated: untouched.
+        assert_eq!(
+            confine_federated(Credential::None, "apps", POD),
+            Ok(Credential::None)
+        );
     }
 
     #[test]

@@ -4,6 +4,8 @@
 use std::fmt;
 use std::sync::Arc;
 
+use sha2::{Digest as _, Sha256};
+
 /// `AzureIdentity.spec.type` (reference §1.4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum IdentityType {
@@ -147,6 +149,82 @@ impl fmt::Debug for Credential {
     }
 }
 
+/// Where a Secret-held credential (types 1 and 2) came from: the Secret's namespace and name and
+/// a SHA-256 digest of the credential bytes read from it. Part of the cache key, so a token is
+/// only ever served to a request whose credential is the same Secret with the same content: an
+/// identity elsewhere that merely names the same client id and tenant never shares an entry with
+/// it, whatever its own Secret holds. Built when the Secret is read (nmi re-reads it on a TTL),
+/// never per request. `Debug` shows the Secret's name, never the digest.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct CredentialOrigin {
+    namespace: String,
+    name: String,
+    digest: [u8; 32],
+}
+
+impl CredentialOrigin {
+    /// The origin of `credential`, read from Secret `namespace/name`.
+    pub fn new(
+        namespace: impl Into<String>,
+        name: impl Into<String>,
+        credential: &Credential,
+    ) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+            digest: credential.digest(),
+        }
+    }
+
+    /// The Secret's namespace (empty for a credential that came from no Secret).
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// The Secret's name (empty for a credential that came from no Secret).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The digest of the credential bytes.
+    pub fn digest(&self) -> &[u8; 32] {
+        &self.digest
+    }
+}
+
+impl fmt::Debug for CredentialOrigin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CredentialOrigin({}/{})", self.namespace, self.name)
+    }
+}
+
+impl Credential {
+    /// SHA-256 over the credential's bytes (length-prefixed, with the variant), for
+    /// [`CredentialOrigin`]. Federated and empty credentials digest their variant only (their
+    /// origin is the service account, a key field of its own).
+    pub fn digest(&self) -> [u8; 32] {
+        let mut hasher = Sha256::new();
+        let mut part = |bytes: &[u8]| {
+            hasher.update((bytes.len() as u64).to_be_bytes());
+            hasher.update(bytes);
+        };
+        match self {
+            Self::None => part(b"none"),
+            Self::ClientSecret(secret) => {
+                part(b"client-secret");
+                part(secret.expose().as_bytes());
+            }
+            Self::Certificate { pkcs12, password } => {
+                part(b"certificate");
+                part(pkcs12);
+                part(password.expose().as_bytes());
+            }
+            Self::Federated { .. } => part(b"federated"),
+        }
+        hasher.finalize().into()
+    }
+}
+
 /// Everything the broker needs to obtain tokens for one identity. NMI builds it from the
 /// `AzureIdentity` (the copy in the `AzureAssignedIdentity`) and, for types 1 and 2, the
 /// referenced Secret.
@@ -166,6 +244,10 @@ pub struct IdentitySpec {
     pub ad_endpoint: String,
     /// The credential from the Secret.
     pub credential: Credential,
+    /// Where the credential came from (types 1 and 2; see [`CredentialOrigin`]). The broker
+    /// refuses a Secret-held credential without one rather than cache it under a key that
+    /// does not say whose it is.
+    pub origin: Option<Arc<CredentialOrigin>>,
 }
 
 impl IdentitySpec {
@@ -179,6 +261,7 @@ impl IdentitySpec {
             auxiliary_tenant_ids: Vec::new(),
             ad_endpoint: String::new(),
             credential: Credential::None,
+            origin: None,
         }
     }
 
@@ -196,7 +279,9 @@ impl IdentitySpec {
             auxiliary_tenant_ids: Vec::new(),
             ad_endpoint: String::new(),
             credential: Credential::ClientSecret(secret),
+            origin: None,
         }
+        .with_origin_in("", "")
     }
 
     /// A service principal with a PKCS#12 certificate (type 2).
@@ -217,13 +302,27 @@ impl IdentitySpec {
                 pkcs12: pkcs12.into(),
                 password,
             },
+            origin: None,
         }
+        .with_origin_in("", "")
+    }
+
+    /// This identity with its credential's origin set to Secret `namespace/name` (the
+    /// constructors above use an unnamed origin: the digest alone then tells credentials apart).
+    pub fn with_origin_in(mut self, namespace: &str, name: &str) -> Self {
+        self.origin = Some(Arc::new(CredentialOrigin::new(
+            namespace,
+            name,
+            &self.credential,
+        )));
+        self
     }
 
     /// This identity, its tokens obtained by federated exchange for `subject` (see
     /// [`Credential::Federated`]); any credential from a Secret is dropped.
     pub fn federated(mut self, subject: FederatedSubject, bound_pod: Option<BoundPod>) -> Self {
         self.credential = Credential::Federated { subject, bound_pod };
+        self.origin = None;
         self
     }
 

@@ -22,16 +22,19 @@ mod token;
 pub use cache::{BrokerConfig, CacheKey, IdentityView, Issued, TokenBroker, Tokens};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use entra::{
-    CLIENT_ASSERTION_TYPE, CertificateSource, ClientSecretSource, DEFAULT_AUTHORITY, EntraConfig,
+    ALLOWED_AUTHORITIES_FLAG, CLIENT_ASSERTION_TYPE, CLOUD_AUTHORITIES, CertificateSource,
+    ClientSecretSource, DEFAULT_AUTHORITY, EntraConfig, authority_allowed,
 };
 pub use error::BrokerError;
 pub use federated::{
     FederatedConfig, FederatedSource, PodSubject, SERVICE_ACCOUNT_TOKEN_SECONDS,
-    TOKEN_EXCHANGE_AUDIENCE, TOKEN_SOURCE_FEDERATED, federated_credential, is_federated,
+    TOKEN_EXCHANGE_AUDIENCE, TOKEN_SOURCE_FEDERATED, confine_federated, federated_credential,
+    is_federated,
 };
 pub use http::{HttpTimeouts, SourceBuildError};
 pub use identity::{
-    BoundPod, Credential, FederatedSubject, IdentityKey, IdentitySpec, IdentityType, Secret,
+    BoundPod, Credential, CredentialOrigin, FederatedSubject, IdentityKey, IdentitySpec,
+    IdentityType, Secret,
 };
 pub use imds::{BUDGET_RETRY_AFTER, ImdsConfig, ImdsSource};
 pub use limiter::{ImdsLimiter, ImdsPermit, LimiterConfig, LimiterTimeout};
