@@ -24,6 +24,18 @@ pub struct Args {
     /// identity through IMDS too.
     #[arg(long = "serve-workload-identity-pods", global = true)]
     pub serve_workload_identity_pods: bool,
+    /// nmi runs with `--allow-cross-namespace-secrets` (`doctor`: such references are then
+    /// risks rather than refusals).
+    #[arg(long = "allow-cross-namespace-secrets", global = true)]
+    pub allow_cross_namespace_secrets: bool,
+    /// nmi's `--allowed-authorities` (comma-separated URLs): authorities besides the Azure
+    /// clouds' Entra hosts that identities may send credentials to.
+    #[arg(long = "allowed-authorities", global = true, value_delimiter = ',')]
+    pub allowed_authorities: Vec<url::Url>,
+    /// The namespace podid is installed in (default: the namespace of the exception that
+    /// matches podid's MIC label).
+    #[arg(long = "release-namespace", global = true)]
+    pub release_namespace: Option<String>,
     /// The subcommand.
     #[command(subcommand)]
     pub command: Command,
@@ -83,10 +95,12 @@ pub enum Command {
         #[arg(short, long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
-    /// What `<namespace>/<pod>` would get and why, with a fix for every problem.
+    /// What `<namespace>/<pod>` would get and why, with a fix for every problem; without a
+    /// pod, every configuration in the cluster that weakens the namespace boundary or that nmi
+    /// refuses because of it.
     Doctor {
-        /// `<namespace>/<pod>`.
-        pod: String,
+        /// `<namespace>/<pod>`; omit for the cluster-wide report.
+        pod: Option<String>,
         /// Output format.
         #[arg(short, long, value_enum, default_value_t = Output::Table)]
         output: Output,

@@ -1,6 +1,7 @@
 //! `podidctl`, the migration CLI: reads a cluster (read-only, through the usual kubeconfig) and
 //! explains which pod gets which identity by which path (`status`), what one pod would get and
-//! why with a concrete fix for every problem (`doctor`), and the ordered, reversible steps that
+//! why with a concrete fix for every problem (`doctor`; without a pod, the cluster's
+//! configurations that weaken the namespace boundary, [`risks`]), and the ordered, reversible steps that
 //! move one identity to Workload Identity federation (`migrate`).
 //!
 //! The decisions are not re-implemented: [`explain`] feeds the cluster's objects to
@@ -18,6 +19,7 @@ pub mod error;
 pub mod explain;
 pub mod migrate;
 pub mod render;
+pub mod risks;
 pub mod run;
 
 pub use error::Error;

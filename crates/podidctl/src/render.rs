@@ -266,3 +266,32 @@ pub fn doctor_text(r: &PodReport, standard: bool) -> String {
     }
     out
 }
+
+/// `doctor`'s cluster-wide text: each risky or refused configuration with its fix.
+pub fn risks_text(report: &crate::risks::RiskReport) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "Release namespace: {}",
+        report
+            .release_namespace
+            .as_deref()
+            .unwrap_or("(unknown: pass --release-namespace)")
+    );
+    let _ = writeln!(out, "\nFindings");
+    if report.findings.is_empty() {
+        let _ = writeln!(out, "  none");
+    }
+    for f in &report.findings {
+        let level = match f.level {
+            Level::Error => "ERROR",
+            Level::Warning => "WARN ",
+            Level::Info => "INFO ",
+        };
+        let _ = writeln!(out, "  {level} {}", f.message);
+        if let Some(fix) = &f.fix {
+            let _ = writeln!(out, "        fix: {fix}");
+        }
+    }
+    out
+}

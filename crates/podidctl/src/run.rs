@@ -66,7 +66,25 @@ pub async fn run(args: Args) -> Result<String, Error> {
                 }),
             })
         }
-        Command::Doctor { pod, output } => {
+        Command::Doctor { pod: None, output } => {
+            let snapshot = cluster.snapshot(Vec::new(), &[]).await?;
+            let report = crate::risks::risks(
+                &snapshot,
+                &crate::risks::RiskOptions {
+                    allow_cross_namespace_secrets: args.allow_cross_namespace_secrets,
+                    allowed_authorities: args.allowed_authorities.clone(),
+                    release_namespace: args.release_namespace.clone(),
+                },
+            );
+            Ok(match output {
+                Output::Table => crate::render::risks_text(&report),
+                Output::Json => to_json(&report),
+            })
+        }
+        Command::Doctor {
+            pod: Some(pod),
+            output,
+        } => {
             let (namespace, name) = pod
                 .split_once('/')
                 .filter(|(ns, name)| !ns.is_empty() && !name.is_empty() && !name.contains('/'))

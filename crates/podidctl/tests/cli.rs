@@ -898,3 +898,116 @@ async fn errors_are_one_line_with_a_failure_code() {
         "{err}"
     );
 }
+
+/// `doctor` without a pod: the configurations an author of one namespace could use to reach
+/// another's credentials, or that nmi refuses for that reason, each with a fix.
+#[tokio::test(flavor = "multi_thread")]
+async fn doctor_without_a_pod_reports_what_weakens_the_namespace_boundary() {
+    let c = Cluster::sample().await;
+    c.create("/api/v1/namespaces", json!({"metadata": {"name": "evil"}}));
+    c.create(
+        "/api/v1/namespaces",
+        json!({"metadata": {"name": "identity"}}),
+    );
+    // podid's own MIC exception tells the release namespace.
+    let mic = AzurePodIdentityException::for_pod_labels(
+        "identity",
+        "mic",
+        [("podid.io/component".to_owned(), "mic".to_owned())],
+    );
+    c.create(
+        &format!("{GROUP_PATH}/identity/azurepodidentityexceptions"),
+        to_value(&mic),
+    );
+    // evil: billing's Secret, an authority of its own, apps' client id, kube-system's account.
+    let mut steal = AzureIdentity::service_principal(
+        "evil",
+        "steal",
+        IdentityType::ServicePrincipal,
+        TENANT,
+        SECRET_CLIENT,
+        "sp-secret-cred",
+    );
+    if let Some(reference) = steal.spec.client_password.as_mut() {
+        reference.namespace = Some("billing".to_owned());
+    }
+    steal.spec.ad_endpoint = Some("https://collector.attacker.example/".to_owned());
+    c.identity(&steal);
+    c.identity(&AzureIdentity::user_assigned(
+        "evil",
+        "web-copy",
+        &uami_id("web-id"),
+        WEB_CLIENT,
+    ));
+    c.identity(&annotate(
+        AzureIdentity::user_assigned("evil", "minter", &uami_id("m"), FED_CLIENT),
+        &[
+            (TOKEN_SOURCE_ANNOTATION, "federated"),
+            (FEDERATED_SERVICE_ACCOUNT_ANNOTATION, "kube-system/admin"),
+        ],
+    ));
+
+    let text = c.ok(&["doctor"]).await;
+    assert!(text.contains("Release namespace: identity"), "{text}");
+    let errors: Vec<&str> = text.lines().filter(|l| l.contains("ERROR")).collect();
+    for needle in [
+        "evil/steal names Secret billing/sp-secret-cred of another namespace",
+        "collector.attacker.example",
+        "kube-system/admin",
+    ] {
+        assert!(
+            errors.iter().any(|l| l.contains(needle)),
+            "no error naming {needle}:\n{text}"
+        );
+    }
+    let warnings: Vec<&str> = text.lines().filter(|l| l.contains("WARN")).collect();
+    assert!(
+        warnings.iter().any(|l| l.contains(WEB_CLIENT)
+            && l.contains("apps/web-id")
+            && l.contains("evil/web-copy")),
+        "no shared client id warning:\n{text}"
+    );
+    assert!(
+        warnings
+            .iter()
+            .any(|l| l.contains("legacy/batch-exception")),
+        "no exception warning:\n{text}"
+    );
+    assert!(
+        !text.contains("identity/mic "),
+        "the release namespace's own exception is not a risk:\n{text}"
+    );
+    assert!(
+        !text.contains("c2VjcmV0"),
+        "a Secret's content must never be printed"
+    );
+
+    // The operator's flags turn the refusals into what nmi would then do.
+    let json = c
+        .ok(&[
+            "doctor",
+            "--allow-cross-namespace-secrets",
+            "--allowed-authorities",
+            "https://collector.attacker.example/",
+            "-o",
+            "json",
+        ])
+        .await;
+    let report: Value = serde_json::from_str(&json).expect("JSON report");
+    let findings = report["findings"].as_array().expect("findings");
+    let cross = findings
+        .iter()
+        .find(|f| {
+            let message = f["message"].as_str().unwrap_or_default();
+            message.contains("billing/sp-secret-cred") && message.contains("another namespace")
+        })
+        .expect("the cross-namespace reference");
+    assert_eq!(cross["level"], "warning");
+    assert!(
+        !findings.iter().any(|f| f["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("collector.attacker.example")),
+        "a listed authority is not a finding: {json}"
+    );
+}
