@@ -142,6 +142,11 @@ pub struct Flags {
     /// Workload Identity's webhook sets.
     #[arg(long = "federated-authority-host", default_value = "")]
     pub federated_authority_host: String,
+    /// podid: key of a NoSchedule taint the node pool carries from creation; nmi removes it from
+    /// its own Node once the interception is installed and its caches are synced, so no workload
+    /// pod runs before the node is closed (needs `get`/`patch` on nodes; empty: off).
+    #[arg(long = "startup-taint", default_value = "")]
+    pub startup_taint: String,
 
     /// klog's flags (`-v` and the ignored others).
     #[command(flatten)]
@@ -256,6 +261,9 @@ pub struct Config {
     pub serve_workload_identity_pods: bool,
     /// Authority of federated exchanges without `adEndpoint` (`None`: the public cloud).
     pub federated_authority_host: Option<String>,
+    /// Key of the NoSchedule start-up taint nmi removes from its Node once ready to intercept
+    /// (`--startup-taint`; `None`: off).
+    pub startup_taint: Option<String>,
 }
 
 impl Flags {
@@ -345,6 +353,14 @@ impl Flags {
                 ));
             }
         }
+        let startup_taint = self.startup_taint.trim().to_owned();
+        if !startup_taint.is_empty() && !is_taint_key(&startup_taint) {
+            return Err(invalid(
+                "startup-taint",
+                &startup_taint,
+                "want a taint key: [prefix/]name, name up to 63 of [A-Za-z0-9._-], prefix a DNS subdomain",
+            ));
+        }
         let error_bodies = match self.error_format.as_str() {
             "json" => ErrorBodyStyle::ImdsJson,
             "text" => ErrorBodyStyle::GoPlainText,
@@ -395,6 +411,7 @@ impl Flags {
             serve_workload_identity_pods: self.serve_workload_identity_pods,
             federated_authority_host: (!federated_authority_host.is_empty())
                 .then_some(federated_authority_host),
+            startup_taint: (!startup_taint.is_empty()).then_some(startup_taint),
         })
     }
 }
@@ -440,6 +457,35 @@ pub fn check_kubenet(config: &Config) -> Result<(), KubenetError> {
         return Err(KubenetError::Kubenet);
     }
     Ok(())
+}
+
+/// A Kubernetes label-style key: optional DNS-subdomain prefix and `/`, then a name of 1–63
+/// characters `[A-Za-z0-9._-]` starting and ending alphanumeric.
+fn is_taint_key(key: &str) -> bool {
+    let (prefix, name) = match key.split_once('/') {
+        Some((prefix, name)) => (Some(prefix), name),
+        None => (None, key),
+    };
+    let edges_alnum = |s: &str| {
+        s.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+            && s.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric())
+    };
+    let name_ok = (1..=63).contains(&name.len())
+        && edges_alnum(name)
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
+    let prefix_ok = prefix.is_none_or(|p| {
+        (1..=253).contains(&p.len())
+            && p.split('.').all(|label| {
+                !label.is_empty()
+                    && edges_alnum(label)
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            })
+    });
+    name_ok && prefix_ok
 }
 
 fn invalid(flag: &'static str, value: &str, reason: impl Into<String>) -> ConfigError {
@@ -537,6 +583,7 @@ mod tests {
         assert!(c.manage_route_localnet);
         assert_eq!(c.federated_default_tenant, None);
         assert!(!c.serve_workload_identity_pods);
+        assert_eq!(c.startup_taint, None);
     }
 
     #[test]
@@ -571,6 +618,7 @@ mod tests {
             "--federated-default-tenant-id=72f988bf-86f1-41af-91ab-2d7cd011db47",
             "--serve-workload-identity-pods",
             "--federated-authority-host=https://login.microsoftonline.us/",
+            "--startup-taint=podid.io/nmi-not-ready",
             "-v=4",
             "--logtostderr=true",
             "--log_dir=/tmp",
@@ -615,6 +663,7 @@ mod tests {
             c.federated_authority_host.as_deref(),
             Some("https://login.microsoftonline.us/")
         );
+        assert_eq!(c.startup_taint.as_deref(), Some("podid.io/nmi-not-ready"));
         assert_eq!(c.verbosity, 4);
     }
 
@@ -695,6 +744,9 @@ mod tests {
                 "--retry-attempts-for-created",
             ),
             (&["--log-format=xml"][..], "--log-format"),
+            (&["--startup-taint=a b"][..], "--startup-taint"),
+            (&["--startup-taint=Bad_Prefix/x"][..], "--startup-taint"),
+            (&["--startup-taint=x/-y"][..], "--startup-taint"),
             (&["--error-format=html"][..], "--error-format"),
             (
                 &["--federated-default-tenant-id=a/b"][..],
