@@ -168,11 +168,20 @@ pub fn uninstall(backend: &dyn Backend, interception: &Interception) -> Result<(
     while backend.exists(TABLE, PREROUTING, &jump)? {
         backend.delete(TABLE, PREROUTING, &jump)?;
     }
-    if backend.list(TABLE, CHAIN).is_ok() {
+    if chain_exists(backend, TABLE, CHAIN) {
         backend.flush_chain(TABLE, CHAIN)?;
         backend.delete_chain(TABLE, CHAIN)?;
     }
     Ok(())
+}
+
+/// Whether `chain` exists: its listing holds its `-N` line (listing a missing chain fails, or,
+/// with some iptables wrappers, is empty).
+fn chain_exists(backend: &dyn Backend, table: &str, chain: &str) -> bool {
+    let header = format!("-N {chain}");
+    backend
+        .list(table, chain)
+        .is_ok_and(|lines| lines.iter().any(|l| l.trim() == header))
 }
 
 /// The sysctl, relative to `/proc/sys`.
@@ -468,7 +477,7 @@ fn remove_localnet_chain(backend: &dyn Backend) -> Result<(), IptablesError> {
     while backend.exists(FILTER, INPUT, &jump)? {
         backend.delete(FILTER, INPUT, &jump)?;
     }
-    if backend.list(FILTER, LOCALNET_CHAIN).is_ok() {
+    if chain_exists(backend, FILTER, LOCALNET_CHAIN) {
         backend.flush_chain(FILTER, LOCALNET_CHAIN)?;
         backend.delete_chain(FILTER, LOCALNET_CHAIN)?;
     }
