@@ -45,6 +45,10 @@ const PODID_ONLY_KEYS: &[(&str, &str)] = &[
         "nmi --serve-workload-identity-pods: Workload Identity pods served through IMDS",
     ),
     (
+        "nmi.startupTaint",
+        "nmi --startup-taint: node pools closed from their first second (taint removed by nmi)",
+    ),
+    (
         "rbac.allowServiceAccountTokens",
         "opt-in TokenRequest RBAC for federated identities (Workload Identity migration)",
     ),
@@ -278,7 +282,11 @@ fn templates_cover_every_kind_of_the_plain_manifests() {
     };
     let chart_kinds = kinds_in(&joined);
     let root = chart().join("../../infra");
-    for file in ["deployment-rbac.yaml", "nmi-federated-rbac.yaml"] {
+    for file in [
+        "deployment-rbac.yaml",
+        "nmi-federated-rbac.yaml",
+        "nmi-startup-taint-rbac.yaml",
+    ] {
         for kind in kinds_in(&read(&root.join(file))) {
             assert!(chart_kinds.contains(&kind), "{file}: chart has no {kind}");
         }
@@ -295,6 +303,26 @@ fn templates_cover_every_kind_of_the_plain_manifests() {
     ] {
         assert!(nmi.contains(needle), "nmi-daemonset.yaml lacks {needle}");
     }
+    // The start-up taint: flag, toleration and node RBAC only when the value is set.
+    assert!(
+        nmi.contains(
+            "{{- with .Values.nmi.startupTaint }}\n          - \"--startup-taint={{ . }}\""
+        )
+    );
+    let role = &templates()["nmi-clusterrole.yaml"];
+    let gated = role
+        .split("{{- if .Values.nmi.startupTaint }}")
+        .nth(1)
+        .and_then(|rest| rest.split("{{- end }}").next())
+        .unwrap_or_default();
+    assert!(
+        gated.contains("resources: [\"nodes\"]") && gated.contains("verbs: [\"get\", \"patch\"]")
+    );
+    assert_eq!(
+        role.matches("\"nodes\"").count(),
+        1,
+        "nodes only under the gate"
+    );
     assert!(!joined.contains("\"*\""), "no wildcard RBAC in the chart");
     assert!(!joined.contains("customresourcedefinitions"));
     assert!(!joined.contains("endpoints"), "the leader lock is a Lease");

@@ -324,8 +324,8 @@ async fn startup_taint_is_removed_only_once_the_node_is_closed_and_synced() -> a
     Ok(())
 }
 
-/// Issue 17's first step: a held IMDS port keeps the chain installed (connections refused:
-/// closed), `/readyz` says why, and nmi takes the port once it is free.
+/// Issue 17's first step: a held IMDS port keeps the chain installed (pods' requests never
+/// reach the VM's IMDS), `/readyz` says why, and nmi takes the port once it is free.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_imds_port_keeps_the_node_closed_until_nmi_can_bind_it() -> anyhow::Result<()> {
     let (mut cluster, pod, client_id) = with_bound_pod().await?;
@@ -341,6 +341,9 @@ async fn a_held_imds_port_keeps_the_node_closed_until_nmi_can_bind_it() -> anyho
             .contains("podid_nmi_not_ready{reason=\"imds_listener\"} 1")
     );
     let before = cluster.imds.counters().requests;
+    let answer = pod_get(&pod, TOKEN_PATH, true).await;
+    assert!(answer.is_err(), "the squatter never answers: {answer:?}");
+    assert_eq!(cluster.imds.counters().requests, before, "closed meanwhile");
     drop(squatter);
     cluster.wait_ready().await?;
     let token = sdk(&pod, &client_id).await?.token()?;

@@ -110,7 +110,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 listener_reason(config.listen, &error),
             );
             tracing::error!(
-                "{error:#}; the interception stays installed (pods' IMDS requests are refused) and nmi retries every second"
+                "{error:#}; the interception stays installed (pods' IMDS requests go to whatever holds the port, never to the VM's IMDS) and nmi retries every second"
             );
             None
         }
@@ -320,12 +320,12 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
 fn listener_reason(addr: SocketAddr, error: &anyhow::Error) -> String {
     let cause = error.root_cause();
     format!(
-        "cannot bind the IMDS emulation port {addr} ({cause}); pods' IMDS requests are refused until it is free"
+        "cannot bind the IMDS emulation port {addr} ({cause}); pods' IMDS requests go to whatever holds it, never to the VM's IMDS, until nmi can bind it"
     )
 }
 
 /// Binds the IMDS port once it is free, trying every second, while the interception stays in
-/// place (DNAT-ed connections are refused meanwhile: closed). `None` when nmi stops first.
+/// place (DNAT-ed connections never reach the VM's IMDS meanwhile: closed). `None` when nmi stops first.
 async fn bind_when_free(
     addr: SocketAddr,
     health: &Health,

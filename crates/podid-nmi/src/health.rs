@@ -16,8 +16,8 @@ pub enum Blocker {
     /// `net.ipv4.conf.all.route_localnet` is not 1 and nmi cannot set it: the kernel drops the
     /// packets DNAT-ed to 127.0.0.1 (closed, but no pod gets a token).
     RouteLocalnet,
-    /// The IMDS emulation's port is held by another process: DNAT-ed connections are refused
-    /// until nmi can bind it (it retries).
+    /// The IMDS emulation's port is held by another process: DNAT-ed connections go to that
+    /// process (never to the VM's IMDS) until nmi can bind it (it retries).
     ImdsListener,
 }
 
