@@ -399,7 +399,8 @@ fn recorded_prior(backend: &dyn Backend) -> Option<String> {
 /// first (the CVE-2020-8558 guard unless an equivalent rule is reachable from `INPUT`, then the
 /// marker recording the prior value, then the `INPUT` jump at position 1), writes 1 and reads it
 /// back; if the write fails, the chain it just added is removed again and the error returned.
-/// Repeated calls repair a missing jump and are otherwise no-ops.
+/// Repeated calls (the reconcile loop) repair a missing jump and a missing guard (also when
+/// the equivalent rule it relied on went away) and are otherwise no-ops.
 pub fn enable_route_localnet(
     backend: &dyn Backend,
     proc_sys: &Path,
@@ -420,9 +421,17 @@ pub fn enable_route_localnet(
                 .insert(FILTER, INPUT, &jump, 1)
                 .map_err(LocalnetError::Guard)?;
         }
-        let guard = backend
+        let mut guard = backend
             .exists(FILTER, LOCALNET_CHAIN, localnet_guard_rule())
             .map_err(LocalnetError::Guard)?;
+        // nmi's change stands, so the node must stay guarded: put the guard back when it was
+        // removed, or when the equivalent rule it relied on went away.
+        if !guard && !localnet_guard_present(backend).map_err(LocalnetError::Guard)? {
+            backend
+                .insert(FILTER, LOCALNET_CHAIN, localnet_guard_rule(), 1)
+                .map_err(LocalnetError::Guard)?;
+            guard = true;
+        }
         return Ok(Localnet::SetByNmi {
             prior,
             guard,
@@ -849,8 +858,14 @@ mod tests {
         assert_eq!(chain[0], localnet_guard_rule());
         assert!(is_localnet_guard(&chain[0]));
         assert_eq!(chain.len(), 2, "{chain:?}");
-        // A restart finds the sysctl at 1 but knows from the record that nmi set it.
+        // A restart finds the sysctl at 1 but knows from the record that nmi set it; a removed
+        // jump and a removed guard are put back.
         m.chains.borrow_mut().insert(INPUT.into(), vec![]);
+        m.chains
+            .borrow_mut()
+            .get_mut(LOCALNET_CHAIN)
+            .expect("chain")
+            .remove(0);
         let again = enable_route_localnet(&m, &sys.0).expect("again");
         assert_eq!(
             again,
@@ -865,6 +880,7 @@ mod tests {
             vec![format!("-j {LOCALNET_CHAIN}")],
             "jump repaired"
         );
+        assert_eq!(m.rules(LOCALNET_CHAIN), chain, "guard repaired");
         // Uninstall restores the sysctl and removes only nmi's chain and jump.
         m.chains
             .borrow_mut()
@@ -920,6 +936,24 @@ mod tests {
         assert_eq!(sys.value(), "1");
         let chain = m.rules(LOCALNET_CHAIN);
         assert!(!chain.iter().any(|r| is_localnet_guard(r)), "{chain:?}");
+        // kube-proxy's rule goes away while nmi's change stands: the next pass adds nmi's own.
+        m.chains.borrow_mut().insert("KUBE-FIREWALL".into(), vec![]);
+        let again = enable_route_localnet(&m, &sys.0).expect("repair");
+        assert!(
+            matches!(
+                again,
+                Localnet::SetByNmi {
+                    guard: true,
+                    now: false,
+                    ..
+                }
+            ),
+            "{again:?}"
+        );
+        assert_eq!(m.rules(LOCALNET_CHAIN)[0], localnet_guard_rule());
+        m.chains
+            .borrow_mut()
+            .insert("KUBE-FIREWALL".into(), vec![guard.into()]);
         assert_eq!(
             uninstall_localnet(&m, &sys.0).expect("uninstall"),
             Some("0".into())
