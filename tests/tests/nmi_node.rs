@@ -388,3 +388,34 @@ async fn token_path_case_variants_never_reach_the_vm_imds() -> anyhow::Result<()
     assert_eq!(cluster.imds.counters().requests, before + 1);
     Ok(())
 }
+
+/// Item 5: whatever fails after start (here: the kubelet config cannot be read, so the kubenet
+/// check fails, and no API server is configured), nmi has installed its interception first,
+/// so the failed start leaves the node closed instead of open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_start_leaves_the_node_closed() -> anyhow::Result<()> {
+    let cluster = Cluster::start().await?;
+    let pod = Arc::new(cluster.node.add_pod("web")?);
+    let output = cluster
+        .node
+        .command(podid_e2e::binary("nmi")?)
+        .args(["--node=n", "--kubelet-config=/nonexistent/kubelet"])
+        .env_remove("KUBECONFIG")
+        .env("HOME", "/nonexistent")
+        .output()?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("failed to check if CNI plugin is kubenet"),
+        "{stderr}"
+    );
+    assert_eq!(cluster.chain()?.len(), 3, "the interception went in first");
+    let before = cluster.imds.counters().requests;
+    let answer = pod_get(&pod, TOKEN_PATH, true).await;
+    assert!(
+        answer.is_err(),
+        "nothing answers, nothing reaches IMDS: {answer:?}"
+    );
+    assert_eq!(cluster.imds.counters().requests, before);
+    Ok(())
+}
