@@ -362,6 +362,48 @@ impl Cluster {
     /// over http on a test address, so nmi is told to allow it (`--allowed-authorities`, merged
     /// with any list in `extra`).
     pub fn spawn_nmi(&mut self, extra: &[&str]) -> anyhow::Result<()> {
+        let command = self.node.command(binary("nmi")?);
+        self.spawn_nmi_command(command, extra)
+    }
+
+    /// Starts the real `nmi` inside the node namespace with `/proc/sys` read-only, in a mount
+    /// namespace of its own, the way a container runtime mounts it for an unprivileged
+    /// container: nmi can read `route_localnet` but not set it.
+    pub fn spawn_nmi_read_only_proc_sys(&mut self, extra: &[&str]) -> anyhow::Result<()> {
+        let mut command = self.node.command("unshare");
+        command.args([
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            "mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys && exec \"$@\"",
+            "nmi",
+        ]);
+        command.arg(binary("nmi")?);
+        self.spawn_nmi_command(command, extra)
+    }
+
+    /// Runs `nmi uninstall-interception` inside the node and returns its stdout.
+    pub fn uninstall_interception(&self) -> anyhow::Result<String> {
+        let output = self
+            .node
+            .command(binary("nmi")?)
+            .arg("uninstall-interception")
+            .output()?;
+        anyhow::ensure!(
+            output.status.success(),
+            "nmi uninstall-interception failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    fn spawn_nmi_command(
+        &mut self,
+        mut command: std::process::Command,
+        extra: &[&str],
+    ) -> anyhow::Result<()> {
         const FLAG: &str = "--allowed-authorities=";
         let mut allowed = vec![self.entra_url.clone()];
         let mut extra: Vec<String> = extra
@@ -376,7 +418,6 @@ impl Cluster {
             .map(|arg| (*arg).to_owned())
             .collect();
         extra.push(format!("{FLAG}{}", allowed.join(",")));
-        let mut command = self.node.command(binary("nmi")?);
         command
             .arg(format!("--node={NODE}"))
             .arg(format!("--http-probe-port={PROBE_PORT}"))
@@ -386,7 +427,7 @@ impl Cluster {
                 "--kubelet-config={}",
                 self.dir.join("kubelet").display()
             ))
-            .args(extra)
+            .args(&extra)
             .env("KUBECONFIG", self.dir.join("kubeconfig"))
             .env("RUST_LOG", "info");
         self.redirect(&mut command)?;
@@ -398,6 +439,49 @@ impl Cluster {
     pub async fn wait_ready(&mut self) -> anyhow::Result<()> {
         let url = format!("http://{}:{PROBE_PORT}/readyz", self.node.ip());
         wait_probe(&url, self.nmi.as_mut(), None).await
+    }
+
+    /// nmi's probe `path` (`/readyz`, `/healthz`) from the host: (status, body).
+    pub async fn probe(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        let url = format!("http://{}:{PROBE_PORT}{path}", self.node.ip());
+        let response = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(2))
+            .build()?
+            .get(url)
+            .send()
+            .await?;
+        let status = response.status().as_u16();
+        Ok((status, response.text().await?))
+    }
+
+    /// nmi's `/metrics` exposition from the host.
+    pub async fn metrics(&self) -> anyhow::Result<String> {
+        let url = format!("http://{}:9090/metrics", self.node.ip());
+        Ok(reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(2))
+            .build()?
+            .get(url)
+            .send()
+            .await?
+            .text()
+            .await?)
+    }
+
+    /// The `events.k8s.io/v1` Events about the Node, as the API server holds them.
+    pub fn node_events(&self) -> anyhow::Result<Vec<Value>> {
+        let list = self
+            .api
+            .get_json("/apis/events.k8s.io/v1/namespaces/default/events")
+            .map_err(|e| anyhow::anyhow!("listing events: {}", e.message))?;
+        Ok(list["items"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|e| e["regarding"]["kind"] == "Node" && e["regarding"]["name"] == NODE)
+            .collect())
     }
 
     /// `iptables -t nat -S aad-metadata` inside the node.

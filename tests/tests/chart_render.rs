@@ -135,6 +135,7 @@ fn every_key_set() -> Value {
             "federatedDefaultTenantID": "00000000-0000-0000-0000-000000000002",
             "federatedAuthorityHost": "https://login.microsoftonline.us/",
             "serveWorkloadIdentityPods": true,
+            "startupTaint": "podid.io/nmi-not-ready",
         },
         "rbac": {"createUserFacingClusterRoles": true, "allowServiceAccountTokens": true},
         "azureIdentities": {
@@ -581,6 +582,64 @@ fn the_chart_covers_every_kind_of_the_plain_manifests_and_locks_a_lease() {
                 .flatten()
                 .any(|r| r == "endpoints"),
             "no Endpoints access: {rule}"
+        );
+    }
+}
+
+/// nmi's node RBAC, a toleration and the flag only when `nmi.startupTaint` is set.
+#[test]
+fn the_startup_taint_brings_its_flag_toleration_and_node_rbac_only_when_set() {
+    let node_rules = |objects: &[Value]| -> Vec<Value> {
+        objects
+            .iter()
+            .filter(|o| o["metadata"]["name"] == "aad-pod-identity-nmi")
+            .flat_map(|o| o["rules"].as_array().cloned().unwrap_or_default())
+            .filter(|r| {
+                r["resources"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|x| x == "nodes")
+            })
+            .collect()
+    };
+    let set = rendered(&cases()[1]);
+    let nmi = of_kind(&set, "DaemonSet")[0];
+    assert!(
+        args(container(nmi, "nmi"))
+            .iter()
+            .any(|a| a == "--startup-taint=podid.io/nmi-not-ready")
+    );
+    assert!(
+        nmi["spec"]["template"]["spec"]["tolerations"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|t| t["key"] == "podid.io/nmi-not-ready" || t["operator"] == "Exists"),
+        "nmi must tolerate the taint it removes"
+    );
+    let rules = node_rules(&set);
+    assert_eq!(rules.len(), 1, "{rules:?}");
+    let verbs: BTreeSet<&str> = rules[0]["verbs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(verbs, BTreeSet::from(["get", "patch"]));
+    for case in [&cases()[0], &cases()[2]] {
+        let objects = rendered(case);
+        assert!(
+            node_rules(&objects).is_empty(),
+            "{}: node RBAC without the taint",
+            case.name
+        );
+        assert!(
+            !args(container(of_kind(&objects, "DaemonSet")[0], "nmi"))
+                .iter()
+                .any(|a| a.starts_with("--startup-taint")),
+            "{}",
+            case.name
         );
     }
 }

@@ -49,6 +49,10 @@ const PODID_ONLY_KEYS: &[(&str, &str)] = &[
         "nmi --serve-workload-identity-pods: Workload Identity pods served through IMDS",
     ),
     (
+        "nmi.startupTaint",
+        "nmi --startup-taint: node pools closed from their first second (taint removed by nmi)",
+    ),
+    (
         "rbac.allowServiceAccountTokens",
         "opt-in TokenRequest RBAC for federated identities (Workload Identity migration)",
     ),

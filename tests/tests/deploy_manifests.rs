@@ -474,6 +474,10 @@ fn standard_mode_rbac_matches_what_nmi_and_mic_do() {
         verbs(&nmi_rules, "", "serviceaccounts/token").is_empty(),
         "TokenRequest is opt-in (nmi-federated-rbac.yaml)"
     );
+    assert!(
+        verbs(&nmi_rules, "", "nodes").is_empty(),
+        "patching nodes is opt-in (nmi-startup-taint-rbac.yaml)"
+    );
 
     let mic = cluster_role(&objs, "aad-pod-id-mic-role");
     let mic_rules = mic.rules.clone().unwrap_or_default();
@@ -734,6 +738,26 @@ fn federated_token_rbac_is_a_separate_opt_in() {
     let bound = objs.iter().any(|o| match o {
         Object::ClusterRoleBinding(b) => {
             b.role_ref.name == "aad-pod-id-nmi-federated-role"
+                && b.subjects
+                    .iter()
+                    .flatten()
+                    .any(|s| s.name == "aad-pod-id-nmi-service-account")
+        }
+        _ => false,
+    });
+    assert!(bound);
+}
+
+#[test]
+fn startup_taint_rbac_is_a_separate_opt_in_limited_to_get_and_patch_on_nodes() {
+    let objs = infra("nmi-startup-taint-rbac.yaml");
+    let role = cluster_role(&objs, "aad-pod-id-nmi-startup-taint-role");
+    let rules = role.rules.clone().unwrap_or_default();
+    assert_eq!(rules.len(), 1);
+    assert_eq!(verbs(&rules, "", "nodes"), set(&["get", "patch"]));
+    let bound = objs.iter().any(|o| match o {
+        Object::ClusterRoleBinding(b) => {
+            b.role_ref.name == "aad-pod-id-nmi-startup-taint-role"
                 && b.subjects
                     .iter()
                     .flatten()

@@ -24,6 +24,8 @@ pub const IMDS_CONCURRENCY_LIMIT: usize = 5;
 /// Counters of one IMDS server.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ImdsCounters {
+    /// Every request received, whatever its path (tests prove a request never reached IMDS).
+    pub requests: u64,
     /// Requests to the identity token endpoint (every outcome).
     pub token_requests: u64,
     /// Tokens issued.
@@ -176,6 +178,7 @@ fn has_metadata_header(req: &Req) -> bool {
 }
 
 async fn route(s: &Arc<Shared>, req: Req) -> Answer {
+    s.counters().requests += 1;
     let path = req.uri.path().trim_end_matches('/');
     match path {
         "/metadata/identity/oauth2/token" => Some(token(s, &req).await),

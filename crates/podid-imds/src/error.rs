@@ -65,6 +65,12 @@ pub enum ImdsError {
     /// 400: a path that looks like the token path but is malformed (reference §2.4 rule 2).
     #[error("Invalid request")]
     InvalidTokenPath,
+    /// 400 (podid): the path is the token path in another letter case
+    /// ([`Route::TokenPathCase`](crate::Route::TokenPathCase)). Upstream proxied it to IMDS.
+    #[error(
+        "Invalid request: the token path is case-sensitive; use /metadata/identity/oauth2/token"
+    )]
+    TokenPathCase,
     /// 400: the request target has a bad `%` escape in its path. Go's HTTP server answers this
     /// itself (plain `400 Bad Request`, connection closed) before any handler runs.
     #[error("malformed request target: invalid percent-encoding in the path")]
@@ -224,6 +230,7 @@ impl ImdsError {
             Self::MissingMetadataHeader
             | Self::EmptyResource
             | Self::InvalidTokenPath
+            | Self::TokenPathCase
             | Self::MalformedRequestTarget
             | Self::MissingPodHeaders
             | Self::ConflictingIdentitySelectors
@@ -260,6 +267,7 @@ impl ImdsError {
             Self::MissingMetadataHeader
             | Self::EmptyResource
             | Self::InvalidTokenPath
+            | Self::TokenPathCase
             | Self::MalformedRequestTarget
             | Self::MissingPodHeaders
             | Self::ConflictingIdentitySelectors

@@ -15,6 +15,8 @@
 //!    [`Route::Redirect`] to the cleaned path with the query kept. Clean paths are matched in
 //!    upstream's order, on prefixes, for every HTTP method:
 //!    `/{metadata}/identity/oauth2/token…` ([`Route::Token`], `metadata` in any case) →
+//!    podid: the same prefix in any other letter case ([`Route::TokenPathCase`], **400**, never
+//!    proxied: whether IMDS treats it as its token path is unknown) →
 //!    the malformed-token-path regex ([`Route::InvalidTokenPath`], **400** `Invalid request`) →
 //!    `/host/token…` ([`Route::HostToken`]) → `/{metadata}/instance…`
 //!    ([`Route::InstanceMetadata`], **403** with `--block-instance-metadata`) → everything else

@@ -40,6 +40,13 @@ pub enum Route<'a> {
         /// Value of the `Location` header.
         location: String,
     },
+    /// podid: the token path in another letter case (`/metadata/Identity/oauth2/token`,
+    /// `/metadata/identity/OAUTH2/TOKEN`, …): a path whose part after the `metadata` segment
+    /// starts with `/identity/oauth2/token` ignoring ASCII case but not exactly. Upstream proxied
+    /// these to the node's IMDS unattributed; whether IMDS treats them as its token path is not
+    /// known, so podid never proxies them and answers
+    /// [`ImdsError::TokenPathCase`](crate::ImdsError::TokenPathCase) (400) instead.
+    TokenPathCase,
     /// Looks like a token path but is malformed (reference §2.4 rule 2): answer
     /// [`ImdsError::InvalidTokenPath`](crate::ImdsError::InvalidTokenPath) (400 `Invalid request`).
     InvalidTokenPath,
@@ -51,7 +58,8 @@ pub enum Route<'a> {
 
 impl Route<'_> {
     /// The answer for routes that need no handler: the 301 of [`Route::Redirect`], the 400 of
-    /// [`Route::InvalidTokenPath`] and of [`Route::MalformedRequestTarget`]. `None` for routes
+    /// [`Route::TokenPathCase`], [`Route::InvalidTokenPath`] and
+    /// [`Route::MalformedRequestTarget`]. `None` for routes
     /// the NMI handler serves (token, host token, instance metadata, passthrough). These answers
     /// come before any Metadata-header check, as in upstream.
     pub fn immediate_response(&self, options: ErrorOptions) -> Option<WireResponse> {
@@ -60,6 +68,7 @@ impl Route<'_> {
                 redirect_response(location)
                     .unwrap_or_else(|| ImdsError::MalformedRequestTarget.response(options)),
             ),
+            Self::TokenPathCase => Some(ImdsError::TokenPathCase.response(options)),
             Self::InvalidTokenPath => Some(ImdsError::InvalidTokenPath.response(options)),
             Self::MalformedRequestTarget => {
                 Some(ImdsError::MalformedRequestTarget.response(options))
@@ -117,11 +126,20 @@ pub fn classify<'a>(_method: &http::Method, path_and_query: &'a str) -> Route<'a
     classify_clean(&path, query)
 }
 
-/// Route order of reference §2.4 on an already decoded and clean path.
+/// Route order of reference §2.4 on an already decoded and clean path, with podid's
+/// [`Route::TokenPathCase`] right after the token route.
 fn classify_clean<'a>(path: &[u8], query: &'a str) -> Route<'a> {
     let metadata_tail = strip_metadata_segment(path);
-    if metadata_tail.is_some_and(|tail| tail.starts_with(TOKEN_TAIL)) {
-        return Route::Token { query };
+    if let Some(tail) = metadata_tail {
+        if tail.starts_with(TOKEN_TAIL) {
+            return Route::Token { query };
+        }
+        if tail
+            .get(..TOKEN_TAIL.len())
+            .is_some_and(|head| head.eq_ignore_ascii_case(TOKEN_TAIL))
+        {
+            return Route::TokenPathCase;
+        }
     }
     if matches_invalid_token_path(path) {
         return Route::InvalidTokenPath;
@@ -209,8 +227,9 @@ mod tests {
             ("/mEtAdAtA/identity/oauth2/token", token.clone()),
             ("/metadata/identity/oauth2/tokenXYZ", token.clone()),
             ("/metadata/identity/oauth2/token/extra", token.clone()),
-            ("/metadata/Identity/oauth2/token/", Route::Passthrough),
-            ("/metadata/identity/OAuth2/token", Route::Passthrough),
+            // podid: case variants of the token path are refused, never proxied.
+            ("/metadata/Identity/oauth2/token/", Route::TokenPathCase),
+            ("/metadata/identity/OAuth2/token", Route::TokenPathCase),
             ("/host/token/", host.clone()),
             ("/host/token", host.clone()),
             ("/host/tokenX", host.clone()),
@@ -254,6 +273,63 @@ mod tests {
         for (target, want) in cases {
             assert_eq!(&route(target), want, "classify({target:?})");
         }
+    }
+
+    /// Item 9 of the trust-boundary issue: every path that equals the token path ignoring ASCII
+    /// case, but is not the token route, is answered 400 and never proxied. Each row fails
+    /// alone (all rows are checked, then reported together).
+    #[test]
+    fn token_path_case_variants_are_refused() {
+        let cases: &[(&str, Route<'_>)] = &[
+            ("/metadata/Identity/oauth2/token", Route::TokenPathCase),
+            ("/metadata/IDENTITY/OAUTH2/TOKEN", Route::TokenPathCase),
+            ("/metadata/identity/OAUTH2/token", Route::TokenPathCase),
+            ("/metadata/identity/oauth2/Token", Route::TokenPathCase),
+            ("/Metadata/identity/oauth2/tOKEN/", Route::TokenPathCase),
+            (
+                "/METADATA/identity/Oauth2/token?resource=r",
+                Route::TokenPathCase,
+            ),
+            ("/metadata/identity/oauth2/TOKENxyz", Route::TokenPathCase),
+            (
+                "/metadata/identity/oauth2/TOKEN/extra",
+                Route::TokenPathCase,
+            ),
+            // Percent-encoded letters are decoded first.
+            ("/metadata/%49dentity/oauth2/token", Route::TokenPathCase),
+            // The exact token route is still the token route, in any case of `metadata`.
+            (
+                "/MetaData/identity/oauth2/token",
+                Route::Token { query: "" },
+            ),
+            // Shorter or different paths are not the token path in any case.
+            ("/metadata/Identity/oauth2/tok", Route::Passthrough),
+            ("/metadata/Identity/oauth2", Route::Passthrough),
+            ("/metadata/Identity", Route::Passthrough),
+            ("/x/metadata/Identity/oauth2/token", Route::Passthrough),
+            ("/metadata/Instance", Route::Passthrough),
+        ];
+        let failures: Vec<String> = cases
+            .iter()
+            .filter_map(|(target, want)| {
+                let got = route(target);
+                (&got != want).then(|| format!("{target:?}: got {got:?}, want {want:?}"))
+            })
+            .collect();
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+        let response = route("/metadata/Identity/oauth2/token")
+            .immediate_response(ErrorOptions::default())
+            .unwrap();
+        assert_eq!(response.status.as_u16(), 400);
+        let body: serde_json::Value = serde_json::from_slice(&response.body).unwrap();
+        assert_eq!(body["error"], "invalid_request");
+        assert!(
+            body["error_description"]
+                .as_str()
+                .unwrap()
+                .contains("/metadata/identity/oauth2/token"),
+            "{body}"
+        );
     }
 
     #[test]

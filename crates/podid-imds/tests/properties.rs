@@ -47,6 +47,36 @@ fn target() -> impl Strategy<Value = String> {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]
 
+    /// No letter case of the token path (plus any clean suffix) is ever proxied: it is the
+    /// token route or the refused case variant.
+    #[test]
+    fn token_path_in_any_case_is_never_proxied(
+        flips in proptest::collection::vec(any::<bool>(), 31),
+        suffix in "[a-zA-Z0-9/?=&]{0,8}",
+    ) {
+        let path: String = "/metadata/identity/oauth2/token"
+            .chars()
+            .zip(flips)
+            .map(|(c, flip)| if flip { c.to_ascii_uppercase() } else { c })
+            .collect();
+        let target = format!("{path}{suffix}");
+        let route = classify(&Method::GET, &target);
+        prop_assert!(
+            matches!(
+                route,
+                Route::Token { .. } | Route::TokenPathCase | Route::Redirect { .. }
+            ),
+            "{target:?} -> {route:?}"
+        );
+        if let Route::Redirect { location } = route {
+            let next = classify(&Method::GET, &location);
+            prop_assert!(
+                matches!(next, Route::Token { .. } | Route::TokenPathCase),
+                "{target:?} -> {location:?} -> {next:?}"
+            );
+        }
+    }
+
     #[test]
     fn classify_never_panics_and_redirects_are_stable(target in target()) {
         let route = classify(&Method::GET, &target);

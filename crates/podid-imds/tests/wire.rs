@@ -96,6 +96,7 @@ fn all_errors() -> Vec<(&'static str, ImdsError)> {
         ("missing-metadata-header", ImdsError::MissingMetadataHeader),
         ("empty-resource", ImdsError::EmptyResource),
         ("invalid-token-path", ImdsError::InvalidTokenPath),
+        ("token-path-case", ImdsError::TokenPathCase),
         ("malformed-request-target", ImdsError::MalformedRequestTarget),
         ("missing-pod-headers", ImdsError::MissingPodHeaders),
         ("conflicting-selectors", ImdsError::ConflictingIdentitySelectors),

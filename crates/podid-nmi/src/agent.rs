@@ -1,10 +1,16 @@
 //! The running agent: what `nmi` does after its flags validate (reference §2.1, DESIGN §2, §6).
 //!
-//! Start-up order, failing before anything serves: kubenet refusal, kube client, the three
-//! listeners (IMDS emulation, probes, metrics), `route_localnet`, the first interception install
-//! (fatal on error, as upstream), then the watches and the reconcile loop. `/readyz` turns 200
-//! only once the pod and matching caches are synced and the interception is installed; until then
-//! the IMDS port answers no token (fail closed).
+//! Start-up order: the node is closed before anything that can fail. First the interception
+//! (`aad-metadata` chain and `PREROUTING` jump; fatal only if iptables itself fails), then
+//! `route_localnet` (with the CVE-2020-8558 guard when nmi turns it on; a failure keeps nmi up
+//! with the chain in place, so DNAT-ed requests are dropped, and is reported on `/readyz`, in
+//! `podid_nmi_not_ready` and as a Node event), the conntrack flush, and only then what can fail:
+//! the kubenet refusal, the kube client, the probe and metrics listeners (fatal; the chain
+//! stays) and the IMDS listener (a held port is retried every second while `/readyz` says why).
+//! Then the watches, the reconcile loop (which also retries `route_localnet`) and, with
+//! `--startup-taint`, the removal of the start-up taint once the caches are synced. `/readyz`
+//! turns 200 only once the caches are synced, the interception is installed and nothing blocks
+//! it; until then the IMDS port answers no token (fail closed).
 //!
 //! Shutdown (SIGTERM/SIGINT): stop accepting, let in-flight requests finish, and keep the
 //! iptables rules, so pods never reach the real IMDS unattributed while nmi restarts.
@@ -33,6 +39,7 @@ use tokio::sync::watch;
 use crate::config::{Config, check_kubenet};
 use crate::conntrack;
 use crate::events::{self, EventSink};
+use crate::health::{Blocker, Health};
 use crate::interception::{self, Interception, SystemIptables};
 use crate::metrics::Metrics;
 use crate::pods::PodIndex;
@@ -40,14 +47,44 @@ use crate::provider::{
     Issued, TokenFuture, TokenProvider, TokenRequest, TokenTarget, identity_spec,
 };
 use crate::run::{Revoke, WatchConfig, spawn_service_account_watch, spawn_watches};
-use crate::server::{Health, Matcher, NmiState, ServerOptions, serve, serve_metrics, serve_probes};
+use crate::server::{Matcher, NmiState, ServerOptions, serve, serve_metrics, serve_probes};
+use crate::taint;
 use crate::workload::ServiceAccounts;
 
 /// How long a Secret read for a type 1/2 identity is reused before it is read again.
 pub const SECRET_TTL: Duration = Duration::from_secs(60);
 
+/// Where nmi reads and writes sysctls.
+const PROC_SYS: &str = "/proc/sys";
+
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    // 1. Close the node first: nothing before this can fail but iptables itself.
+    let intercept = Interception {
+        metadata: config.metadata,
+        target: config.dnat_target,
+    };
+    let iptables = Arc::new(SystemIptables::new().context("finding the iptables command")?);
+    let first = {
+        let iptables = Arc::clone(&iptables);
+        tokio::task::spawn_blocking(move || interception::reconcile(&*iptables, &intercept))
+            .await?
+            .context("installing the aad-metadata interception")?
+    };
+    tracing::info!(?first, "interception installed");
+    let health = Arc::new(Health::default());
+    health.set_interception_installed(true);
+    // 2. Make the DNAT deliver. A failure leaves the node closed (the kernel drops what is
+    // DNAT-ed to 127.0.0.1) and is reported, not fatal.
+    let manage_localnet = config.manage_route_localnet && config.dnat_target.ip().is_loopback();
+    if manage_localnet {
+        check_route_localnet(&iptables, &health).await;
+    }
+    if config.conntrack_deletion {
+        flush_conntrack(config.metadata).await?;
+    }
+
+    // 3. Everything that can fail comes after; failing here leaves the rules in place.
     check_kubenet(&config)?;
     if config.profile_requested {
         tracing::warn!("--enableProfile is ignored: podid serves no pprof endpoint");
@@ -55,8 +92,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
         .context("building the Kubernetes client (in-cluster or KUBECONFIG)")?;
-
-    let imds_listener = bind(config.listen, "IMDS emulation").await?;
     let probe_listener = bind(
         SocketAddr::from(([0, 0, 0, 0], config.probe_port)),
         "health probe",
@@ -67,32 +102,25 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         "metrics",
     )
     .await?;
-
-    if config.manage_route_localnet {
-        match interception::ensure_route_localnet(Path::new("/proc/sys")) {
-            Ok(true) => {
-                tracing::info!("set net.ipv4.conf.all.route_localnet=1 for the DNAT to 127.0.0.1")
-            }
-            Ok(false) => {}
-            Err(e) => anyhow::bail!(
-                "net.ipv4.conf.all.route_localnet must be 1 for the interception to reach nmi, and setting it failed: {e}; set it on the node (sysctl -w net.ipv4.conf.all.route_localnet=1) or pass --manage-route-localnet=false if your CNI handles it"
-            ),
+    let imds_listener = match bind(config.listen, "IMDS emulation").await {
+        Ok(listener) => Some(listener),
+        Err(error) => {
+            health.block(
+                Blocker::ImdsListener,
+                listener_reason(config.listen, &error),
+            );
+            tracing::error!(
+                "{error:#}; the interception stays installed (pods' IMDS requests go to whatever holds the port, never to the VM's IMDS) and nmi retries every second"
+            );
+            None
         }
-    }
-    let intercept = Interception {
-        metadata: config.metadata,
-        target: config.dnat_target,
     };
-    let iptables = Arc::new(SystemIptables::new()?);
-    let first = {
-        let iptables = Arc::clone(&iptables);
-        tokio::task::spawn_blocking(move || interception::reconcile(&*iptables, &intercept))
-            .await?
-            .context("installing the aad-metadata interception")?
+    let node_events = NodeEvents {
+        client: client.clone(),
+        node: config.node_name.clone(),
     };
-    tracing::info!(?first, "interception installed");
-    if config.conntrack_deletion {
-        flush_conntrack(config.metadata).await?;
+    for (blocker, reason) in health.blocked() {
+        node_events.report(blocker, reason);
     }
 
     let clock = Arc::new(SystemClock);
@@ -146,9 +174,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let pods = Arc::new(PodIndex::new());
     let matcher = Arc::new(Matcher::new(ServerOptions::match_options(&config)));
-    let health = Arc::new(Health::default());
-    health.set_interception_installed(true);
     let metrics = Arc::new(Metrics::new());
+    metrics.follow_health(Arc::clone(&health));
     let options = ServerOptions::from_config(&config);
     let limits = options.limits.clone();
     let (events, queued) = EventSink::new(events::DEFAULT_QUEUE, events::DEFAULT_INTERVAL);
@@ -194,8 +221,26 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Some(revoke),
     );
     if let Some(accounts) = service_accounts {
-        spawn_service_account_watch(&mut watches, client, accounts);
+        spawn_service_account_watch(&mut watches, client.clone(), accounts);
     }
+    let taint = config.startup_taint.clone().map(|key| {
+        let state = Arc::clone(&state);
+        let client = client.clone();
+        let node = config.node_name.clone();
+        tokio::spawn(async move {
+            // The interception is installed (step 1); wait for the caches, then open the node
+            // to workloads.
+            while !state.caches_synced() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            match taint::remove(client, &node, &key).await {
+                taint::Removed::Removed => {}
+                taint::Removed::Absent => {
+                    tracing::info!(%node, key, "the node does not carry the start-up taint");
+                }
+            }
+        })
+    });
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -205,14 +250,26 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         iptables,
         intercept,
         config.ipt_update_interval,
+        manage_localnet.then(|| node_events.clone()),
         Arc::clone(&health),
         stop_rx.clone(),
     ));
-    let imds_server = tokio::spawn(serve(
-        imds_listener,
-        state.clone(),
-        stopped(stop_rx.clone()),
-    ));
+    let imds_server = {
+        let state = state.clone();
+        let health = Arc::clone(&health);
+        let addr = config.listen;
+        let stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let listener = match imds_listener {
+                Some(listener) => listener,
+                None => match bind_when_free(addr, &health, node_events, stop.clone()).await {
+                    Some(listener) => listener,
+                    None => return,
+                },
+            };
+            serve(listener, state, stopped(stop)).await;
+        })
+    };
     let probe_server = tokio::spawn(serve_probes(
         probe_listener,
         state,
@@ -237,6 +294,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let _ = stop_tx.send(true);
     watches.abort();
     publisher.abort();
+    if let Some(taint) = taint {
+        taint.abort();
+    }
     let _ = tokio::join!(imds_server, probe_server, metrics_server, reconcile);
     Ok(())
 }
@@ -265,12 +325,108 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("error creating http server: binding the {what} port {addr}"))
 }
 
+fn listener_reason(addr: SocketAddr, error: &anyhow::Error) -> String {
+    let cause = error.root_cause();
+    format!(
+        "cannot bind the IMDS emulation port {addr} ({cause}); pods' IMDS requests go to whatever holds it, never to the VM's IMDS, until nmi can bind it"
+    )
+}
+
+/// Binds the IMDS port once it is free, trying every second, while the interception stays in
+/// place (DNAT-ed connections never reach the VM's IMDS meanwhile: closed). `None` when nmi stops first.
+async fn bind_when_free(
+    addr: SocketAddr,
+    health: &Health,
+    events: NodeEvents,
+    mut stop: watch::Receiver<bool>,
+) -> Option<TcpListener> {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.wait_for(|s| *s) => return None,
+        }
+        match bind(addr, "IMDS emulation").await {
+            Ok(listener) => {
+                health.unblock(Blocker::ImdsListener);
+                tracing::info!(%addr, "bound the IMDS emulation port");
+                return Some(listener);
+            }
+            Err(error) => {
+                if health.block(Blocker::ImdsListener, listener_reason(addr, &error)) {
+                    events.report(Blocker::ImdsListener, listener_reason(addr, &error));
+                }
+            }
+        }
+    }
+}
+
+/// Publishes a Warning event on nmi's Node when a [`Blocker`] appears.
+#[derive(Clone)]
+struct NodeEvents {
+    client: kube::Client,
+    node: String,
+}
+
+impl NodeEvents {
+    fn report(&self, blocker: Blocker, note: String) {
+        tokio::spawn(events::publish_node_event(
+            self.client.clone(),
+            self.node.clone(),
+            events::node_event_reason(blocker),
+            note,
+        ));
+    }
+}
+
+/// Turns `route_localnet` on (with the CVE-2020-8558 guard, [`interception::enable_route_localnet`])
+/// or records why it cannot be. Returns the reason when the blocker is new (to be reported).
+async fn check_route_localnet(iptables: &Arc<SystemIptables>, health: &Health) -> Option<String> {
+    let backend = Arc::clone(iptables);
+    let outcome = tokio::task::spawn_blocking(move || {
+        interception::enable_route_localnet(&*backend, Path::new(PROC_SYS))
+    })
+    .await;
+    let error = match outcome {
+        Ok(Ok(localnet)) => {
+            if let interception::Localnet::SetByNmi {
+                prior,
+                guard,
+                now: true,
+            } = &localnet
+            {
+                tracing::info!(
+                    prior = %prior,
+                    guard_added = guard,
+                    "set net.ipv4.conf.all.route_localnet=1 for the DNAT to 127.0.0.1, behind the CVE-2020-8558 guard"
+                );
+            }
+            if health.unblock(Blocker::RouteLocalnet) {
+                tracing::info!(
+                    "net.ipv4.conf.all.route_localnet is 1 now: the interception delivers"
+                );
+            }
+            return None;
+        }
+        Ok(Err(error)) => error.to_string(),
+        Err(error) => error.to_string(),
+    };
+    let reason = format!(
+        "net.ipv4.conf.all.route_localnet is not 1 and nmi cannot set it ({error}); pods' IMDS requests are dropped (closed) until it is set on the node: sysctl -w net.ipv4.conf.all.route_localnet=1"
+    );
+    let new = health.block(Blocker::RouteLocalnet, reason.clone());
+    if new {
+        tracing::error!("{reason}");
+    }
+    new.then_some(reason)
+}
+
 /// Re-applies the interception every `interval` (reference §2.15). A failed pass is logged and
 /// retried at the next tick: the rules already installed keep intercepting meanwhile.
 async fn reconcile_loop(
     iptables: Arc<SystemIptables>,
     intercept: Interception,
     interval: Duration,
+    localnet: Option<NodeEvents>,
     health: Arc<Health>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -282,9 +438,9 @@ async fn reconcile_loop(
             _ = ticker.tick() => {}
             _ = stop.wait_for(|s| *s) => return,
         }
-        let iptables = Arc::clone(&iptables);
+        let backend = Arc::clone(&iptables);
         let pass =
-            tokio::task::spawn_blocking(move || interception::reconcile(&*iptables, &intercept))
+            tokio::task::spawn_blocking(move || interception::reconcile(&*backend, &intercept))
                 .await;
         match pass {
             Ok(Ok(outcome)) if outcome.unchanged() => {}
@@ -297,6 +453,13 @@ async fn reconcile_loop(
             }
             Ok(Err(e)) => tracing::error!(error = %e, "iptables reconcile failed; retrying"),
             Err(e) => tracing::error!(error = %e, "iptables reconcile task failed"),
+        }
+        // Retried until it holds (an operator may set the sysctl later); re-checked after, in
+        // case someone turns it off again.
+        if let Some(events) = &localnet
+            && let Some(reason) = check_route_localnet(&iptables, &health).await
+        {
+            events.report(Blocker::RouteLocalnet, reason);
         }
     }
 }

@@ -163,6 +163,11 @@ pub struct Flags {
     #[arg(long = "allow-cross-namespace-secrets", num_args = 0..=1, require_equals = true, default_value = "false",
           default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
     pub allow_cross_namespace_secrets: bool,
+    /// podid: key of a NoSchedule taint the node pool carries from creation; nmi removes it from
+    /// its own Node once the interception is installed and its caches are synced, so no workload
+    /// pod runs before the node is closed (needs `get`/`patch` on nodes; empty: off).
+    #[arg(long = "startup-taint", default_value = "")]
+    pub startup_taint: String,
 
     /// klog's flags (`-v` and the ignored others).
     #[command(flatten)]
@@ -284,6 +289,9 @@ pub struct Config {
     pub allowed_authorities: Vec<url::Url>,
     /// `clientPassword` may name another namespace's Secret.
     pub allow_cross_namespace_secrets: bool,
+    /// Key of the NoSchedule start-up taint nmi removes from its Node once ready to intercept
+    /// (`--startup-taint`; `None`: off).
+    pub startup_taint: Option<String>,
 }
 
 impl Flags {
@@ -393,6 +401,14 @@ impl Flags {
             }
             allowed_authorities.push(parsed);
         }
+        let startup_taint = self.startup_taint.trim().to_owned();
+        if !startup_taint.is_empty() && !is_taint_key(&startup_taint) {
+            return Err(invalid(
+                "startup-taint",
+                &startup_taint,
+                "want a taint key: [prefix/]name, name up to 63 of [A-Za-z0-9._-], prefix a DNS subdomain",
+            ));
+        }
         let error_bodies = match self.error_format.as_str() {
             "json" => ErrorBodyStyle::ImdsJson,
             "text" => ErrorBodyStyle::GoPlainText,
@@ -446,6 +462,7 @@ impl Flags {
                 .then_some(federated_authority_host),
             allowed_authorities,
             allow_cross_namespace_secrets: self.allow_cross_namespace_secrets,
+            startup_taint: (!startup_taint.is_empty()).then_some(startup_taint),
         })
     }
 }
@@ -491,6 +508,35 @@ pub fn check_kubenet(config: &Config) -> Result<(), KubenetError> {
         return Err(KubenetError::Kubenet);
     }
     Ok(())
+}
+
+/// A Kubernetes label-style key: optional DNS-subdomain prefix and `/`, then a name of 1–63
+/// characters `[A-Za-z0-9._-]` starting and ending alphanumeric.
+fn is_taint_key(key: &str) -> bool {
+    let (prefix, name) = match key.split_once('/') {
+        Some((prefix, name)) => (Some(prefix), name),
+        None => (None, key),
+    };
+    let edges_alnum = |s: &str| {
+        s.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+            && s.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric())
+    };
+    let name_ok = (1..=63).contains(&name.len())
+        && edges_alnum(name)
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
+    let prefix_ok = prefix.is_none_or(|p| {
+        (1..=253).contains(&p.len())
+            && p.split('.').all(|label| {
+                !label.is_empty()
+                    && edges_alnum(label)
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            })
+    });
+    name_ok && prefix_ok
 }
 
 fn invalid(flag: &'static str, value: &str, reason: impl Into<String>) -> ConfigError {
@@ -590,6 +636,7 @@ mod tests {
         assert!(!c.serve_workload_identity_pods);
         assert!(c.allowed_authorities.is_empty());
         assert!(!c.allow_cross_namespace_secrets);
+        assert_eq!(c.startup_taint, None);
     }
 
     #[test]
@@ -626,6 +673,7 @@ mod tests {
             "--federated-authority-host=https://login.microsoftonline.us/",
             "--allowed-authorities=https://login.example.net/, http://10.0.0.5:8080",
             "--allow-cross-namespace-secrets",
+            "--startup-taint=podid.io/nmi-not-ready",
             "-v=4",
             "--logtostderr=true",
             "--log_dir=/tmp",
@@ -678,6 +726,7 @@ mod tests {
             ["https://login.example.net/", "http://10.0.0.5:8080/"]
         );
         assert!(c.allow_cross_namespace_secrets);
+        assert_eq!(c.startup_taint.as_deref(), Some("podid.io/nmi-not-ready"));
         assert_eq!(c.verbosity, 4);
     }
 
@@ -758,6 +807,9 @@ mod tests {
                 "--retry-attempts-for-created",
             ),
             (&["--log-format=xml"][..], "--log-format"),
+            (&["--startup-taint=a b"][..], "--startup-taint"),
+            (&["--startup-taint=Bad_Prefix/x"][..], "--startup-taint"),
+            (&["--startup-taint=x/-y"][..], "--startup-taint"),
             (&["--error-format=html"][..], "--error-format"),
             (
                 &["--federated-default-tenant-id=a/b"][..],

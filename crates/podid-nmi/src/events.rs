@@ -8,6 +8,10 @@
 //! waits. One task ([`publish`]) drains the queue through kube's [`Recorder`]
 //! (`events.k8s.io/v1`, create then patch of the series). Reason strings are stable and listed in
 //! docs/operations.md. Notes carry the IMDS error text, which holds no token or secret.
+//!
+//! Node events ([`publish_node_event`]): a `Warning` on nmi's own Node when something keeps the
+//! installed interception from serving ([`crate::health::Blocker`]); rare (once per transition),
+//! so published directly.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -204,6 +208,59 @@ pub fn pod_reference(event: &PodEvent) -> ObjectReference {
         namespace: Some(event.namespace.clone()),
         uid: event.uid.clone().filter(|u| !u.is_empty()),
         ..ObjectReference::default()
+    }
+}
+
+/// The `reason` of the Warning event on the Node for each [`Blocker`](crate::health::Blocker).
+pub fn node_event_reason(blocker: crate::health::Blocker) -> &'static str {
+    match blocker {
+        crate::health::Blocker::RouteLocalnet => "RouteLocalnetUnavailable",
+        crate::health::Blocker::ImdsListener => "ImdsPortUnavailable",
+    }
+}
+
+/// The reference to a Node (cluster-scoped, so the event lands in `default`; no uid, so
+/// `kubectl describe node` finds it as it finds the kubelet's).
+pub fn node_reference(node: &str) -> ObjectReference {
+    ObjectReference {
+        api_version: Some("v1".to_owned()),
+        kind: Some("Node".to_owned()),
+        name: Some(node.to_owned()),
+        ..ObjectReference::default()
+    }
+}
+
+/// Publish a `Warning` event with `reason` and `note` (no secrets; cut to 1 KiB) on the Node
+/// `node`, reported by nmi on that node (action `Intercept`). A failure is logged and dropped.
+pub async fn publish_node_event(
+    client: kube::Client,
+    node: String,
+    reason: &str,
+    mut note: String,
+) {
+    truncate(&mut note);
+    let recorder = Recorder::new(
+        client,
+        Reporter {
+            controller: EVENT_CONTROLLER.to_owned(),
+            instance: Some(node.clone()),
+        },
+    );
+    let published = recorder
+        .publish(
+            &Event {
+                type_: EventType::Warning,
+                reason: reason.to_owned(),
+                note: Some(note),
+                action: "Intercept".to_owned(),
+                secondary: None,
+            },
+            &node_reference(&node),
+        )
+        .await;
+    match published {
+        Ok(()) => tracing::info!(%node, reason, "published node event"),
+        Err(error) => tracing::warn!(%node, reason, %error, "failed to publish node event"),
     }
 }
 

@@ -4,7 +4,17 @@
 //! The rules are upstream's, string for string, so nodes moving between the Go NMI and podid see
 //! the same chain. Differences (docs/compatibility.md): the rules stay when NMI stops (fail
 //! closed; [`uninstall`] is an explicit step), and `route_localnet` is set and verified so the DNAT
-//! to 127.0.0.1 works on nodes without kube-proxy ([`ensure_route_localnet`]).
+//! to 127.0.0.1 works on nodes without kube-proxy ([`enable_route_localnet`]).
+//!
+//! `route_localnet=1` lets the kernel route packets from other hosts to 127.0.0.0/8, which
+//! exposes every service listening on the node's loopback to its network neighbours
+//! (CVE-2020-8558). kube-proxy guards against it with a `filter` rule dropping traffic to
+//! 127.0.0.0/8 that neither comes from 127.0.0.0/8 nor was DNAT-ed. When nmi turns
+//! `route_localnet` on itself, it first installs the same guard in its own `filter` chain
+//! [`LOCALNET_CHAIN`] (jumped to from `INPUT`), unless an equivalent rule is already reachable from
+//! `INPUT`; the chain's last rule records the value the sysctl had before, so
+//! [`uninstall_localnet`] can remove only what nmi added and restore the sysctl. The record lives
+//! in the kernel next to the state it describes: both vanish together on reboot.
 //!
 //! Everything goes through the [`Backend`] trait: [`SystemIptables`] runs the `iptables` command
 //! (with the xtables lock, `--wait`) via the `iptables` crate; tests use an in-memory backend.
@@ -158,33 +168,348 @@ pub fn uninstall(backend: &dyn Backend, interception: &Interception) -> Result<(
     while backend.exists(TABLE, PREROUTING, &jump)? {
         backend.delete(TABLE, PREROUTING, &jump)?;
     }
-    if backend.list(TABLE, CHAIN).is_ok() {
+    if chain_exists(backend, TABLE, CHAIN) {
         backend.flush_chain(TABLE, CHAIN)?;
         backend.delete_chain(TABLE, CHAIN)?;
     }
     Ok(())
 }
 
-/// Sets `net.ipv4.conf.all.route_localnet=1` under `proc_sys` (normally `/proc/sys`) unless it
-/// is already set, then reads it back. Without it the kernel drops packets DNAT-ed from
-/// `PREROUTING` to 127.0.0.1 (kube-proxy sets it; a node without kube-proxy may not).
-/// Returns whether it had to be changed.
-pub fn ensure_route_localnet(proc_sys: &Path) -> Result<bool, std::io::Error> {
-    let path = proc_sys.join("net/ipv4/conf/all/route_localnet");
-    let current = std::fs::read_to_string(&path)?;
-    if current.trim() == "1" {
-        return Ok(false);
+/// Whether `chain` exists: its listing holds its `-N` line (listing a missing chain fails, or,
+/// with some iptables wrappers, is empty).
+fn chain_exists(backend: &dyn Backend, table: &str, chain: &str) -> bool {
+    let header = format!("-N {chain}");
+    backend
+        .list(table, chain)
+        .is_ok_and(|lines| lines.iter().any(|l| l.trim() == header))
+}
+
+/// The sysctl, relative to `/proc/sys`.
+pub const ROUTE_LOCALNET: &str = "net/ipv4/conf/all/route_localnet";
+/// nmi's `filter` chain holding the CVE-2020-8558 guard and the record of the sysctl's prior
+/// value; it exists only while nmi's change of `route_localnet` stands.
+pub const LOCALNET_CHAIN: &str = "aad-metadata-localnet";
+/// The table of [`LOCALNET_CHAIN`].
+pub const FILTER: &str = "filter";
+/// The built-in chain that jumps to [`LOCALNET_CHAIN`].
+pub const INPUT: &str = "INPUT";
+/// Comment of the marker rule, followed by the prior value (`…-was-0`).
+const MARKER_PREFIX: &str = "podid-route-localnet-was-";
+
+/// The guard as `iptables -S` prints it (and as it is appended): drop packets to 127.0.0.0/8
+/// that neither come from 127.0.0.0/8 nor belong to a DNAT-ed (or established) connection.
+pub fn localnet_guard_rule() -> &'static str {
+    "! -s 127.0.0.0/8 -d 127.0.0.0/8 -m comment --comment \"podid: block incoming localnet connections (CVE-2020-8558)\" -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP"
+}
+
+/// The marker rule recording that `route_localnet` was `prior` before nmi set it; it also ends
+/// [`LOCALNET_CHAIN`].
+fn marker_rule(prior: &str) -> String {
+    format!("-m comment --comment {MARKER_PREFIX}{prior} -j RETURN")
+}
+
+/// The jump from `INPUT`.
+fn localnet_jump() -> String {
+    format!("-j {LOCALNET_CHAIN}")
+}
+
+/// Whether `rule` (an `iptables -S` line, with or without its `-A <chain>` prefix) is
+/// equivalent to [`localnet_guard_rule`]: exactly the source, destination and conntrack-state
+/// matches of kube-proxy's guard with a `DROP` target, whatever its comment and match order.
+/// A rule with any further match (an interface, a protocol) guards less and does not count.
+pub fn is_localnet_guard(rule: &str) -> bool {
+    let mut tokens = split_rule(rule);
+    if tokens.first().is_some_and(|t| t == "-A") {
+        tokens.drain(..tokens.len().min(2));
     }
-    std::fs::write(&path, "1")?;
-    let after = std::fs::read_to_string(&path)?;
-    if after.trim() != "1" {
-        return Err(std::io::Error::other(format!(
-            "{} reads {:?} after writing 1",
-            path.display(),
-            after.trim()
-        )));
+    let mut source = false;
+    let mut destination = false;
+    let mut states = false;
+    let mut drop = false;
+    let mut i = 0;
+    while i < tokens.len() {
+        let negated = tokens[i] == "!";
+        if negated {
+            i += 1;
+        }
+        let (Some(flag), value) = (tokens.get(i), tokens.get(i + 1)) else {
+            return false;
+        };
+        let value = value.map(String::as_str).unwrap_or("");
+        match (negated, flag.as_str()) {
+            (true, "-s" | "--source") if is_loopback_net(value) => source = true,
+            (false, "-d" | "--destination") if is_loopback_net(value) => destination = true,
+            (false, "-m") if value == "comment" || value == "conntrack" => {}
+            (false, "--comment") => {}
+            (true, "--ctstate") => {
+                let mut got: Vec<&str> = value.split(',').collect();
+                got.sort_unstable();
+                states = got == ["DNAT", "ESTABLISHED", "RELATED"];
+            }
+            (false, "-j" | "--jump") if value == "DROP" => drop = true,
+            _ => return false,
+        }
+        i += 2;
     }
-    Ok(true)
+    source && destination && states && drop
+}
+
+fn is_loopback_net(value: &str) -> bool {
+    value == "127.0.0.0/8"
+}
+
+/// Splits an `iptables -S` line into words, keeping double-quoted words whole (unquoted).
+fn split_rule(rule: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut current = String::new();
+    let mut quoted = false;
+    let mut started = false;
+    for c in rule.chars() {
+        match c {
+            '"' => {
+                quoted = !quoted;
+                started = true;
+            }
+            c if c.is_whitespace() && !quoted => {
+                if started {
+                    words.push(std::mem::take(&mut current));
+                    started = false;
+                }
+            }
+            c => {
+                current.push(c);
+                started = true;
+            }
+        }
+    }
+    if started {
+        words.push(current);
+    }
+    words
+}
+
+/// Whether a rule equivalent to the guard is reachable from `filter INPUT`: in `INPUT` itself or
+/// in a chain `INPUT` jumps to (one level, as kube-proxy's `KUBE-FIREWALL`). nmi's own chain
+/// does not count.
+pub fn localnet_guard_present(backend: &dyn Backend) -> Result<bool, IptablesError> {
+    let input = backend.list(FILTER, INPUT)?;
+    for line in &input {
+        if is_localnet_guard(line) {
+            return Ok(true);
+        }
+        let words = split_rule(line);
+        let target = words
+            .windows(2)
+            .find(|w| w[0] == "-j" || w[0] == "--jump")
+            .map(|w| w[1].as_str());
+        let Some(target) = target else { continue };
+        if target == LOCALNET_CHAIN
+            || matches!(target, "ACCEPT" | "DROP" | "REJECT" | "RETURN" | "LOG")
+        {
+            continue;
+        }
+        // A chain that cannot be listed (a target extension, not a chain) holds no rule.
+        if let Ok(rules) = backend.list(FILTER, target)
+            && rules.iter().any(|r| is_localnet_guard(r))
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// What [`enable_route_localnet`] found or did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Localnet {
+    /// `route_localnet` was already 1 and nmi did not set it (kube-proxy or the node image did):
+    /// nothing added.
+    AlreadySet,
+    /// nmi set `route_localnet` (now or in an earlier run: its [`LOCALNET_CHAIN`] records it).
+    SetByNmi {
+        /// The value before nmi changed it.
+        prior: String,
+        /// Whether nmi's guard rule is in place (false: an equivalent rule already existed).
+        guard: bool,
+        /// Whether this call wrote the sysctl (false: an earlier run did).
+        now: bool,
+    },
+}
+
+/// Why `route_localnet` could not be turned on. The interception stays installed regardless:
+/// DNAT-ed packets are then dropped by the kernel (closed).
+#[derive(Debug, thiserror::Error)]
+pub enum LocalnetError {
+    /// Reading or writing the sysctl failed (read-only `/proc/sys`, no such file, …).
+    #[error("{action} {path}: {source}")]
+    Sysctl {
+        /// `reading` or `writing`.
+        action: &'static str,
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The write succeeded but the value read back is not 1.
+    #[error("{path} reads {value:?} after writing 1")]
+    NotApplied {
+        /// The file.
+        path: String,
+        /// What it reads.
+        value: String,
+    },
+    /// Reading, installing or removing the guard chain failed (when turning `route_localnet`
+    /// on: nmi did not turn it on).
+    #[error("the CVE-2020-8558 guard chain: {0}")]
+    Guard(#[source] IptablesError),
+}
+
+fn read_sysctl(path: &Path) -> Result<String, LocalnetError> {
+    std::fs::read_to_string(path)
+        .map(|v| v.trim().to_owned())
+        .map_err(|source| LocalnetError::Sysctl {
+            action: "reading",
+            path: path.display().to_string(),
+            source,
+        })
+}
+
+fn write_sysctl(path: &Path, value: &str) -> Result<(), LocalnetError> {
+    std::fs::write(path, value).map_err(|source| LocalnetError::Sysctl {
+        action: "writing",
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// The prior value recorded in nmi's [`LOCALNET_CHAIN`], if the chain exists and holds a marker.
+fn recorded_prior(backend: &dyn Backend) -> Option<String> {
+    let rules = backend.list(FILTER, LOCALNET_CHAIN).ok()?;
+    rules.iter().find_map(|rule| {
+        split_rule(rule)
+            .iter()
+            .find_map(|w| w.strip_prefix(MARKER_PREFIX).map(str::to_owned))
+    })
+}
+
+/// Makes sure `net.ipv4.conf.all.route_localnet` (under `proc_sys`, normally `/proc/sys`) is 1,
+/// without which the kernel drops packets DNAT-ed from `PREROUTING` to 127.0.0.1.
+///
+/// Already 1 and not nmi's doing: nothing is added. Otherwise nmi installs its guard chain
+/// first (the CVE-2020-8558 guard unless an equivalent rule is reachable from `INPUT`, then the
+/// marker recording the prior value, then the `INPUT` jump at position 1), writes 1 and reads it
+/// back; if the write fails, the chain it just added is removed again and the error returned.
+/// Repeated calls (the reconcile loop) repair a missing jump and a missing guard (also when
+/// the equivalent rule it relied on went away) and are otherwise no-ops.
+pub fn enable_route_localnet(
+    backend: &dyn Backend,
+    proc_sys: &Path,
+) -> Result<Localnet, LocalnetError> {
+    let path = proc_sys.join(ROUTE_LOCALNET);
+    let current = read_sysctl(&path)?;
+    let recorded = recorded_prior(backend);
+    if current == "1" {
+        let Some(prior) = recorded else {
+            return Ok(Localnet::AlreadySet);
+        };
+        let jump = localnet_jump();
+        if !backend
+            .exists(FILTER, INPUT, &jump)
+            .map_err(LocalnetError::Guard)?
+        {
+            backend
+                .insert(FILTER, INPUT, &jump, 1)
+                .map_err(LocalnetError::Guard)?;
+        }
+        let mut guard = backend
+            .exists(FILTER, LOCALNET_CHAIN, localnet_guard_rule())
+            .map_err(LocalnetError::Guard)?;
+        // nmi's change stands, so the node must stay guarded: put the guard back when it was
+        // removed, or when the equivalent rule it relied on went away.
+        if !guard && !localnet_guard_present(backend).map_err(LocalnetError::Guard)? {
+            backend
+                .insert(FILTER, LOCALNET_CHAIN, localnet_guard_rule(), 1)
+                .map_err(LocalnetError::Guard)?;
+            guard = true;
+        }
+        return Ok(Localnet::SetByNmi {
+            prior,
+            guard,
+            now: false,
+        });
+    }
+    // A chain left from an earlier run whose change was undone by someone else: start afresh,
+    // keeping the oldest record of the value before nmi.
+    let prior = recorded.unwrap_or_else(|| current.clone());
+    remove_localnet_chain(backend).map_err(LocalnetError::Guard)?;
+    let guard = !localnet_guard_present(backend).map_err(LocalnetError::Guard)?;
+    install_localnet_chain(backend, &prior, guard).map_err(LocalnetError::Guard)?;
+    let written = write_sysctl(&path, "1").and_then(|()| read_sysctl(&path));
+    let failure = match written {
+        Ok(value) if value == "1" => None,
+        Ok(value) => Some(LocalnetError::NotApplied {
+            path: path.display().to_string(),
+            value,
+        }),
+        Err(error) => Some(error),
+    };
+    if let Some(error) = failure {
+        // nmi changed nothing: its guard chain would only be a stale record.
+        if let Err(cleanup) = remove_localnet_chain(backend) {
+            tracing::warn!(error = %cleanup, "removing the unused localnet guard chain failed");
+        }
+        return Err(error);
+    }
+    Ok(Localnet::SetByNmi {
+        prior,
+        guard,
+        now: true,
+    })
+}
+
+fn install_localnet_chain(
+    backend: &dyn Backend,
+    prior: &str,
+    guard: bool,
+) -> Result<(), IptablesError> {
+    backend.new_chain(FILTER, LOCALNET_CHAIN)?;
+    if guard {
+        backend.append(FILTER, LOCALNET_CHAIN, localnet_guard_rule())?;
+    }
+    backend.append(FILTER, LOCALNET_CHAIN, &marker_rule(prior))?;
+    backend.insert(FILTER, INPUT, &localnet_jump(), 1)
+}
+
+/// Removes every `INPUT` jump to [`LOCALNET_CHAIN`] and the chain, if present.
+fn remove_localnet_chain(backend: &dyn Backend) -> Result<(), IptablesError> {
+    let jump = localnet_jump();
+    while backend.exists(FILTER, INPUT, &jump)? {
+        backend.delete(FILTER, INPUT, &jump)?;
+    }
+    if chain_exists(backend, FILTER, LOCALNET_CHAIN) {
+        backend.flush_chain(FILTER, LOCALNET_CHAIN)?;
+        backend.delete_chain(FILTER, LOCALNET_CHAIN)?;
+    }
+    Ok(())
+}
+
+/// Undoes [`enable_route_localnet`]: when nmi's chain records that nmi changed
+/// `route_localnet`, writes the recorded prior value back (before the guard goes, so the node is
+/// never open without it), then removes nmi's jump and chain. Rules nmi did not add (kube-proxy's
+/// guard) and a sysctl nmi did not change are left alone. Returns the value restored, if any.
+pub fn uninstall_localnet(
+    backend: &dyn Backend,
+    proc_sys: &Path,
+) -> Result<Option<String>, LocalnetError> {
+    let restored = match recorded_prior(backend) {
+        Some(prior) => {
+            write_sysctl(&proc_sys.join(ROUTE_LOCALNET), &prior)?;
+            Some(prior)
+        }
+        None => None,
+    };
+    remove_localnet_chain(backend).map_err(LocalnetError::Guard)?;
+    Ok(restored)
 }
 
 /// The `iptables` command (IPv4), through the `iptables` crate, with the xtables lock.
@@ -479,20 +804,237 @@ mod tests {
         uninstall(&m, &i).expect("second uninstall");
     }
 
+    /// A fake `/proc/sys` holding `route_localnet` = `value`; removed on drop.
+    struct ProcSys(std::path::PathBuf);
+
+    impl ProcSys {
+        fn new(name: &str, value: &str) -> Self {
+            let root = std::env::temp_dir()
+                .join(format!("podid-nmi-sysctl-{name}-{}", std::process::id()));
+            let dir = root.join("net/ipv4/conf/all");
+            std::fs::create_dir_all(&dir).expect("dir");
+            std::fs::write(dir.join("route_localnet"), format!("{value}\n")).expect("write");
+            Self(root)
+        }
+        fn value(&self) -> String {
+            std::fs::read_to_string(self.0.join(ROUTE_LOCALNET))
+                .expect("read")
+                .trim()
+                .to_owned()
+        }
+    }
+
+    impl Drop for ProcSys {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn with_input() -> Memory {
+        let m = Memory::with_prerouting();
+        m.chains.borrow_mut().insert(INPUT.into(), vec![]);
+        m
+    }
+
+    /// kube-proxy's guard as `iptables -S` prints it.
+    const KUBE_PROXY_GUARD: &str = "-A KUBE-FIREWALL ! -s 127.0.0.0/8 -d 127.0.0.0/8 -m comment --comment \"block incoming localnet connections\" -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP";
+
     #[test]
-    fn route_localnet_is_set_and_verified() {
-        let root = std::env::temp_dir().join(format!("podid-nmi-sysctl-{}", std::process::id()));
-        let dir = root.join("net/ipv4/conf/all");
-        std::fs::create_dir_all(&dir).expect("dir");
-        let file = dir.join("route_localnet");
-        std::fs::write(&file, "0\n").expect("write");
-        assert!(ensure_route_localnet(&root).expect("set"));
-        assert_eq!(std::fs::read_to_string(&file).expect("read").trim(), "1");
-        assert!(!ensure_route_localnet(&root).expect("already set"));
-        std::fs::remove_dir_all(&root).expect("cleanup");
-        assert!(
-            ensure_route_localnet(&root).is_err(),
-            "missing file is an error"
+    fn route_localnet_set_by_nmi_comes_with_the_guard_first_and_a_record() {
+        let sys = ProcSys::new("set", "0");
+        let m = with_input();
+        let outcome = enable_route_localnet(&m, &sys.0).expect("set");
+        assert_eq!(
+            outcome,
+            Localnet::SetByNmi {
+                prior: "0".into(),
+                guard: true,
+                now: true
+            }
         );
+        assert_eq!(sys.value(), "1");
+        assert_eq!(m.rules(INPUT), vec![format!("-j {LOCALNET_CHAIN}")]);
+        let chain = m.rules(LOCALNET_CHAIN);
+        assert_eq!(chain[0], localnet_guard_rule());
+        assert!(is_localnet_guard(&chain[0]));
+        assert_eq!(chain.len(), 2, "{chain:?}");
+        // A restart finds the sysctl at 1 but knows from the record that nmi set it; a removed
+        // jump and a removed guard are put back.
+        m.chains.borrow_mut().insert(INPUT.into(), vec![]);
+        m.chains
+            .borrow_mut()
+            .get_mut(LOCALNET_CHAIN)
+            .expect("chain")
+            .remove(0);
+        let again = enable_route_localnet(&m, &sys.0).expect("again");
+        assert_eq!(
+            again,
+            Localnet::SetByNmi {
+                prior: "0".into(),
+                guard: true,
+                now: false
+            }
+        );
+        assert_eq!(
+            m.rules(INPUT),
+            vec![format!("-j {LOCALNET_CHAIN}")],
+            "jump repaired"
+        );
+        assert_eq!(m.rules(LOCALNET_CHAIN), chain, "guard repaired");
+        // Uninstall restores the sysctl and removes only nmi's chain and jump.
+        m.chains
+            .borrow_mut()
+            .get_mut(INPUT)
+            .expect("INPUT")
+            .push("-j ACCEPT".into());
+        assert_eq!(
+            uninstall_localnet(&m, &sys.0).expect("uninstall"),
+            Some("0".into())
+        );
+        assert_eq!(sys.value(), "0");
+        assert_eq!(m.rules(INPUT), vec!["-j ACCEPT".to_owned()]);
+        assert!(m.list(FILTER, LOCALNET_CHAIN).is_err());
+        assert_eq!(uninstall_localnet(&m, &sys.0).expect("idempotent"), None);
+    }
+
+    #[test]
+    fn route_localnet_already_set_is_left_alone_and_never_restored() {
+        let sys = ProcSys::new("already", "1");
+        let m = with_input();
+        assert_eq!(
+            enable_route_localnet(&m, &sys.0).expect("read"),
+            Localnet::AlreadySet
+        );
+        assert!(m.rules(INPUT).is_empty());
+        assert!(m.list(FILTER, LOCALNET_CHAIN).is_err());
+        assert_eq!(uninstall_localnet(&m, &sys.0).expect("uninstall"), None);
+        assert_eq!(sys.value(), "1", "a sysctl nmi did not change stays");
+    }
+
+    #[test]
+    fn an_equivalent_guard_is_not_duplicated() {
+        let sys = ProcSys::new("equivalent", "0");
+        let m = with_input();
+        m.chains
+            .borrow_mut()
+            .insert(INPUT.into(), vec!["-j KUBE-FIREWALL".into()]);
+        let guard = KUBE_PROXY_GUARD
+            .strip_prefix("-A KUBE-FIREWALL ")
+            .expect("prefix");
+        m.chains
+            .borrow_mut()
+            .insert("KUBE-FIREWALL".into(), vec![guard.into()]);
+        let outcome = enable_route_localnet(&m, &sys.0).expect("set");
+        assert_eq!(
+            outcome,
+            Localnet::SetByNmi {
+                prior: "0".into(),
+                guard: false,
+                now: true
+            }
+        );
+        assert_eq!(sys.value(), "1");
+        let chain = m.rules(LOCALNET_CHAIN);
+        assert!(!chain.iter().any(|r| is_localnet_guard(r)), "{chain:?}");
+        // kube-proxy's rule goes away while nmi's change stands: the next pass adds nmi's own.
+        m.chains.borrow_mut().insert("KUBE-FIREWALL".into(), vec![]);
+        let again = enable_route_localnet(&m, &sys.0).expect("repair");
+        assert!(
+            matches!(
+                again,
+                Localnet::SetByNmi {
+                    guard: true,
+                    now: false,
+                    ..
+                }
+            ),
+            "{again:?}"
+        );
+        assert_eq!(m.rules(LOCALNET_CHAIN)[0], localnet_guard_rule());
+        m.chains
+            .borrow_mut()
+            .insert("KUBE-FIREWALL".into(), vec![guard.into()]);
+        assert_eq!(
+            uninstall_localnet(&m, &sys.0).expect("uninstall"),
+            Some("0".into())
+        );
+        assert_eq!(
+            m.rules("KUBE-FIREWALL"),
+            vec![guard.to_owned()],
+            "kube-proxy's rule stays"
+        );
+        assert_eq!(m.rules(INPUT), vec!["-j KUBE-FIREWALL".to_owned()]);
+    }
+
+    #[test]
+    fn a_sysctl_that_cannot_be_written_leaves_no_chain() {
+        let sys = ProcSys::new("missing", "0");
+        let m = with_input();
+        let missing = sys.0.join("nowhere");
+        let error = enable_route_localnet(&m, &missing).expect_err("no such file");
+        assert!(
+            matches!(
+                error,
+                LocalnetError::Sysctl {
+                    action: "reading",
+                    ..
+                }
+            ),
+            "{error}"
+        );
+        // A directory where the file should be: reading fails the same way; a write failure
+        // after the guard went in removes the guard again.
+        let dir = sys.0.join(ROUTE_LOCALNET);
+        std::fs::remove_file(&dir).expect("rm");
+        std::fs::create_dir_all(&dir).expect("dir");
+        assert!(enable_route_localnet(&m, &sys.0).is_err());
+        assert!(m.rules(INPUT).is_empty());
+        assert!(m.list(FILTER, LOCALNET_CHAIN).is_err());
+    }
+
+    #[test]
+    fn guard_equivalence_table() {
+        let rows: &[(&str, bool)] = &[
+            (KUBE_PROXY_GUARD, true),
+            (localnet_guard_rule(), true),
+            // Match order and comment do not matter.
+            (
+                "-d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate DNAT,RELATED,ESTABLISHED -j DROP",
+                true,
+            ),
+            // Narrower or different rules are not the guard.
+            (
+                "! -s 127.0.0.0/8 -d 127.0.0.0/8 -i eth0 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP",
+                false,
+            ),
+            (
+                "! -s 127.0.0.0/8 -d 127.0.0.0/8 -p tcp -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP",
+                false,
+            ),
+            (
+                "! -s 127.0.0.0/8 -d 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED -j DROP",
+                false,
+            ),
+            (
+                "! -s 127.0.0.0/8 -d 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j ACCEPT",
+                false,
+            ),
+            (
+                "-s 127.0.0.0/8 -d 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP",
+                false,
+            ),
+            (
+                "! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP",
+                false,
+            ),
+            ("-j DROP", false),
+            ("", false),
+        ];
+        let failures: Vec<String> = rows
+            .iter()
+            .filter(|(rule, want)| is_localnet_guard(rule) != *want)
+            .map(|(rule, want)| format!("{rule:?}: want {want}"))
+            .collect();
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
     }
 }

@@ -2,7 +2,8 @@
 //! iptables, attributes each request to the calling pod by its source address, chooses the pod's
 //! identity and answers with a token from the controller crate's broker — or an IMDS-shaped error.
 //!
-//! Modules: the command line ([`config`]), the interception rules ([`interception`]), the IP → pod
+//! Modules: the command line ([`config`]), the interception rules ([`interception`]), what keeps
+//! the node from serving ([`health`]), the start-up taint ([`taint`]), the IP → pod
 //! index ([`pods`]), the token provider seam ([`provider`]), the HTTP servers ([`server`]),
 //! metrics ([`metrics`]), Kubernetes Events on pods whose requests fail ([`events`]), the
 //! conntrack flush ([`conntrack`]), Workload Identity pods served through IMDS ([`workload`]), the watches feeding them ([`run`]) and the running agent that
@@ -15,11 +16,13 @@ pub mod config;
 pub mod conntrack;
 pub mod events;
 pub mod federation;
+pub mod health;
 pub mod interception;
 pub mod metrics;
 pub mod pods;
 pub mod provider;
 pub mod run;
 pub mod server;
+pub mod taint;
 mod watchdog;
 pub mod workload;

@@ -6,15 +6,22 @@
 //! `operation_type` of the NMI histogram is the route name (`token`, `host_token`), never the raw
 //! path (upstream's unbounded cardinality), and `resource` is only recorded for issued tokens.
 //! podid adds `podid_nmi_token_cache_hits_total`, `podid_nmi_token_cache_misses_total` (copied
-//! from the broker's counters at scrape time) and `podid_nmi_attribution_failures_total`.
+//! from the broker's counters at scrape time), `podid_nmi_attribution_failures_total` and
+//! `podid_nmi_not_ready{reason}` (copied from [`Health`] at scrape time: 1 for each condition
+//! that keeps the installed interception from serving, see [`crate::health`]).
 
 use std::sync::{Arc, Mutex, OnceLock};
 
 use podid_controller::broker::BrokerStats;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
+
+use crate::health::{Blocker, Health};
+
+/// `reason` of `podid_nmi_not_ready` when the interception itself is not installed.
+pub const NOT_READY_INTERCEPTION: &str = "interception";
 
 /// Upstream's NMI request histogram buckets (seconds).
 const NMI_BUCKETS: [f64; 18] = [
@@ -51,9 +58,12 @@ pub struct Metrics {
     pub kubernetes_api_errors: IntCounterVec,
     /// `podid_nmi_attribution_failures_total{reason}` (`not_found`, `ambiguous`).
     pub attribution_failures: IntCounterVec,
+    /// `podid_nmi_not_ready{reason}`: `interception` and each [`Blocker::label`].
+    pub not_ready: IntGaugeVec,
     cache_hits: IntCounter,
     cache_misses: IntCounter,
     broker: Mutex<Option<BrokerMirror>>,
+    health: Mutex<Option<Arc<Health>>>,
     /// The `imds_operations_duration` child of each known `operation_type`, resolved on first
     /// use (so the exposition still shows only observed series): every token request records
     /// one, and resolving a child hashes its label and takes the family's lock.
@@ -128,6 +138,14 @@ impl Metrics {
             &["reason"],
         )
         .expect(REGISTER);
+        let not_ready = IntGaugeVec::new(
+            Opts::new(
+                "podid_nmi_not_ready",
+                "1 while this condition keeps nmi from serving pods (the node stays closed): interception not installed, route_localnet not settable, IMDS port held",
+            ),
+            &["reason"],
+        )
+        .expect(REGISTER);
         let cache_hits = IntCounter::new(
             "podid_nmi_token_cache_hits_total",
             "Token requests answered from the broker cache",
@@ -154,6 +172,9 @@ impl Metrics {
             .register(Box::new(attribution_failures.clone()))
             .expect(REGISTER);
         registry
+            .register(Box::new(not_ready.clone()))
+            .expect(REGISTER);
+        registry
             .register(Box::new(cache_hits.clone()))
             .expect(REGISTER);
         registry
@@ -166,9 +187,11 @@ impl Metrics {
             imds_operations_errors,
             kubernetes_api_errors,
             attribution_failures,
+            not_ready,
             cache_hits,
             cache_misses,
             broker: Mutex::new(None),
+            health: Mutex::new(None),
             imds_durations: Default::default(),
         }
     }
@@ -205,6 +228,26 @@ impl Metrics {
         });
     }
 
+    /// Mirror `health` into `podid_nmi_not_ready` at every scrape.
+    pub fn follow_health(&self, health: Arc<Health>) {
+        *self.health.lock().unwrap_or_else(|e| e.into_inner()) = Some(health);
+    }
+
+    fn sync_health(&self) {
+        let health = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(health) = health.as_ref() else {
+            return;
+        };
+        self.not_ready
+            .with_label_values(&[NOT_READY_INTERCEPTION])
+            .set(i64::from(!health.interception_installed()));
+        for blocker in Blocker::ALL {
+            self.not_ready
+                .with_label_values(&[blocker.label()])
+                .set(i64::from(health.is_blocked(blocker)));
+        }
+    }
+
     fn sync_broker(&self) {
         let mut broker = self.broker.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(mirror) = broker.as_mut() {
@@ -221,6 +264,7 @@ impl Metrics {
     /// The text exposition of every family (the `/metrics` body).
     pub fn encode(&self) -> Vec<u8> {
         self.sync_broker();
+        self.sync_health();
         let mut out = Vec::new();
         // Encoding into a Vec only fails on invalid metric data, which these families never hold.
         if let Err(error) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
@@ -239,6 +283,26 @@ impl Default for Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn not_ready_mirrors_health_at_scrape_time() {
+        let metrics = Metrics::new();
+        let health = Arc::new(Health::default());
+        metrics.follow_health(Arc::clone(&health));
+        health.set_interception_installed(true);
+        health.block(Blocker::RouteLocalnet, "read-only file system".into());
+        let text = exposition(&metrics);
+        for line in [
+            "podid_nmi_not_ready{reason=\"interception\"} 0",
+            "podid_nmi_not_ready{reason=\"route_localnet\"} 1",
+            "podid_nmi_not_ready{reason=\"imds_listener\"} 0",
+        ] {
+            assert!(text.contains(line), "{line} missing in:\n{text}");
+        }
+        assert!(!text.contains("read-only"), "reasons are not label values");
+        health.unblock(Blocker::RouteLocalnet);
+        assert!(exposition(&metrics).contains("podid_nmi_not_ready{reason=\"route_localnet\"} 0"));
+    }
 
     fn exposition(metrics: &Metrics) -> String {
         String::from_utf8(metrics.encode()).unwrap_or_default()

@@ -47,6 +47,7 @@ use tracing::Instrument as _;
 use crate::config::{Config, OperationMode};
 use crate::events::{EventSink, PodEvent, PodEventReason};
 use crate::federation::AssignedBindings;
+pub use crate::health::Health;
 use crate::metrics::{Metrics, imds_operation};
 use crate::pods::{LookupError, PodIndex};
 use crate::provider::{TokenProvider, TokenRequest, TokenTarget};
@@ -236,24 +237,6 @@ impl Matcher {
     }
 }
 
-/// Health flags for the probe port.
-#[derive(Debug, Default)]
-pub struct Health {
-    interception: AtomicBool,
-}
-
-impl Health {
-    /// Record that the iptables interception is installed (turns `/healthz` `Active`).
-    pub fn set_interception_installed(&self, installed: bool) {
-        self.interception.store(installed, Ordering::Release);
-    }
-
-    /// Whether the interception is installed.
-    pub fn interception_installed(&self) -> bool {
-        self.interception.load(Ordering::Acquire)
-    }
-}
-
 /// Everything the servers read.
 #[derive(Debug)]
 pub struct NmiState {
@@ -322,12 +305,33 @@ impl NmiState {
     }
 
     /// Ready: pods, matching (and, with `--serve-workload-identity-pods`, service account)
-    /// caches synced and the interception installed.
+    /// caches synced, the interception installed and nothing blocking it
+    /// ([`crate::health::Blocker`]).
     pub fn is_ready(&self) -> bool {
+        self.caches_synced() && self.health.interception_installed() && !self.health.any_blocked()
+    }
+
+    /// The pod, matching and (with `--serve-workload-identity-pods`) service account caches
+    /// have their first complete listing.
+    pub fn caches_synced(&self) -> bool {
         self.pods.is_synced()
             && self.matcher.is_synced()
             && self.workload.as_ref().is_none_or(|a| a.is_synced())
-            && self.health.interception_installed()
+    }
+
+    /// Why nmi is not ready, one line per reason (empty when ready): the `/readyz` body.
+    pub fn not_ready_reasons(&self) -> Vec<String> {
+        let mut reasons = Vec::new();
+        if !self.health.interception_installed() {
+            reasons.push("interception: the aad-metadata chain is not installed".to_owned());
+        }
+        for (blocker, reason) in self.health.blocked() {
+            reasons.push(format!("{}: {reason}", blocker.label()));
+        }
+        if !self.caches_synced() {
+            reasons.push("caches: not yet synced from the API server".to_owned());
+        }
+        reasons
     }
 }
 
@@ -381,7 +385,8 @@ pub async fn serve(
 }
 
 /// Serve `/healthz` (`Active` / `Not Active`, always 200, no newline) and `/readyz` (200 only
-/// when ready, else 503) on `listener` until `shutdown` completes.
+/// when ready, else 503 with `not ready` and one line per reason) on `listener` until
+/// `shutdown` completes.
 pub async fn serve_probes(
     listener: TcpListener,
     state: Arc<NmiState>,
@@ -399,7 +404,17 @@ pub async fn serve_probes(
                     }
                     "/healthz" => plain(StatusCode::OK, "Not Active"),
                     "/readyz" if state.is_ready() => plain(StatusCode::OK, "ok"),
-                    "/readyz" => plain(StatusCode::SERVICE_UNAVAILABLE, "not ready"),
+                    "/readyz" => {
+                        // One line per reason, so a probe failure in `kubectl describe` says why.
+                        let mut body = String::from("not ready\n");
+                        for reason in state.not_ready_reasons() {
+                            body.push_str(&reason);
+                            body.push('\n');
+                        }
+                        let mut response = plain(StatusCode::SERVICE_UNAVAILABLE, "");
+                        *response.body_mut() = Full::new(Bytes::from(body));
+                        response
+                    }
                     _ => plain(StatusCode::NOT_FOUND, "404 page not found\n"),
                 })
             }

@@ -32,7 +32,7 @@ use podid_imds::ErrorBodyStyle;
 use podid_netsim::SimNode;
 use podid_nmi::config::Flags;
 use podid_nmi::interception::{
-    CHAIN, Interception, SystemIptables, ensure_route_localnet, reconcile, uninstall,
+    CHAIN, Interception, SystemIptables, enable_route_localnet, reconcile, uninstall,
 };
 use podid_nmi::provider::TokenProvider;
 use podid_nmi::server::{ServerOptions, serve};
@@ -172,7 +172,10 @@ const BINDING_LABEL: &[(&str, &str)] = &[("aadpodidbinding", "kv")];
 
 // ---------------------------------------------------------------- §7.1 token path variants
 
-/// §7.1 / §2.4: token path variants are served, `Identity` with a capital I is proxied,
+const CASE_VARIANT: &str =
+    "Invalid request: the token path is case-sensitive; use /metadata/identity/oauth2/token";
+
+/// §7.1 / §2.4: token path variants are served, `Identity` with a capital I is refused (podid),
 /// backslash variants are 400 `Invalid request`, unclean paths are 301 to the cleaned path.
 #[tokio::test]
 async fn item_01_token_path_variants() {
@@ -215,12 +218,21 @@ async fn item_01_token_path_variants() {
                 status: 200,
                 expect: Expect::TokenFor(CLIENT_A),
             },
+            // podid deviation (docs/compatibility.md): upstream proxied case variants of the
+            // token path to IMDS unattributed; podid answers 400 and never proxies them.
             Row {
-                item: "§7.1 /metadata/Identity (capital I) is proxied to IMDS",
+                item: "§7.1 /metadata/Identity (capital I) is refused, not proxied",
                 target: "/metadata/Identity/oauth2/token?resource=r",
                 headers: META,
-                status: 404,
-                expect: Expect::Proxied,
+                status: 400,
+                expect: Expect::Description(CASE_VARIANT),
+            },
+            Row {
+                item: "§7.1 /metadata/identity/OAUTH2/token is refused, not proxied",
+                target: "/metadata/identity/OAUTH2/token?resource=r",
+                headers: NO_HEADERS,
+                status: 400,
+                expect: Expect::Description(CASE_VARIANT),
             },
             Row {
                 item: "§7.1 backslash before oauth2",
@@ -2430,9 +2442,12 @@ async fn item_13_iptables_interception() {
     // A pod's request to 169.254.169.254:80 reaches the real server on the node's 127.0.0.1:2579
     // with the pod's own address (route_localnet set by nmi, as podid does on nodes without
     // kube-proxy).
-    node.run(|| ensure_route_localnet(std::path::Path::new("/proc/sys")))
-        .unwrap()
-        .expect("§7.13 route_localnet");
+    node.run(|| {
+        let iptables = SystemIptables::new().expect("iptables");
+        enable_route_localnet(&iptables, std::path::Path::new("/proc/sys"))
+    })
+    .unwrap()
+    .expect("§7.13 route_localnet");
     assert_eq!(
         node.read_sysctl("net.ipv4.conf.all.route_localnet")
             .unwrap()

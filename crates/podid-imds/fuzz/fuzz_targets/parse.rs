@@ -73,6 +73,7 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         Route::InvalidTokenPath => answer(podid_imds::ImdsError::InvalidTokenPath),
+        Route::TokenPathCase => answer(podid_imds::ImdsError::TokenPathCase),
         Route::MalformedRequestTarget => answer(podid_imds::ImdsError::MalformedRequestTarget),
         Route::InstanceMetadata | Route::Passthrough => {
             if let Err(error) = check_metadata_header(&headers) {

@@ -1,13 +1,14 @@
 //! `nmi` entry point: parse and validate the flags, then run the agent.
 //!
 //! `nmi uninstall-interception` removes the iptables chain and jump (the rules otherwise stay
-//! when nmi stops, so pods never reach the real IMDS unattributed).
+//! when nmi stops, so pods never reach the real IMDS unattributed), and, when nmi turned
+//! `route_localnet` on, restores its prior value and removes nmi's CVE-2020-8558 guard.
 
 use std::process::ExitCode;
 
 use clap::Parser as _;
 use podid_nmi::config::{Config, Flags, LogFormat, version_line};
-use podid_nmi::interception::{Interception, SystemIptables, uninstall};
+use podid_nmi::interception::{Interception, SystemIptables, uninstall, uninstall_localnet};
 
 fn main() -> ExitCode {
     let mut args: Vec<String> = std::env::args().collect();
@@ -49,13 +50,26 @@ fn main() -> ExitCode {
             metadata: config.metadata,
             target: config.dnat_target,
         };
-        let result = SystemIptables::new().and_then(|ipt| uninstall(&ipt, &interception));
+        let result = (|| -> Result<Option<String>, Box<dyn std::error::Error>> {
+            let iptables = SystemIptables::new()?;
+            uninstall(&iptables, &interception)?;
+            Ok(uninstall_localnet(
+                &iptables,
+                std::path::Path::new("/proc/sys"),
+            )?)
+        })();
         return match result {
-            Ok(()) => {
+            Ok(restored) => {
                 println!(
                     "nmi: removed the {} chain and its jump",
                     podid_nmi::interception::CHAIN
                 );
+                if let Some(prior) = restored {
+                    println!(
+                        "nmi: restored net.ipv4.conf.all.route_localnet={prior} and removed the {} chain",
+                        podid_nmi::interception::LOCALNET_CHAIN
+                    );
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {
