@@ -1,4 +1,4 @@
-//! Trust boundaries end to end (issue 12, items 1–4): the real `nmi` in a simulated node with
+//! Trust boundaries end to end: the real `nmi` in a simulated node with
 //! real iptables interception, pods as network namespaces, identities in an attacker's
 //! namespace `evil` trying to steal, poison or read what belongs to `default`, and a rogue
 //! token endpoint (the attacker's server) recording everything it receives.
