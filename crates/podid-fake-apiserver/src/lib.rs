@@ -11,6 +11,7 @@
 //! Test-only: it must not be a dependency of shipped crates, and it must not depend on product
 //! crates (nor on kube: it speaks the wire protocol, so a bug in kube's types cannot hide here).
 
+pub mod auth;
 pub mod cli;
 pub mod kinds;
 pub mod meta;
@@ -167,6 +168,14 @@ impl Builder {
                 })?;
             }
         }
+        for (plural, obj) in auth::bootstrap_objects() {
+            if let Some(k) = store.find("rbac.authorization.k8s.io", "v1", plural) {
+                store.create(k, "", obj).map_err(|e| Error::Bind {
+                    addr,
+                    source: std::io::Error::other(e.message),
+                })?;
+            }
+        }
         let issuer = self.issuer.unwrap_or_else(|| url.clone());
         let shared = Arc::new(Shared::new(store, key, issuer, addr.to_string()));
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -266,10 +275,22 @@ impl FakeApiServer {
         podid_test_keys::jwks([&self.shared.key])
     }
 
-    /// A kubeconfig pointing at this server (context `fake`, namespace `default`, no auth).
+    /// The bearer token of the admin identity (user `podid-test-admin`, group `system:masters`,
+    /// which bypasses RBAC). Requests without a valid token get `401`.
+    pub fn admin_token(&self) -> &str {
+        &self.shared.admin_token
+    }
+
+    /// A kubeconfig pointing at this server as the admin (context `fake`, namespace
+    /// `default`, the admin bearer token).
     pub fn kubeconfig_yaml(&self) -> String {
+        self.kubeconfig_with_token(&self.shared.admin_token)
+    }
+
+    /// A kubeconfig pointing at this server that authenticates with `token`.
+    pub fn kubeconfig_with_token(&self, token: &str) -> String {
         format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {url}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: default\ncurrent-context: fake\nusers:\n- name: fake\n  user: {{}}\npreferences: {{}}\n",
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {url}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: default\ncurrent-context: fake\nusers:\n- name: fake\n  user:\n    token: {token}\npreferences: {{}}\n",
             url = self.url
         )
     }
@@ -280,6 +301,50 @@ impl FakeApiServer {
         std::fs::write(path, self.kubeconfig_yaml()).map_err(|source| Error::WriteKubeconfig {
             path: path.to_path_buf(),
             source,
+        })
+    }
+
+    /// A token for ServiceAccount `ns/name` (which must exist), from TokenRequest with the
+    /// server's own audience, valid for `seconds`: it authenticates as
+    /// `system:serviceaccount:<ns>:<name>` and is authorized by RBAC.
+    pub fn service_account_token(
+        &self,
+        ns: &str,
+        name: &str,
+        seconds: i64,
+    ) -> Result<String, ApiError> {
+        let body = serde_json::json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+            "spec": {"expirationSeconds": seconds}});
+        let tr = self.create_json(
+            &format!("/api/v1/namespaces/{ns}/serviceaccounts/{name}/token"),
+            body,
+        )?;
+        tr.pointer("/status/token")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .ok_or_else(|| ApiError::internal("TokenRequest answered without a token"))
+    }
+
+    /// Writes a kubeconfig that authenticates as ServiceAccount `ns/name` (a 24-hour token), so
+    /// a process runs under that ServiceAccount's RBAC, as in a cluster.
+    pub fn write_service_account_kubeconfig(
+        &self,
+        ns: &str,
+        name: &str,
+        path: impl AsRef<Path>,
+    ) -> Result<(), Error> {
+        let path = path.as_ref();
+        let token =
+            self.service_account_token(ns, name, 86_400)
+                .map_err(|e| Error::WriteKubeconfig {
+                    path: path.to_path_buf(),
+                    source: std::io::Error::other(e.message),
+                })?;
+        std::fs::write(path, self.kubeconfig_with_token(&token)).map_err(|source| {
+            Error::WriteKubeconfig {
+                path: path.to_path_buf(),
+                source,
+            }
         })
     }
 
@@ -321,6 +386,7 @@ impl FakeApiServer {
             &query,
             content_type,
             bytes.as_bytes(),
+            &auth::Identity::admin(),
         )
     }
 

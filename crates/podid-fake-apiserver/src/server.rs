@@ -1,5 +1,6 @@
 //! HTTP routing and handlers.
 
+use crate::auth::{self, Attributes, Identity};
 use crate::faults::{FaultCell, RequestRecord};
 use crate::kinds::KindSpec;
 use crate::selector::{FieldSelector, LabelSelector};
@@ -34,6 +35,8 @@ pub struct Shared {
     pub(crate) key: SigningKey,
     pub(crate) issuer: String,
     pub(crate) host: String,
+    /// The bearer token of the admin identity (`system:masters`).
+    pub(crate) admin_token: String,
     drop_tx: watch::Sender<u64>,
 }
 
@@ -45,6 +48,7 @@ impl Shared {
             key,
             issuer,
             host,
+            admin_token: format!("podid-admin-{}", crate::meta::new_uid()),
             drop_tx: watch::channel(0).0,
         }
     }
@@ -238,7 +242,9 @@ pub(crate) async fn handle(
     }
     let response = match fault {
         Some(e) => error_response(&e),
-        None => {
+        None => match authenticate_and_authorize(&shared, &parts, route.as_ref(), &verb, &query) {
+            Err(e) => error_response(&e),
+            Ok(who) => {
             let content_type = parts
                 .headers
                 .get(header::CONTENT_TYPE)
@@ -255,9 +261,11 @@ pub(crate) async fn handle(
                     &content_type,
                     body,
                     &verb,
+                    &who,
                 ),
             }
-        }
+            }
+        },
     };
     shared.faults.lock().record(RequestRecord {
         method: parts.method.to_string(),
@@ -288,6 +296,7 @@ fn dispatch_http(
     content_type: &str,
     body: Bytes,
     verb: &str,
+    who: &Identity,
 ) -> Response<Body> {
     match route {
         Some(Route::Healthz) => {
@@ -302,7 +311,7 @@ fn dispatch_http(
             Ok(r) => r,
             Err(e) => error_response(&e),
         },
-        route => match dispatch(shared, method, route, query, content_type, &body) {
+        route => match dispatch(shared, method, route, query, content_type, &body, who) {
             Ok((code, v)) => json_response(code, &v),
             Err(e) => error_response(&e),
         },
@@ -317,6 +326,7 @@ pub(crate) fn dispatch(
     query: &HashMap<String, String>,
     content_type: &str,
     body: &[u8],
+    who: &Identity,
 ) -> Result<(StatusCode, Value), ApiError> {
     let ok = |v| Ok((StatusCode::OK, v));
     let route = route.ok_or_else(ApiError::no_route)?;
@@ -362,7 +372,163 @@ pub(crate) fn dispatch(
             let store = shared.store();
             resource_list(store.kinds(), &group, &version).map(|v| (StatusCode::OK, v))
         }
-        Route::Resource(p) => resource(shared, method, &p, query, content_type, body),
+        Route::Resource(p) => resource(shared, method, &p, query, content_type, body, who),
+    }
+}
+
+/// The paths a request without a token may read (as `system:anonymous`): health, version and
+/// the issuer discovery documents, which real clusters leave public.
+fn public(route: Option<&Route>) -> bool {
+    matches!(
+        route,
+        Some(Route::Healthz | Route::Version | Route::OpenidConfig | Route::Jwks)
+    )
+}
+
+/// Who sent the request (bearer token, then impersonation headers), and whether RBAC lets them
+/// do it: `401` without a valid token (except on public paths), `403` when RBAC says no.
+fn authenticate_and_authorize(
+    shared: &Shared,
+    parts: &http::request::Parts,
+    route: Option<&Route>,
+    verb: &str,
+    query: &HashMap<String, String>,
+) -> Result<Identity, ApiError> {
+    let token = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim);
+    let store = shared.store();
+    let who = match token {
+        None if public(route) && verb == "get" => return Ok(Identity::anonymous()),
+        None => return Err(auth::unauthorized()),
+        Some(t) if constant_time_eq(t.as_bytes(), shared.admin_token.as_bytes()) => {
+            Identity::admin()
+        }
+        Some(t) => auth::service_account_token(&store, &shared.key, &shared.issuer, t)
+            .ok_or_else(auth::unauthorized)?,
+    };
+    let who = impersonate(&store, who, &parts.headers)?;
+    let attrs = attributes(&store, route, verb, parts.uri.path(), query);
+    match auth::authorize(&store, &who, &attrs) {
+        Ok(_) => Ok(who),
+        Err(()) => Err(auth::forbidden(&who, &attrs)),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Applies `Impersonate-User` / `Impersonate-Group` when the caller may impersonate
+/// (RBAC verb `impersonate` on `users`, `groups`, `serviceaccounts`).
+fn impersonate(
+    store: &Store,
+    who: Identity,
+    headers: &http::HeaderMap,
+) -> Result<Identity, ApiError> {
+    let Some(user) = headers
+        .get("impersonate-user")
+        .and_then(|v| v.to_str().ok())
+    else {
+        return Ok(who);
+    };
+    let groups: Vec<String> = headers
+        .get_all("impersonate-group")
+        .iter()
+        .filter_map(|v| v.to_str().ok().map(str::to_string))
+        .collect();
+    let check = |resource: &str, ns: &str, name: &str| {
+        let a = Attributes {
+            resource_request: true,
+            verb: "impersonate".into(),
+            namespace: ns.into(),
+            resource: resource.into(),
+            name: name.into(),
+            ..Attributes::default()
+        };
+        auth::authorize(store, &who, &a).map_err(|()| auth::forbidden(&who, &a))
+    };
+    let target = match user
+        .strip_prefix("system:serviceaccount:")
+        .and_then(|r| r.split_once(':'))
+    {
+        Some((ns, name)) => {
+            check("serviceaccounts", ns, name)?;
+            let mut id = Identity::service_account(ns, name, None);
+            id.groups.retain(|g| g != "system:authenticated");
+            id
+        }
+        None => {
+            check("users", "", user)?;
+            Identity {
+                user: user.to_string(),
+                groups: Vec::new(),
+                uid: None,
+            }
+        }
+    };
+    let mut target = target;
+    for g in groups {
+        check("groups", "", &g)?;
+        if !target.groups.contains(&g) {
+            target.groups.push(g);
+        }
+    }
+    if target.user != "system:anonymous" {
+        target.groups.push("system:authenticated".into());
+    }
+    Ok(target)
+}
+
+/// The RBAC attributes of a request.
+fn attributes(
+    store: &Store,
+    route: Option<&Route>,
+    verb: &str,
+    path: &str,
+    query: &HashMap<String, String>,
+) -> Attributes {
+    let Some(Route::Resource(p)) = route else {
+        return Attributes {
+            resource_request: false,
+            verb: verb.to_string(),
+            path: path.to_string(),
+            ..Attributes::default()
+        };
+    };
+    let spec = &store.kinds()[p.kind];
+    let mut name = p.name.clone().unwrap_or_default();
+    if name.is_empty() && (verb == "list" || verb == "watch") {
+        // As the real server: a list or watch of one name (field selector) names it.
+        if let Some(n) = query.get("fieldSelector").and_then(|f| {
+            f.split(',')
+                .find_map(|t| t.strip_prefix("metadata.name="))
+                .filter(|_| !f.contains(','))
+        }) {
+            name = n.to_string();
+        }
+    }
+    let namespace = if spec.group.is_empty() && spec.plural == "namespaces" {
+        // A request for namespace `x` is in namespace `x`.
+        name.clone()
+    } else {
+        p.namespace.clone()
+    };
+    Attributes {
+        resource_request: true,
+        verb: verb.to_string(),
+        namespace,
+        group: spec.group.clone(),
+        resource: spec.plural.clone(),
+        subresource: p.sub.clone().unwrap_or_default(),
+        name,
+        path: path.to_string(),
     }
 }
 
@@ -405,6 +571,7 @@ fn resource_list(kinds: &[KindSpec], group: &str, version: &str) -> Result<Value
         .iter()
         .filter(|k| k.group == group && k.version == version)
     {
+        let verbs = if k.review { json!(["create"]) } else { verbs.clone() };
         resources.push(json!({
             "name": k.plural, "singularName": k.singular(), "namespaced": k.namespaced,
             "kind": k.kind, "verbs": verbs,
@@ -483,10 +650,48 @@ fn resource(
     query: &HashMap<String, String>,
     content_type: &str,
     body: &[u8],
+    who: &Identity,
 ) -> Result<(StatusCode, Value), ApiError> {
+    let dry_run = match query.get("dryRun").map(String::as_str) {
+        None | Some("") => false,
+        Some("All") => true,
+        Some(v) => {
+            return Err(ApiError::bad_request(format!(
+                "dryRun: Unsupported value: \"{v}\": supported values: \"All\""
+            )));
+        }
+    };
     let mut store = shared.store();
+    store.dry_run = dry_run;
+    let r = resource_in(shared, &mut store, method, p, query, content_type, body, who);
+    store.dry_run = false;
+    r
+}
+
+/// [`resource`] under the store's lock (with `dry_run` set for a dry run).
+#[allow(clippy::too_many_arguments)]
+fn resource_in(
+    shared: &Shared,
+    store: &mut Store,
+    method: &Method,
+    p: &ResourcePath,
+    query: &HashMap<String, String>,
+    content_type: &str,
+    body: &[u8],
+    who: &Identity,
+) -> Result<(StatusCode, Value), ApiError> {
     let spec = store.kinds()[p.kind].clone();
     let ns = p.namespace.as_str();
+    if spec.review {
+        if *method != Method::POST || p.name.is_some() {
+            return Err(ApiError::method_not_allowed());
+        }
+        let v = match spec.kind.as_str() {
+            "SelfSubjectReview" => auth::self_subject_review(who),
+            kind => auth::access_review(store, who, parse_json(body)?, kind)?,
+        };
+        return Ok((StatusCode::CREATED, v));
+    }
     let target = match p.sub.as_deref() {
         None => Target::Main,
         Some("status") if spec.status_subresource => Target::Status,
@@ -496,7 +701,7 @@ fn resource(
             }
             let name = p.name.as_deref().unwrap_or("");
             let v = token::token_request(
-                &store,
+                store,
                 &shared.key,
                 &shared.issuer,
                 ns,
@@ -520,7 +725,10 @@ fn resource(
                 return Err(ApiError::method_not_allowed());
             }
             let created = store.create(p.kind, ns, parse_json(body)?)?;
-            if spec.group == "apiextensions.k8s.io" && spec.plural == "customresourcedefinitions" {
+            if spec.group == "apiextensions.k8s.io"
+                && spec.plural == "customresourcedefinitions"
+                && !store.dry_run
+            {
                 for k in crd_kinds(&created) {
                     store.register(k);
                 }
@@ -532,7 +740,7 @@ fn resource(
             store.update(p.kind, ns, name, parse_json(body)?, target)?,
         )),
         (&Method::PATCH, Some(name)) => {
-            patch(&mut store, p.kind, ns, name, target, content_type, body)
+            patch(store, p.kind, ns, name, target, content_type, body)
         }
         (&Method::DELETE, Some(name)) => {
             let pre = preconditions(body)?;
@@ -586,6 +794,10 @@ fn patch(
     body: &[u8],
 ) -> Result<(StatusCode, Value), ApiError> {
     let ct = content_type.split(';').next().unwrap_or("").trim();
+    if ct == "application/strategic-merge-patch+json" && store.kinds()[kind].custom {
+        // Custom resources have no patch strategy: the real server refuses.
+        return Err(ApiError::unsupported_media(ct));
+    }
     let existing = store.get(kind, ns, name);
     let patched = match ct {
         "application/merge-patch+json" | "application/strategic-merge-patch+json" => {
@@ -659,7 +871,7 @@ fn crd_kinds(crd: &Value) -> Vec<KindSpec> {
                 KindSpec::cluster(&group, version, &kind, &plural)
             };
             k.status_subresource = v.pointer("/subresources/status").is_some();
-            Some(k)
+            Some(k.custom())
         })
         .collect()
 }

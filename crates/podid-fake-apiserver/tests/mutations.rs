@@ -321,7 +321,7 @@ async fn finalizers_delay_deletion_until_removed() {
 #[tokio::test]
 async fn raw_errors_are_status_objects() {
     let (server, _client) = setup().await;
-    let http = reqwest::Client::new();
+    let http = common::admin_http(&server);
     let url = |p: &str| format!("{}{p}", server.url());
 
     let r = http
