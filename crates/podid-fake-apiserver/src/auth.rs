@@ -204,9 +204,7 @@ pub fn rule_allows(rule: &Value, a: &Attributes) -> bool {
     }
     if !a.resource_request {
         return strs(rule.get("nonResourceURLs")).iter().any(|u| {
-            *u == "*"
-                || *u == a.path
-                || u.strip_suffix('*').is_some_and(|p| a.path.starts_with(p))
+            *u == "*" || *u == a.path || u.strip_suffix('*').is_some_and(|p| a.path.starts_with(p))
         });
     }
     let groups = strs(rule.get("apiGroups"));
@@ -248,11 +246,7 @@ fn subject_matches(subject: &Value, binding_ns: &str, who: &Identity) -> bool {
 fn subject_label(subject: &Value) -> String {
     let s = |f: &str| subject.get(f).and_then(Value::as_str).unwrap_or("");
     match s("kind") {
-        "ServiceAccount" => format!(
-            "ServiceAccount \"{}/{}\"",
-            s("namespace"),
-            s("name")
-        ),
+        "ServiceAccount" => format!("ServiceAccount \"{}/{}\"", s("namespace"), s("name")),
         k => format!("{k} \"{}\"", s("name")),
     }
 }
@@ -284,20 +278,21 @@ fn role_rules(store: &Store, kind: &str, ns: &str, name: &str) -> Vec<Value> {
         .unwrap_or_default()
 }
 
-/// The RBAC decision: `Ok(reason)` if allowed, `Err(())` if not.
-pub fn authorize(store: &Store, who: &Identity, a: &Attributes) -> Result<String, ()> {
+/// The RBAC decision: `Some(reason)` if allowed, `None` if not.
+pub fn authorize(store: &Store, who: &Identity, a: &Attributes) -> Option<String> {
     if who.is_master() {
-        return Ok(String::new());
+        return Some(String::new());
     }
-    let check = |binding: &Value, binding_kind: &str, scope_ns: &str| -> Option<String> {
-        let subjects = binding.get("subjects").and_then(Value::as_array)?;
-        let subject = subjects
-            .iter()
-            .find(|s| subject_matches(s, scope_ns, who))?;
-        let role_kind = binding.pointer("/roleRef/kind").and_then(Value::as_str)?;
-        let role_name = binding.pointer("/roleRef/name").and_then(Value::as_str)?;
-        let rules = role_rules(store, role_kind, scope_ns, role_name);
-        rules.iter().any(|r| rule_allows(r, a)).then(|| {
+    let check =
+        |binding: &Value, binding_kind: &str, scope_ns: &str| -> Option<String> {
+            let subjects = binding.get("subjects").and_then(Value::as_array)?;
+            let subject = subjects
+                .iter()
+                .find(|s| subject_matches(s, scope_ns, who))?;
+            let role_kind = binding.pointer("/roleRef/kind").and_then(Value::as_str)?;
+            let role_name = binding.pointer("/roleRef/name").and_then(Value::as_str)?;
+            let rules = role_rules(store, role_kind, scope_ns, role_name);
+            rules.iter().any(|r| rule_allows(r, a)).then(|| {
             let bname = binding.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("");
             let bref = if scope_ns.is_empty() {
                 bname.to_string()
@@ -309,21 +304,21 @@ pub fn authorize(store: &Store, who: &Identity, a: &Attributes) -> Result<String
                 subject_label(subject)
             )
         })
-    };
+        };
     for b in objects(store, "clusterrolebindings", None) {
         if let Some(reason) = check(&b, "ClusterRoleBinding", "") {
-            return Ok(reason);
+            return Some(reason);
         }
     }
     // RoleBindings apply only to resource requests inside their namespace.
     if a.resource_request && !a.namespace.is_empty() {
         for b in objects(store, "rolebindings", Some(&a.namespace)) {
             if let Some(reason) = check(&b, "RoleBinding", &a.namespace) {
-                return Ok(reason);
+                return Some(reason);
             }
         }
     }
-    Err(())
+    None
 }
 
 /// The `403 Forbidden` the real server answers, message included.
@@ -405,7 +400,10 @@ pub fn access_review(
             name: s("/resourceAttributes/name"),
             path: String::new(),
         }
-    } else if spec.get("nonResourceAttributes").is_some_and(|v| !v.is_null()) {
+    } else if spec
+        .get("nonResourceAttributes")
+        .is_some_and(|v| !v.is_null())
+    {
         Attributes {
             resource_request: false,
             verb: s("/nonResourceAttributes/verb"),
@@ -434,8 +432,8 @@ pub fn access_review(
         who.clone()
     };
     let status = match authorize(store, &subject, &a) {
-        Ok(reason) => json!({"allowed": true, "reason": reason}),
-        Err(()) => json!({"allowed": false}),
+        Some(reason) => json!({"allowed": true, "reason": reason}),
+        None => json!({"allowed": false}),
     };
     body["apiVersion"] = json!("authorization.k8s.io/v1");
     body["kind"] = json!(kind);
@@ -570,15 +568,27 @@ mod tests {
         assert!(!rule_allows(&r, &res("watch", "a", "", "pods", "", "")));
         assert!(!rule_allows(&r, &res("get", "a", "apps", "pods", "", "p")));
         // A resource does not grant its subresources.
-        assert!(!rule_allows(&r, &res("get", "a", "", "pods", "status", "p")));
+        assert!(!rule_allows(
+            &r,
+            &res("get", "a", "", "pods", "status", "p")
+        ));
         let r = json!({"apiGroups": [""], "resources": ["pods/status"], "verbs": ["*"]});
-        assert!(rule_allows(&r, &res("patch", "a", "", "pods", "status", "p")));
+        assert!(rule_allows(
+            &r,
+            &res("patch", "a", "", "pods", "status", "p")
+        ));
         assert!(!rule_allows(&r, &res("patch", "a", "", "pods", "", "p")));
         let r = json!({"apiGroups": ["*"], "resources": ["*/status"], "verbs": ["get"]});
-        assert!(rule_allows(&r, &res("get", "a", "x.io", "ws", "status", "w")));
+        assert!(rule_allows(
+            &r,
+            &res("get", "a", "x.io", "ws", "status", "w")
+        ));
         assert!(!rule_allows(&r, &res("get", "a", "x.io", "ws", "", "w")));
         let r = json!({"apiGroups": [""], "resources": ["serviceaccounts/*"], "verbs": ["create"]});
-        assert!(rule_allows(&r, &res("create", "a", "", "serviceaccounts", "token", "sa")));
+        assert!(rule_allows(
+            &r,
+            &res("create", "a", "", "serviceaccounts", "token", "sa")
+        ));
         // resourceNames: only requests naming one of them (a list or a create names none).
         let r = json!({"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["s1"], "verbs": ["get", "list", "create"]});
         assert!(rule_allows(&r, &res("get", "a", "", "secrets", "", "s1")));
@@ -609,13 +619,23 @@ mod tests {
         );
         let e = forbidden(
             &who,
-            &res("get", "", "aadpodidentity.k8s.io", "azureidentities", "", ""),
+            &res(
+                "get",
+                "",
+                "aadpodidentity.k8s.io",
+                "azureidentities",
+                "",
+                "",
+            ),
         );
         assert_eq!(
             e.message,
             "azureidentities.aadpodidentity.k8s.io is forbidden: User \"system:serviceaccount:app:web\" cannot get resource \"azureidentities\" in API group \"aadpodidentity.k8s.io\" at the cluster scope"
         );
-        let e = forbidden(&who, &res("create", "app", "", "serviceaccounts", "token", "x"));
+        let e = forbidden(
+            &who,
+            &res("create", "app", "", "serviceaccounts", "token", "x"),
+        );
         assert!(e.message.starts_with("serviceaccounts \"x\" is forbidden"));
         assert!(e.message.contains("resource \"serviceaccounts/token\""));
         assert_eq!((e.code, e.reason), (403, "Forbidden"));

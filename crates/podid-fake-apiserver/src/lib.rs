@@ -390,15 +390,39 @@ impl FakeApiServer {
         )
     }
 
-    /// Creates `obj` in the collection at `collection_path` (`/api/v1/namespaces/ns/pods`).
+    /// Creates `obj` in the collection at `collection_path` (`/api/v1/namespaces/ns/pods`), as
+    /// the admin. Seeding helper: a namespace in the path that does not exist yet is created
+    /// first, as a test's setup would (requests over HTTP get `404` instead, as on a real
+    /// server).
     pub fn create_json(&self, collection_path: &str, obj: Value) -> Result<Value, ApiError> {
-        self.request_json(
-            Method::POST,
-            collection_path,
-            "application/json",
-            Some(&obj),
-        )
-        .map(|(_, v)| v)
+        let create = || {
+            self.request_json(
+                Method::POST,
+                collection_path,
+                "application/json",
+                Some(&obj),
+            )
+            .map(|(_, v)| v)
+        };
+        match create() {
+            Err(e) if e.code == 404 && namespace_missing(&e, collection_path) => {
+                let ns = e
+                    .details
+                    .as_ref()
+                    .and_then(|d| d.get("name"))
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string();
+                self.request_json(
+                    Method::POST,
+                    "/api/v1/namespaces",
+                    "application/json",
+                    Some(&serde_json::json!({"metadata": {"name": ns}})),
+                )?;
+                create()
+            }
+            r => r,
+        }
     }
 
     /// Reads the object or list at `path` (a query such as `?labelSelector=` is allowed).
@@ -442,6 +466,17 @@ impl FakeApiServer {
         let _ = self.shutdown.send(true);
         self.shared.drop_watches();
     }
+}
+
+/// Whether `e` says the namespace named in `path` does not exist.
+fn namespace_missing(e: &ApiError, path: &str) -> bool {
+    let Some(d) = &e.details else {
+        return false;
+    };
+    let name = d.get("name").and_then(Value::as_str).unwrap_or("");
+    d.get("kind").and_then(Value::as_str) == Some("namespaces")
+        && !name.is_empty()
+        && path.contains(&format!("/namespaces/{name}/"))
 }
 
 impl Drop for FakeApiServer {

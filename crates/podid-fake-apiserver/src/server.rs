@@ -245,25 +245,25 @@ pub(crate) async fn handle(
         None => match authenticate_and_authorize(&shared, &parts, route.as_ref(), &verb, &query) {
             Err(e) => error_response(&e),
             Ok(who) => {
-            let content_type = parts
-                .headers
-                .get(header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .to_string();
-            match collect_body(body).await {
-                Err(e) => error_response(&e),
-                Ok(body) => dispatch_http(
-                    &shared,
-                    &parts.method,
-                    route,
-                    &query,
-                    &content_type,
-                    body,
-                    &verb,
-                    &who,
-                ),
-            }
+                let content_type = parts
+                    .headers
+                    .get(header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string();
+                match collect_body(body).await {
+                    Err(e) => error_response(&e),
+                    Ok(body) => dispatch_http(
+                        &shared,
+                        &parts.method,
+                        route,
+                        &query,
+                        &content_type,
+                        body,
+                        &verb,
+                        &who,
+                    ),
+                }
             }
         },
     };
@@ -288,6 +288,7 @@ async fn collect_body(body: hyper::body::Incoming) -> Result<Bytes, ApiError> {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn dispatch_http(
     shared: &Arc<Shared>,
     method: &Method,
@@ -416,8 +417,8 @@ fn authenticate_and_authorize(
     let who = impersonate(&store, who, &parts.headers)?;
     let attrs = attributes(&store, route, verb, parts.uri.path(), query);
     match auth::authorize(&store, &who, &attrs) {
-        Ok(_) => Ok(who),
-        Err(()) => Err(auth::forbidden(&who, &attrs)),
+        Some(_) => Ok(who),
+        None => Err(auth::forbidden(&who, &attrs)),
     }
 }
 
@@ -452,7 +453,9 @@ fn impersonate(
             name: name.into(),
             ..Attributes::default()
         };
-        auth::authorize(store, &who, &a).map_err(|()| auth::forbidden(&who, &a))
+        auth::authorize(store, &who, &a)
+            .map(drop)
+            .ok_or_else(|| auth::forbidden(&who, &a))
     };
     let target = match user
         .strip_prefix("system:serviceaccount:")
@@ -571,7 +574,11 @@ fn resource_list(kinds: &[KindSpec], group: &str, version: &str) -> Result<Value
         .iter()
         .filter(|k| k.group == group && k.version == version)
     {
-        let verbs = if k.review { json!(["create"]) } else { verbs.clone() };
+        let verbs = if k.review {
+            json!(["create"])
+        } else {
+            verbs.clone()
+        };
         resources.push(json!({
             "name": k.plural, "singularName": k.singular(), "namespaced": k.namespaced,
             "kind": k.kind, "verbs": verbs,
@@ -661,9 +668,26 @@ fn resource(
             )));
         }
     };
+    // A delete carries its DeleteOptions (dryRun included) in the body.
+    let dry_run = dry_run
+        || (*method == Method::DELETE
+            && serde_json::from_slice::<Value>(body).is_ok_and(|v| {
+                v.get("dryRun")
+                    .and_then(Value::as_array)
+                    .is_some_and(|a| a.iter().any(|d| d == "All"))
+            }));
     let mut store = shared.store();
     store.dry_run = dry_run;
-    let r = resource_in(shared, &mut store, method, p, query, content_type, body, who);
+    let r = resource_in(
+        shared,
+        &mut store,
+        method,
+        p,
+        query,
+        content_type,
+        body,
+        who,
+    );
     store.dry_run = false;
     r
 }
@@ -739,9 +763,7 @@ fn resource_in(
             StatusCode::OK,
             store.update(p.kind, ns, name, parse_json(body)?, target)?,
         )),
-        (&Method::PATCH, Some(name)) => {
-            patch(store, p.kind, ns, name, target, content_type, body)
-        }
+        (&Method::PATCH, Some(name)) => patch(store, p.kind, ns, name, target, content_type, body),
         (&Method::DELETE, Some(name)) => {
             let pre = preconditions(body)?;
             Ok((StatusCode::OK, store.delete(p.kind, ns, name, &pre)?))

@@ -108,10 +108,13 @@ fn normalize(spec: &KindSpec, obj: &mut Value) -> Result<(), String> {
             let v = v
                 .as_str()
                 .ok_or_else(|| format!("stringData.{k} must be a string"))?;
-            data.insert(k, json!(base64::Engine::encode(
-                &base64::engine::general_purpose::STANDARD,
-                v
-            )));
+            data.insert(
+                k,
+                json!(base64::Engine::encode(
+                    &base64::engine::general_purpose::STANDARD,
+                    v
+                )),
+            );
         }
     }
     Ok(())
@@ -695,7 +698,9 @@ mod tests {
 
     fn store() -> (Store, usize) {
         let mut s = Store::new(kinds::builtin(), 100);
-        let nss = s.find("", "v1", "namespaces").expect("namespaces registered");
+        let nss = s
+            .find("", "v1", "namespaces")
+            .expect("namespaces registered");
         s.create(nss, "", json!({"metadata": {"name": "ns"}}))
             .expect("namespace");
         let pods = s.find("", "v1", "pods").expect("pods registered");
@@ -780,7 +785,9 @@ mod tests {
     fn namespaces_must_exist_get_a_default_service_account_and_take_their_content_along() {
         let (mut s, pods) = store();
         let nss = s.find("", "v1", "namespaces").expect("namespaces");
-        let sas = s.find("", "v1", "serviceaccounts").expect("serviceaccounts");
+        let sas = s
+            .find("", "v1", "serviceaccounts")
+            .expect("serviceaccounts");
         let err = s
             .create(pods, "nope", json!({"metadata": {"name": "a"}}))
             .expect_err("no namespace");
