@@ -9,7 +9,8 @@
 //! issuer, and fault hooks for tests.
 //!
 //! Test-only: it must not be a dependency of shipped crates, and it must not depend on product
-//! crates (nor on kube: it speaks the wire protocol, so a bug in kube's types cannot hide here).
+//! crates (nor on kube: it speaks the wire protocol, so a bug in kube's types cannot hide here;
+//! k8s-openapi serves only as the source of the built-in kinds' OpenAPI schemas).
 
 pub mod auth;
 pub mod cli;
@@ -23,6 +24,7 @@ pub use kinds::KindSpec;
 pub use status::ApiError;
 
 mod faults;
+mod openapi;
 mod protobuf;
 mod server;
 mod token;
@@ -212,10 +214,11 @@ impl Builder {
 
 /// A TLS acceptor with a fresh self-signed certificate.
 async fn tls_acceptor() -> Result<tokio_rustls::TlsAcceptor, String> {
-    let cert = tokio::task::spawn_blocking(|| podid_test_keys::Certificate::generate("fake-apiserver"))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+    let cert =
+        tokio::task::spawn_blocking(|| podid_test_keys::Certificate::generate("fake-apiserver"))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
     let pem = cert.key().private_pem().map_err(|e| e.to_string())?;
     let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
     let der = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b64)

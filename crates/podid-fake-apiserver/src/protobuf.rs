@@ -1,6 +1,6 @@
 //! Decoding of Kubernetes protobuf request bodies (`application/vnd.kubernetes.protobuf`) for the
 //! built-in kinds kubectl sends that way (`create namespace|secret|configmap|serviceaccount|
-//! token`, `auth can-i`, `auth whoami`): kubectl does not fall back to JSON on `415`, so a server
+//! token|role|clusterrole|rolebinding|clusterrolebinding`, `auth can-i`, `auth whoami`): kubectl does not fall back to JSON on `415`, so a server
 //! that cannot read these cannot serve kubectl.
 //!
 //! The envelope is the 4-byte magic `k8s\0` and a `runtime.Unknown` message (`typeMeta` = 1,
@@ -136,6 +136,40 @@ const SSAR: &[F] = &[
     ),
 ];
 
+const POLICY_RULE: &[F] = &[
+    (1, "verbs", Ty::RepStr),
+    (2, "apiGroups", Ty::RepStr),
+    (3, "resources", Ty::RepStr),
+    (4, "resourceNames", Ty::RepStr),
+    (5, "nonResourceURLs", Ty::RepStr),
+];
+
+const ROLE: &[F] = &[
+    (1, "metadata", Ty::Msg(OBJECT_META)),
+    (2, "rules", Ty::RepMsg(POLICY_RULE)),
+];
+
+const SUBJECT: &[F] = &[
+    (1, "kind", Ty::Str),
+    (2, "apiGroup", Ty::Str),
+    (3, "name", Ty::Str),
+    (4, "namespace", Ty::Str),
+];
+
+const BINDING: &[F] = &[
+    (1, "metadata", Ty::Msg(OBJECT_META)),
+    (2, "subjects", Ty::RepMsg(SUBJECT)),
+    (
+        3,
+        "roleRef",
+        Ty::Msg(&[
+            (1, "apiGroup", Ty::Str),
+            (2, "kind", Ty::Str),
+            (3, "name", Ty::Str),
+        ]),
+    ),
+];
+
 const SELF_SUBJECT_REVIEW: &[F] = &[(1, "metadata", Ty::Msg(OBJECT_META))];
 
 fn schema(api_version: &str, kind: &str) -> Option<&'static [F]> {
@@ -147,6 +181,8 @@ fn schema(api_version: &str, kind: &str) -> Option<&'static [F]> {
         ("authentication.k8s.io/v1", "TokenRequest") => TOKEN_REQUEST,
         ("authentication.k8s.io/v1", "SelfSubjectReview") => SELF_SUBJECT_REVIEW,
         ("authorization.k8s.io/v1", "SelfSubjectAccessReview") => SSAR,
+        ("rbac.authorization.k8s.io/v1", "Role" | "ClusterRole") => ROLE,
+        ("rbac.authorization.k8s.io/v1", "RoleBinding" | "ClusterRoleBinding") => BINDING,
         _ => return None,
     })
 }
@@ -341,7 +377,11 @@ mod tests {
                 "data": {"k": "/wA="}, "type": "Opaque"})
         );
         // Unknown kinds are not guessed at, and garbage is an error, not a panic.
-        let other = [MAGIC.to_vec(), field(1, &[field(1, b"v1"), field(2, b"Pod")].concat())].concat();
+        let other = [
+            MAGIC.to_vec(),
+            field(1, &[field(1, b"v1"), field(2, b"Pod")].concat()),
+        ]
+        .concat();
         assert_eq!(decode(&other), Ok(None));
         assert!(decode(b"k8s\0\x0a\xff").is_err());
         assert!(decode(b"{}").is_err());

@@ -73,6 +73,8 @@ pub(crate) enum Route {
     Resources { group: String, version: String },
     OpenidConfig,
     Jwks,
+    OpenApiV3,
+    OpenApiV3Doc { group: String, version: String },
     Resource(ResourcePath),
 }
 
@@ -107,6 +109,19 @@ pub(crate) fn route(store: &Store, path: &str) -> Option<Route> {
         ["healthz" | "readyz" | "livez", ..] => return Some(Route::Healthz),
         [".well-known", "openid-configuration"] => return Some(Route::OpenidConfig),
         ["openid", "v1", "jwks"] => return Some(Route::Jwks),
+        ["openapi", "v3"] => return Some(Route::OpenApiV3),
+        ["openapi", "v3", "api", v] => {
+            return Some(Route::OpenApiV3Doc {
+                group: String::new(),
+                version: (*v).to_string(),
+            });
+        }
+        ["openapi", "v3", "apis", g, v] => {
+            return Some(Route::OpenApiV3Doc {
+                group: (*g).to_string(),
+                version: (*v).to_string(),
+            });
+        }
         ["api"] => return Some(Route::Api),
         ["apis"] => return Some(Route::Apis),
         ["apis", g] => return Some(Route::Group((*g).to_string())),
@@ -344,6 +359,12 @@ pub(crate) fn dispatch(
         Route::Healthz => ok(json!("ok")),
         Route::OpenidConfig => ok(token::openid_configuration(&shared.issuer)),
         Route::Jwks => ok(podid_test_keys::jwks([&shared.key])),
+        Route::OpenApiV3 => ok(crate::openapi::root(&shared.store())),
+        Route::OpenApiV3Doc { group, version } => {
+            crate::openapi::group_version(&shared.store(), &group, &version)
+                .map(|v| (StatusCode::OK, v))
+                .ok_or_else(ApiError::no_route)
+        }
         Route::Api => ok(json!({
             "kind": "APIVersions", "versions": ["v1"],
             "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": shared.host}]
