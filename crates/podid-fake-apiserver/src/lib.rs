@@ -26,6 +26,7 @@ pub use status::ApiError;
 mod faults;
 mod openapi;
 mod protobuf;
+mod schema;
 mod server;
 mod token;
 

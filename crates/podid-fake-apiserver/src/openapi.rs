@@ -8,18 +8,10 @@
 //! server (as against a real server since 1.27).
 
 use crate::kinds::KindSpec;
-use crate::store::{Filter, Store};
+use crate::store::Store;
 use schemars::generate::{SchemaGenerator, SchemaSettings};
 use serde_json::{Map, Value, json};
 use sha2::Digest as _;
-
-/// The CRDs of the aad-pod-identity kinds, as generated into `deploy/crds`.
-const AAD_CRDS: [&str; 4] = [
-    include_str!("../../../deploy/crds/aadpodidentity.k8s.io_azureassignedidentities.yaml"),
-    include_str!("../../../deploy/crds/aadpodidentity.k8s.io_azureidentities.yaml"),
-    include_str!("../../../deploy/crds/aadpodidentity.k8s.io_azureidentitybindings.yaml"),
-    include_str!("../../../deploy/crds/aadpodidentity.k8s.io_azurepodidentityexceptions.yaml"),
-];
 
 /// The schema name and (with `g`) the definitions of a built-in kind.
 fn builtin_schema(k: &KindSpec, g: &mut SchemaGenerator) -> Option<String> {
@@ -64,32 +56,6 @@ fn builtin_schema(k: &KindSpec, g: &mut SchemaGenerator) -> Option<String> {
     })
 }
 
-/// The stored (or shipped) CRD schema of a custom kind.
-fn crd_schema(store: &Store, k: &KindSpec) -> Option<Value> {
-    let from = |crd: &Value| -> Option<Value> {
-        if crd.pointer("/spec/group")?.as_str()? != k.group
-            || crd.pointer("/spec/names/kind")?.as_str()? != k.kind
-        {
-            return None;
-        }
-        crd.pointer("/spec/versions")?
-            .as_array()?
-            .iter()
-            .find(|v| v.get("name").and_then(Value::as_str) == Some(&k.version))?
-            .pointer("/schema/openAPIV3Schema")
-            .cloned()
-    };
-    if let Some(crds) = store.find("apiextensions.k8s.io", "v1", "customresourcedefinitions")
-        && let Some(s) = store.list(crds, &Filter::default()).0.iter().find_map(from)
-    {
-        return Some(s);
-    }
-    AAD_CRDS
-        .iter()
-        .filter_map(|y| serde_norway::from_str::<Value>(y).ok())
-        .find_map(|crd| from(&crd))
-}
-
 /// `<reversed group>.<version>.<Kind>`, as a real server names CRD schemas.
 fn crd_schema_name(k: &KindSpec) -> String {
     let mut parts: Vec<&str> = k.group.split('.').collect();
@@ -125,7 +91,7 @@ pub fn group_version(store: &Store, group: &str, version: &str) -> Option<Value>
         let name = if let Some(n) = builtin_schema(k, &mut g) {
             builtin.push((n.clone(), gvk.clone()));
             n
-        } else if let Some(mut s) = crd_schema(store, k) {
+        } else if let Some(mut s) = crate::schema::crd_schema(store, k) {
             let n = crd_schema_name(k);
             s["x-kubernetes-group-version-kind"] = gvk.clone();
             schemas.insert(n.clone(), s);

@@ -386,12 +386,37 @@ impl Store {
         Ok(())
     }
 
+    /// Validates a custom resource against its CRD's structural schema and prunes unknown
+    /// fields, as a real server does.
+    fn check_schema(&self, kind: usize, obj: &mut Value) -> Result<(), ApiError> {
+        let k = &self.kinds[kind];
+        if !k.custom {
+            return Ok(());
+        }
+        let Some(schema) = crate::schema::crd_schema(self, k) else {
+            return Ok(());
+        };
+        let mut errs = Vec::new();
+        crate::schema::check(&schema, obj, "", &mut errs);
+        match errs.into_iter().next() {
+            None => Ok(()),
+            Some((field, detail)) => Err(ApiError::invalid(
+                &format!("{}.{}", k.kind, k.group),
+                &k.group,
+                meta_str(obj, "name").unwrap_or(""),
+                &field,
+                &detail,
+            )),
+        }
+    }
+
     /// Creates an object (POST to the collection).
     pub fn create(&mut self, kind: usize, ns: &str, mut obj: Value) -> Result<Value, ApiError> {
         self.check_type(kind, &mut obj)?;
         self.check_namespace(kind, ns, &mut obj)?;
         self.check_namespace_exists(kind, ns)?;
         normalize(&self.kinds[kind], &mut obj).map_err(ApiError::bad_request)?;
+        self.check_schema(kind, &mut obj)?;
         let name = meta_str(&obj, "name").unwrap_or("").to_string();
         let name = if name.is_empty() {
             let Some(prefix) = meta_str(&obj, "generateName").filter(|p| !p.is_empty()) else {
@@ -547,6 +572,7 @@ impl Store {
             };
         }
         md.remove("managedFields");
+        self.check_schema(kind, &mut new)?;
         if new == existing {
             return Ok(existing);
         }

@@ -447,3 +447,35 @@ async fn dry_run_and_patch_types_refused_as_a_real_server() {
     .await
     .expect("merge");
 }
+
+#[tokio::test]
+async fn custom_resources_are_validated_and_pruned_against_their_schema() {
+    let (_server, client) = setup().await;
+    let ids: Api<kube::api::DynamicObject> =
+        Api::namespaced_with(client.clone(), "app", &common::azure_identity());
+    let mut bad = common::identity("bad", "c");
+    bad.data["spec"]["type"] = json!("zero");
+    let e = status(
+        ids.create(&PostParams::default(), &bad)
+            .await
+            .expect_err("wrong type"),
+    );
+    assert_eq!((e.code, e.reason.as_str()), (422, "Invalid"));
+    assert!(
+        e.message.contains(
+            "spec.type: Invalid value: \"string\": spec.type in body must be of type integer"
+        ),
+        "{}",
+        e.message
+    );
+    let mut extra = common::identity("extra", "c");
+    extra.data["spec"]["notAField"] = json!("x");
+    extra.data["unknownTop"] = json!(1);
+    let stored = ids
+        .create(&PostParams::default(), &extra)
+        .await
+        .expect("create");
+    assert_eq!(stored.data["spec"].get("notAField"), None);
+    assert_eq!(stored.data.get("unknownTop"), None);
+    assert_eq!(stored.data["spec"]["clientID"], "c");
+}
