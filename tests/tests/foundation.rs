@@ -158,8 +158,10 @@ async fn service_account_token_is_exchanged_for_an_identity_token() -> anyhow::R
     let service_account_token = |name: &'static str| {
         let http = http.clone();
         let base = api.url().to_owned();
+        let admin = api.admin_token().to_owned();
         async move {
             http.post(format!("{base}/api/v1/namespaces/default/serviceaccounts"))
+                .bearer_auth(&admin)
                 .json(&json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name}}))
                 .send()
                 .await?
@@ -168,6 +170,7 @@ async fn service_account_token_is_exchanged_for_an_identity_token() -> anyhow::R
                 .post(format!(
                     "{base}/api/v1/namespaces/default/serviceaccounts/{name}/token"
                 ))
+                .bearer_auth(&admin)
                 .json(&json!({
                     "apiVersion": "authentication.k8s.io/v1",
                     "kind": "TokenRequest",

@@ -24,13 +24,6 @@ fn token_path(client_id: &str) -> String {
     )
 }
 
-fn service_account(cluster: &Cluster, name: &str) -> anyhow::Result<()> {
-    cluster.create(
-        "/api/v1/namespaces/default/serviceaccounts",
-        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name}}),
-    )
-}
-
 /// Sets (`Some`) or removes (`None`) an annotation of an object with a JSON merge patch.
 fn annotate(cluster: &Cluster, path: &str, key: &str, value: Option<&str>) -> anyhow::Result<()> {
     cluster
@@ -157,7 +150,7 @@ async fn flipping_an_identity_to_federated_and_back_serves_every_request() -> an
         &web.client_id,
         FederatedCredential::new("web-default", cluster.api.issuer(), subject),
     )?;
-    service_account(&cluster, "default")?;
+    // ServiceAccount `default` exists with its namespace, as on a cluster.
     let mut identity =
         AzureIdentity::user_assigned("default", "web", &web.resource_id, &web.client_id);
     identity.spec.ad_endpoint = Some(cluster.entra_url.clone());
@@ -262,7 +255,7 @@ async fn missing_federated_setup_is_a_403_naming_what_to_create() -> anyhow::Res
             "system:serviceaccount:default:podid-shared",
         ),
     )?;
-    service_account(&cluster, "default")?;
+    // ServiceAccount `default` exists with its namespace, as on a cluster.
     for (id, selector) in [(&lonely, "lonely"), (&shared, "shared")] {
         let name = selector;
         let mut identity =
@@ -351,12 +344,12 @@ async fn a_workload_identity_labelled_pod_gets_its_token_through_imds() -> anyho
             "system:serviceaccount:default:default",
         ),
     )?;
-    cluster.create(
-        "/api/v1/namespaces/default/serviceaccounts",
-        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {
-            "name": "default",
-            "annotations": {podid_api::WORKLOAD_IDENTITY_CLIENT_ID_ANNOTATION: app.client_id},
-        }}),
+    // The namespace's `default` ServiceAccount exists; annotate it.
+    annotate(
+        &cluster,
+        "/api/v1/namespaces/default/serviceaccounts/default",
+        podid_api::WORKLOAD_IDENTITY_CLIENT_ID_ANNOTATION,
+        Some(&app.client_id),
     )?;
     let authority = format!("--federated-authority-host={}", cluster.entra_url);
     start_nmi(

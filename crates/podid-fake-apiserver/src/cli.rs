@@ -20,6 +20,9 @@ pub struct Args {
     /// Changes kept for watches to resume from.
     #[arg(long, default_value_t = crate::DEFAULT_HISTORY)]
     pub history: usize,
+    /// Serve HTTPS with a self-signed certificate (kubectl sends credentials only over TLS).
+    #[arg(long)]
+    pub tls: bool,
 }
 
 /// Starts the server, writes the kubeconfig, prints the URL on stdout, and serves until
@@ -28,6 +31,7 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), E
     let server = FakeApiServer::builder()
         .listen(args.listen)
         .history(args.history)
+        .tls(args.tls)
         .start()
         .await?;
     if let Some(path) = &args.kubeconfig_out {

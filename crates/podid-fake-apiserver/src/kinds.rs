@@ -16,6 +16,12 @@ pub struct KindSpec {
     /// Whether the kind has a `/status` subresource (status changes through the main endpoint
     /// are then ignored, and `/status` changes only status).
     pub status_subresource: bool,
+    /// Whether the kind is a custom resource (defined by a CRD): strategic-merge patches are
+    /// refused with `415`, as on a real server.
+    pub custom: bool,
+    /// Whether the kind is a review that is only ever created and never stored
+    /// (`SelfSubjectAccessReview`, …).
+    pub review: bool,
 }
 
 impl KindSpec {
@@ -28,6 +34,8 @@ impl KindSpec {
             plural: plural.to_string(),
             namespaced: true,
             status_subresource: false,
+            custom: false,
+            review: false,
         }
     }
 
@@ -42,6 +50,17 @@ impl KindSpec {
     /// The same kind with a `/status` subresource.
     pub fn with_status(mut self) -> Self {
         self.status_subresource = true;
+        self
+    }
+
+    /// The same kind, marked as a custom resource.
+    pub fn custom(mut self) -> Self {
+        self.custom = true;
+        self
+    }
+
+    fn review(mut self) -> Self {
+        self.review = true;
         self
     }
 
@@ -65,8 +84,10 @@ pub const AADPODIDENTITY_GROUP: &str = "aadpodidentity.k8s.io";
 
 /// Kinds registered on every server.
 pub fn builtin() -> Vec<KindSpec> {
-    let aad =
-        |kind: &str, plural: &str| KindSpec::namespaced(AADPODIDENTITY_GROUP, "v1", kind, plural);
+    let aad = |kind: &str, plural: &str| {
+        KindSpec::namespaced(AADPODIDENTITY_GROUP, "v1", kind, plural).custom()
+    };
+    let rbac = "rbac.authorization.k8s.io";
     vec![
         KindSpec::namespaced("", "v1", "Pod", "pods").with_status(),
         KindSpec::cluster("", "v1", "Node", "nodes").with_status(),
@@ -78,6 +99,31 @@ pub fn builtin() -> Vec<KindSpec> {
         KindSpec::namespaced("", "v1", "Endpoints", "endpoints"),
         KindSpec::namespaced("events.k8s.io", "v1", "Event", "events"),
         KindSpec::namespaced("coordination.k8s.io", "v1", "Lease", "leases"),
+        KindSpec::namespaced(rbac, "v1", "Role", "roles"),
+        KindSpec::cluster(rbac, "v1", "ClusterRole", "clusterroles"),
+        KindSpec::namespaced(rbac, "v1", "RoleBinding", "rolebindings"),
+        KindSpec::cluster(rbac, "v1", "ClusterRoleBinding", "clusterrolebindings"),
+        KindSpec::cluster(
+            "authorization.k8s.io",
+            "v1",
+            "SelfSubjectAccessReview",
+            "selfsubjectaccessreviews",
+        )
+        .review(),
+        KindSpec::cluster(
+            "authorization.k8s.io",
+            "v1",
+            "SubjectAccessReview",
+            "subjectaccessreviews",
+        )
+        .review(),
+        KindSpec::cluster(
+            "authentication.k8s.io",
+            "v1",
+            "SelfSubjectReview",
+            "selfsubjectreviews",
+        )
+        .review(),
         aad("AzureIdentity", "azureidentities"),
         aad("AzureIdentityBinding", "azureidentitybindings"),
         aad("AzureAssignedIdentity", "azureassignedidentities"),

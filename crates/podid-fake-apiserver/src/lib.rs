@@ -9,8 +9,10 @@
 //! issuer, and fault hooks for tests.
 //!
 //! Test-only: it must not be a dependency of shipped crates, and it must not depend on product
-//! crates (nor on kube: it speaks the wire protocol, so a bug in kube's types cannot hide here).
+//! crates (nor on kube: it speaks the wire protocol, so a bug in kube's types cannot hide here;
+//! k8s-openapi serves only as the source of the built-in kinds' OpenAPI schemas).
 
+pub mod auth;
 pub mod cli;
 pub mod kinds;
 pub mod meta;
@@ -22,6 +24,9 @@ pub use kinds::KindSpec;
 pub use status::ApiError;
 
 mod faults;
+mod openapi;
+mod protobuf;
+mod schema;
 mod server;
 mod token;
 
@@ -80,6 +85,7 @@ pub struct Builder {
     history: usize,
     kinds: Vec<KindSpec>,
     issuer: Option<String>,
+    tls: bool,
 }
 
 impl Default for Builder {
@@ -90,6 +96,7 @@ impl Default for Builder {
             history: DEFAULT_HISTORY,
             kinds: Vec::new(),
             issuer: None,
+            tls: false,
         }
     }
 }
@@ -125,6 +132,14 @@ impl Builder {
         self
     }
 
+    /// Serve HTTPS with a fresh self-signed certificate (default: plain HTTP). kubectl (like
+    /// every client-go client) sends its bearer token only over TLS, so kubectl tests need it;
+    /// the kubeconfig then skips verification of the certificate.
+    pub fn tls(mut self, on: bool) -> Self {
+        self.tls = on;
+        self
+    }
+
     /// Binds and starts serving.
     pub async fn start(self) -> Result<FakeApiServer, Error> {
         let listener = TcpListener::bind(self.listen)
@@ -147,7 +162,15 @@ impl Builder {
                 })?
                 .map_err(Error::Key)?,
         };
-        let url = format!("http://{addr}");
+        let tls = if self.tls {
+            Some(tls_acceptor().await.map_err(|e| Error::Bind {
+                addr,
+                source: std::io::Error::other(e),
+            })?)
+        } else {
+            None
+        };
+        let url = format!("{}://{addr}", if tls.is_some() { "https" } else { "http" });
         let mut store = store::Store::new(kinds::builtin(), self.history);
         store.register(KindSpec::cluster(
             "apiextensions.k8s.io",
@@ -167,10 +190,18 @@ impl Builder {
                 })?;
             }
         }
+        for (plural, obj) in auth::bootstrap_objects() {
+            if let Some(k) = store.find("rbac.authorization.k8s.io", "v1", plural) {
+                store.create(k, "", obj).map_err(|e| Error::Bind {
+                    addr,
+                    source: std::io::Error::other(e.message),
+                })?;
+            }
+        }
         let issuer = self.issuer.unwrap_or_else(|| url.clone());
         let shared = Arc::new(Shared::new(store, key, issuer, addr.to_string()));
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
-        let task = tokio::spawn(accept_loop(listener, shared.clone(), shutdown_rx));
+        let task = tokio::spawn(accept_loop(listener, shared.clone(), shutdown_rx, tls));
         tracing::info!(%url, "fake API server listening");
         Ok(FakeApiServer {
             addr,
@@ -182,10 +213,36 @@ impl Builder {
     }
 }
 
+/// A TLS acceptor with a fresh self-signed certificate.
+async fn tls_acceptor() -> Result<tokio_rustls::TlsAcceptor, String> {
+    let cert =
+        tokio::task::spawn_blocking(|| podid_test_keys::Certificate::generate("fake-apiserver"))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+    let pem = cert.key().private_pem().map_err(|e| e.to_string())?;
+    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let der = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b64)
+        .map_err(|e| e.to_string())?;
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(der.into());
+    let chain = vec![rustls::pki_types::CertificateDer::from(cert.der().to_vec())];
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .map_err(|e| e.to_string())?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
 async fn accept_loop(
     listener: TcpListener,
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
     loop {
         let accepted = tokio::select! {
@@ -200,18 +257,35 @@ async fn accept_loop(
             }
         };
         let shared = shared.clone();
-        let mut shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| server::handle(shared.clone(), req));
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc);
-            tokio::select! {
-                r = conn => if let Err(e) = r {
-                    tracing::debug!(error = %e, "connection ended with an error");
-                },
-                _ = shutdown.changed() => {}
+        let shutdown = shutdown.clone();
+        match &tls {
+            None => {
+                tokio::spawn(serve(stream, shared, shutdown));
             }
-        });
+            Some(acceptor) => {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    match acceptor.accept(stream).await {
+                        Ok(s) => serve(s, shared, shutdown).await,
+                        Err(e) => tracing::debug!(error = %e, "TLS handshake failed"),
+                    }
+                });
+            }
+        }
+    }
+}
+
+async fn serve<I>(io: I, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |req| server::handle(shared.clone(), req));
+    let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), svc);
+    tokio::select! {
+        r = conn => if let Err(e) = r {
+            tracing::debug!(error = %e, "connection ended with an error");
+        },
+        _ = shutdown.changed() => {}
     }
 }
 
@@ -266,11 +340,28 @@ impl FakeApiServer {
         podid_test_keys::jwks([&self.shared.key])
     }
 
-    /// A kubeconfig pointing at this server (context `fake`, namespace `default`, no auth).
+    /// The bearer token of the admin identity (user `podid-test-admin`, group `system:masters`,
+    /// which bypasses RBAC). Requests without a valid token get `401`.
+    pub fn admin_token(&self) -> &str {
+        &self.shared.admin_token
+    }
+
+    /// A kubeconfig pointing at this server as the admin (context `fake`, namespace
+    /// `default`, the admin bearer token).
     pub fn kubeconfig_yaml(&self) -> String {
+        self.kubeconfig_with_token(&self.shared.admin_token)
+    }
+
+    /// A kubeconfig pointing at this server that authenticates with `token`.
+    pub fn kubeconfig_with_token(&self, token: &str) -> String {
         format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {url}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: default\ncurrent-context: fake\nusers:\n- name: fake\n  user: {{}}\npreferences: {{}}\n",
-            url = self.url
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {url}\n{skip}contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: default\ncurrent-context: fake\nusers:\n- name: fake\n  user:\n    token: {token}\npreferences: {{}}\n",
+            url = self.url,
+            skip = if self.url.starts_with("https") {
+                "    insecure-skip-tls-verify: true\n"
+            } else {
+                ""
+            }
         )
     }
 
@@ -280,6 +371,50 @@ impl FakeApiServer {
         std::fs::write(path, self.kubeconfig_yaml()).map_err(|source| Error::WriteKubeconfig {
             path: path.to_path_buf(),
             source,
+        })
+    }
+
+    /// A token for ServiceAccount `ns/name` (which must exist), from TokenRequest with the
+    /// server's own audience, valid for `seconds`: it authenticates as
+    /// `system:serviceaccount:<ns>:<name>` and is authorized by RBAC.
+    pub fn service_account_token(
+        &self,
+        ns: &str,
+        name: &str,
+        seconds: i64,
+    ) -> Result<String, ApiError> {
+        let body = serde_json::json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+            "spec": {"expirationSeconds": seconds}});
+        let tr = self.create_json(
+            &format!("/api/v1/namespaces/{ns}/serviceaccounts/{name}/token"),
+            body,
+        )?;
+        tr.pointer("/status/token")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .ok_or_else(|| ApiError::internal("TokenRequest answered without a token"))
+    }
+
+    /// Writes a kubeconfig that authenticates as ServiceAccount `ns/name` (a 24-hour token), so
+    /// a process runs under that ServiceAccount's RBAC, as in a cluster.
+    pub fn write_service_account_kubeconfig(
+        &self,
+        ns: &str,
+        name: &str,
+        path: impl AsRef<Path>,
+    ) -> Result<(), Error> {
+        let path = path.as_ref();
+        let token =
+            self.service_account_token(ns, name, 86_400)
+                .map_err(|e| Error::WriteKubeconfig {
+                    path: path.to_path_buf(),
+                    source: std::io::Error::other(e.message),
+                })?;
+        std::fs::write(path, self.kubeconfig_with_token(&token)).map_err(|source| {
+            Error::WriteKubeconfig {
+                path: path.to_path_buf(),
+                source,
+            }
         })
     }
 
@@ -321,18 +456,43 @@ impl FakeApiServer {
             &query,
             content_type,
             bytes.as_bytes(),
+            &auth::Identity::admin(),
         )
     }
 
-    /// Creates `obj` in the collection at `collection_path` (`/api/v1/namespaces/ns/pods`).
+    /// Creates `obj` in the collection at `collection_path` (`/api/v1/namespaces/ns/pods`), as
+    /// the admin. Seeding helper: a namespace in the path that does not exist yet is created
+    /// first, as a test's setup would (requests over HTTP get `404` instead, as on a real
+    /// server).
     pub fn create_json(&self, collection_path: &str, obj: Value) -> Result<Value, ApiError> {
-        self.request_json(
-            Method::POST,
-            collection_path,
-            "application/json",
-            Some(&obj),
-        )
-        .map(|(_, v)| v)
+        let create = || {
+            self.request_json(
+                Method::POST,
+                collection_path,
+                "application/json",
+                Some(&obj),
+            )
+            .map(|(_, v)| v)
+        };
+        match create() {
+            Err(e) if e.code == 404 && namespace_missing(&e, collection_path) => {
+                let ns = e
+                    .details
+                    .as_ref()
+                    .and_then(|d| d.get("name"))
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string();
+                self.request_json(
+                    Method::POST,
+                    "/api/v1/namespaces",
+                    "application/json",
+                    Some(&serde_json::json!({"metadata": {"name": ns}})),
+                )?;
+                create()
+            }
+            r => r,
+        }
     }
 
     /// Reads the object or list at `path` (a query such as `?labelSelector=` is allowed).
@@ -376,6 +536,17 @@ impl FakeApiServer {
         let _ = self.shutdown.send(true);
         self.shared.drop_watches();
     }
+}
+
+/// Whether `e` says the namespace named in `path` does not exist.
+fn namespace_missing(e: &ApiError, path: &str) -> bool {
+    let Some(d) = &e.details else {
+        return false;
+    };
+    let name = d.get("name").and_then(Value::as_str).unwrap_or("");
+    d.get("kind").and_then(Value::as_str) == Some("namespaces")
+        && !name.is_empty()
+        && path.contains(&format!("/namespaces/{name}/"))
 }
 
 impl Drop for FakeApiServer {

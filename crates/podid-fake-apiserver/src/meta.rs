@@ -63,6 +63,17 @@ pub fn name_suffix() -> String {
         .collect()
 }
 
+/// Why `name` is not a valid path segment (the rule for RBAC object names, which may hold `:`).
+pub fn path_segment_error(name: &str) -> Option<String> {
+    if name.is_empty() {
+        return Some("name or generateName is required".into());
+    }
+    if name == "." || name == ".." {
+        return Some(format!("may not be '{name}'"));
+    }
+    (name.contains('/') || name.contains('%')).then(|| "may not contain '/' or '%'".into())
+}
+
 /// Why `name` is not an RFC 1123 DNS subdomain, if it is not one.
 pub fn dns_subdomain_error(name: &str) -> Option<String> {
     if name.len() > 253 {

@@ -1,5 +1,6 @@
 //! HTTP routing and handlers.
 
+use crate::auth::{self, Attributes, Identity};
 use crate::faults::{FaultCell, RequestRecord};
 use crate::kinds::KindSpec;
 use crate::selector::{FieldSelector, LabelSelector};
@@ -34,6 +35,8 @@ pub struct Shared {
     pub(crate) key: SigningKey,
     pub(crate) issuer: String,
     pub(crate) host: String,
+    /// The bearer token of the admin identity (`system:masters`).
+    pub(crate) admin_token: String,
     drop_tx: watch::Sender<u64>,
 }
 
@@ -45,6 +48,7 @@ impl Shared {
             key,
             issuer,
             host,
+            admin_token: format!("podid-admin-{}", crate::meta::new_uid()),
             drop_tx: watch::channel(0).0,
         }
     }
@@ -69,6 +73,8 @@ pub(crate) enum Route {
     Resources { group: String, version: String },
     OpenidConfig,
     Jwks,
+    OpenApiV3,
+    OpenApiV3Doc { group: String, version: String },
     Resource(ResourcePath),
 }
 
@@ -103,6 +109,19 @@ pub(crate) fn route(store: &Store, path: &str) -> Option<Route> {
         ["healthz" | "readyz" | "livez", ..] => return Some(Route::Healthz),
         [".well-known", "openid-configuration"] => return Some(Route::OpenidConfig),
         ["openid", "v1", "jwks"] => return Some(Route::Jwks),
+        ["openapi", "v3"] => return Some(Route::OpenApiV3),
+        ["openapi", "v3", "api", v] => {
+            return Some(Route::OpenApiV3Doc {
+                group: String::new(),
+                version: (*v).to_string(),
+            });
+        }
+        ["openapi", "v3", "apis", g, v] => {
+            return Some(Route::OpenApiV3Doc {
+                group: (*g).to_string(),
+                version: (*v).to_string(),
+            });
+        }
         ["api"] => return Some(Route::Api),
         ["apis"] => return Some(Route::Apis),
         ["apis", g] => return Some(Route::Group((*g).to_string())),
@@ -238,26 +257,30 @@ pub(crate) async fn handle(
     }
     let response = match fault {
         Some(e) => error_response(&e),
-        None => {
-            let content_type = parts
-                .headers
-                .get(header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .to_string();
-            match collect_body(body).await {
-                Err(e) => error_response(&e),
-                Ok(body) => dispatch_http(
-                    &shared,
-                    &parts.method,
-                    route,
-                    &query,
-                    &content_type,
-                    body,
-                    &verb,
-                ),
+        None => match authenticate_and_authorize(&shared, &parts, route.as_ref(), &verb, &query) {
+            Err(e) => error_response(&e),
+            Ok(who) => {
+                let content_type = parts
+                    .headers
+                    .get(header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string();
+                match collect_body(body).await {
+                    Err(e) => error_response(&e),
+                    Ok(body) => dispatch_http(
+                        &shared,
+                        &parts.method,
+                        route,
+                        &query,
+                        &content_type,
+                        body,
+                        &verb,
+                        &who,
+                    ),
+                }
             }
-        }
+        },
     };
     shared.faults.lock().record(RequestRecord {
         method: parts.method.to_string(),
@@ -280,6 +303,7 @@ async fn collect_body(body: hyper::body::Incoming) -> Result<Bytes, ApiError> {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn dispatch_http(
     shared: &Arc<Shared>,
     method: &Method,
@@ -288,6 +312,7 @@ fn dispatch_http(
     content_type: &str,
     body: Bytes,
     verb: &str,
+    who: &Identity,
 ) -> Response<Body> {
     match route {
         Some(Route::Healthz) => {
@@ -302,7 +327,7 @@ fn dispatch_http(
             Ok(r) => r,
             Err(e) => error_response(&e),
         },
-        route => match dispatch(shared, method, route, query, content_type, &body) {
+        route => match dispatch(shared, method, route, query, content_type, &body, who) {
             Ok((code, v)) => json_response(code, &v),
             Err(e) => error_response(&e),
         },
@@ -317,6 +342,7 @@ pub(crate) fn dispatch(
     query: &HashMap<String, String>,
     content_type: &str,
     body: &[u8],
+    who: &Identity,
 ) -> Result<(StatusCode, Value), ApiError> {
     let ok = |v| Ok((StatusCode::OK, v));
     let route = route.ok_or_else(ApiError::no_route)?;
@@ -333,6 +359,12 @@ pub(crate) fn dispatch(
         Route::Healthz => ok(json!("ok")),
         Route::OpenidConfig => ok(token::openid_configuration(&shared.issuer)),
         Route::Jwks => ok(podid_test_keys::jwks([&shared.key])),
+        Route::OpenApiV3 => ok(crate::openapi::root(&shared.store())),
+        Route::OpenApiV3Doc { group, version } => {
+            crate::openapi::group_version(&shared.store(), &group, &version)
+                .map(|v| (StatusCode::OK, v))
+                .ok_or_else(ApiError::no_route)
+        }
         Route::Api => ok(json!({
             "kind": "APIVersions", "versions": ["v1"],
             "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": shared.host}]
@@ -362,7 +394,165 @@ pub(crate) fn dispatch(
             let store = shared.store();
             resource_list(store.kinds(), &group, &version).map(|v| (StatusCode::OK, v))
         }
-        Route::Resource(p) => resource(shared, method, &p, query, content_type, body),
+        Route::Resource(p) => resource(shared, method, &p, query, content_type, body, who),
+    }
+}
+
+/// The paths a request without a token may read (as `system:anonymous`): health, version and
+/// the issuer discovery documents, which real clusters leave public.
+fn public(route: Option<&Route>) -> bool {
+    matches!(
+        route,
+        Some(Route::Healthz | Route::Version | Route::OpenidConfig | Route::Jwks)
+    )
+}
+
+/// Who sent the request (bearer token, then impersonation headers), and whether RBAC lets them
+/// do it: `401` without a valid token (except on public paths), `403` when RBAC says no.
+fn authenticate_and_authorize(
+    shared: &Shared,
+    parts: &http::request::Parts,
+    route: Option<&Route>,
+    verb: &str,
+    query: &HashMap<String, String>,
+) -> Result<Identity, ApiError> {
+    let token = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim);
+    let store = shared.store();
+    let who = match token {
+        None if public(route) && verb == "get" => return Ok(Identity::anonymous()),
+        None => return Err(auth::unauthorized()),
+        Some(t) if constant_time_eq(t.as_bytes(), shared.admin_token.as_bytes()) => {
+            Identity::admin()
+        }
+        Some(t) => auth::service_account_token(&store, &shared.key, &shared.issuer, t)
+            .ok_or_else(auth::unauthorized)?,
+    };
+    let who = impersonate(&store, who, &parts.headers)?;
+    let attrs = attributes(&store, route, verb, parts.uri.path(), query);
+    match auth::authorize(&store, &who, &attrs) {
+        Some(_) => Ok(who),
+        None => Err(auth::forbidden(&who, &attrs)),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Applies `Impersonate-User` / `Impersonate-Group` when the caller may impersonate
+/// (RBAC verb `impersonate` on `users`, `groups`, `serviceaccounts`).
+fn impersonate(
+    store: &Store,
+    who: Identity,
+    headers: &http::HeaderMap,
+) -> Result<Identity, ApiError> {
+    let Some(user) = headers
+        .get("impersonate-user")
+        .and_then(|v| v.to_str().ok())
+    else {
+        return Ok(who);
+    };
+    let groups: Vec<String> = headers
+        .get_all("impersonate-group")
+        .iter()
+        .filter_map(|v| v.to_str().ok().map(str::to_string))
+        .collect();
+    let check = |resource: &str, ns: &str, name: &str| {
+        let a = Attributes {
+            resource_request: true,
+            verb: "impersonate".into(),
+            namespace: ns.into(),
+            resource: resource.into(),
+            name: name.into(),
+            ..Attributes::default()
+        };
+        auth::authorize(store, &who, &a)
+            .map(drop)
+            .ok_or_else(|| auth::forbidden(&who, &a))
+    };
+    let target = match user
+        .strip_prefix("system:serviceaccount:")
+        .and_then(|r| r.split_once(':'))
+    {
+        Some((ns, name)) => {
+            check("serviceaccounts", ns, name)?;
+            let mut id = Identity::service_account(ns, name, None);
+            id.groups.retain(|g| g != "system:authenticated");
+            id
+        }
+        None => {
+            check("users", "", user)?;
+            Identity {
+                user: user.to_string(),
+                groups: Vec::new(),
+                uid: None,
+            }
+        }
+    };
+    let mut target = target;
+    for g in groups {
+        check("groups", "", &g)?;
+        if !target.groups.contains(&g) {
+            target.groups.push(g);
+        }
+    }
+    if target.user != "system:anonymous" {
+        target.groups.push("system:authenticated".into());
+    }
+    Ok(target)
+}
+
+/// The RBAC attributes of a request.
+fn attributes(
+    store: &Store,
+    route: Option<&Route>,
+    verb: &str,
+    path: &str,
+    query: &HashMap<String, String>,
+) -> Attributes {
+    let Some(Route::Resource(p)) = route else {
+        return Attributes {
+            resource_request: false,
+            verb: verb.to_string(),
+            path: path.to_string(),
+            ..Attributes::default()
+        };
+    };
+    let spec = &store.kinds()[p.kind];
+    let mut name = p.name.clone().unwrap_or_default();
+    if name.is_empty() && (verb == "list" || verb == "watch") {
+        // As the real server: a list or watch of one name (field selector) names it.
+        if let Some(n) = query.get("fieldSelector").and_then(|f| {
+            f.split(',')
+                .find_map(|t| t.strip_prefix("metadata.name="))
+                .filter(|_| !f.contains(','))
+        }) {
+            name = n.to_string();
+        }
+    }
+    let namespace = if spec.group.is_empty() && spec.plural == "namespaces" {
+        // A request for namespace `x` is in namespace `x`.
+        name.clone()
+    } else {
+        p.namespace.clone()
+    };
+    Attributes {
+        resource_request: true,
+        verb: verb.to_string(),
+        namespace,
+        group: spec.group.clone(),
+        resource: spec.plural.clone(),
+        subresource: p.sub.clone().unwrap_or_default(),
+        name,
+        path: path.to_string(),
     }
 }
 
@@ -389,6 +579,23 @@ fn api_group(g: &str, versions: &[String]) -> Value {
     json!({"name": g, "versions": vs, "preferredVersion": vs.first().cloned().unwrap_or(Value::Null)})
 }
 
+/// The short names kubectl knows built-in kinds by (`ns`, `sa`, …).
+fn short_names(k: &KindSpec) -> Option<&'static [&'static str]> {
+    Some(match (k.group.as_str(), k.plural.as_str()) {
+        ("", "pods") => &["po"],
+        ("", "nodes") => &["no"],
+        ("", "namespaces") => &["ns"],
+        ("", "serviceaccounts") => &["sa"],
+        ("", "configmaps") => &["cm"],
+        ("", "events") | ("events.k8s.io", "events") => &["ev"],
+        ("", "endpoints") => &["ep"],
+        ("apps", "deployments") => &["deploy"],
+        ("apps", "daemonsets") => &["ds"],
+        ("apiextensions.k8s.io", "customresourcedefinitions") => &["crd", "crds"],
+        _ => return None,
+    })
+}
+
 fn resource_list(kinds: &[KindSpec], group: &str, version: &str) -> Result<Value, ApiError> {
     let verbs = json!([
         "create",
@@ -405,10 +612,19 @@ fn resource_list(kinds: &[KindSpec], group: &str, version: &str) -> Result<Value
         .iter()
         .filter(|k| k.group == group && k.version == version)
     {
-        resources.push(json!({
+        let verbs = if k.review {
+            json!(["create"])
+        } else {
+            verbs.clone()
+        };
+        let mut r = json!({
             "name": k.plural, "singularName": k.singular(), "namespaced": k.namespaced,
             "kind": k.kind, "verbs": verbs,
-        }));
+        });
+        if let Some(short) = short_names(k) {
+            r["shortNames"] = json!(short);
+        }
+        resources.push(r);
         if k.status_subresource {
             resources.push(json!({
                 "name": format!("{}/status", k.plural), "singularName": "", "namespaced": k.namespaced,
@@ -434,6 +650,21 @@ fn resource_list(kinds: &[KindSpec], group: &str, version: &str) -> Result<Value
     Ok(
         json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources}),
     )
+}
+
+/// A create or replace body: JSON, YAML, or protobuf for the built-in kinds kubectl sends that
+/// way (see [`crate::protobuf`]); anything else is `415`.
+fn parse_body(content_type: &str, body: &[u8]) -> Result<Value, ApiError> {
+    let ct = content_type.split(';').next().unwrap_or("").trim();
+    match ct {
+        "" | "application/json" | "*/*" => parse_json(body),
+        "application/yaml" => serde_norway::from_slice(body)
+            .map_err(|e| ApiError::bad_request(format!("the request body is not valid YAML: {e}"))),
+        ct if crate::protobuf::is_protobuf(ct) => crate::protobuf::decode(body)
+            .map_err(|e| ApiError::bad_request(format!("the protobuf request body: {e}")))?
+            .ok_or_else(|| ApiError::unsupported_body(ct)),
+        other => Err(ApiError::unsupported_body(other)),
+    }
 }
 
 fn parse_json(body: &[u8]) -> Result<Value, ApiError> {
@@ -483,10 +714,65 @@ fn resource(
     query: &HashMap<String, String>,
     content_type: &str,
     body: &[u8],
+    who: &Identity,
 ) -> Result<(StatusCode, Value), ApiError> {
+    let dry_run = match query.get("dryRun").map(String::as_str) {
+        None | Some("") => false,
+        Some("All") => true,
+        Some(v) => {
+            return Err(ApiError::bad_request(format!(
+                "dryRun: Unsupported value: \"{v}\": supported values: \"All\""
+            )));
+        }
+    };
+    // A delete carries its DeleteOptions (dryRun included) in the body.
+    let dry_run = dry_run
+        || (*method == Method::DELETE
+            && serde_json::from_slice::<Value>(body).is_ok_and(|v| {
+                v.get("dryRun")
+                    .and_then(Value::as_array)
+                    .is_some_and(|a| a.iter().any(|d| d == "All"))
+            }));
     let mut store = shared.store();
+    store.dry_run = dry_run;
+    let r = resource_in(
+        shared,
+        &mut store,
+        method,
+        p,
+        query,
+        content_type,
+        body,
+        who,
+    );
+    store.dry_run = false;
+    r
+}
+
+/// [`resource`] under the store's lock (with `dry_run` set for a dry run).
+#[allow(clippy::too_many_arguments)]
+fn resource_in(
+    shared: &Shared,
+    store: &mut Store,
+    method: &Method,
+    p: &ResourcePath,
+    query: &HashMap<String, String>,
+    content_type: &str,
+    body: &[u8],
+    who: &Identity,
+) -> Result<(StatusCode, Value), ApiError> {
     let spec = store.kinds()[p.kind].clone();
     let ns = p.namespace.as_str();
+    if spec.review {
+        if *method != Method::POST || p.name.is_some() {
+            return Err(ApiError::method_not_allowed());
+        }
+        let v = match spec.kind.as_str() {
+            "SelfSubjectReview" => auth::self_subject_review(who),
+            kind => auth::access_review(store, who, parse_body(content_type, body)?, kind)?,
+        };
+        return Ok((StatusCode::CREATED, v));
+    }
     let target = match p.sub.as_deref() {
         None => Target::Main,
         Some("status") if spec.status_subresource => Target::Status,
@@ -496,12 +782,12 @@ fn resource(
             }
             let name = p.name.as_deref().unwrap_or("");
             let v = token::token_request(
-                &store,
+                store,
                 &shared.key,
                 &shared.issuer,
                 ns,
                 name,
-                parse_json(body)?,
+                parse_body(content_type, body)?,
                 crate::meta::unix_now(),
             )?;
             return Ok((StatusCode::CREATED, v));
@@ -519,8 +805,11 @@ fn resource(
             if spec.namespaced && !p.has_namespace {
                 return Err(ApiError::method_not_allowed());
             }
-            let created = store.create(p.kind, ns, parse_json(body)?)?;
-            if spec.group == "apiextensions.k8s.io" && spec.plural == "customresourcedefinitions" {
+            let created = store.create(p.kind, ns, parse_body(content_type, body)?)?;
+            if spec.group == "apiextensions.k8s.io"
+                && spec.plural == "customresourcedefinitions"
+                && !store.dry_run
+            {
                 for k in crd_kinds(&created) {
                     store.register(k);
                 }
@@ -529,11 +818,9 @@ fn resource(
         }
         (&Method::PUT, Some(name)) => Ok((
             StatusCode::OK,
-            store.update(p.kind, ns, name, parse_json(body)?, target)?,
+            store.update(p.kind, ns, name, parse_body(content_type, body)?, target)?,
         )),
-        (&Method::PATCH, Some(name)) => {
-            patch(&mut store, p.kind, ns, name, target, content_type, body)
-        }
+        (&Method::PATCH, Some(name)) => patch(store, p.kind, ns, name, target, content_type, body),
         (&Method::DELETE, Some(name)) => {
             let pre = preconditions(body)?;
             Ok((StatusCode::OK, store.delete(p.kind, ns, name, &pre)?))
@@ -586,6 +873,10 @@ fn patch(
     body: &[u8],
 ) -> Result<(StatusCode, Value), ApiError> {
     let ct = content_type.split(';').next().unwrap_or("").trim();
+    if ct == "application/strategic-merge-patch+json" && store.kinds()[kind].custom {
+        // Custom resources have no patch strategy: the real server refuses.
+        return Err(ApiError::unsupported_media(ct));
+    }
     let existing = store.get(kind, ns, name);
     let patched = match ct {
         "application/merge-patch+json" | "application/strategic-merge-patch+json" => {
@@ -659,7 +950,7 @@ fn crd_kinds(crd: &Value) -> Vec<KindSpec> {
                 KindSpec::cluster(&group, version, &kind, &plural)
             };
             k.status_subresource = v.pointer("/subresources/status").is_some();
-            Some(k)
+            Some(k.custom())
         })
         .collect()
 }

@@ -137,6 +137,18 @@ impl ApiError {
         )
     }
 
+    /// `415 UnsupportedMediaType` for a create or replace body this server does not decode
+    /// (protobuf, CBOR).
+    pub fn unsupported_body(ct: &str) -> Self {
+        Self::new(
+            415,
+            "UnsupportedMediaType",
+            format!(
+                "the body of the request was in an unknown format - accepted media types include: application/json, application/yaml (got {ct})"
+            ),
+        )
+    }
+
     /// `429 TooManyRequests` with `Retry-After`.
     pub fn too_many_requests(retry_after: u64) -> Self {
         let mut e = Self::new(

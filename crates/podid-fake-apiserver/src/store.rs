@@ -78,6 +78,48 @@ impl Filter {
 
 type Key = (String, String);
 
+/// The longest `note` an events.k8s.io Event may have, in bytes.
+pub const EVENT_NOTE_LIMIT: usize = 1024;
+
+fn is_core(spec: &KindSpec, plural: &str) -> bool {
+    spec.group.is_empty() && spec.plural == plural
+}
+
+/// What the real server does to a body before storing it: a Secret's `stringData` is folded
+/// into `data` (base64), its values winning, and never stored.
+fn normalize(spec: &KindSpec, obj: &mut Value) -> Result<(), String> {
+    if is_core(spec, "secrets")
+        && let Some(m) = obj.as_object_mut()
+        && let Some(sd) = m.remove("stringData")
+    {
+        let sd = match sd {
+            Value::Null => return Ok(()),
+            Value::Object(sd) => sd,
+            _ => return Err("stringData must be an object of strings".into()),
+        };
+        if !m.get("data").is_some_and(Value::is_object) {
+            m.insert("data".into(), json!({}));
+        }
+        let data = m
+            .get_mut("data")
+            .and_then(Value::as_object_mut)
+            .ok_or("data must be an object")?;
+        for (k, v) in sd {
+            let v = v
+                .as_str()
+                .ok_or_else(|| format!("stringData.{k} must be a string"))?;
+            data.insert(
+                k,
+                json!(base64::Engine::encode(
+                    &base64::engine::general_purpose::STANDARD,
+                    v
+                )),
+            );
+        }
+    }
+    Ok(())
+}
+
 /// How a watch starts.
 #[derive(Debug)]
 pub struct WatchStart {
@@ -100,6 +142,9 @@ pub struct Store {
     floor: u64,
     history_limit: usize,
     tx: broadcast::Sender<Arc<Change>>,
+    /// While set (a `dryRun=All` request), writes are computed and answered but never stored,
+    /// broadcast or given a new resourceVersion.
+    pub(crate) dry_run: bool,
 }
 
 fn meta_str<'a>(obj: &'a Value, field: &str) -> Option<&'a str> {
@@ -134,6 +179,7 @@ impl Store {
             floor: 0,
             history_limit: history_limit.max(1),
             tx,
+            dry_run: false,
         }
     }
 
@@ -172,6 +218,14 @@ impl Store {
     }
 
     fn commit(&mut self, kind: usize, op: Op, old: Option<Value>, mut new: Value) -> Value {
+        if self.dry_run {
+            let md = metadata_mut(&mut new);
+            match old.as_ref().and_then(|o| meta_str(o, "resourceVersion")) {
+                Some(rv) => md.insert("resourceVersion".into(), json!(rv)),
+                None => md.remove("resourceVersion"),
+            };
+            return new;
+        }
         self.rv += 1;
         metadata_mut(&mut new).insert("resourceVersion".into(), json!(self.rv.to_string()));
         let ns = meta_str(&new, "namespace").unwrap_or("").to_string();
@@ -287,7 +341,12 @@ impl Store {
     fn validate(&self, kind: usize, obj: &Value) -> Result<(), ApiError> {
         let k = &self.kinds[kind];
         let name = meta_str(obj, "name").unwrap_or("");
-        if let Some(why) = meta::dns_subdomain_error(name) {
+        let name_error = if k.group == "rbac.authorization.k8s.io" {
+            meta::path_segment_error(name)
+        } else {
+            meta::dns_subdomain_error(name)
+        };
+        if let Some(why) = name_error {
             let detail = format!("Invalid value: \"{name}\": {why}");
             return Err(ApiError::invalid(
                 &k.kind,
@@ -295,6 +354,18 @@ impl Store {
                 name,
                 "metadata.name",
                 &detail,
+            ));
+        }
+        if k.group == "events.k8s.io"
+            && let Some(note) = obj.get("note").and_then(Value::as_str)
+            && note.len() > EVENT_NOTE_LIMIT
+        {
+            return Err(ApiError::invalid(
+                &k.kind,
+                &k.group,
+                name,
+                "note",
+                &format!("Too long: may not be more than {EVENT_NOTE_LIMIT} bytes"),
             ));
         }
         if let Some(labels) = obj.pointer("/metadata/labels") {
@@ -315,10 +386,37 @@ impl Store {
         Ok(())
     }
 
+    /// Validates a custom resource against its CRD's structural schema and prunes unknown
+    /// fields, as a real server does.
+    fn check_schema(&self, kind: usize, obj: &mut Value) -> Result<(), ApiError> {
+        let k = &self.kinds[kind];
+        if !k.custom {
+            return Ok(());
+        }
+        let Some(schema) = crate::schema::crd_schema(self, k) else {
+            return Ok(());
+        };
+        let mut errs = Vec::new();
+        crate::schema::check(&schema, obj, "", &mut errs);
+        match errs.into_iter().next() {
+            None => Ok(()),
+            Some((field, detail)) => Err(ApiError::invalid(
+                &format!("{}.{}", k.kind, k.group),
+                &k.group,
+                meta_str(obj, "name").unwrap_or(""),
+                &field,
+                &detail,
+            )),
+        }
+    }
+
     /// Creates an object (POST to the collection).
     pub fn create(&mut self, kind: usize, ns: &str, mut obj: Value) -> Result<Value, ApiError> {
         self.check_type(kind, &mut obj)?;
         self.check_namespace(kind, ns, &mut obj)?;
+        self.check_namespace_exists(kind, ns)?;
+        normalize(&self.kinds[kind], &mut obj).map_err(ApiError::bad_request)?;
+        self.check_schema(kind, &mut obj)?;
         let name = meta_str(&obj, "name").unwrap_or("").to_string();
         let name = if name.is_empty() {
             let Some(prefix) = meta_str(&obj, "generateName").filter(|p| !p.is_empty()) else {
@@ -360,7 +458,39 @@ impl Store {
         md.remove("deletionGracePeriodSeconds");
         md.remove("managedFields");
         self.validate(kind, &obj)?;
-        Ok(self.commit(kind, Op::Added, None, obj))
+        let created = self.commit(kind, Op::Added, None, obj);
+        if is_core(&self.kinds[kind], "namespaces")
+            && !self.dry_run
+            && let Some(sa) = self.find("", "v1", "serviceaccounts")
+        {
+            // As the real ServiceAccount controller: every namespace gets `default`.
+            self.create(sa, &name, json!({"metadata": {"name": "default"}}))?;
+        }
+        Ok(created)
+    }
+
+    /// `404` for a namespace that does not exist, `403` for one being deleted, as the real
+    /// server's namespace lifecycle admission.
+    fn check_namespace_exists(&self, kind: usize, ns: &str) -> Result<(), ApiError> {
+        if !self.kinds[kind].namespaced {
+            return Ok(());
+        }
+        let Some(nk) = self.find("", "v1", "namespaces") else {
+            return Ok(());
+        };
+        match self.objects[nk].get(&(String::new(), ns.to_string())) {
+            None => Err(ApiError::not_found("namespaces", "", ns)),
+            Some(n) if meta_str(n, "deletionTimestamp").is_some() => Err(ApiError {
+                code: 403,
+                reason: "Forbidden",
+                message: format!(
+                    "unable to create new content in namespace {ns} because it is being terminated"
+                ),
+                details: Some(json!({"name": ns, "kind": "namespaces"})),
+                retry_after: None,
+            }),
+            Some(_) => Ok(()),
+        }
     }
 
     /// Replaces an object (PUT), on the main endpoint or the status subresource.
@@ -374,6 +504,7 @@ impl Store {
     ) -> Result<Value, ApiError> {
         self.check_type(kind, &mut obj)?;
         self.check_namespace(kind, ns, &mut obj)?;
+        normalize(&self.kinds[kind], &mut obj).map_err(ApiError::bad_request)?;
         let ns = ns_key(&self.kinds[kind], ns);
         let existing = self.get(kind, &ns, name)?;
         match meta_str(&obj, "name") {
@@ -441,6 +572,7 @@ impl Store {
             };
         }
         md.remove("managedFields");
+        self.check_schema(kind, &mut new)?;
         if new == existing {
             return Ok(existing);
         }
@@ -485,6 +617,23 @@ impl Store {
                 meta_str(&existing, "resourceVersion").unwrap_or("")
             );
             return Err(self.conflict(kind, name, &why));
+        }
+        if is_core(&self.kinds[kind], "namespaces") {
+            // As the namespace controller, at once: everything in the namespace goes with it
+            // (objects with finalizers only get their deletionTimestamp).
+            for k in 0..self.kinds.len() {
+                if !self.kinds[k].namespaced {
+                    continue;
+                }
+                let names: Vec<String> = self.objects[k]
+                    .keys()
+                    .filter(|(ons, _)| ons == name)
+                    .map(|(_, n)| n.clone())
+                    .collect();
+                for n in names {
+                    self.delete(k, name, &n, &Preconditions::default())?;
+                }
+            }
         }
         if has_finalizers(&existing) {
             if meta_str(&existing, "deletionTimestamp").is_some() {
@@ -574,7 +723,12 @@ mod tests {
     use crate::kinds;
 
     fn store() -> (Store, usize) {
-        let s = Store::new(kinds::builtin(), 100);
+        let mut s = Store::new(kinds::builtin(), 100);
+        let nss = s
+            .find("", "v1", "namespaces")
+            .expect("namespaces registered");
+        s.create(nss, "", json!({"metadata": {"name": "ns"}}))
+            .expect("namespace");
         let pods = s.find("", "v1", "pods").expect("pods registered");
         (s, pods)
     }
@@ -589,8 +743,9 @@ mod tests {
         let b = s
             .create(cm, "ns", json!({"metadata": {"generateName": "c-"}}))
             .expect("create");
-        assert_eq!(a["metadata"]["resourceVersion"], "1");
-        assert_eq!(b["metadata"]["resourceVersion"], "2");
+        // rv 1 and 2 are the namespace and its `default` ServiceAccount.
+        assert_eq!(a["metadata"]["resourceVersion"], "3");
+        assert_eq!(b["metadata"]["resourceVersion"], "4");
         assert_eq!(a["kind"], "Pod");
         assert_eq!(a["metadata"]["namespace"], "ns");
         assert_eq!(a["metadata"]["generation"], 1);
@@ -642,13 +797,113 @@ mod tests {
             .expect("create");
         s.create(pods, "ns", json!({"metadata": {"name": "b"}}))
             .expect("create");
-        let w = s.watch(pods, &Filter::default(), Some(1)).expect("watch");
+        let w = s.watch(pods, &Filter::default(), Some(3)).expect("watch");
         assert_eq!(w.initial.len(), 1);
         s.compact();
         let err = s
-            .watch(pods, &Filter::default(), Some(1))
+            .watch(pods, &Filter::default(), Some(3))
             .expect_err("expired");
         assert_eq!((err.code, err.reason), (410, "Expired"));
-        assert!(s.watch(pods, &Filter::default(), Some(2)).is_ok());
+        assert!(s.watch(pods, &Filter::default(), Some(4)).is_ok());
+    }
+
+    #[test]
+    fn namespaces_must_exist_get_a_default_service_account_and_take_their_content_along() {
+        let (mut s, pods) = store();
+        let nss = s.find("", "v1", "namespaces").expect("namespaces");
+        let sas = s
+            .find("", "v1", "serviceaccounts")
+            .expect("serviceaccounts");
+        let err = s
+            .create(pods, "nope", json!({"metadata": {"name": "a"}}))
+            .expect_err("no namespace");
+        assert_eq!((err.code, err.reason), (404, "NotFound"));
+        assert_eq!(err.message, "namespaces \"nope\" not found");
+        assert!(s.get(sas, "ns", "default").is_ok());
+        s.create(pods, "ns", json!({"metadata": {"name": "a"}}))
+            .expect("create");
+        s.create(
+            pods,
+            "ns",
+            json!({"metadata": {"name": "held", "finalizers": ["x/y"]}}),
+        )
+        .expect("create");
+        s.delete(nss, "", "ns", &Preconditions::default())
+            .expect("delete namespace");
+        assert_eq!(s.get(pods, "ns", "a").expect_err("gone").code, 404);
+        assert_eq!(s.get(sas, "ns", "default").expect_err("gone").code, 404);
+        let held = s.get(pods, "ns", "held").expect("finalizer holds it");
+        assert!(held.pointer("/metadata/deletionTimestamp").is_some());
+    }
+
+    #[test]
+    fn secret_string_data_is_folded_into_data() {
+        let (mut s, _) = store();
+        let secrets = s.find("", "v1", "secrets").expect("secrets");
+        let sec = s
+            .create(
+                secrets,
+                "ns",
+                json!({"metadata": {"name": "s"}, "data": {"a": "b2xk", "keep": "eA=="},
+                    "stringData": {"a": "new", "b": "é"}}),
+            )
+            .expect("create");
+        assert_eq!(sec.get("stringData"), None);
+        assert_eq!(
+            sec["data"],
+            json!({"a": "bmV3", "b": "w6k=", "keep": "eA=="})
+        );
+        let mut upd = sec.clone();
+        upd["stringData"] = json!({"c": "x"});
+        let upd = s
+            .update(secrets, "ns", "s", upd, Target::Main)
+            .expect("update");
+        assert_eq!(upd.get("stringData"), None);
+        assert_eq!(upd["data"]["c"], "eA==");
+        let err = s
+            .create(
+                secrets,
+                "ns",
+                json!({"metadata": {"name": "t"}, "stringData": {"a": 1}}),
+            )
+            .expect_err("not a string");
+        assert_eq!(err.code, 400);
+    }
+
+    #[test]
+    fn event_notes_over_1024_bytes_are_invalid() {
+        let (mut s, _) = store();
+        let events = s.find("events.k8s.io", "v1", "events").expect("events");
+        let ev = |name: &str, note: String| json!({"metadata": {"name": name}, "note": note});
+        s.create(events, "ns", ev("ok", "é".repeat(512)))
+            .expect("1024 bytes");
+        let err = s
+            .create(events, "ns", ev("long", format!("{}a", "é".repeat(512))))
+            .expect_err("1025 bytes");
+        assert_eq!((err.code, err.reason), (422, "Invalid"));
+        assert!(err.message.contains("note: Too long"), "{}", err.message);
+    }
+
+    #[test]
+    fn dry_run_writes_nothing() {
+        let (mut s, pods) = store();
+        let nss = s.find("", "v1", "namespaces").expect("namespaces");
+        s.create(pods, "ns", json!({"metadata": {"name": "a"}}))
+            .expect("create");
+        let rv = s.resource_version();
+        s.dry_run = true;
+        let created = s
+            .create(pods, "ns", json!({"metadata": {"name": "b"}}))
+            .expect("dry create");
+        assert_eq!(created["metadata"]["name"], "b");
+        s.delete(pods, "ns", "a", &Preconditions::default())
+            .expect("dry delete");
+        s.delete(nss, "", "ns", &Preconditions::default())
+            .expect("dry namespace delete");
+        s.dry_run = false;
+        assert_eq!(s.resource_version(), rv);
+        assert!(s.get(pods, "ns", "a").is_ok());
+        assert!(s.get(nss, "", "ns").is_ok());
+        assert_eq!(s.get(pods, "ns", "b").expect_err("not stored").code, 404);
     }
 }

@@ -226,8 +226,7 @@ async fn crd_status_is_written_through_the_main_endpoint() {
     );
     let aais: Api<DynamicObject> = Api::namespaced_with(client, "default", &ar);
     let mut o = DynamicObject::new("web-1-default-id1", &ar);
-    o.data =
-        json!({"spec": {"podName": "web-1", "nodeName": "n1"}, "status": {"status": "Created"}});
+    o.data = json!({"spec": {"pod": "web-1", "nodename": "n1"}, "status": {"status": "Created"}});
     aais.create(&PostParams::default(), &o)
         .await
         .expect("create");
@@ -240,7 +239,7 @@ async fn crd_status_is_written_through_the_main_endpoint() {
         .await
         .expect("patch");
     assert_eq!(o.data["status"]["status"], "Assigned");
-    assert_eq!(o.data["spec"]["podName"], "web-1");
+    assert_eq!(o.data["spec"]["pod"], "web-1");
 }
 
 #[tokio::test]
@@ -321,7 +320,7 @@ async fn finalizers_delay_deletion_until_removed() {
 #[tokio::test]
 async fn raw_errors_are_status_objects() {
     let (server, _client) = setup().await;
-    let http = reqwest::Client::new();
+    let http = common::admin_http(&server);
     let url = |p: &str| format!("{}{p}", server.url());
 
     let r = http

@@ -1189,6 +1189,24 @@ fn binding_key(object: &AzureAssignedIdentity) -> String {
     )
 }
 
+/// The longest event note the API server accepts, in bytes (events.k8s.io/v1 refuses longer
+/// notes with 422, and the event would be lost).
+const MAX_NOTE: usize = 1024;
+
+/// `note` cut to at most [`MAX_NOTE`] bytes at a character boundary, ending in `…` when cut.
+/// Notes carry ARM error messages, whose length mic does not control.
+fn cut_note(mut note: String) -> String {
+    if note.len() > MAX_NOTE {
+        let mut end = MAX_NOTE - '…'.len_utf8();
+        while !note.is_char_boundary(end) {
+            end -= 1;
+        }
+        note.truncate(end);
+        note.push('…');
+    }
+    note
+}
+
 /// Publishes an event on the binding behind `object` (upstream's involved object); failures
 /// are logged, never fatal.
 async fn publish(
@@ -1213,7 +1231,7 @@ async fn publish(
     let event = Event {
         type_,
         reason: reason.to_owned(),
-        note: Some(note),
+        note: Some(cut_note(note)),
         action: "Assign".to_owned(),
         secondary: None,
     };
@@ -1241,7 +1259,7 @@ async fn publish_on_assigned(
     let event = Event {
         type_: EventType::Warning,
         reason: reason.to_owned(),
-        note: Some(note),
+        note: Some(cut_note(note)),
         action: "Assign".to_owned(),
         secondary: None,
     };
@@ -1454,5 +1472,26 @@ async fn delete_and_unfinalize(
         Ok(_) => Ok(()),
         Err(e) if is_status(&e, 404) => Ok(()),
         Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod note_tests {
+    use super::{MAX_NOTE, cut_note};
+
+    #[test]
+    fn long_notes_are_cut_at_a_char_boundary_to_the_api_limit() {
+        // Multi-byte characters straddle the limit: a byte cut would split one and panic.
+        for (c, n) in [("é", 600), ("a", 2000), ("€", 400), ("x", MAX_NOTE)] {
+            let note = cut_note(c.repeat(n));
+            assert!(note.len() <= MAX_NOTE, "{c}: {}", note.len());
+            if c.len() * n > MAX_NOTE {
+                assert!(note.ends_with('…'), "{c}");
+                assert!(note.len() > MAX_NOTE - 8, "{c}: cut too short");
+            } else {
+                assert_eq!(note, c.repeat(n));
+            }
+        }
+        assert_eq!(cut_note("short".into()), "short");
     }
 }

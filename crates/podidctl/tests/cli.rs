@@ -151,6 +151,11 @@ impl Cluster {
         for ns in ["apps", "billing", "legacy", "wi"] {
             c.create("/api/v1/namespaces", json!({"metadata": {"name": ns}}));
         }
+        // Every namespace gets a `default` ServiceAccount; legacy's was deleted, so `migrate`
+        // must create the one its pod runs as.
+        c.server
+            .delete_json("/api/v1/namespaces/legacy/serviceaccounts/default")
+            .expect("delete legacy/default");
 
         // apps: a plain type-0 identity, a federated type-0 identity, a pod with two bindings,
         // an unbound pod, a pod without any label, and a namespaced identity.

@@ -15,8 +15,36 @@ pub async fn setup() -> (FakeApiServer, kube::Client) {
         .start()
         .await
         .expect("server starts");
+    // The namespaces the tests use, created as a cluster's admin would (objects in a namespace
+    // that does not exist are refused, as on a real server).
+    for ns in TEST_NAMESPACES {
+        server
+            .create_json(
+                "/api/v1/namespaces",
+                serde_json::json!({"metadata": {"name": ns}}),
+            )
+            .expect("create namespace");
+    }
     let client = client_for(&server).await;
     (server, client)
+}
+
+/// Namespaces [`setup`] creates besides the default ones.
+pub const TEST_NAMESPACES: [&str; 3] = ["app", "a", "b"];
+
+/// A reqwest client that authenticates as the server's admin.
+pub fn admin_http(server: &FakeApiServer) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {}", server.admin_token())
+            .parse()
+            .expect("header"),
+    );
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .expect("client")
 }
 
 /// One signing key for every test in a binary (RSA generation is slow).
