@@ -37,8 +37,9 @@ use crate::interception::{self, Interception, SystemIptables};
 use crate::metrics::Metrics;
 use crate::pods::PodIndex;
 use crate::provider::{
-    Issued, TokenFuture, TokenProvider, TokenRequest, TokenTarget, identity_spec,
+    Issued, TokenFuture, TokenProvider, TokenRequest, TokenTarget, identity_spec, requester,
 };
+use crate::route::NetlinkRoutes;
 use crate::run::{Revoke, WatchConfig, spawn_service_account_watch, spawn_watches};
 use crate::server::{Health, Matcher, NmiState, ServerOptions, serve, serve_metrics, serve_probes};
 use crate::workload::ServiceAccounts;
@@ -136,7 +137,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let broker = TokenBroker::new(BrokerConfig::default(), sources, clock);
     let provider = Arc::new(CredentialedBroker::new(broker.clone(), client.clone()));
 
-    let pods = Arc::new(PodIndex::new());
+    let pods = Arc::new(PodIndex::with_route_probe(Arc::new(NetlinkRoutes)));
     let matcher = Arc::new(Matcher::new(ServerOptions::match_options(&config)));
     let health = Arc::new(Health::default());
     health.set_interception_installed(true);
@@ -436,7 +437,9 @@ impl TokenProvider for CredentialedBroker {
                 return TokenProvider::tokens(&self.broker, request).await;
             }
             let spec = Arc::new(identity_spec(identity, credential));
-            let issued = self.broker.issue(&spec, request.resource).await?;
+            let issued = requester(request.pod)
+                .scope(self.broker.issue(&spec, request.resource))
+                .await?;
             Ok(Issued {
                 tokens: issued.tokens,
                 cache_hit: Some(issued.cached),

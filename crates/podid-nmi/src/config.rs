@@ -142,6 +142,10 @@ pub struct Flags {
     /// Workload Identity's webhook sets.
     #[arg(long = "federated-authority-host", default_value = "")]
     pub federated_authority_host: String,
+    /// podid: most connections one source address may hold open on the IMDS port at once;
+    /// a further connection from it is closed at once (0: no per-source bound, as upstream).
+    #[arg(long = "max-connections-per-source", default_value_t = 64)]
+    pub max_connections_per_source: usize,
 
     /// klog's flags (`-v` and the ignored others).
     #[command(flatten)]
@@ -256,6 +260,8 @@ pub struct Config {
     pub serve_workload_identity_pods: bool,
     /// Authority of federated exchanges without `adEndpoint` (`None`: the public cloud).
     pub federated_authority_host: Option<String>,
+    /// Most connections per source address on the IMDS port (0: unbounded).
+    pub max_connections_per_source: usize,
 }
 
 impl Flags {
@@ -395,6 +401,7 @@ impl Flags {
             serve_workload_identity_pods: self.serve_workload_identity_pods,
             federated_authority_host: (!federated_authority_host.is_empty())
                 .then_some(federated_authority_host),
+            max_connections_per_source: self.max_connections_per_source,
         })
     }
 }

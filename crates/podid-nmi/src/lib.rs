@@ -3,7 +3,7 @@
 //! identity and answers with a token from the controller crate's broker — or an IMDS-shaped error.
 //!
 //! Modules: the command line ([`config`]), the interception rules ([`interception`]), the IP → pod
-//! index ([`pods`]), the token provider seam ([`provider`]), the HTTP servers ([`server`]),
+//! index ([`pods`]), the token provider seam ([`provider`]), the kernel route probe anchoring pod addresses ([`route`]), the HTTP servers ([`server`]),
 //! metrics ([`metrics`]), Kubernetes Events on pods whose requests fail ([`events`]), the
 //! conntrack flush ([`conntrack`]), Workload Identity pods served through IMDS ([`workload`]), the watches feeding them ([`run`]) and the running agent that
 //! wires it all together ([`agent`]). Identity matching lives in `podid_controller::matching`.
@@ -19,6 +19,7 @@ pub mod interception;
 pub mod metrics;
 pub mod pods;
 pub mod provider;
+pub mod route;
 pub mod run;
 pub mod server;
 mod watchdog;
