@@ -200,10 +200,7 @@ async fn a_noisy_pod_never_gets_a_quiet_pod_refused() -> anyhow::Result<()> {
         refused > 0.0,
         "the noisy pod's excess connections were never refused"
     );
-    assert!(
-        noisy_total > 5,
-        "the noisy pod never churned: {counters:?}"
-    );
+    assert!(noisy_total > 5, "the noisy pod never churned: {counters:?}");
     assert!(counters.max_concurrency <= 5, "{counters:?}");
     // The noisy pod's resources never pushed the label set beyond its bound.
     assert!(
