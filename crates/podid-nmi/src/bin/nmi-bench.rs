@@ -428,8 +428,9 @@ struct Noise {
     closed: AtomicU64,
 }
 
-/// The noisy pod until `stop`: one task keeps trying to hold [`NOISY_HELD`] idle connections,
-/// [`NOISY_CHURNERS`] tasks ask for distinct resources back to back.
+/// The noisy pod until `stop`: one task keeps trying to hold [`NOISY_HELD`] idle connections
+/// (topping up once a second), [`NOISY_CHURNERS`] tasks ask for distinct resources back to
+/// back on keep-alive connections (reconnecting 10 ms after a connection closed at accept).
 fn spawn_noise(
     addr: SocketAddr,
     stop: Arc<std::sync::atomic::AtomicBool>,
@@ -439,6 +440,9 @@ fn spawn_noise(
     {
         let stop = Arc::clone(&stop);
         tasks.spawn(async move {
+            // The churners connect first (keep-alive, one connection each), then the idle
+            // connections take whatever the source may still hold.
+            tokio::time::sleep(Duration::from_millis(300)).await;
             let mut held: Vec<TcpStream> = Vec::new();
             while !stop.load(Ordering::Relaxed) {
                 held.retain(|s| {
@@ -451,7 +455,9 @@ fn spawn_noise(
                         Err(_) => break,
                     }
                 }
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                // Top up once a second: a pod holding sockets, not a connect flood (that one
+                // costs CPU, which the pod's own cgroup bounds on a real node).
+                tokio::time::sleep(Duration::from_secs(1)).await;
             }
         });
     }
@@ -460,16 +466,23 @@ fn spawn_noise(
         let (stop, noise, next) = (Arc::clone(&stop), Arc::clone(&noise), Arc::clone(&next));
         tasks.spawn(async move {
             let mut buf = Vec::new();
+            let mut connection: Option<TcpStream> = None;
             while !stop.load(Ordering::Relaxed) {
+                let mut stream = match connection.take() {
+                    Some(stream) => stream,
+                    None => match noisy_connect(addr).await {
+                        Ok(stream) => stream,
+                        Err(_) => {
+                            noise.refused.fetch_add(1, Ordering::Relaxed);
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                            continue;
+                        }
+                    },
+                };
                 let k = next.fetch_add(1, Ordering::Relaxed) % NOISY_RESOURCES;
                 let request = format!(
-                    "GET /metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fnoisy{k}.example.com HTTP/1.1\r\nHost: 169.254.169.254\r\nMetadata: true\r\nConnection: close\r\n\r\n"
+                    "GET /metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fnoisy{k}.example.com HTTP/1.1\r\nHost: 169.254.169.254\r\nMetadata: true\r\n\r\n"
                 );
-                let Ok(mut stream) = noisy_connect(addr).await else {
-                    noise.refused.fetch_add(1, Ordering::Relaxed);
-                    tokio::task::yield_now().await;
-                    continue;
-                };
                 buf.clear();
                 let answered = async {
                     stream.write_all(request.as_bytes()).await?;
@@ -477,14 +490,17 @@ fn spawn_noise(
                 }
                 .await;
                 match answered {
-                    Ok((200, _)) => {
-                        noise.tokens.fetch_add(1, Ordering::Relaxed);
+                    Ok((status, _)) => {
+                        if status == 200 {
+                            noise.tokens.fetch_add(1, Ordering::Relaxed);
+                        }
+                        connection = Some(stream);
                     }
-                    Ok(_) => {}
                     Err(_) => {
-                        // Closed at accept: the source held too many connections.
+                        // Closed at accept: the source held too many connections. Retry
+                        // after 10 ms, as a client library would, not in a tight loop.
                         noise.closed.fetch_add(1, Ordering::Relaxed);
-                        tokio::task::yield_now().await;
+                        tokio::time::sleep(Duration::from_millis(10)).await;
                     }
                 }
             }
@@ -755,7 +771,7 @@ async fn main() -> anyhow::Result<()> {
     if let Some((alone, beside, noise)) = &noisy {
         println!();
         println!(
-            "one pod's share: quiet pod (127.0.0.1, {} keep-alive connections, cache hits) alone, then beside a noisy pod (127.0.0.2) holding up to {NOISY_HELD} idle connections and churning {NOISY_RESOURCES} resources with {NOISY_CHURNERS} requests at a time through a 5-concurrent, 20/s, 50 ms IMDS budget; {} s each",
+            "one pod's share: quiet pod (127.0.0.1, {} keep-alive connections, cache hits) alone, then beside a noisy pod (127.0.0.2) holding up to {NOISY_HELD} idle connections and churning {NOISY_RESOURCES} resources with {NOISY_CHURNERS} keep-alive requests at a time through a 5-concurrent, 20/s, 50 ms IMDS budget; {} s each",
             args.light_connections, args.noisy_seconds
         );
         println!(
