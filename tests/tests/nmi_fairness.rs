@@ -119,10 +119,6 @@ async fn a_noisy_pod_never_gets_a_quiet_pod_refused() -> anyhow::Result<()> {
             }
         }));
     }
-    // Let the noise build up.
-    std::thread::sleep(Duration::from_secs(3));
-
-    let started = Instant::now();
     let noisy_key = noisy_id.to_ascii_lowercase();
     let noisy_issued = |cluster: &Cluster| {
         cluster
@@ -133,6 +129,15 @@ async fn a_noisy_pod_never_gets_a_quiet_pod_refused() -> anyhow::Result<()> {
             .copied()
             .unwrap_or(0)
     };
+    // The noise is on once the noisy pod's calls reach IMDS.
+    podid_e2e::wait_for(
+        "the noisy pod's churn to reach IMDS",
+        Duration::from_secs(30),
+        || async { (noisy_issued(&cluster) >= 5).then_some(()) },
+    )
+    .await?;
+
+    let started = Instant::now();
     let mut answered = 0;
     let mut most_behind = 0;
     let outcome: anyhow::Result<()> = async {
