@@ -126,7 +126,9 @@ async fn concurrent_requests_for_one_identity_make_one_imds_call() -> anyhow::Re
     let (msi, identity) = type0_identity(&cluster, "web")?;
     cluster.add_pod("web-1", Some("web"), pod.ip())?;
     cluster.bind(&identity, "web", "web-1")?;
-    cluster.spawn_nmi(&[])?;
+    // 200 connections from one pod at once: above the default per-source bound (64), which
+    // would close the excess at accept (docs/security.md); this test is about single flight.
+    cluster.spawn_nmi(&["--max-connections-per-source=256"])?;
     cluster.wait_ready().await?;
     // The one upstream call stays in flight long enough for every request to arrive meanwhile.
     cluster.imds.set_latency(Duration::from_millis(500));

@@ -27,6 +27,20 @@ pub struct SimPod {
 impl SimPod {
     pub(crate) fn create(node: Arc<NodeInner>, label: &str) -> Result<SimPod> {
         let k = node.next_pod_index()?;
+        Self::create_at(node, label, k)
+    }
+
+    /// Tear this pod's sandbox down and build a new one for another pod with the same address:
+    /// a new namespace and a new node-side veth (same name, new interface index), as a CNI does
+    /// when it hands a released address to the next pod. `label` is only for logs.
+    pub fn reuse_address(self, label: &str) -> Result<SimPod> {
+        let node = Arc::clone(&self.node);
+        let k = u32::from(self.ip.octets()[3]) - 2;
+        drop(self);
+        Self::create_at(node, label, k)
+    }
+
+    fn create_at(node: Arc<NodeInner>, label: &str, k: u32) -> Result<SimPod> {
         let n = node.slot;
         let host_octet = u8::try_from(k + 2).expect("pod index is below MAX_PODS (253)");
         let pod = SimPod {

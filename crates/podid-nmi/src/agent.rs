@@ -44,8 +44,9 @@ use crate::interception::{self, Interception, SystemIptables};
 use crate::metrics::Metrics;
 use crate::pods::PodIndex;
 use crate::provider::{
-    Issued, TokenFuture, TokenProvider, TokenRequest, TokenTarget, identity_spec,
+    Issued, TokenFuture, TokenProvider, TokenRequest, TokenTarget, identity_spec, requester,
 };
+use crate::route::NetlinkRoutes;
 use crate::run::{Revoke, WatchConfig, spawn_service_account_watch, spawn_watches};
 use crate::server::{Matcher, NmiState, ServerOptions, serve, serve_metrics, serve_probes};
 use crate::taint;
@@ -172,7 +173,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             .allow_cross_namespace_secrets(config.allow_cross_namespace_secrets),
     );
 
-    let pods = Arc::new(PodIndex::new());
+    let pods = Arc::new(PodIndex::with_route_probe(Arc::new(NetlinkRoutes)));
     let matcher = Arc::new(Matcher::new(ServerOptions::match_options(&config)));
     let metrics = Arc::new(Metrics::new());
     metrics.follow_health(Arc::clone(&health));
@@ -657,7 +658,9 @@ impl TokenProvider for CredentialedBroker {
             let mut spec = identity_spec(identity, credential);
             spec.origin = Some(origin);
             let spec = Arc::new(spec);
-            let issued = self.broker.issue(&spec, request.resource).await?;
+            let issued = requester(request.pod)
+                .scope(self.broker.issue(&spec, request.resource))
+                .await?;
             Ok(Issued {
                 tokens: issued.tokens,
                 cache_hit: Some(issued.cached),

@@ -168,6 +168,10 @@ pub struct Flags {
     /// pod runs before the node is closed (needs `get`/`patch` on nodes; empty: off).
     #[arg(long = "startup-taint", default_value = "")]
     pub startup_taint: String,
+    /// podid: most connections one source address may hold open on the IMDS port at once;
+    /// a further connection from it is closed at once (0: no per-source bound, as upstream).
+    #[arg(long = "max-connections-per-source", default_value_t = 64)]
+    pub max_connections_per_source: usize,
 
     /// klog's flags (`-v` and the ignored others).
     #[command(flatten)]
@@ -292,6 +296,8 @@ pub struct Config {
     /// Key of the NoSchedule start-up taint nmi removes from its Node once ready to intercept
     /// (`--startup-taint`; `None`: off).
     pub startup_taint: Option<String>,
+    /// Most connections per source address on the IMDS port (0: unbounded).
+    pub max_connections_per_source: usize,
 }
 
 impl Flags {
@@ -463,6 +469,7 @@ impl Flags {
             allowed_authorities,
             allow_cross_namespace_secrets: self.allow_cross_namespace_secrets,
             startup_taint: (!startup_taint.is_empty()).then_some(startup_taint),
+            max_connections_per_source: self.max_connections_per_source,
         })
     }
 }

@@ -4,7 +4,8 @@
 //!
 //! Modules: the command line ([`config`]), the interception rules ([`interception`]), what keeps
 //! the node from serving ([`health`]), the start-up taint ([`taint`]), the IP → pod
-//! index ([`pods`]), the token provider seam ([`provider`]), the HTTP servers ([`server`]),
+//! index ([`pods`]), the kernel route probe anchoring pod addresses ([`route`]), the token
+//! provider seam ([`provider`]), the HTTP servers ([`server`]),
 //! metrics ([`metrics`]), Kubernetes Events on pods whose requests fail ([`events`]), the
 //! conntrack flush ([`conntrack`]), Workload Identity pods served through IMDS ([`workload`]), the watches feeding them ([`run`]) and the running agent that
 //! wires it all together ([`agent`]). Identity matching lives in `podid_controller::matching`.
@@ -21,6 +22,7 @@ pub mod interception;
 pub mod metrics;
 pub mod pods;
 pub mod provider;
+pub mod route;
 pub mod run;
 pub mod server;
 pub mod taint;

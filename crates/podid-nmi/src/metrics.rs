@@ -4,21 +4,25 @@
 //! `aadpodidentity_imds_operations_duration_seconds`, `aadpodidentity_imds_operations_errors_count`,
 //! `aadpodidentity_kubernetes_api_operations_errors_count`. Label values are bounded: the
 //! `operation_type` of the NMI histogram is the route name (`token`, `host_token`), never the raw
-//! path (upstream's unbounded cardinality), and `resource` is only recorded for issued tokens.
+//! path (upstream's unbounded cardinality), and `resource` is only recorded for issued tokens,
+//! as one of [`KNOWN_RESOURCES`] or `other` ([`resource_label`]).
 //! podid adds `podid_nmi_token_cache_hits_total`, `podid_nmi_token_cache_misses_total` (copied
-//! from the broker's counters at scrape time), `podid_nmi_attribution_failures_total` and
+//! from the broker's counters at scrape time), `podid_nmi_attribution_failures_total`,
 //! `podid_nmi_not_ready{reason}` (copied from [`Health`] at scrape time: 1 for each condition
-//! that keeps the installed interception from serving, see [`crate::health`]).
+//! that keeps the installed interception from serving, see [`crate::health`]),
+//! `podid_nmi_pod_watch_blind_seconds` (how long the pod watch has been failing, read at scrape
+//! time) and `podid_nmi_connections_refused_total{reason}`.
 
 use std::sync::{Arc, Mutex, OnceLock};
 
 use podid_controller::broker::BrokerStats;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::health::{Blocker, Health};
+use crate::pods::PodIndex;
 
 /// `reason` of `podid_nmi_not_ready` when the interception itself is not installed.
 pub const NOT_READY_INTERCEPTION: &str = "interception";
@@ -30,6 +34,43 @@ const NMI_BUCKETS: [f64; 18] = [
 ];
 /// Upstream's IMDS histogram buckets (seconds).
 const IMDS_BUCKETS: [f64; 10] = [0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0];
+
+/// The audiences recorded as themselves in the `resource` label of
+/// `aadpodidentity_nmi_operations_duration_seconds`; any other resource is recorded as
+/// [`OTHER_RESOURCE`], so a pod asking for endless distinct resources cannot grow the series
+/// count (docs/metrics.md). A trailing `/` is ignored when matching.
+pub const KNOWN_RESOURCES: [&str; 14] = [
+    "https://management.azure.com/",
+    "https://management.core.windows.net/",
+    "https://vault.azure.net",
+    "https://storage.azure.com/",
+    "https://database.windows.net/",
+    "https://ossrdbms-aad.database.windows.net",
+    "https://graph.microsoft.com/",
+    "https://servicebus.azure.net",
+    "https://eventhubs.azure.net",
+    "https://cognitiveservices.azure.com",
+    "https://monitor.azure.com/",
+    "https://api.loganalytics.io",
+    "https://redis.azure.com",
+    "api://AzureADTokenExchange",
+];
+
+/// The `resource` label value of a resource not in [`KNOWN_RESOURCES`].
+pub const OTHER_RESOURCE: &str = "other";
+
+/// The bounded `resource` label for `resource` (empty stays empty: no token was issued).
+pub fn resource_label(resource: &str) -> &'static str {
+    if resource.is_empty() {
+        return "";
+    }
+    let trimmed = resource.trim_end_matches('/');
+    KNOWN_RESOURCES
+        .iter()
+        .find(|known| known.trim_end_matches('/').eq_ignore_ascii_case(trimmed))
+        .copied()
+        .unwrap_or(OTHER_RESOURCE)
+}
 
 /// `operation_type` of the IMDS metrics (upstream's adal operation names).
 pub mod imds_operation {
@@ -56,10 +97,16 @@ pub struct Metrics {
     pub imds_operations_errors: IntCounterVec,
     /// `aadpodidentity_kubernetes_api_operations_errors_count{operation_type}`.
     pub kubernetes_api_errors: IntCounterVec,
-    /// `podid_nmi_attribution_failures_total{reason}` (`not_found`, `ambiguous`).
+    /// `podid_nmi_attribution_failures_total{reason}` (`not_found`, `ambiguous`,
+    /// `address_reassigned`, `untrusted_route`).
     pub attribution_failures: IntCounterVec,
     /// `podid_nmi_not_ready{reason}`: `interception` and each [`Blocker::label`].
     pub not_ready: IntGaugeVec,
+    /// `podid_nmi_connections_refused_total{reason}` (`per_source`: the peer already held
+    /// `--max-connections-per-source` connections).
+    pub connections_refused: IntCounterVec,
+    pod_watch_blind: Gauge,
+    pod_watch: Mutex<Option<Arc<PodIndex>>>,
     cache_hits: IntCounter,
     cache_misses: IntCounter,
     broker: Mutex<Option<BrokerMirror>>,
@@ -146,6 +193,19 @@ impl Metrics {
             &["reason"],
         )
         .expect(REGISTER);
+        let connections_refused = IntCounterVec::new(
+            Opts::new(
+                "podid_nmi_connections_refused_total",
+                "Connections to the IMDS port closed at once without being served",
+            ),
+            &["reason"],
+        )
+        .expect(REGISTER);
+        let pod_watch_blind = Gauge::new(
+            "podid_nmi_pod_watch_blind_seconds",
+            "How long the pod watch has been failing without a complete list since (0 while it streams)",
+        )
+        .expect(REGISTER);
         let cache_hits = IntCounter::new(
             "podid_nmi_token_cache_hits_total",
             "Token requests answered from the broker cache",
@@ -175,6 +235,12 @@ impl Metrics {
             .register(Box::new(not_ready.clone()))
             .expect(REGISTER);
         registry
+            .register(Box::new(connections_refused.clone()))
+            .expect(REGISTER);
+        registry
+            .register(Box::new(pod_watch_blind.clone()))
+            .expect(REGISTER);
+        registry
             .register(Box::new(cache_hits.clone()))
             .expect(REGISTER);
         registry
@@ -188,6 +254,9 @@ impl Metrics {
             kubernetes_api_errors,
             attribution_failures,
             not_ready,
+            connections_refused,
+            pod_watch_blind,
+            pod_watch: Mutex::new(None),
             cache_hits,
             cache_misses,
             broker: Mutex::new(None),
@@ -248,6 +317,21 @@ impl Metrics {
         }
     }
 
+    /// Read the pod watch's blindness from `pods` at every scrape.
+    pub fn follow_pod_watch(&self, pods: Arc<PodIndex>) {
+        *self.pod_watch.lock().unwrap_or_else(|e| e.into_inner()) = Some(pods);
+    }
+
+    fn sync_pod_watch(&self) {
+        let pods = self.pod_watch.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(pods) = pods.as_ref() {
+            self.pod_watch_blind.set(
+                pods.watch_blind_for(std::time::Instant::now())
+                    .as_secs_f64(),
+            );
+        }
+    }
+
     fn sync_broker(&self) {
         let mut broker = self.broker.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(mirror) = broker.as_mut() {
@@ -265,6 +349,7 @@ impl Metrics {
     pub fn encode(&self) -> Vec<u8> {
         self.sync_broker();
         self.sync_health();
+        self.sync_pod_watch();
         let mut out = Vec::new();
         // Encoding into a Vec only fails on invalid metric data, which these families never hold.
         if let Err(error) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
@@ -306,6 +391,24 @@ mod tests {
 
     fn exposition(metrics: &Metrics) -> String {
         String::from_utf8(metrics.encode()).unwrap_or_default()
+    }
+
+    #[test]
+    fn resource_label_is_bounded() {
+        assert_eq!(
+            resource_label("https://vault.azure.net/"),
+            "https://vault.azure.net"
+        );
+        assert_eq!(
+            resource_label("https://management.azure.com"),
+            "https://management.azure.com/"
+        );
+        assert_eq!(resource_label(""), "");
+        let labels: std::collections::BTreeSet<_> = (0..1000)
+            .map(|i| resource_label(&format!("https://res{i}.example.com")))
+            .chain(KNOWN_RESOURCES.iter().map(|r| resource_label(r)))
+            .collect();
+        assert_eq!(labels.len(), KNOWN_RESOURCES.len() + 1, "{labels:?}");
     }
 
     #[test]

@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use podid_api::AzureIdentity;
 use podid_controller::broker::{
-    BrokerError, BrokerStats, Credential, IdentitySpec, IdentityType, IdentityView, TokenBroker,
-    Tokens,
+    BrokerError, BrokerStats, Credential, IdentitySpec, IdentityType, IdentityView, Requester,
+    TokenBroker, Tokens,
 };
 use podid_controller::matching::{CallerPod, NodeIdentity};
 
@@ -70,6 +70,12 @@ pub trait TokenProvider: Send + Sync + fmt::Debug {
     fn stats(&self) -> Option<Arc<BrokerStats>> {
         None
     }
+}
+
+/// The broker's [`Requester`] for calls made for `pod` (`namespace/name`): its turn in the
+/// node's IMDS budget and the owner of the cache entries it creates. Built only on a cache miss.
+pub fn requester(pod: &CallerPod) -> Requester {
+    Requester::new(&format!("{}/{}", pod.namespace, pod.name))
 }
 
 /// The broker's view of an `AzureIdentity` with the credential read from its Secret
@@ -163,7 +169,9 @@ impl TokenProvider for TokenBroker {
                 }
             };
             let spec = Arc::new(spec);
-            let issued = self.issue(&spec, request.resource).await?;
+            let issued = requester(request.pod)
+                .scope(self.issue(&spec, request.resource))
+                .await?;
             Ok(Issued {
                 tokens: issued.tokens,
                 cache_hit: Some(issued.cached),

@@ -12,6 +12,11 @@
 //! The pod index and the matcher are marked synced once their initial lists are complete; until
 //! then the server answers no token (fail closed) and `/readyz` is 503. Watch errors are retried
 //! with kube's default backoff and logged.
+//!
+//! The pod watch tells the index when it fails ([`PodIndex::watch_failed`]: the index is blind,
+//! docs/security.md "Pod watch failure policy") and starts over with a fresh list after a
+//! backoff, so that recovery is a complete list ([`PodIndex::watch_listed`]) rather than a
+//! resumed watch that may stay silent.
 
 use std::collections::HashSet;
 use std::fmt::Debug;
@@ -77,6 +82,12 @@ trait Listing<K>: Send + Sync + 'static {
     fn mark_synced(&self);
     fn is_synced(&self) -> bool;
     fn len(&self) -> usize;
+    /// Whether a watch error restarts from a fresh list (and is reported to the index).
+    const RELIST_ON_ERROR: bool = false;
+    /// The watch failed (only with [`Listing::RELIST_ON_ERROR`]).
+    fn watch_failed(&self) {}
+    /// A list completed after the first (only with [`Listing::RELIST_ON_ERROR`]).
+    fn watch_listed(&self) {}
 }
 
 impl Listing<Pod> for PodIndex {
@@ -98,6 +109,13 @@ impl Listing<Pod> for PodIndex {
     }
     fn len(&self) -> usize {
         PodIndex::len(self)
+    }
+    const RELIST_ON_ERROR: bool = true;
+    fn watch_failed(&self) {
+        PodIndex::watch_failed(self, std::time::Instant::now());
+    }
+    fn watch_listed(&self) {
+        PodIndex::watch_listed(self);
     }
 }
 
@@ -124,31 +142,52 @@ impl Listing<ServiceAccount> for ServiceAccounts {
 }
 
 /// Keep `index` complete from a watch of `api` (see [`Listing`]); errors are retried with
-/// kube's default backoff and logged.
+/// kube's default backoff and logged, or, with [`Listing::RELIST_ON_ERROR`], reported to the
+/// index and retried from a fresh list after a backoff (0.8 s doubling to 30 s, reset by a
+/// complete list).
 async fn feed_listing<K, L>(api: Api<K>, config: watcher::Config, index: Arc<L>)
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
     L: Listing<K>,
 {
-    let stream = watcher(api, config).default_backoff();
-    futures::pin_mut!(stream);
-    let mut listing: Vec<K> = Vec::new();
-    while let Some(event) = stream.next().await {
-        match event {
-            Ok(Event::Init) => listing.clear(),
-            Ok(Event::InitApply(object)) => listing.push(object),
-            Ok(Event::InitDone) => {
-                index.replace_all(&listing);
-                listing = Vec::new();
-                if !index.is_synced() {
-                    index.mark_synced();
-                    tracing::info!(kind = L::KIND, count = index.len(), "cache synced");
+    const FIRST_BACKOFF: std::time::Duration = std::time::Duration::from_millis(800);
+    const MAX_BACKOFF: std::time::Duration = std::time::Duration::from_secs(30);
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        let stream = watcher(api.clone(), config.clone()).default_backoff();
+        futures::pin_mut!(stream);
+        let mut listing: Vec<K> = Vec::new();
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(Event::Init) => listing.clear(),
+                Ok(Event::InitApply(object)) => listing.push(object),
+                Ok(Event::InitDone) => {
+                    index.replace_all(&listing);
+                    listing = Vec::new();
+                    backoff = FIRST_BACKOFF;
+                    if !index.is_synced() {
+                        index.mark_synced();
+                        tracing::info!(kind = L::KIND, count = index.len(), "cache synced");
+                    } else if L::RELIST_ON_ERROR {
+                        index.watch_listed();
+                        tracing::info!(kind = L::KIND, count = index.len(), "watch listed again");
+                    }
                 }
+                Ok(Event::Apply(object)) => index.apply(&object),
+                Ok(Event::Delete(object)) => index.delete(&object),
+                Err(error) if L::RELIST_ON_ERROR => {
+                    index.watch_failed();
+                    tracing::warn!(kind = L::KIND, %error, retry_in = ?backoff, "watch failed, listing again after a backoff");
+                    break;
+                }
+                Err(error) => tracing::warn!(kind = L::KIND, %error, "watch failed, retrying"),
             }
-            Ok(Event::Apply(object)) => index.apply(&object),
-            Ok(Event::Delete(object)) => index.delete(&object),
-            Err(error) => tracing::warn!(kind = L::KIND, %error, "watch failed, retrying"),
         }
+        if !L::RELIST_ON_ERROR {
+            return;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 

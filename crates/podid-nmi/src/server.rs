@@ -6,7 +6,8 @@
 //! under short locks that are never held across an await.
 //!
 //! Bounds (DESIGN §6): at most [`Limits::max_connections`] connections (further connections wait
-//! in the listen backlog), request headers limited in size and count (hyper answers 431), a
+//! in the listen backlog) and at most [`Limits::max_connections_per_source`] from one address
+//! (further ones from it are closed at once), request headers limited in size and count (hyper answers 431), a
 //! deadline for reading request headers (slow clients and idle keep-alive connections are
 //! closed), request bodies ignored on the token routes and limited on passthrough, upstream
 //! timeouts on passthrough. Shutdown stops accepting, lets requests in flight finish within
@@ -48,8 +49,8 @@ use crate::config::{Config, OperationMode};
 use crate::events::{EventSink, PodEvent, PodEventReason};
 use crate::federation::AssignedBindings;
 pub use crate::health::Health;
-use crate::metrics::{Metrics, imds_operation};
-use crate::pods::{LookupError, PodIndex};
+use crate::metrics::{Metrics, imds_operation, resource_label};
+use crate::pods::{LookupError, PodIndex, WatchState};
 use crate::provider::{TokenProvider, TokenRequest, TokenTarget};
 use crate::watchdog::{self, Activity, Watched};
 use crate::workload::{Refusal, ServiceAccounts, is_workload_identity_pod};
@@ -59,6 +60,10 @@ use crate::workload::{Refusal, ServiceAccounts, is_workload_identity_pod};
 pub struct Limits {
     /// Most connections served at once.
     pub max_connections: usize,
+    /// Most connections one source address holds at once (0: unbounded). A connection beyond
+    /// it is closed as soon as it is accepted, before a byte is read: one pod cannot take the
+    /// node's [`Limits::max_connections`] from the others.
+    pub max_connections_per_source: usize,
     /// How long a connection may go without a request starting or finishing while none is in
     /// flight: bounds both slow request heads and idle keep-alive connections (closed after
     /// one to one and a half times this).
@@ -83,6 +88,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_connections: 1024,
+            max_connections_per_source: 64,
             header_read_timeout: Duration::from_secs(10),
             max_headers: None,
             max_buf_size: 16 * 1024,
@@ -138,7 +144,10 @@ impl ServerOptions {
             },
             pod_wait: Duration::from_millis(1200),
             pending_wait: config.find_identity_retry_interval.saturating_mul(polls),
-            limits: Limits::default(),
+            limits: Limits {
+                max_connections_per_source: config.max_connections_per_source,
+                ..Limits::default()
+            },
             federated_default_tenant: config.federated_default_tenant.is_some(),
         }
     }
@@ -273,6 +282,7 @@ impl NmiState {
         if let Some(stats) = tokens.stats() {
             metrics.follow_broker(stats);
         }
+        metrics.follow_pod_watch(Arc::clone(&pods));
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(options.limits.upstream_timeout));
         let proxy = Client::builder(TokioExecutor::new()).build(connector);
@@ -366,7 +376,11 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) {
     let limits = state.options.limits.clone();
-    serve_with(listener, &limits, shutdown, move |peer| {
+    let refused = state
+        .metrics
+        .connections_refused
+        .with_label_values(&["per_source"]);
+    serve_with(listener, &limits, Some(refused), shutdown, move |peer| {
         let state = Arc::clone(&state);
         service_fn(move |request| {
             let state = Arc::clone(&state);
@@ -384,16 +398,49 @@ pub async fn serve(
     .await;
 }
 
+/// `/readyz`: 200 `ok` only when ready, else 503 `not ready` and one line per reason; the last
+/// line gives the pod watch's state (`pod watch: streaming`, or `pod watch: blind for <n>s` while it fails). A
+/// blind watch does not make nmi unready: known pods keep being served (docs/security.md,
+/// "Pod watch failure policy").
+fn readyz(state: &NmiState) -> Response<Body> {
+    let (status, first) = if state.is_ready() {
+        (StatusCode::OK, "ok")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+    };
+    let watch = match state.pods.watch_state() {
+        WatchState::NotSynced => "pod watch: not synced".to_owned(),
+        WatchState::Streaming => "pod watch: streaming".to_owned(),
+        WatchState::Blind { since } => format!(
+            "pod watch: blind for {}s",
+            std::time::Instant::now()
+                .saturating_duration_since(since)
+                .as_secs()
+        ),
+    };
+    // One line per reason, so a probe failure in `kubectl describe` says why.
+    let mut body = format!("{first}\n");
+    for reason in state.not_ready_reasons() {
+        body.push_str(&reason);
+        body.push('\n');
+    }
+    body.push_str(&watch);
+    body.push('\n');
+    let mut response = plain(status, "");
+    *response.body_mut() = Full::new(Bytes::from(body));
+    response
+}
+
 /// Serve `/healthz` (`Active` / `Not Active`, always 200, no newline) and `/readyz` (200 only
-/// when ready, else 503 with `not ready` and one line per reason) on `listener` until
-/// `shutdown` completes.
+/// when ready, else 503 with `not ready` and one line per reason; then the pod watch's state,
+/// see [`readyz`]) on `listener` until `shutdown` completes.
 pub async fn serve_probes(
     listener: TcpListener,
     state: Arc<NmiState>,
     shutdown: impl Future<Output = ()> + Send,
 ) {
     let limits = state.options.limits.clone();
-    serve_with(listener, &limits, shutdown, move |_| {
+    serve_with(listener, &limits, None, shutdown, move |_| {
         let state = Arc::clone(&state);
         service_fn(move |request: Request<Incoming>| {
             let state = Arc::clone(&state);
@@ -403,18 +450,7 @@ pub async fn serve_probes(
                         plain(StatusCode::OK, "Active")
                     }
                     "/healthz" => plain(StatusCode::OK, "Not Active"),
-                    "/readyz" if state.is_ready() => plain(StatusCode::OK, "ok"),
-                    "/readyz" => {
-                        // One line per reason, so a probe failure in `kubectl describe` says why.
-                        let mut body = String::from("not ready\n");
-                        for reason in state.not_ready_reasons() {
-                            body.push_str(&reason);
-                            body.push('\n');
-                        }
-                        let mut response = plain(StatusCode::SERVICE_UNAVAILABLE, "");
-                        *response.body_mut() = Full::new(Bytes::from(body));
-                        response
-                    }
+                    "/readyz" => readyz(&state),
                     _ => plain(StatusCode::NOT_FOUND, "404 page not found\n"),
                 })
             }
@@ -430,7 +466,7 @@ pub async fn serve_metrics(
     limits: Limits,
     shutdown: impl Future<Output = ()> + Send,
 ) {
-    serve_with(listener, &limits, shutdown, move |_| {
+    serve_with(listener, &limits, None, shutdown, move |_| {
         let metrics = Arc::clone(&metrics);
         service_fn(move |request: Request<Incoming>| {
             let metrics = Arc::clone(&metrics);
@@ -451,10 +487,51 @@ pub async fn serve_metrics(
     .await;
 }
 
-/// The accept loop shared by the three servers.
+/// Connections held per source address, for [`Limits::max_connections_per_source`].
+#[derive(Debug, Default)]
+struct PerSource(std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>);
+
+/// One connection counted against its source; uncounted when dropped.
+struct SourceSlot {
+    sources: Arc<PerSource>,
+    ip: IpAddr,
+}
+
+impl PerSource {
+    /// Count a connection from `ip` unless it already holds `max` (0: no bound).
+    fn admit(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<SourceSlot> {
+        let ip = ip.to_canonical();
+        let mut held = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let count = held.entry(ip).or_insert(0);
+        if max > 0 && *count >= max {
+            return None;
+        }
+        *count += 1;
+        Some(SourceSlot {
+            sources: Arc::clone(self),
+            ip,
+        })
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut held = self.sources.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = held.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                held.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// The accept loop shared by the three servers. A connection from a source already holding
+/// [`Limits::max_connections_per_source`] is closed at once and counted in `refused`.
 async fn serve_with<M, S>(
     listener: TcpListener,
     limits: &Limits,
+    refused: Option<prometheus::IntCounter>,
     shutdown: impl Future<Output = ()> + Send,
     make_service: M,
 ) where
@@ -474,6 +551,7 @@ async fn serve_with<M, S>(
         builder.max_headers(max_headers);
     }
     let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let sources = Arc::new(PerSource::default());
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
@@ -498,6 +576,15 @@ async fn serve_with<M, S>(
             },
         };
         while connections.try_join_next().is_some() {}
+        let Some(slot) = sources.admit(peer.ip(), limits.max_connections_per_source) else {
+            // Closed before a byte is read; the client sees the connection end and retries.
+            drop(stream);
+            if let Some(refused) = &refused {
+                refused.inc();
+            }
+            tracing::debug!(%peer, "closing a connection: its source holds too many");
+            continue;
+        };
         let activity = Arc::new(Activity::default());
         let service = Watched::new(make_service(peer), Arc::clone(&activity));
         let builder = builder.clone();
@@ -505,6 +592,7 @@ async fn serve_with<M, S>(
         let header_read_timeout = limits.header_read_timeout;
         connections.spawn(async move {
             let _permit = permit;
+            let _slot = slot;
             let connection = builder.serve_connection(TokioIo::new(stream), service);
             tokio::pin!(connection);
             let stopping = async move {
@@ -598,7 +686,12 @@ impl<'s> Timed<'s> {
         self.state
             .metrics
             .nmi_operations_duration
-            .with_label_values(&[self.route, response.status.as_str(), namespace, resource])
+            .with_label_values(&[
+                self.route,
+                response.status.as_str(),
+                namespace,
+                resource_label(resource),
+            ])
             .observe(self.started.elapsed().as_secs_f64());
         response
     }
@@ -726,10 +819,10 @@ async fn token_route(
         Ok(query) => query,
         Err(error) => return timed.error(&error, options, ""),
     };
-    // A pod not indexed yet is waited for (boxed: the wait's timer would make every
-    // request's future larger).
+    // A pod not indexed yet, or an address its old pod may have just released to a new one,
+    // is waited for (boxed: the wait's timer would make every request's future larger).
     let pod = match state.pods.lookup(ip) {
-        Err(LookupError::NotFound { .. }) => {
+        Err(LookupError::NotFound { .. } | LookupError::Reassigning { .. }) => {
             Box::pin(state.pods.wait_for(ip, state.options.pod_wait)).await
         }
         found => found,
@@ -823,13 +916,9 @@ fn record_attribution_failure(metrics: &Metrics, error: LookupError) {
         .kubernetes_api_errors
         .with_label_values(&["get_pod_list"])
         .inc();
-    let reason = match error {
-        LookupError::NotFound { .. } => "not_found",
-        LookupError::Ambiguous { .. } => "ambiguous",
-    };
     metrics
         .attribution_failures
-        .with_label_values(&[reason])
+        .with_label_values(&[error.reason()])
         .inc();
 }
 

@@ -1922,7 +1922,8 @@ async fn item_14_metrics_names_and_labels() {
         // every answer with the requested resource, so any caller could add series).
         format!("{nmi_hist}_count{{namespace=\"\",operation_type=\"token\",resource=\"\",status_code=\"500\"}} 1"),
         format!("{nmi_hist}_count{{namespace=\"app\",operation_type=\"token\",resource=\"\",status_code=\"503\"}} 1"),
-        format!("{nmi_hist}_count{{namespace=\"app\",operation_type=\"host_token\",resource=\"r\",status_code=\"200\"}} 1"),
+        // A resource outside the well-known audiences is recorded as `other` (bounded label).
+        format!("{nmi_hist}_count{{namespace=\"app\",operation_type=\"host_token\",resource=\"other\",status_code=\"200\"}} 1"),
         format!("{imds_hist}_count{{operation_type=\"adal_token_msi_userassignedid\"}} 4"),
         format!("{imds_hist}_count{{operation_type=\"adal_token\"}} 1"),
         format!("{imds_hist}_count{{operation_type=\"adal_token_msi\"}} 1"),

@@ -19,9 +19,11 @@ use tokio::sync::watch;
 
 use super::clock::Clock;
 use super::error::BrokerError;
+use super::evict;
 use super::identity::{
     Credential, CredentialOrigin, FederatedSubject, IdentityKey, IdentitySpec, IdentityType,
 };
+use super::limiter::Requester;
 use super::source::{FetchRequest, SourceKind, Sources};
 use super::stats::BrokerStats;
 use super::token::Token;
@@ -32,7 +34,8 @@ pub struct BrokerConfig {
     /// A token is refreshed in the background once it is this close to expiry (default 5 min).
     /// For short-lived tokens the margin is capped at half the token's lifetime.
     pub refresh_margin: Duration,
-    /// Most entries kept; beyond it expired entries go first, then the least recently used.
+    /// Most entries kept; beyond it expired entries go first, then the least recently used
+    /// entry of the requester (pod) holding the most entries (`evict`).
     pub max_entries: usize,
     /// After a failed background refresh, how long hits keep serving the cached token before
     /// trying again (unless upstream's `Retry-After` asks for longer).
@@ -384,6 +387,8 @@ struct Slot {
     generation: u64,
     /// Unix milliseconds of the last access, for LRU eviction.
     last_used_ms: AtomicU64,
+    /// The requester whose request created the entry (eviction hits the largest owner first).
+    owner: Requester,
 }
 
 impl Slot {
@@ -397,6 +402,7 @@ impl Slot {
             inflight: None,
             generation,
             last_used_ms: AtomicU64::new(now_ms),
+            owner: Requester::current(),
         }
     }
 
@@ -716,6 +722,7 @@ impl TokenBroker {
             identity: identity.clone(),
             resource: key.resource.clone(),
             tenant: key.tenant.clone(),
+            requester: Requester::current(),
         };
         tokio::spawn(async move {
             let source = inner.sources.get(kind).clone();
@@ -752,14 +759,31 @@ impl TokenBroker {
         inner
             .slots
             .retain(|_, slot| slot.inflight.is_some() || slot.valid_token(now_ms).is_some());
+        let inserting = Requester::current();
         while inner.slots.len() >= inner.config.max_entries {
-            let oldest = inner
-                .slots
-                .iter()
-                .filter(|e| e.value().inflight.is_none())
-                .min_by_key(|e| e.value().last_used_ms.load(Ordering::Relaxed))
-                .map(|e| e.key().clone());
-            match oldest {
+            let chosen = {
+                let candidates: Vec<_> = inner
+                    .slots
+                    .iter()
+                    .filter(|e| e.value().inflight.is_none())
+                    .map(|e| {
+                        let slot = e.value();
+                        (
+                            e.key().clone(),
+                            slot.owner.clone(),
+                            slot.last_used_ms.load(Ordering::Relaxed),
+                        )
+                    })
+                    .collect();
+                evict::victim(
+                    candidates
+                        .iter()
+                        .map(|(key, owner, used)| (key, owner, *used)),
+                    &inserting,
+                )
+                .cloned()
+            };
+            match chosen {
                 Some(oldest) => {
                     inner.slots.remove(&oldest);
                 }
@@ -1227,5 +1251,49 @@ mod tests {
             .expect("join")
             .expect("the victim's own token");
         assert!(!victim.cached);
+    }
+
+    #[tokio::test]
+    async fn a_pod_filling_the_cache_evicts_its_own_entries_first() {
+        let clock = Arc::new(ManualClock::at_unix(T0));
+        let source = Arc::new(Counting {
+            clock: clock.clone(),
+            calls: AtomicUsize::new(0),
+            gate: None,
+        });
+        let broker = TokenBroker::new(
+            BrokerConfig {
+                max_entries: 4,
+                ..BrokerConfig::default()
+            },
+            Sources::all(source.clone()),
+            clock.clone(),
+        );
+        let id = Arc::new(IdentitySpec::managed("c1", ""));
+        let quiet = Requester::new("app/quiet");
+        let noisy = Requester::new("app/noisy");
+        quiet
+            .clone()
+            .scope(broker.issue(&id, "quiet-resource"))
+            .await
+            .expect("token");
+        for i in 0..20 {
+            clock.advance(Duration::from_secs(1));
+            noisy
+                .clone()
+                .scope(broker.issue(&id, &format!("noisy-{i}")))
+                .await
+                .expect("token");
+        }
+        assert_eq!(broker.len(), 4);
+        assert!(broker.stats().evictions() > 0);
+        let again = quiet
+            .scope(broker.issue(&id, "quiet-resource"))
+            .await
+            .expect("token");
+        assert!(
+            again.cached,
+            "the quiet pod's entry survived the noisy pod's churn"
+        );
     }
 }

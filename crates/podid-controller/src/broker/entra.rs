@@ -497,6 +497,7 @@ mod tests {
             identity: Arc::new(spec),
             resource: "https://vault.azure.net".to_owned(),
             tenant: Some(tenant.to_owned()),
+            requester: Default::default(),
         }
     }
 

@@ -122,9 +122,13 @@ impl ImdsSource {
     ) -> Result<Token, BrokerError> {
         // Budget exhaustion is not retried here (that would only queue again): the caller gets
         // 503 with a short Retry-After.
-        let _permit = self.limiter.acquire().await.map_err(|timeout| {
-            exchange.unavailable(timeout.to_string(), Some(BUDGET_RETRY_AFTER))
-        })?;
+        let _permit = self
+            .limiter
+            .acquire_for(request.requester.clone())
+            .await
+            .map_err(|timeout| {
+                exchange.unavailable(timeout.to_string(), Some(BUDGET_RETRY_AFTER))
+            })?;
         let mut query: Vec<(&str, &str)> = vec![("api-version", &self.config.api_version)];
         // Upstream always asks by the identity's client id; without one (the node's own
         // identity on the exception path) the resource id, else system-assigned.

@@ -10,6 +10,7 @@ mod cache;
 mod clock;
 mod entra;
 mod error;
+mod evict;
 mod federated;
 mod http;
 mod identity;
@@ -37,7 +38,7 @@ pub use identity::{
     IdentityType, Secret,
 };
 pub use imds::{BUDGET_RETRY_AFTER, ImdsConfig, ImdsSource};
-pub use limiter::{ImdsLimiter, ImdsPermit, LimiterConfig, LimiterTimeout};
+pub use limiter::{FairQueue, ImdsLimiter, ImdsPermit, LimiterConfig, LimiterTimeout, Requester};
 pub use source::{FetchRequest, SourceFuture, SourceKind, Sources, TokenSource};
 pub use stats::{BrokerStats, SourceCounters};
 pub use token::Token;

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use super::error::BrokerError;
 use super::identity::{Credential, IdentitySpec, IdentityType};
+use super::limiter::Requester;
 use super::token::Token;
 
 /// Kinds of token source, the only label of the upstream metrics (bounded).
@@ -87,6 +88,8 @@ pub struct FetchRequest {
     pub resource: String,
     /// The tenant (types 1 and 2; `None` for IMDS).
     pub tenant: Option<String>,
+    /// The pod the call is made for (its turn in the node's IMDS budget).
+    pub requester: Requester,
 }
 
 /// The future a [`TokenSource`] returns.

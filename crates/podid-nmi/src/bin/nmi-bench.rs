@@ -13,6 +13,13 @@
 //! target applies). A counting global allocator gives the heap allocations per request of the
 //! whole process (server and load client) for each run.
 //!
+//! A last phase measures one pod's share of the node (docs/security.md, "One pod starving the
+//! node"): the quiet pod (127.0.0.1) loads nmi with the light-load connections alone, then
+//! while a noisy pod (127.0.0.2, pod 1) keeps trying to hold 1024 idle connections and churns
+//! through 1,000 distinct resources, each a miss that waits for a turn in an IMDS budget of
+//! the real limiter (5 concurrent, 20 per second, 50 ms per call); it prints the quiet pod's
+//! p50 and p99 in both and their ratio, and counts the quiet pod's refusals.
+//!
 //! Must not depend on the test doubles (`podid-testkit` and friends): the fakes are here.
 
 use std::alloc::System;
@@ -36,8 +43,8 @@ use podid_api::{
     AssignedIdentityState, AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding,
 };
 use podid_controller::broker::{
-    BrokerConfig, BrokerError, Credential, FetchRequest, SourceFuture, SourceKind, Sources,
-    SystemClock, Token, TokenBroker, TokenSource,
+    BrokerConfig, BrokerError, Credential, FetchRequest, ImdsLimiter, LimiterConfig, SourceFuture,
+    SourceKind, Sources, SystemClock, Token, TokenBroker, TokenSource,
 };
 use podid_controller::matching::{MatchIndex, MatchOptions};
 use podid_imds::ErrorOptions;
@@ -81,12 +88,37 @@ struct Args {
     /// Concurrent keep-alive connections of the light-load (latency) run.
     #[arg(long, default_value_t = 4)]
     light_connections: usize,
+    /// Seconds of the quiet pod's load in each half of the noisy-neighbour phase (0: skip it).
+    #[arg(long, default_value_t = 5)]
+    noisy_seconds: u64,
 }
 
-/// A token source that answers at once and counts its calls.
-#[derive(Debug, Default)]
+/// The noisy pod's source address (pod 1).
+const NOISY_IP: [u8; 4] = [127, 0, 0, 2];
+/// Idle connections the noisy pod tries to hold.
+const NOISY_HELD: usize = 1024;
+/// The noisy pod's concurrent requests for distinct resources.
+const NOISY_CHURNERS: usize = 32;
+/// Distinct resources the noisy pod asks for.
+const NOISY_RESOURCES: u64 = 1000;
+
+/// A token source that answers at once and counts its calls; once `limited`, each call first
+/// takes a turn in `limiter` and lasts 50 ms, like a call to IMDS.
+#[derive(Debug)]
 struct CountingSource {
     calls: AtomicU64,
+    limited: std::sync::atomic::AtomicBool,
+    limiter: ImdsLimiter,
+}
+
+impl Default for CountingSource {
+    fn default() -> Self {
+        Self {
+            calls: AtomicU64::new(0),
+            limited: std::sync::atomic::AtomicBool::new(false),
+            limiter: ImdsLimiter::new(LimiterConfig::default()),
+        }
+    }
 }
 
 impl TokenSource for CountingSource {
@@ -96,6 +128,19 @@ impl TokenSource for CountingSource {
 
     fn fetch<'a>(&'a self, request: &'a FetchRequest) -> SourceFuture<'a> {
         Box::pin(async move {
+            if self.limited.load(Ordering::Relaxed) {
+                let _turn = self
+                    .limiter
+                    .acquire_for(request.requester.clone())
+                    .await
+                    .map_err(|e| BrokerError::Unavailable {
+                        source_kind: SourceKind::Imds,
+                        client_id: request.identity.client_id.clone(),
+                        reason: e.to_string(),
+                        retry_after: None,
+                    })?;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
             let n = self.calls.fetch_add(1, Ordering::Relaxed);
             let mut access = format!("bench-token-{}-{n}-", request.identity.client_id);
             while access.len() < TOKEN_LEN {
@@ -117,9 +162,11 @@ fn unix_now() -> u64 {
 }
 
 fn pod(i: usize) -> Pod {
-    // Pod 0 is this process: its address is the load client's.
+    // Pod 0 is this process: its address is the load client's; pod 1 is the noisy pod.
     let ip = if i == 0 {
         "127.0.0.1".to_owned()
+    } else if i == 1 {
+        std::net::Ipv4Addr::from(NOISY_IP).to_string()
     } else {
         format!("10.244.{}.{}", i / 250, i % 250 + 1)
     };
@@ -366,6 +413,102 @@ async fn load(addr: SocketAddr, connections: usize, duration: Duration) -> anyho
     })
 }
 
+/// A connection to `addr` from the noisy pod's address.
+async fn noisy_connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::from((NOISY_IP, 0)))?;
+    socket.connect(addr).await
+}
+
+/// What the noisy pod got.
+#[derive(Debug, Default)]
+struct Noise {
+    tokens: AtomicU64,
+    refused: AtomicU64,
+    closed: AtomicU64,
+}
+
+/// The noisy pod until `stop`: one task keeps trying to hold [`NOISY_HELD`] idle connections
+/// (topping up once a second), [`NOISY_CHURNERS`] tasks ask for distinct resources back to
+/// back on keep-alive connections (reconnecting 10 ms after a connection closed at accept).
+fn spawn_noise(
+    addr: SocketAddr,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    noise: Arc<Noise>,
+) -> tokio::task::JoinSet<()> {
+    let mut tasks = tokio::task::JoinSet::new();
+    {
+        let stop = Arc::clone(&stop);
+        tasks.spawn(async move {
+            // The churners connect first (keep-alive, one connection each), then the idle
+            // connections take whatever the source may still hold.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let mut held: Vec<TcpStream> = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                held.retain(|s| {
+                    let mut byte = [0u8; 1];
+                    matches!(s.try_read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+                });
+                while held.len() < NOISY_HELD {
+                    match noisy_connect(addr).await {
+                        Ok(stream) => held.push(stream),
+                        Err(_) => break,
+                    }
+                }
+                // Top up once a second: a pod holding sockets, not a connect flood (that one
+                // costs CPU, which the pod's own cgroup bounds on a real node).
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+    }
+    let next = Arc::new(AtomicU64::new(0));
+    for _ in 0..NOISY_CHURNERS {
+        let (stop, noise, next) = (Arc::clone(&stop), Arc::clone(&noise), Arc::clone(&next));
+        tasks.spawn(async move {
+            let mut buf = Vec::new();
+            let mut connection: Option<TcpStream> = None;
+            while !stop.load(Ordering::Relaxed) {
+                let mut stream = match connection.take() {
+                    Some(stream) => stream,
+                    None => match noisy_connect(addr).await {
+                        Ok(stream) => stream,
+                        Err(_) => {
+                            noise.refused.fetch_add(1, Ordering::Relaxed);
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                            continue;
+                        }
+                    },
+                };
+                let k = next.fetch_add(1, Ordering::Relaxed) % NOISY_RESOURCES;
+                let request = format!(
+                    "GET /metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fnoisy{k}.example.com HTTP/1.1\r\nHost: 169.254.169.254\r\nMetadata: true\r\n\r\n"
+                );
+                buf.clear();
+                let answered = async {
+                    stream.write_all(request.as_bytes()).await?;
+                    read_response(&mut stream, &mut buf).await
+                }
+                .await;
+                match answered {
+                    Ok((status, _)) => {
+                        if status == 200 {
+                            noise.tokens.fetch_add(1, Ordering::Relaxed);
+                        }
+                        connection = Some(stream);
+                    }
+                    Err(_) => {
+                        // Closed at accept: the source held too many connections. Retry
+                        // after 10 ms, as a client library would, not in a tight loop.
+                        noise.closed.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            }
+        });
+    }
+    tasks
+}
+
 /// A minimal hyper 1 server answering every request with `body`.
 async fn baseline(listener: TcpListener, body: Bytes) {
     while let Ok((stream, _)) = listener.accept().await {
@@ -509,6 +652,30 @@ async fn main() -> anyhow::Result<()> {
         interleaved(nmi_addr, base_addr, args.light_connections, args.seconds).await?;
     let calls_after = source.calls.load(Ordering::Relaxed);
     let rss_after_load = rss_bytes()?;
+
+    // ---- one pod's share: the quiet pod alone, then beside the noisy pod.
+    let noisy = if args.noisy_seconds > 0 {
+        source.limited.store(true, Ordering::Relaxed);
+        let mut alone = Slice::default();
+        for _ in 0..args.noisy_seconds {
+            alone.add(load(nmi_addr, args.light_connections, Duration::from_secs(1)).await?);
+        }
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let noise = Arc::new(Noise::default());
+        let mut tasks = spawn_noise(nmi_addr, Arc::clone(&stop), Arc::clone(&noise));
+        // Let the noise fill the connections and the budget's queue first.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let mut beside = Slice::default();
+        for _ in 0..args.noisy_seconds {
+            beside.add(load(nmi_addr, args.light_connections, Duration::from_secs(1)).await?);
+        }
+        stop.store(true, Ordering::Relaxed);
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+        Some((alone.run()?, beside.run()?, noise))
+    } else {
+        None
+    };
     base.abort();
     let _ = stop_nmi.send(());
     let _ = tokio::time::timeout(Duration::from_secs(10), nmi).await;
@@ -601,6 +768,47 @@ async fn main() -> anyhow::Result<()> {
         "VmRSS after the loads          {:>8.1} MiB  (includes the in-process load client and the baseline server)",
         rss_after_load as f64 / MIB
     );
+    if let Some((alone, beside, noise)) = &noisy {
+        println!();
+        println!(
+            "one pod's share: quiet pod (127.0.0.1, {} keep-alive connections, cache hits) alone, then beside a noisy pod (127.0.0.2) holding up to {NOISY_HELD} idle connections and churning {NOISY_RESOURCES} resources with {NOISY_CHURNERS} keep-alive requests at a time through a 5-concurrent, 20/s, 50 ms IMDS budget; {} s each",
+            args.light_connections, args.noisy_seconds
+        );
+        println!(
+            "{:<22} {:>10} {:>7} {:>8} {:>8}",
+            "quiet pod", "requests", "errors", "p50 ms", "p99 ms"
+        );
+        for (name, run) in [("alone", alone), ("beside the noisy pod", beside)] {
+            println!(
+                "{:<22} {:>10} {:>7} {:>8.3} {:>8.3}",
+                name,
+                run.requests,
+                run.errors,
+                ms(run.p50),
+                ms(run.p99)
+            );
+        }
+        let p99_ratio = beside.p99.as_secs_f64() / alone.p99.as_secs_f64();
+        println!(
+            "quiet p99 ratio noisy/alone    {p99_ratio:>8.2}   target <= 2   {}",
+            verdict(p99_ratio <= 2.0)
+        );
+        println!(
+            "quiet p50 ratio noisy/alone    {:>8.2}",
+            beside.p50.as_secs_f64() / alone.p50.as_secs_f64()
+        );
+        println!(
+            "noisy pod                      {} tokens, {} connections closed at accept, {} connects failed",
+            noise.tokens.load(Ordering::Relaxed),
+            noise.closed.load(Ordering::Relaxed),
+            noise.refused.load(Ordering::Relaxed)
+        );
+        ensure!(
+            alone.errors == 0 && beside.errors == 0,
+            "the quiet pod was refused {} times",
+            alone.errors + beside.errors
+        );
+    }
     ensure!(
         nmi_run.errors == 0 && nmi_light.errors == 0,
         "nmi answered {} requests with an error",
