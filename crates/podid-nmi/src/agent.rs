@@ -771,4 +771,49 @@ mod tests {
         assert!(error.to_string().contains("sp-secret"), "{error}");
         assert_eq!(source.0.load(Ordering::Relaxed), 2);
     }
+    fn data(pairs: &[(&str, &[u8])]) -> BTreeMap<String, ByteString> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), ByteString(v.to_vec())))
+            .collect()
+    }
+
+    /// Only the documented keys count (upstream sent any single-key Secret as a client
+    /// secret, e.g. a pull secret), and each credential's origin is computed once, at read.
+    #[test]
+    fn only_documented_keys_count_and_the_origin_is_derived_at_read() {
+        let pull = ReadSecret::new(
+            "kube-system",
+            "pull",
+            &data(&[(".dockerconfigjson", b"{\"auths\":{}}")]),
+        );
+        let error = pull
+            .client_secret
+            .expect_err("a single other key is no secret");
+        assert!(error.contains("no clientSecret key"), "{error}");
+        assert!(pull.certificate.is_err());
+        let no_password = ReadSecret::new("app", "cert", &data(&[("certificate", b"p12")]));
+        assert!(
+            no_password
+                .certificate
+                .expect_err("password required")
+                .contains("no password key")
+        );
+        let read = |value: &[u8]| {
+            ReadSecret::new("app", "sp", &data(&[("clientSecret", value), ("x", b"y")]))
+                .client_secret
+                .expect("clientSecret")
+        };
+        let (credential, origin) = read(b"s3cret\n");
+        assert_eq!(
+            credential,
+            Credential::ClientSecret(SecretValue::new("s3cret"))
+        );
+        assert_eq!((origin.namespace(), origin.name()), ("app", "sp"));
+        assert_eq!(read(b"s3cret").1, origin, "same credential, same origin");
+        assert_ne!(read(b"other").1, origin, "other content, other origin");
+        let elsewhere = ReadSecret::new("evil", "sp", &data(&[("clientSecret", b"s3cret")]));
+        assert_ne!(elsewhere.client_secret.expect("secret").1, origin);
+        assert!(!format!("{origin:?}").contains("s3cret"));
+    }
 }
