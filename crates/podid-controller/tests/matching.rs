@@ -177,7 +177,9 @@ fn wrong_client_id_never_returns_another_identity() {
         Decision::NoMatch(n) => n.to_imds_error(&p),
         _ => unreachable!(),
     };
-    assert_eq!(err.status(Default::default()).as_u16(), 404);
+    // A final refusal: the real IMDS's 400 for an identity the VM lacks.
+    assert!(err.is_final_refusal());
+    assert_eq!(err.status(Default::default()).as_u16(), 400);
     let d = index.decide(&p, &IdentitySelector::ResourceId(Cow::Borrowed("/x")));
     assert_eq!(
         d,
