@@ -136,6 +136,8 @@ fn every_key_set() -> Value {
             "federatedAuthorityHost": "https://login.microsoftonline.us/",
             "serveWorkloadIdentityPods": true,
             "startupTaint": "podid.io/nmi-not-ready",
+            "allowedAuthorities": ["https://login.example.net/", "https://entra.internal.example/"],
+            "allowCrossNamespaceSecrets": true,
         },
         "rbac": {"createUserFacingClusterRoles": true, "allowServiceAccountTokens": true},
         "azureIdentities": {
@@ -323,6 +325,8 @@ fn every_key_set_reaches_the_flags() {
         "--block-instance-metadata=true",
         "--error-format=text",
         "--not-found-for-final-refusals=true",
+        "--allowed-authorities=https://login.example.net/,https://entra.internal.example/",
+        "--allow-cross-namespace-secrets=true",
         "--manage-route-localnet=false",
         "--serve-workload-identity-pods",
     ] {

@@ -49,6 +49,14 @@ const PODID_ONLY_KEYS: &[(&str, &str)] = &[
         "nmi --serve-workload-identity-pods: Workload Identity pods served through IMDS",
     ),
     (
+        "nmi.allowedAuthorities",
+        "nmi --allowed-authorities: Entra authorities besides the clouds'",
+    ),
+    (
+        "nmi.allowCrossNamespaceSecrets",
+        "nmi --allow-cross-namespace-secrets: upstream's cross-namespace Secrets",
+    ),
+    (
         "nmi.startupTaint",
         "nmi --startup-taint: node pools closed from their first second (taint removed by nmi)",
     ),
