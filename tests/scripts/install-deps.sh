@@ -27,6 +27,8 @@ command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 command -v iptables >/dev/null 2>&1 || missing+=(iptables)
 # nmi --enable-conntrack-deletion shells out to conntrack(8); its tests use it too.
 command -v conntrack >/dev/null 2>&1 || missing+=(conntrack)
+# promtool checks the shipped alerting rules.
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v cc >/dev/null 2>&1 || missing+=(build-essential)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 # A minimal image has no CA bundle: rustup's download over TLS needs one.

@@ -24,6 +24,15 @@ pub const SCOPE: &str = "https://vault.azure.net/.default";
 /// nmi's probe port in the suites.
 pub const PROBE_PORT: u16 = 8085;
 
+/// Which binary's `/metrics` to read.
+#[derive(Debug, Clone, Copy)]
+pub enum Component {
+    /// mic, on the host.
+    Mic,
+    /// nmi, in the node.
+    Nmi,
+}
+
 /// One simulated node running nmi, with everything around it.
 pub struct Cluster {
     /// The node namespace.
@@ -48,6 +57,7 @@ pub struct Cluster {
     pub mic: Option<ChildGuard>,
     /// mic's `--http-probe-port` once spawned.
     mic_probe: Option<u16>,
+    mic_metrics: Option<u16>,
     /// Where nmi's and mic's output goes; `None` (default) inherits the caller's stdout/stderr.
     pub child_log: Option<PathBuf>,
 }
@@ -127,6 +137,7 @@ impl Cluster {
             arm,
             mic: None,
             mic_probe: None,
+            mic_metrics: None,
             child_log: None,
             entra_url,
             dir,
@@ -331,6 +342,7 @@ impl Cluster {
             .to_string(),
         )?;
         let probe = free_port()?;
+        let metrics = free_port()?;
         let mut command = std::process::Command::new(binary("mic")?);
         command
             .arg(format!(
@@ -341,13 +353,38 @@ impl Cluster {
             .arg(format!("--arm-endpoint={}", self.arm.url()))
             .arg(format!("--aad-authority={}", self.entra_url))
             .arg(format!("--http-probe-port={probe}"))
-            .arg(format!("--prometheus-port={}", free_port()?))
+            .arg(format!("--prometheus-port={metrics}"))
             .env("MIC_POD_NAMESPACE", "default")
             .env("RUST_LOG", "info");
         self.redirect(&mut command)?;
         self.mic = Some(ChildGuard::spawn("mic", command)?);
         self.mic_probe = Some(probe);
+        self.mic_metrics = Some(metrics);
         Ok(())
+    }
+
+    /// The `/metrics` text of mic (`Component::Mic`, on the host) or nmi (in the node).
+    pub async fn metrics_text(&self, component: Component) -> anyhow::Result<String> {
+        let url = match component {
+            Component::Mic => format!(
+                "http://127.0.0.1:{}/metrics",
+                self.mic_metrics.context("mic was not spawned")?
+            ),
+            Component::Nmi => format!("http://{}:9090/metrics", self.node.ip()),
+        };
+        let response = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(5))
+            .build()?
+            .get(&url)
+            .send()
+            .await?;
+        anyhow::ensure!(
+            response.status().is_success(),
+            "{url}: {}",
+            response.status()
+        );
+        Ok(response.text().await?)
     }
 
     /// Waits until mic leads with its caches synced (`/healthz` says `Active`), failing if it

@@ -61,6 +61,26 @@ const PODID_ONLY_KEYS: &[(&str, &str)] = &[
         "nmi --startup-taint: node pools closed from their first second (taint removed by nmi)",
     ),
     (
+        "monitoring.grafanaDashboard.enabled",
+        "opt-in ConfigMap with podid's Grafana dashboard",
+    ),
+    (
+        "monitoring.grafanaDashboard.namespace",
+        "namespace of the dashboard ConfigMap",
+    ),
+    (
+        "monitoring.grafanaDashboard.labels.grafana_dashboard",
+        "the label Grafana's dashboard sidecar watches for",
+    ),
+    (
+        "monitoring.prometheusRule.enabled",
+        "opt-in PrometheusRule with podid's alerting rules",
+    ),
+    (
+        "monitoring.prometheusRule.labels",
+        "extra labels for the PrometheusRule",
+    ),
+    (
         "rbac.allowServiceAccountTokens",
         "opt-in TokenRequest RBAC for federated identities (Workload Identity migration)",
     ),

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use podid_controller::arm::{ArmError, ArmOperation, ComputeKind};
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// `operation_type` of a failed AzureAssignedIdentity create.
@@ -38,7 +38,12 @@ struct Metrics {
     cloud_errors: IntCounterVec,
     cloud_duration: HistogramVec,
     kube_errors: IntCounterVec,
+    leader: IntGauge,
+    assignments: IntGaugeVec,
 }
+
+/// `state` values of `podid_mic_assignments` (any other status counts as `other`).
+pub const ASSIGNMENT_STATES: [&str; 4] = ["Created", "Assigned", "Unassigned", "other"];
 
 const PREFIX: &str = "aadpodidentity";
 
@@ -123,6 +128,17 @@ impl Metrics {
                 ),
                 &["operation_type"],
             )?,
+            leader: IntGauge::new(
+                "podid_mic_leader",
+                "1 while this replica holds the leader lease and runs the loop",
+            )?,
+            assignments: IntGaugeVec::new(
+                Opts::new(
+                    "podid_mic_assignments",
+                    "AzureAssignedIdentity objects in the leader's cache by status, after each pass",
+                ),
+                &["state"],
+            )?,
             registry,
         };
         m.registry.register(Box::new(m.addition_duration.clone()))?;
@@ -137,6 +153,11 @@ impl Metrics {
         m.registry.register(Box::new(m.cloud_errors.clone()))?;
         m.registry.register(Box::new(m.cloud_duration.clone()))?;
         m.registry.register(Box::new(m.kube_errors.clone()))?;
+        m.registry.register(Box::new(m.leader.clone()))?;
+        m.registry.register(Box::new(m.assignments.clone()))?;
+        for state in ASSIGNMENT_STATES {
+            m.assignments.with_label_values(&[state]);
+        }
         // Every label value exists from the start, so dashboards see zeros, not gaps.
         for kind in [
             ComputeKind::VirtualMachine,
@@ -235,4 +256,28 @@ pub fn render() -> String {
         tracing::warn!(error = %e, "failed to encode metrics");
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Whether this replica leads (`podid_mic_leader`).
+pub fn leading(leading: bool) {
+    if let Some(m) = metrics() {
+        m.leader.set(i64::from(leading));
+    }
+}
+
+/// The assignments by status after a pass (`podid_mic_assignments{state}`): `Created` ones
+/// that stay are assignments waiting for ARM.
+pub fn assignment_states<'a>(states: impl IntoIterator<Item = &'a str>) {
+    let Some(m) = metrics() else { return };
+    let mut counts = [0i64; ASSIGNMENT_STATES.len()];
+    for state in states {
+        let i = ASSIGNMENT_STATES[..3]
+            .iter()
+            .position(|s| *s == state)
+            .unwrap_or(3);
+        counts[i] += 1;
+    }
+    for (state, count) in ASSIGNMENT_STATES.iter().zip(counts) {
+        m.assignments.with_label_values(&[state]).set(count);
+    }
 }

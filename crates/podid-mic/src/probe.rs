@@ -28,6 +28,7 @@ impl Health {
     /// Marks the replica active or not.
     pub fn set_active(&self, active: bool) {
         self.active.store(active, Ordering::SeqCst);
+        crate::metrics::leading(active);
     }
 
     /// Whether the replica is active.

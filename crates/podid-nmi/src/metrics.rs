@@ -24,6 +24,20 @@ use prometheus::{
 use crate::health::{Blocker, Health};
 use crate::pods::PodIndex;
 
+/// `identity_type` values of `podid_nmi_tokens_issued_total` (plus `other` for an unsupported
+/// type, which never gets a token).
+pub const TOKEN_SOURCES: [&str; 6] = [
+    "user_assigned_msi",
+    "service_principal",
+    "service_principal_certificate",
+    "federated",
+    "workload_identity",
+    "node_identity",
+];
+
+/// `cache` values of `podid_nmi_tokens_issued_total`.
+const TOKEN_CACHE: [&str; 3] = ["hit", "miss", "unknown"];
+
 /// `reason` of `podid_nmi_not_ready` when the interception itself is not installed.
 pub const NOT_READY_INTERCEPTION: &str = "interception";
 
@@ -105,6 +119,10 @@ pub struct Metrics {
     /// `podid_nmi_connections_refused_total{reason}` (`per_source`: the peer already held
     /// `--max-connections-per-source` connections).
     pub connections_refused: IntCounterVec,
+    /// `podid_nmi_tokens_issued_total{identity_type,cache}`, each child resolved once (the
+    /// cache-hit path hashes no labels): `[identity_type][cache]`, in [`TOKEN_SOURCES`] order
+    /// then `other`, and `hit`, `miss`, `unknown`.
+    tokens_issued: Vec<[IntCounter; 3]>,
     pod_watch_blind: Gauge,
     pod_watch: Mutex<Option<Arc<PodIndex>>>,
     cache_hits: IntCounter,
@@ -201,6 +219,21 @@ impl Metrics {
             &["reason"],
         )
         .expect(REGISTER);
+        let tokens_issued = IntCounterVec::new(
+            Opts::new(
+                "podid_nmi_tokens_issued_total",
+                "Token answers by how the token was obtained (identity_type: user_assigned_msi, service_principal, service_principal_certificate, federated, workload_identity, node_identity) and whether the cache answered (cache: hit, miss, unknown)",
+            ),
+            &["identity_type", "cache"],
+        )
+        .expect(REGISTER);
+        let tokens_issued_children: Vec<[IntCounter; 3]> = TOKEN_SOURCES
+            .iter()
+            .chain(std::iter::once(&"other"))
+            .map(|source| {
+                TOKEN_CACHE.map(|cache| tokens_issued.with_label_values(&[*source, cache]))
+            })
+            .collect();
         let pod_watch_blind = Gauge::new(
             "podid_nmi_pod_watch_blind_seconds",
             "How long the pod watch has been failing without a complete list since (0 while it streams)",
@@ -238,6 +271,9 @@ impl Metrics {
             .register(Box::new(connections_refused.clone()))
             .expect(REGISTER);
         registry
+            .register(Box::new(tokens_issued.clone()))
+            .expect(REGISTER);
+        registry
             .register(Box::new(pod_watch_blind.clone()))
             .expect(REGISTER);
         registry
@@ -255,6 +291,7 @@ impl Metrics {
             attribution_failures,
             not_ready,
             connections_refused,
+            tokens_issued: tokens_issued_children,
             pod_watch_blind,
             pod_watch: Mutex::new(None),
             cache_hits,
@@ -314,6 +351,19 @@ impl Metrics {
             self.not_ready
                 .with_label_values(&[blocker.label()])
                 .set(i64::from(health.is_blocked(blocker)));
+        }
+    }
+
+    /// One token answer: how it was obtained (one of [`TOKEN_SOURCES`], else `other`) and
+    /// whether the cache answered (`hit`, `miss`, else `unknown`).
+    pub fn token_issued(&self, identity_type: &str, cache: &str) {
+        let source = TOKEN_SOURCES
+            .iter()
+            .position(|s| *s == identity_type)
+            .unwrap_or(TOKEN_SOURCES.len());
+        let cache = TOKEN_CACHE.iter().position(|c| *c == cache).unwrap_or(2);
+        if let Some(children) = self.tokens_issued.get(source) {
+            children[cache].inc();
         }
     }
 
@@ -430,5 +480,23 @@ mod tests {
             assert!(text.contains(&line), "{line} missing in:\n{text}");
         }
         assert!(!text.contains(&format!("operation_type=\"{}\"", imds_operation::MSI)));
+    }
+
+    #[test]
+    fn tokens_issued_counts_each_source_and_cache_answer() {
+        let metrics = Metrics::new();
+        metrics.token_issued("federated", "hit");
+        metrics.token_issued("federated", "hit");
+        metrics.token_issued("user_assigned_msi", "miss");
+        metrics.token_issued("made-up", "weird");
+        let text = exposition(&metrics);
+        for line in [
+            "podid_nmi_tokens_issued_total{cache=\"hit\",identity_type=\"federated\"} 2",
+            "podid_nmi_tokens_issued_total{cache=\"miss\",identity_type=\"user_assigned_msi\"} 1",
+            "podid_nmi_tokens_issued_total{cache=\"unknown\",identity_type=\"other\"} 1",
+            "podid_nmi_tokens_issued_total{cache=\"hit\",identity_type=\"node_identity\"} 0",
+        ] {
+            assert!(text.contains(line), "{line} missing:\n{text}");
+        }
     }
 }

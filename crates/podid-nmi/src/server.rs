@@ -782,6 +782,34 @@ struct Granted {
     exception: bool,
     /// Served as a Workload Identity pod ([`crate::workload`]).
     workload_identity: bool,
+    /// An identity switched to federated tokens.
+    federated: bool,
+}
+
+impl Granted {
+    /// `identity_type` of `podid_nmi_tokens_issued_total`: how the token was obtained.
+    fn source_label(&self) -> &'static str {
+        if self.exception {
+            return "node_identity";
+        }
+        if self.workload_identity {
+            return "workload_identity";
+        }
+        if self.federated {
+            return "federated";
+        }
+        match &self.client_id {
+            ClientId::Identity(identity) => match identity.identity_type() {
+                podid_api::IdentityType::UserAssignedMsi => "user_assigned_msi",
+                podid_api::IdentityType::ServicePrincipal => "service_principal",
+                podid_api::IdentityType::ServicePrincipalCertificate => {
+                    "service_principal_certificate"
+                }
+                _ => "other",
+            },
+            _ => "other",
+        }
+    }
 }
 
 /// The `client_id` a grant answers with: the matched identity's (read from it, not copied per
@@ -848,7 +876,7 @@ async fn token_route(
                     token_list_response(&responses)
                 }
             };
-            audit(&pod, &granted, &query.resource, "token");
+            audit(&state.metrics, &pod, &granted, &query.resource, "token");
             timed.done(response, &pod.namespace, &query.resource)
         }
         Err(denied) => {
@@ -901,7 +929,13 @@ async fn host_token_route(
                 token: first.response(None, SystemTime::now()),
                 client_id,
             };
-            audit(&pod, &granted, &query.resource, "host_token");
+            audit(
+                &state.metrics,
+                &pod,
+                &granted,
+                &query.resource,
+                "host_token",
+            );
             timed.done(body.response(), &pod.namespace, &query.resource)
         }
         Err(denied) => {
@@ -923,12 +957,13 @@ fn record_attribution_failure(metrics: &Metrics, error: LookupError) {
 }
 
 /// One structured audit line per issued token; never the token itself.
-fn audit(pod: &CallerPod, granted: &Granted, resource: &str, route: &str) {
+fn audit(metrics: &Metrics, pod: &CallerPod, granted: &Granted, resource: &str, route: &str) {
     let cache = match granted.cache_hit {
         Some(true) => "hit",
         Some(false) => "miss",
         None => "unknown",
     };
+    metrics.token_issued(granted.source_label(), cache);
     tracing::info!(
         target: "podid::audit",
         route,
@@ -1023,7 +1058,8 @@ async fn grant(
                     .uid(&pod.namespace, &pod.name)
                     .unwrap_or_default();
             }
-            let operation = if federated.is_some() {
+            let switched = federated.is_some();
+            let operation = if switched {
                 imds_operation::FEDERATED
             } else {
                 operation
@@ -1043,6 +1079,7 @@ async fn grant(
                 cache_hit: issued.cache_hit,
                 exception: false,
                 workload_identity: false,
+                federated: switched,
             })
         }
         Decision::Exception(node) => {
@@ -1072,6 +1109,7 @@ async fn grant(
                 cache_hit: issued.cache_hit,
                 exception: true,
                 workload_identity: false,
+                federated: false,
             })
         }
     }
@@ -1176,6 +1214,7 @@ async fn workload_grant(
         cache_hit: issued.cache_hit,
         exception: false,
         workload_identity: true,
+        federated: true,
     })
 }
 
