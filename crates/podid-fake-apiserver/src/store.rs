@@ -151,6 +151,9 @@ pub struct Store {
     /// While set (a `dryRun=All` request), writes are computed and answered but never stored,
     /// broadcast or given a new resourceVersion.
     pub(crate) dry_run: bool,
+    /// While set ([`crate::FakeApiServer::seed_legacy_json`]), custom resources are stored
+    /// without schema validation or pruning.
+    pub(crate) skip_schema: bool,
 }
 
 fn meta_str<'a>(obj: &'a Value, field: &str) -> Option<&'a str> {
@@ -187,6 +190,7 @@ impl Store {
             tx,
             owners: BTreeMap::new(),
             dry_run: false,
+            skip_schema: false,
         }
     }
 
@@ -490,7 +494,7 @@ impl Store {
     /// fields, as a real server does.
     fn check_schema(&self, kind: usize, obj: &mut Value) -> Result<(), ApiError> {
         let k = &self.kinds[kind];
-        if !k.custom {
+        if !k.custom || self.skip_schema {
             return Ok(());
         }
         let Some(schema) = crate::schema::crd_schema(self, k) else {
