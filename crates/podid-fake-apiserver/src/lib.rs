@@ -495,6 +495,16 @@ impl FakeApiServer {
         }
     }
 
+    /// Like [`Self::create_json`], but a custom resource is stored exactly as given, without
+    /// schema validation or pruning: an object written before its CRD had a structural schema
+    /// (upstream's Go mic wrote capitalised field names), which a real server keeps as stored.
+    pub fn seed_legacy_json(&self, collection_path: &str, obj: Value) -> Result<Value, ApiError> {
+        self.shared.store().skip_schema = true;
+        let r = self.create_json(collection_path, obj);
+        self.shared.store().skip_schema = false;
+        r
+    }
+
     /// Reads the object or list at `path` (a query such as `?labelSelector=` is allowed).
     pub fn get_json(&self, path: &str) -> Result<Value, ApiError> {
         self.request_json(Method::GET, path, "", None)

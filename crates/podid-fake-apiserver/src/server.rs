@@ -820,7 +820,13 @@ fn resource_in(
             StatusCode::OK,
             store.update(p.kind, ns, name, parse_body(content_type, body)?, target)?,
         )),
-        (&Method::PATCH, Some(name)) => patch(store, p.kind, ns, name, target, content_type, body),
+        (&Method::PATCH, Some(name)) => {
+            let apply = Apply {
+                manager: query.get("fieldManager").cloned().unwrap_or_default(),
+                force: is_true(query.get("force")),
+            };
+            patch(store, p.kind, ns, name, target, content_type, body, &apply)
+        }
         (&Method::DELETE, Some(name)) => {
             let pre = preconditions(body)?;
             Ok((StatusCode::OK, store.delete(p.kind, ns, name, &pre)?))
@@ -863,6 +869,13 @@ fn preconditions(body: &[u8]) -> Result<Preconditions, ApiError> {
     })
 }
 
+/// Server-side apply's parameters.
+struct Apply {
+    manager: String,
+    force: bool,
+}
+
+#[allow(clippy::too_many_arguments)]
 fn patch(
     store: &mut Store,
     kind: usize,
@@ -871,6 +884,7 @@ fn patch(
     target: Target,
     content_type: &str,
     body: &[u8],
+    apply: &Apply,
 ) -> Result<(StatusCode, Value), ApiError> {
     let ct = content_type.split(';').next().unwrap_or("").trim();
     if ct == "application/strategic-merge-patch+json" && store.kinds()[kind].custom {
@@ -900,17 +914,41 @@ fn patch(
         "application/apply-patch+yaml" => {
             let applied: Value = serde_norway::from_slice(body)
                 .map_err(|e| ApiError::bad_request(format!("invalid apply patch: {e}")))?;
+            if apply.manager.is_empty() {
+                return Err(ApiError::bad_request(
+                    "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch",
+                ));
+            }
             match existing {
                 Ok(mut doc) => {
+                    store.apply_ownership(
+                        kind,
+                        ns,
+                        name,
+                        &doc,
+                        &applied,
+                        &apply.manager,
+                        apply.force,
+                    )?;
                     json_patch::merge(&mut doc, &applied);
                     doc
                 }
                 Err(e) if e.code == 404 && target == Target::Main => {
-                    let mut obj = applied;
+                    let mut obj = applied.clone();
                     if obj.is_object() {
                         obj["metadata"]["name"] = json!(name);
                     }
-                    return Ok((StatusCode::CREATED, store.create(kind, ns, obj)?));
+                    let created = store.create(kind, ns, obj)?;
+                    store.apply_ownership(
+                        kind,
+                        ns,
+                        name,
+                        &created,
+                        &applied,
+                        &apply.manager,
+                        true,
+                    )?;
+                    return Ok((StatusCode::CREATED, created));
                 }
                 Err(e) => return Err(e),
             }

@@ -78,6 +78,9 @@ impl Filter {
 
 type Key = (String, String);
 
+/// An object's uid and the manager of each leaf field path an apply set.
+type Owners = (String, BTreeMap<String, String>);
+
 /// The longest `note` an events.k8s.io Event may have, in bytes.
 pub const EVENT_NOTE_LIMIT: usize = 1024;
 
@@ -142,9 +145,15 @@ pub struct Store {
     floor: u64,
     history_limit: usize,
     tx: broadcast::Sender<Arc<Change>>,
+    /// Server-side apply ownership: per object (kind, namespace, name), its uid and the manager
+    /// of each leaf field path an apply set.
+    owners: BTreeMap<(usize, String, String), Owners>,
     /// While set (a `dryRun=All` request), writes are computed and answered but never stored,
     /// broadcast or given a new resourceVersion.
     pub(crate) dry_run: bool,
+    /// While set ([`crate::FakeApiServer::seed_legacy_json`]), custom resources are stored
+    /// without schema validation or pruning.
+    pub(crate) skip_schema: bool,
 }
 
 fn meta_str<'a>(obj: &'a Value, field: &str) -> Option<&'a str> {
@@ -179,7 +188,9 @@ impl Store {
             floor: 0,
             history_limit: history_limit.max(1),
             tx,
+            owners: BTreeMap::new(),
             dry_run: false,
+            skip_schema: false,
         }
     }
 
@@ -386,11 +397,104 @@ impl Store {
         Ok(())
     }
 
+    /// Server-side apply's field ownership, at leaf granularity: every leaf value of `applied`
+    /// (maps are walked, lists and scalars are leaves) belongs to `manager` after the apply. A
+    /// leaf another manager owns whose value the apply changes is a `409 Conflict` unless
+    /// `force`. Only applies take ownership (updates and other patches do not).
+    #[allow(clippy::too_many_arguments)]
+    pub fn apply_ownership(
+        &mut self,
+        kind: usize,
+        ns: &str,
+        name: &str,
+        live: &Value,
+        applied: &Value,
+        manager: &str,
+        force: bool,
+    ) -> Result<(), ApiError> {
+        fn leaves(v: &Value, path: String, out: &mut Vec<(String, Value)>) {
+            match v {
+                Value::Object(m) if !m.is_empty() => {
+                    for (k, c) in m {
+                        leaves(c, format!("{path}.{k}"), out);
+                    }
+                }
+                _ => out.push((path, v.clone())),
+            }
+        }
+        let mut applied_leaves = Vec::new();
+        leaves(applied, String::new(), &mut applied_leaves);
+        applied_leaves.retain(|(p, _)| {
+            !matches!(
+                p.as_str(),
+                ".apiVersion"
+                    | ".kind"
+                    | ".metadata.name"
+                    | ".metadata.namespace"
+                    | ".metadata.resourceVersion"
+            )
+        });
+        let ns = ns_key(&self.kinds[kind], ns);
+        let uid = meta_str(live, "uid").unwrap_or("").to_string();
+        let key = (kind, ns, name.to_string());
+        let mut table = match self.owners.get(&key) {
+            Some((u, t)) if *u == uid => t.clone(),
+            _ => BTreeMap::new(),
+        };
+        let mut conflicts = Vec::new();
+        for (path, value) in &applied_leaves {
+            if let Some(owner) = table.get(path)
+                && owner != manager
+            {
+                let pointer = path.replace('.', "/");
+                if live.pointer(&pointer) != Some(value) {
+                    conflicts.push((owner.clone(), path.clone()));
+                }
+            }
+        }
+        if !conflicts.is_empty() && !force {
+            let k = &self.kinds[kind];
+            let list: Vec<String> = conflicts
+                .iter()
+                .map(|(o, p)| format!("conflict with \"{o}\": {p}"))
+                .collect();
+            let mut e = ApiError::conflict(&k.plural, &k.group, name, "");
+            e.message = format!(
+                "Apply failed with {} conflict{}: {}",
+                conflicts.len(),
+                if conflicts.len() == 1 { "" } else { "s" },
+                list.join("\n")
+            );
+            if let Some(d) = e.details.as_mut() {
+                d["causes"] = Value::Array(
+                    conflicts
+                        .iter()
+                        .map(|(o, p)| {
+                            json!({"reason": "FieldManagerConflict",
+                            "message": format!("conflict with \"{o}\""), "field": p})
+                        })
+                        .collect(),
+                );
+            }
+            return Err(e);
+        }
+        if self.dry_run {
+            return Ok(());
+        }
+        // The manager's previous fields it no longer applies are released.
+        table.retain(|_, o| o != manager);
+        for (path, _) in applied_leaves {
+            table.insert(path, manager.to_string());
+        }
+        self.owners.insert(key, (uid, table));
+        Ok(())
+    }
+
     /// Validates a custom resource against its CRD's structural schema and prunes unknown
     /// fields, as a real server does.
     fn check_schema(&self, kind: usize, obj: &mut Value) -> Result<(), ApiError> {
         let k = &self.kinds[kind];
-        if !k.custom {
+        if !k.custom || self.skip_schema {
             return Ok(());
         }
         let Some(schema) = crate::schema::crd_schema(self, k) else {

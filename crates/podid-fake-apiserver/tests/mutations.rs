@@ -392,3 +392,60 @@ async fn raw_errors_are_status_objects() {
         .expect("send");
     assert_eq!(r.status(), 400, "namespace in body must match the path");
 }
+
+#[tokio::test]
+async fn server_side_apply_conflicts_between_field_managers() {
+    let (_server, client) = setup().await;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "default");
+    let lease = |holder: &str| {
+        Patch::Apply(
+            json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": "l"}, "spec": {"holderIdentity": holder}}),
+        )
+    };
+    leases
+        .patch("l", &PatchParams::apply("a"), &lease("a"))
+        .await
+        .expect("a creates");
+    // The same value from another manager is shared, not a conflict.
+    leases
+        .patch("l", &PatchParams::apply("b"), &lease("a"))
+        .await
+        .expect("same value");
+    let e = status(
+        leases
+            .patch("l", &PatchParams::apply("c"), &lease("c"))
+            .await
+            .expect_err("conflict"),
+    );
+    assert_eq!((e.code, e.reason.as_str()), (409, "Conflict"));
+    assert!(
+        e.message
+            .starts_with("Apply failed with 1 conflict: conflict with \"")
+            && e.message.ends_with(".spec.holderIdentity"),
+        "{}",
+        e.message
+    );
+    let l = leases
+        .patch("l", &PatchParams::apply("c").force(), &lease("c"))
+        .await
+        .expect("forced");
+    assert_eq!(l.spec.and_then(|s| s.holder_identity).as_deref(), Some("c"));
+    // Ownership moved: now a's apply conflicts.
+    let e = status(
+        leases
+            .patch("l", &PatchParams::apply("a"), &lease("a"))
+            .await
+            .expect_err("a lost it"),
+    );
+    assert!(e.message.contains("conflict with \"c\""), "{}", e.message);
+    // Plain patches and updates take no ownership and never conflict.
+    leases
+        .patch(
+            "l",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"holderIdentity": "m"}})),
+        )
+        .await
+        .expect("merge patch");
+}

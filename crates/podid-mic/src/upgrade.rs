@@ -117,7 +117,7 @@ const FIELDS: [&str; 23] = [
     "azureBindingRef",
     "pod",
     "podNamespace",
-    "nodeName",
+    "nodename",
     "name",
     "namespace",
     "status",
