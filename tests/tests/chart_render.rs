@@ -140,6 +140,10 @@ fn every_key_set() -> Value {
             "allowCrossNamespaceSecrets": true,
         },
         "rbac": {"createUserFacingClusterRoles": true, "allowServiceAccountTokens": true},
+        "monitoring": {
+            "grafanaDashboard": {"enabled": true, "namespace": "grafana"},
+            "prometheusRule": {"enabled": true, "labels": {"release": "prometheus"}},
+        },
         "azureIdentities": {
             "app": {
                 "namespace": "team-a",
@@ -646,4 +650,59 @@ fn the_startup_taint_brings_its_flag_toleration_and_node_rbac_only_when_set() {
             case.name
         );
     }
+}
+
+/// The opt-in dashboard ConfigMap (with the sidecar's label) and PrometheusRule carry the
+/// shipped files, and promtool accepts the rendered rules; neither is rendered by default.
+#[test]
+fn monitoring_objects_carry_the_shipped_dashboard_and_rules_only_when_asked() {
+    let objects = rendered(&cases()[1]);
+    let dashboards = of_kind(&objects, "ConfigMap");
+    assert_eq!(dashboards.len(), 1);
+    let dashboard = dashboards[0];
+    assert_eq!(dashboard["metadata"]["namespace"], "grafana");
+    assert_eq!(dashboard["metadata"]["labels"]["grafana_dashboard"], "1");
+    let shipped: Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("deploy/monitoring/podid-dashboard.json"))
+            .expect("dashboard"),
+    )
+    .expect("JSON");
+    let carried: Value = serde_json::from_str(
+        dashboard["data"]["podid-dashboard.json"]
+            .as_str()
+            .expect("data"),
+    )
+    .expect("the ConfigMap holds JSON");
+    assert_eq!(carried, shipped);
+
+    let rules = of_kind(&objects, "PrometheusRule");
+    assert_eq!(rules.len(), 1);
+    assert_eq!(rules[0]["metadata"]["labels"]["release"], "prometheus");
+    let shipped: Value = serde_norway::from_str(
+        &std::fs::read_to_string(root().join("deploy/monitoring/podid-alerts.rules.yaml"))
+            .expect("rules"),
+    )
+    .expect("YAML");
+    assert_eq!(rules[0]["spec"], shipped);
+    let file = std::env::temp_dir().join(format!("podid-rules-{}.yaml", std::process::id()));
+    std::fs::write(
+        &file,
+        serde_json::to_string(&rules[0]["spec"]).expect("JSON"),
+    )
+    .expect("write");
+    let output = Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&file)
+        .output()
+        .expect("promtool");
+    let _ = std::fs::remove_file(&file);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+
+    let defaults = rendered(&cases()[0]);
+    assert!(of_kind(&defaults, "ConfigMap").is_empty());
+    assert!(of_kind(&defaults, "PrometheusRule").is_empty());
 }

@@ -7,7 +7,10 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::Command;
 
-use podid_e2e::cluster::{Cluster, Component};
+use std::sync::Arc;
+
+use podid_api::{AzureIdentity, AzureIdentityBinding};
+use podid_e2e::cluster::{Cluster, Component, sdk_for};
 use serde_json::Value;
 
 fn root() -> PathBuf {
@@ -117,10 +120,26 @@ fn the_chart_ships_the_same_dashboard_and_rules() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_metric_a_panel_or_rule_uses_is_exported_by_nmi_or_mic() -> anyhow::Result<()> {
     let mut cluster = Cluster::start().await?;
+    // One pod served end to end, so the histograms that exist only once observed (nmi's
+    // answers, its IMDS calls) have samples.
+    let web = cluster.cloud.add_user_assigned_identity("web");
+    let identity = AzureIdentity::user_assigned("default", "web", &web.resource_id, &web.client_id);
+    cluster.create(
+        "/apis/aadpodidentity.k8s.io/v1/namespaces/default/azureidentities",
+        serde_json::to_value(&identity)?,
+    )?;
+    let binding = AzureIdentityBinding::for_selector("default", "web-binding", "web", "web");
+    cluster.create(
+        "/apis/aadpodidentity.k8s.io/v1/namespaces/default/azureidentitybindings",
+        serde_json::to_value(&binding)?,
+    )?;
     cluster.spawn_mic()?;
     cluster.spawn_nmi(&[])?;
     cluster.wait_ready().await?;
     cluster.wait_mic_active().await?;
+    let pod = Arc::new(cluster.node.add_pod("web")?);
+    cluster.add_pod("web-1", Some("web"), pod.ip())?;
+    sdk_for(&pod, &web.client_id).await?.token()?;
     let mut names = exported(&cluster.metrics_text(Component::Nmi).await?);
     names.extend(exported(&cluster.metrics_text(Component::Mic).await?));
     let mut missing = BTreeSet::new();

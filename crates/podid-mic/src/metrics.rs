@@ -166,6 +166,8 @@ impl Metrics {
             for op in [ArmOperation::get(kind), ArmOperation::update(kind)] {
                 m.cloud_errors.with_label_values(&[op.metric_label()]);
             }
+            m.cloud_duration
+                .with_label_values(&[ArmOperation::update(kind).metric_label()]);
         }
         for op in [OP_ADDITION, OP_DELETION, OP_UPDATE, OP_STATUS] {
             m.kube_errors.with_label_values(&[op]);

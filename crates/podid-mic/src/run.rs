@@ -565,18 +565,12 @@ async fn run_loop(
         )
         .await;
         memory.remember(&report);
-        crate::metrics::assignment_states(
-            stores
-                .assigned
-                .state()
-                .iter()
-                .map(|a| {
-                    a.status
-                        .as_ref()
-                        .and_then(|s| s.status.as_ref())
-                        .map_or("", |s| s.as_str())
-                }),
-        );
+        crate::metrics::assignment_states(stores.assigned.state().iter().map(|a| {
+            a.status
+                .as_ref()
+                .and_then(|s| s.status.as_ref())
+                .map_or("", |s| s.as_str())
+        }));
         if report != PassReport::default() {
             crate::metrics::cycle(started.elapsed());
             info!(

@@ -35,6 +35,14 @@ pub const TOKEN_SOURCES: [&str; 6] = [
     "node_identity",
 ];
 
+/// `reason` values of `podid_nmi_attribution_failures_total`.
+const ATTRIBUTION_REASONS: [&str; 4] = [
+    "not_found",
+    "ambiguous",
+    "address_reassigned",
+    "untrusted_route",
+];
+
 /// `cache` values of `podid_nmi_tokens_issued_total`.
 const TOKEN_CACHE: [&str; 3] = ["hit", "miss", "unknown"];
 
@@ -203,6 +211,13 @@ impl Metrics {
             &["reason"],
         )
         .expect(REGISTER);
+        // Error counters exist at 0 from the start, so rates and alerts see zeros, not gaps.
+        for operation in IMDS_OPERATIONS {
+            imds_operations_errors.with_label_values(&[operation]);
+        }
+        for reason in ATTRIBUTION_REASONS {
+            attribution_failures.with_label_values(&[reason]);
+        }
         let not_ready = IntGaugeVec::new(
             Opts::new(
                 "podid_nmi_not_ready",
