@@ -330,8 +330,8 @@ async fn the_federated_switch_cannot_mint_tokens_for_other_namespaces() -> anyho
     let rogue = rogue(&cluster)?;
     let node = Arc::clone(&cluster.node);
     cluster.create_service_account("kube-system", "cluster-admin-sa")?;
+    // A namespace comes with its service account `default`, as on a real cluster.
     cluster.create_namespace("evil")?;
-    cluster.create_service_account("evil", "default")?;
     let uami = cluster.cloud.add_user_assigned_identity("evil-uami");
 
     let federated = |name: &str, shared: Option<&str>| {

@@ -494,7 +494,10 @@ mod tests {
             let line = format!("{family}{{operation_type=\"{operation}\"}} {count}");
             assert!(text.contains(&line), "{line} missing in:\n{text}");
         }
-        assert!(!text.contains(&format!("operation_type=\"{}\"", imds_operation::MSI)));
+        assert!(!text.contains(&format!(
+            "{family}{{operation_type=\"{}\"}}",
+            imds_operation::MSI
+        )));
     }
 
     #[test]
