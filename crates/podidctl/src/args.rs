@@ -95,12 +95,18 @@ pub enum Command {
         #[arg(short, long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
-    /// What `<namespace>/<pod>` would get and why, with a fix for every problem; without a
+    /// What `<namespace>/<pod>` would get and why, with a fix for every problem (also
+    /// `explain`); without a
     /// pod, every configuration in the cluster that weakens the namespace boundary or that nmi
     /// refuses because of it.
+    #[command(alias = "explain")]
     Doctor {
-        /// `<namespace>/<pod>`; omit for the cluster-wide report.
+        /// `<namespace>/<pod>`, or `<pod>` in `--namespace` (default: the kubeconfig's
+        /// namespace); omit for the cluster-wide report.
         pod: Option<String>,
+        /// The pod's namespace when `pod` names none.
+        #[arg(short, long)]
+        namespace: Option<String>,
         /// Output format.
         #[arg(short, long, value_enum, default_value_t = Output::Table)]
         output: Output,

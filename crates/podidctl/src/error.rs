@@ -39,8 +39,8 @@ pub enum Error {
         /// Name.
         name: String,
     },
-    /// `doctor` needs `<namespace>/<pod>`.
-    #[error("expected <namespace>/<pod>, got {0:?}")]
+    /// `doctor` needs `<namespace>/<pod>` or `<pod>` (with `--namespace`).
+    #[error("expected <namespace>/<pod> or <pod> with --namespace, got {0:?}")]
     BadPodRef(String),
     /// The issuer could not be discovered and was not given.
     #[error(

