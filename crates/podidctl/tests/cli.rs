@@ -1042,11 +1042,9 @@ async fn kubectl_podid_works_as_a_kubectl_plugin() {
         .parent()
         .expect("bin dir")
         .to_owned();
-    let path = std::env::join_paths(
-        std::iter::once(plugin_dir).chain(std::env::split_paths(
-            &std::env::var_os("PATH").unwrap_or_default(),
-        )),
-    )
+    let path = std::env::join_paths(std::iter::once(plugin_dir).chain(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    )))
     .expect("PATH");
     let run = |args: &[&str]| {
         let out = std::process::Command::new(&kubectl)
@@ -1076,7 +1074,10 @@ async fn kubectl_podid_works_as_a_kubectl_plugin() {
 
     let table = run(&["status", "-n", "apps"]);
     assert_eq!(rows(&table, "apps", "web-1").len(), 1, "{table}");
-    assert!(rows(&table, "billing", "pay-1").is_empty(), "-n apps only: {table}");
+    assert!(
+        rows(&table, "billing", "pay-1").is_empty(),
+        "-n apps only: {table}"
+    );
     let all = run(&["status", "--all-namespaces"]);
     assert_eq!(rows(&all, "billing", "pay-1").len(), 1, "{all}");
     // kubectl's way to name a pod: the pod, and its namespace with -n; `explain` is `doctor`.
