@@ -5,7 +5,7 @@
 
 use std::io::{Read as _, Write as _};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -322,9 +322,9 @@ impl Cluster {
         Ok(())
     }
 
-    /// Starts the real `mic` on the host (like its Deployment), logging in to the simulated ARM
-    /// as a service principal through the simulated Entra.
-    pub fn spawn_mic(&mut self) -> anyhow::Result<()> {
+    /// Writes the cloud config mic reads (`azure.json`: a service principal of the simulated
+    /// cloud, its subscription and resource group, `vmType: vmss`) and returns its path.
+    pub fn write_azure_json(&self) -> anyhow::Result<PathBuf> {
         let operator = self.cloud.add_service_principal("mic");
         let secret = self.cloud.add_client_secret(&operator.client_id)?;
         let azure_json = self.dir.join("azure.json");
@@ -341,26 +341,69 @@ impl Cluster {
             })
             .to_string(),
         )?;
+        Ok(azure_json)
+    }
+
+    /// Starts the real `mic` on the host (like its Deployment), logging in to the simulated ARM
+    /// as a service principal through the simulated Entra.
+    pub fn spawn_mic(&mut self) -> anyhow::Result<()> {
+        let azure_json = self.write_azure_json()?;
+        let kubeconfig = self.dir.join("kubeconfig");
+        let args = [
+            format!("--kubeconfig={}", kubeconfig.display()),
+            format!("--cloudconfig={}", azure_json.display()),
+        ];
+        self.spawn_mic_with(&args, &kubeconfig, "default")
+    }
+
+    /// Starts the real `mic` on the host with `args` (for example a rendered Deployment's
+    /// container args, node paths mapped into the test's directory) plus what only the test
+    /// environment knows: the simulated cloud's ARM and Entra endpoints and free probe and
+    /// metrics ports. It authenticates with `kubeconfig` (`KUBECONFIG`), as its pod would with
+    /// its ServiceAccount, and runs in `namespace` (`MIC_POD_NAMESPACE`).
+    pub fn spawn_mic_with(
+        &mut self,
+        args: &[String],
+        kubeconfig: &Path,
+        namespace: &str,
+    ) -> anyhow::Result<()> {
         let probe = free_port()?;
         let metrics = free_port()?;
         let mut command = std::process::Command::new(binary("mic")?);
         command
-            .arg(format!(
-                "--kubeconfig={}",
-                self.dir.join("kubeconfig").display()
-            ))
-            .arg(format!("--cloudconfig={}", azure_json.display()))
+            .args(args)
             .arg(format!("--arm-endpoint={}", self.arm.url()))
             .arg(format!("--aad-authority={}", self.entra_url))
             .arg(format!("--http-probe-port={probe}"))
             .arg(format!("--prometheus-port={metrics}"))
-            .env("MIC_POD_NAMESPACE", "default")
+            .env("KUBECONFIG", kubeconfig)
+            .env("MIC_POD_NAMESPACE", namespace)
             .env("RUST_LOG", "info");
         self.redirect(&mut command)?;
         self.mic = Some(ChildGuard::spawn("mic", command)?);
         self.mic_probe = Some(probe);
         self.mic_metrics = Some(metrics);
         Ok(())
+    }
+
+    /// Starts the real `nmi` inside the node with exactly `args` (a rendered DaemonSet's
+    /// container args, `$(NODE_NAME)` expanded), authenticated with `kubeconfig` as its pod
+    /// would be with its ServiceAccount; `NODE_NAME` is this node.
+    pub fn spawn_nmi_exactly(&mut self, args: &[String], kubeconfig: &Path) -> anyhow::Result<()> {
+        let mut command = self.node.command(binary("nmi")?);
+        command
+            .args(args)
+            .env("KUBECONFIG", kubeconfig)
+            .env("NODE_NAME", NODE)
+            .env("RUST_LOG", "info");
+        self.redirect(&mut command)?;
+        self.nmi = Some(ChildGuard::spawn("nmi", command)?);
+        Ok(())
+    }
+
+    /// A directory of this cluster's own, removed with it (kubeconfigs, rendered manifests).
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// The `/metrics` text of mic (`Component::Mic`, on the host) or nmi (in the node).
