@@ -266,14 +266,13 @@ impl Cluster {
         self.bind_in(identity, selector, pod)
     }
 
-    /// [`Cluster::bind`] for an identity, binding and pod in the identity's namespace (the
-    /// assignment lives in `default`, MIC's namespace).
-    pub fn bind_in(
+    /// An identity and its binding `<name>-binding` for `selector`, both in the identity's
+    /// namespace (what an application team applies; MIC or the test assigns it).
+    pub fn add_identity_and_binding(
         &self,
         identity: &AzureIdentity,
         selector: &str,
-        pod: &str,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<AzureIdentityBinding> {
         let name = identity.metadata.name.clone().unwrap_or_default();
         let namespace = identity
             .metadata
@@ -294,6 +293,23 @@ impl Cluster {
             &format!("/apis/aadpodidentity.k8s.io/v1/namespaces/{namespace}/azureidentitybindings"),
             serde_json::to_value(&binding)?,
         )?;
+        Ok(binding)
+    }
+
+    /// [`Cluster::bind`] for an identity, binding and pod in the identity's namespace (the
+    /// assignment lives in `default`, MIC's namespace).
+    pub fn bind_in(
+        &self,
+        identity: &AzureIdentity,
+        selector: &str,
+        pod: &str,
+    ) -> anyhow::Result<()> {
+        let namespace = identity
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".to_owned());
+        let binding = self.add_identity_and_binding(identity, selector)?;
         let assigned = AzureAssignedIdentity::for_pod(
             "default",
             pod,

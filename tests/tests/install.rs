@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use podid_api::{AzureIdentity, AzureIdentityBinding};
+use podid_api::AzureIdentity;
 use podid_e2e::cluster::{Cluster, NODE, sdk_for};
 use serde_json::{Value, json};
 
@@ -242,15 +242,9 @@ async fn standard_mode(cluster: &mut Cluster, objects: &[Value]) -> anyhow::Resu
     cluster.api.faults().clear_log();
 
     let web = cluster.cloud.add_user_assigned_identity("web");
-    let identity = AzureIdentity::user_assigned("app", "web", &web.resource_id, &web.client_id);
-    cluster.create(
-        "/apis/aadpodidentity.k8s.io/v1/namespaces/app/azureidentities",
-        serde_json::to_value(&identity)?,
-    )?;
-    let binding = AzureIdentityBinding::for_selector("app", "web-binding", "web", "web");
-    cluster.create(
-        "/apis/aadpodidentity.k8s.io/v1/namespaces/app/azureidentitybindings",
-        serde_json::to_value(&binding)?,
+    cluster.add_identity_and_binding(
+        &AzureIdentity::user_assigned("app", "web", &web.resource_id, &web.client_id),
+        "web",
     )?;
     cluster.spawn_mic_with(&mic_args, &mic_kubeconfig, &mic_account.0)?;
     let nmi_args = nmi_args(cluster, nmi)?;
@@ -301,15 +295,9 @@ async fn managed_mode(objects: Vec<Value>) -> anyhow::Result<()> {
 
     let web = cluster.cloud.add_user_assigned_identity("web");
     cluster.cloud.assign_identity(&cluster.vmss, &web)?;
-    let identity = AzureIdentity::user_assigned("app", "web", &web.resource_id, &web.client_id);
-    cluster.create(
-        "/apis/aadpodidentity.k8s.io/v1/namespaces/app/azureidentities",
-        serde_json::to_value(&identity)?,
-    )?;
-    let binding = AzureIdentityBinding::for_selector("app", "web-binding", "web", "web");
-    cluster.create(
-        "/apis/aadpodidentity.k8s.io/v1/namespaces/app/azureidentitybindings",
-        serde_json::to_value(&binding)?,
+    cluster.add_identity_and_binding(
+        &AzureIdentity::user_assigned("app", "web", &web.resource_id, &web.client_id),
+        "web",
     )?;
     let nmi_args = nmi_args(&cluster, nmi)?;
     cluster.spawn_nmi_exactly(&nmi_args, &nmi_kubeconfig)?;

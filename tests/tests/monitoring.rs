@@ -9,7 +9,7 @@ use std::process::Command;
 
 use std::sync::Arc;
 
-use podid_api::{AzureIdentity, AzureIdentityBinding};
+use podid_api::AzureIdentity;
 use podid_e2e::cluster::{Cluster, Component, sdk_for};
 use serde_json::Value;
 
@@ -123,15 +123,9 @@ async fn every_metric_a_panel_or_rule_uses_is_exported_by_nmi_or_mic() -> anyhow
     // One pod served end to end, so the histograms that exist only once observed (nmi's
     // answers, its IMDS calls) have samples.
     let web = cluster.cloud.add_user_assigned_identity("web");
-    let identity = AzureIdentity::user_assigned("default", "web", &web.resource_id, &web.client_id);
-    cluster.create(
-        "/apis/aadpodidentity.k8s.io/v1/namespaces/default/azureidentities",
-        serde_json::to_value(&identity)?,
-    )?;
-    let binding = AzureIdentityBinding::for_selector("default", "web-binding", "web", "web");
-    cluster.create(
-        "/apis/aadpodidentity.k8s.io/v1/namespaces/default/azureidentitybindings",
-        serde_json::to_value(&binding)?,
+    cluster.add_identity_and_binding(
+        &AzureIdentity::user_assigned("default", "web", &web.resource_id, &web.client_id),
+        "web",
     )?;
     cluster.spawn_mic()?;
     cluster.spawn_nmi(&[])?;

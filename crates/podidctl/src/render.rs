@@ -249,21 +249,7 @@ pub fn doctor_text(r: &PodReport, standard: bool) -> String {
             );
         }
     }
-    let _ = writeln!(out, "\nFindings");
-    if r.findings.is_empty() {
-        let _ = writeln!(out, "  none");
-    }
-    for f in &r.findings {
-        let level = match f.level {
-            Level::Error => "ERROR",
-            Level::Warning => "WARN ",
-            Level::Info => "INFO ",
-        };
-        let _ = writeln!(out, "  {level} {}", f.message);
-        if let Some(fix) = &f.fix {
-            let _ = writeln!(out, "        fix: {fix}");
-        }
-    }
+    write_findings(&mut out, &r.findings);
     out
 }
 
@@ -278,11 +264,17 @@ pub fn risks_text(report: &crate::risks::RiskReport) -> String {
             .as_deref()
             .unwrap_or("(unknown: pass --release-namespace)")
     );
+    write_findings(&mut out, &report.findings);
+    out
+}
+
+/// The `Findings` section: each finding with its level and fix, or `none`.
+fn write_findings(out: &mut String, findings: &[crate::explain::Finding]) {
     let _ = writeln!(out, "\nFindings");
-    if report.findings.is_empty() {
+    if findings.is_empty() {
         let _ = writeln!(out, "  none");
     }
-    for f in &report.findings {
+    for f in findings {
         let level = match f.level {
             Level::Error => "ERROR",
             Level::Warning => "WARN ",
@@ -293,5 +285,4 @@ pub fn risks_text(report: &crate::risks::RiskReport) -> String {
             let _ = writeln!(out, "        fix: {fix}");
         }
     }
-    out
 }
