@@ -324,7 +324,7 @@ async fn startup_taint_is_removed_only_once_the_node_is_closed_and_synced() -> a
     Ok(())
 }
 
-/// Issue 17's first step: a held IMDS port keeps the chain installed (pods' requests never
+/// The first step of an in-place upgrade: a held IMDS port keeps the chain installed (pods' requests never
 /// reach the VM's IMDS), `/readyz` says why, and nmi takes the port once it is free.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_imds_port_keeps_the_node_closed_until_nmi_can_bind_it() -> anyhow::Result<()> {
