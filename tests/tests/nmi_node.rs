@@ -324,8 +324,8 @@ async fn startup_taint_is_removed_only_once_the_node_is_closed_and_synced() -> a
     Ok(())
 }
 
-/// The first step of an in-place upgrade: a held IMDS port keeps the chain installed (pods' requests never
-/// reach the VM's IMDS), `/readyz` says why, and nmi takes the port once it is free.
+/// The first step of an in-place upgrade: a held IMDS port keeps the chain installed (pods'
+/// requests never reach the VM's IMDS), `/readyz` says why, and nmi takes the port once free.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_imds_port_keeps_the_node_closed_until_nmi_can_bind_it() -> anyhow::Result<()> {
     let (mut cluster, pod, client_id) = with_bound_pod().await?;
