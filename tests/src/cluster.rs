@@ -580,6 +580,39 @@ impl Cluster {
             .collect())
     }
 
+    /// Waits (bounded by `within`) for an Event with `reason` on pod `namespace/pod` and
+    /// returns it.
+    pub async fn pod_event(
+        &self,
+        namespace: &str,
+        pod: &str,
+        reason: &str,
+        within: Duration,
+    ) -> anyhow::Result<Value> {
+        crate::wait_for(
+            &format!("a {reason} event on {namespace}/{pod}"),
+            within,
+            || async {
+                let list = self
+                    .api
+                    .get_json(&format!(
+                        "/apis/events.k8s.io/v1/namespaces/{namespace}/events"
+                    ))
+                    .ok()?;
+                list["items"]
+                    .as_array()?
+                    .iter()
+                    .find(|e| {
+                        e["regarding"]["kind"] == "Pod"
+                            && e["regarding"]["name"] == pod
+                            && e["reason"] == reason
+                    })
+                    .cloned()
+            },
+        )
+        .await
+    }
+
     /// `iptables -t nat -S aad-metadata` inside the node.
     pub fn chain(&self) -> anyhow::Result<Vec<String>> {
         Ok(self
@@ -676,4 +709,36 @@ pub async fn sdk_for(pod: &Arc<netns::SimPod>, client_id: &str) -> anyhow::Resul
         )
     })
     .await?
+}
+
+/// A log file of nmi's and mic's output (`Cluster::child_log`), removed when dropped.
+#[derive(Debug)]
+pub struct LogFile(pub PathBuf);
+
+impl LogFile {
+    /// A fresh path for the test named `name` on `cluster`'s node.
+    pub fn for_test(cluster: &Cluster, name: &str) -> Self {
+        Self(std::env::temp_dir().join(format!(
+            "podid-e2e-{name}-{}-{}.log",
+            std::process::id(),
+            cluster.node.slot()
+        )))
+    }
+}
+
+impl Drop for LogFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// The `podid::audit` lines nmi wrote to `log` (JSON log format), as their `fields` objects.
+pub fn audit_lines(log: &Path) -> Vec<Value> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|v| v["target"] == "podid::audit")
+        .map(|v| v["fields"].clone())
+        .collect()
 }

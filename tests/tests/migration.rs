@@ -90,30 +90,6 @@ async fn start_nmi(cluster: &mut Cluster, extra: &[&str]) -> anyhow::Result<()> 
     cluster.wait_ready().await
 }
 
-/// Waits (bounded) for nmi's `FederatedTokenFailed` Event on pod `default/<pod>` and returns it.
-async fn federated_token_failed_event(cluster: &Cluster, pod: &str) -> anyhow::Result<Value> {
-    wait_for(
-        &format!("a FederatedTokenFailed event on {pod}"),
-        FLIP,
-        || async {
-            let list = cluster
-                .api
-                .get_json("/apis/events.k8s.io/v1/namespaces/default/events")
-                .ok()?;
-            list["items"]
-                .as_array()?
-                .iter()
-                .find(|e| {
-                    e["regarding"]["kind"] == "Pod"
-                        && e["regarding"]["name"] == pod
-                        && e["reason"] == "FederatedTokenFailed"
-                })
-                .cloned()
-        },
-    )
-    .await
-}
-
 /// How many requests a loop made, and every failure (status and body).
 type LoopOutcome = (usize, Vec<(u16, String)>);
 
@@ -307,7 +283,9 @@ async fn missing_federated_setup_is_a_403_naming_what_to_create() -> anyhow::Res
     );
 
     // nmi's Event on the pod names the failure (rate-limited, published off the request path).
-    let event = federated_token_failed_event(&cluster, "lonely-1").await?;
+    let event = cluster
+        .pod_event("default", "lonely-1", "FederatedTokenFailed", FLIP)
+        .await?;
     assert_eq!(event["type"], "Warning");
     assert!(
         event["note"]
@@ -424,7 +402,9 @@ async fn a_workload_identity_labelled_pod_gets_its_token_through_imds() -> anyho
             && body.contains("default/default"),
         "{body}"
     );
-    let event = federated_token_failed_event(&cluster, "wi-1").await?;
+    let event = cluster
+        .pod_event("default", "wi-1", "FederatedTokenFailed", FLIP)
+        .await?;
     assert!(
         event["note"]
             .as_str()

@@ -11,13 +11,12 @@
 //!
 //! Needs root.
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use podid_api::{AzureIdentity, IdentityType};
-use podid_e2e::cluster::{Cluster, pod_get, sdk_for as sdk};
+use podid_e2e::cluster::{Cluster, LogFile, audit_lines, pod_get, sdk_for as sdk};
 use podid_e2e::{python, wait_for};
 use serde_json::Value;
 
@@ -54,33 +53,10 @@ open(sys.argv[3], 'wb').write(pkcs12.serialize_key_and_certificates(b'podid', ke
     Ok(bundle)
 }
 
-/// The `podid::audit` lines nmi wrote to `log` (JSON log format), as their `fields` objects.
-fn audit_lines(log: &Path) -> Vec<Value> {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-        .filter(|v| v["target"] == "podid::audit")
-        .map(|v| v["fields"].clone())
-        .collect()
-}
-
-struct LogFile(PathBuf);
-
-impl Drop for LogFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificate_identity_exception_pod_and_audit_lines() -> anyhow::Result<()> {
     let mut cluster = Cluster::start().await?;
-    let log = LogFile(std::env::temp_dir().join(format!(
-        "podid-e2e-nmi-identities-{}-{}.log",
-        std::process::id(),
-        cluster.node.slot()
-    )));
+    let log = LogFile::for_test(&cluster, "nmi-identities");
     cluster.child_log = Some(log.0.clone());
     let node = Arc::clone(&cluster.node);
     let cert_pod = Arc::new(node.add_pod("cert")?);

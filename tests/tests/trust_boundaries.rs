@@ -6,7 +6,6 @@
 //! Needs root.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,9 +14,12 @@ use podid_api::{
     AzureIdentity, FEDERATED_SERVICE_ACCOUNT_ANNOTATION, IdentityType, TOKEN_SOURCE_ANNOTATION,
 };
 use podid_e2e::azure::{RogueHandle, serve_rogue};
-use podid_e2e::cluster::{Cluster, pod_get};
+use podid_e2e::cluster::{Cluster, LogFile, audit_lines, pod_get};
 use podid_e2e::wait_for;
 use serde_json::Value;
+
+/// How long nmi may take to publish an Event (it batches them).
+const EVENT_WAIT: Duration = Duration::from_secs(20);
 
 const TOKEN_PATH: &str =
     "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https://vault.azure.net";
@@ -52,25 +54,6 @@ fn service_principal(
     identity
 }
 
-/// The `podid::audit` lines nmi wrote to `log` (JSON log format), as their `fields` objects.
-fn audit_lines(log: &Path) -> Vec<Value> {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-        .filter(|v| v["target"] == "podid::audit")
-        .map(|v| v["fields"].clone())
-        .collect()
-}
-
-struct LogFile(PathBuf);
-
-impl Drop for LogFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
 /// The access token of a 200 answer.
 fn access_token(status: u16, body: &str) -> anyhow::Result<String> {
     anyhow::ensure!(status == 200, "{status} {body}");
@@ -81,48 +64,13 @@ fn access_token(status: u16, body: &str) -> anyhow::Result<String> {
         .ok_or_else(|| anyhow::anyhow!("no access_token in {body}"))
 }
 
-/// Waits (bounded) for an Event with `reason` on pod `namespace/pod` and returns it.
-async fn pod_event(
-    cluster: &Cluster,
-    namespace: &str,
-    pod: &str,
-    reason: &str,
-) -> anyhow::Result<Value> {
-    wait_for(
-        &format!("a {reason} event on {namespace}/{pod}"),
-        Duration::from_secs(20),
-        || async {
-            let list = cluster
-                .api
-                .get_json(&format!(
-                    "/apis/events.k8s.io/v1/namespaces/{namespace}/events"
-                ))
-                .ok()?;
-            list["items"]
-                .as_array()?
-                .iter()
-                .find(|e| {
-                    e["regarding"]["kind"] == "Pod"
-                        && e["regarding"]["name"] == pod
-                        && e["reason"] == reason
-                })
-                .cloned()
-        },
-    )
-    .await
-}
-
 /// Item 1: an identity in `evil` claiming the victim's client id and tenant neither reads the
 /// victim's cached token (wrong secret: Entra refuses it, no cache hit), nor fills or refreshes
 /// it from the attacker's own authority — even one the operator allowed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_namespace_cannot_steal_or_poison_anothers_cached_token() -> anyhow::Result<()> {
     let mut cluster = Cluster::start().await?;
-    let log = LogFile(std::env::temp_dir().join(format!(
-        "podid-e2e-trust-cache-{}-{}.log",
-        std::process::id(),
-        cluster.node.slot()
-    )));
+    let log = LogFile::for_test(&cluster, "trust-cache");
     cluster.child_log = Some(log.0.clone());
     let rogue = rogue(&cluster)?;
     let node = Arc::clone(&cluster.node);
@@ -298,7 +246,9 @@ async fn an_identity_cannot_read_another_namespaces_secret_or_pick_its_authority
         assert_eq!(status, 503, "{pod_name}: {body}");
         assert!(body.contains(needle), "{pod_name}: {body}");
         assert!(!body.contains("access_token"), "{pod_name}: {body}");
-        let event = pod_event(&cluster, "evil", pod_name, "IdentityCredentialInvalid").await?;
+        let event = cluster
+            .pod_event("evil", pod_name, "IdentityCredentialInvalid", EVENT_WAIT)
+            .await?;
         assert!(
             event["note"].as_str().unwrap_or_default().contains(needle),
             "{pod_name}: {event}"
@@ -382,7 +332,9 @@ async fn the_federated_switch_cannot_mint_tokens_for_other_namespaces() -> anyho
     });
     assert!(!minted_for_kube_system, "nmi minted a kube-system token");
     assert!(rogue.received().is_empty(), "{:?}", rogue.received());
-    pod_event(&cluster, "evil", "steal-1", "IdentityCredentialInvalid").await?;
+    cluster
+        .pod_event("evil", "steal-1", "IdentityCredentialInvalid", EVENT_WAIT)
+        .await?;
 
     // The pod's own service account: allowed. What the (allowed) authority receives is a
     // token of evil/default, bound to own-1, for the exchange audience, living 10 minutes.

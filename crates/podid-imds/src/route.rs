@@ -126,8 +126,8 @@ pub fn classify<'a>(_method: &http::Method, path_and_query: &'a str) -> Route<'a
     classify_clean(&path, query)
 }
 
-/// Route order of reference §2.4 on an already decoded and clean path, with podid's
-/// [`Route::TokenPathCase`] right after the token route.
+/// The routes tried in upstream NMI's order on an already decoded and clean path, with
+/// podid's [`Route::TokenPathCase`] right after the token route.
 fn classify_clean<'a>(path: &[u8], query: &'a str) -> Route<'a> {
     let metadata_tail = strip_metadata_segment(path);
     if let Some(tail) = metadata_tail {

@@ -72,8 +72,8 @@ pub enum LookupError {
 }
 
 impl LookupError {
-    /// The matching IMDS error (500 in every case, reference §2.14; an address that cannot be
-    /// trusted is answered as one that matches no pod).
+    /// The matching IMDS error (500 in every case, as upstream answers a caller it cannot
+    /// attribute; an address that cannot be trusted is answered as one that matches no pod).
     pub fn to_imds_error(self) -> podid_imds::ImdsError {
         match self {
             Self::NotFound { ip } | Self::Reassigning { ip } | Self::Untrusted { ip } => {
