@@ -1,4 +1,4 @@
-//! The migration bridge end to end (issue 5, DESIGN §5): the real `mic` and `nmi`, a pod as a
+//! The migration bridge end to end (docs/migration.md): the real `mic` and `nmi`, a pod as a
 //! network namespace behind real interception, the official Python SDK, the fake API server's
 //! TokenRequest and the simulated Entra's federated identity credentials. An identity flips to
 //! federated tokens and back while the pod keeps asking for tokens; nothing about the pod changes.

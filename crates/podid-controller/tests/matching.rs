@@ -1,4 +1,4 @@
-//! Identity matching fed with objects built by small builders (reference §2.7–§2.9, DESIGN §3).
+//! Identity matching fed with objects built by small builders (docs/upstream.md, exceptions and identity selection, docs/compatibility.md).
 #![allow(clippy::unwrap_used)]
 
 use std::borrow::Cow;

@@ -1,8 +1,8 @@
-//! Every error the NMI port answers with: status codes, headers and bodies (reference §2.14).
+//! Every error the NMI port answers with: status codes, headers and bodies (docs/upstream.md#status-codes).
 //!
 //! The `Display` text of each variant is upstream NMI's message (or podid's where upstream has
 //! none), and is what goes into the body. Two body styles exist:
-//! * [`ErrorBodyStyle::ImdsJson`] (podid's default, DESIGN §3): IMDS-style
+//! * [`ErrorBodyStyle::ImdsJson`] (podid's default, docs/compatibility.md): IMDS-style
 //!   `{"error":"…","error_description":"<message>"}` + `\n`, `application/json; charset=utf-8`,
 //!   same status codes as upstream. Upstream's plain text crashes msal-py and `az`.
 //! * [`ErrorBodyStyle::GoPlainText`]: upstream's bytes exactly — Go's `http.Error`, i.e.
@@ -23,13 +23,13 @@ use crate::gojson;
 use crate::query::redact_client_id;
 use crate::response::{CONTENT_TYPE_JSON_UTF8, CONTENT_TYPE_TEXT_UTF8, WireResponse};
 
-/// Seconds upstream puts in `Retry-After` with `--set-retry-after-header` (reference §2.5 step 7).
+/// Seconds upstream puts in `Retry-After` with `--set-retry-after-header` (docs/upstream.md#token-endpoint step 6).
 pub const RETRY_AFTER_SECONDS: u32 = 20;
 
 /// How error bodies are written.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum ErrorBodyStyle {
-    /// IMDS-style JSON bodies carrying upstream's message (podid default, DESIGN §3).
+    /// IMDS-style JSON bodies carrying upstream's message (podid default, docs/compatibility.md).
     #[default]
     ImdsJson,
     /// Upstream NMI's bytes: Go `http.Error` plain text (wire-compatibility mode).
@@ -62,7 +62,7 @@ pub enum ImdsError {
     /// 400: `resource` query parameter absent or empty.
     #[error("parameter resource cannot be empty")]
     EmptyResource,
-    /// 400: a path that looks like the token path but is malformed (reference §2.4 rule 2).
+    /// 400: a path that looks like the token path but is malformed (docs/upstream.md#routing rule 2).
     #[error("Invalid request")]
     InvalidTokenPath,
     /// 400 (podid): the path is the token path in another letter case

@@ -1,6 +1,6 @@
 //! The few pieces of Go's `net/url` and `path` packages that upstream NMI's behaviour depends on,
 //! reimplemented on bytes: percent-decoding in path and query-component mode, path escaping for
-//! a redirect `Location`, and `path.Clean` as gorilla/mux applies it (reference §2.4).
+//! a redirect `Location`, and `path.Clean` as gorilla/mux applies it (docs/upstream.md#routing).
 //!
 //! Go strings are byte strings, so everything here works on `[u8]` and never assumes UTF-8.
 

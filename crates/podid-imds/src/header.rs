@@ -1,5 +1,5 @@
-//! Request header rules: the `Metadata: true` requirement (reference §2.5 step 1, §2.13) and the
-//! `/host/token` pod headers (reference §2.12 step 1).
+//! Request header rules: the `Metadata: true` requirement (docs/upstream.md#token-endpoint step 1, docs/upstream.md#passthrough) and the
+//! `/host/token` pod headers (docs/upstream.md#response-bodies, `/host/token`).
 
 use http::HeaderMap;
 

@@ -4,12 +4,12 @@
 //! Everything is a pure function on plain values, so the NMI binary calls it from its hyper
 //! handler and the wire-compatibility tests and the fuzzer exercise it directly.
 //!
-//! Section numbers refer to `reference/aad-pod-identity.md` (upstream behaviour) and
-//! `DESIGN.md` (where podid deliberately differs).
+//! docs/upstream.md describes upstream's behaviour; docs/compatibility.md lists where podid
+//! deliberately differs.
 //!
 //! # The protocol, in handler order
 //!
-//! 1. **Routing** (§2.4) — [`classify`]: the path is percent-decoded as Go's `net/url` does
+//! 1. **Routing** (docs/upstream.md#routing) — [`classify`]: the path is percent-decoded as Go's `net/url` does
 //!    (a bad `%` escape is [`Route::MalformedRequestTarget`]), then cleaned as gorilla/mux does:
 //!    a path that changes (`//`, `/./`, `..`, also when percent-encoded) is a **301**
 //!    [`Route::Redirect`] to the cleaned path with the query kept. Clean paths are matched in
@@ -21,22 +21,22 @@
 //!    `/host/token…` ([`Route::HostToken`]) → `/{metadata}/instance…`
 //!    ([`Route::InstanceMetadata`], **403** with `--block-instance-metadata`) → everything else
 //!    ([`Route::Passthrough`] to IMDS). `/healthz` is not served on this port.
-//! 2. **Metadata header** (§2.5 step 1, §2.13) — [`check_metadata_header`]: the first
+//! 2. **Metadata header** (docs/upstream.md#token-endpoint step 1, docs/upstream.md#passthrough) — [`check_metadata_header`]: the first
 //!    `Metadata` header (name in any case) must be exactly `true`; else **400** with IMDS's JSON
 //!    body. Applies to token and passthrough requests, not to `/host/token`
-//!    (which needs [`pod_headers`], §2.12).
-//! 3. **Query** (§2.5, DESIGN §3) — [`parse_token_query`]: Go `url.ParseQuery` semantics
+//!    (which needs [`pod_headers`], docs/upstream.md#response-bodies).
+//! 3. **Query** (docs/upstream.md#token-endpoint, docs/compatibility.md) — [`parse_token_query`]: Go `url.ParseQuery` semantics
 //!    (first value wins, empty = absent, bad escapes and `;` drop the pair); `resource` is
 //!    required (**400** `parameter resource cannot be empty`); one [`IdentitySelector`] from
 //!    `client_id`, `msi_res_id`/`mi_res_id`, or — podid — `object_id`/`principal_id`;
 //!    `api-version` is accepted whatever its value.
-//! 4. **Success** (§2.11, §2.12, DESIGN §3) — [`TokenResponse`]: string-valued JSON in
+//! 4. **Success** (docs/upstream.md#response-bodies, docs/compatibility.md) — [`TokenResponse`]: string-valued JSON in
 //!    upstream's key order plus IMDS's `client_id`/`ext_expires_in`; `expires_in` derived from
 //!    `expires_on` and an injected `now`. [`token_list_response`] for multi-tenant service
 //!    principals (JSON array), [`HostTokenResponse`] for `/host/token` (numeric fields, as
 //!    upstream's adal token).
-//! 5. **Errors** (§2.14) — [`ImdsError`]: every status and body the port can answer, produced
-//!    only here. [`ErrorOptions`] selects IMDS-style JSON bodies (podid default, DESIGN §3) or
+//! 5. **Errors** (docs/upstream.md#status-codes) — [`ImdsError`]: every status and body the port can answer, produced
+//!    only here. [`ErrorOptions`] selects IMDS-style JSON bodies (podid default, docs/compatibility.md) or
 //!    upstream's Go plain text byte for byte, and `--set-retry-after-header` (503 +
 //!    `Retry-After: 20` for identity-selection errors).
 //!

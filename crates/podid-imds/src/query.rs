@@ -1,4 +1,4 @@
-//! Token request query parsing (reference §2.5 "Query parameters honoured", DESIGN §3).
+//! Token request query parsing (docs/upstream.md#token-endpoint, docs/compatibility.md).
 //!
 //! Pairs are split and decoded exactly like Go's `url.ParseQuery` as upstream NMI used it:
 //! split on `&`; a pair containing `;` is dropped; empty pairs are dropped; key and value are
@@ -7,7 +7,7 @@
 //! value counts as absent. Decoding both escaped and unescaped values covers Python's unescaped
 //! `resource`/`msi_res_id` as well as the other SDKs' escaped ones.
 //!
-//! Where podid deliberately differs (DESIGN §3, listed in docs/compatibility.md):
+//! Where podid deliberately differs (listed in docs/compatibility.md):
 //! * `object_id` / `principal_id` are recognised as a selector instead of being ignored, so the
 //!   caller can refuse them rather than hand out some other identity;
 //! * giving selectors of more than one kind (`client_id`, `msi_res_id`/`mi_res_id`,
@@ -154,7 +154,7 @@ fn non_empty_utf8<'a>(
         .ok_or(ImdsError::InvalidParameterEncoding { parameter })
 }
 
-/// Upstream's `RedactClientID` (reference §2.8): a value of at least eight characters whose
+/// Upstream's `RedactClientID` (docs/upstream.md#identity-selection): a value of at least eight characters whose
 /// first four and last four characters are not ASCII whitespace (Go's `\S`) is shown as its
 /// first four characters, `##### REDACTED #####` and its last four; anything else unchanged.
 pub fn redact_client_id(client_id: &str) -> Cow<'_, str> {

@@ -1,4 +1,4 @@
-//! Route classification for the NMI port (reference §2.4).
+//! Route classification for the NMI port (docs/upstream.md#routing).
 //!
 //! Upstream serves the port with gorilla/mux: the request path is percent-decoded by Go's
 //! `net/url`, cleaned (a path that changes under cleaning gets a 301 to the cleaned path, query
@@ -15,23 +15,23 @@ use crate::response::{WireResponse, redirect_response};
 /// What the NMI port does with a request, decided from its request target alone.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route<'a> {
-    /// The token endpoint (`/{metadata}/identity/oauth2/token…`, reference §2.4 rule 1, §2.5).
+    /// The token endpoint (`/{metadata}/identity/oauth2/token…`, docs/upstream.md#routing rule 1, docs/upstream.md#token-endpoint).
     /// `query` is the raw query string (without `?`), to be given to
     /// [`parse_token_query`](crate::parse_token_query).
     Token {
         /// Raw query string, empty when there is none.
         query: &'a str,
     },
-    /// The host token endpoint (`/host/token…`, reference §2.4 rule 3, §2.12).
+    /// The host token endpoint (`/host/token…`, docs/upstream.md#routing rule 3, docs/upstream.md#response-bodies).
     HostToken {
         /// Raw query string, empty when there is none.
         query: &'a str,
     },
-    /// `/{metadata}/instance…` (reference §2.4 rule 4). With `--block-instance-metadata` the
+    /// `/{metadata}/instance…` (docs/upstream.md#routing rule 4). With `--block-instance-metadata` the
     /// caller answers, before any Metadata-header check, [`ImdsError::InstanceMetadataBlocked`](crate::ImdsError::InstanceMetadataBlocked);
     /// otherwise it is proxied exactly like [`Route::Passthrough`].
     InstanceMetadata,
-    /// Anything else: proxied to IMDS after the Metadata-header check (reference §2.13).
+    /// Anything else: proxied to IMDS after the Metadata-header check (docs/upstream.md#passthrough).
     Passthrough,
     /// The path changes under gorilla/mux's cleaning (`//`, `/./`, `..`, also when they only
     /// appear after percent-decoding): answer **301** with this `Location` (relative: cleaned,
@@ -47,7 +47,7 @@ pub enum Route<'a> {
     /// known, so podid never proxies them and answers
     /// [`ImdsError::TokenPathCase`](crate::ImdsError::TokenPathCase) (400) instead.
     TokenPathCase,
-    /// Looks like a token path but is malformed (reference §2.4 rule 2): answer
+    /// Looks like a token path but is malformed (docs/upstream.md#routing rule 2): answer
     /// [`ImdsError::InvalidTokenPath`](crate::ImdsError::InvalidTokenPath) (400 `Invalid request`).
     InvalidTokenPath,
     /// The request target cannot be parsed the way Go's server parses it (a `%` not followed by
@@ -103,7 +103,7 @@ pub fn split_path_and_query(path_and_query: &str) -> (&str, Option<&str>) {
 /// (`uri.path_and_query()` as received, e.g. `/metadata/identity/oauth2/token?resource=…`).
 ///
 /// The method is accepted for API symmetry and future use: upstream routes every method the same
-/// way (reference §2.4: "No HTTP method restrictions anywhere"), and so does podid.
+/// way (docs/upstream.md#routing: no route restricts the method), and so does podid.
 /// Never panics; every input yields a [`Route`].
 pub fn classify<'a>(_method: &http::Method, path_and_query: &'a str) -> Route<'a> {
     let (raw_path, raw_query) = split_path_and_query(path_and_query);
@@ -162,7 +162,7 @@ fn strip_metadata_segment(path: &[u8]) -> Option<&[u8]> {
         .then(|| &rest[METADATA.len()..])
 }
 
-/// Upstream's unanchored regex `/(?i:metadata)/identity(.*?)oauth2(.*?)token` (reference §2.4
+/// Upstream's unanchored regex `/(?i:metadata)/identity(.*?)oauth2(.*?)token` (docs/upstream.md#routing
 /// rule 2). `.` does not match `\n` in Go's regexp, so the three literals must appear in order
 /// within one newline-free stretch that starts at a `/metadata/identity`.
 fn matches_invalid_token_path(path: &[u8]) -> bool {
@@ -214,7 +214,7 @@ mod tests {
         }
     }
 
-    /// Upstream's `TestRouterPathPrefix` cases plus the prefix and case rules of §2.4.
+    /// Upstream's `TestRouterPathPrefix` cases plus the prefix and case rules of docs/upstream.md#routing.
     #[test]
     fn upstream_router_table() {
         let token = Route::Token { query: "" };

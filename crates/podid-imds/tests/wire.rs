@@ -1,5 +1,5 @@
 //! Wire-compatibility tests: every status, header set and body the NMI port can produce, as
-//! exact bytes. Inline assertions pin the bodies quoted in reference §2.5/§2.11/§2.14; golden
+//! exact bytes. Inline assertions pin the bodies quoted in docs/upstream.md (token endpoint, response bodies, status codes); golden
 //! files under `tests/golden/` pin the full responses of every error in both body styles.
 //!
 //! Regenerate the golden files after an intended change with
@@ -193,7 +193,7 @@ fn every_error_matches_its_golden_files() {
 fn upstream_bodies_byte_for_byte() {
     let metadata = br#"{"error":"invalid_request","error_description":"Required metadata header not specified"}
 "#;
-    assert_eq!(metadata.len(), 89, "reference §2.5: 89 bytes");
+    assert_eq!(metadata.len(), 89, "89 bytes");
     for options in [JSON, GO, GO_RETRY] {
         let r = ImdsError::MissingMetadataHeader.response(options);
         assert_eq!(r.status, StatusCode::BAD_REQUEST);
@@ -330,7 +330,7 @@ fn json_error_bodies_carry_upstream_messages() {
 
 #[test]
 fn token_body_matches_reference_example() {
-    // Reference §2.11, with now = expires_on - 86399.
+    // docs/upstream.md#response-bodies, with now = expires_on - 86399.
     let now = UNIX_EPOCH + Duration::from_secs(1_690_000_000 - 86_399);
     let token = TokenResponse::new("…", "https://vault.azure.net", 1_690_000_000, now)
         .with_not_before(1_689_913_300);

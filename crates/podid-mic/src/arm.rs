@@ -2,7 +2,7 @@
 //! through Azure Resource Manager with [`podid_controller::arm::ArmClient`].
 //!
 //! Every VM/VMSS is looked up in the cloud configuration's `resourceGroup` and subscription, as
-//! upstream does (reference §3.3, §3.5 item 6). ARM tokens come from the token broker: a client
+//! upstream does (docs/upstream.md#cloud-configuration, docs/upstream.md#sync-cycle step 5). ARM tokens come from the token broker: a client
 //! secret against Entra when azure.json names a service principal, the node's managed identity
 //! through IMDS otherwise.
 //!

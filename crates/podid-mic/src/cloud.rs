@@ -1,4 +1,4 @@
-//! Cloud configuration (reference §3.3): `azure.json` named by `--cloudconfig`, or without it
+//! Cloud configuration (docs/upstream.md#cloud-configuration): `azure.json` named by `--cloudconfig`, or without it
 //! the environment variables the chart fills from its admin Secret; and the Azure endpoints
 //! (Resource Manager, Entra authority, IMDS) it implies, with podid's command-line overrides.
 //!

@@ -1,4 +1,4 @@
-//! `mic` command line: every upstream flag of reference §3.2 with its name and default, the env
+//! `mic` command line: every upstream flag of docs/configuration.md with its name and default, the env
 //! twins (`MIC_POD_NAMESPACE`, `FORCENAMESPACED`), and podid's additions — validated into a
 //! typed [`Config`] before anything connects anywhere.
 //!

@@ -1,4 +1,4 @@
-//! MIC's Prometheus metrics under upstream's names (reference §3.12, prefix `aadpodidentity_`),
+//! MIC's Prometheus metrics under upstream's names (docs/upstream.md#mic-metrics-and-probes, prefix `aadpodidentity_`),
 //! in one process-wide registry that the `/metrics` endpoint renders.
 //!
 //! Labels are bounded: `operation_type` takes only the fixed values listed on each metric.

@@ -1,4 +1,4 @@
-//! The one-time type upgrade upstream MIC runs when it becomes leader (reference §1.3, §3.10).
+//! The one-time type upgrade upstream MIC runs when it becomes leader (docs/upstream.md#type-upgrade).
 //!
 //! With `--enable-type-upgrade` (default on): GET ConfigMap `<MIC_POD_NAMESPACE>/<--config-map-name>`
 //! (created empty when missing). When its key `--type-upgrade-status-key` is absent, every

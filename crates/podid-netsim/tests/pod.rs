@@ -1,4 +1,4 @@
-//! Pods behind a node: routing, source addresses, teardown, and the DESIGN §7 interception.
+//! Pods behind a node: routing, source addresses, teardown, and the interception docs/testing.md describes.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -138,7 +138,7 @@ fn dropping_a_pod_removes_its_namespace_and_link_but_keeps_the_node() {
     );
 }
 
-/// DESIGN §7: upstream's `aad-metadata` chain inside the node namespace, plus
+/// As docs/testing.md describes: upstream's `aad-metadata` chain inside the node namespace, plus
 /// `route_localnet=1`, delivers a pod's request for 169.254.169.254:80 to a listener on the
 /// node's 127.0.0.1:2579 with the pod's source IP intact; the host's nat table is untouched.
 #[test]
@@ -199,7 +199,7 @@ fn upstream_interception_chain_delivers_pod_requests_to_node_loopback() {
         "-N aad-metadata\n\
          -A aad-metadata ! -s 127.0.0.1/32 -d 169.254.169.254/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 127.0.0.1:2579\n\
          -A aad-metadata -j RETURN\n",
-        "chain reads back exactly as upstream expects (reference §2.15)"
+        "chain reads back exactly as upstream expects (docs/upstream.md#interception)"
     );
 
     let target = SocketAddr::from(([169, 254, 169, 254], 80));

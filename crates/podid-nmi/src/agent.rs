@@ -1,4 +1,4 @@
-//! The running agent: what `nmi` does after its flags validate (reference §2.1, DESIGN §2, §6).
+//! The running agent: what `nmi` does after its flags validate (docs/upstream.md#start-up, docs/ARCHITECTURE.md, docs/security.md).
 //!
 //! Start-up order: the node is closed before anything that can fail. First the interception
 //! (`aad-metadata` chain and `PREROUTING` jump; fatal only if iptables itself fails), then
@@ -421,7 +421,7 @@ async fn check_route_localnet(iptables: &Arc<SystemIptables>, health: &Health) -
     new.then_some(reason)
 }
 
-/// Re-applies the interception every `interval` (reference §2.15). A failed pass is logged and
+/// Re-applies the interception every `interval` (docs/upstream.md#interception). A failed pass is logged and
 /// retried at the next tick: the rules already installed keep intercepting meanwhile.
 async fn reconcile_loop(
     iptables: Arc<SystemIptables>,

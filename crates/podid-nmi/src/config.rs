@@ -1,4 +1,4 @@
-//! `nmi` command line: every upstream flag of reference §2.2 with its name and default, the env
+//! `nmi` command line: every upstream flag of docs/configuration.md with its name and default, the env
 //! twins, and podid's additions — validated into a typed [`Config`] before anything binds.
 //!
 //! Flags keep upstream's spelling, including the camel-case ones (`--forceNamespaced`,
@@ -54,13 +54,13 @@ pub struct Flags {
     /// Port of `/healthz` and `/readyz`.
     #[arg(long = "http-probe-port", default_value = "8080")]
     pub http_probe_port: String,
-    /// Polls of a `Created` assignment before giving up (reference §2.8).
+    /// Polls of a `Created` assignment before giving up (docs/upstream.md#identity-selection).
     #[arg(long = "retry-attempts-for-created", default_value_t = 16)]
     pub retry_attempts_for_created: i64,
-    /// Polls of an `Assigned` assignment before giving up (reference §2.8).
+    /// Polls of an `Assigned` assignment before giving up (docs/upstream.md#identity-selection).
     #[arg(long = "retry-attempts-for-assigned", default_value_t = 4)]
     pub retry_attempts_for_assigned: i64,
-    /// Seconds between identity polls (reference §2.8).
+    /// Seconds between identity polls (docs/upstream.md#identity-selection).
     #[arg(long = "find-identity-retry-interval", default_value_t = 5)]
     pub find_identity_retry_interval: i64,
     /// Upstream's pprof server; podid has none and ignores it (logged).
@@ -178,7 +178,7 @@ pub struct Flags {
     pub klog: KlogFlags,
 }
 
-/// How NMI picks identities (reference §2.8, §2.9).
+/// How NMI picks identities (docs/upstream.md#identity-selection).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OperationMode {
     /// MIC assigns identities; NMI serves a pod's `Assigned` AzureAssignedIdentity.
@@ -217,7 +217,7 @@ pub enum ConfigError {
     /// `--operation-mode` is neither standard nor managed.
     #[error("operation mode {0} not supported")]
     UnsupportedMode(String),
-    /// Managed mode needs namespaced matching (reference §2.1 step 6).
+    /// Managed mode needs namespaced matching (docs/upstream.md#start-up step 4).
     #[error(
         "managed mode needs namespaced mode: pass --forceNamespaced=true or set FORCENAMESPACED=true"
     )]
@@ -491,7 +491,7 @@ pub fn user_agent(custom: Option<&str>) -> String {
     }
 }
 
-/// Why NMI refuses to start on this node (reference §2.1 step 2).
+/// Why NMI refuses to start on this node (docs/upstream.md#start-up step 2).
 #[derive(Debug, thiserror::Error)]
 pub enum KubenetError {
     /// The kubelet config could not be read.

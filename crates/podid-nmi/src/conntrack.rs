@@ -1,4 +1,4 @@
-//! `--enable-conntrack-deletion` (reference §2.15): after the first rule install, delete the
+//! `--enable-conntrack-deletion` (docs/upstream.md#interception): after the first rule install, delete the
 //! connection-tracking entries of TCP flows to IMDS, so connections opened before the DNAT
 //! existed (which conntrack keeps routing to the real IMDS) are cut and reconnect through nmi.
 //!

@@ -1,5 +1,5 @@
 //! Which token source a matched identity uses for the calling pod: the node's IMDS or the
-//! Secret as usual, or the federated exchange of the migration bridge (DESIGN §5,
+//! Secret as usual, or the federated exchange of the migration bridge (docs/migration.md,
 //! docs/migration.md).
 //!
 //! The switch is `podid.io/token-source: federated` on the `AzureIdentity` or the

@@ -1,4 +1,4 @@
-//! The iptables interception of reference §2.15: table `nat`, chain `aad-metadata` jumped to from
+//! The iptables interception of docs/upstream.md#interception: table `nat`, chain `aad-metadata` jumped to from
 //! `PREROUTING`, DNAT of pod traffic to the IMDS address onto NMI's listener.
 //!
 //! The rules are upstream's, string for string, so nodes moving between the Go NMI and podid see

@@ -1,4 +1,4 @@
-//! NMI's Prometheus metrics (reference §2.18) plus podid's own counters.
+//! NMI's Prometheus metrics (docs/upstream.md#nmi-probes-and-metrics) plus podid's own counters.
 //!
 //! Upstream names are kept: `aadpodidentity_nmi_operations_duration_seconds`,
 //! `aadpodidentity_imds_operations_duration_seconds`, `aadpodidentity_imds_operations_errors_count`,

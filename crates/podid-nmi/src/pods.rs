@@ -1,4 +1,4 @@
-//! The IP → pod index NMI attributes requests with (reference §2.6, DESIGN §2 step 3, §6).
+//! The IP → pod index NMI attributes requests with (docs/upstream.md#finding-the-caller, docs/ARCHITECTURE.md, docs/security.md).
 //!
 //! Fed by pod watch events of this node ([`PodIndex::apply`], [`PodIndex::delete`],
 //! [`PodIndex::replace_all`] on a relist). Only pods in phase `Pending` or `Running` that do not

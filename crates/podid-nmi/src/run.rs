@@ -1,4 +1,4 @@
-//! The watches that feed NMI's in-memory state (reference §2.1 step 4, DESIGN §2 step 3):
+//! The watches that feed NMI's in-memory state (docs/upstream.md#start-up step 3, docs/ARCHITECTURE.md):
 //! the node's pods into the [`PodIndex`], the four custom resources into the [`Matcher`].
 //!
 //! * Pods: field selector `spec.nodeName=<node>`, all namespaces. The initial list (and every

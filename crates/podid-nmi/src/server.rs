@@ -1,11 +1,11 @@
-//! The HTTP servers: the IMDS emulation (reference §2.4–§2.14), the probe port (§2.17, plus
-//! `/readyz`) and the metrics port (§2.18).
+//! The HTTP servers: the IMDS emulation (docs/upstream.md, routing to status codes), the probe port (docs/upstream.md#nmi-probes-and-metrics, plus
+//! `/readyz`) and the metrics port.
 //!
 //! Every status code and body of the IMDS port comes from `podid-imds`; this module only decides
 //! which one. The state a request reads — the pod index and the current [`MatchIndex`] — is read
 //! under short locks that are never held across an await.
 //!
-//! Bounds (DESIGN §6): at most [`Limits::max_connections`] connections (further connections wait
+//! Bounds (docs/security.md): at most [`Limits::max_connections`] connections (further connections wait
 //! in the listen backlog) and at most [`Limits::max_connections_per_source`] from one address
 //! (further ones from it are closed at once), request headers limited in size and count (hyper answers 431), a
 //! deadline for reading request headers (slow clients and idle keep-alive connections are
@@ -1310,7 +1310,7 @@ fn strip_headers(headers: &mut HeaderMap) {
     }
 }
 
-/// Forward the request to IMDS and copy its answer back (reference §2.13).
+/// Forward the request to IMDS and copy its answer back (docs/upstream.md#passthrough).
 async fn passthrough(state: &NmiState, request: Request<Incoming>) -> Response<Body> {
     let options = state.options.errors;
     let limits = &state.options.limits;

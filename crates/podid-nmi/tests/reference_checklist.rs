@@ -1,11 +1,27 @@
-//! Reference §7 items 1–14 (the NMI compatibility checklist of
-//! /work/shared/reference/aad-pod-identity.md) and the §2.14 status catalogue, one table per
-//! item, against the real IMDS server (`serve`), the real pod index and matcher, and a fake token
-//! provider or the real broker with a fake IMDS.
+//! The NMI compatibility checklist, one table per item, against the real IMDS server (`serve`),
+//! the real pod index and matcher, and a fake token provider or the real broker with a fake IMDS.
+//! The items, each checked against upstream's behaviour as docs/upstream.md describes it:
+//!
+//! 1. token path variants, malformed paths, path cleaning;
+//! 2. the `Metadata` header on token and passthrough paths, and the exact 400 body;
+//! 3. `resource` required, `api-version` not;
+//! 4. finding the caller pod by source address;
+//! 5. exceptions and the MIC short-circuit;
+//! 6. standard-mode waiting on assignment states;
+//! 7. requested client and resource ids, their case and precedence, `object_id`;
+//! 8. namespaced filtering;
+//! 9. token bodies (single, multi-tenant array, `/host/token`);
+//! 10. token-source failures and `--set-retry-after-header`;
+//! 11. `--block-instance-metadata` and the passthrough;
+//! 12. `/healthz`, and no profiling endpoints;
+//! 13. the iptables chain, its repair and its removal;
+//! 14. metric names, types, labels and buckets;
+//!
+//! and the status-code table (docs/upstream.md#status-codes).
 //!
 //! Every row names its item, the input, and podid's expected answer. Where podid deliberately
-//! differs from upstream the row says so (`fix:`) with the reason from DESIGN.md §3 /
-//! docs/compatibility.md. A table reports every failing row at once.
+//! differs from upstream the row says so (`fix:`), and docs/compatibility.md lists the
+//! difference. A table reports every failing row at once.
 //!
 //! Item 13 (iptables) needs root and network namespaces (podid-netsim); it fails without root.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -61,7 +77,7 @@ enum Expect {
 /// One table row.
 #[derive(Debug, Clone, Copy)]
 struct Row {
-    /// Reference item and case, e.g. `§7.1 trailing slash`.
+    /// Checklist item and case, e.g. `#1 trailing slash`.
     item: &'static str,
     /// Request target.
     target: &'static str,
@@ -170,12 +186,12 @@ fn assigned_a() -> Objects {
 
 const BINDING_LABEL: &[(&str, &str)] = &[("aadpodidbinding", "kv")];
 
-// ---------------------------------------------------------------- §7.1 token path variants
+// ---------------------------------------------------------------- #1 token path variants
 
 const CASE_VARIANT: &str =
     "Invalid request: the token path is case-sensitive; use /metadata/identity/oauth2/token";
 
-/// §7.1 / §2.4: token path variants are served, `Identity` with a capital I is refused (podid),
+/// #1 (docs/upstream.md#routing): token path variants are served, `Identity` with a capital I is refused (podid),
 /// backslash variants are 400 `Invalid request`, unclean paths are 301 to the cleaned path.
 #[tokio::test]
 async fn item_01_token_path_variants() {
@@ -184,35 +200,35 @@ async fn item_01_token_path_variants() {
         &nmi,
         &[
             Row {
-                item: "§7.1 canonical path",
+                item: "#1 canonical path",
                 target: "/metadata/identity/oauth2/token?resource=r",
                 headers: META,
                 status: 200,
                 expect: Expect::TokenFor(CLIENT_A),
             },
             Row {
-                item: "§7.1 trailing slash",
+                item: "#1 trailing slash",
                 target: "/metadata/identity/oauth2/token/?resource=r",
                 headers: META,
                 status: 200,
                 expect: Expect::TokenFor(CLIENT_A),
             },
             Row {
-                item: "§7.1 /Metadata (segment case-insensitive)",
+                item: "#1 /Metadata (segment case-insensitive)",
                 target: "/Metadata/identity/oauth2/token?resource=r",
                 headers: META,
                 status: 200,
                 expect: Expect::TokenFor(CLIENT_A),
             },
             Row {
-                item: "§7.1 /METADATA",
+                item: "#1 /METADATA",
                 target: "/METADATA/identity/oauth2/token?resource=r",
                 headers: META,
                 status: 200,
                 expect: Expect::TokenFor(CLIENT_A),
             },
             Row {
-                item: "§7.1 string prefix match (tokenXYZ)",
+                item: "#1 string prefix match (tokenXYZ)",
                 target: "/metadata/identity/oauth2/tokenXYZ?resource=r",
                 headers: META,
                 status: 200,
@@ -221,63 +237,63 @@ async fn item_01_token_path_variants() {
             // podid deviation (docs/compatibility.md): upstream proxied case variants of the
             // token path to IMDS unattributed; podid answers 400 and never proxies them.
             Row {
-                item: "§7.1 /metadata/Identity (capital I) is refused, not proxied",
+                item: "#1 /metadata/Identity (capital I) is refused, not proxied",
                 target: "/metadata/Identity/oauth2/token?resource=r",
                 headers: META,
                 status: 400,
                 expect: Expect::Description(CASE_VARIANT),
             },
             Row {
-                item: "§7.1 /metadata/identity/OAUTH2/token is refused, not proxied",
+                item: "#1 /metadata/identity/OAUTH2/token is refused, not proxied",
                 target: "/metadata/identity/OAUTH2/token?resource=r",
                 headers: NO_HEADERS,
                 status: 400,
                 expect: Expect::Description(CASE_VARIANT),
             },
             Row {
-                item: "§7.1 backslash before oauth2",
+                item: "#1 backslash before oauth2",
                 target: "/metadata/identity\\oauth2/token/",
                 headers: META,
                 status: 400,
                 expect: Expect::Description("Invalid request"),
             },
             Row {
-                item: "§7.1 backslashes around oauth2",
+                item: "#1 backslashes around oauth2",
                 target: "/metadata/identity/\\oauth2\\token/",
                 headers: META,
                 status: 400,
                 expect: Expect::Description("Invalid request"),
             },
             Row {
-                item: "§7.1 invalid path is 400 before the header check",
+                item: "#1 invalid path is 400 before the header check",
                 target: "/metadata/identity\\oauth2/token/",
                 headers: NO_HEADERS,
                 status: 400,
                 expect: Expect::Description("Invalid request"),
             },
             Row {
-                item: "§7.1 //metadata → 301, query kept",
+                item: "#1 //metadata → 301, query kept",
                 target: "//metadata/identity/oauth2/token?resource=r",
                 headers: NO_HEADERS,
                 status: 301,
                 expect: Expect::Location("/metadata/identity/oauth2/token?resource=r"),
             },
             Row {
-                item: "§7.1 dot-dot → 301 to the cleaned path",
+                item: "#1 dot-dot → 301 to the cleaned path",
                 target: "/metadata/x/../identity/oauth2/token?resource=r",
                 headers: META,
                 status: 301,
                 expect: Expect::Location("/metadata/identity/oauth2/token?resource=r"),
             },
             Row {
-                item: "§7.1 cleaning keeps a trailing slash",
+                item: "#1 cleaning keeps a trailing slash",
                 target: "//metadata/identity/oauth2/token/",
                 headers: NO_HEADERS,
                 status: 301,
                 expect: Expect::Location("/metadata/identity/oauth2/token/"),
             },
             Row {
-                item: "§7.1 percent-encoded slashes are decoded before routing (Go's URL.Path)",
+                item: "#1 percent-encoded slashes are decoded before routing (Go's URL.Path)",
                 target: "/metadata/identity%2Foauth2%2Ftoken?resource=r",
                 headers: META,
                 status: 200,
@@ -292,15 +308,15 @@ async fn item_01_token_path_variants() {
         b"POST /metadata/identity/oauth2/token?resource=r HTTP/1.1\r\nHost: x\r\nMetadata: true\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
     )
     .await;
-    assert_eq!(reply.status, 200, "§7.1 POST: {}", reply.body);
+    assert_eq!(reply.status, 200, "#1 POST: {}", reply.body);
 }
 
-// ---------------------------------------------------------------- §7.2 Metadata header
+// ---------------------------------------------------------------- #2 Metadata header
 
 /// IMDS's own 400 body for a missing header, byte for byte (89 bytes with the newline).
 const MISSING_HEADER_BODY: &str = "{\"error\":\"invalid_request\",\"error_description\":\"Required metadata header not specified\"}\n";
 
-/// §7.2 / §2.5 step 1 / §2.13: `Metadata: true` (name in any case, value exact) on token and
+/// #2 (docs/upstream.md#token-endpoint step 1, docs/upstream.md#passthrough): `Metadata: true` (name in any case, value exact) on token and
 /// passthrough paths; IMDS's exact 400 body and content type otherwise.
 #[tokio::test]
 async fn item_02_metadata_header() {
@@ -308,63 +324,63 @@ async fn item_02_metadata_header() {
     let nmi = start(&assigned_a()).await;
     let rows = [
         Row {
-            item: "§7.2 token, no header",
+            item: "#2 token, no header",
             target: TOKEN_PATH,
             headers: NO_HEADERS,
             status: 400,
             expect: Expect::Body(MISSING_HEADER_BODY),
         },
         Row {
-            item: "§7.2 token, Metadata: True (value case-sensitive)",
+            item: "#2 token, Metadata: True (value case-sensitive)",
             target: TOKEN_PATH,
             headers: &[("Metadata", "True")],
             status: 400,
             expect: Expect::Body(MISSING_HEADER_BODY),
         },
         Row {
-            item: "§7.2 token, Metadata: false",
+            item: "#2 token, Metadata: false",
             target: TOKEN_PATH,
             headers: &[("Metadata", "false")],
             status: 400,
             expect: Expect::Body(MISSING_HEADER_BODY),
         },
         Row {
-            item: "§7.2 token, Metadata: true",
+            item: "#2 token, Metadata: true",
             target: TOKEN_PATH,
             headers: META,
             status: 200,
             expect: Expect::TokenFor(CLIENT_A),
         },
         Row {
-            item: "§7.2 token, metadata: true (name case-insensitive, Rust SDK)",
+            item: "#2 token, metadata: true (name case-insensitive, Rust SDK)",
             target: TOKEN_PATH,
             headers: &[("metadata", "true")],
             status: 200,
             expect: Expect::TokenFor(CLIENT_A),
         },
         Row {
-            item: "§7.2 passthrough, no header",
+            item: "#2 passthrough, no header",
             target: "/metadata/instance?api-version=2021-02-01",
             headers: NO_HEADERS,
             status: 400,
             expect: Expect::Body(MISSING_HEADER_BODY),
         },
         Row {
-            item: "§7.2 passthrough of a non-Azure path, no header (issue #1239)",
+            item: "#2 passthrough of a non-Azure path, no header (issue #1239)",
             target: "/latest/meta-data/",
             headers: NO_HEADERS,
             status: 400,
             expect: Expect::Body(MISSING_HEADER_BODY),
         },
         Row {
-            item: "§7.2 passthrough, Metadata: True",
+            item: "#2 passthrough, Metadata: True",
             target: "/doesnotexist",
             headers: &[("Metadata", "True")],
             status: 400,
             expect: Expect::Body(MISSING_HEADER_BODY),
         },
         Row {
-            item: "§7.2 passthrough, Metadata: true",
+            item: "#2 passthrough, Metadata: true",
             target: "/doesnotexist",
             headers: META,
             status: 404,
@@ -375,7 +391,7 @@ async fn item_02_metadata_header() {
     let reply = request(nmi.addr, TOKEN_PATH, NO_HEADERS).await;
     assert_eq!(
         reply.headers["content-type"], "application/json; charset=utf-8",
-        "§7.2 content type of the 400"
+        "#2 content type of the 400"
     );
     assert_eq!(reply.headers["content-length"], "89");
     // The body is IMDS's JSON also with upstream's plain-text error style (as upstream).
@@ -399,14 +415,14 @@ async fn item_02_metadata_header() {
         &off,
         &[
             Row {
-                item: "§7.2 header not required: token",
+                item: "#2 header not required: token",
                 target: TOKEN_PATH,
                 headers: NO_HEADERS,
                 status: 200,
                 expect: Expect::TokenFor(CLIENT_A),
             },
             Row {
-                item: "§7.2 header not required: passthrough",
+                item: "#2 header not required: passthrough",
                 target: "/doesnotexist",
                 headers: NO_HEADERS,
                 status: 404,
@@ -417,64 +433,64 @@ async fn item_02_metadata_header() {
     .await;
 }
 
-// ---------------------------------------------------------------- §7.3 resource, api-version
+// ---------------------------------------------------------------- #3 resource, api-version
 
-/// §7.3 / §2.5 step 3: `resource` is required; `api-version` is never required or validated.
+/// #3 (docs/upstream.md#token-endpoint step 3): `resource` is required; `api-version` is never required or validated.
 #[tokio::test]
 async fn item_03_resource_and_api_version() {
     let nmi = start(&assigned_a()).await;
     let rows = [
         Row {
-            item: "§7.3 no resource",
+            item: "#3 no resource",
             target: "/metadata/identity/oauth2/token?api-version=2018-02-01",
             headers: META,
             status: 400,
             expect: Expect::Description("parameter resource cannot be empty"),
         },
         Row {
-            item: "§7.3 empty resource",
+            item: "#3 empty resource",
             target: "/metadata/identity/oauth2/token?resource=&api-version=2018-02-01",
             headers: META,
             status: 400,
             expect: Expect::Description("parameter resource cannot be empty"),
         },
         Row {
-            item: "§7.3 no query at all",
+            item: "#3 no query at all",
             target: "/metadata/identity/oauth2/token",
             headers: META,
             status: 400,
             expect: Expect::Description("parameter resource cannot be empty"),
         },
         Row {
-            item: "§7.3 api-version absent → still 200",
+            item: "#3 api-version absent → still 200",
             target: "/metadata/identity/oauth2/token?resource=https%3A%2F%2Fvault.azure.net",
             headers: META,
             status: 200,
             expect: Expect::TokenFor(CLIENT_A),
         },
         Row {
-            item: "§7.3 any api-version (Rust SDK 2019-08-01)",
+            item: "#3 any api-version (Rust SDK 2019-08-01)",
             target: "/metadata/identity/oauth2/token?api-version=2019-08-01&resource=r",
             headers: META,
             status: 200,
             expect: Expect::TokenFor(CLIENT_A),
         },
         Row {
-            item: "§7.3 nonsense api-version",
+            item: "#3 nonsense api-version",
             target: "/metadata/identity/oauth2/token?api-version=garbage&resource=r",
             headers: META,
             status: 200,
             expect: Expect::TokenFor(CLIENT_A),
         },
         Row {
-            item: "§7.3 unescaped resource (Python SDK)",
+            item: "#3 unescaped resource (Python SDK)",
             target: "/metadata/identity/oauth2/token?resource=https://vault.azure.net",
             headers: META,
             status: 200,
             expect: Expect::TokenFor(CLIENT_A),
         },
         Row {
-            item: "§7.3 a pair with ';' is dropped (Go's url.ParseQuery) → no resource",
+            item: "#3 a pair with ';' is dropped (Go's url.ParseQuery) → no resource",
             target: "/metadata/identity/oauth2/token?resource=https://vault.azure.net;x",
             headers: META,
             status: 400,
@@ -592,9 +608,9 @@ fn identity(ns: &str, name: &str, client_id: &str) -> AzureIdentity {
     AzureIdentity::user_assigned(ns, name, &rid(name), client_id)
 }
 
-// ---------------------------------------------------------------- §7.4 caller pod
+// ---------------------------------------------------------------- #4 caller pod
 
-/// §7.4 / §2.6: the caller is the one Pending/Running pod with the source address; unknown and
+/// #4 (docs/upstream.md#finding-the-caller): the caller is the one Pending/Running pod with the source address; unknown and
 /// ambiguous addresses are 500; finished and host-network pods never match.
 #[tokio::test]
 async fn item_04_caller_pod_attribution() {
@@ -637,14 +653,14 @@ async fn item_04_caller_pod_attribution() {
         &nmi,
         &[
             case(
-                "§7.4 the Running pod with the address",
+                "#4 the Running pod with the address",
                 1,
                 200,
                 Expect::TokenFor(CLIENT_A),
                 Some(Asked::Identity(CLIENT_A.into())),
             ),
             case(
-                "§7.4 unknown source address → 500",
+                "#4 unknown source address → 500",
                 9,
                 500,
                 Expect::Description("pod list is empty"),
@@ -652,43 +668,43 @@ async fn item_04_caller_pod_attribution() {
             ),
             // Upstream lists Go pointers here; podid names the address and the count.
             case(
-                "§7.4 two pods with one address → 500 (fail closed)",
+                "#4 two pods with one address → 500 (fail closed)",
                 2,
                 500,
                 Expect::Description("failed to match pod IP 127.0.0.2 with 2 pods"),
                 None,
             ),
             case(
-                "§7.4 a Succeeded pod sharing the address is ignored",
+                "#4 a Succeeded pod sharing the address is ignored",
                 3,
                 200,
                 Expect::TokenFor(CLIENT_B),
                 Some(Asked::Identity(CLIENT_B.into())),
             ),
             case(
-                "§7.4 only a Succeeded pod has the address → 500",
+                "#4 only a Succeeded pod has the address → 500",
                 4,
                 500,
                 Expect::Description("pod list is empty"),
                 None,
             ),
             case(
-                "§7.4 only a Failed pod has the address → 500",
+                "#4 only a Failed pod has the address → 500",
                 8,
                 500,
                 Expect::Description("pod list is empty"),
                 None,
             ),
-            // DESIGN §2 step 3: host-network pods share the node's address and are never indexed.
+            // docs/ARCHITECTURE.md: host-network pods share the node's address and are never indexed.
             case(
-                "§7.4 a hostNetwork pod is never the caller",
+                "#4 a hostNetwork pod is never the caller",
                 5,
                 500,
                 Expect::Description("pod list is empty"),
                 None,
             ),
             case(
-                "§7.4 a Pending pod is attributed",
+                "#4 a Pending pod is attributed",
                 6,
                 400,
                 Expect::Description("no azure identity is bound to pod app/starting"),
@@ -705,11 +721,7 @@ async fn item_04_caller_pod_attribution() {
         .into_config_with_env(|_| None)
         .unwrap();
     let options = ServerOptions::from_config(&config);
-    assert_eq!(
-        options.pod_wait,
-        Duration::from_millis(1200),
-        "§7.4 pod wait"
-    );
+    assert_eq!(options.pod_wait, Duration::from_millis(1200), "#4 pod wait");
     let nmi = start_with(
         &assigned_a(),
         BINDING_LABEL,
@@ -720,10 +732,10 @@ async fn item_04_caller_pod_attribution() {
     let started = Instant::now();
     let reply = request_from(loopback(9), nmi.addr, TOKEN_PATH, META).await;
     let elapsed = started.elapsed();
-    assert_eq!(reply.status, 500, "§7.4 unknown address after the wait");
+    assert_eq!(reply.status, 500, "#4 unknown address after the wait");
     assert!(
         elapsed >= Duration::from_millis(1200) && elapsed < Duration::from_secs(5),
-        "§7.4 ≈1.2 s, took {elapsed:?}"
+        "#4 ≈1.2 s, took {elapsed:?}"
     );
     // A pod that shows up within the wait is served.
     let addr = nmi.addr;
@@ -734,14 +746,14 @@ async fn item_04_caller_pod_attribution() {
     let reply = late.await.unwrap();
     assert_eq!(
         reply.status, 200,
-        "§7.4 pod appearing within the wait: {}",
+        "#4 pod appearing within the wait: {}",
         reply.body
     );
 }
 
-// ---------------------------------------------------------------- §7.5 exceptions
+// ---------------------------------------------------------------- #5 exceptions
 
-/// §7.5 / §2.7: any single label of an exception in the pod's namespace (value compared ignoring
+/// #5 (docs/upstream.md#exceptions): any single label of an exception in the pod's namespace (value compared ignoring
 /// case) sends the request to the node's own identity; `client_id` is forwarded, no selector
 /// means system-assigned.
 #[tokio::test]
@@ -780,7 +792,7 @@ async fn item_05_exceptions() {
     let b_rid = rid("node-b");
     let cases = [
         Case {
-            item: "§7.5 one matching label (value ignoring case), no selector → system-assigned",
+            item: "#5 one matching label (value ignoring case), no selector → system-assigned",
             source: 1,
             target: TOKEN_PATH.to_owned(),
             headers: META,
@@ -789,7 +801,7 @@ async fn item_05_exceptions() {
             asked: node(NodeIdentity::SystemAssigned),
         },
         Case {
-            item: "§7.5 client_id forwarded to the node's IMDS",
+            item: "#5 client_id forwarded to the node's IMDS",
             source: 1,
             target: token_path(&format!("&client_id={CLIENT_B}")),
             headers: META,
@@ -797,10 +809,10 @@ async fn item_05_exceptions() {
             expect: Expect::TokenFor("node"),
             asked: node(NodeIdentity::ClientId(CLIENT_B.into())),
         },
-        // fix (DESIGN §3 "exception path ignores msi_res_id" → honours it): upstream would
+        // fix (docs/compatibility.md "exception path ignores msi_res_id" → honours it): upstream would
         // return the system-assigned token here.
         Case {
-            item: "§7.5 msi_res_id honoured on the exception path (fix)",
+            item: "#5 msi_res_id honoured on the exception path (fix)",
             source: 1,
             target: token_path(&format!("&msi_res_id={b_rid}")),
             headers: META,
@@ -809,7 +821,7 @@ async fn item_05_exceptions() {
             asked: node(NodeIdentity::ResourceId(b_rid.clone())),
         },
         Case {
-            item: "§7.5 mi_res_id honoured on the exception path (fix)",
+            item: "#5 mi_res_id honoured on the exception path (fix)",
             source: 1,
             target: token_path(&format!("&mi_res_id={b_rid}")),
             headers: META,
@@ -818,7 +830,7 @@ async fn item_05_exceptions() {
             asked: node(NodeIdentity::ResourceId(b_rid.clone())),
         },
         Case {
-            item: "§7.5 the Metadata header still applies",
+            item: "#5 the Metadata header still applies",
             source: 1,
             target: TOKEN_PATH.to_owned(),
             headers: NO_HEADERS,
@@ -827,7 +839,7 @@ async fn item_05_exceptions() {
             asked: None,
         },
         Case {
-            item: "§7.5 an exception of another namespace does not apply",
+            item: "#5 an exception of another namespace does not apply",
             source: 2,
             target: TOKEN_PATH.to_owned(),
             headers: META,
@@ -836,7 +848,7 @@ async fn item_05_exceptions() {
             asked: None,
         },
         Case {
-            item: "§7.5 same key, other value → not excepted",
+            item: "#5 same key, other value → not excepted",
             source: 3,
             target: TOKEN_PATH.to_owned(),
             headers: META,
@@ -844,10 +856,10 @@ async fn item_05_exceptions() {
             expect: Expect::Description("no azure identity is bound to pod app/micro"),
             asked: None,
         },
-        // fix (DESIGN §3 "ReplicaSet name ^mic in --MICNamespace skips all checks" → no
+        // fix (docs/compatibility.md "ReplicaSet name ^mic in --MICNamespace skips all checks" → no
         // name-based bypass; the chart ships an AzurePodIdentityException instead).
         Case {
-            item: "§7.5 ReplicaSet mic-* in --MICNamespace gets no bypass (fix)",
+            item: "#5 ReplicaSet mic-* in --MICNamespace gets no bypass (fix)",
             source: 4,
             target: TOKEN_PATH.to_owned(),
             headers: META,
@@ -856,7 +868,7 @@ async fn item_05_exceptions() {
             asked: None,
         },
         Case {
-            item: "§7.5 ReplicaSet microservice-* (upstream's ^mic-* matched it) gets no bypass (fix)",
+            item: "#5 ReplicaSet microservice-* (upstream's ^mic-* matched it) gets no bypass (fix)",
             source: 5,
             target: TOKEN_PATH.to_owned(),
             headers: META,
@@ -878,7 +890,7 @@ async fn item_05_exceptions() {
     run_cases(
         &nmi,
         &[Case {
-            item: "§7.5 exception-path failure → 403",
+            item: "#5 exception-path failure → 403",
             source: 1,
             target: TOKEN_PATH.to_owned(),
             headers: META,
@@ -890,9 +902,9 @@ async fn item_05_exceptions() {
     .await;
 }
 
-// ---------------------------------------------------------------- §7.6 standard-mode timing
+// ---------------------------------------------------------------- #6 standard-mode timing
 
-/// §7.6 / §2.8: `Assigned` and the legacy empty state answer at once; a pod without any
+/// #6 (docs/upstream.md#identity-selection): `Assigned` and the legacy empty state answer at once; a pod without any
 /// assignment gets 404 at once (fix: upstream waited 16 × 5 s = 80 s); `Created` waits at most
 /// the retry budget, then 404 (upstream: 20 × 5 s = 100 s).
 #[tokio::test]
@@ -912,29 +924,29 @@ async fn item_06_standard_mode_timing() {
     awaiting.assignments.clear();
     let rows = [
         Timing {
-            item: "§7.6 Assigned → immediate token",
+            item: "#6 Assigned → immediate token",
             objects: with_state(AssignedIdentityState::Assigned),
             status: 200,
             expect: Expect::TokenFor(CLIENT_A),
             waits: false,
         },
         Timing {
-            item: "§7.6 legacy \"\" state → usable",
+            item: "#6 legacy \"\" state → usable",
             objects: with_state(AssignedIdentityState::Other(String::new())),
             status: 200,
             expect: Expect::TokenFor(CLIENT_A),
             waits: false,
         },
-        // fix (DESIGN §3: "pod with no matching binding waits 80–100 s, then 404" → at once).
+        // fix (docs/compatibility.md: "pod with no matching binding waits 80–100 s, then 404" → at once).
         Timing {
-            item: "§7.6 no AzureAssignedIdentity and no binding → final 400 at once (fix: upstream 404 after 80 s)",
+            item: "#6 no AzureAssignedIdentity and no binding → final 400 at once (fix: upstream 404 after 80 s)",
             objects: Objects::empty(),
             status: 400,
             expect: Expect::Description("no azure identity is bound to pod app/web"),
             waits: false,
         },
         Timing {
-            item: "§7.6 Created only → 404 after the bounded wait",
+            item: "#6 Created only → 404 after the bounded wait",
             objects: with_state(AssignedIdentityState::Created),
             status: 404,
             expect: Expect::DescriptionPrefix(
@@ -943,7 +955,7 @@ async fn item_06_standard_mode_timing() {
             waits: true,
         },
         Timing {
-            item: "§7.6 binding selects the pod, no assignment yet → bounded wait, then 404",
+            item: "#6 binding selects the pod, no assignment yet → bounded wait, then 404",
             objects: awaiting,
             status: 404,
             expect: Expect::DescriptionPrefix(
@@ -1001,7 +1013,7 @@ async fn item_06_standard_mode_timing() {
     assert_eq!(
         budget(&[]),
         Duration::from_secs(100),
-        "§7.6 default (16 + 4) × 5 s"
+        "#6 default (16 + 4) × 5 s"
     );
     assert_eq!(
         budget(&[
@@ -1010,7 +1022,7 @@ async fn item_06_standard_mode_timing() {
             "--find-identity-retry-interval=1",
         ]),
         Duration::from_secs(2),
-        "§7.6 the three retry flags"
+        "#6 the three retry flags"
     );
 
     // With --set-retry-after-header the pending answer is 503 + Retry-After: 20.
@@ -1027,14 +1039,14 @@ async fn item_06_standard_mode_timing() {
     let reply = request(nmi.addr, TOKEN_PATH, META).await;
     assert_eq!(
         reply.status, 503,
-        "§7.6 pending with --set-retry-after-header"
+        "#6 pending with --set-retry-after-header"
     );
     assert_eq!(reply.headers["retry-after"], "20");
 }
 
-// ---------------------------------------------------------------- §7.7 selectors
+// ---------------------------------------------------------------- #7 selectors
 
-/// §7.7 / §2.5 / §2.8: `client_id` in any case, `msi_res_id` before `mi_res_id`, `object_id`.
+/// #7 (docs/upstream.md#token-endpoint, docs/upstream.md#identity-selection): `client_id` in any case, `msi_res_id` before `mi_res_id`, `object_id`.
 #[tokio::test]
 async fn item_07_identity_selectors() {
     const CLIENT_C: &str = "cccccccc-0000-0000-0000-00000000000c";
@@ -1066,58 +1078,58 @@ async fn item_07_identity_selectors() {
         &[
             // fix (docs/compatibility.md "no selector and several identities bound: the first one
             // found" → deterministic, sorted by name).
-            case("§7.7 no selector → first identity by name (fix: deterministic)", String::new(), 200, Expect::TokenFor(CLIENT_A), a()),
-            case("§7.7 empty client_id counts as absent", "&client_id=".to_owned(), 200, Expect::TokenFor(CLIENT_A), a()),
-            case("§7.7 client_id lower case", format!("&client_id={CLIENT_B}"), 200, Expect::TokenFor(CLIENT_B), b()),
-            // fix (DESIGN §3: case-sensitive final match → case-insensitive everywhere).
+            case("#7 no selector → first identity by name (fix: deterministic)", String::new(), 200, Expect::TokenFor(CLIENT_A), a()),
+            case("#7 empty client_id counts as absent", "&client_id=".to_owned(), 200, Expect::TokenFor(CLIENT_A), a()),
+            case("#7 client_id lower case", format!("&client_id={CLIENT_B}"), 200, Expect::TokenFor(CLIENT_B), b()),
+            // fix (docs/compatibility.md: case-sensitive final match → case-insensitive everywhere).
             case(
-                "§7.7 client_id upper case (fix: upstream 404 after 80 s)",
+                "#7 client_id upper case (fix: upstream 404 after 80 s)",
                 format!("&client_id={}", CLIENT_B.to_ascii_uppercase()),
                 200,
                 Expect::TokenFor(CLIENT_B),
                 b(),
             ),
             case(
-                "§7.7 client_id of no identity of the pod → final 400 at once, redacted (upstream 404)",
+                "#7 client_id of no identity of the pod → final 400 at once, redacted (upstream 404)",
                 format!("&client_id={CLIENT_C}"),
                 400,
                 Expect::Description("no azure identity found for request clientID cccc##### REDACTED #####000c"),
                 None,
             ),
-            case("§7.7 msi_res_id", format!("&msi_res_id={rid_b}"), 200, Expect::TokenFor(CLIENT_B), b()),
+            case("#7 msi_res_id", format!("&msi_res_id={rid_b}"), 200, Expect::TokenFor(CLIENT_B), b()),
             case(
-                "§7.7 msi_res_id with resourceGroups spelling (fix: case-insensitive)",
+                "#7 msi_res_id with resourceGroups spelling (fix: case-insensitive)",
                 format!("&msi_res_id={rid_b_camel}"),
                 200,
                 Expect::TokenFor(CLIENT_B),
                 b(),
             ),
-            case("§7.7 mi_res_id alone", format!("&mi_res_id={rid_b}"), 200, Expect::TokenFor(CLIENT_B), b()),
+            case("#7 mi_res_id alone", format!("&mi_res_id={rid_b}"), 200, Expect::TokenFor(CLIENT_B), b()),
             case(
-                "§7.7 empty msi_res_id → mi_res_id is used",
+                "#7 empty msi_res_id → mi_res_id is used",
                 format!("&msi_res_id=&mi_res_id={rid_b}"),
                 200,
                 Expect::TokenFor(CLIENT_B),
                 b(),
             ),
             case(
-                "§7.7 msi_res_id wins over mi_res_id",
+                "#7 msi_res_id wins over mi_res_id",
                 format!("&msi_res_id={}&mi_res_id={rid_b}", rid("id")),
                 200,
                 Expect::TokenFor(CLIENT_A),
                 a(),
             ),
             case(
-                "§7.7 unknown msi_res_id → final 400 with an empty clientID (upstream 404)",
+                "#7 unknown msi_res_id → final 400 with an empty clientID (upstream 404)",
                 format!("&msi_res_id={}", rid("nope")),
                 400,
                 Expect::Description("no azure identity found for request clientID "),
                 None,
             ),
-            // fix (DESIGN §3 "object_id ignored → first identity silently returned" → never an
+            // fix (docs/compatibility.md "object_id ignored → first identity silently returned" → never an
             // identity other than the one asked for).
             case(
-                "§7.7 object_id → 400, never the first identity (fix)",
+                "#7 object_id → 400, never the first identity (fix)",
                 format!("&object_id={CLIENT_B}"),
                 400,
                 Expect::Description(
@@ -1126,7 +1138,7 @@ async fn item_07_identity_selectors() {
                 None,
             ),
             case(
-                "§7.7 principal_id → 400 (fix)",
+                "#7 principal_id → 400 (fix)",
                 format!("&principal_id={CLIENT_B}"),
                 400,
                 Expect::DescriptionPrefix("parameter object_id is not supported"),
@@ -1134,7 +1146,7 @@ async fn item_07_identity_selectors() {
             ),
             // fix (docs/compatibility.md: several selectors → 400 naming the conflict).
             case(
-                "§7.7 client_id and msi_res_id together → 400 (fix)",
+                "#7 client_id and msi_res_id together → 400 (fix)",
                 format!("&client_id={CLIENT_A}&msi_res_id={rid_b}"),
                 400,
                 Expect::DescriptionPrefix("only one of client_id, msi_res_id"),
@@ -1145,9 +1157,9 @@ async fn item_07_identity_selectors() {
     .await;
 }
 
-// ---------------------------------------------------------------- §7.8 namespaced
+// ---------------------------------------------------------------- #8 namespaced
 
-/// §7.8 / §2.8 / §2.9: the namespaced filter (flag or annotation) drops identities of other
+/// #8 (docs/upstream.md#identity-selection): the namespaced filter (flag or annotation) drops identities of other
 /// namespaces; an emptied candidate list is 404 (fix: upstream panicked → 500).
 #[tokio::test]
 async fn item_08_namespaced_filter() {
@@ -1169,9 +1181,9 @@ async fn item_08_namespaced_filter() {
     };
     let no_identity = Expect::Description("no azure identity is bound to pod app/web");
     let rows = [
-        // fix (DESIGN §3 "panic → 500 when the namespaced filter empties the candidate list").
+        // fix (docs/compatibility.md "panic → 500 when the namespaced filter empties the candidate list").
         Namespaced {
-            item: "§7.8 annotation, identity in another namespace → final 400 (fix: upstream 500)",
+            item: "#8 annotation, identity in another namespace → final 400 (fix: upstream 500)",
             identity_ns: "other",
             annotated: true,
             options: MatchOptions::default(),
@@ -1179,7 +1191,7 @@ async fn item_08_namespaced_filter() {
             expect: no_identity,
         },
         Namespaced {
-            item: "§7.8 annotation, identity in the pod's namespace",
+            item: "#8 annotation, identity in the pod's namespace",
             identity_ns: "app",
             annotated: true,
             options: MatchOptions::default(),
@@ -1187,7 +1199,7 @@ async fn item_08_namespaced_filter() {
             expect: Expect::TokenFor(CLIENT_A),
         },
         Namespaced {
-            item: "§7.8 --forceNamespaced, identity in another namespace → final 400 (fix: upstream 500)",
+            item: "#8 --forceNamespaced, identity in another namespace → final 400 (fix: upstream 500)",
             identity_ns: "other",
             annotated: false,
             options: flag,
@@ -1195,7 +1207,7 @@ async fn item_08_namespaced_filter() {
             expect: no_identity,
         },
         Namespaced {
-            item: "§7.8 --forceNamespaced, identity in the pod's namespace",
+            item: "#8 --forceNamespaced, identity in the pod's namespace",
             identity_ns: "app",
             annotated: false,
             options: flag,
@@ -1203,7 +1215,7 @@ async fn item_08_namespaced_filter() {
             expect: Expect::TokenFor(CLIENT_A),
         },
         Namespaced {
-            item: "§7.8 not namespaced: an identity of another namespace is usable",
+            item: "#8 not namespaced: an identity of another namespace is usable",
             identity_ns: "other",
             annotated: false,
             options: MatchOptions::default(),
@@ -1211,7 +1223,7 @@ async fn item_08_namespaced_filter() {
             expect: Expect::TokenFor(CLIENT_A),
         },
         Namespaced {
-            item: "§7.8 managed mode, binding and identity in the pod's namespace",
+            item: "#8 managed mode, binding and identity in the pod's namespace",
             identity_ns: "app",
             annotated: false,
             options: managed,
@@ -1219,7 +1231,7 @@ async fn item_08_namespaced_filter() {
             expect: Expect::TokenFor(CLIENT_A),
         },
         Namespaced {
-            item: "§7.8 managed mode, binding in another namespace → final 400 at once (upstream 404)",
+            item: "#8 managed mode, binding in another namespace → final 400 at once (upstream 404)",
             identity_ns: "other",
             annotated: false,
             options: managed,
@@ -1261,9 +1273,9 @@ async fn item_08_namespaced_filter() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
-// ---------------------------------------------------------------- §7.9 bodies
+// ---------------------------------------------------------------- #9 bodies
 
-/// §7.9 / §2.11 / §2.12: the token body's keys and string types, the multi-tenant array, the
+/// #9 (docs/upstream.md#response-bodies): the token body's keys and string types, the multi-tenant array, the
 /// `/host/token` wrapper.
 #[tokio::test]
 async fn item_09_token_bodies() {
@@ -1297,21 +1309,18 @@ async fn item_09_token_bodies() {
             reply
                 .body
                 .find(&format!("\"{k}\":"))
-                .unwrap_or_else(|| panic!("§7.9 key {k} missing: {}", reply.body))
+                .unwrap_or_else(|| panic!("#9 key {k} missing: {}", reply.body))
         })
         .collect();
     let ordered = positions.windows(2).all(|w| w[0] < w[1]);
-    assert!(ordered, "§7.9 key order {keys:?}");
+    assert!(ordered, "#9 key order {keys:?}");
     positions.clear();
     sorted_want.sort_unstable();
     let mut got = keys.clone();
     got.sort_unstable();
-    assert_eq!(got, sorted_want, "§7.9 key set");
+    assert_eq!(got, sorted_want, "#9 key set");
     for (key, value) in object {
-        assert!(
-            value.is_string(),
-            "§7.9 {key} must be a JSON string: {value}"
-        );
+        assert!(value.is_string(), "#9 {key} must be a JSON string: {value}");
     }
     assert_eq!(body["refresh_token"], "");
     assert_eq!(body["token_type"], "Bearer");
@@ -1323,7 +1332,7 @@ async fn item_09_token_bodies() {
     let body = reply.json();
     let array = body
         .as_array()
-        .unwrap_or_else(|| panic!("§7.9 multi-tenant array: {body}"));
+        .unwrap_or_else(|| panic!("#9 multi-tenant array: {body}"));
     assert_eq!(array.len(), 3);
     assert_eq!(array[0]["access_token"], format!("token-for-{CLIENT_A}"));
     assert_eq!(
@@ -1346,11 +1355,11 @@ async fn item_09_token_bodies() {
         &[("podns", "app"), ("podname", "web")],
     )
     .await;
-    assert_eq!(reply.status, 200, "§7.9 /host/token: {}", reply.body);
+    assert_eq!(reply.status, 200, "#9 /host/token: {}", reply.body);
     let body = reply.json();
     let mut keys: Vec<&String> = body.as_object().unwrap().keys().collect();
     keys.sort_unstable();
-    assert_eq!(keys, ["clientid", "token"], "§7.9 wrapper keys");
+    assert_eq!(keys, ["clientid", "token"], "#9 wrapper keys");
     assert_eq!(body["clientid"], CLIENT_A);
     assert_eq!(
         body["token"]["access_token"],
@@ -1362,7 +1371,7 @@ async fn item_09_token_bodies() {
         &host,
         &[
             Case {
-                item: "§7.9 /host/token without pod headers → 400",
+                item: "#9 /host/token without pod headers → 400",
                 source: 1,
                 target: "/host/token?resource=r".into(),
                 headers: &[("podns", "app")],
@@ -1371,7 +1380,7 @@ async fn item_09_token_bodies() {
                 asked: None,
             },
             Case {
-                item: "§7.9 /host/token not from 127.0.0.1 → 500",
+                item: "#9 /host/token not from 127.0.0.1 → 500",
                 source: 2,
                 target: "/host/token?resource=r".into(),
                 headers: &[("podns", "app"), ("podname", "web")],
@@ -1380,7 +1389,7 @@ async fn item_09_token_bodies() {
                 asked: None,
             },
             Case {
-                item: "§7.9 /host/token without resource → 400",
+                item: "#9 /host/token without resource → 400",
                 source: 1,
                 target: "/host/token".into(),
                 headers: &[("podns", "app"), ("podname", "web")],
@@ -1389,7 +1398,7 @@ async fn item_09_token_bodies() {
                 asked: None,
             },
             Case {
-                item: "§7.9 /host/token for a pod without identity → final 400 (upstream 404)",
+                item: "#9 /host/token for a pod without identity → final 400 (upstream 404)",
                 source: 1,
                 target: "/host/token?resource=r".into(),
                 headers: &[("podns", "app"), ("podname", "nope")],
@@ -1419,7 +1428,7 @@ async fn item_09_token_bodies() {
     .await;
     assert_eq!(
         reply.status, 400,
-        "§7.9 /host/token ignores --set-retry-after-header (a final refusal): {}",
+        "#9 /host/token ignores --set-retry-after-header (a final refusal): {}",
         reply.body
     );
     assert!(!reply.headers.contains_key("retry-after"));
@@ -1439,7 +1448,7 @@ async fn item_09_token_bodies() {
     );
 }
 
-// ---------------------------------------------------------------- §7.10 upstream errors
+// ---------------------------------------------------------------- #10 upstream errors
 
 /// An HTTP server answering every request with `status_line` and a JSON `body`.
 async fn canned_imds(status_line: &'static str, body: &'static str) -> std::net::SocketAddr {
@@ -1480,7 +1489,7 @@ fn broker_for(endpoint: std::net::SocketAddr) -> Arc<dyn TokenProvider> {
     ))
 }
 
-/// §7.10 / §2.5 step 8 / §2.10: through the real broker, IMDS refusing (400) is 403 with IMDS's
+/// #10 (docs/upstream.md#token-endpoint step 7, docs/upstream.md#token-sources): through the real broker, IMDS refusing (400) is 403 with IMDS's
 /// message, IMDS unreachable or failing (5xx) is 503, and `--set-retry-after-header` turns
 /// identity-selection errors into 503 + `Retry-After: 20`.
 #[tokio::test]
@@ -1508,7 +1517,7 @@ async fn item_10_upstream_errors() {
     }
     let rows = [
         Upstream {
-            item: "§7.10 IMDS 400 → 403 carrying IMDS's message",
+            item: "#10 IMDS 400 → 403 carrying IMDS's message",
             imds: refusing,
             status: 403,
             expect: Expect::DescriptionPrefix(""),
@@ -1516,7 +1525,7 @@ async fn item_10_upstream_errors() {
         },
         // fix (docs/compatibility.md "Entra 5xx on the token path → 403" → 503: a retry can help).
         Upstream {
-            item: "§7.10 IMDS 500 → 503 (fix)",
+            item: "#10 IMDS 500 → 503 (fix)",
             imds: failing,
             status: 503,
             expect: Expect::DescriptionPrefix(""),
@@ -1526,14 +1535,14 @@ async fn item_10_upstream_errors() {
         // is not a token a 403, which tells SDKs to stop; podid answers 503 like other
         // transient upstream failures, as for Entra 5xx).
         Upstream {
-            item: "§7.10 IMDS 200 with an unparsable body → 503 (fix: upstream 403)",
+            item: "#10 IMDS 200 with an unparsable body → 503 (fix: upstream 403)",
             imds: garbled,
             status: 503,
             expect: Expect::DescriptionPrefix("imds token source unavailable for client "),
             retry_after: false,
         },
         Upstream {
-            item: "§7.10 IMDS unreachable → 503",
+            item: "#10 IMDS unreachable → 503",
             imds: unreachable,
             status: 503,
             expect: Expect::DescriptionPrefix(""),
@@ -1596,7 +1605,7 @@ async fn item_10_upstream_errors() {
         META,
     )
     .await;
-    assert_eq!(reply.status, 503, "§7.10 retry-after: wrong client id");
+    assert_eq!(reply.status, 503, "#10 retry-after: wrong client id");
     assert_eq!(reply.headers["retry-after"], "20");
     let nmi = start_with(
         &Objects::empty(),
@@ -1606,7 +1615,7 @@ async fn item_10_upstream_errors() {
     )
     .await;
     let reply = request(nmi.addr, TOKEN_PATH, META).await;
-    assert_eq!(reply.status, 503, "§7.10 retry-after: unbound pod");
+    assert_eq!(reply.status, 503, "#10 retry-after: unbound pod");
     assert_eq!(reply.headers["retry-after"], "20");
     let nmi = start_with(
         &Objects::empty(),
@@ -1618,17 +1627,17 @@ async fn item_10_upstream_errors() {
     let reply = request(nmi.addr, TOKEN_PATH, META).await;
     assert_eq!(
         reply.status, 400,
-        "§7.10 retry-after: an unbound pod is a final refusal"
+        "#10 retry-after: an unbound pod is a final refusal"
     );
     assert!(!reply.headers.contains_key("retry-after"));
     // Request errors keep their status with the flag.
     let reply = request(nmi.addr, "/metadata/identity/oauth2/token", META).await;
-    assert_eq!(reply.status, 400, "§7.10 retry-after does not touch 400s");
+    assert_eq!(reply.status, 400, "#10 retry-after does not touch 400s");
 }
 
-// ---------------------------------------------------------------- §7.11 instance metadata
+// ---------------------------------------------------------------- #11 instance metadata
 
-/// §7.11 / §2.4 rule 4 / §2.13: `--block-instance-metadata` answers 403 before the header check;
+/// #11 (docs/upstream.md#routing rule 4, docs/upstream.md#passthrough): `--block-instance-metadata` answers 403 before the header check;
 /// otherwise everything else is proxied with status, headers and body copied back.
 #[tokio::test]
 async fn item_11_instance_metadata_and_passthrough() {
@@ -1650,30 +1659,30 @@ async fn item_11_instance_metadata_and_passthrough() {
         &blocked,
         &[
             blocked_row(
-                "§7.11 /metadata/instance, no header → 403 first",
+                "#11 /metadata/instance, no header → 403 first",
                 "/metadata/instance?api-version=2021-02-01",
             ),
             blocked_row(
-                "§7.11 /metadata/instance/compute",
+                "#11 /metadata/instance/compute",
                 "/metadata/instance/compute",
             ),
             blocked_row(
-                "§7.11 /METADATA/instance (segment case-insensitive)",
+                "#11 /METADATA/instance (segment case-insensitive)",
                 "/METADATA/instance",
             ),
             blocked_row(
-                "§7.11 prefix match /metadata/instancefoo",
+                "#11 prefix match /metadata/instancefoo",
                 "/metadata/instancefoo",
             ),
             Row {
-                item: "§7.11 token path unaffected by the block",
+                item: "#11 token path unaffected by the block",
                 target: TOKEN_PATH,
                 headers: META,
                 status: 200,
                 expect: Expect::TokenFor(CLIENT_A),
             },
             Row {
-                item: "§7.11 other paths still proxied",
+                item: "#11 other paths still proxied",
                 target: "/metadata/versions",
                 headers: META,
                 status: 404,
@@ -1701,7 +1710,7 @@ async fn item_11_instance_metadata_and_passthrough() {
     assert_eq!(
         (reply.status, reply.body.as_str()),
         (403, "Request blocked by AAD Pod Identity NMI\n"),
-        "§7.11 upstream's text body with --error-format=text"
+        "#11 upstream's text body with --error-format=text"
     );
 
     // Passthrough: same method, path and query, headers, Host = the metadata address; the
@@ -1712,11 +1721,11 @@ async fn item_11_instance_metadata_and_passthrough() {
         b"POST /metadata/instance/compute?api-version=2021-02-01&format=json HTTP/1.1\r\nHost: 169.254.169.254\r\nMetadata: true\r\nX-Custom: kept\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
     )
     .await;
-    assert_eq!(reply.status, 404, "§7.11 upstream status copied");
-    assert_eq!(reply.body, "not found", "§7.11 upstream body copied");
+    assert_eq!(reply.status, 404, "#11 upstream status copied");
+    assert_eq!(reply.body, "not found", "#11 upstream body copied");
     assert_eq!(
         reply.headers["x-imds"], "fake",
-        "§7.11 upstream headers copied"
+        "#11 upstream headers copied"
     );
     assert_eq!(reply.headers["content-type"], "text/plain");
     let head = nmi.imds.recv().await.unwrap();
@@ -1724,7 +1733,7 @@ async fn item_11_instance_metadata_and_passthrough() {
         head.starts_with(
             "POST /metadata/instance/compute?api-version=2021-02-01&format=json HTTP/1.1\r\n"
         ),
-        "§7.11 method, path and query forwarded: {head}"
+        "#11 method, path and query forwarded: {head}"
     );
     let lower = head.to_ascii_lowercase();
     assert!(lower.contains("x-custom: kept"), "{head}");
@@ -1732,15 +1741,15 @@ async fn item_11_instance_metadata_and_passthrough() {
     let host = format!("host: {}", nmi.state.options.metadata).to_ascii_lowercase();
     assert!(
         lower.contains(&host),
-        "§7.11 Host is the metadata address with port: {head}"
+        "#11 Host is the metadata address with port: {head}"
     );
     assert!(nmi.provider.asked().is_empty());
 }
 
-// ---------------------------------------------------------------- §7.12 probes, pprof
+// ---------------------------------------------------------------- #12 probes, pprof
 
-/// §7.12 / §2.17 / §2.3: `/healthz` is always 200 with `Not Active` / `Active` (no newline).
-/// pprof: decided not to serve it anywhere (DESIGN §3 "pprof on the probe port" → none;
+/// #12 (docs/upstream.md#nmi-probes-and-metrics): `/healthz` is always 200 with `Not Active` / `Active` (no newline).
+/// pprof: decided not to serve it anywhere (docs/compatibility.md "pprof on the probe port" → none;
 /// docs/compatibility.md: `--enableProfile` accepted and ignored).
 #[tokio::test]
 async fn item_12_probes_and_no_pprof() {
@@ -1749,18 +1758,18 @@ async fn item_12_probes_and_no_pprof() {
     assert_eq!(
         (reply.status, reply.body.as_str()),
         (200, "Not Active"),
-        "§7.12 before install"
+        "#12 before install"
     );
     nmi.state.health.set_interception_installed(true);
     let reply = request(nmi.probes, "/healthz", NO_HEADERS).await;
     assert_eq!(
         (reply.status, reply.body.as_str()),
         (200, "Active"),
-        "§7.12 after install"
+        "#12 after install"
     );
     assert_eq!(
         reply.headers["content-length"], "6",
-        "§7.12 no trailing newline"
+        "#12 no trailing newline"
     );
     for path in [
         "/debug/pprof/",
@@ -1769,10 +1778,7 @@ async fn item_12_probes_and_no_pprof() {
     ] {
         for (port, name) in [(nmi.probes, "probe"), (nmi.metrics, "metrics")] {
             let reply = request(port, path, NO_HEADERS).await;
-            assert_eq!(
-                reply.status, 404,
-                "§7.12 no pprof on the {name} port: {path}"
-            );
+            assert_eq!(reply.status, 404, "#12 no pprof on the {name} port: {path}");
             assert!(!reply.body.contains("goroutine"), "{}", reply.body);
         }
     }
@@ -1805,7 +1811,7 @@ async fn item_12_probes_and_no_pprof() {
     assert_eq!((config.probe_port, config.prometheus_port), (8080, 9090));
 }
 
-// ---------------------------------------------------------------- §7.14 metrics
+// ---------------------------------------------------------------- #14 metrics
 
 /// The label names of the first series of `family` in a text exposition.
 fn label_names(text: &str, series: &str) -> Vec<String> {
@@ -1822,7 +1828,7 @@ fn label_names(text: &str, series: &str) -> Vec<String> {
     names
 }
 
-/// §7.14 / §2.18: upstream's family names, types, labels and buckets on /metrics; the NMI
+/// #14 (docs/upstream.md#nmi-probes-and-metrics): upstream's family names, types, labels and buckets on /metrics; the NMI
 /// histogram's `operation_type` is the route (fix: upstream used the raw path, unbounded).
 #[tokio::test]
 async fn item_14_metrics_names_and_labels() {
@@ -1903,13 +1909,13 @@ async fn item_14_metrics_names_and_labels() {
     ] {
         assert!(
             text.contains(&format!("# TYPE {family} {kind}\n")),
-            "§7.14 family {family} ({kind}) in\n{text}"
+            "#14 family {family} ({kind}) in\n{text}"
         );
     }
     assert_eq!(
         label_names(&text, &format!("{nmi_hist}_count")),
         ["namespace", "operation_type", "resource", "status_code"],
-        "§7.14 NMI histogram labels"
+        "#14 NMI histogram labels"
     );
     assert_eq!(
         label_names(&text, &format!("{imds_hist}_count")),
@@ -1935,7 +1941,7 @@ async fn item_14_metrics_names_and_labels() {
         .iter()
         .filter(|n| !text.contains(n.as_str()))
         .collect();
-    assert!(missing.is_empty(), "§7.14 missing {missing:#?} in\n{text}");
+    assert!(missing.is_empty(), "#14 missing {missing:#?} in\n{text}");
     // Upstream's buckets.
     for le in [
         "0.5", "1", "2", "3", "4", "5", "10", "15", "20", "25", "30", "40", "50", "60", "70", "80",
@@ -1944,26 +1950,26 @@ async fn item_14_metrics_names_and_labels() {
         let bucket = format!(
             "{nmi_hist}_bucket{{namespace=\"app\",operation_type=\"token\",resource=\"https://vault.azure.net\",status_code=\"200\",le=\"{le}\"}}"
         );
-        assert!(text.contains(&bucket), "§7.14 NMI bucket {le}");
+        assert!(text.contains(&bucket), "#14 NMI bucket {le}");
     }
     for le in ["0.01", "0.1", "1", "10", "+Inf"] {
         let bucket = format!("{imds_hist}_bucket{{operation_type=\"adal_token\",le=\"{le}\"}}");
-        assert!(text.contains(&bucket), "§7.14 IMDS bucket {le}");
+        assert!(text.contains(&bucket), "#14 IMDS bucket {le}");
     }
     let nmi_buckets = text.lines().filter(|l| l.starts_with(&format!("{nmi_hist}_bucket{{namespace=\"app\",operation_type=\"token\",resource=\"https://vault.azure.net\",status_code=\"200\""))).count();
-    assert_eq!(nmi_buckets, 19, "§7.14 18 upstream buckets + Inf");
+    assert_eq!(nmi_buckets, 19, "#14 18 upstream buckets + Inf");
     // Passthrough is not counted; no raw path and no token ever appears.
     assert!(
         !text.contains("operation_type=\"/"),
-        "§7.14 no raw paths:\n{text}"
+        "#14 no raw paths:\n{text}"
     );
-    assert!(!text.contains("instance"), "§7.14 passthrough not counted");
-    assert!(!text.contains("token-for-"), "§7.14 no token in metrics");
+    assert!(!text.contains("instance"), "#14 passthrough not counted");
+    assert!(!text.contains("token-for-"), "#14 no token in metrics");
 }
 
-// ---------------------------------------------------------------- §2.14 status catalogue
+// ---------------------------------------------------------------- status codes
 
-/// §2.14: every row of the status catalogue, driven through the server. Bodies are IMDS-style
+/// Every row of the status-code table of docs/upstream.md#status-codes, driven through the server. Bodies are IMDS-style
 /// JSON carrying upstream's message (fix, docs/compatibility.md); the plain-text bodies of
 /// `--error-format=text` are pinned by podid-imds's golden files.
 #[tokio::test]
@@ -2001,7 +2007,7 @@ async fn status_catalogue_2_14() {
         Case {
             asked: Some(Asked::Identity(CLIENT_A.into())),
             ..case(
-                "§2.14 200 token",
+                "status: 200 token",
                 1,
                 TOKEN_PATH,
                 META,
@@ -2010,7 +2016,7 @@ async fn status_catalogue_2_14() {
             )
         },
         case(
-            "§2.14 301 unclean path",
+            "status: 301 unclean path",
             1,
             "//metadata/identity/oauth2/token",
             NO_HEADERS,
@@ -2018,7 +2024,7 @@ async fn status_catalogue_2_14() {
             Expect::Location("/metadata/identity/oauth2/token"),
         ),
         case(
-            "§2.14 400 Metadata header (token)",
+            "status: 400 Metadata header (token)",
             1,
             TOKEN_PATH,
             NO_HEADERS,
@@ -2026,7 +2032,7 @@ async fn status_catalogue_2_14() {
             Expect::Body(MISSING_HEADER_BODY),
         ),
         case(
-            "§2.14 400 Metadata header (passthrough)",
+            "status: 400 Metadata header (passthrough)",
             1,
             "/metadata/versions",
             NO_HEADERS,
@@ -2034,7 +2040,7 @@ async fn status_catalogue_2_14() {
             Expect::Body(MISSING_HEADER_BODY),
         ),
         case(
-            "§2.14 400 empty resource",
+            "status: 400 empty resource",
             1,
             "/metadata/identity/oauth2/token?resource=",
             META,
@@ -2042,7 +2048,7 @@ async fn status_catalogue_2_14() {
             Expect::Description("parameter resource cannot be empty"),
         ),
         case(
-            "§2.14 400 malformed token path",
+            "status: 400 malformed token path",
             1,
             "/metadata/identity\\oauth2/token",
             META,
@@ -2050,7 +2056,7 @@ async fn status_catalogue_2_14() {
             Expect::Description("Invalid request"),
         ),
         case(
-            "§2.14 400 /host/token without pod headers",
+            "status: 400 /host/token without pod headers",
             1,
             "/host/token?resource=r",
             NO_HEADERS,
@@ -2058,16 +2064,16 @@ async fn status_catalogue_2_14() {
             Expect::Description("missing 'podname' and 'podns' from request header"),
         ),
         case(
-            "§2.14 403 /metadata/instance with --block-instance-metadata",
+            "status: 403 /metadata/instance with --block-instance-metadata",
             1,
             "/metadata/instance",
             NO_HEADERS,
             403,
             Expect::Description("Request blocked by AAD Pod Identity NMI"),
         ),
-        // fix (DESIGN §3): upstream answered after 80 s.
+        // fix (docs/compatibility.md): upstream answered after 80 s.
         case(
-            "§2.14 no usable identity: final 400 (upstream 404)",
+            "status: no usable identity: final 400 (upstream 404)",
             4,
             TOKEN_PATH,
             META,
@@ -2075,7 +2081,7 @@ async fn status_catalogue_2_14() {
             Expect::Description("no azure identity is bound to pod app/lonely"),
         ),
         case(
-            "§2.14 500 no pod for the source address",
+            "status: 500 no pod for the source address",
             9,
             TOKEN_PATH,
             META,
@@ -2083,7 +2089,7 @@ async fn status_catalogue_2_14() {
             Expect::Description("pod list is empty"),
         ),
         case(
-            "§2.14 500 ambiguous source address",
+            "status: 500 ambiguous source address",
             3,
             TOKEN_PATH,
             META,
@@ -2091,7 +2097,7 @@ async fn status_catalogue_2_14() {
             Expect::DescriptionPrefix("failed to match pod IP 127.0.0.3"),
         ),
         case(
-            "§2.14 500 /host/token not from 127.0.0.1",
+            "status: 500 /host/token not from 127.0.0.1",
             2,
             "/host/token?resource=r",
             &[("podns", "app"), ("podname", "web")],
@@ -2113,7 +2119,7 @@ async fn status_catalogue_2_14() {
         Case {
             asked: Some(Asked::Identity(CLIENT_A.into())),
             ..case(
-                "§2.14 403 upstream token error",
+                "status: 403 upstream token error",
                 1,
                 TOKEN_PATH,
                 META,
@@ -2124,7 +2130,7 @@ async fn status_catalogue_2_14() {
         Case {
             asked: Some(Asked::Node(NodeIdentity::SystemAssigned)),
             ..case(
-                "§2.14 403 any exception-path error",
+                "status: 403 any exception-path error",
                 2,
                 TOKEN_PATH,
                 META,
@@ -2149,7 +2155,7 @@ async fn status_catalogue_2_14() {
         &[Case {
             asked: Some(Asked::Identity(CLIENT_A.into())),
             ..case(
-                "§2.14 503 token acquisition failed (no TokenRefreshError)",
+                "status: 503 token acquisition failed (no TokenRefreshError)",
                 1,
                 TOKEN_PATH,
                 META,
@@ -2178,7 +2184,7 @@ async fn status_catalogue_2_14() {
             reply.headers.get("retry-after").map(String::as_str)
         ),
         (503, Some("20")),
-        "§2.14 503 + Retry-After"
+        "status: 503 + Retry-After"
     );
     // 500 on a passthrough transport error.
     let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -2191,7 +2197,7 @@ async fn status_catalogue_2_14() {
     let reply = request(broken.addr, "/metadata/versions", META).await;
     assert_eq!(
         reply.status, 500,
-        "§2.14 500 passthrough transport error: {}",
+        "status: 500 passthrough transport error: {}",
         reply.body
     );
     // Not reachable in podid: "500 empty remote address" (IPv6 callers) — nmi listens on an IPv4
@@ -2199,9 +2205,9 @@ async fn status_catalogue_2_14() {
     // handler panics (the namespaced-filter panic is a 404, item 8).
 }
 
-// ---------------------------------------------------------------- §7.13 iptables
+// ---------------------------------------------------------------- #13 iptables
 
-/// Upstream's `iptables -t nat -S aad-metadata`, string for string (reference §2.15).
+/// Upstream's `iptables -t nat -S aad-metadata`, string for string (docs/upstream.md#interception).
 const UPSTREAM_CHAIN: [&str; 3] = [
     "-N aad-metadata",
     "-A aad-metadata ! -s 127.0.0.1/32 -d 169.254.169.254/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 127.0.0.1:2579",
@@ -2216,7 +2222,7 @@ fn lines(output: &str) -> Vec<String> {
         .collect()
 }
 
-/// §7.13 / §2.15 in a simulated node (its own network namespace and nat table; needs root, and
+/// #13 (docs/upstream.md#interception) in a simulated node (its own network namespace and nat table; needs root, and
 /// fails without it): the exact rule strings, the jump at position 1 of `nat PREROUTING`, repair
 /// of every kind of tampering with upstream's reconcile semantics, a pod's request reaching the
 /// real server through the DNAT with its own source address, and the explicit uninstall.
@@ -2226,7 +2232,7 @@ fn lines(output: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn item_13_iptables_interception() {
     let node = SimNode::create()
-        .expect("§7.13 needs root (CAP_NET_ADMIN) for a simulated node; run the tests as root");
+        .expect("#13 needs root (CAP_NET_ADMIN) for a simulated node; run the tests as root");
     let config = Flags::try_parse_from(["nmi", "--node=n"])
         .unwrap()
         .into_config_with_env(|_| None)
@@ -2234,7 +2240,7 @@ async fn item_13_iptables_interception() {
     assert_eq!(
         config.ipt_update_interval,
         Duration::from_secs(60),
-        "§7.13 reconcile period"
+        "#13 reconcile period"
     );
     let interception = Interception {
         metadata: config.metadata,
@@ -2258,22 +2264,22 @@ async fn item_13_iptables_interception() {
         first.chain_created && first.chain_rewritten && first.jump_inserted,
         "{first:?}"
     );
-    assert_eq!(chain(&node), UPSTREAM_CHAIN, "§7.13 rule strings");
+    assert_eq!(chain(&node), UPSTREAM_CHAIN, "#13 rule strings");
     assert_eq!(
         prerouting(&node),
         ["-P PREROUTING ACCEPT", "-A PREROUTING -j aad-metadata"],
-        "§7.13 jump in nat PREROUTING"
+        "#13 jump in nat PREROUTING"
     );
     assert!(
         !node
             .iptables(&["-t", "nat", "-S", "OUTPUT"])
             .unwrap()
             .contains(CHAIN),
-        "§7.13 no OUTPUT rule: host-network traffic is not redirected"
+        "#13 no OUTPUT rule: host-network traffic is not redirected"
     );
     assert!(
         reconcile_in_node(&node).unchanged(),
-        "§7.13 steady state writes nothing"
+        "#13 steady state writes nothing"
     );
 
     // Tampering table: what was done, and what the next pass must do.
@@ -2299,7 +2305,7 @@ async fn item_13_iptables_interception() {
     };
     let table = [
         Tamper {
-            item: "§7.13 chain flushed → rewritten",
+            item: "#13 chain flushed → rewritten",
             commands: vec![cmd(&["-t", "nat", "-F", CHAIN], &[])],
             rewritten: true,
             jump_inserted: false,
@@ -2307,7 +2313,7 @@ async fn item_13_iptables_interception() {
             chain_after: None,
         },
         Tamper {
-            item: "§7.13 foreign rule in front → rewritten",
+            item: "#13 foreign rule in front → rewritten",
             commands: vec![cmd(&["-t", "nat", "-I", CHAIN, "1", "-j", "ACCEPT"], &[])],
             rewritten: true,
             jump_inserted: false,
@@ -2315,7 +2321,7 @@ async fn item_13_iptables_interception() {
             chain_after: None,
         },
         Tamper {
-            item: "§7.13 duplicated DNAT → rewritten",
+            item: "#13 duplicated DNAT → rewritten",
             commands: vec![cmd(&["-t", "nat", "-I", CHAIN, "1"], &dnat)],
             rewritten: true,
             jump_inserted: false,
@@ -2323,7 +2329,7 @@ async fn item_13_iptables_interception() {
             chain_after: None,
         },
         Tamper {
-            item: "§7.13 DNAT target changed → rewritten",
+            item: "#13 DNAT target changed → rewritten",
             commands: vec![cmd(
                 &["-t", "nat", "-R", CHAIN, "1"],
                 &dnat
@@ -2337,7 +2343,7 @@ async fn item_13_iptables_interception() {
             chain_after: None,
         },
         Tamper {
-            item: "§7.13 RETURN deleted → rewritten",
+            item: "#13 RETURN deleted → rewritten",
             commands: vec![cmd(&["-t", "nat", "-D", CHAIN, "-j", "RETURN"], &[])],
             rewritten: true,
             jump_inserted: false,
@@ -2345,7 +2351,7 @@ async fn item_13_iptables_interception() {
             chain_after: None,
         },
         Tamper {
-            item: "§7.13 rule appended after RETURN → tolerated (as upstream)",
+            item: "#13 rule appended after RETURN → tolerated (as upstream)",
             commands: vec![cmd(&["-t", "nat", "-A", CHAIN, "-j", "ACCEPT"], &[])],
             rewritten: false,
             jump_inserted: false,
@@ -2358,7 +2364,7 @@ async fn item_13_iptables_interception() {
             ]),
         },
         Tamper {
-            item: "§7.13 jump deleted → re-inserted at position 1",
+            item: "#13 jump deleted → re-inserted at position 1",
             commands: vec![
                 cmd(&["-t", "nat", "-F", CHAIN], &[]),
                 cmd(&["-t", "nat", "-D", "PREROUTING", "-j", CHAIN], &[]),
@@ -2370,7 +2376,7 @@ async fn item_13_iptables_interception() {
             chain_after: None,
         },
         Tamper {
-            item: "§7.13 chain and jump deleted → created, rules and jump added",
+            item: "#13 chain and jump deleted → created, rules and jump added",
             commands: vec![
                 cmd(&["-t", "nat", "-D", "PREROUTING", "-j", CHAIN], &[]),
                 cmd(&["-t", "nat", "-F", CHAIN], &[]),
@@ -2426,7 +2432,7 @@ async fn item_13_iptables_interception() {
     .unwrap();
     assert!(
         reconcile_in_node(&node).unchanged(),
-        "§7.13 jump anywhere in PREROUTING is enough"
+        "#13 jump anywhere in PREROUTING is enough"
     );
     node.iptables(&[
         "-t",
@@ -2448,7 +2454,7 @@ async fn item_13_iptables_interception() {
         enable_route_localnet(&iptables, std::path::Path::new("/proc/sys"))
     })
     .unwrap()
-    .expect("§7.13 route_localnet");
+    .expect("#13 route_localnet");
     assert_eq!(
         node.read_sysctl("net.ipv4.conf.all.route_localnet")
             .unwrap()
@@ -2474,7 +2480,7 @@ async fn item_13_iptables_interception() {
         use std::io::{Read, Write};
         let mut stream = from_pod
             .connect_tcp("169.254.169.254:80".parse().unwrap())
-            .expect("§7.13 the DNAT takes the pod to nmi");
+            .expect("#13 the DNAT takes the pod to nmi");
         stream.set_read_timeout(Some(TIMEOUT)).unwrap();
         let request = format!(
             "GET {TOKEN_PATH} HTTP/1.1\r\nHost: 169.254.169.254\r\nMetadata: true\r\nConnection: close\r\n\r\n"
@@ -2487,11 +2493,7 @@ async fn item_13_iptables_interception() {
     .await
     .unwrap();
     let reply = parse_reply(&raw);
-    assert_eq!(
-        reply.status, 200,
-        "§7.13 intercepted request: {}",
-        reply.body
-    );
+    assert_eq!(reply.status, 200, "#13 intercepted request: {}", reply.body);
     assert_eq!(
         reply.json()["access_token"],
         format!("token-for-{CLIENT_A}")
@@ -2501,15 +2503,15 @@ async fn item_13_iptables_interception() {
     // The explicit uninstall removes the jump and the chain.
     node.run(move || uninstall(&SystemIptables::new().expect("iptables"), &interception))
         .unwrap()
-        .expect("§7.13 uninstall");
+        .expect("#13 uninstall");
     assert!(
         node.iptables(&["-t", "nat", "-S", CHAIN]).is_err(),
-        "§7.13 chain removed"
+        "#13 chain removed"
     );
     assert_eq!(
         prerouting(&node),
         ["-P PREROUTING ACCEPT"],
-        "§7.13 jump removed"
+        "#13 jump removed"
     );
 
     // Custom addresses flow into the rule; a 0.0.0.0 listener still DNATs to 127.0.0.1.
@@ -2534,14 +2536,14 @@ async fn item_13_iptables_interception() {
     );
 }
 
-/// §7.13 SIGTERM: fix (DESIGN §3, docs/compatibility.md "rules deleted on SIGTERM" → rules stay,
+/// #13 SIGTERM: fix (docs/compatibility.md "rules deleted on SIGTERM" → rules stay,
 /// fail closed). The real `nmi` binary runs in a simulated node against the fake API server,
 /// installs the chain, and on SIGTERM exits 0 promptly (no 10 s sleep) leaving the chain and the
 /// jump in place. Needs root.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn item_13_sigterm_keeps_the_rules() {
     let node = SimNode::create()
-        .expect("§7.13 needs root (CAP_NET_ADMIN) for a simulated node; run the tests as root");
+        .expect("#13 needs root (CAP_NET_ADMIN) for a simulated node; run the tests as root");
     let api = FakeApiServer::start_on(std::net::SocketAddr::from((node.host_ip(), 0)))
         .await
         .unwrap();
@@ -2567,7 +2569,7 @@ async fn item_13_sigterm_keeps_the_rules() {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Some(status) = child.try_wait().unwrap() {
-            panic!("§7.13 nmi exited early: {status}");
+            panic!("#13 nmi exited early: {status}");
         }
         if let Ok(Ok(stream)) =
             tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(probe)).await
@@ -2577,11 +2579,11 @@ async fn item_13_sigterm_keeps_the_rules() {
                 break;
             }
         }
-        assert!(Instant::now() < deadline, "§7.13 nmi not ready within 30 s");
+        assert!(Instant::now() < deadline, "#13 nmi not ready within 30 s");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let chain = || lines(&node.iptables(&["-t", "nat", "-S", CHAIN]).unwrap());
-    assert_eq!(chain(), UPSTREAM_CHAIN, "§7.13 installed by the binary");
+    assert_eq!(chain(), UPSTREAM_CHAIN, "#13 installed by the binary");
     let term = std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -2594,20 +2596,20 @@ async fn item_13_sigterm_keeps_the_rules() {
         }
         assert!(
             stopped.elapsed() < Duration::from_secs(15),
-            "§7.13 nmi did not stop on SIGTERM"
+            "#13 nmi did not stop on SIGTERM"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    assert!(status.success(), "§7.13 SIGTERM exit status {status}");
+    assert!(status.success(), "#13 SIGTERM exit status {status}");
     assert_eq!(
         chain(),
         UPSTREAM_CHAIN,
-        "§7.13 the chain stays after SIGTERM (fix)"
+        "#13 the chain stays after SIGTERM (fix)"
     );
     assert!(
         lines(&node.iptables(&["-t", "nat", "-S", "PREROUTING"]).unwrap())
             .contains(&"-A PREROUTING -j aad-metadata".to_owned()),
-        "§7.13 the jump stays after SIGTERM (fix)"
+        "#13 the jump stays after SIGTERM (fix)"
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -18,7 +18,7 @@ use super::plan::{IdentityState, MAX_IDS_PER_PATCH, PlannedPatch, changes, plan_
 use super::retry_after::parse_retry_after;
 use super::token::ArmTokenProvider;
 
-/// The compute API version upstream uses (reference §3.6).
+/// The compute API version upstream uses (docs/upstream.md#arm-calls).
 pub const API_VERSION: &str = "2019-12-01";
 
 /// Longest ARM error message kept in an [`ArmError`].
@@ -213,7 +213,7 @@ impl ArmClient {
         })
     }
 
-    /// Makes `add` assigned and `remove` unassigned on `compute` (reference §3.6): one GET,
+    /// Makes `add` assigned and `remove` unassigned on `compute` (docs/upstream.md#arm-calls): one GET,
     /// then PATCHes of only the real changes in chunks of at most 150, each followed by its
     /// long-running operation. Nothing to change → no PATCH. A resource in `Deleting` is
     /// refused before any PATCH. If ARM refuses some identities (`LinkedAuthorizationFailed`,
@@ -636,7 +636,7 @@ fn truncate(text: &str, max: usize) -> String {
     format!("{}…", &text[..end])
 }
 
-/// Upstream's retry trigger (reference §3.6 item 7).
+/// Upstream's retry trigger (docs/upstream.md#arm-calls).
 fn is_identity_refusal(code: &str, message: &str) -> bool {
     ["LinkedAuthorizationFailed", "FailedIdentityOperation"]
         .iter()

@@ -9,7 +9,7 @@ use crate::broker::BrokerError;
 
 use super::ids::{ComputeId, ComputeKind, IdentityResourceId};
 
-/// Which ARM call failed (upstream's metric label values, reference §3.6 item 10).
+/// Which ARM call failed (upstream's metric label values, docs/upstream.md#arm-calls).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ArmOperation {
     /// GET of a VM.
@@ -124,7 +124,7 @@ pub enum ArmError {
         /// ARM's message, truncated.
         message: String,
     },
-    /// The resource is being deleted; no PATCH was sent (upstream's message, reference §3.6).
+    /// The resource is being deleted; no PATCH was sent (upstream's message, docs/upstream.md#arm-calls).
     #[error("{}", deleting_message(compute))]
     Deleting {
         /// The resource.

@@ -144,7 +144,7 @@ impl ComputeId {
     }
 
     /// The same resource in another resource group. Upstream looks every VM/VMSS up in the
-    /// cloud config's `resourceGroup`, not in the one the providerID names (reference §3.3).
+    /// cloud config's `resourceGroup`, not in the one the providerID names (docs/upstream.md#cloud-configuration).
     pub fn with_resource_group(mut self, resource_group: &str) -> Self {
         resource_group.clone_into(&mut self.resource_group);
         self
@@ -226,7 +226,7 @@ impl fmt::Display for ComputeId {
 }
 
 /// An identity `resourceID` that is not a user-assigned identity resource id. `Display` is
-/// upstream's text (reference §3.5); MIC logs
+/// upstream's text (docs/upstream.md#sync-cycle); MIC logs
 /// `ignoring azure identity <ns>/<name>, error: <this>`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
@@ -238,7 +238,7 @@ pub struct InvalidResourceId {
 }
 
 /// A validated user-assigned identity resource id, lower-cased (upstream compares and writes
-/// ids lower-cased, reference §3.6).
+/// ids lower-cased, docs/upstream.md#arm-calls).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct IdentityResourceId(String);
 

@@ -9,7 +9,7 @@ use serde_json::{Map, Value, json};
 
 use super::ids::IdentityResourceId;
 
-/// ARM's limit of user-assigned identity entries in one request (reference §3.6 item 6).
+/// ARM's limit of user-assigned identity entries in one request (docs/upstream.md#arm-calls).
 pub const MAX_IDS_PER_PATCH: usize = 150;
 
 /// `identity.type` of a VM or VMSS.
@@ -63,7 +63,7 @@ impl IdentityType {
     }
 
     /// The type for a resource with (or without) the system identity and with `users`
-    /// user-assigned identities (reference §3.6 item 4).
+    /// user-assigned identities (docs/upstream.md#arm-calls).
     pub fn for_parts(system: bool, users: bool) -> Self {
         match (system, users) {
             (false, false) => Self::None,
@@ -169,7 +169,7 @@ impl PlannedPatch {
 }
 
 /// The real changes: ids to add that are absent, ids to remove that are present. An id in both
-/// lists is added (reference §3.6 item 3). Both results are sorted and free of duplicates.
+/// lists is added (docs/upstream.md#arm-calls). Both results are sorted and free of duplicates.
 pub fn changes(
     state: &IdentityState,
     add: &[IdentityResourceId],

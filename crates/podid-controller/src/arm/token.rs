@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use crate::broker::{BrokerError, IdentitySpec, Token, TokenBroker};
 
-/// The ARM token resource of Azure's public cloud (reference §3.3).
+/// The ARM token resource of Azure's public cloud (docs/upstream.md#cloud-configuration).
 pub const ARM_RESOURCE: &str = "https://management.azure.com/";
 
 /// The future an [`ArmTokenProvider`] returns.

@@ -487,7 +487,7 @@ impl TokenBroker {
     }
 
     /// The tokens for `identity` and `resource`: the primary tenant's first, then one per
-    /// auxiliary tenant (type 1 with `auxiliaryTenantIDs`, reference §2.10). Upstream requires
+    /// auxiliary tenant (type 1 with `auxiliaryTenantIDs`, docs/upstream.md#token-sources). Upstream requires
     /// one to three auxiliary tenants when the list is set; more is a [`BrokerError::Config`].
     pub async fn tokens(
         &self,

@@ -1,4 +1,4 @@
-//! Entra token sources for service principals (reference §2.10): [`ClientSecretSource`]
+//! Entra token sources for service principals (docs/upstream.md#token-sources): [`ClientSecretSource`]
 //! (type 1) and [`CertificateSource`] (type 2), both on the v1 endpoint
 //! `POST {authority}{tenant}/oauth2/token?api-version=1.0` with `grant_type=client_credentials`
 //! and `resource`, as upstream's adal did.

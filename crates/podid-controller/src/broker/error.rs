@@ -16,7 +16,7 @@ pub(crate) const MAX_DESCRIPTION: usize = 512;
 pub enum BrokerError {
     /// The token endpoint answered and said no (IMDS 4xx other than 429, Entra 4xx such as
     /// `invalid_client`). Upstream NMI answers these with **403** (a `TokenRefreshError`,
-    /// reference §2.14); retrying does not help.
+    /// docs/upstream.md#status-codes); retrying does not help.
     #[error(
         "{source_kind} token request for client {client_id} refused (HTTP {status}): {error}: {description}"
     )]

@@ -1,5 +1,5 @@
 //! [`FederatedSource`]: tokens by Workload Identity federation, the migration bridge of
-//! DESIGN §5. For an identity switched to federation (`podid.io/token-source: federated`, see
+//! docs/migration.md. For an identity switched to federation (`podid.io/token-source: federated`, see
 //! [`federated_credential`]) the source asks the Kubernetes API for a service-account token of
 //! the subject (TokenRequest, audience `api://AzureADTokenExchange`, bound to the calling pod
 //! when the subject is the pod's own service account) and exchanges it at Entra's v2 endpoint

@@ -1,12 +1,12 @@
 //! What the broker needs to know about an identity: [`IdentitySpec`], the input NMI builds from
-//! an `AzureIdentity` (reference §1.2, §1.4) and the credential read from its Secret.
+//! an `AzureIdentity` (docs/crds.md) and the credential read from its Secret.
 
 use std::fmt;
 use std::sync::Arc;
 
 use sha2::{Digest as _, Sha256};
 
-/// `AzureIdentity.spec.type` (reference §1.4).
+/// `AzureIdentity.spec.type` (docs/crds.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum IdentityType {
     /// 0: user-assigned managed identity, token from the node's IMDS.
@@ -107,7 +107,7 @@ pub struct BoundPod {
     pub uid: String,
 }
 
-/// The credential an identity's Secret holds (reference §2.10).
+/// The credential an identity's Secret holds (docs/upstream.md#token-sources).
 #[derive(Clone, Default, PartialEq, Eq)]
 pub enum Credential {
     /// None needed (type 0) or not read.
@@ -356,7 +356,7 @@ impl IdentitySpec {
 }
 
 /// The identity part of a cache key: type, client id and resource id, compared
-/// case-insensitively (GUIDs and ARM ids are case-insensitive, DESIGN §3). Two `AzureIdentity`
+/// case-insensitively (GUIDs and ARM ids are case-insensitive, docs/compatibility.md). Two `AzureIdentity`
 /// objects naming the same principal share cache entries.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct IdentityKey {

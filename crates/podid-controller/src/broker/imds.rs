@@ -1,4 +1,4 @@
-//! [`ImdsSource`]: type 0 tokens from the node's IMDS (reference §2.10), within the node's
+//! [`ImdsSource`]: type 0 tokens from the node's IMDS (docs/upstream.md#token-sources), within the node's
 //! [`ImdsLimiter`] budget.
 //!
 //! `GET {endpoint}/metadata/identity/oauth2/token?api-version=2018-02-01&client_id=…&resource=…`
