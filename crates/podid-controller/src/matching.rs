@@ -1,5 +1,6 @@
-//! Identity matching: which identity a pod may use, decided from plain values (docs/upstream.md#exceptions,
-//! docs/upstream.md#identity-selection, docs/upstream.md#sync-cycle; docs/ARCHITECTURE.md, docs/compatibility.md).
+//! Identity matching: which identity a pod may use, decided from plain values
+//! (docs/upstream.md#exceptions, docs/upstream.md#identity-selection, docs/upstream.md#sync-cycle;
+//! docs/ARCHITECTURE.md, docs/compatibility.md).
 //!
 //! [`MatchIndex`] is built once from snapshots of the four custom resources (as the watches
 //! deliver them, `Arc`ed) and then answers per request without scanning: bindings are indexed
@@ -46,7 +47,8 @@ use podid_api::{
 };
 use podid_imds::{IdentitySelector, ImdsError};
 
-/// How NMI selects identities (`--operation-mode`, docs/upstream.md#token-endpoint, docs/upstream.md#identity-selection).
+/// How NMI selects identities (`--operation-mode`, docs/upstream.md#token-endpoint,
+/// docs/upstream.md#identity-selection).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum MatchMode {
     /// MIC writes `AzureAssignedIdentity` objects; NMI mints only assigned identities.

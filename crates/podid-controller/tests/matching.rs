@@ -1,4 +1,5 @@
-//! Identity matching fed with objects built by small builders (docs/upstream.md, exceptions and identity selection, docs/compatibility.md).
+//! Identity matching fed with objects built by small builders (docs/upstream.md, exceptions and
+//! identity selection, docs/compatibility.md).
 #![allow(clippy::unwrap_used)]
 
 use std::borrow::Cow;

@@ -1,4 +1,5 @@
-//! Every error the NMI port answers with: status codes, headers and bodies (docs/upstream.md#status-codes).
+//! Every error the NMI port answers with: status codes, headers and bodies
+//! (docs/upstream.md#status-codes).
 //!
 //! The `Display` text of each variant is upstream NMI's message (or podid's where upstream has
 //! none), and is what goes into the body. Two body styles exist:
@@ -23,7 +24,8 @@ use crate::gojson;
 use crate::query::redact_client_id;
 use crate::response::{CONTENT_TYPE_JSON_UTF8, CONTENT_TYPE_TEXT_UTF8, WireResponse};
 
-/// Seconds upstream puts in `Retry-After` with `--set-retry-after-header` (docs/upstream.md#token-endpoint step 6).
+/// Seconds upstream puts in `Retry-After` with `--set-retry-after-header`
+/// (docs/upstream.md#token-endpoint step 6).
 pub const RETRY_AFTER_SECONDS: u32 = 20;
 
 /// How error bodies are written.
@@ -62,7 +64,8 @@ pub enum ImdsError {
     /// 400: `resource` query parameter absent or empty.
     #[error("parameter resource cannot be empty")]
     EmptyResource,
-    /// 400: a path that looks like the token path but is malformed (docs/upstream.md#routing rule 2).
+    /// 400: a path that looks like the token path but is malformed
+    /// (docs/upstream.md#routing rule 2).
     #[error("Invalid request")]
     InvalidTokenPath,
     /// 400 (podid): the path is the token path in another letter case

@@ -1,5 +1,6 @@
-//! Request header rules: the `Metadata: true` requirement (docs/upstream.md#token-endpoint step 1, docs/upstream.md#passthrough) and the
-//! `/host/token` pod headers (docs/upstream.md#response-bodies, `/host/token`).
+//! Request header rules: the `Metadata: true` requirement (docs/upstream.md#token-endpoint step 1,
+//! docs/upstream.md#passthrough) and the `/host/token` pod headers
+//! (docs/upstream.md#response-bodies, `/host/token`).
 
 use http::HeaderMap;
 

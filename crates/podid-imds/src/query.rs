@@ -154,9 +154,10 @@ fn non_empty_utf8<'a>(
         .ok_or(ImdsError::InvalidParameterEncoding { parameter })
 }
 
-/// Upstream's `RedactClientID` (docs/upstream.md#identity-selection): a value of at least eight characters whose
-/// first four and last four characters are not ASCII whitespace (Go's `\S`) is shown as its
-/// first four characters, `##### REDACTED #####` and its last four; anything else unchanged.
+/// Upstream's `RedactClientID` (docs/upstream.md#identity-selection): a value of at least eight
+/// characters whose first four and last four characters are not ASCII whitespace (Go's `\S`) is
+/// shown as its first four characters, `##### REDACTED #####` and its last four; anything else
+/// unchanged.
 pub fn redact_client_id(client_id: &str) -> Cow<'_, str> {
     let is_space = |c: char| matches!(c, '\t' | '\n' | '\x0c' | '\r' | ' ');
     let chars = client_id.chars().count();

@@ -74,8 +74,9 @@ impl From<WireResponse> for http::Response<Vec<u8>> {
     }
 }
 
-/// The **301** gorilla/mux answers for an unclean path ([`Route::Redirect`](crate::Route::Redirect)):
-/// `Location` set, empty body, no `Content-Type` (docs/upstream.md#routing, docs/upstream.md#status-codes).
+/// The **301** gorilla/mux answers for an unclean path
+/// ([`Route::Redirect`](crate::Route::Redirect)): `Location` set, empty body, no `Content-Type`
+/// (docs/upstream.md#routing, docs/upstream.md#status-codes).
 ///
 /// Returns `None` only if `location` is not a valid header value, which cannot happen for
 /// locations produced by [`classify`](crate::classify) (they are escaped ASCII, except for a

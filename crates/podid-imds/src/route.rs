@@ -15,23 +15,26 @@ use crate::response::{WireResponse, redirect_response};
 /// What the NMI port does with a request, decided from its request target alone.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route<'a> {
-    /// The token endpoint (`/{metadata}/identity/oauth2/token…`, docs/upstream.md#routing rule 1, docs/upstream.md#token-endpoint).
-    /// `query` is the raw query string (without `?`), to be given to
-    /// [`parse_token_query`](crate::parse_token_query).
+    /// The token endpoint (`/{metadata}/identity/oauth2/token…`, docs/upstream.md#routing rule 1,
+    /// docs/upstream.md#token-endpoint). `query` is the raw query string (without `?`), to be given
+    /// to [`parse_token_query`](crate::parse_token_query).
     Token {
         /// Raw query string, empty when there is none.
         query: &'a str,
     },
-    /// The host token endpoint (`/host/token…`, docs/upstream.md#routing rule 3, docs/upstream.md#response-bodies).
+    /// The host token endpoint (`/host/token…`, docs/upstream.md#routing rule 3,
+    /// docs/upstream.md#response-bodies).
     HostToken {
         /// Raw query string, empty when there is none.
         query: &'a str,
     },
-    /// `/{metadata}/instance…` (docs/upstream.md#routing rule 4). With `--block-instance-metadata` the
-    /// caller answers, before any Metadata-header check, [`ImdsError::InstanceMetadataBlocked`](crate::ImdsError::InstanceMetadataBlocked);
-    /// otherwise it is proxied exactly like [`Route::Passthrough`].
+    /// `/{metadata}/instance…` (docs/upstream.md#routing rule 4). With `--block-instance-metadata`
+    /// the caller answers, before any Metadata-header check,
+    /// [`ImdsError::InstanceMetadataBlocked`](crate::ImdsError::InstanceMetadataBlocked); otherwise
+    /// it is proxied exactly like [`Route::Passthrough`].
     InstanceMetadata,
-    /// Anything else: proxied to IMDS after the Metadata-header check (docs/upstream.md#passthrough).
+    /// Anything else: proxied to IMDS after the Metadata-header check
+    /// (docs/upstream.md#passthrough).
     Passthrough,
     /// The path changes under gorilla/mux's cleaning (`//`, `/./`, `..`, also when they only
     /// appear after percent-decoding): answer **301** with this `Location` (relative: cleaned,
@@ -162,9 +165,9 @@ fn strip_metadata_segment(path: &[u8]) -> Option<&[u8]> {
         .then(|| &rest[METADATA.len()..])
 }
 
-/// Upstream's unanchored regex `/(?i:metadata)/identity(.*?)oauth2(.*?)token` (docs/upstream.md#routing
-/// rule 2). `.` does not match `\n` in Go's regexp, so the three literals must appear in order
-/// within one newline-free stretch that starts at a `/metadata/identity`.
+/// Upstream's unanchored regex `/(?i:metadata)/identity(.*?)oauth2(.*?)token`
+/// (docs/upstream.md#routing rule 2). `.` does not match `\n` in Go's regexp, so the three literals
+/// must appear in order within one newline-free stretch that starts at a `/metadata/identity`.
 fn matches_invalid_token_path(path: &[u8]) -> bool {
     const IDENTITY: &[u8] = b"/identity";
     let mut start = 0;
@@ -214,7 +217,8 @@ mod tests {
         }
     }
 
-    /// Upstream's `TestRouterPathPrefix` cases plus the prefix and case rules of docs/upstream.md#routing.
+    /// Upstream's `TestRouterPathPrefix` cases plus the prefix and case rules of
+    /// docs/upstream.md#routing.
     #[test]
     fn upstream_router_table() {
         let token = Route::Token { query: "" };

@@ -1,11 +1,11 @@
 //! Token success bodies (docs/upstream.md#response-bodies; docs/compatibility.md).
 //!
-//! The token endpoint answers with string-valued JSON in upstream's key order:
-//! `access_token, refresh_token, expires_in, expires_on, not_before, resource, token_type`, and —
-//! podid's default, docs/compatibility.md — the two keys real IMDS adds and upstream dropped, `client_id` and
+//! The token endpoint answers with string-valued JSON in upstream's key order: `access_token,
+//! refresh_token, expires_in, expires_on, not_before, resource, token_type`, and — podid's default,
+//! docs/compatibility.md — the two keys real IMDS adds and upstream dropped, `client_id` and
 //! `ext_expires_in`, after them (only when a client id is given, so a body without it is
-//! byte-identical to upstream's). `expires_in` is always derived from `expires_on` and the
-//! injected `now`; the crate never reads the clock.
+//! byte-identical to upstream's). `expires_in` is always derived from `expires_on` and the injected
+//! `now`; the crate never reads the clock.
 
 use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -309,8 +309,9 @@ impl Serialize for Digits {
 }
 
 /// The **200** body for a service principal with auxiliary tenants: a JSON **array** of token
-/// objects, primary tenant first (docs/upstream.md#response-bodies; IMDS-compatible SDKs cannot parse it, but it
-/// is what upstream sends). A single token is answered as a plain object, like upstream.
+/// objects, primary tenant first (docs/upstream.md#response-bodies; IMDS-compatible SDKs cannot
+/// parse it, but it is what upstream sends). A single token is answered as a plain object, like
+/// upstream.
 pub fn token_list_response(tokens: &[TokenResponse<'_>]) -> WireResponse {
     let body = match tokens {
         [single] => single.to_json(),
@@ -323,9 +324,9 @@ pub fn token_list_response(tokens: &[TokenResponse<'_>]) -> WireResponse {
     WireResponse::new(StatusCode::OK, Some(CONTENT_TYPE_JSON), body)
 }
 
-/// The `/host/token` body `{"token":{…},"clientid":"…"}` (docs/upstream.md#response-bodies). Upstream marshals
-/// adal's `Token` here, whose `expires_in`, `expires_on` and `not_before` are `json.Number`:
-/// bare JSON numbers, unlike the token endpoint's strings.
+/// The `/host/token` body `{"token":{…},"clientid":"…"}` (docs/upstream.md#response-bodies).
+/// Upstream marshals adal's `Token` here, whose `expires_in`, `expires_on` and `not_before` are
+/// `json.Number`: bare JSON numbers, unlike the token endpoint's strings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HostTokenResponse<'a> {
     /// The token (its `client_id` extension, if set, is written too).
@@ -363,9 +364,10 @@ impl Serialize for HostTokenResponse<'_> {
     }
 }
 
-/// Parse an `expires_on` as token sources send it, the way adal normalises it (docs/upstream.md#response-bodies):
-/// a JSON number or numeric string of Unix seconds, or an App-Service-style date
-/// `M/D/YYYY H:MM:SS [AM|PM] +00:00` (UTC). Returns Unix seconds, `None` if unparsable.
+/// Parse an `expires_on` as token sources send it, the way adal normalises it
+/// (docs/upstream.md#response-bodies): a JSON number or numeric string of Unix seconds, or an
+/// App-Service-style date `M/D/YYYY H:MM:SS [AM|PM] +00:00` (UTC). Returns Unix seconds, `None` if
+/// unparsable.
 pub fn parse_expires_on(value: &str) -> Option<u64> {
     let value = value.trim();
     if let Ok(seconds) = value.parse::<u64>() {

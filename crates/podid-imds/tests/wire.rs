@@ -1,6 +1,7 @@
-//! Wire-compatibility tests: every status, header set and body the NMI port can produce, as
-//! exact bytes. Inline assertions pin the bodies quoted in docs/upstream.md (token endpoint, response bodies, status codes); golden
-//! files under `tests/golden/` pin the full responses of every error in both body styles.
+//! Wire-compatibility tests: every status, header set and body the NMI port can produce, as exact
+//! bytes. Inline assertions pin the bodies quoted in docs/upstream.md (token endpoint, response
+//! bodies, status codes); golden files under `tests/golden/` pin the full responses of every error
+//! in both body styles.
 //!
 //! Regenerate the golden files after an intended change with
 //! `UPDATE_GOLDEN=1 cargo test -p podid-imds --test wire` and review the diff.

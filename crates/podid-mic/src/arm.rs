@@ -2,9 +2,9 @@
 //! through Azure Resource Manager with [`podid_controller::arm::ArmClient`].
 //!
 //! Every VM/VMSS is looked up in the cloud configuration's `resourceGroup` and subscription, as
-//! upstream does (docs/upstream.md#cloud-configuration, docs/upstream.md#sync-cycle step 5). ARM tokens come from the token broker: a client
-//! secret against Entra when azure.json names a service principal, the node's managed identity
-//! through IMDS otherwise.
+//! upstream does (docs/upstream.md#cloud-configuration, docs/upstream.md#sync-cycle step 5). ARM
+//! tokens come from the token broker: a client secret against Entra when azure.json names a service
+//! principal, the node's managed identity through IMDS otherwise.
 //!
 //! Failures are returned to the controller loop, which retries the pass with backoff and no
 //! sooner than ARM's `Retry-After` ([`IdentityAssigner::retry_after`]). When ARM refuses only

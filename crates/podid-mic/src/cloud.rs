@@ -1,6 +1,7 @@
-//! Cloud configuration (docs/upstream.md#cloud-configuration): `azure.json` named by `--cloudconfig`, or without it
-//! the environment variables the chart fills from its admin Secret; and the Azure endpoints
-//! (Resource Manager, Entra authority, IMDS) it implies, with podid's command-line overrides.
+//! Cloud configuration (docs/upstream.md#cloud-configuration): `azure.json` named by
+//! `--cloudconfig`, or without it the environment variables the chart fills from its admin Secret;
+//! and the Azure endpoints (Resource Manager, Entra authority, IMDS) it implies, with podid's
+//! command-line overrides.
 //!
 //! The client secret is held in [`Secret`], whose `Debug` is redacted and which has no
 //! `Display`: it never reaches a log line or an error message.

@@ -1,5 +1,5 @@
-//! `mic` command line: every upstream flag of docs/configuration.md with its name and default, the env
-//! twins (`MIC_POD_NAMESPACE`, `FORCENAMESPACED`), and podid's additions — validated into a
+//! `mic` command line: every upstream flag of docs/configuration.md with its name and default, the
+//! env twins (`MIC_POD_NAMESPACE`, `FORCENAMESPACED`), and podid's additions — validated into a
 //! typed [`Config`] before anything connects anywhere.
 //!
 //! Flags keep upstream's spelling, including the camel-case ones (`--forceNamespaced`,

@@ -1,5 +1,6 @@
-//! The desired `AzureAssignedIdentity` set and its difference from what exists (docs/upstream.md#sync-cycle,
-//! docs/upstream.md#assignment-lifecycle, docs/upstream.md#sync-cycle), as a pure function of the watched objects: [`compute`].
+//! The desired `AzureAssignedIdentity` set and its difference from what exists
+//! (docs/upstream.md#sync-cycle, docs/upstream.md#assignment-lifecycle,
+//! docs/upstream.md#sync-cycle), as a pure function of the watched objects: [`compute`].
 //!
 //! What it decides, per sync pass:
 //! - which (pod, identity) pairs need an `AzureAssignedIdentity`: pods with a non-empty

@@ -1,5 +1,5 @@
-//! MIC's Prometheus metrics under upstream's names (docs/upstream.md#mic-metrics-and-probes, prefix `aadpodidentity_`),
-//! in one process-wide registry that the `/metrics` endpoint renders.
+//! MIC's Prometheus metrics under upstream's names (docs/upstream.md#mic-metrics-and-probes, prefix
+//! `aadpodidentity_`), in one process-wide registry that the `/metrics` endpoint renders.
 //!
 //! Labels are bounded: `operation_type` takes only the fixed values listed on each metric.
 //! Counters keep upstream's names without `_total` (they were OpenCensus `Count` views).

@@ -1,8 +1,9 @@
 //! The `/healthz` and `/metrics` HTTP servers of the `mic` binary.
 //!
-//! `/healthz` answers 200 always, with the body `Active` (no newline) while this replica leads
-//! and its loop runs on synced caches, `Not Active` otherwise (docs/upstream.md#mic-metrics-and-probes). `/metrics`
-//! renders [`crate::metrics`]. Other paths are 404.
+//! `/healthz` answers 200 always, with the body `Active` (no newline) while this replica leads and
+//! its loop runs on synced caches, `Not Active` otherwise
+//! (docs/upstream.md#mic-metrics-and-probes). `/metrics` renders [`crate::metrics`]. Other paths
+//! are 404.
 
 use std::convert::Infallible;
 use std::future::Future;

@@ -1,4 +1,5 @@
-//! The one-time type upgrade upstream MIC runs when it becomes leader (docs/upstream.md#type-upgrade).
+//! The one-time type upgrade upstream MIC runs when it becomes leader
+//! (docs/upstream.md#type-upgrade).
 //!
 //! With `--enable-type-upgrade` (default on): GET ConfigMap `<MIC_POD_NAMESPACE>/<--config-map-name>`
 //! (created empty when missing). When its key `--type-upgrade-status-key` is absent, every

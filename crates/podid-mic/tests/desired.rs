@@ -38,7 +38,8 @@ fn assigned(plan: &Plan<'_>) -> Vec<AzureAssignedIdentity> {
         .collect()
 }
 
-/// docs/upstream.md#assignment-lifecycle: the namespaced kv-id identity, its binding and pod app/web-1.
+/// docs/upstream.md#assignment-lifecycle: the namespaced kv-id identity, its binding and pod
+/// app/web-1.
 fn reference_world() -> World {
     let mut kv = AzureIdentity::user_assigned(
         "app",

@@ -1,4 +1,5 @@
-//! Pods behind a node: routing, source addresses, teardown, and the interception docs/testing.md describes.
+//! Pods behind a node: routing, source addresses, teardown, and the interception docs/testing.md
+//! describes.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};

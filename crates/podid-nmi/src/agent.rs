@@ -1,4 +1,5 @@
-//! The running agent: what `nmi` does after its flags validate (docs/upstream.md#start-up, docs/ARCHITECTURE.md, docs/security.md).
+//! The running agent: what `nmi` does after its flags validate (docs/upstream.md#start-up,
+//! docs/ARCHITECTURE.md, docs/security.md).
 //!
 //! Start-up order: the node is closed before anything that can fail. First the interception
 //! (`aad-metadata` chain and `PREROUTING` jump; fatal only if iptables itself fails), then
@@ -421,8 +422,8 @@ async fn check_route_localnet(iptables: &Arc<SystemIptables>, health: &Health) -
     new.then_some(reason)
 }
 
-/// Re-applies the interception every `interval` (docs/upstream.md#interception). A failed pass is logged and
-/// retried at the next tick: the rules already installed keep intercepting meanwhile.
+/// Re-applies the interception every `interval` (docs/upstream.md#interception). A failed pass is
+/// logged and retried at the next tick: the rules already installed keep intercepting meanwhile.
 async fn reconcile_loop(
     iptables: Arc<SystemIptables>,
     intercept: Interception,

@@ -1,5 +1,5 @@
-//! `nmi` command line: every upstream flag of docs/configuration.md with its name and default, the env
-//! twins, and podid's additions — validated into a typed [`Config`] before anything binds.
+//! `nmi` command line: every upstream flag of docs/configuration.md with its name and default, the
+//! env twins, and podid's additions — validated into a typed [`Config`] before anything binds.
 //!
 //! Flags keep upstream's spelling, including the camel-case ones (`--forceNamespaced`,
 //! `--MICNamespace`, `--enableProfile`, `--enableScaleFeatures`). Boolean flags accept Go's forms:

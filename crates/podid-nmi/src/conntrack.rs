@@ -1,6 +1,6 @@
-//! `--enable-conntrack-deletion` (docs/upstream.md#interception): after the first rule install, delete the
-//! connection-tracking entries of TCP flows to IMDS, so connections opened before the DNAT
-//! existed (which conntrack keeps routing to the real IMDS) are cut and reconnect through nmi.
+//! `--enable-conntrack-deletion` (docs/upstream.md#interception): after the first rule install,
+//! delete the connection-tracking entries of TCP flows to IMDS, so connections opened before the
+//! DNAT existed (which conntrack keeps routing to the real IMDS) are cut and reconnect through nmi.
 //!
 //! Upstream does this over netlink; podid runs the `conntrack` tool from conntrack-tools:
 //! `conntrack -D -p tcp --orig-dst <metadata ip> --orig-port-dst <metadata port>`. When the tool

@@ -1,5 +1,5 @@
-//! The iptables interception of docs/upstream.md#interception: table `nat`, chain `aad-metadata` jumped to from
-//! `PREROUTING`, DNAT of pod traffic to the IMDS address onto NMI's listener.
+//! The iptables interception of docs/upstream.md#interception: table `nat`, chain `aad-metadata`
+//! jumped to from `PREROUTING`, DNAT of pod traffic to the IMDS address onto NMI's listener.
 //!
 //! The rules are upstream's, string for string, so nodes moving between the Go NMI and podid see
 //! the same chain. Differences (docs/compatibility.md): the rules stay when NMI stops (fail

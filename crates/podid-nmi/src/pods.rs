@@ -1,4 +1,5 @@
-//! The IP → pod index NMI attributes requests with (docs/upstream.md#finding-the-caller, docs/ARCHITECTURE.md, docs/security.md).
+//! The IP → pod index NMI attributes requests with (docs/upstream.md#finding-the-caller,
+//! docs/ARCHITECTURE.md, docs/security.md).
 //!
 //! Fed by pod watch events of this node ([`PodIndex::apply`], [`PodIndex::delete`],
 //! [`PodIndex::replace_all`] on a relist). Only pods in phase `Pending` or `Running` that do not

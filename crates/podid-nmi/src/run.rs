@@ -1,5 +1,6 @@
-//! The watches that feed NMI's in-memory state (docs/upstream.md#start-up step 3, docs/ARCHITECTURE.md):
-//! the node's pods into the [`PodIndex`], the four custom resources into the [`Matcher`].
+//! The watches that feed NMI's in-memory state (docs/upstream.md#start-up step 3,
+//! docs/ARCHITECTURE.md): the node's pods into the [`PodIndex`], the four custom resources into the
+//! [`Matcher`].
 //!
 //! * Pods: field selector `spec.nodeName=<node>`, all namespaces. The initial list (and every
 //!   relist after a watch restart) replaces the index at once when complete, so a relist never

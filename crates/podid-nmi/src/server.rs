@@ -1,17 +1,17 @@
-//! The HTTP servers: the IMDS emulation (docs/upstream.md, routing to status codes), the probe port (docs/upstream.md#nmi-probes-and-metrics, plus
-//! `/readyz`) and the metrics port.
+//! The HTTP servers: the IMDS emulation (docs/upstream.md, routing to status codes), the probe port
+//! (docs/upstream.md#nmi-probes-and-metrics, plus `/readyz`) and the metrics port.
 //!
 //! Every status code and body of the IMDS port comes from `podid-imds`; this module only decides
 //! which one. The state a request reads — the pod index and the current [`MatchIndex`] — is read
 //! under short locks that are never held across an await.
 //!
-//! Bounds (docs/security.md): at most [`Limits::max_connections`] connections (further connections wait
-//! in the listen backlog) and at most [`Limits::max_connections_per_source`] from one address
-//! (further ones from it are closed at once), request headers limited in size and count (hyper answers 431), a
-//! deadline for reading request headers (slow clients and idle keep-alive connections are
-//! closed), request bodies ignored on the token routes and limited on passthrough, upstream
-//! timeouts on passthrough. Shutdown stops accepting, lets requests in flight finish within
-//! [`Limits::shutdown_grace`], then drops the rest.
+//! Bounds (docs/security.md): at most [`Limits::max_connections`] connections (further connections
+//! wait in the listen backlog) and at most [`Limits::max_connections_per_source`] from one address
+//! (further ones from it are closed at once), request headers limited in size and count (hyper
+//! answers 431), a deadline for reading request headers (slow clients and idle keep-alive
+//! connections are closed), request bodies ignored on the token routes and limited on passthrough,
+//! upstream timeouts on passthrough. Shutdown stops accepting, lets requests in flight finish
+//! within [`Limits::shutdown_grace`], then drops the rest.
 
 use std::convert::Infallible;
 use std::future::Future;

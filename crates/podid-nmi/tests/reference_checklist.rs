@@ -191,8 +191,9 @@ const BINDING_LABEL: &[(&str, &str)] = &[("aadpodidbinding", "kv")];
 const CASE_VARIANT: &str =
     "Invalid request: the token path is case-sensitive; use /metadata/identity/oauth2/token";
 
-/// #1 (docs/upstream.md#routing): token path variants are served, `Identity` with a capital I is refused (podid),
-/// backslash variants are 400 `Invalid request`, unclean paths are 301 to the cleaned path.
+/// #1 (docs/upstream.md#routing): token path variants are served, `Identity` with a capital I is
+/// refused (podid), backslash variants are 400 `Invalid request`, unclean paths are 301 to the
+/// cleaned path.
 #[tokio::test]
 async fn item_01_token_path_variants() {
     let nmi = start(&assigned_a()).await;
@@ -316,8 +317,9 @@ async fn item_01_token_path_variants() {
 /// IMDS's own 400 body for a missing header, byte for byte (89 bytes with the newline).
 const MISSING_HEADER_BODY: &str = "{\"error\":\"invalid_request\",\"error_description\":\"Required metadata header not specified\"}\n";
 
-/// #2 (docs/upstream.md#token-endpoint step 1, docs/upstream.md#passthrough): `Metadata: true` (name in any case, value exact) on token and
-/// passthrough paths; IMDS's exact 400 body and content type otherwise.
+/// #2 (docs/upstream.md#token-endpoint step 1, docs/upstream.md#passthrough): `Metadata: true`
+/// (name in any case, value exact) on token and passthrough paths; IMDS's exact 400 body and
+/// content type otherwise.
 #[tokio::test]
 async fn item_02_metadata_header() {
     assert_eq!(MISSING_HEADER_BODY.len(), 89);
@@ -435,7 +437,8 @@ async fn item_02_metadata_header() {
 
 // ---------------------------------------------------------------- #3 resource, api-version
 
-/// #3 (docs/upstream.md#token-endpoint step 3): `resource` is required; `api-version` is never required or validated.
+/// #3 (docs/upstream.md#token-endpoint step 3): `resource` is required; `api-version` is never
+/// required or validated.
 #[tokio::test]
 async fn item_03_resource_and_api_version() {
     let nmi = start(&assigned_a()).await;
@@ -610,8 +613,9 @@ fn identity(ns: &str, name: &str, client_id: &str) -> AzureIdentity {
 
 // ---------------------------------------------------------------- #4 caller pod
 
-/// #4 (docs/upstream.md#finding-the-caller): the caller is the one Pending/Running pod with the source address; unknown and
-/// ambiguous addresses are 500; finished and host-network pods never match.
+/// #4 (docs/upstream.md#finding-the-caller): the caller is the one Pending/Running pod with the
+/// source address; unknown and ambiguous addresses are 500; finished and host-network pods never
+/// match.
 #[tokio::test]
 async fn item_04_caller_pod_attribution() {
     let mut objects = Objects::empty();
@@ -695,7 +699,8 @@ async fn item_04_caller_pod_attribution() {
                 Expect::Description("pod list is empty"),
                 None,
             ),
-            // docs/ARCHITECTURE.md: host-network pods share the node's address and are never indexed.
+            // docs/ARCHITECTURE.md: host-network pods share the node's address and are never
+            // indexed.
             case(
                 "#4 a hostNetwork pod is never the caller",
                 5,
@@ -753,9 +758,9 @@ async fn item_04_caller_pod_attribution() {
 
 // ---------------------------------------------------------------- #5 exceptions
 
-/// #5 (docs/upstream.md#exceptions): any single label of an exception in the pod's namespace (value compared ignoring
-/// case) sends the request to the node's own identity; `client_id` is forwarded, no selector
-/// means system-assigned.
+/// #5 (docs/upstream.md#exceptions): any single label of an exception in the pod's namespace (value
+/// compared ignoring case) sends the request to the node's own identity; `client_id` is forwarded,
+/// no selector means system-assigned.
 #[tokio::test]
 async fn item_05_exceptions() {
     let mut objects = Objects::empty();
@@ -809,8 +814,8 @@ async fn item_05_exceptions() {
             expect: Expect::TokenFor("node"),
             asked: node(NodeIdentity::ClientId(CLIENT_B.into())),
         },
-        // fix (docs/compatibility.md "exception path ignores msi_res_id" → honours it): upstream would
-        // return the system-assigned token here.
+        // fix (docs/compatibility.md "exception path ignores msi_res_id" → honours it): upstream
+        // would return the system-assigned token here.
         Case {
             item: "#5 msi_res_id honoured on the exception path (fix)",
             source: 1,
@@ -904,9 +909,9 @@ async fn item_05_exceptions() {
 
 // ---------------------------------------------------------------- #6 standard-mode timing
 
-/// #6 (docs/upstream.md#identity-selection): `Assigned` and the legacy empty state answer at once; a pod without any
-/// assignment gets 404 at once (fix: upstream waited 16 × 5 s = 80 s); `Created` waits at most
-/// the retry budget, then 404 (upstream: 20 × 5 s = 100 s).
+/// #6 (docs/upstream.md#identity-selection): `Assigned` and the legacy empty state answer at once;
+/// a pod without any assignment gets 404 at once (fix: upstream waited 16 × 5 s = 80 s); `Created`
+/// waits at most the retry budget, then 404 (upstream: 20 × 5 s = 100 s).
 #[tokio::test]
 async fn item_06_standard_mode_timing() {
     const WAIT: Duration = Duration::from_millis(300);
@@ -937,7 +942,8 @@ async fn item_06_standard_mode_timing() {
             expect: Expect::TokenFor(CLIENT_A),
             waits: false,
         },
-        // fix (docs/compatibility.md: "pod with no matching binding waits 80–100 s, then 404" → at once).
+        // fix (docs/compatibility.md: "pod with no matching binding waits 80–100 s, then 404" → at
+        // once).
         Timing {
             item: "#6 no AzureAssignedIdentity and no binding → final 400 at once (fix: upstream 404 after 80 s)",
             objects: Objects::empty(),
@@ -1046,7 +1052,8 @@ async fn item_06_standard_mode_timing() {
 
 // ---------------------------------------------------------------- #7 selectors
 
-/// #7 (docs/upstream.md#token-endpoint, docs/upstream.md#identity-selection): `client_id` in any case, `msi_res_id` before `mi_res_id`, `object_id`.
+/// #7 (docs/upstream.md#token-endpoint, docs/upstream.md#identity-selection): `client_id` in any
+/// case, `msi_res_id` before `mi_res_id`, `object_id`.
 #[tokio::test]
 async fn item_07_identity_selectors() {
     const CLIENT_C: &str = "cccccccc-0000-0000-0000-00000000000c";
@@ -1081,7 +1088,8 @@ async fn item_07_identity_selectors() {
             case("#7 no selector → first identity by name (fix: deterministic)", String::new(), 200, Expect::TokenFor(CLIENT_A), a()),
             case("#7 empty client_id counts as absent", "&client_id=".to_owned(), 200, Expect::TokenFor(CLIENT_A), a()),
             case("#7 client_id lower case", format!("&client_id={CLIENT_B}"), 200, Expect::TokenFor(CLIENT_B), b()),
-            // fix (docs/compatibility.md: case-sensitive final match → case-insensitive everywhere).
+            // fix (docs/compatibility.md: case-sensitive final match → case-insensitive
+            // everywhere).
             case(
                 "#7 client_id upper case (fix: upstream 404 after 80 s)",
                 format!("&client_id={}", CLIENT_B.to_ascii_uppercase()),
@@ -1126,8 +1134,8 @@ async fn item_07_identity_selectors() {
                 Expect::Description("no azure identity found for request clientID "),
                 None,
             ),
-            // fix (docs/compatibility.md "object_id ignored → first identity silently returned" → never an
-            // identity other than the one asked for).
+            // fix (docs/compatibility.md "object_id ignored → first identity silently returned" →
+            // never an identity other than the one asked for).
             case(
                 "#7 object_id → 400, never the first identity (fix)",
                 format!("&object_id={CLIENT_B}"),
@@ -1159,8 +1167,8 @@ async fn item_07_identity_selectors() {
 
 // ---------------------------------------------------------------- #8 namespaced
 
-/// #8 (docs/upstream.md#identity-selection): the namespaced filter (flag or annotation) drops identities of other
-/// namespaces; an emptied candidate list is 404 (fix: upstream panicked → 500).
+/// #8 (docs/upstream.md#identity-selection): the namespaced filter (flag or annotation) drops
+/// identities of other namespaces; an emptied candidate list is 404 (fix: upstream panicked → 500).
 #[tokio::test]
 async fn item_08_namespaced_filter() {
     struct Namespaced {
@@ -1181,7 +1189,8 @@ async fn item_08_namespaced_filter() {
     };
     let no_identity = Expect::Description("no azure identity is bound to pod app/web");
     let rows = [
-        // fix (docs/compatibility.md "panic → 500 when the namespaced filter empties the candidate list").
+        // fix (docs/compatibility.md "panic → 500 when the namespaced filter empties the candidate
+        // list").
         Namespaced {
             item: "#8 annotation, identity in another namespace → final 400 (fix: upstream 500)",
             identity_ns: "other",
@@ -1275,8 +1284,8 @@ async fn item_08_namespaced_filter() {
 
 // ---------------------------------------------------------------- #9 bodies
 
-/// #9 (docs/upstream.md#response-bodies): the token body's keys and string types, the multi-tenant array, the
-/// `/host/token` wrapper.
+/// #9 (docs/upstream.md#response-bodies): the token body's keys and string types, the multi-tenant
+/// array, the `/host/token` wrapper.
 #[tokio::test]
 async fn item_09_token_bodies() {
     let nmi = start(&assigned_a()).await;
@@ -1489,9 +1498,10 @@ fn broker_for(endpoint: std::net::SocketAddr) -> Arc<dyn TokenProvider> {
     ))
 }
 
-/// #10 (docs/upstream.md#token-endpoint step 7, docs/upstream.md#token-sources): through the real broker, IMDS refusing (400) is 403 with IMDS's
-/// message, IMDS unreachable or failing (5xx) is 503, and `--set-retry-after-header` turns
-/// identity-selection errors into 503 + `Retry-After: 20`.
+/// #10 (docs/upstream.md#token-endpoint step 7, docs/upstream.md#token-sources): through the real
+/// broker, IMDS refusing (400) is 403 with IMDS's message, IMDS unreachable or failing (5xx) is
+/// 503, and `--set-retry-after-header` turns identity-selection errors into 503 + `Retry-After:
+/// 20`.
 #[tokio::test]
 async fn item_10_upstream_errors() {
     let refusing = canned_imds(
@@ -1637,8 +1647,9 @@ async fn item_10_upstream_errors() {
 
 // ---------------------------------------------------------------- #11 instance metadata
 
-/// #11 (docs/upstream.md#routing rule 4, docs/upstream.md#passthrough): `--block-instance-metadata` answers 403 before the header check;
-/// otherwise everything else is proxied with status, headers and body copied back.
+/// #11 (docs/upstream.md#routing rule 4, docs/upstream.md#passthrough): `--block-instance-metadata`
+/// answers 403 before the header check; otherwise everything else is proxied with status, headers
+/// and body copied back.
 #[tokio::test]
 async fn item_11_instance_metadata_and_passthrough() {
     let blocked = start_with(
@@ -1748,9 +1759,9 @@ async fn item_11_instance_metadata_and_passthrough() {
 
 // ---------------------------------------------------------------- #12 probes, pprof
 
-/// #12 (docs/upstream.md#nmi-probes-and-metrics): `/healthz` is always 200 with `Not Active` / `Active` (no newline).
-/// pprof: decided not to serve it anywhere (docs/compatibility.md "pprof on the probe port" → none;
-/// docs/compatibility.md: `--enableProfile` accepted and ignored).
+/// #12 (docs/upstream.md#nmi-probes-and-metrics): `/healthz` is always 200 with `Not Active` /
+/// `Active` (no newline). pprof: decided not to serve it anywhere (docs/compatibility.md "pprof on
+/// the probe port" → none; docs/compatibility.md: `--enableProfile` accepted and ignored).
 #[tokio::test]
 async fn item_12_probes_and_no_pprof() {
     let mut nmi = start(&assigned_a()).await;
@@ -1828,8 +1839,9 @@ fn label_names(text: &str, series: &str) -> Vec<String> {
     names
 }
 
-/// #14 (docs/upstream.md#nmi-probes-and-metrics): upstream's family names, types, labels and buckets on /metrics; the NMI
-/// histogram's `operation_type` is the route (fix: upstream used the raw path, unbounded).
+/// #14 (docs/upstream.md#nmi-probes-and-metrics): upstream's family names, types, labels and
+/// buckets on /metrics; the NMI histogram's `operation_type` is the route (fix: upstream used the
+/// raw path, unbounded).
 #[tokio::test]
 async fn item_14_metrics_names_and_labels() {
     let mut objects = assigned_a();
@@ -1969,9 +1981,9 @@ async fn item_14_metrics_names_and_labels() {
 
 // ---------------------------------------------------------------- status codes
 
-/// Every row of the status-code table of docs/upstream.md#status-codes, driven through the server. Bodies are IMDS-style
-/// JSON carrying upstream's message (fix, docs/compatibility.md); the plain-text bodies of
-/// `--error-format=text` are pinned by podid-imds's golden files.
+/// Every row of the status-code table of docs/upstream.md#status-codes, driven through the server.
+/// Bodies are IMDS-style JSON carrying upstream's message (fix, docs/compatibility.md); the
+/// plain-text bodies of `--error-format=text` are pinned by podid-imds's golden files.
 #[tokio::test]
 async fn status_catalogue_2_14() {
     let mut objects = assigned_a();
@@ -2222,10 +2234,11 @@ fn lines(output: &str) -> Vec<String> {
         .collect()
 }
 
-/// #13 (docs/upstream.md#interception) in a simulated node (its own network namespace and nat table; needs root, and
-/// fails without it): the exact rule strings, the jump at position 1 of `nat PREROUTING`, repair
-/// of every kind of tampering with upstream's reconcile semantics, a pod's request reaching the
-/// real server through the DNAT with its own source address, and the explicit uninstall.
+/// #13 (docs/upstream.md#interception) in a simulated node (its own network namespace and nat
+/// table; needs root, and fails without it): the exact rule strings, the jump at position 1 of `nat
+/// PREROUTING`, repair of every kind of tampering with upstream's reconcile semantics, a pod's
+/// request reaching the real server through the DNAT with its own source address, and the explicit
+/// uninstall.
 ///
 /// SIGTERM: [`item_13_sigterm_keeps_the_rules`]. Not here: the periodic repair by the running
 /// agent (tests/tests/nmi.rs flushes the chain of a running `nmi` and waits for the repair).

@@ -213,14 +213,14 @@ impl ArmClient {
         })
     }
 
-    /// Makes `add` assigned and `remove` unassigned on `compute` (docs/upstream.md#arm-calls): one GET,
-    /// then PATCHes of only the real changes in chunks of at most 150, each followed by its
-    /// long-running operation. Nothing to change → no PATCH. A resource in `Deleting` is
-    /// refused before any PATCH. If ARM refuses some identities (`LinkedAuthorizationFailed`,
-    /// `FailedIdentityOperation`), the ids named in its message are dropped and the rest is
-    /// tried again after [`ArmConfig::refusal_retry_interval`], at most
-    /// [`ArmConfig::refusal_retries`] times; the outcome lists the dropped ids. Concurrent calls
-    /// for the same resource run one after the other.
+    /// Makes `add` assigned and `remove` unassigned on `compute` (docs/upstream.md#arm-calls): one
+    /// GET, then PATCHes of only the real changes in chunks of at most 150, each followed by its
+    /// long-running operation. Nothing to change → no PATCH. A resource in `Deleting` is refused
+    /// before any PATCH. If ARM refuses some identities (`LinkedAuthorizationFailed`,
+    /// `FailedIdentityOperation`), the ids named in its message are dropped and the rest is tried
+    /// again after [`ArmConfig::refusal_retry_interval`], at most [`ArmConfig::refusal_retries`]
+    /// times; the outcome lists the dropped ids. Concurrent calls for the same resource run one
+    /// after the other.
     pub async fn update_identities(
         &self,
         compute: &ComputeId,

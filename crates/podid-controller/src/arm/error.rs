@@ -124,7 +124,8 @@ pub enum ArmError {
         /// ARM's message, truncated.
         message: String,
     },
-    /// The resource is being deleted; no PATCH was sent (upstream's message, docs/upstream.md#arm-calls).
+    /// The resource is being deleted; no PATCH was sent (upstream's message,
+    /// docs/upstream.md#arm-calls).
     #[error("{}", deleting_message(compute))]
     Deleting {
         /// The resource.

@@ -143,8 +143,9 @@ impl ComputeId {
         ))
     }
 
-    /// The same resource in another resource group. Upstream looks every VM/VMSS up in the
-    /// cloud config's `resourceGroup`, not in the one the providerID names (docs/upstream.md#cloud-configuration).
+    /// The same resource in another resource group. Upstream looks every VM/VMSS up in the cloud
+    /// config's `resourceGroup`, not in the one the providerID names
+    /// (docs/upstream.md#cloud-configuration).
     pub fn with_resource_group(mut self, resource_group: &str) -> Self {
         resource_group.clone_into(&mut self.resource_group);
         self

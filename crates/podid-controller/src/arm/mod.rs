@@ -1,9 +1,9 @@
-//! The ARM identity assigner MIC uses: which VM or VMSS backs a node ([`ComputeId`]),
-//! validated user-assigned identity ids ([`IdentityResourceId`]), and [`ArmClient`], which
-//! reads and patches the `identity` of VMs and VMSS through Azure Resource Manager exactly as
-//! upstream MIC does (docs/upstream.md#arm-calls): only changed ids, `{}` to add and `null` to remove, at
-//! most 150 per PATCH, long-running operations followed, throttling honoured per subscription,
-//! refused identities dropped and the rest retried (`--update-user-msi-max-retry` times,
+//! The ARM identity assigner MIC uses: which VM or VMSS backs a node ([`ComputeId`]), validated
+//! user-assigned identity ids ([`IdentityResourceId`]), and [`ArmClient`], which reads and patches
+//! the `identity` of VMs and VMSS through Azure Resource Manager exactly as upstream MIC does
+//! (docs/upstream.md#arm-calls): only changed ids, `{}` to add and `null` to remove, at most 150
+//! per PATCH, long-running operations followed, throttling honoured per subscription, refused
+//! identities dropped and the rest retried (`--update-user-msi-max-retry` times,
 //! `--update-user-msi-retry-interval` apart).
 //!
 //! This module must not depend on kube, hyper servers or the test doubles; it talks to ARM only

@@ -486,8 +486,8 @@ impl TokenBroker {
             .map(|(token, _)| token)
     }
 
-    /// The tokens for `identity` and `resource`: the primary tenant's first, then one per
-    /// auxiliary tenant (type 1 with `auxiliaryTenantIDs`, docs/upstream.md#token-sources). Upstream requires
+    /// The tokens for `identity` and `resource`: the primary tenant's first, then one per auxiliary
+    /// tenant (type 1 with `auxiliaryTenantIDs`, docs/upstream.md#token-sources). Upstream requires
     /// one to three auxiliary tenants when the list is set; more is a [`BrokerError::Config`].
     pub async fn tokens(
         &self,

@@ -1,7 +1,7 @@
-//! Entra token sources for service principals (docs/upstream.md#token-sources): [`ClientSecretSource`]
-//! (type 1) and [`CertificateSource`] (type 2), both on the v1 endpoint
-//! `POST {authority}{tenant}/oauth2/token?api-version=1.0` with `grant_type=client_credentials`
-//! and `resource`, as upstream's adal did.
+//! Entra token sources for service principals (docs/upstream.md#token-sources):
+//! [`ClientSecretSource`] (type 1) and [`CertificateSource`] (type 2), both on the v1 endpoint
+//! `POST {authority}{tenant}/oauth2/token?api-version=1.0` with `grant_type=client_credentials` and
+//! `resource`, as upstream's adal did.
 //!
 //! The token URL is the tenant path resolved against the authority as a relative URL (upstream:
 //! `spec.adEndpoint`, default `https://login.microsoftonline.com/`), so an authority's trailing

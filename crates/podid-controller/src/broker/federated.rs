@@ -1,9 +1,9 @@
 //! [`FederatedSource`]: tokens by Workload Identity federation, the migration bridge of
-//! docs/migration.md. For an identity switched to federation (`podid.io/token-source: federated`, see
-//! [`federated_credential`]) the source asks the Kubernetes API for a service-account token of
-//! the subject (TokenRequest, audience `api://AzureADTokenExchange`, bound to the calling pod
-//! when the subject is the pod's own service account) and exchanges it at Entra's v2 endpoint
-//! `POST {authority}{tenant}/oauth2/v2.0/token` with `client_assertion_type=…jwt-bearer`.
+//! docs/migration.md. For an identity switched to federation (`podid.io/token-source: federated`,
+//! see [`federated_credential`]) the source asks the Kubernetes API for a service-account token of
+//! the subject (TokenRequest, audience `api://AzureADTokenExchange`, bound to the calling pod when
+//! the subject is the pod's own service account) and exchanges it at Entra's v2 endpoint `POST
+//! {authority}{tenant}/oauth2/v2.0/token` with `client_assertion_type=…jwt-bearer`.
 //!
 //! The broker caches the Entra token per identity × resource × tenant × subject; the
 //! service-account token is used once and dropped. Neither the service-account token nor the

@@ -355,9 +355,9 @@ impl IdentitySpec {
     }
 }
 
-/// The identity part of a cache key: type, client id and resource id, compared
-/// case-insensitively (GUIDs and ARM ids are case-insensitive, docs/compatibility.md). Two `AzureIdentity`
-/// objects naming the same principal share cache entries.
+/// The identity part of a cache key: type, client id and resource id, compared case-insensitively
+/// (GUIDs and ARM ids are case-insensitive, docs/compatibility.md). Two `AzureIdentity` objects
+/// naming the same principal share cache entries.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct IdentityKey {
     identity_type: IdentityType,

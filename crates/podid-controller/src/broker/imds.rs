@@ -1,5 +1,5 @@
-//! [`ImdsSource`]: type 0 tokens from the node's IMDS (docs/upstream.md#token-sources), within the node's
-//! [`ImdsLimiter`] budget.
+//! [`ImdsSource`]: type 0 tokens from the node's IMDS (docs/upstream.md#token-sources), within the
+//! node's [`ImdsLimiter`] budget.
 //!
 //! `GET {endpoint}/metadata/identity/oauth2/token?api-version=2018-02-01&client_id=…&resource=…`
 //! with `Metadata: true` (`msi_res_id=…` instead of `client_id` for an identity given only by
