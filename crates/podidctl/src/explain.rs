@@ -6,9 +6,9 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 use podid_api::{
     AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding, AzurePodIdentityException,
-    IdentityType, POD_LABEL_KEY,
+    FEDERATED_SERVICE_ACCOUNT_ANNOTATION, IdentityType, POD_LABEL_KEY,
 };
-use podid_controller::broker::{Credential, PodSubject, federated_credential};
+use podid_controller::broker::{Credential, PodSubject, confine_federated, federated_credential};
 use podid_controller::matching::{
     CallerPod, Decision, MatchIndex, MatchMode, MatchOptions, NoMatch, PendingReason,
 };
@@ -90,6 +90,12 @@ pub enum TokenPath {
         /// A shared subject (`podid.io/federated-service-account`) rather than the pod's own.
         shared: bool,
     },
+    /// Switched to federation with a service account the pod may not use: nmi refuses the
+    /// exchange (503) instead of creating that service account's token.
+    Refused {
+        /// Why, in nmi's words.
+        reason: String,
+    },
     /// An identity type nmi does not serve.
     Unsupported {
         /// The type number.
@@ -106,6 +112,7 @@ impl TokenPath {
             Self::EntraCertificate => "Entra certificate".to_owned(),
             Self::Federated { shared: false, .. } => "federated (own SA)".to_owned(),
             Self::Federated { shared: true, .. } => "federated (shared SA)".to_owned(),
+            Self::Refused { .. } => "federated (refused)".to_owned(),
             Self::Unsupported { identity_type } => format!("unsupported type {identity_type}"),
         }
     }
@@ -302,31 +309,43 @@ fn type_number(identity: &AzureIdentity) -> i64 {
     identity.identity_type().as_i64()
 }
 
-/// The token path of `identity` for `pod` through `binding`, using nmi's federated switch.
+/// The token path of `identity` for `pod` through `binding`, using nmi's federated switch and
+/// its trust boundary (the subject must be the pod's own service account or one in the
+/// identity's namespace).
 pub fn token_path(
     identity: &AzureIdentity,
     binding: Option<&AzureIdentityBinding>,
     pod: &CallerPod,
 ) -> TokenPath {
-    let identity_ns = identity.metadata.namespace.clone().unwrap_or_default();
+    let identity_ns = identity.metadata.namespace.as_deref().unwrap_or("default");
+    let subject = PodSubject {
+        namespace: &pod.namespace,
+        name: &pod.name,
+        uid: "",
+        service_account: &pod.service_account,
+    };
     let credential = federated_credential(
         identity.metadata.annotations.as_ref(),
-        &identity_ns,
+        identity_ns,
         binding.and_then(|b| b.metadata.annotations.as_ref()),
-        PodSubject {
-            namespace: &pod.namespace,
-            name: &pod.name,
-            uid: "",
-            service_account: &pod.service_account,
-        },
-    );
-    if let Some(Credential::Federated { subject, bound_pod }) = credential {
-        return TokenPath::Federated {
-            subject: subject.subject(),
-            service_account_namespace: subject.namespace.clone(),
-            service_account: subject.service_account.clone(),
-            shared: bound_pod.is_none(),
-        };
+        subject,
+    )
+    .map(|chosen| confine_federated(chosen, identity_ns, subject));
+    match credential {
+        Some(Ok(Credential::Federated { subject, .. })) => {
+            // Shared: the annotation chose the subject, not the pod's own service account.
+            let own = subject.namespace == pod.namespace
+                && (subject.service_account == pod.service_account
+                    || (pod.service_account.is_empty() && subject.service_account == "default"));
+            return TokenPath::Federated {
+                subject: subject.subject(),
+                service_account_namespace: subject.namespace.clone(),
+                service_account: subject.service_account.clone(),
+                shared: !own,
+            };
+        }
+        Some(Err(reason)) => return TokenPath::Refused { reason },
+        _ => {}
     }
     match identity.identity_type() {
         IdentityType::UserAssignedMsi => TokenPath::Imds,
@@ -655,6 +674,12 @@ impl<'a> Explainer<'a> {
             _ => live_path.clone(),
         };
         let pending_switch = (path != live_path).then(|| live_path.label());
+        let served = match &path {
+            TokenPath::Refused { reason } => Served::No {
+                reason: reason.clone(),
+            },
+            _ => self.served(caller, identity),
+        };
         IdentityReport {
             namespace: ns.clone(),
             name: name.clone(),
@@ -664,7 +689,7 @@ impl<'a> Explainer<'a> {
             assignment,
             path,
             pending_switch,
-            served: self.served(caller, identity),
+            served,
         }
     }
 
@@ -875,6 +900,14 @@ impl<'a> Explainer<'a> {
                         });
                     }
                 }
+                TokenPath::Refused { reason } => out.push(Finding {
+                    level: Level::Error,
+                    message: format!("{name}: nmi refuses the federated exchange and answers 503: {reason}"),
+                    fix: Some(format!(
+                        "remove {FEDERATED_SERVICE_ACCOUNT_ANNOTATION} to use the pod's own service account, or name one in namespace {}",
+                        id.namespace
+                    )),
+                }),
                 TokenPath::Unsupported { identity_type } => out.push(Finding {
                     level: Level::Error,
                     message: format!("{name} has type {identity_type}, which nmi does not serve"),

@@ -11,7 +11,7 @@ use podid_api::{
     AzureIdentity, AzureIdentityBinding, FEDERATED_SERVICE_ACCOUNT_ANNOTATION, IdentityType,
     TOKEN_SOURCE_ANNOTATION,
 };
-use podid_controller::broker::{Credential, PodSubject, federated_credential};
+use podid_controller::broker::{Credential, PodSubject, confine_federated, federated_credential};
 use serde::Serialize;
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -179,24 +179,36 @@ pub fn plan(input: &Input<'_>) -> Plan {
             Some((sns, sname)) => (sns.to_owned(), sname.to_owned()),
             None => (ns.clone(), shared.clone()),
         };
-        subjects.entry(key).or_default();
+        // nmi refuses a shared subject outside the identity's namespace (except for pods whose
+        // own service account it is), so the plan never asks Entra to trust one.
+        if key.0 == ns {
+            subjects.entry(key).or_default();
+        } else {
+            warnings.push(format!(
+                "the shared service account {}/{} is not in the identity's namespace {ns}: nmi refuses the exchange for every pod but those running as it; use one in {ns}",
+                key.0, key.1
+            ));
+        }
     }
     for (pod, binding) in &input.users {
         let caller = caller_pod(pod);
         let pod_ref = format!("{}/{}", caller.namespace, caller.name);
+        let subject = PodSubject {
+            namespace: &caller.namespace,
+            name: &caller.name,
+            uid: "",
+            service_account: &caller.service_account,
+        };
         let credential = federated_credential(
             Some(&flipped),
             &ns,
             binding.metadata.annotations.as_ref(),
-            PodSubject {
-                namespace: &caller.namespace,
-                name: &caller.name,
-                uid: "",
-                service_account: &caller.service_account,
-            },
-        );
+            subject,
+        )
+        .map(|chosen| confine_federated(chosen, &ns, subject));
         match credential {
-            Some(Credential::Federated { subject, .. }) => {
+            Some(Err(reason)) => warnings.push(format!("{pod_ref}: nmi would refuse: {reason}")),
+            Some(Ok(Credential::Federated { subject, .. })) => {
                 subjects
                     .entry((subject.namespace.clone(), subject.service_account.clone()))
                     .or_default()

@@ -804,6 +804,69 @@ async fn migrate_warns_past_twenty_subjects_and_offers_the_shared_account() {
     );
 }
 
+/// The federated switch's trust boundary as nmi applies it: a shared service account outside
+/// the identity's namespace is refused, and podidctl says so instead of showing a federated path
+/// (doctor) or asking Entra to trust that subject (migrate).
+#[tokio::test]
+async fn federated_subjects_nmi_refuses_are_reported_as_refused() {
+    let c = Cluster::sample().await;
+    c.identity(&annotate(
+        AzureIdentity::user_assigned("evil", "minter", &uami_id("m"), FED_CLIENT),
+        &[
+            (TOKEN_SOURCE_ANNOTATION, "federated"),
+            (FEDERATED_SERVICE_ACCOUNT_ANNOTATION, "kube-system/admin"),
+        ],
+    ));
+    c.binding("evil", "minter-binding", "minter", "mint");
+    c.pod(
+        "evil",
+        "mint-1",
+        "default",
+        json!({"aadpodidbinding": "mint"}),
+    );
+
+    let report = c.ok(&["doctor", "evil/mint-1"]).await;
+    assert!(
+        report.contains("path:       federated (refused)"),
+        "{report}"
+    );
+    assert!(
+        !report.contains("subject:    system:serviceaccount:kube-system:admin"),
+        "a refused subject is not shown as the pod's: {report}"
+    );
+    assert!(report.contains("served:     no ("), "{report}");
+    let errors: Vec<&str> = report.lines().filter(|l| l.contains("ERROR")).collect();
+    assert!(
+        errors
+            .iter()
+            .any(|l| l.contains("nmi refuses the federated exchange")
+                && l.contains("kube-system/admin")),
+        "{report}"
+    );
+
+    // A migration plan with that shared account warns and leaves the subject out.
+    let plan = c
+        .ok(&[
+            "migrate",
+            "web-id",
+            "-n",
+            "apps",
+            "--issuer",
+            "https://issuer.test/x",
+            "--shared-service-account",
+            "kube-system/admin",
+        ])
+        .await;
+    assert!(
+        !plan.contains("--subject system:serviceaccount:kube-system:admin"),
+        "the plan must not ask Entra to trust a subject nmi refuses: {plan}"
+    );
+    assert!(
+        plan.contains("is not in the identity's namespace apps"),
+        "{plan}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn migrate_of_a_service_principal_uses_graph_not_arm() {
     let c = Cluster::sample().await;
