@@ -297,10 +297,19 @@ pub fn cached_rootfs(spec: &RootfsSpec) -> anyhow::Result<(PathBuf, Provenance)>
     let started = Instant::now();
     let partial = root.join(format!(".{key}.partial"));
     if partial.exists() {
+        anyhow::ensure!(
+            !mounted_under(&partial)?,
+            "something is mounted under {}: unmount it before the root filesystem is rebuilt",
+            partial.display()
+        );
         std::fs::remove_dir_all(&partial)
             .with_context(|| format!("removing {}", partial.display()))?;
     }
-    let output = Command::new(mmdebstrap)
+    // mmdebstrap mounts /proc, /sys and /dev inside the root while it installs; in a mount
+    // namespace of its own those mounts die with it, even when a timeout kills it half-way.
+    let output = Command::new("unshare")
+        .args(["--mount", "--propagation", "private"])
+        .arg(mmdebstrap)
         .arg("--mode=root")
         .arg(format!("--variant={}", spec.variant))
         .arg(format!("--include={}", spec.packages.join(",")))
@@ -333,6 +342,17 @@ pub fn cached_rootfs(spec: &RootfsSpec) -> anyhow::Result<(PathBuf, Provenance)>
     std::fs::rename(&partial, &done)
         .with_context(|| format!("moving {} into place", partial.display()))?;
     Ok((done, Provenance::Built(started.elapsed())))
+}
+
+/// Whether anything is mounted at or below `dir` in this process's mount namespace.
+fn mounted_under(dir: &Path) -> anyhow::Result<bool> {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let dir = dir.to_string_lossy();
+    Ok(mounts.lines().any(|line| {
+        line.split(' ')
+            .nth(4)
+            .is_some_and(|point| point == dir || point.starts_with(&format!("{dir}/")))
+    }))
 }
 
 /// Marks a completely built root filesystem in the cache.
