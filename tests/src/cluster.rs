@@ -462,6 +462,28 @@ impl Cluster {
         self.spawn_nmi_command(command, extra)
     }
 
+    /// Starts the real `nmi` inside the node namespace the way its image runs it: `entrypoint`
+    /// inside the root filesystem `root`, as `user`, with a fresh `/proc` and this cluster's
+    /// directory (kubeconfig, kubelet config) mounted read-only at the same path
+    /// ([`crate::image::contained`]).
+    pub fn spawn_nmi_contained(
+        &mut self,
+        root: &Path,
+        user: &str,
+        entrypoint: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<()> {
+        let node = Arc::clone(&self.node);
+        let command = crate::image::contained(
+            |program| node.command(program),
+            root,
+            user,
+            &[self.dir.as_path()],
+            entrypoint,
+        );
+        self.spawn_nmi_command(command, extra)
+    }
+
     /// Starts the real `nmi` inside the node namespace with `/proc/sys` read-only, in a mount
     /// namespace of its own, the way a container runtime mounts it for an unprivileged
     /// container: nmi can read `route_localnet` but not set it.

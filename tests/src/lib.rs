@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 pub use podid_testkit::{azure, kube, netns};
 
 pub mod cluster;
+pub mod image;
 
 /// ARM's audience for access tokens.
 pub const ARM_RESOURCE: &str = "https://management.azure.com/";

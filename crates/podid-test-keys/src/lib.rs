@@ -1,5 +1,6 @@
 //! RSA signing keys, JWKS documents and self-signed certificates shared by the test doubles
-//! (the fake API server's ServiceAccount issuer, the simulated Entra, certificate credentials).
+//! (the fake API server's ServiceAccount issuer, the simulated Entra, certificate credentials),
+//! and a small certificate authority for TLS servers a test must be able to trust or not.
 //!
 //! Test-only. No IO, no async runtime.
 
@@ -201,6 +202,87 @@ impl Certificate {
     /// `x5c` entry: standard base64 of the DER certificate.
     pub fn x5c(&self) -> String {
         STANDARD.encode(&self.der)
+    }
+}
+
+/// A certificate authority for TLS tests: a self-signed CA certificate (ECDSA P-256) that
+/// issues server certificates. A client trusts the servers only once the CA is among its roots.
+pub struct TlsAuthority {
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    der: Vec<u8>,
+    pem: String,
+}
+
+impl std::fmt::Debug for TlsAuthority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsAuthority").finish_non_exhaustive()
+    }
+}
+
+/// A server certificate issued by a [`TlsAuthority`], with its private key.
+pub struct ServerCertificate {
+    /// DER bytes of the certificate.
+    pub der: Vec<u8>,
+    /// The private key, PKCS#8 DER.
+    pub key_pkcs8: Vec<u8>,
+}
+
+impl std::fmt::Debug for ServerCertificate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerCertificate").finish_non_exhaustive()
+    }
+}
+
+impl TlsAuthority {
+    /// A fresh CA named `common_name`.
+    pub fn generate(common_name: &str) -> Result<Self, Error> {
+        let key = rcgen::KeyPair::generate().map_err(Error::Certificate)?;
+        let mut params =
+            rcgen::CertificateParams::new(Vec::<String>::new()).map_err(Error::Certificate)?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, common_name);
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let cert = params.self_signed(&key).map_err(Error::Certificate)?;
+        Ok(Self {
+            der: cert.der().to_vec(),
+            pem: cert.pem(),
+            issuer: rcgen::Issuer::new(params, key),
+        })
+    }
+
+    /// DER bytes of the CA certificate.
+    pub fn der(&self) -> &[u8] {
+        &self.der
+    }
+
+    /// PEM text of the CA certificate (what goes into a trust store).
+    pub fn pem(&self) -> &str {
+        &self.pem
+    }
+
+    /// A server certificate for `names` (DNS names or IP addresses), signed by this CA.
+    pub fn issue_server(&self, names: &[String]) -> Result<ServerCertificate, Error> {
+        let key = rcgen::KeyPair::generate().map_err(Error::Certificate)?;
+        let mut params =
+            rcgen::CertificateParams::new(names.to_vec()).map_err(Error::Certificate)?;
+        params.distinguished_name.push(
+            rcgen::DnType::CommonName,
+            names.first().cloned().unwrap_or_default(),
+        );
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(Error::Certificate)?;
+        Ok(ServerCertificate {
+            der: cert.der().to_vec(),
+            key_pkcs8: key.serialize_der(),
+        })
     }
 }
 
