@@ -127,14 +127,18 @@ pub enum Sdk {
     PythonMsal,
     /// JavaScript `@azure/identity` on Node.js (`tests/clients/js/get_token.cjs`).
     JsAzureIdentity,
+    /// Rust `azure_identity`'s `ManagedIdentityCredential` (`tests/clients/rust`, the
+    /// workspace binary `azure-identity-rs-get-token`).
+    RustAzureIdentity,
 }
 
 impl Sdk {
     /// Every SDK the suites run.
-    pub const ALL: [Self; 3] = [
+    pub const ALL: [Self; 4] = [
         Self::PythonAzureIdentity,
         Self::PythonMsal,
         Self::JsAzureIdentity,
+        Self::RustAzureIdentity,
     ];
 
     /// A short name for test output and docs.
@@ -143,6 +147,7 @@ impl Sdk {
             Self::PythonAzureIdentity => "Python azure-identity",
             Self::PythonMsal => "MSAL for Python",
             Self::JsAzureIdentity => "JavaScript @azure/identity",
+            Self::RustAzureIdentity => "Rust azure_identity",
         }
     }
 
@@ -153,7 +158,17 @@ impl Sdk {
         match self {
             Self::PythonAzureIdentity => Some("AzureCliCredential"),
             Self::JsAzureIdentity => Some("Azure CLI could not be found"),
-            Self::PythonMsal => None,
+            Self::PythonMsal | Self::RustAzureIdentity => None,
+        }
+    }
+
+    /// The text this SDK's failure carries for an IMDS refusal (400) whose description is
+    /// `description`: the description itself, except for the Rust SDK, which replaces it with
+    /// its own sentence.
+    pub fn refusal_text(self, description: &str) -> &str {
+        match self {
+            Self::RustAzureIdentity => "has not been assigned to this resource",
+            _ => description,
         }
     }
 
@@ -180,6 +195,22 @@ impl Sdk {
                 command
                     .arg(clients.join("js/get_token.cjs"))
                     .env("NODE_PATH", node_modules()?);
+                command
+            }
+            Self::RustAzureIdentity => {
+                let mut command = pod.command(binary("azure-identity-rs-get-token")?);
+                // The other clients drop these themselves: a leftover variable would send the
+                // SDK elsewhere.
+                for (name, _) in std::env::vars_os() {
+                    let prefixed = name.to_str().is_some_and(|n| {
+                        ["AZURE_", "IDENTITY_", "MSI_", "IMDS_"]
+                            .iter()
+                            .any(|p| n.starts_with(p))
+                    });
+                    if prefixed {
+                        command.env_remove(&name);
+                    }
+                }
                 command
             }
         };

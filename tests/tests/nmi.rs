@@ -1,8 +1,8 @@
 //! nmi end to end: the real `nmi` binary inside a simulated node (network namespace) with real
 //! iptables interception of 169.254.169.254:80, the fake API server holding the cluster's
 //! objects, the Azure simulator behind it (the VM's IMDS inside the node, Entra on the host), and
-//! the official SDKs (Python `azure-identity`, MSAL for Python, JavaScript `@azure/identity`)
-//! asking for tokens from inside network-namespace pods. Needs root.
+//! the official SDKs (Python `azure-identity`, MSAL for Python, JavaScript `@azure/identity`,
+//! Rust `azure_identity`) asking for tokens from inside network-namespace pods. Needs root.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -269,10 +269,10 @@ async fn final_refusals_end_every_sdks_managed_identity_attempt_at_once() -> any
             let Some(SdkOutcome::Error { class, message }) = &run.outcome else {
                 panic!("{case} ({what}): no final error: {:?}", run.outcome);
             };
-            // nmi's reason reached the caller: the SDK failed on nmi's refusal, not on a
-            // timeout or an unreachable endpoint.
+            // nmi's refusal reached the caller: the SDK failed on it, not on a timeout or an
+            // unreachable endpoint.
             assert!(
-                message.contains(reason),
+                message.contains(sdk.refusal_text(reason)),
                 "{case} ({what}) did not fail on nmi's refusal: {class}: {message}"
             );
             if *credential == SdkCredential::DefaultChain {
