@@ -100,5 +100,6 @@ js_lock="$root/tests/clients/js/package-lock.json"
 if ! cmp -s "$js_lock" "$node_dir/package-lock.json" || [ ! -d "$node_dir/node_modules/@azure/identity" ]; then
     echo "podid: installing the JavaScript SDK (@azure/identity, tests/clients/js) into $node_dir" >&2
     cp "$root/tests/clients/js/package.json" "$js_lock" "$node_dir/"
-    (cd "$node_dir" && PATH="$node_bin:$PATH" npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+    (cd "$node_dir" && PATH="$node_bin:$PATH" "$node_bin/node" "$node_bin/../lib/node_modules/npm/bin/npm-cli.js" \
+        ci --no-audit --no-fund --loglevel=error >/dev/null)
 fi
