@@ -15,6 +15,8 @@ use serde_json::{Value, json};
 pub use podid_testkit::{azure, kube, netns};
 
 pub mod cluster;
+pub mod install;
+pub mod upstream;
 
 /// ARM's audience for access tokens.
 pub const ARM_RESOURCE: &str = "https://management.azure.com/";
