@@ -71,6 +71,19 @@ async fn the_chart_in_standard_mode_runs_under_its_own_rbac() -> anyhow::Result<
     standard_mode(&mut cluster, &objects).await
 }
 
+/// The compatibility lock off: mic (`--upstream-leader-lock=false`) runs under RBAC without
+/// any `endpoints` rule.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chart_without_the_upstream_leader_lock_runs_under_its_own_rbac() -> anyhow::Result<()>
+{
+    let mut cluster = Cluster::start().await?;
+    let objects = render_chart(
+        "kube-system",
+        &json!({"mic": {"upstreamLeaderLock": false}}),
+    )?;
+    standard_mode(&mut cluster, &objects).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_plain_manifests_run_under_their_own_rbac() -> anyhow::Result<()> {
     let mut cluster = Cluster::start().await?;

@@ -131,7 +131,7 @@ fn assigned_state(api: &kube::FakeApiServer, namespace: &str, name: &str) -> Opt
 /// scale set with one Node, one identity, its binding and a pod using it.
 struct Control {
     api: kube::FakeApiServer,
-    cloud: azure::Cloud,
+    _cloud: azure::Cloud,
     arm: azure::ArmHandle,
     entra: azure::EntraHandle,
     vmss: azure::ComputeRef,
@@ -174,7 +174,7 @@ impl Control {
         api.write_kubeconfig(&kubeconfig)?;
         let control = Self {
             api,
-            cloud,
+            _cloud: cloud,
             arm,
             entra,
             vmss,
@@ -390,6 +390,387 @@ async fn without_the_upstream_leader_lock_mic_is_lease_only_and_never_touches_en
         endpoints_holder(&control.api).as_deref(),
         Some("aad-pod-identity-mic-go-0"),
         "upstream's record untouched"
+    );
+    Ok(())
+}
+
+/// One token request from the pod during the upgrade: when it finished and whether it got a
+/// token.
+type Sample = (Instant, bool);
+
+/// The leaders seen at each sampling instant: podid replicas answering `Active` plus Go
+/// stand-ins holding the lock.
+async fn count_leaders(http: &reqwest::Client, probes: &[u16], gos: &[Arc<GoMic>]) -> usize {
+    let mut leaders = gos.iter().filter(|g| g.leading()).count();
+    for probe in probes {
+        if let Ok(answer) = http
+            .get(format!("http://127.0.0.1:{probe}/healthz"))
+            .send()
+            .await
+            && answer.text().await.is_ok_and(|b| b == "Active")
+        {
+            leaders += 1;
+        }
+    }
+    leaders
+}
+
+/// The whole upgrade in the simulated cluster, and back. A release as the Go components leave
+/// it: upstream's CRDs, an identity and binding and the assignment of a running pod as the Go
+/// MIC wrote them (finalizer, Go's `metadata` blocks pruned to `{}` by upstream's schema,
+/// embedded copies), the type-upgrade ConfigMap, the identity on the scale set, two Go MIC
+/// replicas on the Endpoints lock, and a node agent serving the pod. Then `helm upgrade` with
+/// the podid chart rendered by real Helm from values a user keeps, applied over it; mic's
+/// Deployment rolls (surge one, then the Go pods are deleted one by one) and nmi's DaemonSet
+/// pod is replaced, each podid program running with the rendered args under its own
+/// ServiceAccount. The pod asks for its token every 100 ms throughout.
+///
+/// Counted: assignment writes for the existing pod (0), ARM PATCHes (0), leaders at any
+/// sampled instant (≤ 1), and the longest gap between two tokens (reported). Then a new pod is
+/// assigned by podid (its AzureAssignedIdentity written under upstream's CRD), and the
+/// rollback: podid's pods deleted, a Go replica leads again once podid's record expires,
+/// upstream's CRDs applied again, and every AzureAssignedIdentity is one upstream's schema
+/// takes as it is (nothing rejected or pruned) with the fields the Go programs read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn helm_upgrade_from_the_go_release_in_place_and_back() -> anyhow::Result<()> {
+    use podid_e2e::cluster::{Cluster, NODE, pod_get};
+    use podid_e2e::install::{
+        apply_over, container_args, kubeconfig_for, nmi_args, node_files, render_release,
+        service_account, workload,
+    };
+    use podid_e2e::upstream;
+
+    const CRDS: &str = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions";
+    const GROUP: &str = "/apis/aadpodidentity.k8s.io/v1/namespaces/default";
+    let mut cluster = Cluster::start().await?;
+    let http = http()?;
+
+    // The Go release.
+    for crd in upstream::crds()? {
+        cluster.create(CRDS, crd)?;
+    }
+    let web = cluster.cloud.add_user_assigned_identity("web");
+    cluster.cloud.assign_identity(&cluster.vmss, &web)?;
+    let go_meta = json!({"creationTimestamp": null});
+    cluster.create(
+        &format!("{GROUP}/azureidentities"),
+        json!({"apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureIdentity",
+               "metadata": {"name": "web", "namespace": "default"},
+               "spec": {"metadata": go_meta, "type": 0, "resourceID": web.resource_id,
+                        "clientID": web.client_id, "clientPassword": {},
+                        "auxiliaryTenantIDs": null, "replicas": null},
+               "status": {"metadata": go_meta}}),
+    )?;
+    cluster.create(
+        &format!("{GROUP}/azureidentitybindings"),
+        json!({"apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureIdentityBinding",
+               "metadata": {"name": "web-binding", "namespace": "default"},
+               "spec": {"metadata": go_meta, "azureIdentity": "web", "selector": "web"},
+               "status": {"metadata": go_meta, "availableReplicas": 0}}),
+    )?;
+    let handle = cluster.api.handle();
+    let get = |path: &str| {
+        handle
+            .get_json(path)
+            .map_err(|e| anyhow::anyhow!("reading {path}: {}", e.message))
+    };
+    let pod = Arc::new(cluster.node.add_pod("web")?);
+    cluster.add_pod("web-1", Some("web"), pod.ip())?;
+    cluster.create(
+        &format!("{GROUP}/{AAI}"),
+        json!({"apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureAssignedIdentity",
+               "metadata": {"name": "web-1-default-web", "namespace": "default",
+                            "labels": {"nodename": NODE},
+                            "finalizers": [podid_api::ASSIGNED_IDENTITY_FINALIZER]},
+               "spec": {"metadata": go_meta,
+                        "azureIdentityRef": get(&format!("{GROUP}/azureidentities/web"))?,
+                        "azureBindingRef": get(&format!("{GROUP}/azureidentitybindings/web-binding"))?,
+                        "pod": "web-1", "podNamespace": "default", "nodename": NODE,
+                        "replicas": null},
+               "status": {"metadata": go_meta, "status": "Assigned", "availableReplicas": 1}}),
+    )?;
+    let go_written = get(&format!("{GROUP}/{AAI}/web-1-default-web"))?;
+    assert_eq!(
+        go_written["spec"]["metadata"],
+        json!({}),
+        "upstream's schema prunes Go's creationTimestamp: null"
+    );
+    cluster.create(
+        "/api/v1/namespaces/kube-system/configmaps",
+        json!({"apiVersion": "v1", "kind": "ConfigMap",
+               "metadata": {"name": "aad-pod-identity-config", "namespace": "kube-system"},
+               "data": {"type-upgrade-status": "1.8.17"}}),
+    )?;
+    let go_mic = |name: &str| {
+        Arc::new(GoMic::start(
+            handle.clone(),
+            "default",
+            LOCK_NAME,
+            name,
+            LEASE,
+        ))
+    };
+    let go_a = go_mic("aad-pod-identity-mic-6d8f9-go-a");
+    wait_for("the Go MIC to lead", WAIT, || async {
+        go_a.leading().then_some(())
+    })
+    .await?;
+    let go_b = go_mic("aad-pod-identity-mic-6d8f9-go-b");
+    // The node agent of the Go release, standing in for the Go NMI (the node-side swap has
+    // its own test): it serves the Go-written assignment.
+    cluster.spawn_nmi(&[])?;
+    cluster.wait_ready().await?;
+
+    // The pod asks for its token every 100 ms from now on; leaders are sampled every 100 ms.
+    let stop = Arc::new(AtomicBool::new(false));
+    let token_path = format!(
+        "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https://vault.azure.net&client_id={}",
+        web.client_id
+    );
+    let tokens = tokio::spawn({
+        let (pod, stop, token_path) = (pod.clone(), stop.clone(), token_path.clone());
+        async move {
+            let mut samples: Vec<Sample> = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                let ok = matches!(pod_get(&pod, &token_path, true).await, Ok((200, _, _)));
+                samples.push((Instant::now(), ok));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            samples
+        }
+    });
+    let probes: Arc<std::sync::Mutex<Vec<u16>>> = Arc::default();
+    let max_leaders = Arc::new(AtomicUsize::new(0));
+    let sampler = tokio::spawn({
+        let (stop, probes, max_leaders, http) = (
+            stop.clone(),
+            probes.clone(),
+            max_leaders.clone(),
+            http.clone(),
+        );
+        let gos = vec![go_a.clone(), go_b.clone()];
+        async move {
+            let mut samples = 0usize;
+            while !stop.load(Ordering::SeqCst) {
+                let ports = probes.lock().expect("probes").clone();
+                let leaders = count_leaders(&http, &ports, &gos).await;
+                max_leaders.fetch_max(leaders, Ordering::SeqCst);
+                samples += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            samples
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // helm upgrade: the chart rendered by real Helm with the values a user keeps from
+    // upstream (no image keys), applied over the release (CRDs left alone, as Helm does).
+    cluster.api.faults().clear_log();
+    let patches_before = cluster.arm.patch_count(&cluster.vmss);
+    let kept = json!({
+        "forceNamespaced": "false",
+        "installMICException": "true",
+        "mic": {"replicas": 2, "leaderElection": {"duration": format!("{}s", LEASE.as_secs())}},
+        "nmi": {"probePort": "8085", "metadataHeaderRequired": true},
+    });
+    let objects = render_release("aad-pod-identity", "kube-system", &kept, false)?;
+    let replaced = apply_over(&cluster, &objects)?;
+    println!("helm upgrade replaced {replaced:?}");
+    let mic_workload = workload(&objects, "Deployment")?;
+    let nmi_workload = workload(&objects, "DaemonSet")?;
+    let mic_account = service_account(mic_workload)?;
+    let azure_json = cluster.write_azure_json()?;
+    let mic_kubeconfig = kubeconfig_for(&cluster, &mic_account)?;
+    let mut mic_args = node_files(
+        &cluster,
+        container_args(mic_workload, "mic")?,
+        &[("/etc/kubernetes/azure.json", &azure_json)],
+    );
+    mic_args.push(format!("--kubeconfig={}", mic_kubeconfig.display()));
+    assert!(
+        !mic_args
+            .iter()
+            .any(|a| a.starts_with("--upstream-leader-lock")),
+        "the compatibility lock is on by default: {mic_args:?}"
+    );
+    let spawn = |pod_name: &str| -> anyhow::Result<Mic> {
+        // In a pod the instance defaults to the host name, the pod's name.
+        let mut args = mic_args.clone();
+        args.push(format!("--leader-election-instance={pod_name}"));
+        let mic = Mic::spawn(
+            pod_name,
+            &args,
+            &mic_kubeconfig,
+            &mic_account.0,
+            &cluster.arm.url(),
+            &cluster.entra_url,
+        )?;
+        probes.lock().expect("probes").push(mic.probe);
+        Ok(mic)
+    };
+    // The Deployment's rolling update (2 replicas: surge 1, unavailable 0).
+    let mut mic_a = spawn("aad-pod-identity-mic-7c4b5-p1")?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    go_b.stop();
+    let mut mic_b = spawn("aad-pod-identity-mic-7c4b5-p2")?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    go_a.stop();
+    // The DaemonSet's pod on the node is replaced.
+    if let Some(mut old) = cluster.nmi.take() {
+        old.kill();
+    }
+    let nmi_kubeconfig = kubeconfig_for(&cluster, &service_account(nmi_workload)?)?;
+    let nmi = nmi_args(&cluster, nmi_workload)?;
+    cluster.spawn_nmi_exactly(&nmi, &nmi_kubeconfig)?;
+    cluster.wait_ready().await?;
+    wait_for("a podid mic to lead", WAIT, || async {
+        (mic_a.active(&http).await || mic_b.active(&http).await).then_some(())
+    })
+    .await?;
+
+    // A new pod: podid assigns it (its object written under upstream's CRD). By the time it is
+    // Assigned, mic's passes have covered the Go-written assignment too.
+    let pod2 = Arc::new(cluster.node.add_pod("web2")?);
+    cluster.add_pod("web-2", Some("web"), pod2.ip())?;
+    wait_for("web-2's assignment Assigned", WAIT, || async {
+        (assigned_state(&cluster.api, "default", "web-2-default-web").as_deref()
+            == Some("Assigned"))
+        .then_some(())
+    })
+    .await?;
+    // Two more lease durations of steady state.
+    tokio::time::sleep(LEASE * 2).await;
+    mic_a.child.check_running()?;
+    mic_b.child.check_running()?;
+    stop.store(true, Ordering::SeqCst);
+    let samples = tokens.await?;
+    let sampled = sampler.await?;
+
+    // Every write but web-2's: its create (to the collection) and its status patch.
+    let all_writes = assignment_writes(&cluster.api);
+    let creates = all_writes
+        .iter()
+        .filter(|w| w.starts_with("create "))
+        .count();
+    assert_eq!(
+        creates, 1,
+        "only web-2's assignment is created: {all_writes:?}"
+    );
+    let writes: Vec<String> = all_writes
+        .into_iter()
+        .filter(|w| !w.contains("web-2-default-web") && !w.starts_with("create "))
+        .collect();
+    let patches = cluster.arm.patch_count(&cluster.vmss) - patches_before;
+    let leaders = max_leaders.load(Ordering::SeqCst);
+    let served = samples.iter().filter(|(_, ok)| *ok).count();
+    let mut longest = Duration::ZERO;
+    let mut last_ok = samples.first().map(|(at, _)| *at);
+    for (at, ok) in &samples {
+        if *ok {
+            if let Some(last) = last_ok {
+                longest = longest.max(at.saturating_duration_since(last));
+            }
+            last_ok = Some(*at);
+        }
+    }
+    println!(
+        "upgrade: assignment writes for existing pods {}, ARM PATCHes {patches}, max leaders {leaders} \
+         over {sampled} samples, tokens {served}/{} requests, longest gap between tokens {} ms",
+        writes.len(),
+        samples.len(),
+        longest.as_millis()
+    );
+    assert_eq!(
+        writes,
+        Vec::<String>::new(),
+        "the Go-written assignment was rewritten"
+    );
+    assert_eq!(patches, 0, "ARM PATCH during the upgrade");
+    assert!(leaders <= 1, "{leaders} leaders at once");
+    assert!(sampled >= 20, "only {sampled} leader samples");
+    assert!(served > 10, "the pod got {served} tokens");
+    assert!(
+        samples.last().is_some_and(|(_, ok)| *ok),
+        "the pod's last request failed"
+    );
+    let refused: Vec<_> = podid_e2e::install::refused(&cluster);
+    assert!(refused.is_empty(), "RBAC refused: {refused:#?}");
+    assert!(
+        !endpoints_requests(&cluster.api).is_empty(),
+        "mic kept upstream's lock under the chart's RBAC"
+    );
+
+    // Rollback: podid's pods deleted (no clean release), upstream's objects applied again, a
+    // Go replica leads once podid's record expired.
+    let podid_holder = endpoints_holder(&cluster.api).context("podid's record")?;
+    assert!(
+        podid_holder.starts_with("aad-pod-identity-mic-7c4b5-"),
+        "{podid_holder}"
+    );
+    mic_a.child.kill();
+    mic_b.child.kill();
+    let rolled_back = Instant::now();
+    let go_c = go_mic("aad-pod-identity-mic-6d8f9-go-c");
+    wait_for("the Go MIC to lead again", WAIT, || async {
+        go_c.leading().then_some(())
+    })
+    .await?;
+    println!(
+        "rollback: a Go replica led {} ms after podid's pods were deleted",
+        rolled_back.elapsed().as_millis()
+    );
+    assert!(rolled_back.elapsed() + LEASE / 4 >= LEASE);
+    apply_over(&cluster, &upstream::crds()?)?;
+    let list = get(&format!("{GROUP}/{AAI}"))?;
+    let items = list["items"].as_array().context("items")?;
+    assert_eq!(items.len(), 2, "{items:#?}");
+    for item in items {
+        let name = item["metadata"]["name"].as_str().unwrap_or_default();
+        assert_eq!(upstream::problems(item), Vec::<String>::new(), "{name}");
+        assert_eq!(item["status"]["status"], "Assigned", "{name}");
+        assert_eq!(item["spec"]["nodename"], NODE, "{name}");
+        assert_eq!(item["metadata"]["labels"]["nodename"], NODE, "{name}");
+        assert_eq!(
+            item["metadata"]["finalizers"],
+            json!([podid_api::ASSIGNED_IDENTITY_FINALIZER]),
+            "{name}"
+        );
+        assert_eq!(
+            item["spec"]["azureIdentityRef"]["spec"]["clientID"], web.client_id,
+            "{name}"
+        );
+        assert_eq!(
+            item["spec"]["azureBindingRef"]["spec"]["selector"], "web",
+            "{name}"
+        );
+        let annotations: Vec<&String> = item["metadata"]["annotations"]
+            .as_object()
+            .map(|a| a.keys().collect())
+            .unwrap_or_default();
+        println!("{name}: annotations {annotations:?}");
+    }
+    assert_eq!(
+        get(&format!("{GROUP}/{AAI}/web-1-default-web"))?,
+        go_written,
+        "the Go-written assignment is byte for byte as the Go MIC left it"
+    );
+    for path in [
+        format!("{GROUP}/azureidentities/web"),
+        format!("{GROUP}/azureidentitybindings/web-binding"),
+    ] {
+        assert_eq!(
+            upstream::problems(&get(&path)?),
+            Vec::<String>::new(),
+            "{path}"
+        );
+    }
+    assert!(
+        cluster
+            .cloud
+            .assigned_identities(&cluster.vmss)?
+            .iter()
+            .any(|id| id.eq_ignore_ascii_case(&web.resource_id)),
+        "the identity stays on the scale set"
     );
     Ok(())
 }
