@@ -179,6 +179,16 @@ impl Elector {
             match self.read_upstream(seen_at).await? {
                 Upstream::HeldByOther(holder) => {
                     tracing::debug!(%holder, "upstream leader lock held by another replica");
+                    // Keep watching the Lease too: its expiry is counted from when it was last
+                    // seen to change, so a Lease first looked at only once the upstream record
+                    // expired would keep this replica waiting a second lease duration.
+                    if let Some(lease) = self.api.get_opt(&self.settings.name).await? {
+                        self.observed.note(
+                            lease.metadata.resource_version.as_ref(),
+                            seen_at,
+                            false,
+                        );
+                    }
                     return Ok(false);
                 }
                 Upstream::Free(endpoints) => Some(endpoints),

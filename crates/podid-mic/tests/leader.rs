@@ -338,3 +338,39 @@ async fn a_renewal_stuck_past_the_renew_deadline_ends_hold() {
         .expect("hold returns while its renewal hangs");
     server.faults().set_delay(Duration::ZERO);
 }
+
+/// A follower held off by the leader's upstream record keeps watching the Lease too: once the
+/// leader stops, it takes over one lease duration after the last renewal, not two (the Lease
+/// first looked at only after the upstream record expired would start its own count then).
+#[tokio::test]
+async fn a_follower_takes_over_one_lease_duration_after_the_last_renewal_of_both_locks() {
+    let server = FakeApiServer::start().await.expect("server");
+    let client = client_for(&server).await;
+    let mut a = Elector::new(client.clone(), settings("mic-a"));
+    let mut b = Elector::new(client.clone(), settings("mic-b"));
+    assert!(a.try_acquire_or_renew().await.expect("a leads"));
+    let started = tokio::time::Instant::now();
+    while started.elapsed() < Duration::from_millis(1500) {
+        assert!(a.try_acquire_or_renew().await.expect("a renews"));
+        assert!(!b.try_acquire_or_renew().await.expect("b tries"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let last_renewal = tokio::time::Instant::now();
+    assert!(
+        a.try_acquire_or_renew()
+            .await
+            .expect("a renews a last time")
+    );
+    tokio::time::timeout(WAIT, b.acquire())
+        .await
+        .expect("b becomes leader");
+    // The records say 1 s (whole seconds of the 1.2 s setting).
+    let lease = Duration::from_secs(1);
+    let took = last_renewal.elapsed();
+    assert!(took >= lease, "b took over after {took:?}, before expiry");
+    assert!(
+        took < lease * 2,
+        "b took over {took:?} after the last renewal: it counted a second lease duration"
+    );
+    assert_eq!(lease_holder(&client).await.as_deref(), Some("mic-b"));
+}
