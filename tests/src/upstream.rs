@@ -248,7 +248,7 @@ struct State {
 /// A stand-in for one replica of the Go MIC's leader election: client-go's Endpoints lock, as
 /// aad-pod-identity v1.8.x runs it. Every retry period (a quarter of the lease) it reads the
 /// lock; a holder other than itself is live until its record has been unchanged (byte for
-/// byte) for its `leaseDurationSeconds` on the stand-in's own clock; otherwise it writes its
+/// byte) for the stand-in's own lease duration on its own clock (as client-go judges it); otherwise it writes its
 /// record (create, or update of the version read) and leads. [`GoMic::stop`] is its pod
 /// being deleted: it stops renewing and leaves the record to expire.
 ///
@@ -384,9 +384,8 @@ fn attempt(
     }
     let old: Value = serde_json::from_str(&raw).unwrap_or(Value::Null);
     let holder = old["holderIdentity"].as_str().unwrap_or_default();
-    let duration = old["leaseDurationSeconds"]
-        .as_u64()
-        .map_or(lease, Duration::from_secs);
+    // client-go judges expiry by its own configured lease duration, not the record's.
+    let duration = lease;
     let since = observed.as_ref().map_or(seen_at, |(_, at)| *at);
     if !holder.is_empty() && holder != identity && seen_at.duration_since(since) < duration {
         state.deferred.fetch_add(1, Ordering::SeqCst);

@@ -216,10 +216,13 @@ impl Elector {
         if holder.is_empty() || holder == self.settings.identity {
             return Ok(Upstream::Free(Some(Box::new(current))));
         }
+        // The longer of the record's duration and ours: a Go replica judges by its own
+        // configured duration, which the record of a replica with a shorter one understates.
         let duration = u64::try_from(record.lease_duration_seconds)
             .ok()
-            .filter(|s| *s > 0)
-            .map_or(self.settings.lease_duration, Duration::from_secs);
+            .map(Duration::from_secs)
+            .unwrap_or_default()
+            .max(self.settings.lease_duration);
         if self.observed_upstream.unexpired(seen_at, duration) {
             return Ok(Upstream::HeldByOther(holder));
         }
