@@ -17,6 +17,8 @@ pub use podid_testkit::{azure, kube, netns};
 
 pub mod cluster;
 pub mod image;
+pub mod install;
+pub mod upstream;
 
 /// ARM's audience for access tokens.
 pub const ARM_RESOURCE: &str = "https://management.azure.com/";

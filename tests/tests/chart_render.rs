@@ -108,6 +108,7 @@ fn every_key_set() -> Value {
             "updateUserMSIRetryInterval": "2s",
             "identityAssignmentReconcileInterval": "5m",
             "releaseFinishedPods": "false",
+            "upstreamLeaderLock": false,
         },
         "nmi": {
             "logVerbosity": 2,
@@ -357,6 +358,7 @@ fn every_key_set_reaches_the_flags() {
         "--createDeleteBatch=10",
         "--clientQps=10",
         "--release-finished-pods=false",
+        "--upstream-leader-lock=false",
     ] {
         assert!(
             mic_args.iter().any(|a| a.starts_with(flag)),
@@ -579,17 +581,86 @@ fn the_chart_covers_every_kind_of_the_plain_manifests_and_locks_a_lease() {
         })
         .collect();
     assert!(!lease_rules.is_empty(), "MIC's leader lock is a Lease");
-    for rule in objects
+}
+
+/// The rules of every role on core `endpoints`.
+fn endpoints_rules(objects: &[Value]) -> Vec<Value> {
+    objects
         .iter()
-        .flat_map(|o| o["rules"].as_array().into_iter().flatten())
-    {
-        assert!(
-            !rule["resources"]
+        .filter(|o| o["kind"] == "Role" || o["kind"] == "ClusterRole")
+        .flat_map(|o| o["rules"].as_array().cloned().unwrap_or_default())
+        .filter(|r| {
+            r["resources"]
                 .as_array()
                 .into_iter()
                 .flatten()
-                .any(|r| r == "endpoints"),
-            "no Endpoints access: {rule}"
+                .any(|r| r == "endpoints")
+        })
+        .collect()
+}
+
+/// `endpoints` RBAC (upstream's leader lock) exactly while `mic.upstreamLeaderLock` is on, in
+/// the leader-election namespace, reading and updating only the lock's name; off, MIC gets
+/// `--upstream-leader-lock=false` and no `endpoints` rule at all.
+#[test]
+fn endpoints_rbac_exists_exactly_while_the_upstream_leader_lock_is_on() {
+    for (values, on) in [
+        (json!({}), true),
+        (json!({"mic": {"upstreamLeaderLock": true}}), true),
+        (json!({"mic": {"upstreamLeaderLock": "true"}}), true),
+        (
+            json!({"mic": {"upstreamLeaderLock": true, "leaderElection": {"namespace": "identity", "name": "lock"}}}),
+            true,
+        ),
+        (json!({"mic": {"upstreamLeaderLock": false}}), false),
+        (json!({"mic": {"upstreamLeaderLock": "false"}}), false),
+    ] {
+        let case = Case {
+            name: "upstream leader lock",
+            namespace: "kube-system",
+            values: values.clone(),
+        };
+        let objects = rendered(&case);
+        let rules = endpoints_rules(&objects);
+        let mic_args = args(container(of_kind(&objects, "Deployment")[0], "mic"));
+        let off_flag = mic_args.iter().any(|a| a == "--upstream-leader-lock=false");
+        assert_eq!(off_flag, !on, "{values}: {mic_args:?}");
+        if !on {
+            assert_eq!(rules, Vec::<Value>::new(), "{values}: no Endpoints access");
+            continue;
+        }
+        let name = values["mic"]["leaderElection"]["name"]
+            .as_str()
+            .unwrap_or("aad-pod-identity-mic");
+        let namespace = values["mic"]["leaderElection"]["namespace"]
+            .as_str()
+            .unwrap_or("default");
+        let verbs: BTreeSet<String> = rules
+            .iter()
+            .flat_map(|r| r["verbs"].as_array().cloned().unwrap_or_default())
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect();
+        assert_eq!(
+            verbs,
+            BTreeSet::from(["create".to_owned(), "get".to_owned(), "update".to_owned()]),
+            "{values}"
+        );
+        for rule in &rules {
+            let verbs = rule["verbs"].as_array().cloned().unwrap_or_default();
+            if verbs.iter().any(|v| v == "get" || v == "update") {
+                assert_eq!(rule["resourceNames"], json!([name]), "{values}: {rule}");
+            }
+        }
+        let role = objects
+            .iter()
+            .find(|o| o["kind"] == "Role" && !endpoints_rules(std::slice::from_ref(o)).is_empty())
+            .expect("the endpoints rules are in a Role");
+        assert_eq!(role["metadata"]["namespace"], namespace, "{values}");
+        assert!(
+            of_kind(&objects, "ClusterRole")
+                .iter()
+                .all(|r| endpoints_rules(std::slice::from_ref(*r)).is_empty()),
+            "{values}: never cluster-wide"
         );
     }
 }

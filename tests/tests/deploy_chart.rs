@@ -21,6 +21,10 @@ const PODID_ONLY_KEYS: &[(&str, &str)] = &[
         "mic --release-finished-pods: drop assignments of finished pods",
     ),
     (
+        "mic.upstreamLeaderLock",
+        "mic --upstream-leader-lock: honour and renew upstream's Endpoints lock during the upgrade",
+    ),
+    (
         "nmi.enableHostToken",
         "nmi --enable-host-token: /host/token is off by default in podid",
     ),

@@ -2,7 +2,7 @@
 //! aad-pod-identity v1.8.17's (`charts/aad-pod-identity/crds/crd.yaml`, same schema as
 //! `config/crd/aadpodidentity.k8s.io.yaml`).
 //!
-//! Upstream's structural facts are written below as one line per schema node:
+//! Upstream's structural facts are in `upstream-crd-schema.txt`, one line per schema node:
 //! `<path> <type> [format] [nullable] [embedded]`. The test flattens our schema the same way
 //! (adding `preserve-unknown` and `required=<fields>` where set) and requires the difference to
 //! be exactly [`DOCUMENTED_DIFFERENCES`]. Changing a type so that the schema drifts fails here
@@ -16,64 +16,28 @@ use podid_api::crd;
 use serde_json::Value;
 use std::collections::BTreeSet;
 
-const IDENTITY: &[&str] = &[
-    "spec object",
-    "spec.adEndpoint string",
-    "spec.adResourceID string",
-    "spec.auxiliaryTenantIDs array nullable",
-    "spec.auxiliaryTenantIDs[] string",
-    "spec.clientID string",
-    "spec.clientPassword object",
-    "spec.clientPassword.name string",
-    "spec.clientPassword.namespace string",
-    "spec.metadata object",
-    "spec.replicas integer int32 nullable",
-    "spec.resourceID string",
-    "spec.tenantID string",
-    "spec.type integer",
-    "status object",
-    "status.availableReplicas integer int32",
-    "status.metadata object",
-];
+/// Upstream's schema facts, one file shared with the upgrade e2e suite.
+const UPSTREAM: &str = include_str!("upstream-crd-schema.txt");
 
-const BINDING: &[&str] = &[
-    "spec object",
-    "spec.azureIdentity string",
-    "spec.metadata object",
-    "spec.selector string",
-    "spec.weight integer",
-    "status object",
-    "status.availableReplicas integer int32",
-    "status.metadata object",
-];
-
-const ASSIGNED: &[&str] = &[
-    "spec object",
-    "spec.azureBindingRef object embedded",
-    "spec.azureIdentityRef object embedded",
-    "spec.metadata object",
-    "spec.nodename string",
-    "spec.pod string",
-    "spec.podNamespace string",
-    "spec.replicas integer int32 nullable",
-    "status object",
-    "status.availableReplicas integer int32",
-    "status.metadata object",
-    "status.status string",
-];
-
-const EXCEPTION: &[&str] = &[
-    "spec object",
-    "spec.metadata object",
-    "spec.podLabels object",
-    "spec.podLabels{} string",
-    "status object",
-    "status.metadata object",
-    "status.status string",
-];
-
-/// Lines common to the root and every embedded resource.
-const TYPE_META: &[&str] = &["apiVersion string", "kind string", "metadata object"];
+/// The lines of `[section]` in [`UPSTREAM`].
+fn section(name: &str) -> Vec<&'static str> {
+    let mut lines = UPSTREAM
+        .lines()
+        .map(str::trim)
+        .skip_while(|l| *l != format!("[{name}]"))
+        .skip(1);
+    let mut out = Vec::new();
+    for line in lines.by_ref() {
+        if line.starts_with('[') {
+            break;
+        }
+        if !line.is_empty() && !line.starts_with('#') {
+            out.push(line);
+        }
+    }
+    assert!(!out.is_empty(), "no [{name}] in upstream-crd-schema.txt");
+    out
+}
 
 /// `(kind, only in upstream, only in podid)`. Each pair is one documented difference.
 const DOCUMENTED_DIFFERENCES: &[(&str, &str, &str)] = &[
@@ -96,22 +60,16 @@ const DOCUMENTED_DIFFERENCES: &[(&str, &str, &str)] = &[
 ];
 
 fn upstream_lines(kind: &str) -> BTreeSet<String> {
-    let mut lines: BTreeSet<String> = TYPE_META.iter().map(|s| s.to_string()).collect();
+    let type_meta = section("TypeMeta");
+    let mut lines: BTreeSet<String> = type_meta.iter().map(|s| s.to_string()).collect();
     lines.insert("(root) object".into());
-    let own = match kind {
-        "AzureIdentity" => IDENTITY,
-        "AzureIdentityBinding" => BINDING,
-        "AzureAssignedIdentity" => ASSIGNED,
-        "AzurePodIdentityException" => EXCEPTION,
-        other => panic!("unknown kind {other}"),
-    };
-    lines.extend(own.iter().map(|s| s.to_string()));
+    lines.extend(section(kind).iter().map(|s| s.to_string()));
     if kind == "AzureAssignedIdentity" {
         for (prefix, body) in [
-            ("spec.azureIdentityRef.", IDENTITY),
-            ("spec.azureBindingRef.", BINDING),
+            ("spec.azureIdentityRef.", section("AzureIdentity")),
+            ("spec.azureBindingRef.", section("AzureIdentityBinding")),
         ] {
-            for l in TYPE_META.iter().chain(body) {
+            for l in type_meta.iter().chain(&body) {
                 lines.insert(format!("{prefix}{l}"));
             }
         }

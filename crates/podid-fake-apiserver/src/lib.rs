@@ -289,6 +289,60 @@ where
     }
 }
 
+/// In-process access to a [`FakeApiServer`]'s store, as the admin; see [`FakeApiServer::handle`].
+#[derive(Debug, Clone)]
+pub struct Handle {
+    shared: Arc<Shared>,
+}
+
+impl Handle {
+    /// Runs a request in-process, bypassing HTTP, faults and the log. `path` may carry a query.
+    pub fn request_json(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: &str,
+        body: Option<&Value>,
+    ) -> Result<(StatusCode, Value), ApiError> {
+        let (p, q) = path.split_once('?').unwrap_or((path, ""));
+        let query = server::parse_query(Some(q));
+        let route = server::route(&self.shared.store(), p);
+        let bytes = body.map(Value::to_string).unwrap_or_default();
+        server::dispatch(
+            &self.shared,
+            &method,
+            route,
+            &query,
+            content_type,
+            bytes.as_bytes(),
+            &auth::Identity::admin(),
+        )
+    }
+
+    /// Reads the object or list at `path`.
+    pub fn get_json(&self, path: &str) -> Result<Value, ApiError> {
+        self.request_json(Method::GET, path, "", None)
+            .map(|(_, v)| v)
+    }
+
+    /// Creates `obj` in the collection at `collection_path` (the namespace must exist).
+    pub fn create_json(&self, collection_path: &str, obj: Value) -> Result<Value, ApiError> {
+        self.request_json(
+            Method::POST,
+            collection_path,
+            "application/json",
+            Some(&obj),
+        )
+        .map(|(_, v)| v)
+    }
+
+    /// Replaces the object at `path` (a stale `resourceVersion` is a 409).
+    pub fn replace_json(&self, path: &str, obj: Value) -> Result<Value, ApiError> {
+        self.request_json(Method::PUT, path, "application/json", Some(&obj))
+            .map(|(_, v)| v)
+    }
+}
+
 /// A running fake API server. Dropping it stops it.
 #[derive(Debug)]
 pub struct FakeApiServer {
@@ -445,19 +499,17 @@ impl FakeApiServer {
         content_type: &str,
         body: Option<&Value>,
     ) -> Result<(StatusCode, Value), ApiError> {
-        let (p, q) = path.split_once('?').unwrap_or((path, ""));
-        let query = server::parse_query(Some(q));
-        let route = server::route(&self.shared.store(), p);
-        let bytes = body.map(Value::to_string).unwrap_or_default();
-        server::dispatch(
-            &self.shared,
-            &method,
-            route,
-            &query,
-            content_type,
-            bytes.as_bytes(),
-            &auth::Identity::admin(),
-        )
+        self.handle().request_json(method, path, content_type, body)
+    }
+
+    /// A clonable handle for in-process requests as the admin (bypassing HTTP, faults and the
+    /// log), for test doubles that run beside the server in their own tasks: their requests
+    /// never show in [`Faults::requests`], which then holds only what the programs under test
+    /// sent.
+    pub fn handle(&self) -> Handle {
+        Handle {
+            shared: self.shared.clone(),
+        }
     }
 
     /// Creates `obj` in the collection at `collection_path` (`/api/v1/namespaces/ns/pods`), as

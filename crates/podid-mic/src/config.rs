@@ -134,6 +134,13 @@ pub struct Flags {
     #[arg(long = "release-finished-pods", num_args = 0..=1, require_equals = true, default_value = "true",
           default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
     pub release_finished_pods: bool,
+    /// podid: lead only when upstream's Endpoints leader lock (same namespace and name) is free
+    /// or expired too, and renew it while leading, so Go MIC replicas of a release being
+    /// upgraded stay followers; `--upstream-leader-lock=false` once no Go MIC runs (Lease only,
+    /// Endpoints never read or written).
+    #[arg(long = "upstream-leader-lock", num_args = 0..=1, require_equals = true, default_value = "true",
+          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    pub upstream_leader_lock: bool,
 
     /// klog's flags (`-v` and the ignored others).
     #[command(flatten)]
@@ -310,6 +317,8 @@ pub struct Config {
     pub endpoints: EndpointOverrides,
     /// Drop the assignments of Succeeded and Failed pods.
     pub release_finished_pods: bool,
+    /// Also honour and keep upstream's Endpoints leader lock.
+    pub upstream_leader_lock: bool,
 }
 
 /// Azure endpoints given on the command line instead of the cloud's (podid additions).
@@ -467,6 +476,7 @@ impl Flags {
                 .then(|| self.custom_user_agent.trim().to_owned()),
             endpoints,
             release_finished_pods: self.release_finished_pods,
+            upstream_leader_lock: self.upstream_leader_lock,
         })
     }
 }

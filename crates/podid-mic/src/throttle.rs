@@ -5,8 +5,9 @@
 //! Every request takes one token when it starts (lists, gets, creates, patches, deletes,
 //! events), as in client-go. Two kinds are exempt, unlike upstream, because queueing them
 //! behind a backlog of throttled writes fails exactly when the leader is busiest:
-//! - requests to `coordination.k8s.io` (the leader-election Lease): a renewal that waits loses
-//!   the lease;
+//! - requests to `coordination.k8s.io` (the leader-election Lease) and to core `endpoints` (the
+//!   upstream leader lock kept with `--upstream-leader-lock`; mic reads or writes no other
+//!   Endpoints): a renewal that waits loses the lease;
 //! - watches (`watch=true`): the watcher re-opens each watch every few minutes, and one that
 //!   waits behind writes leaves the cache blind for as long as the backlog lasts (tens of
 //!   minutes for a large first convergence at the default 5/s). A watch start is one cheap
@@ -85,9 +86,32 @@ impl TokenBucket {
     }
 }
 
-/// Whether a request to `uri` skips the bucket: a Lease request or a watch.
+/// Whether `path` is a namespaced core `endpoints` request (the upstream leader lock).
+fn is_endpoints(path: &str) -> bool {
+    let mut segments = path.trim_start_matches('/').split('/');
+    matches!(
+        (
+            segments.next(),
+            segments.next(),
+            segments.next(),
+            segments.next(),
+            segments.next()
+        ),
+        (
+            Some("api"),
+            Some("v1"),
+            Some("namespaces"),
+            Some(_),
+            Some("endpoints")
+        )
+    )
+}
+
+/// Whether a request to `uri` skips the bucket: a leader-lock request (Lease or upstream's
+/// Endpoints) or a watch.
 pub fn is_exempt(uri: &http::Uri) -> bool {
     uri.path().starts_with(EXEMPT_PREFIX)
+        || is_endpoints(uri.path())
         || uri.query().is_some_and(|query| {
             query.split('&').any(|pair| {
                 pair.split_once('=')
@@ -299,11 +323,17 @@ mod tests {
     }
 
     #[test]
-    fn only_lease_requests_and_watches_are_exempt() {
+    fn only_leader_lock_requests_and_watches_are_exempt() {
         let exempt = |uri: &str| is_exempt(&uri.parse().expect("uri"));
         assert!(exempt(
             "/apis/coordination.k8s.io/v1/namespaces/default/leases/x"
         ));
+        assert!(exempt(
+            "/api/v1/namespaces/default/endpoints/aad-pod-identity-mic"
+        ));
+        assert!(exempt("/api/v1/namespaces/default/endpoints"));
+        assert!(!exempt("/api/v1/endpoints"));
+        assert!(!exempt("/api/v1/namespaces/endpoints/pods"));
         assert!(exempt(
             "/api/v1/pods?&watch=true&timeoutSeconds=290&resourceVersion=10"
         ));

@@ -63,6 +63,7 @@ fn defaults_are_upstreams() {
     assert_eq!(c.endpoints.aad_authority, None);
     assert_eq!(c.endpoints.imds, "http://169.254.169.254");
     assert!(c.release_finished_pods);
+    assert!(c.upstream_leader_lock);
 }
 
 #[test]
@@ -95,6 +96,7 @@ fn every_flag_is_honoured() {
         "--aad-authority=http://127.0.0.1:4001/",
         "--imds-endpoint=http://127.0.0.1:4002",
         "--release-finished-pods=false",
+        "--upstream-leader-lock=false",
         "-v=5",
         "--logtostderr",
         "--log_dir=/tmp",
@@ -144,6 +146,7 @@ fn every_flag_is_honoured() {
     );
     assert_eq!(c.endpoints.imds, "http://127.0.0.1:4002");
     assert!(!c.release_finished_pods);
+    assert!(!c.upstream_leader_lock);
 }
 
 #[test]

@@ -52,6 +52,12 @@ helm.sh/chart: {{ include "podid.chart" . }}
 {{- default "aad-pod-identity-mic" .Values.mic.leaderElection.name -}}
 {{- end -}}
 
+{{/* "true" while MIC also keeps upstream's Endpoints leader lock (mic.upstreamLeaderLock, on
+unless false or "false"), empty otherwise. */}}
+{{- define "podid.mic.upstreamLeaderLock" -}}
+{{- if ne (toString .Values.mic.upstreamLeaderLock) "false" }}true{{ end -}}
+{{- end -}}
+
 {{/*
 Refuse values that would deploy aad-pod-identity's Go images under podid's RBAC and probes (an
 upstream values file that kept `image.repository` or the image tags): the pods would never turn
