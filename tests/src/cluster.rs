@@ -514,11 +514,17 @@ impl Cluster {
             .map(|arg| (*arg).to_owned())
             .collect();
         extra.push(format!("{FLAG}{}", allowed.join(",")));
+        // A 1 s reconcile pass unless the test chose one.
+        if !extra
+            .iter()
+            .any(|arg| arg.starts_with("--ipt-update-interval-sec"))
+        {
+            extra.push("--ipt-update-interval-sec=1".to_owned());
+        }
         command
             .arg(format!("--node={NODE}"))
             .arg(format!("--http-probe-port={PROBE_PORT}"))
             .arg("--prometheus-port=9090")
-            .arg("--ipt-update-interval-sec=1")
             .arg(format!(
                 "--kubelet-config={}",
                 self.dir.join("kubelet").display()
@@ -621,6 +627,84 @@ impl Cluster {
             .lines()
             .map(str::to_owned)
             .collect())
+    }
+}
+
+/// The stand-in for aad-pod-identity's Go NMI (`upstream-nmi`, tests/src/bin) running in a
+/// node: upstream's chain and jump, the IMDS port held and served, both removed on SIGTERM, the
+/// process gone after its grace period. Killed when dropped.
+#[derive(Debug)]
+pub struct UpstreamNmi {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl UpstreamNmi {
+    /// Starts it in `node` with a SIGTERM grace period of `grace` (upstream: 10 s) and waits
+    /// until its rules are in and the port is bound.
+    pub fn start(node: &netns::SimNode, grace: Duration) -> anyhow::Result<Self> {
+        let mut child = node
+            .command(binary("upstream-nmi")?)
+            .arg(format!("--grace-ms={}", grace.as_millis()))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("spawning upstream-nmi")?;
+        let stdout = child.stdout.take().context("upstream-nmi stdout")?;
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut nmi = Self { child, lines };
+        nmi.expect_line("ready")?;
+        Ok(nmi)
+    }
+
+    fn expect_line(&mut self, want: &str) -> anyhow::Result<()> {
+        let line = self
+            .lines
+            .recv_timeout(Duration::from_secs(30))
+            .with_context(|| format!("upstream-nmi never said {want:?}"))?;
+        anyhow::ensure!(line == want, "upstream-nmi said {line:?}, not {want:?}");
+        Ok(())
+    }
+
+    /// Sends SIGTERM (what the kubelet does when the DaemonSet replaces the pod) and waits until
+    /// its clean-up removed the rules; the process lives on for its grace period.
+    pub fn terminate(&mut self) -> anyhow::Result<()> {
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -TERM failed");
+        self.expect_line("cleaned")
+    }
+
+    /// Waits (up to `within`) for the process to exit.
+    pub async fn wait_exit(&mut self, within: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + within;
+        while self.child.try_wait()?.is_none() {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "upstream-nmi still runs after {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for UpstreamNmi {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
