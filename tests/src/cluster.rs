@@ -744,6 +744,16 @@ pub async fn pod_get(
     path: &str,
     metadata_header: bool,
 ) -> anyhow::Result<(u16, String, Duration)> {
+    pod_get_within(pod, path, metadata_header, Duration::from_secs(10)).await
+}
+
+/// [`pod_get`] giving up on an answer after `read_timeout` (a client that retries soon).
+pub async fn pod_get_within(
+    pod: &Arc<netns::SimPod>,
+    path: &str,
+    metadata_header: bool,
+    read_timeout: Duration,
+) -> anyhow::Result<(u16, String, Duration)> {
     let pod = Arc::clone(pod);
     let path = path.to_owned();
     tokio::task::spawn_blocking(move || {
@@ -751,7 +761,7 @@ pub async fn pod_get(
             let started = Instant::now();
             let addr = SocketAddr::from(([169, 254, 169, 254], 80));
             let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
-            stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+            stream.set_read_timeout(Some(read_timeout))?;
             let header = if metadata_header {
                 "Metadata: true\r\n"
             } else {

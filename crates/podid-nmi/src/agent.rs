@@ -6,7 +6,7 @@
 //! with the chain in place, so DNAT-ed requests are dropped, and is reported on `/readyz`, in
 //! `podid_nmi_not_ready` and as a Node event), the conntrack flush, and only then what can fail:
 //! the kubenet refusal, the kube client, the probe and metrics listeners (fatal; the chain
-//! stays) and the IMDS listener (a held port is retried every second while `/readyz` says why).
+//! stays) and the IMDS listener (a held port is retried every 100 ms while `/readyz` says why).
 //! Then the watches, the reconcile loop (which also retries `route_localnet` and repairs a
 //! removed or altered piece within a second, [`crate::ruleset`]) and, with
 //! `--startup-taint`, the removal of the start-up taint once the caches are synced. `/readyz`
@@ -112,7 +112,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 listener_reason(config.listen, &error),
             );
             tracing::error!(
-                "{error:#}; the interception stays installed (pods' IMDS requests go to whatever holds the port, never to the VM's IMDS) and nmi retries every second"
+                "{error:#}; the interception stays installed (pods' IMDS requests go to whatever holds the port, never to the VM's IMDS) and nmi retries every 100 ms"
             );
             None
         }
@@ -337,7 +337,11 @@ fn listener_reason(addr: SocketAddr, error: &anyhow::Error) -> String {
     )
 }
 
-/// Binds the IMDS port once it is free, trying every second, while the interception stays in
+/// How often a held IMDS port is tried again: the gap in service when the Go NMI hands the port
+/// over during the node swap (one `bind` call each, nothing else).
+const BIND_RETRY: Duration = Duration::from_millis(100);
+
+/// Binds the IMDS port once it is free, trying every [`BIND_RETRY`], while the interception stays in
 /// place (DNAT-ed connections never reach the VM's IMDS meanwhile: closed). `None` when nmi stops first.
 async fn bind_when_free(
     addr: SocketAddr,
@@ -347,7 +351,7 @@ async fn bind_when_free(
 ) -> Option<TcpListener> {
     loop {
         tokio::select! {
-            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            () = tokio::time::sleep(BIND_RETRY) => {}
             _ = stop.wait_for(|s| *s) => return None,
         }
         match bind(addr, "IMDS emulation").await {
@@ -433,9 +437,11 @@ async fn check_route_localnet(
     new.then_some(reason)
 }
 
-/// How often nmi looks at its interception between passes: the `route_localnet` sysctl always,
-/// the rules too when no change notification tells it ([`crate::ruleset`]).
-const CHECK_EVERY: Duration = Duration::from_secs(1);
+/// How often nmi reads the `route_localnet` sysctl between passes (one file read).
+const CHECK_EVERY: Duration = Duration::from_millis(250);
+/// Every how many checks the rules are looked at when no change notification tells nmi of a
+/// change ([`crate::ruleset`]): once a second.
+const POLL_RULES_EVERY: u32 = 4;
 /// How long a change notification waits for the rest of its burst before the pass.
 const SETTLE: Duration = Duration::from_millis(20);
 
@@ -452,7 +458,7 @@ struct Repair {
 /// Keeps the interception in place: a full pass every `interval` (reference §2.15), and between
 /// passes a repair within a second of a change ([`crate::ruleset`]): on an nftables change
 /// notification, or every second without notifications, and whenever `route_localnet` reads
-/// other than 1. Each piece put back counts in `podid_nmi_interception_repairs_total{part}`
+/// other than 1 (read every 250 ms). Each piece put back counts in `podid_nmi_interception_repairs_total{part}`
 /// and is logged. A failed pass marks the interception not installed (`/readyz` 503,
 /// `podid_nmi_not_ready{reason="interception"}`) until a pass succeeds; the guard goes in first
 /// in every pass, so pods meanwhile get a reset, never the VM's IMDS.
@@ -479,6 +485,7 @@ async fn reconcile_loop(repair: Repair, interval: Duration, mut stop: watch::Rec
     let mut check = tokio::time::interval(CHECK_EVERY);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     check.tick().await;
+    let mut checks: u32 = 0;
     loop {
         let changed = async {
             match changes.as_mut() {
@@ -500,8 +507,10 @@ async fn reconcile_loop(repair: Repair, interval: Duration, mut stop: watch::Rec
         };
         match trigger {
             "check" => {
+                checks = checks.wrapping_add(1);
+                let poll_rules = changes.is_none() && checks.is_multiple_of(POLL_RULES_EVERY);
                 let sysctl_off = repair.localnet.is_some() && !route_localnet_is_on();
-                if changes.is_some() && !sysctl_off {
+                if !poll_rules && !sysctl_off {
                     continue;
                 }
             }

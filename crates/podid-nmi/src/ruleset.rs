@@ -1,15 +1,15 @@
 //! When to look at the interception again between reconcile passes, so a removed or altered
 //! piece is put back within a second instead of at the next `--ipt-update-interval-sec` pass.
 //!
-//! * With an nftables-based `iptables` (`iptables --version` says `nf_tables`, as on Debian,
-//!   Ubuntu 22.04 and the nmi image) the kernel announces every change of the node's ruleset on
+//! * With an nftables-based `iptables` (`iptables --version` says `nf_tables`: the `iptables`
+//!   nmi runs drives nftables) the kernel announces every change of the node's ruleset on
 //!   the `NFNLGRP_NFTABLES` netlink group. [`subscribe`] listens there on a thread of its own
 //!   and wakes the repair loop, which then runs one pass (a few `iptables` commands): nothing
 //!   runs while nobody touches the rules, and a repair follows a change by milliseconds.
 //! * With the legacy `iptables` there are no notifications: the loop runs a pass every second.
 //!   That costs forks every second (docs/performance.md has the measured figure).
 //!
-//! `route_localnet` is a sysctl, which announces nothing: the loop reads it every second (one
+//! `route_localnet` is a sysctl, which announces nothing: the loop reads it every 250 ms (one
 //! read of a `/proc/sys` file, no command), and runs a pass when it is not 1.
 //!
 //! A lost notification (the socket's buffer overflowed: `ENOBUFS`) wakes the loop too; if the

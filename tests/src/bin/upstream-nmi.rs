@@ -24,6 +24,7 @@ fn iptables(args: &str) -> bool {
     Command::new("iptables")
         .arg("-w")
         .args(args.split_whitespace())
+        .stderr(std::process::Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
 }
