@@ -704,7 +704,7 @@ async fn the_swap_from_the_go_nmi_with_surge_never_opens_the_node() -> anyhow::R
     Ok(())
 }
 
-/// The swap without surge (`maxUnavailable: 1`, or a cluster before 1.25 with the plain
+/// The swap without surge (`maxUnavailable: 1`: upstream's order, or a cluster before 1.22 with the plain
 /// manifests): the Go NMI is terminated first and podid's nmi starts only once it has exited.
 /// Between the Go NMI's clean-up and podid's first rule the node is open (the Go NMI's doing,
 /// which podid cannot prevent before it runs); the window and the requests that reached the
