@@ -462,6 +462,28 @@ impl Cluster {
         self.spawn_nmi_command(command, extra)
     }
 
+    /// Starts the real `nmi` inside the node namespace with `flavour` (`iptables-legacy`) as the
+    /// `iptables` it finds first on its `PATH`.
+    pub fn spawn_nmi_with_iptables(&mut self, flavour: &str, extra: &[&str]) -> anyhow::Result<()> {
+        let bin = self.dir.join(format!("{flavour}-bin"));
+        std::fs::create_dir_all(&bin)?;
+        let target = ["/usr/sbin", "/sbin", "/usr/bin"]
+            .iter()
+            .map(|dir| Path::new(dir).join(flavour))
+            .find(|path| path.exists())
+            .with_context(|| format!("{flavour} is not installed"))?;
+        let link = bin.join("iptables");
+        if !link.exists() {
+            std::os::unix::fs::symlink(&target, &link)?;
+        }
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let mut paths = vec![bin];
+        paths.extend(std::env::split_paths(&path));
+        let mut command = self.node.command(binary("nmi")?);
+        command.env("PATH", std::env::join_paths(paths)?);
+        self.spawn_nmi_command(command, extra)
+    }
+
     /// Starts the real `nmi` inside the node namespace with `/proc/sys` read-only, in a mount
     /// namespace of its own, the way a container runtime mounts it for an unprivileged
     /// container: nmi can read `route_localnet` but not set it.

@@ -496,18 +496,24 @@ async fn wait_served(
     .await
 }
 
+/// `iptables -w <args>` inside the node with the `iptables` flavour nmi runs (`iptables` or
+/// `iptables-legacy`).
+fn ipt(node: &podid_e2e::netns::SimNode, flavour: &str, args: &[&str]) -> anyhow::Result<String> {
+    let output = node.command(flavour).arg("-w").args(args).output()?;
+    anyhow::ensure!(
+        output.status.success(),
+        "{flavour} {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
 /// Every piece nmi installs, as nmi installs it: the chain, its jump, the guard and its jumps,
 /// `route_localnet`.
-fn intact(cluster: &Cluster) -> bool {
-    let nat = cluster
-        .node
-        .iptables(&["-t", "nat", "-S"])
-        .unwrap_or_default();
-    let filter = cluster
-        .node
-        .iptables(&["-t", "filter", "-S"])
-        .unwrap_or_default();
-    cluster.chain().is_ok_and(|c| c.len() == 3)
+fn intact(cluster: &Cluster, flavour: &str) -> bool {
+    let nat = ipt(&cluster.node, flavour, &["-t", "nat", "-S"]).unwrap_or_default();
+    let filter = ipt(&cluster.node, flavour, &["-t", "filter", "-S"]).unwrap_or_default();
+    nat.contains("-A aad-metadata ! -s 127.0.0.1/32 -d 169.254.169.254/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 127.0.0.1:2579\n-A aad-metadata -j RETURN")
         && nat.contains("-A PREROUTING -j aad-metadata")
         && filter.contains("-A aad-metadata-guard -d 169.254.169.254/32 ! -i lo -p tcp -m tcp --dport 80 -j REJECT --reject-with tcp-reset")
         && filter.contains("-A INPUT -j aad-metadata-guard")
@@ -528,15 +534,16 @@ fn repairs(metrics: &str, part: &str) -> u64 {
 }
 
 /// What the Go NMI's SIGTERM clean-up does.
-fn go_clean_up(cluster: &Cluster) -> anyhow::Result<()> {
-    cluster
-        .node
-        .iptables(&["-t", "nat", "-D", "PREROUTING", "-j", "aad-metadata"])?;
-    cluster
-        .node
-        .iptables(&["-t", "nat", "-F", "aad-metadata"])?;
+fn go_clean_up(cluster: &Cluster, flavour: &str) -> anyhow::Result<()> {
+    let node = &cluster.node;
+    ipt(
+        node,
+        flavour,
+        &["-t", "nat", "-D", "PREROUTING", "-j", "aad-metadata"],
+    )?;
+    ipt(node, flavour, &["-t", "nat", "-F", "aad-metadata"])?;
     // The chain may be back already (nmi repaired it in between): then it is referenced.
-    let _ = cluster.node.iptables(&["-t", "nat", "-X", "aad-metadata"]);
+    let _ = ipt(node, flavour, &["-t", "nat", "-X", "aad-metadata"]);
     Ok(())
 }
 
@@ -544,51 +551,65 @@ fn go_clean_up(cluster: &Cluster) -> anyhow::Result<()> {
 /// `route_localnet` are each put back long before the next reconcile pass (an hour here), and
 /// counted; while nmi cannot repair (frozen with SIGSTOP) after the Go NMI's clean-up, a pod's
 /// request is reset by the guard and never reaches the VM's IMDS. Prints each repair's latency.
+/// With nftables-based `iptables` the repair follows the kernel's change notification.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_removed_or_altered_interception_is_repaired_within_a_second() -> anyhow::Result<()> {
+    repaired_within_a_second("iptables").await
+}
+
+/// The same with legacy `iptables` (no notifications: nmi looks every second).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_legacy_iptables_the_interception_is_repaired_within_a_second() -> anyhow::Result<()> {
+    repaired_within_a_second("iptables-legacy").await
+}
+
+async fn repaired_within_a_second(flavour: &'static str) -> anyhow::Result<()> {
     let (mut cluster, pod, client_id) = with_bound_pod().await?;
-    cluster.spawn_nmi(&["--ipt-update-interval-sec=3600"])?;
+    if flavour == "iptables" {
+        cluster.spawn_nmi(&["--ipt-update-interval-sec=3600"])?;
+    } else {
+        cluster.spawn_nmi_with_iptables(flavour, &["--ipt-update-interval-sec=3600"])?;
+    }
     cluster.wait_ready().await?;
-    assert!(intact(&cluster));
+    assert!(intact(&cluster, flavour));
     let node = Arc::clone(&cluster.node);
     type Tamper = Box<dyn Fn() -> anyhow::Result<()>>;
-    let ipt = |args: &'static [&'static str]| -> Tamper {
+    let tamper_with = |args: &'static [&'static str]| -> Tamper {
         let node = Arc::clone(&node);
-        Box::new(move || node.iptables(args).map(drop).map_err(Into::into))
+        Box::new(move || ipt(&node, flavour, args).map(drop))
     };
     let cases: Vec<(&str, &str, Tamper)> = vec![
         (
             "flushed chain",
             "chain",
-            ipt(&["-t", "nat", "-F", "aad-metadata"]),
+            tamper_with(&["-t", "nat", "-F", "aad-metadata"]),
         ),
         (
             "removed jump",
             "jump",
-            ipt(&["-t", "nat", "-D", "PREROUTING", "-j", "aad-metadata"]),
+            tamper_with(&["-t", "nat", "-D", "PREROUTING", "-j", "aad-metadata"]),
         ),
         (
             "flushed guard",
             "guard",
-            ipt(&["-t", "filter", "-F", "aad-metadata-guard"]),
+            tamper_with(&["-t", "filter", "-F", "aad-metadata-guard"]),
         ),
         (
             "removed FORWARD guard jump",
             "guard",
-            ipt(&["-t", "filter", "-D", "FORWARD", "-j", "aad-metadata-guard"]),
+            tamper_with(&["-t", "filter", "-D", "FORWARD", "-j", "aad-metadata-guard"]),
         ),
         ("route_localnet reset", "route_localnet", {
             let node = Arc::clone(&node);
             Box::new(move || node.sysctl(ROUTE_LOCALNET, "0").map_err(Into::into))
         }),
     ];
-    let mut latencies = Vec::new();
     for (name, part, tamper) in &cases {
         let before = repairs(&cluster.metrics().await?, part);
         let started = Instant::now();
         tamper()?;
         wait_for(name, Duration::from_secs(10), || async {
-            intact(&cluster).then_some(())
+            intact(&cluster, flavour).then_some(())
         })
         .await?;
         let latency = started.elapsed();
@@ -598,19 +619,18 @@ async fn a_removed_or_altered_interception_is_repaired_within_a_second() -> anyh
         })
         .await?;
         println!(
-            "repair latency, {name}: {latency:?} (polled with iptables -S, so an upper bound)"
+            "{flavour}: repair latency, {name}: {latency:?} (polled with iptables -S, so an upper bound)"
         );
-        latencies.push(latency);
     }
     // The Go NMI's clean-up, all of it, while nmi is running.
     let started = Instant::now();
-    go_clean_up(&cluster)?;
+    go_clean_up(&cluster, flavour)?;
     wait_for("the clean-up repaired", Duration::from_secs(10), || async {
-        intact(&cluster).then_some(())
+        intact(&cluster, flavour).then_some(())
     })
     .await?;
     println!(
-        "repair latency, the Go NMI's clean-up: {:?}",
+        "{flavour}: repair latency, the Go NMI's clean-up: {:?}",
         started.elapsed()
     );
 
@@ -623,9 +643,9 @@ async fn a_removed_or_altered_interception_is_repaired_within_a_second() -> anyh
     };
     anyhow::ensure!(signal("-STOP")?.success());
     let frozen = async {
-        go_clean_up(&cluster)?;
+        go_clean_up(&cluster, flavour)?;
         assert!(
-            !has_chain(&cluster, "nat", "aad-metadata"),
+            ipt(&cluster.node, flavour, &["-t", "nat", "-S", "aad-metadata"]).is_err(),
             "frozen nmi repaired"
         );
         let answer = pod_get(&pod, &token_path(&client_id), true).await;
@@ -649,7 +669,7 @@ async fn a_removed_or_altered_interception_is_repaired_within_a_second() -> anyh
     wait_for(
         "the repair after the thaw",
         Duration::from_secs(10),
-        || async { intact(&cluster).then_some(()) },
+        || async { intact(&cluster, flavour).then_some(()) },
     )
     .await?;
     cluster.wait_ready().await?;
@@ -750,5 +770,49 @@ async fn the_swap_from_the_go_nmi_without_surge_is_open_until_podid_starts() -> 
     println!(
         "swap without surge: Go NMI exited after {exited:?}; the node was open for {closed:?} (until podid's chain), {reached} pod requests reached the VM's IMDS; podid's nmi serving after {served:?}; {failed} requests without a token, longest gap in service {gap:?}"
     );
+    Ok(())
+}
+
+/// CPU nmi's whole process tree (its own threads and the `iptables` commands it ran and reaped)
+/// used so far, from `/proc/<pid>/stat` (utime, stime, cutime, cstime), in clock ticks.
+fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) start at field 3.
+    let after = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .unwrap_or_default();
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let tick = |i: usize| -> u64 { fields.get(i).and_then(|v| v.parse().ok()).unwrap_or(0) };
+    // utime is field 14, i.e. index 11 after the state (field 3 = index 0).
+    Ok(tick(11) + tick(12) + tick(13) + tick(14))
+}
+
+/// Benchmark, not a check: the CPU an idle nmi spends keeping its interception in place, with
+/// nftables-based `iptables` (change notifications) and with legacy `iptables` (a pass every
+/// second), over 30 s each. Run with
+/// `cargo nextest run -p podid-e2e --profile ci -E 'test(idle_cpu)' --run-ignored only --no-capture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: prints figures"]
+async fn idle_cpu_of_the_repair_loop() -> anyhow::Result<()> {
+    const SPAN: Duration = Duration::from_secs(30);
+    for flavour in ["iptables", "iptables-legacy"] {
+        let (mut cluster, _pod, _) = with_bound_pod().await?;
+        cluster.spawn_nmi_with_iptables(flavour, &["--ipt-update-interval-sec=60"])?;
+        cluster.wait_ready().await?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        // `ip netns exec` execs nmi: the child's pid is nmi's.
+        let nmi_pid = cluster.nmi.as_ref().and_then(|n| n.id()).expect("spawned");
+        let before = cpu_ticks(nmi_pid)?;
+        tokio::time::sleep(SPAN).await;
+        let used = cpu_ticks(nmi_pid)? - before;
+        // Clock ticks are 10 ms on Linux (USER_HZ 100).
+        let per_hour = used as f64 * 0.01 * 3600.0 / SPAN.as_secs_f64();
+        println!(
+            "{flavour}: idle nmi used {} ms of CPU in {SPAN:?}: {per_hour:.1} s an hour ({:.2} % of a core)",
+            used * 10,
+            per_hour / 36.0
+        );
+    }
     Ok(())
 }
