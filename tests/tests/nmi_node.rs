@@ -72,7 +72,8 @@ async fn route_localnet_that_cannot_be_set_keeps_nmi_up_and_the_node_closed() ->
 {
     let (mut cluster, pod, client_id) = with_bound_pod().await?;
     assert_eq!(cluster.node.read_sysctl(ROUTE_LOCALNET)?.trim(), "0");
-    cluster.spawn_nmi_read_only_proc_sys(&[])?;
+    // An hour between full passes: readiness must follow the sysctl without one.
+    cluster.spawn_nmi_read_only_proc_sys(&["--ipt-update-interval-sec=3600"])?;
     let body = wait_unready(&mut cluster, "route_localnet").await?;
     assert!(body.contains("Read-only file system"), "{body}");
     assert_eq!(cluster.chain()?.len(), 3, "the interception is installed");
@@ -118,7 +119,7 @@ async fn route_localnet_that_cannot_be_set_keeps_nmi_up_and_the_node_closed() ->
     );
     cluster.nmi.as_mut().expect("spawned").check_running()?;
 
-    // The operator sets the sysctl on the node: the next reconcile pass (1 s) turns nmi ready.
+    // The operator sets the sysctl on the node: nmi reads it within 250 ms and turns ready.
     cluster.node.sysctl(ROUTE_LOCALNET, "1")?;
     cluster.wait_ready().await?;
     let token = sdk(&pod, &client_id).await?.token()?;

@@ -457,8 +457,8 @@ struct Repair {
 
 /// Keeps the interception in place: a full pass every `interval` (reference §2.15), and between
 /// passes a repair within a second of a change ([`crate::ruleset`]): on an nftables change
-/// notification, or every second without notifications, and whenever `route_localnet` reads
-/// other than 1 (read every 250 ms). Each piece put back counts in `podid_nmi_interception_repairs_total{part}`
+/// notification, or every second without notifications, and whenever `route_localnet` (read
+/// every 250 ms) reads other than 1 while nmi had it set, or 1 while nmi could not set it. Each piece put back counts in `podid_nmi_interception_repairs_total{part}`
 /// and is logged. A failed pass marks the interception not installed (`/readyz` 503,
 /// `podid_nmi_not_ready{reason="interception"}`) until a pass succeeds; the guard goes in first
 /// in every pass, so pods meanwhile get a reset, never the VM's IMDS.
@@ -509,8 +509,12 @@ async fn reconcile_loop(repair: Repair, interval: Duration, mut stop: watch::Rec
             "check" => {
                 checks = checks.wrapping_add(1);
                 let poll_rules = changes.is_none() && checks.is_multiple_of(POLL_RULES_EVERY);
-                let sysctl_off = repair.localnet.is_some() && !route_localnet_is_on();
-                if !poll_rules && !sysctl_off {
+                // A pass when the sysctl disagrees with what nmi believes: reset while nmi had
+                // it set (repair), or set by someone while nmi could not (ready again). One it
+                // cannot set stays for the full pass, as before.
+                let localnet_due = repair.localnet.is_some()
+                    && route_localnet_is_on() == repair.health.is_blocked(Blocker::RouteLocalnet);
+                if !poll_rules && !localnet_due {
                     continue;
                 }
             }
