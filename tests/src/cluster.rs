@@ -465,17 +465,43 @@ impl Cluster {
     /// Starts the real `nmi` inside the node namespace with `flavour` (`iptables-legacy`) as the
     /// `iptables` it finds first on its `PATH`.
     pub fn spawn_nmi_with_iptables(&mut self, flavour: &str, extra: &[&str]) -> anyhow::Result<()> {
-        let bin = self.dir.join(format!("{flavour}-bin"));
+        let target = installed(flavour)?;
+        self.spawn_nmi_with_iptables_script(
+            &format!("{flavour}-bin"),
+            &format!("#!/bin/sh\nexec {} \"$@\"\n", target.display()),
+            extra,
+        )
+    }
+
+    /// Starts the real `nmi` inside the node namespace with an `iptables` that fails (exit 1)
+    /// while the returned file exists, and is the node's `iptables` otherwise.
+    pub fn spawn_nmi_with_failing_iptables(&mut self, extra: &[&str]) -> anyhow::Result<PathBuf> {
+        let flag = self.dir.join("iptables-fails");
+        let target = installed("iptables")?;
+        self.spawn_nmi_with_iptables_script(
+            "failing-bin",
+            &format!(
+                "#!/bin/sh\n[ -e {} ] && exit 1\nexec {} \"$@\"\n",
+                flag.display(),
+                target.display()
+            ),
+            extra,
+        )?;
+        Ok(flag)
+    }
+
+    fn spawn_nmi_with_iptables_script(
+        &mut self,
+        dir: &str,
+        script: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<()> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let bin = self.dir.join(dir);
         std::fs::create_dir_all(&bin)?;
-        let target = ["/usr/sbin", "/sbin", "/usr/bin"]
-            .iter()
-            .map(|dir| Path::new(dir).join(flavour))
-            .find(|path| path.exists())
-            .with_context(|| format!("{flavour} is not installed"))?;
-        let link = bin.join("iptables");
-        if !link.exists() {
-            std::os::unix::fs::symlink(&target, &link)?;
-        }
+        let wrapper = bin.join("iptables");
+        std::fs::write(&wrapper, script)?;
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))?;
         let path = std::env::var_os("PATH").unwrap_or_default();
         let mut paths = vec![bin];
         paths.extend(std::env::split_paths(&path));
@@ -650,6 +676,15 @@ impl Cluster {
             .map(str::to_owned)
             .collect())
     }
+}
+
+/// Where `name` (`iptables`, `iptables-legacy`) is installed.
+fn installed(name: &str) -> anyhow::Result<PathBuf> {
+    ["/usr/sbin", "/sbin", "/usr/bin"]
+        .iter()
+        .map(|dir| Path::new(dir).join(name))
+        .find(|path| path.exists())
+        .with_context(|| format!("{name} is not installed"))
 }
 
 /// The stand-in for aad-pod-identity's Go NMI (`upstream-nmi`, tests/src/bin) running in a

@@ -680,6 +680,37 @@ async fn repaired_within_a_second(flavour: &'static str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A repair that fails (iptables itself failing) turns `/readyz` 503 with the interception
+/// reason and `podid_nmi_not_ready{reason="interception"}`, while the guard keeps the pod from
+/// the VM's IMDS; once iptables works again the next pass (within a second) restores the chain
+/// and readiness.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_repair_keeps_the_node_closed_and_nmi_unready() -> anyhow::Result<()> {
+    let (mut cluster, pod, client_id) = with_bound_pod().await?;
+    let fails = cluster.spawn_nmi_with_failing_iptables(&["--ipt-update-interval-sec=3600"])?;
+    cluster.wait_ready().await?;
+    std::fs::write(&fails, "")?;
+    go_clean_up(&cluster, "iptables")?;
+    let body = wait_unready(&mut cluster, "interception").await?;
+    assert!(body.contains("aad-metadata"), "{body}");
+    assert!(
+        cluster
+            .metrics()
+            .await?
+            .contains("podid_nmi_not_ready{reason=\"interception\"} 1")
+    );
+    let answer = pod_get(&pod, &token_path(&client_id), true).await;
+    assert!(answer.is_err(), "the guard resets it: {answer:?}");
+    assert_eq!(reached_imds(&cluster, &pod), 0);
+    std::fs::remove_file(&fails)?;
+    cluster.wait_ready().await?;
+    assert!(intact(&cluster, "iptables"));
+    let (status, body, _) = pod_get(&pod, &token_path(&client_id), true).await?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(reached_imds(&cluster, &pod), 0);
+    Ok(())
+}
+
 /// The node swap with surge (the chart's default): podid's nmi starts while the Go NMI still
 /// holds the port, then the Go NMI gets SIGTERM, deletes its chain and exits after its grace
 /// period. A pod asking for tokens in a loop throughout never reaches the VM's IMDS and is

@@ -460,7 +460,7 @@ struct Repair {
 /// notification, or every second without notifications, and whenever `route_localnet` (read
 /// every 250 ms) reads other than 1 while nmi had it set, or 1 while nmi could not set it. Each piece put back counts in `podid_nmi_interception_repairs_total{part}`
 /// and is logged. A failed pass marks the interception not installed (`/readyz` 503,
-/// `podid_nmi_not_ready{reason="interception"}`) until a pass succeeds; the guard goes in first
+/// `podid_nmi_not_ready{reason="interception"}`) until a pass succeeds (retried every second); the guard goes in first
 /// in every pass, so pods meanwhile get a reset, never the VM's IMDS.
 async fn reconcile_loop(repair: Repair, interval: Duration, mut stop: watch::Receiver<bool>) {
     let mode = crate::ruleset::detect_mode(repair.iptables.command());
@@ -508,7 +508,10 @@ async fn reconcile_loop(repair: Repair, interval: Duration, mut stop: watch::Rec
         match trigger {
             "check" => {
                 checks = checks.wrapping_add(1);
-                let poll_rules = changes.is_none() && checks.is_multiple_of(POLL_RULES_EVERY);
+                // Without notifications, or after a failed pass (nothing else may announce
+                // that the rules are still broken): once a second.
+                let poll_rules = (changes.is_none() || !repair.health.interception_installed())
+                    && checks.is_multiple_of(POLL_RULES_EVERY);
                 // A pass when the sysctl disagrees with what nmi believes: reset while nmi had
                 // it set (repair), or set by someone while nmi could not (ready again). One it
                 // cannot set stays for the full pass, as before.
