@@ -490,6 +490,54 @@ impl Cluster {
         self.spawn_nmi_command(command, extra)
     }
 
+    /// Starts the real `nmi` inside the node namespace with `flavour` (`iptables-legacy`) as the
+    /// `iptables` it finds first on its `PATH`.
+    pub fn spawn_nmi_with_iptables(&mut self, flavour: &str, extra: &[&str]) -> anyhow::Result<()> {
+        let target = installed(flavour)?;
+        self.spawn_nmi_with_iptables_script(
+            &format!("{flavour}-bin"),
+            &format!("#!/bin/sh\nexec {} \"$@\"\n", target.display()),
+            extra,
+        )
+    }
+
+    /// Starts the real `nmi` inside the node namespace with an `iptables` that fails (exit 1)
+    /// while the returned file exists, and is the node's `iptables` otherwise.
+    pub fn spawn_nmi_with_failing_iptables(&mut self, extra: &[&str]) -> anyhow::Result<PathBuf> {
+        let flag = self.dir.join("iptables-fails");
+        let target = installed("iptables")?;
+        self.spawn_nmi_with_iptables_script(
+            "failing-bin",
+            &format!(
+                "#!/bin/sh\n[ -e {} ] && exit 1\nexec {} \"$@\"\n",
+                flag.display(),
+                target.display()
+            ),
+            extra,
+        )?;
+        Ok(flag)
+    }
+
+    fn spawn_nmi_with_iptables_script(
+        &mut self,
+        dir: &str,
+        script: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<()> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let bin = self.dir.join(dir);
+        std::fs::create_dir_all(&bin)?;
+        let wrapper = bin.join("iptables");
+        std::fs::write(&wrapper, script)?;
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))?;
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let mut paths = vec![bin];
+        paths.extend(std::env::split_paths(&path));
+        let mut command = self.node.command(binary("nmi")?);
+        command.env("PATH", std::env::join_paths(paths)?);
+        self.spawn_nmi_command(command, extra)
+    }
+
     /// Starts the real `nmi` inside the node namespace with `/proc/sys` read-only, in a mount
     /// namespace of its own, the way a container runtime mounts it for an unprivileged
     /// container: nmi can read `route_localnet` but not set it.
@@ -542,11 +590,17 @@ impl Cluster {
             .map(|arg| (*arg).to_owned())
             .collect();
         extra.push(format!("{FLAG}{}", allowed.join(",")));
+        // A 1 s reconcile pass unless the test chose one.
+        if !extra
+            .iter()
+            .any(|arg| arg.starts_with("--ipt-update-interval-sec"))
+        {
+            extra.push("--ipt-update-interval-sec=1".to_owned());
+        }
         command
             .arg(format!("--node={NODE}"))
             .arg(format!("--http-probe-port={PROBE_PORT}"))
             .arg("--prometheus-port=9090")
-            .arg("--ipt-update-interval-sec=1")
             .arg(format!(
                 "--kubelet-config={}",
                 self.dir.join("kubelet").display()
@@ -652,6 +706,93 @@ impl Cluster {
     }
 }
 
+/// Where `name` (`iptables`, `iptables-legacy`) is installed.
+fn installed(name: &str) -> anyhow::Result<PathBuf> {
+    ["/usr/sbin", "/sbin", "/usr/bin"]
+        .iter()
+        .map(|dir| Path::new(dir).join(name))
+        .find(|path| path.exists())
+        .with_context(|| format!("{name} is not installed"))
+}
+
+/// The stand-in for aad-pod-identity's Go NMI (`upstream-nmi`, tests/src/bin) running in a
+/// node: upstream's chain and jump, the IMDS port held and served, both removed on SIGTERM, the
+/// process gone after its grace period. Killed when dropped.
+#[derive(Debug)]
+pub struct UpstreamNmi {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl UpstreamNmi {
+    /// Starts it in `node` with a SIGTERM grace period of `grace` (upstream: 10 s) and waits
+    /// until its rules are in and the port is bound.
+    pub fn start(node: &netns::SimNode, grace: Duration) -> anyhow::Result<Self> {
+        let mut child = node
+            .command(binary("upstream-nmi")?)
+            .arg(format!("--grace-ms={}", grace.as_millis()))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("spawning upstream-nmi")?;
+        let stdout = child.stdout.take().context("upstream-nmi stdout")?;
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut nmi = Self { child, lines };
+        nmi.expect_line("ready")?;
+        Ok(nmi)
+    }
+
+    fn expect_line(&mut self, want: &str) -> anyhow::Result<()> {
+        let line = self
+            .lines
+            .recv_timeout(Duration::from_secs(30))
+            .with_context(|| format!("upstream-nmi never said {want:?}"))?;
+        anyhow::ensure!(line == want, "upstream-nmi said {line:?}, not {want:?}");
+        Ok(())
+    }
+
+    /// Sends SIGTERM (what the kubelet does when the DaemonSet replaces the pod) and waits until
+    /// its clean-up removed the rules; the process lives on for its grace period.
+    pub fn terminate(&mut self) -> anyhow::Result<()> {
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -TERM failed");
+        self.expect_line("cleaned")
+    }
+
+    /// Waits (up to `within`) for the process to exit.
+    pub async fn wait_exit(&mut self, within: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + within;
+        while self.child.try_wait()?.is_none() {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "upstream-nmi still runs after {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for UpstreamNmi {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Polls the probe at `url` until it answers 2xx (with exactly `body`, when given), failing
 /// after 30 s or as soon as `child` has exited.
 async fn wait_probe(
@@ -688,6 +829,16 @@ pub async fn pod_get(
     path: &str,
     metadata_header: bool,
 ) -> anyhow::Result<(u16, String, Duration)> {
+    pod_get_within(pod, path, metadata_header, Duration::from_secs(10)).await
+}
+
+/// [`pod_get`] giving up on an answer after `read_timeout` (a client that retries soon).
+pub async fn pod_get_within(
+    pod: &Arc<netns::SimPod>,
+    path: &str,
+    metadata_header: bool,
+    read_timeout: Duration,
+) -> anyhow::Result<(u16, String, Duration)> {
     let pod = Arc::clone(pod);
     let path = path.to_owned();
     tokio::task::spawn_blocking(move || {
@@ -695,7 +846,7 @@ pub async fn pod_get(
             let started = Instant::now();
             let addr = SocketAddr::from(([169, 254, 169, 254], 80));
             let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
-            stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+            stream.set_read_timeout(Some(read_timeout))?;
             let header = if metadata_header {
                 "Metadata: true\r\n"
             } else {

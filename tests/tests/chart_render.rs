@@ -777,3 +777,49 @@ fn monitoring_objects_carry_the_shipped_dashboard_and_rules_only_when_asked() {
     assert!(of_kind(&defaults, "ConfigMap").is_empty());
     assert!(of_kind(&defaults, "PrometheusRule").is_empty());
 }
+
+/// nmi's DaemonSet rolls with surge by default (the new pod starts while the old one holds the
+/// port, docs/operations.md "The node swap"); an aad-pod-identity values file that keeps
+/// `maxUnavailable: 1` gets upstream's order with the surge turned off (a DaemonSet takes only
+/// one of the two), and a strategy other than RollingUpdate carries no rollingUpdate.
+#[test]
+fn nmi_rolls_with_surge_unless_the_values_ask_for_unavailability() {
+    let strategy = |values: Value| -> Value {
+        let objects = rendered(&Case {
+            name: "update strategy",
+            namespace: "kube-system",
+            values,
+        });
+        of_kind(&objects, "DaemonSet")[0]["spec"]["updateStrategy"].clone()
+    };
+    assert_eq!(
+        strategy(json!({})),
+        json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}})
+    );
+    for unavailable in [json!(1), json!("10%")] {
+        assert_eq!(
+            strategy(
+                json!({"nmi": {"updateStrategy": {"rollingUpdate": {"maxUnavailable": unavailable}}}})
+            ),
+            json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": unavailable}}),
+        );
+    }
+    assert_eq!(
+        strategy(json!({"nmi": {"updateStrategy": {"rollingUpdate": {"maxSurge": "20%"}}}})),
+        json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "20%", "maxUnavailable": 0}})
+    );
+    assert_eq!(
+        strategy(json!({"nmi": {"updateStrategy": {"type": "OnDelete"}}})),
+        json!({"type": "OnDelete"})
+    );
+    // The plain manifests roll the same way.
+    for file in ["deployment-rbac.yaml", "managed-mode-deployment.yaml"] {
+        let text = std::fs::read_to_string(root().join("deploy/infra").join(file)).expect(file);
+        let objects = documents(&text).expect(file);
+        assert_eq!(
+            of_kind(&objects, "DaemonSet")[0]["spec"]["updateStrategy"],
+            json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}),
+            "{file}"
+        );
+    }
+}

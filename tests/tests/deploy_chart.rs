@@ -37,6 +37,10 @@ const PODID_ONLY_KEYS: &[(&str, &str)] = &[
         "nmi --not-found-for-final-refusals: upstream's 404 for final refusals",
     ),
     (
+        "nmi.updateStrategy.rollingUpdate.maxSurge",
+        "nmi rolls with surge: the new pod closes the node before the old one opens it",
+    ),
+    (
         "nmi.manageRouteLocalnet",
         "nmi --manage-route-localnet: route_localnet for nodes without kube-proxy",
     ),

@@ -21,6 +21,8 @@ const MAX_BODY: usize = 1 << 20;
 /// A request with its body read.
 #[derive(Debug)]
 pub(crate) struct Req {
+    /// The peer's address (the connection's source).
+    pub(crate) peer: SocketAddr,
     pub(crate) method: Method,
     pub(crate) uri: Uri,
     pub(crate) headers: HeaderMap,
@@ -146,7 +148,7 @@ pub(crate) fn spawn_server(
                 a = listener.accept() => a,
                 Some(_) = conns.join_next(), if !conns.is_empty() => continue,
             };
-            let Ok((stream, _peer)) = accepted else {
+            let Ok((stream, peer)) = accepted else {
                 continue;
             };
             if closed2.load(Ordering::SeqCst) {
@@ -174,6 +176,7 @@ pub(crate) fn spawn_server(
                             }
                         };
                         let req = Req {
+                            peer,
                             method: parts.method,
                             uri: parts.uri,
                             headers: parts.headers,

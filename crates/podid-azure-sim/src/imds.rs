@@ -26,6 +26,9 @@ pub const IMDS_CONCURRENCY_LIMIT: usize = 5;
 pub struct ImdsCounters {
     /// Every request received, whatever its path (tests prove a request never reached IMDS).
     pub requests: u64,
+    /// Every request received, by the connection's source address (tests tell a pod's request
+    /// from the node's own).
+    pub per_source: BTreeMap<std::net::IpAddr, u64>,
     /// Requests to the identity token endpoint (every outcome).
     pub token_requests: u64,
     /// Tokens issued.
@@ -178,7 +181,11 @@ fn has_metadata_header(req: &Req) -> bool {
 }
 
 async fn route(s: &Arc<Shared>, req: Req) -> Answer {
-    s.counters().requests += 1;
+    {
+        let mut counters = s.counters();
+        counters.requests += 1;
+        *counters.per_source.entry(req.peer.ip()).or_default() += 1;
+    }
     let path = req.uri.path().trim_end_matches('/');
     match path {
         "/metadata/identity/oauth2/token" => Some(token(s, &req).await),

@@ -7,8 +7,9 @@
 //! with the chain in place, so DNAT-ed requests are dropped, and is reported on `/readyz`, in
 //! `podid_nmi_not_ready` and as a Node event), the conntrack flush, and only then what can fail:
 //! the kubenet refusal, the kube client, the probe and metrics listeners (fatal; the chain
-//! stays) and the IMDS listener (a held port is retried every second while `/readyz` says why).
-//! Then the watches, the reconcile loop (which also retries `route_localnet`) and, with
+//! stays) and the IMDS listener (a held port is retried every 100 ms while `/readyz` says why).
+//! Then the watches, the reconcile loop (which also retries `route_localnet` and repairs a
+//! removed or altered piece within a second, [`crate::ruleset`]) and, with
 //! `--startup-taint`, the removal of the start-up taint once the caches are synced. `/readyz`
 //! turns 200 only once the caches are synced, the interception is installed and nothing blocks
 //! it; until then the IMDS port answers no token (fail closed).
@@ -80,7 +81,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // DNAT-ed to 127.0.0.1) and is reported, not fatal.
     let manage_localnet = config.manage_route_localnet && config.dnat_target.ip().is_loopback();
     if manage_localnet {
-        check_route_localnet(&iptables, &health).await;
+        check_route_localnet(&iptables, &health, None).await;
     }
     if config.conntrack_deletion {
         flush_conntrack(config.metadata).await?;
@@ -112,7 +113,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 listener_reason(config.listen, &error),
             );
             tracing::error!(
-                "{error:#}; the interception stays installed (pods' IMDS requests go to whatever holds the port, never to the VM's IMDS) and nmi retries every second"
+                "{error:#}; the interception stays installed (pods' IMDS requests go to whatever holds the port, never to the VM's IMDS) and nmi retries every 100 ms"
             );
             None
         }
@@ -249,11 +250,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let _ = rx.wait_for(|stop| *stop).await;
     };
     let reconcile = tokio::spawn(reconcile_loop(
-        iptables,
-        intercept,
+        Repair {
+            iptables,
+            intercept,
+            localnet: manage_localnet.then(|| node_events.clone()),
+            health: Arc::clone(&health),
+            metrics: Arc::clone(&metrics),
+        },
         config.ipt_update_interval,
-        manage_localnet.then(|| node_events.clone()),
-        Arc::clone(&health),
         stop_rx.clone(),
     ));
     let imds_server = {
@@ -334,7 +338,11 @@ fn listener_reason(addr: SocketAddr, error: &anyhow::Error) -> String {
     )
 }
 
-/// Binds the IMDS port once it is free, trying every second, while the interception stays in
+/// How often a held IMDS port is tried again: the gap in service when the Go NMI hands the port
+/// over during the node swap (one `bind` call each, nothing else).
+const BIND_RETRY: Duration = Duration::from_millis(100);
+
+/// Binds the IMDS port once it is free, trying every [`BIND_RETRY`], while the interception stays in
 /// place (DNAT-ed connections never reach the VM's IMDS meanwhile: closed). `None` when nmi stops first.
 async fn bind_when_free(
     addr: SocketAddr,
@@ -344,7 +352,7 @@ async fn bind_when_free(
 ) -> Option<TcpListener> {
     loop {
         tokio::select! {
-            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            () = tokio::time::sleep(BIND_RETRY) => {}
             _ = stop.wait_for(|s| *s) => return None,
         }
         match bind(addr, "IMDS emulation").await {
@@ -382,7 +390,12 @@ impl NodeEvents {
 
 /// Turns `route_localnet` on (with the CVE-2020-8558 guard, [`interception::enable_route_localnet`])
 /// or records why it cannot be. Returns the reason when the blocker is new (to be reported).
-async fn check_route_localnet(iptables: &Arc<SystemIptables>, health: &Health) -> Option<String> {
+/// `repairs` (after start-up) counts a sysctl nmi had to write again.
+async fn check_route_localnet(
+    iptables: &Arc<SystemIptables>,
+    health: &Health,
+    repairs: Option<&Metrics>,
+) -> Option<String> {
     let backend = Arc::clone(iptables);
     let outcome = tokio::task::spawn_blocking(move || {
         interception::enable_route_localnet(&*backend, Path::new(PROC_SYS))
@@ -401,6 +414,9 @@ async fn check_route_localnet(iptables: &Arc<SystemIptables>, health: &Health) -
                     guard_added = guard,
                     "set net.ipv4.conf.all.route_localnet=1 for the DNAT to 127.0.0.1, behind the CVE-2020-8558 guard"
                 );
+                if let Some(metrics) = repairs {
+                    metrics.interception_repaired("route_localnet");
+                }
             }
             if health.unblock(Blocker::RouteLocalnet) {
                 tracing::info!(
@@ -422,47 +438,149 @@ async fn check_route_localnet(iptables: &Arc<SystemIptables>, health: &Health) -
     new.then_some(reason)
 }
 
-/// Re-applies the interception every `interval` (docs/upstream.md#interception). A failed pass is
-/// logged and retried at the next tick: the rules already installed keep intercepting meanwhile.
-async fn reconcile_loop(
+/// How often nmi reads the `route_localnet` sysctl between passes (one file read).
+const CHECK_EVERY: Duration = Duration::from_millis(250);
+/// Every how many checks the rules are looked at when no change notification tells nmi of a
+/// change ([`crate::ruleset`]): once a second.
+const POLL_RULES_EVERY: u32 = 4;
+/// How long a change notification waits for the rest of its burst before the pass.
+const SETTLE: Duration = Duration::from_millis(20);
+
+/// What the repair loop needs besides the rules.
+struct Repair {
     iptables: Arc<SystemIptables>,
     intercept: Interception,
-    interval: Duration,
+    /// `Some` when nmi manages `route_localnet` (its Node events).
     localnet: Option<NodeEvents>,
     health: Arc<Health>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ticker.tick().await;
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = stop.wait_for(|s| *s) => return,
-        }
-        let backend = Arc::clone(&iptables);
-        let pass =
-            tokio::task::spawn_blocking(move || interception::reconcile(&*backend, &intercept))
-                .await;
-        match pass {
-            Ok(Ok(outcome)) if outcome.unchanged() => {}
-            Ok(Ok(outcome)) => {
-                tracing::warn!(
-                    ?outcome,
-                    "flushing iptables to add aad-metadata custom chains"
-                );
-                health.set_interception_installed(true);
+    metrics: Arc<Metrics>,
+}
+
+/// Keeps the interception in place: a full pass every `interval` (reference §2.15), and between
+/// passes a repair within a second of a change ([`crate::ruleset`]): on an nftables change
+/// notification, or every second without notifications, and whenever `route_localnet` (read
+/// every 250 ms) reads other than 1 while nmi had it set, or 1 while nmi could not set it. Each piece put back counts in `podid_nmi_interception_repairs_total{part}`
+/// and is logged. A failed pass marks the interception not installed (`/readyz` 503,
+/// `podid_nmi_not_ready{reason="interception"}`) until a pass succeeds (retried every second); the guard goes in first
+/// in every pass, so pods meanwhile get a reset, never the VM's IMDS.
+async fn reconcile_loop(repair: Repair, interval: Duration, mut stop: watch::Receiver<bool>) {
+    let mode = crate::ruleset::detect_mode(repair.iptables.command());
+    let mut changes = match mode {
+        crate::ruleset::IptablesMode::Nft => match crate::ruleset::subscribe() {
+            Ok(changes) => Some(changes),
+            Err(error) => {
+                tracing::warn!(%error, "cannot subscribe to nftables change notifications; checking the rules every second");
+                None
             }
-            Ok(Err(e)) => tracing::error!(error = %e, "iptables reconcile failed; retrying"),
-            Err(e) => tracing::error!(error = %e, "iptables reconcile task failed"),
+        },
+        crate::ruleset::IptablesMode::Legacy => None,
+    };
+    tracing::info!(
+        ?mode,
+        notifications = changes.is_some(),
+        "repairing the interception within a second of a change"
+    );
+    let mut full = tokio::time::interval(interval);
+    full.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    full.tick().await;
+    let mut check = tokio::time::interval(CHECK_EVERY);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    check.tick().await;
+    let mut checks: u32 = 0;
+    loop {
+        let changed = async {
+            match changes.as_mut() {
+                Some(rx) => rx.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        let trigger = tokio::select! {
+            _ = full.tick() => "interval",
+            _ = check.tick() => "check",
+            message = changed => match message {
+                Some(()) => "change",
+                None => {
+                    changes = None;
+                    "check"
+                }
+            },
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        match trigger {
+            "check" => {
+                checks = checks.wrapping_add(1);
+                // Without notifications, or after a failed pass (nothing else may announce
+                // that the rules are still broken): once a second.
+                let poll_rules = (changes.is_none() || !repair.health.interception_installed())
+                    && checks.is_multiple_of(POLL_RULES_EVERY);
+                // A pass when the sysctl disagrees with what nmi believes: reset while nmi had
+                // it set (repair), or set by someone while nmi could not (ready again). One it
+                // cannot set stays for the full pass, as before.
+                let localnet_due = repair.localnet.is_some()
+                    && route_localnet_is_on() == repair.health.is_blocked(Blocker::RouteLocalnet);
+                if !poll_rules && !localnet_due {
+                    continue;
+                }
+            }
+            "change" => {
+                // Let the burst (an `iptables-restore`, a clean-up of several commands) end,
+                // then fold what came meanwhile into this pass.
+                tokio::time::sleep(SETTLE).await;
+                if let Some(rx) = changes.as_mut() {
+                    while rx.try_recv().is_ok() {}
+                }
+            }
+            _ => {}
         }
-        // Retried until it holds (an operator may set the sysctl later); re-checked after, in
-        // case someone turns it off again.
-        if let Some(events) = &localnet
-            && let Some(reason) = check_route_localnet(&iptables, &health).await
-        {
-            events.report(Blocker::RouteLocalnet, reason);
+        repair_pass(&repair, trigger).await;
+    }
+}
+
+/// Whether `route_localnet` reads 1 (a failed read counts as not: the pass then says why).
+fn route_localnet_is_on() -> bool {
+    std::fs::read_to_string(Path::new(PROC_SYS).join(interception::ROUTE_LOCALNET))
+        .is_ok_and(|value| value.trim() == "1")
+}
+
+/// One pass: the rules, then `route_localnet`.
+async fn repair_pass(repair: &Repair, trigger: &'static str) {
+    let backend = Arc::clone(&repair.iptables);
+    let intercept = repair.intercept;
+    let pass =
+        tokio::task::spawn_blocking(move || interception::reconcile(&*backend, &intercept)).await;
+    match pass {
+        Ok(Ok(outcome)) => {
+            if !outcome.unchanged() {
+                let parts: Vec<&str> = outcome.parts().collect();
+                for part in &parts {
+                    repair.metrics.interception_repaired(part);
+                }
+                tracing::warn!(
+                    ?parts,
+                    trigger,
+                    "flushing iptables to add aad-metadata custom chains: repaired the interception"
+                );
+            }
+            if !repair.health.interception_installed() {
+                tracing::info!("the interception is installed again");
+            }
+            repair.health.set_interception_installed(true);
         }
+        Ok(Err(e)) => {
+            if repair.health.interception_installed() {
+                tracing::error!(error = %e, "iptables reconcile failed; the node stays closed by the guard, not ready until a pass succeeds");
+            }
+            repair.health.set_interception_installed(false);
+        }
+        Err(e) => tracing::error!(error = %e, "iptables reconcile task failed"),
+    }
+    // Retried until it holds (an operator may set the sysctl later); re-checked after, in
+    // case someone turns it off again.
+    if let Some(events) = &repair.localnet
+        && let Some(reason) =
+            check_route_localnet(&repair.iptables, &repair.health, Some(&repair.metrics)).await
+    {
+        events.report(Blocker::RouteLocalnet, reason);
     }
 }
 

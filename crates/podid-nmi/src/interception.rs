@@ -16,6 +16,13 @@
 //! [`uninstall_localnet`] can remove only what nmi added and restore the sysctl. The record lives
 //! in the kernel next to the state it describes: both vanish together on reboot.
 //!
+//! Behind the DNAT sits a guard of nmi's own ([`GUARD_CHAIN`] in `filter`, jumped to from
+//! `INPUT` and `FORWARD`): it resets every pod connection to the IMDS address and port that was
+//! not DNAT-ed. While the chain stands it never matches (DNAT-ed packets no longer carry the IMDS
+//! address); when the chain or its jump goes, whoever removes it (the Go NMI's SIGTERM clean-up,
+//! an operator's `iptables -t nat -F`), pods get a reset instead of the VM's IMDS until nmi puts
+//! the chain back. Upstream has no filter rules; the Go NMI's clean-up leaves this chain alone.
+//!
 //! Everything goes through the [`Backend`] trait: [`SystemIptables`] runs the `iptables` command
 //! (with the xtables lock, `--wait`) via the `iptables` crate; tests use an in-memory backend.
 
@@ -74,6 +81,12 @@ pub struct Interception {
     pub target: SocketAddrV4,
 }
 
+/// nmi's `filter` chain resetting pod connections to the IMDS address that were not DNAT-ed.
+pub const GUARD_CHAIN: &str = "aad-metadata-guard";
+/// The built-in `filter` chains that jump to [`GUARD_CHAIN`]: `INPUT` for an IMDS address local
+/// to the node, `FORWARD` for one routed out of it (Azure's).
+pub const GUARD_HOOKS: [&str; 2] = ["INPUT", "FORWARD"];
+
 /// What a reconcile pass did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Reconciled {
@@ -83,12 +96,26 @@ pub struct Reconciled {
     pub chain_rewritten: bool,
     /// The `PREROUTING` jump was missing and inserted at position 1.
     pub jump_inserted: bool,
+    /// The guard chain or one of its jumps was missing or wrong and put back.
+    pub guard_repaired: bool,
 }
 
 impl Reconciled {
     /// True when the pass changed nothing.
     pub fn unchanged(&self) -> bool {
-        !(self.chain_created || self.chain_rewritten || self.jump_inserted)
+        !(self.chain_created || self.chain_rewritten || self.jump_inserted || self.guard_repaired)
+    }
+
+    /// The parts put back, as the `part` label of `podid_nmi_interception_repairs_total`:
+    /// `chain` (created or rewritten), `jump`, `guard`.
+    pub fn parts(&self) -> impl Iterator<Item = &'static str> {
+        [
+            (self.chain_created || self.chain_rewritten, "chain"),
+            (self.jump_inserted, "jump"),
+            (self.guard_repaired, "guard"),
+        ]
+        .into_iter()
+        .filter_map(|(repaired, part)| repaired.then_some(part))
     }
 }
 
@@ -113,6 +140,24 @@ impl Interception {
         format!("-j {CHAIN}")
     }
 
+    /// The guard's rule as `iptables -S` prints it (and as it is appended): reset TCP
+    /// connections to the IMDS address and port that did not come from the node itself.
+    pub fn guard_rule(&self) -> String {
+        format!(
+            "-d {}/32 ! -i lo -p tcp -m tcp --dport {} -j REJECT --reject-with tcp-reset",
+            self.metadata.ip(),
+            self.metadata.port()
+        )
+    }
+
+    /// `iptables -t filter -S aad-metadata-guard` of a correct guard, line for line.
+    pub fn expected_guard_listing(&self) -> [String; 2] {
+        [
+            format!("-N {GUARD_CHAIN}"),
+            format!("-A {GUARD_CHAIN} {}", self.guard_rule()),
+        ]
+    }
+
     /// `iptables -t nat -S aad-metadata` of a correct chain, line for line.
     pub fn expected_listing(&self) -> [String; 3] {
         [
@@ -126,12 +171,16 @@ impl Interception {
 /// One reconcile pass with upstream's semantics: list the chain (create it when listing fails);
 /// count the leading lines that match the expected ones, stopping at the first that does not;
 /// unless exactly all three match, flush and re-add the DNAT and RETURN rules. Then make sure the
-/// `PREROUTING` jump exists anywhere, inserting it at position 1 when missing.
+/// `PREROUTING` jump exists anywhere, inserting it at position 1 when missing. The guard
+/// ([`GUARD_CHAIN`]) goes in first, so no pass opens the node even when a later step fails.
 pub fn reconcile(
     backend: &dyn Backend,
     interception: &Interception,
 ) -> Result<Reconciled, IptablesError> {
-    let mut outcome = Reconciled::default();
+    let mut outcome = Reconciled {
+        guard_repaired: reconcile_guard(backend, interception)?,
+        ..Reconciled::default()
+    };
     // `iptables -S` of a missing chain fails; some wrappers report that as an empty listing.
     let header = format!("-N {CHAIN}");
     let listing = match backend.list(TABLE, CHAIN) {
@@ -162,7 +211,37 @@ pub fn reconcile(
     Ok(outcome)
 }
 
-/// Removes the interception: every `PREROUTING` jump, then the chain. Idempotent.
+/// Makes [`GUARD_CHAIN`] hold exactly the guard rule and be jumped to from the top of `INPUT`
+/// and `FORWARD` (anywhere in them: like the `PREROUTING` jump, it is not moved back to the top).
+/// Returns whether anything was missing or wrong.
+fn reconcile_guard(
+    backend: &dyn Backend,
+    interception: &Interception,
+) -> Result<bool, IptablesError> {
+    let mut repaired = false;
+    let expected = interception.expected_guard_listing();
+    let listing = backend.list(FILTER, GUARD_CHAIN).unwrap_or_default();
+    let have: Vec<&str> = listing.iter().map(|l| l.trim()).collect();
+    if have != expected.iter().map(String::as_str).collect::<Vec<_>>() {
+        if have.first() != Some(&expected[0].as_str()) {
+            backend.new_chain(FILTER, GUARD_CHAIN)?;
+        } else {
+            backend.flush_chain(FILTER, GUARD_CHAIN)?;
+        }
+        backend.append(FILTER, GUARD_CHAIN, &interception.guard_rule())?;
+        repaired = true;
+    }
+    let jump = format!("-j {GUARD_CHAIN}");
+    for hook in GUARD_HOOKS {
+        if !backend.exists(FILTER, hook, &jump)? {
+            backend.insert(FILTER, hook, &jump, 1)?;
+            repaired = true;
+        }
+    }
+    Ok(repaired)
+}
+
+/// Removes the interception: every `PREROUTING` jump, then the chain, then the guard. Idempotent.
 pub fn uninstall(backend: &dyn Backend, interception: &Interception) -> Result<(), IptablesError> {
     let jump = interception.jump_rule();
     while backend.exists(TABLE, PREROUTING, &jump)? {
@@ -171,6 +250,16 @@ pub fn uninstall(backend: &dyn Backend, interception: &Interception) -> Result<(
     if chain_exists(backend, TABLE, CHAIN) {
         backend.flush_chain(TABLE, CHAIN)?;
         backend.delete_chain(TABLE, CHAIN)?;
+    }
+    let guard_jump = format!("-j {GUARD_CHAIN}");
+    for hook in GUARD_HOOKS {
+        while backend.exists(FILTER, hook, &guard_jump)? {
+            backend.delete(FILTER, hook, &guard_jump)?;
+        }
+    }
+    if chain_exists(backend, FILTER, GUARD_CHAIN) {
+        backend.flush_chain(FILTER, GUARD_CHAIN)?;
+        backend.delete_chain(FILTER, GUARD_CHAIN)?;
     }
     Ok(())
 }
@@ -535,6 +624,11 @@ impl SystemIptables {
         })?;
         Ok(Self { inner })
     }
+
+    /// The command run (`iptables`).
+    pub fn command(&self) -> &str {
+        self.inner.cmd
+    }
 }
 
 fn wrap<T>(
@@ -621,7 +715,9 @@ mod tests {
     impl Memory {
         fn with_prerouting() -> Self {
             let m = Self::default();
-            m.chains.borrow_mut().insert(PREROUTING.into(), vec![]);
+            for chain in [PREROUTING, "INPUT", "FORWARD"] {
+                m.chains.borrow_mut().insert(chain.into(), vec![]);
+            }
             m
         }
         fn rules(&self, chain: &str) -> Vec<String> {
@@ -719,9 +815,21 @@ mod tests {
         let m = Memory::with_prerouting();
         let i = default_interception();
         let first = reconcile(&m, &i).expect("install");
-        assert!(first.chain_created && first.chain_rewritten && first.jump_inserted);
+        assert!(
+            first.chain_created
+                && first.chain_rewritten
+                && first.jump_inserted
+                && first.guard_repaired
+        );
         assert_eq!(m.list(TABLE, CHAIN).expect("chain"), i.expected_listing());
         assert_eq!(m.rules(PREROUTING), vec!["-j aad-metadata".to_owned()]);
+        assert_eq!(
+            m.list(FILTER, GUARD_CHAIN).expect("guard"),
+            i.expected_guard_listing()
+        );
+        for hook in GUARD_HOOKS {
+            assert_eq!(m.rules(hook), vec!["-j aad-metadata-guard".to_owned()]);
+        }
         let writes = *m.writes.borrow();
         let second = reconcile(&m, &i).expect("steady");
         assert!(second.unchanged());
@@ -752,6 +860,54 @@ mod tests {
             assert!(r.chain_rewritten && !r.jump_inserted, "{rules:?}");
             assert_eq!(m.list(TABLE, CHAIN).expect("chain"), i.expected_listing());
         }
+    }
+
+    #[test]
+    fn a_removed_or_altered_guard_is_put_back() {
+        let i = default_interception();
+        let m = Memory::with_prerouting();
+        reconcile(&m, &i).expect("install");
+        assert_eq!(
+            i.guard_rule(),
+            "-d 169.254.169.254/32 ! -i lo -p tcp -m tcp --dport 80 -j REJECT --reject-with tcp-reset"
+        );
+        // Flushed, altered, deleted, its jumps gone: each is repaired and reported as the guard.
+        let tamper: [&dyn Fn(&Memory); 4] = [
+            &|m| m.flush_chain(FILTER, GUARD_CHAIN).expect("flush"),
+            &|m| {
+                m.chains
+                    .borrow_mut()
+                    .insert(GUARD_CHAIN.into(), vec!["-j RETURN".into()]);
+            },
+            &|m| {
+                m.chains.borrow_mut().remove(GUARD_CHAIN);
+            },
+            &|m| {
+                m.chains.borrow_mut().insert("FORWARD".into(), vec![]);
+            },
+        ];
+        for (n, tamper) in tamper.iter().enumerate() {
+            tamper(&m);
+            let r = reconcile(&m, &i).expect("repair");
+            assert!(
+                r.guard_repaired && !r.chain_rewritten && !r.jump_inserted,
+                "{n}"
+            );
+            assert_eq!(r.parts().collect::<Vec<_>>(), vec!["guard"], "{n}");
+            assert_eq!(
+                m.list(FILTER, GUARD_CHAIN).expect("guard"),
+                i.expected_guard_listing(),
+                "{n}"
+            );
+            for hook in GUARD_HOOKS {
+                assert_eq!(
+                    m.rules(hook),
+                    vec!["-j aad-metadata-guard".to_owned()],
+                    "{n}"
+                );
+            }
+        }
+        assert!(reconcile(&m, &i).expect("steady").unchanged());
     }
 
     #[test]
@@ -801,6 +957,10 @@ mod tests {
         uninstall(&m, &i).expect("uninstall");
         assert!(m.rules(PREROUTING).is_empty());
         assert!(m.list(TABLE, CHAIN).is_err());
+        assert!(m.list(FILTER, GUARD_CHAIN).is_err());
+        for hook in GUARD_HOOKS {
+            assert!(m.rules(hook).is_empty(), "{hook}");
+        }
         uninstall(&m, &i).expect("second uninstall");
     }
 

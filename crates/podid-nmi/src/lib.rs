@@ -3,7 +3,7 @@
 //! identity and answers with a token from the controller crate's broker — or an IMDS-shaped error.
 //!
 //! Modules: the command line ([`config`]), the interception rules ([`interception`]), what keeps
-//! the node from serving ([`health`]), the start-up taint ([`taint`]), the IP → pod
+//! the node from serving ([`health`]), when to repair the rules ([`ruleset`]), the start-up taint ([`taint`]), the IP → pod
 //! index ([`pods`]), the kernel route probe anchoring pod addresses ([`route`]), the token
 //! provider seam ([`provider`]), the HTTP servers ([`server`]),
 //! metrics ([`metrics`]), Kubernetes Events on pods whose requests fail ([`events`]), the
@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod pods;
 pub mod provider;
 pub mod route;
+pub mod ruleset;
 pub mod run;
 pub mod server;
 pub mod taint;

@@ -46,6 +46,10 @@ const ATTRIBUTION_REASONS: [&str; 4] = [
 /// `cache` values of `podid_nmi_tokens_issued_total`.
 const TOKEN_CACHE: [&str; 3] = ["hit", "miss", "unknown"];
 
+/// `part` values of `podid_nmi_interception_repairs_total`: the `aad-metadata` chain, its
+/// `PREROUTING` jump, the `aad-metadata-guard` chain or its jumps, the `route_localnet` sysctl.
+pub const REPAIR_PARTS: [&str; 4] = ["chain", "jump", "guard", "route_localnet"];
+
 /// `reason` of `podid_nmi_not_ready` when the interception itself is not installed.
 pub const NOT_READY_INTERCEPTION: &str = "interception";
 
@@ -127,6 +131,9 @@ pub struct Metrics {
     /// `podid_nmi_connections_refused_total{reason}` (`per_source`: the peer already held
     /// `--max-connections-per-source` connections).
     pub connections_refused: IntCounterVec,
+    /// `podid_nmi_interception_repairs_total{part}`: pieces of the installed interception found
+    /// missing or altered and put back ([`REPAIR_PARTS`]).
+    pub interception_repairs: IntCounterVec,
     /// `podid_nmi_tokens_issued_total{identity_type,cache}`, each child resolved once (the
     /// cache-hit path hashes no labels): `[identity_type][cache]`, in [`TOKEN_SOURCES`] order
     /// then `other`, and `hit`, `miss`, `unknown`.
@@ -234,6 +241,17 @@ impl Metrics {
             &["reason"],
         )
         .expect(REGISTER);
+        let interception_repairs = IntCounterVec::new(
+            Opts::new(
+                "podid_nmi_interception_repairs_total",
+                "Pieces of the installed interception found missing or altered and put back (part: chain, jump, guard, route_localnet)",
+            ),
+            &["part"],
+        )
+        .expect(REGISTER);
+        for part in REPAIR_PARTS {
+            interception_repairs.with_label_values(&[part]);
+        }
         let tokens_issued = IntCounterVec::new(
             Opts::new(
                 "podid_nmi_tokens_issued_total",
@@ -289,6 +307,9 @@ impl Metrics {
             .register(Box::new(tokens_issued.clone()))
             .expect(REGISTER);
         registry
+            .register(Box::new(interception_repairs.clone()))
+            .expect(REGISTER);
+        registry
             .register(Box::new(pod_watch_blind.clone()))
             .expect(REGISTER);
         registry
@@ -306,6 +327,7 @@ impl Metrics {
             attribution_failures,
             not_ready,
             connections_refused,
+            interception_repairs,
             tokens_issued: tokens_issued_children,
             pod_watch_blind,
             pod_watch: Mutex::new(None),
@@ -315,6 +337,11 @@ impl Metrics {
             health: Mutex::new(None),
             imds_durations: Default::default(),
         }
+    }
+
+    /// Count one repair of `part` (one of [`REPAIR_PARTS`]).
+    pub fn interception_repaired(&self, part: &str) {
+        self.interception_repairs.with_label_values(&[part]).inc();
     }
 
     /// Record one token operation of `operation` (an [`imds_operation`] name) taking `seconds`

@@ -61,8 +61,9 @@ fn main() -> ExitCode {
         return match result {
             Ok(restored) => {
                 println!(
-                    "nmi: removed the {} chain and its jump",
-                    podid_nmi::interception::CHAIN
+                    "nmi: removed the {} chain and its jump, and the {} chain and its jumps",
+                    podid_nmi::interception::CHAIN,
+                    podid_nmi::interception::GUARD_CHAIN
                 );
                 if let Some(prior) = restored {
                     println!(
