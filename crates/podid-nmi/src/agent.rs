@@ -456,7 +456,7 @@ struct Repair {
     metrics: Arc<Metrics>,
 }
 
-/// Keeps the interception in place: a full pass every `interval` (reference §2.15), and between
+/// Keeps the interception in place: a full pass every `interval` (docs/upstream.md#interception), and between
 /// passes a repair within a second of a change ([`crate::ruleset`]): on an nftables change
 /// notification, or every second without notifications, and whenever `route_localnet` (read
 /// every 250 ms) reads other than 1 while nmi had it set, or 1 while nmi could not set it. Each piece put back counts in `podid_nmi_interception_repairs_total{part}`
