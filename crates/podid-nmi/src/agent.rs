@@ -456,13 +456,14 @@ struct Repair {
     metrics: Arc<Metrics>,
 }
 
-/// Keeps the interception in place: a full pass every `interval` (docs/upstream.md#interception), and between
-/// passes a repair within a second of a change ([`crate::ruleset`]): on an nftables change
-/// notification, or every second without notifications, and whenever `route_localnet` (read
-/// every 250 ms) reads other than 1 while nmi had it set, or 1 while nmi could not set it. Each piece put back counts in `podid_nmi_interception_repairs_total{part}`
-/// and is logged. A failed pass marks the interception not installed (`/readyz` 503,
-/// `podid_nmi_not_ready{reason="interception"}`) until a pass succeeds (retried every second); the guard goes in first
-/// in every pass, so pods meanwhile get a reset, never the VM's IMDS.
+/// Keeps the interception in place: a full pass every `interval` (docs/upstream.md#interception),
+/// and between passes a repair within a second of a change ([`crate::ruleset`]): on an nftables
+/// change notification, or every second without notifications, and whenever `route_localnet` (read
+/// every 250 ms) reads other than 1 while nmi had it set, or 1 while nmi could not set it. Each
+/// piece put back counts in `podid_nmi_interception_repairs_total{part}` and is logged. A failed
+/// pass marks the interception not installed (`/readyz` 503,
+/// `podid_nmi_not_ready{reason="interception"}`) until a pass succeeds (retried every second); the
+/// guard goes in first in every pass, so pods meanwhile get a reset, never the VM's IMDS.
 async fn reconcile_loop(repair: Repair, interval: Duration, mut stop: watch::Receiver<bool>) {
     let mode = crate::ruleset::detect_mode(repair.iptables.command());
     let mut changes = match mode {
