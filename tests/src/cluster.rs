@@ -460,6 +460,34 @@ impl Cluster {
         wait_probe(&url, self.mic.as_mut(), Some("Active")).await
     }
 
+    /// Waits until nmi's `/readyz` answers 503 with a body containing `needle` (failing after
+    /// 30 s or when nmi exits); returns the body.
+    pub async fn wait_unready(&mut self, needle: &str) -> anyhow::Result<String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(nmi) = self.nmi.as_mut() {
+                nmi.check_running()?;
+            }
+            if let Ok((503, body)) = self.probe("/readyz").await
+                && body.contains(needle)
+            {
+                return Ok(body);
+            }
+            anyhow::ensure!(Instant::now() < deadline, "/readyz never said {needle:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Requests from `pod`'s address that reached the VM's IMDS itself, past any interception.
+    pub fn reached_imds(&self, pod: &netns::SimPod) -> u64 {
+        self.imds
+            .counters()
+            .per_source
+            .get(&std::net::IpAddr::V4(pod.ip()))
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// Starts the real `nmi` inside the node namespace. The simulated Entra is an authority
     /// over http on a test address, so nmi is told to allow it (`--allowed-authorities`, merged
     /// with any list in `extra`).

@@ -30,26 +30,6 @@ async fn with_bound_pod() -> anyhow::Result<(Cluster, Arc<podid_e2e::netns::SimP
     Ok((cluster, pod, web.client_id))
 }
 
-/// Waits until `/readyz` answers 503 with a body containing `needle`; returns the body.
-async fn wait_unready(cluster: &mut Cluster, needle: &str) -> anyhow::Result<String> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(nmi) = cluster.nmi.as_mut() {
-            nmi.check_running()?;
-        }
-        if let Ok((503, body)) = cluster.probe("/readyz").await
-            && body.contains(needle)
-        {
-            return Ok(body);
-        }
-        anyhow::ensure!(
-            std::time::Instant::now() < deadline,
-            "/readyz never said {needle:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 fn filter(cluster: &Cluster, chain: &str) -> anyhow::Result<Vec<String>> {
     Ok(cluster
         .node
@@ -74,7 +54,7 @@ async fn route_localnet_that_cannot_be_set_keeps_nmi_up_and_the_node_closed() ->
     assert_eq!(cluster.node.read_sysctl(ROUTE_LOCALNET)?.trim(), "0");
     // An hour between full passes: readiness must follow the sysctl without one.
     cluster.spawn_nmi_read_only_proc_sys(&["--ipt-update-interval-sec=3600"])?;
-    let body = wait_unready(&mut cluster, "route_localnet").await?;
+    let body = cluster.wait_unready("route_localnet").await?;
     assert!(body.contains("Read-only file system"), "{body}");
     assert_eq!(cluster.chain()?.len(), 3, "the interception is installed");
     assert!(
@@ -276,7 +256,7 @@ async fn startup_taint_is_removed_only_once_the_node_is_closed_and_synced() -> a
     let bindings = FaultMatch::path("azureidentitybindings").with_verb("list");
     faults.fail_next(usize::MAX, FaultKind::InternalError, bindings);
     cluster.spawn_nmi(&[&format!("--startup-taint={KEY}")])?;
-    wait_unready(&mut cluster, "caches").await?;
+    cluster.wait_unready("caches").await?;
     wait_for(
         "nmi to fail listing bindings twice",
         Duration::from_secs(20),
@@ -332,7 +312,7 @@ async fn a_held_imds_port_keeps_the_node_closed_until_nmi_can_bind_it() -> anyho
     let (mut cluster, pod, client_id) = with_bound_pod().await?;
     let squatter = cluster.node.bind_tcp("127.0.0.1:2579".parse()?)?;
     cluster.spawn_nmi(&[])?;
-    let body = wait_unready(&mut cluster, "imds_listener").await?;
+    let body = cluster.wait_unready("imds_listener").await?;
     assert!(body.contains("127.0.0.1:2579"), "{body}");
     assert_eq!(cluster.chain()?.len(), 3);
     assert!(
@@ -475,16 +455,6 @@ fn longest_gap(records: &[(Instant, Option<u16>)], from: Instant) -> (Duration, 
 }
 
 /// Requests from `pod` that reached the VM's IMDS (the simulator counts by source address).
-fn reached_imds(cluster: &Cluster, pod: &podid_e2e::netns::SimPod) -> u64 {
-    cluster
-        .imds
-        .counters()
-        .per_source
-        .get(&std::net::IpAddr::V4(pod.ip()))
-        .copied()
-        .unwrap_or(0)
-}
-
 /// Asks for a token from `pod` until one is answered 200 (up to 30 s).
 async fn wait_served(
     pod: &Arc<podid_e2e::netns::SimPod>,
@@ -663,7 +633,7 @@ async fn repaired_within_a_second(flavour: &'static str) -> anyhow::Result<()> {
     anyhow::ensure!(signal("-CONT")?.success());
     frozen?;
     assert_eq!(
-        reached_imds(&cluster, &pod),
+        cluster.reached_imds(&pod),
         0,
         "no pod request reached the VM's IMDS"
     );
@@ -676,7 +646,7 @@ async fn repaired_within_a_second(flavour: &'static str) -> anyhow::Result<()> {
     cluster.wait_ready().await?;
     let (status, body, _) = pod_get(&pod, &token_path(&client_id), true).await?;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(reached_imds(&cluster, &pod), 0);
+    assert_eq!(cluster.reached_imds(&pod), 0);
     Ok(())
 }
 
@@ -691,7 +661,7 @@ async fn a_failing_repair_keeps_the_node_closed_and_nmi_unready() -> anyhow::Res
     cluster.wait_ready().await?;
     std::fs::write(&fails, "")?;
     go_clean_up(&cluster, "iptables")?;
-    let body = wait_unready(&mut cluster, "interception").await?;
+    let body = cluster.wait_unready("interception").await?;
     assert!(body.contains("aad-metadata"), "{body}");
     assert!(
         cluster
@@ -701,13 +671,13 @@ async fn a_failing_repair_keeps_the_node_closed_and_nmi_unready() -> anyhow::Res
     );
     let answer = pod_get(&pod, &token_path(&client_id), true).await;
     assert!(answer.is_err(), "the guard resets it: {answer:?}");
-    assert_eq!(reached_imds(&cluster, &pod), 0);
+    assert_eq!(cluster.reached_imds(&pod), 0);
     std::fs::remove_file(&fails)?;
     cluster.wait_ready().await?;
     assert!(intact(&cluster, "iptables"));
     let (status, body, _) = pod_get(&pod, &token_path(&client_id), true).await?;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(reached_imds(&cluster, &pod), 0);
+    assert_eq!(cluster.reached_imds(&pod), 0);
     Ok(())
 }
 
@@ -729,7 +699,7 @@ async fn the_swap_from_the_go_nmi_with_surge_never_opens_the_node() -> anyhow::R
 
     // The surge pod: podid's nmi with the default reconcile interval, the port still held.
     cluster.spawn_nmi(&["--ipt-update-interval-sec=60"])?;
-    wait_unready(&mut cluster, "imds_listener").await?;
+    cluster.wait_unready("imds_listener").await?;
     let swap = Instant::now();
     old.terminate()?;
     let cleaned = swap.elapsed();
@@ -741,7 +711,7 @@ async fn the_swap_from_the_go_nmi_with_surge_never_opens_the_node() -> anyhow::R
     let records = tokens.finish().await?;
 
     assert_eq!(
-        reached_imds(&cluster, &pod),
+        cluster.reached_imds(&pod),
         0,
         "no pod request reached the VM's IMDS during the swap"
     );
@@ -782,22 +752,18 @@ async fn the_swap_from_the_go_nmi_without_surge_is_open_until_podid_starts() -> 
     })
     .await?;
     let closed = swap.elapsed();
-    let reached = reached_imds(&cluster, &pod);
+    let reached = cluster.reached_imds(&pod);
     cluster.wait_ready().await?;
     wait_served(&pod, &path, "podid's nmi serving").await?;
     let served = swap.elapsed();
-    let after = reached_imds(&cluster, &pod);
+    let after = cluster.reached_imds(&pod);
     let records = tokens.finish().await?;
     // Some more requests once podid serves: none of them reaches the VM's IMDS.
     for _ in 0..5 {
         let (status, body, _) = pod_get(&pod, &path, true).await?;
         assert_eq!(status, 200, "{body}");
     }
-    assert_eq!(
-        reached_imds(&cluster, &pod),
-        after,
-        "closed once podid runs"
-    );
+    assert_eq!(cluster.reached_imds(&pod), after, "closed once podid runs");
     let (gap, failed) = longest_gap(&records, swap);
     println!(
         "swap without surge: Go NMI exited after {exited:?}; the node was open for {closed:?} (until podid's chain), {reached} pod requests reached the VM's IMDS; podid's nmi serving after {served:?}; {failed} requests without a token, longest gap in service {gap:?}"

@@ -1,8 +1,8 @@
 //! The in-place upgrade from aad-pod-identity, and back, against the real `mic` (and, in the
-//! whole-upgrade test, the real `nmi` in a simulated node): a stand-in for the Go MIC holds
-//! upstream's Endpoints leader lock the way client-go does, and podid's mic must stay a
-//! follower (no assignment write, no ARM call) until that record expires, then lead and keep
-//! the record renewed so a Go replica starting later stays a follower. With
+//! whole-upgrade test, the real `nmi` replacing a Go NMI stand-in in a simulated node): a stand-in
+//! for the Go MIC holds upstream's Endpoints leader lock the way client-go does, and podid's mic
+//! must stay a follower (no assignment write, no ARM call) until that record expires, then lead and
+//! keep the record renewed so a Go replica starting later stays a follower. With
 //! `--upstream-leader-lock=false` mic is Lease-only and never touches Endpoints.
 //!
 //! The stand-in reaches the fake API server in-process, so the server's request log holds
@@ -415,22 +415,23 @@ async fn count_leaders(http: &reqwest::Client, probes: &[u16], gos: &[Arc<GoMic>
     leaders
 }
 
-/// The whole upgrade in the simulated cluster, and back. A release as the Go components leave
-/// it: upstream's CRDs, an identity and binding and the assignment of a running pod as the Go
-/// MIC wrote them (finalizer, Go's `metadata` blocks pruned to `{}` by upstream's schema,
-/// embedded copies), the type-upgrade ConfigMap, the identity on the scale set, two Go MIC
-/// replicas on the Endpoints lock, and a node agent serving the pod. Then `helm upgrade` with
-/// the podid chart rendered by real Helm from values a user keeps, applied over it; mic's
-/// Deployment rolls (surge one, then the Go pods are deleted one by one) and nmi's DaemonSet
-/// pod is replaced, each podid program running with the rendered args under its own
-/// ServiceAccount. The pod asks for its token every 100 ms throughout.
+/// The whole upgrade in the simulated cluster, and back. A release as the Go components leave it:
+/// upstream's CRDs, an identity and binding and the assignment of a running pod as the Go MIC wrote
+/// them (finalizer, Go's `metadata` blocks pruned to `{}` by upstream's schema, embedded copies),
+/// the type-upgrade ConfigMap, the identity on the scale set, two Go MIC replicas on the Endpoints
+/// lock, and a stand-in for the Go NMI serving the pod. Then `helm upgrade` with the podid chart
+/// rendered by real Helm from values a user keeps, applied over it; mic's Deployment rolls (surge
+/// one, then the Go pods are deleted one by one) and nmi's DaemonSet pod is replaced with surge
+/// (podid's nmi first, then SIGTERM to the Go NMI), each podid program running with the rendered
+/// args under its own ServiceAccount. The pod asks for its token every 100 ms throughout.
 ///
-/// Counted: assignment writes for the existing pod (0), ARM PATCHes (0), leaders at any
-/// sampled instant (≤ 1), and the longest gap between two tokens (reported). Then a new pod is
-/// assigned by podid (its AzureAssignedIdentity written under upstream's CRD), and the
-/// rollback: podid's pods deleted, a Go replica leads again once podid's record expires,
-/// upstream's CRDs applied again, and every AzureAssignedIdentity is one upstream's schema
-/// takes as it is (nothing rejected or pruned) with the fields the Go programs read.
+/// Counted: assignment writes for the existing pod (0), ARM PATCHes (0), pod requests that reached
+/// the VM's IMDS past the interception while the Go NMI stand-in was replaced with surge (0),
+/// leaders at any sampled instant (≤ 1), and the longest gap between two tokens (reported). Then a
+/// new pod is assigned by podid (its AzureAssignedIdentity written under upstream's CRD), and the
+/// rollback: podid's pods deleted, a Go replica leads again once podid's record expires, upstream's
+/// CRDs applied again, and every AzureAssignedIdentity is one upstream's schema takes as it is
+/// (nothing rejected or pruned) with the fields the Go programs read.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn helm_upgrade_from_the_go_release_in_place_and_back() -> anyhow::Result<()> {
     use podid_e2e::cluster::{Cluster, NODE, pod_get};
@@ -516,10 +517,16 @@ async fn helm_upgrade_from_the_go_release_in_place_and_back() -> anyhow::Result<
     })
     .await?;
     let go_b = go_mic("aad-pod-identity-mic-6d8f9-go-b");
-    // The node agent of the Go release, standing in for the Go NMI (the node-side swap has
-    // its own test): it serves the Go-written assignment.
-    cluster.spawn_nmi(&[])?;
-    cluster.wait_ready().await?;
+    // The Go release's node agent: a stand-in for the Go NMI that installs upstream's rules,
+    // holds the port, relays pods' requests to the VM's IMDS, and on SIGTERM deletes its chain
+    // and exits 10 s later. It relies on kube-proxy for route_localnet, as the Go NMI does;
+    // it asks IMDS once per pod request, so IMDS's throttling stays out of the picture.
+    cluster.imds.set_throttling(false);
+    cluster
+        .node
+        .sysctl("net.ipv4.conf.all.route_localnet", "1")?;
+    let mut go_nmi =
+        podid_e2e::cluster::UpstreamNmi::start(&cluster.node, Duration::from_secs(10))?;
 
     // The pod asks for its token every 100 ms from now on; leaders are sampled every 100 ms.
     let stop = Arc::new(AtomicBool::new(false));
@@ -615,13 +622,15 @@ async fn helm_upgrade_from_the_go_release_in_place_and_back() -> anyhow::Result<
     let mut mic_b = spawn("aad-pod-identity-mic-7c4b5-p2")?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     go_a.stop();
-    // The DaemonSet's pod on the node is replaced.
-    if let Some(mut old) = cluster.nmi.take() {
-        old.kill();
-    }
+    // The DaemonSet's pod on the node is replaced with the chart's surge: podid's nmi starts
+    // while the Go NMI still holds the port, then the Go NMI gets SIGTERM (its clean-up deletes
+    // the chain) and exits after its grace period.
     let nmi_kubeconfig = kubeconfig_for(&cluster, &service_account(nmi_workload)?)?;
     let nmi = nmi_args(&cluster, nmi_workload)?;
     cluster.spawn_nmi_exactly(&nmi, &nmi_kubeconfig)?;
+    cluster.wait_unready("imds_listener").await?;
+    go_nmi.terminate()?;
+    go_nmi.wait_exit(Duration::from_secs(30)).await?;
     cluster.wait_ready().await?;
     wait_for("a podid mic to lead", WAIT, || async {
         (mic_a.active(&http).await || mic_b.active(&http).await).then_some(())
@@ -661,6 +670,7 @@ async fn helm_upgrade_from_the_go_release_in_place_and_back() -> anyhow::Result<
         .filter(|w| !w.contains("web-2-default-web") && !w.starts_with("create "))
         .collect();
     let patches = cluster.arm.patch_count(&cluster.vmss) - patches_before;
+    let reached_imds = cluster.reached_imds(&pod) + cluster.reached_imds(&pod2);
     let leaders = max_leaders.load(Ordering::SeqCst);
     let served = samples.iter().filter(|(_, ok)| *ok).count();
     let mut longest = Duration::ZERO;
@@ -674,8 +684,9 @@ async fn helm_upgrade_from_the_go_release_in_place_and_back() -> anyhow::Result<
         }
     }
     println!(
-        "upgrade: assignment writes for existing pods {}, ARM PATCHes {patches}, max leaders {leaders} \
-         over {sampled} samples, tokens {served}/{} requests, longest gap between tokens {} ms",
+        "upgrade: assignment writes for existing pods {}, ARM PATCHes {patches}, pod requests that \
+         reached the VM's IMDS {reached_imds}, max leaders {leaders} over {sampled} samples, tokens \
+         {served}/{} requests, longest gap between tokens {} ms",
         writes.len(),
         samples.len(),
         longest.as_millis()
@@ -686,6 +697,10 @@ async fn helm_upgrade_from_the_go_release_in_place_and_back() -> anyhow::Result<
         "the Go-written assignment was rewritten"
     );
     assert_eq!(patches, 0, "ARM PATCH during the upgrade");
+    assert_eq!(
+        reached_imds, 0,
+        "a pod reached the VM's IMDS during the node swap"
+    );
     assert!(leaders <= 1, "{leaders} leaders at once");
     assert!(sampled >= 20, "only {sampled} leader samples");
     assert!(served > 10, "the pod got {served} tokens");
