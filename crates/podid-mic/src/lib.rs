@@ -17,6 +17,7 @@
 //! - [`metrics`]: upstream's MIC metrics and their `/metrics` rendering.
 //! - [`probe`]: the `/healthz` and `/metrics` HTTP servers.
 //! - [`preexisting`]: identities found on a VM/VMSS before podid assigned them stay there.
+//! - [`hold`]: identities kept on a VM/VMSS for a grace period after their last pod.
 //! - [`upgrade`]: the one-time type upgrade (capitalised CRD keys) on becoming leader.
 //! - [`throttle`]: the `--clientQps` token bucket around the Kubernetes client (Leases exempt).
 //!
@@ -28,6 +29,7 @@ pub mod arm;
 pub mod cloud;
 pub mod config;
 pub mod desired;
+pub mod hold;
 pub mod leader;
 pub mod metrics;
 pub mod preexisting;

@@ -296,6 +296,8 @@ impl Cluster {
             identity_reconcile,
             instance: "mic-test".to_owned(),
             health: Default::default(),
+            holds: Default::default(),
+            hold_record: None,
         };
         let mut cluster = Self {
             server,
