@@ -936,6 +936,8 @@ async fn pass(
             view.held.insert((target.clone(), id.to_owned()));
         }
     }
+    // Holds this pass ended for a pod that needs the identity again: still on the VM/VMSS.
+    view.held.extend(applied.reused.iter().cloned());
     for (target, work) in &plan.targets {
         let releasing = in_flight.get(target).map(|(ids, _)| ids);
         for id in work.kept.iter().chain(
