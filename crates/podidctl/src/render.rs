@@ -15,6 +15,40 @@ pub struct StatusDocument<'a> {
     pub force_namespaced: bool,
     /// One report per pod, by namespace then name.
     pub pods: &'a [PodReport],
+    /// Identities MIC keeps on VMs/VMSS after their last pod (its grace period).
+    pub held_identities: &'a [crate::cluster::HeldIdentity],
+}
+
+/// The held identities under the status table (nothing when there are none).
+pub fn held_table(held: &[crate::cluster::HeldIdentity]) -> String {
+    if held.is_empty() {
+        return String::new();
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut rows = vec![vec![
+        "VM/VMSS".to_owned(),
+        "IDENTITY".to_owned(),
+        "RELEASED IN".to_owned(),
+    ]];
+    for h in held {
+        let name = h.id.rsplit('/').next().unwrap_or(&h.id);
+        let left = h.until.saturating_sub(now);
+        rows.push(vec![
+            format!("{} {}", h.kind, h.name),
+            name.to_owned(),
+            if left == 0 {
+                "due (releasing)".to_owned()
+            } else {
+                format!("{left}s")
+            },
+        ]);
+    }
+    format!(
+        "\nIdentities held after their last pod (mic --identity-release-grace-period):\n{}",
+        pad(&rows)
+    )
 }
 
 fn pad(rows: &[Vec<String>]) -> String {
