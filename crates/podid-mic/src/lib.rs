@@ -21,7 +21,7 @@
 //! - [`upgrade`]: the one-time type upgrade (capitalised CRD keys) on becoming leader.
 //! - [`throttle`]: the `--clientQps` token bucket around the Kubernetes client (Leases exempt).
 //!
-//! [`config`], [`cloud`], [`desired`] and [`preexisting`] take values and return values: no
+//! [`config`], [`cloud`], [`desired`], [`hold`] and [`preexisting`] take values and return values: no
 //! tokio, no HTTP, no Kubernetes client; only [`run`] and [`upgrade`] talk to the API server.
 //! Must not depend on the testkit or on `podid-nmi`.
 

@@ -320,3 +320,35 @@ fn write_findings(out: &mut String, findings: &[crate::explain::Finding]) {
         }
     }
 }
+
+#[cfg(test)]
+mod held_tests {
+    use super::held_table;
+    use crate::cluster::HeldIdentity;
+
+    #[test]
+    fn held_identities_are_listed_with_their_scale_set_and_time_left() {
+        assert_eq!(held_table(&[]), "", "nothing held, nothing printed");
+        let far = u64::MAX / 2;
+        let text = held_table(&[
+            HeldIdentity {
+                kind: "vmss".to_owned(),
+                name: "aks-pool0-vmss".to_owned(),
+                id: "/subscriptions/s/resourcegroups/rg/providers/microsoft.managedidentity/userassignedidentities/web".to_owned(),
+                since: 0,
+                until: far,
+            },
+            HeldIdentity {
+                kind: "vm".to_owned(),
+                name: "node-1".to_owned(),
+                id: "/subscriptions/s/resourcegroups/rg/providers/microsoft.managedidentity/userassignedidentities/due".to_owned(),
+                since: 0,
+                until: 1,
+            },
+        ]);
+        assert!(text.contains("vmss aks-pool0-vmss"), "{text}");
+        assert!(text.contains("web"), "{text}");
+        assert!(text.contains("vm node-1"), "{text}");
+        assert!(text.contains("due (releasing)"), "{text}");
+    }
+}
