@@ -259,9 +259,16 @@ impl Holds {
                 }
             }
         }
-        // Releases become holds.
+        // Releases because the last pod went (a deleted assignment) become holds. Others (an
+        // identity switched to federated tokens, an AzureIdentity pointed at another resource)
+        // are not needed again: released at once.
         if !settings.grace.is_zero() {
             let until = now_secs.saturating_add(settings.grace.as_secs().max(1));
+            let last_pod_gone: BTreeSet<(ArmTarget, String)> = plan
+                .delete
+                .iter()
+                .filter_map(|d| d.release.clone())
+                .collect();
             for (target, work) in &mut plan.targets {
                 let ids = std::mem::take(&mut work.release);
                 for id in ids {
@@ -270,6 +277,10 @@ impl Holds {
                         if hold.releasing {
                             work.release.insert(key.1);
                         }
+                        continue;
+                    }
+                    if !last_pod_gone.contains(&key) {
+                        work.release.insert(key.1);
                         continue;
                     }
                     self.held.insert(
@@ -344,8 +355,17 @@ mod tests {
         ArmTarget::Vmss(name.to_owned())
     }
 
+    /// A plan needing `required` on `target` and releasing `release` there, each release
+    /// because its last assignment is deleted.
     fn plan_with(target: &ArmTarget, required: &[&str], release: &[&str]) -> Plan<'static> {
+        let object: &'static podid_api::AzureAssignedIdentity = Box::leak(Box::default());
         let mut plan = Plan::default();
+        for id in release {
+            plan.delete.push(crate::desired::Deletion {
+                object,
+                release: Some((target.clone(), (*id).to_owned())),
+            });
+        }
         plan.targets.insert(
             target.clone(),
             TargetPlan {
@@ -390,6 +410,23 @@ mod tests {
         holds.apply(&mut plan, at(1301), &GRACE);
         assert!(plan.targets[&a].release.contains("x"));
         holds.released(&a, &BTreeSet::from(["x".to_owned()]));
+        assert!(holds.is_empty());
+    }
+
+    #[test]
+    fn a_release_without_a_deleted_assignment_is_not_held() {
+        // An identity switched to federated tokens: not needed on the VM/VMSS again.
+        let a = vmss("a");
+        let mut plan = plan_with(&a, &[], &[]);
+        plan.targets
+            .get_mut(&a)
+            .expect("target")
+            .release
+            .insert("x".to_owned());
+        let mut holds = Holds::default();
+        let applied = holds.apply(&mut plan, at(1000), &GRACE);
+        assert!(applied.taken.is_empty());
+        assert!(plan.targets[&a].release.contains("x"));
         assert!(holds.is_empty());
     }
 
@@ -468,7 +505,12 @@ mod tests {
         use crate::desired::Deletion;
         let a = vmss("a");
         let object = podid_api::AzureAssignedIdentity::default();
-        let mut plan = plan_with(&a, &[], &["x"]);
+        let mut plan = plan_with(&a, &[], &[]);
+        plan.targets
+            .get_mut(&a)
+            .expect("target")
+            .release
+            .insert("x".to_owned());
         plan.delete.push(Deletion {
             object: &object,
             release: Some((a.clone(), "x".to_owned())),
@@ -477,7 +519,12 @@ mod tests {
         holds.apply(&mut plan, at(1000), &GRACE);
         assert_eq!(plan.delete[0].release, None);
         // Not recorded: back to an immediate release, deletion included.
-        let mut plan = plan_with(&a, &[], &["x"]);
+        let mut plan = plan_with(&a, &[], &[]);
+        plan.targets
+            .get_mut(&a)
+            .expect("target")
+            .release
+            .insert("x".to_owned());
         plan.delete.push(Deletion {
             object: &object,
             release: Some((a.clone(), "x".to_owned())),
