@@ -84,10 +84,53 @@ pub struct ArmHandle {
     shared: Arc<Shared>,
 }
 
+/// Builds a simulated ARM with its behaviour set before the first request
+/// ([`ArmHandle::builder`]).
+#[derive(Debug, Clone, Default)]
+pub struct ArmBuilder {
+    operation_duration: Duration,
+    reject_concurrent_updates: bool,
+}
+
+impl ArmBuilder {
+    /// How long each PATCH's long-running operation stays `InProgress` (real ARM: tens of
+    /// seconds for a scale set's identities). The PATCH answers at once, `200` with
+    /// `provisioningState: Updating` and an `Azure-AsyncOperation` URL, as ARM does; the
+    /// identities change when the operation completes.
+    pub fn operation_duration(mut self, d: Duration) -> Self {
+        self.operation_duration = d;
+        self
+    }
+
+    /// See [`ArmHandle::set_reject_concurrent_updates`].
+    pub fn reject_concurrent_updates(mut self, reject: bool) -> Self {
+        self.reject_concurrent_updates = reject;
+        self
+    }
+
+    /// Binds `127.0.0.1:0` and serves. Must be called inside a tokio runtime.
+    pub fn start(self, cloud: &Cloud) -> Result<ArmHandle, Error> {
+        self.serve(cloud, loopback_listener()?)
+    }
+
+    /// Serves on `listener`. Must be called inside a tokio runtime.
+    pub fn serve(self, cloud: &Cloud, listener: std::net::TcpListener) -> Result<ArmHandle, Error> {
+        let arm = serve_arm(cloud, listener)?;
+        arm.set_operation_duration(self.operation_duration);
+        arm.set_reject_concurrent_updates(self.reject_concurrent_updates);
+        Ok(arm)
+    }
+}
+
 impl ArmHandle {
     /// Binds `127.0.0.1:0` and serves. Must be called inside a tokio runtime.
     pub fn start(cloud: &Cloud) -> Result<Self, Error> {
         serve_arm(cloud, loopback_listener()?)
+    }
+
+    /// A builder for a simulated ARM with non-default behaviour (long-running operations).
+    pub fn builder() -> ArmBuilder {
+        ArmBuilder::default()
     }
 
     /// The base URL (resource manager endpoint), `http://<addr>` without a trailing slash.

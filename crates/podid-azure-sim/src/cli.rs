@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use anyhow::Context as _;
 use serde_json::json;
 
-use crate::{ArmHandle, Cloud, EntraHandle, ImdsHandle, serve_arm, serve_entra, serve_imds};
+use crate::{ArmHandle, Cloud, EntraHandle, ImdsHandle, serve_entra, serve_imds};
 
 /// Flags of `azure-sim`.
 #[derive(Debug, Clone, clap::Parser)]
@@ -42,6 +42,27 @@ pub struct Args {
     /// Seconds a PATCH's long-running operation stays in progress.
     #[arg(long, default_value_t = 0)]
     pub operation_seconds: u64,
+    /// How long a PATCH's long-running operation stays in progress, with a unit (`30s`,
+    /// `2.5s`, `500ms`); overrides `--operation-seconds`.
+    #[arg(long, value_parser = parse_duration)]
+    pub operation_duration: Option<std::time::Duration>,
+}
+
+/// `30s`, `2.5s`, `500ms`.
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let bad = || format!("invalid duration {text:?} (want e.g. 30s or 500ms)");
+    let (number, scale) = if let Some(n) = text.strip_suffix("ms") {
+        (n, 1e-3)
+    } else if let Some(n) = text.strip_suffix('s') {
+        (n, 1.0)
+    } else {
+        return Err(bad());
+    };
+    let value: f64 = number.trim().parse().map_err(|_| bad())?;
+    if !value.is_finite() || value < 0.0 || value * scale > 86_400.0 {
+        return Err(bad());
+    }
+    Ok(std::time::Duration::from_secs_f64(value * scale))
 }
 
 /// Validated configuration.
@@ -135,8 +156,12 @@ pub fn start(config: &Config) -> anyhow::Result<Running> {
         std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))
     };
     let entra = serve_entra(&cloud, bind(a.entra_listen)?)?;
-    let arm = serve_arm(&cloud, bind(a.arm_listen)?)?;
-    arm.set_operation_duration(std::time::Duration::from_secs(a.operation_seconds));
+    let arm = ArmHandle::builder()
+        .operation_duration(
+            a.operation_duration
+                .unwrap_or(std::time::Duration::from_secs(a.operation_seconds)),
+        )
+        .serve(&cloud, bind(a.arm_listen)?)?;
     let imds = match a.imds_listen {
         Some(addr) => Some(serve_imds(&cloud, &vmss.instance("0"), bind(addr)?)?),
         None => None,
@@ -177,6 +202,29 @@ pub async fn run(
 mod tests {
     use super::*;
     use clap::Parser as _;
+
+    #[test]
+    fn operation_durations_take_a_unit() {
+        let parse = |text: &str| {
+            Args::try_parse_from(["azure-sim", "--operation-duration", text])
+                .map(|a| a.operation_duration)
+        };
+        assert_eq!(
+            parse("30s").ok().flatten(),
+            Some(std::time::Duration::from_secs(30))
+        );
+        assert_eq!(
+            parse("2.5s").ok().flatten(),
+            Some(std::time::Duration::from_millis(2500))
+        );
+        assert_eq!(
+            parse("500ms").ok().flatten(),
+            Some(std::time::Duration::from_millis(500))
+        );
+        for bad in ["30", "-1s", "xs", "1e9s"] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn bad_flags_fail_before_binding() {

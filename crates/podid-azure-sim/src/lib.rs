@@ -21,7 +21,7 @@ mod token;
 mod util;
 mod world;
 
-pub use arm::{ARM_MAX_IDENTITIES_PER_REQUEST, ArmCall, ArmHandle, serve_arm};
+pub use arm::{ARM_MAX_IDENTITIES_PER_REQUEST, ArmBuilder, ArmCall, ArmHandle, serve_arm};
 pub use entra::{EntraCall, EntraHandle, GrantKind, serve_entra};
 pub use error::Error;
 pub use http::ServerHandle;

@@ -523,3 +523,45 @@ async fn overlapping_patches_are_counted_and_can_be_refused() {
     assert_eq!(e.arm.overlapping_patch_count(&e.vmss), 2);
     assert_eq!(e.cloud.pending_operations(), 2);
 }
+
+#[tokio::test]
+async fn a_built_arm_keeps_each_patch_in_progress_for_its_operation_duration() {
+    let mut e = env();
+    e.arm = ArmHandle::builder()
+        .operation_duration(Duration::from_millis(600))
+        .start(&e.cloud)
+        .expect("arm");
+    let a = e.cloud.add_user_assigned_identity("a");
+    let started = Instant::now();
+    let (s, h, body) = patch(&e, &e.vmss, ua(&[(&a.resource_id, json!({}))])).await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body["properties"]["provisioningState"], "Updating");
+    let op = h
+        .get("azure-asyncoperation")
+        .and_then(|v| v.to_str().ok())
+        .expect("Azure-AsyncOperation")
+        .to_owned();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, _, status) = send(reqwest::Method::GET, &op, Some(&e.token), None).await;
+        if status["status"] == "Succeeded" {
+            break;
+        }
+        assert_eq!(status["status"], "InProgress");
+        assert!(
+            e.cloud
+                .assigned_identities(&e.vmss)
+                .expect("ids")
+                .is_empty(),
+            "not in effect before the operation completes"
+        );
+        assert!(Instant::now() < deadline, "operation never completed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(600),
+        "completed after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(e.cloud.assigned_identities(&e.vmss).expect("ids").len(), 1);
+}

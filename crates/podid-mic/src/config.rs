@@ -141,6 +141,19 @@ pub struct Flags {
     #[arg(long = "upstream-leader-lock", num_args = 0..=1, require_equals = true, default_value = "true",
           default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
     pub upstream_leader_lock: bool,
+    /// podid: how long an identity stays on a VM or VM scale set after the last pod using it
+    /// there goes, so that the next pod finds it without an ARM round trip (`0`: released at
+    /// once, as upstream).
+    #[arg(long = "identity-release-grace-period", default_value = "5m")]
+    pub identity_release_grace_period: String,
+    /// podid: most user-assigned identities MIC keeps in use or held on one VM or VM scale set;
+    /// beyond it, the oldest held identities are released first.
+    #[arg(
+        long = "identity-limit-per-vm",
+        default_value_t = 100,
+        allow_negative_numbers = true
+    )]
+    pub identity_limit_per_vm: i64,
 
     /// klog's flags (`-v` and the ignored others).
     #[command(flatten)]
@@ -319,6 +332,10 @@ pub struct Config {
     pub release_finished_pods: bool,
     /// Also honour and keep upstream's Endpoints leader lock.
     pub upstream_leader_lock: bool,
+    /// How long an identity stays on its VM/VMSS after its last pod (zero: upstream).
+    pub identity_release_grace_period: Duration,
+    /// Most identities in use or held on one VM/VMSS (≥ 1).
+    pub identity_limit_per_vm: usize,
 }
 
 /// Azure endpoints given on the command line instead of the cloud's (podid additions).
@@ -477,6 +494,20 @@ impl Flags {
             endpoints,
             release_finished_pods: self.release_finished_pods,
             upstream_leader_lock: self.upstream_leader_lock,
+            identity_release_grace_period: duration(
+                "identity-release-grace-period",
+                &self.identity_release_grace_period,
+            )?,
+            identity_limit_per_vm: usize::try_from(self.identity_limit_per_vm)
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| {
+                    invalid(
+                        "identity-limit-per-vm",
+                        &self.identity_limit_per_vm.to_string(),
+                        "want a positive number",
+                    )
+                })?,
         })
     }
 }

@@ -311,6 +311,9 @@ pub struct TargetPlan {
     /// Names of type-0 assignments on this target whose state will be `Created` and that turn
     /// `Assigned` once `required` is confirmed on the VM/VMSS.
     pub confirm: Vec<String>,
+    /// Lower-cased resource ids that desired assignments staying `Assigned` (or legacy) on
+    /// this target hold: MIC confirmed them on the VM/VMSS already.
+    pub kept: BTreeSet<String>,
 }
 
 /// Counts of one pass (upstream logs `Found <n> pods, <n> ids, <n> bindings`).
@@ -826,6 +829,9 @@ pub fn compute<'a>(inputs: &Inputs<'a>, options: &Options) -> Plan<'a> {
         let entry = plan.targets.entry(target.clone()).or_default();
         entry.nodes.insert(candidate.node.to_owned());
         if let Some(id) = lower_resource_id(candidate.identity) {
+            if !pending {
+                entry.kept.insert(id.clone());
+            }
             entry.required.insert(id);
         }
         if pending {

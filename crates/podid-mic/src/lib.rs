@@ -17,10 +17,11 @@
 //! - [`metrics`]: upstream's MIC metrics and their `/metrics` rendering.
 //! - [`probe`]: the `/healthz` and `/metrics` HTTP servers.
 //! - [`preexisting`]: identities found on a VM/VMSS before podid assigned them stay there.
+//! - [`hold`]: identities kept on a VM/VMSS for a grace period after their last pod.
 //! - [`upgrade`]: the one-time type upgrade (capitalised CRD keys) on becoming leader.
 //! - [`throttle`]: the `--clientQps` token bucket around the Kubernetes client (Leases exempt).
 //!
-//! [`config`], [`cloud`], [`desired`] and [`preexisting`] take values and return values: no
+//! [`config`], [`cloud`], [`desired`], [`hold`] and [`preexisting`] take values and return values: no
 //! tokio, no HTTP, no Kubernetes client; only [`run`] and [`upgrade`] talk to the API server.
 //! Must not depend on the testkit or on `podid-nmi`.
 
@@ -28,6 +29,7 @@ pub mod arm;
 pub mod cloud;
 pub mod config;
 pub mod desired;
+pub mod hold;
 pub mod leader;
 pub mod metrics;
 pub mod preexisting;

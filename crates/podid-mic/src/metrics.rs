@@ -40,6 +40,8 @@ struct Metrics {
     kube_errors: IntCounterVec,
     leader: IntGauge,
     assignments: IntGaugeVec,
+    held: IntGaugeVec,
+    holds_reused: IntCounter,
 }
 
 /// `state` values of `podid_mic_assignments` (any other status counts as `other`).
@@ -139,6 +141,17 @@ impl Metrics {
                 ),
                 &["state"],
             )?,
+            held: IntGaugeVec::new(
+                Opts::new(
+                    "podid_mic_identities_held",
+                    "Identities kept on a VM or VM scale set after their last pod left, by reason (grace_period: within --identity-release-grace-period; releasing: the release PATCH is queued, in flight or retried)",
+                ),
+                &["reason"],
+            )?,
+            holds_reused: IntCounter::new(
+                "podid_mic_identity_holds_reused_total",
+                "Held identities a pod needed again within the grace period (assigned without an ARM PATCH)",
+            )?,
             registry,
         };
         m.registry.register(Box::new(m.addition_duration.clone()))?;
@@ -155,6 +168,11 @@ impl Metrics {
         m.registry.register(Box::new(m.kube_errors.clone()))?;
         m.registry.register(Box::new(m.leader.clone()))?;
         m.registry.register(Box::new(m.assignments.clone()))?;
+        m.registry.register(Box::new(m.held.clone()))?;
+        m.registry.register(Box::new(m.holds_reused.clone()))?;
+        for reason in crate::hold::HoldReason::ALL {
+            m.held.with_label_values(&[reason.label()]);
+        }
         for state in ASSIGNMENT_STATES {
             m.assignments.with_label_values(&[state]);
         }
@@ -281,5 +299,22 @@ pub fn assignment_states<'a>(states: impl IntoIterator<Item = &'a str>) {
     }
     for (state, count) in ASSIGNMENT_STATES.iter().zip(counts) {
         m.assignments.with_label_values(&[state]).set(count);
+    }
+}
+
+/// The identities held, by reason (`podid_mic_identities_held{reason}`).
+pub fn identities_held(counts: &std::collections::BTreeMap<crate::hold::HoldReason, usize>) {
+    let Some(m) = metrics() else { return };
+    for (reason, count) in counts {
+        m.held
+            .with_label_values(&[reason.label()])
+            .set(i64::try_from(*count).unwrap_or(i64::MAX));
+    }
+}
+
+/// Holds ended because a pod needed the identity again (`podid_mic_identity_holds_reused_total`).
+pub fn holds_reused(n: usize) {
+    if let Some(m) = metrics() {
+        m.holds_reused.inc_by(n as u64);
     }
 }

@@ -99,6 +99,17 @@ impl Ownership {
         Some((target.clone(), id))
     }
 
+    /// The VM/VMSS of a node.
+    pub fn target_of(&self, node: &str) -> Option<&ArmTarget> {
+        self.nodes.get(node)
+    }
+
+    /// Whether an unmarked `Assigned` (or legacy) assignment holds `id` on `target`: podid (or
+    /// the Go MIC) added it.
+    pub fn owns(&self, target: &ArmTarget, id: &str) -> bool {
+        self.owned.contains(&(target.clone(), id.to_owned()))
+    }
+
     /// Whether `id` (lower-cased) on `target` is marked as found there.
     pub fn is_found(&self, target: &ArmTarget, id: &str) -> bool {
         self.found.contains(&(target.clone(), id.to_owned()))

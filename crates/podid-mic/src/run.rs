@@ -20,7 +20,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use futures::{StreamExt, stream};
 use k8s_openapi::api::core::v1::ObjectReference;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
@@ -35,6 +35,7 @@ use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
 use crate::desired::{ArmTarget, Deletion, Inputs, Options, Plan, Warning, compute};
+use crate::hold::{HoldSettings, Holds, Record};
 use crate::preexisting::{Ownership, PREEXISTING_ANNOTATION};
 
 /// The error an [`IdentityAssigner`] reports.
@@ -123,6 +124,20 @@ pub struct Settings {
     pub instance: String,
     /// Set active while the loop runs on synced caches (the `/healthz` answer).
     pub health: Arc<crate::probe::Health>,
+    /// Holding identities after their last pod (`--identity-release-grace-period`,
+    /// `--identity-limit-per-vm`).
+    pub holds: HoldSettings,
+    /// Where the holds are recorded; `None`: in memory only (a restart forgets them).
+    pub hold_record: Option<HoldRecordLocation>,
+}
+
+/// The ConfigMap that records the holds ([`crate::hold::RECORD_KEY`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HoldRecordLocation {
+    /// MIC's namespace (`MIC_POD_NAMESPACE`).
+    pub namespace: String,
+    /// `--config-map-name`.
+    pub config_map: String,
 }
 
 impl Settings {
@@ -142,6 +157,14 @@ impl Settings {
             identity_reconcile: config.identity_assignment_reconcile_interval,
             instance: config.leader_election_instance.clone(),
             health: Arc::default(),
+            holds: HoldSettings {
+                grace: config.identity_release_grace_period,
+                limit: config.identity_limit_per_vm,
+            },
+            hold_record: Some(HoldRecordLocation {
+                namespace: config.pod_namespace.clone(),
+                config_map: config.config_map_name.clone(),
+            }),
         }
     }
 }
@@ -246,6 +269,9 @@ pub struct PassReport {
     pub deleted: usize,
     /// Objects marked `Assigned`.
     pub assigned: usize,
+    /// Of those, confirmed without an ARM call: their identity was known to be on the VM/VMSS
+    /// (held after its last pod, or kept by another assignment).
+    pub confirmed_without_arm: usize,
     /// Failed API or ARM calls (the pass is retried).
     pub failures: usize,
     /// The longest `Retry-After` an assigner reported: the retry waits at least this long.
@@ -310,6 +336,16 @@ const WRITTEN_TTL: Duration = Duration::from_secs(60);
 const CREATED_WAIT: Duration = Duration::from_secs(1);
 
 impl PassReport {
+    /// Adds what a [`TargetJob`] did.
+    fn absorb(&mut self, other: PassReport) {
+        self.assigned += other.assigned;
+        self.deleted += other.deleted;
+        self.failures += other.failures;
+        self.retry_after = self.retry_after.max(other.retry_after);
+        self.removed.extend(other.removed);
+        self.written.extend(other.written);
+    }
+
     /// Counts confirmation results and keeps the record of each successful one (`None` when
     /// the object it confirmed is not known).
     fn confirmations(
@@ -483,13 +519,7 @@ pub async fn run(
     let _tasks = AbortOnDrop(tasks);
     let _inactive = Inactive(settings.health.clone());
     run_loop(
-        &client,
-        &settings,
-        assigner.as_ref(),
-        &events,
-        &stores,
-        &notify,
-        shutdown,
+        &client, &settings, &assigner, &events, &stores, &notify, shutdown,
     )
     .await
 }
@@ -497,7 +527,7 @@ pub async fn run(
 async fn run_loop(
     client: &Client,
     settings: &Settings,
-    assigner: &dyn IdentityAssigner,
+    assigner: &Arc<dyn IdentityAssigner>,
     events: &Recorder,
     stores: &Stores,
     notify: &Notify,
@@ -540,6 +570,9 @@ async fn run_loop(
     let mut failures_in_a_row: u32 = 0;
     let mut every_target = false;
     let mut memory = Memory::default();
+    // Each VM/VMSS's ARM work runs as its own task, so that a long-running PATCH holds up
+    // neither the passes nor the other VMs/VMSS. Dropping the set (lost lease) aborts them.
+    let mut jobs: tokio::task::JoinSet<JobOutcome> = tokio::task::JoinSet::new();
     let mut next_reconcile = tokio::time::Instant::now() + settings.identity_reconcile;
     loop {
         // Objects the last pass created reach the cache within milliseconds; a pass that ran
@@ -554,23 +587,28 @@ async fn run_loop(
             }
         }
         let started = std::time::Instant::now();
-        let report = pass(
-            client,
-            settings,
-            assigner,
-            events,
-            stores,
-            every_target,
-            &mut memory,
-        )
-        .await;
+        let (report, new_jobs) =
+            pass(client, settings, events, stores, every_target, &mut memory).await;
         memory.remember(&report);
+        for job in new_jobs {
+            memory
+                .in_flight
+                .insert(job.target().clone(), (job.release().clone(), job.objects()));
+            jobs.spawn(run_job(
+                job,
+                client.clone(),
+                assigner.clone(),
+                Some(events.clone()),
+                settings.batch.max(1),
+            ));
+        }
         crate::metrics::assignment_states(stores.assigned.state().iter().map(|a| {
             a.status
                 .as_ref()
                 .and_then(|s| s.status.as_ref())
                 .map_or("", |s| s.as_str())
         }));
+        crate::metrics::identities_held(&memory.holds.counts());
         if report != PassReport::default() {
             crate::metrics::cycle(started.elapsed());
             info!(
@@ -578,19 +616,28 @@ async fn run_loop(
                 updated = report.updated,
                 deleted = report.deleted,
                 assigned = report.assigned,
+                confirmed_without_arm = report.confirmed_without_arm,
                 failures = report.failures,
+                in_flight = memory.in_flight.len(),
                 "pass done"
             );
         }
-        let wait = if report.failures > 0 {
+        let mut wait = if report.failures > 0 {
             failures_in_a_row = failures_in_a_row.saturating_add(1);
-            let secs = 1u64 << failures_in_a_row.saturating_sub(1).min(9);
-            let backoff = Duration::from_secs(secs.min(300)).min(settings.resync);
-            backoff.max(report.retry_after.unwrap_or_default())
+            backoff(failures_in_a_row, settings.resync).max(report.retry_after.unwrap_or_default())
         } else {
             failures_in_a_row = 0;
             settings.resync
         };
+        // A VM/VMSS backing off is tried again when its time comes; a hold is released when
+        // its period ends.
+        let now = tokio::time::Instant::now();
+        if let Some(first) = memory.backoff.values().map(|(_, at)| *at).min() {
+            wait = wait.min(first.saturating_duration_since(now));
+        }
+        if let Some(due) = memory.next_hold_due() {
+            wait = wait.min(due);
+        }
         every_target = false;
         tokio::select! {
             () = notify.notified() => {}
@@ -599,10 +646,34 @@ async fn run_loop(
                 every_target = true;
                 next_reconcile = tokio::time::Instant::now() + settings.identity_reconcile;
             }
-            () = &mut shutdown => return Ok(()),
+            Some(done) = jobs.join_next(), if !jobs.is_empty() => {
+                memory.finished(done, settings.resync);
+                // Finish every job that is done: their confirmations go in one pass.
+                while let Some(done) = jobs.try_join_next() {
+                    memory.finished(done, settings.resync);
+                }
+            }
+            () = &mut shutdown => {
+                // As a pass in flight, ARM work in flight finishes (its assignments confirmed)
+                // before the loop returns.
+                while let Some(done) = jobs.join_next().await {
+                    memory.finished(done, settings.resync);
+                }
+                return Ok(());
+            }
         }
     }
 }
+
+/// The retry delay after `failures` failed attempts in a row: 1 s doubling to 5 min, at most
+/// `cap`.
+fn backoff(failures: u32, cap: Duration) -> Duration {
+    let secs = 1u64 << failures.saturating_sub(1).min(9);
+    Duration::from_secs(secs.min(300)).min(cap)
+}
+
+/// (namespace, name) of an assignment.
+type ObjectKey = (String, String);
 
 /// What the loop carries from one pass to the next.
 #[derive(Debug, Default)]
@@ -614,9 +685,60 @@ struct Memory {
     /// What earlier passes created or confirmed, by (namespace, name), while the cache may
     /// not show it yet.
     written: HashMap<(String, String), Written>,
+    /// Identities held after their last pod.
+    holds: Holds,
+    /// The hold record was read (or found absent) since this replica leads.
+    holds_loaded: bool,
+    /// The hold record as last stored.
+    stored: Option<Record>,
+    /// VMs/VMSS with a job in flight: the ids it removes, the assignments it writes.
+    in_flight: HashMap<ArmTarget, (BTreeSet<String>, HashSet<ObjectKey>)>,
+    /// VMs/VMSS whose last job failed: failures in a row and when to try again.
+    backoff: HashMap<ArmTarget, (u32, tokio::time::Instant)>,
 }
 
 impl Memory {
+    /// Takes in a finished job (or a panicked one: its target is tried again).
+    fn finished(&mut self, done: Result<JobOutcome, tokio::task::JoinError>, cap: Duration) {
+        let outcome = match done {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                warn!(error = %e, "VM/VMSS job did not finish");
+                // Which target is unknown: let every one be planned again.
+                self.in_flight.clear();
+                return;
+            }
+        };
+        self.in_flight.remove(&outcome.target);
+        self.remember(&outcome.report);
+        self.holds.released(&outcome.target, &outcome.released);
+        if outcome.failed {
+            let failures = self
+                .backoff
+                .get(&outcome.target)
+                .map_or(1, |(n, _)| n.saturating_add(1));
+            let wait = backoff(failures, cap).max(outcome.report.retry_after.unwrap_or_default());
+            self.backoff.insert(
+                outcome.target,
+                (failures, tokio::time::Instant::now() + wait),
+            );
+        } else {
+            self.backoff.remove(&outcome.target);
+        }
+    }
+
+    /// How long until the next hold's period ends (`None` without holds in their period).
+    fn next_hold_due(&self) -> Option<Duration> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.holds
+            .iter()
+            .filter(|(_, _, h)| !h.releasing)
+            .map(|(_, _, h)| Duration::from_secs(h.until.saturating_sub(now)))
+            .min()
+    }
+
     /// Takes in what a pass wrote.
     fn remember(&mut self, report: &PassReport) {
         self.removed.extend(report.removed.iter().cloned());
@@ -654,16 +776,20 @@ impl Memory {
 async fn pass(
     client: &Client,
     settings: &Settings,
-    assigner: &dyn IdentityAssigner,
     events: &Recorder,
     stores: &Stores,
     every_target: bool,
     memory: &mut Memory,
-) -> PassReport {
+) -> (PassReport, Vec<TargetJob>) {
     let Memory {
         warned,
         removed,
         written,
+        holds,
+        holds_loaded,
+        stored,
+        in_flight,
+        backoff,
     } = memory;
     let pods = stores.pods.state();
     let nodes = stores.nodes.state();
@@ -747,46 +873,212 @@ async fn pass(
         }
     }
     *warned = current;
+
+    // Holds: releases become holds (recorded before their assignments go), holds whose
+    // identity is needed again end, holds whose period is over are released.
+    if let Some(location) = &settings.hold_record
+        && !*holds_loaded
+    {
+        match read_hold_record(client, location).await {
+            Ok(record) => {
+                if let Some(record) = &record {
+                    holds.restore(record);
+                    info!(held = holds.len(), "holds restored from the record");
+                }
+                *stored = record;
+                *holds_loaded = true;
+            }
+            Err(e) => {
+                warn!(error = %e, "failed to read the hold record; releasing at once until it is read")
+            }
+        }
+    }
+    let hold_settings = if settings.hold_record.is_none() || *holds_loaded {
+        settings.holds
+    } else {
+        HoldSettings {
+            grace: Duration::ZERO,
+            ..settings.holds
+        }
+    };
+    let applied = holds.apply(&mut plan, std::time::SystemTime::now(), &hold_settings);
+    crate::metrics::holds_reused(applied.reused.len());
+    for (target, id) in &applied.taken {
+        debug!(%target, id, "identity held after its last pod");
+    }
+    if let Some(location) = &settings.hold_record
+        && *holds_loaded
+    {
+        let record = holds.to_record();
+        if stored.as_ref() != Some(&record) {
+            match write_hold_record(client, location, &record).await {
+                Ok(()) => *stored = Some(record),
+                Err(e) => {
+                    warn!(error = %e, "failed to record the held identities; releasing the new ones at once");
+                    holds.undo(&mut plan, &applied);
+                }
+            }
+        }
+    }
+
+    let now = tokio::time::Instant::now();
+    backoff.retain(|_, (_, at)| *at > now);
+    let mut view = ArmView {
+        busy: in_flight.keys().chain(backoff.keys()).cloned().collect(),
+        claimed: in_flight
+            .values()
+            .flat_map(|(_, objects)| objects.iter().cloned())
+            .collect(),
+        ..ArmView::default()
+    };
+    for (target, id, hold) in holds.iter() {
+        if !hold.releasing {
+            view.held.insert((target.clone(), id.to_owned()));
+        }
+    }
+    // Holds this pass ended for a pod that needs the identity again: still on the VM/VMSS.
+    view.held.extend(applied.reused.iter().cloned());
+    for (target, work) in &plan.targets {
+        let releasing = in_flight.get(target).map(|(ids, _)| ids);
+        for id in work.kept.iter().chain(
+            view.held
+                .iter()
+                .filter(|(t, _)| t == target)
+                .map(|(_, id)| id),
+        ) {
+            if releasing.is_none_or(|ids| !ids.contains(id)) && !work.release.contains(id) {
+                view.known.insert((target.clone(), id.clone()));
+            }
+        }
+    }
     apply_plan_with(
         client,
         settings.batch.max(1),
-        assigner,
         Some(events),
         &plan,
         every_target,
         Some(&ownership),
+        &view,
     )
     .await
+}
+
+/// The hold record from MIC's ConfigMap; `None` when the ConfigMap or its key is absent.
+async fn read_hold_record(
+    client: &Client,
+    location: &HoldRecordLocation,
+) -> Result<Option<Record>, kube::Error> {
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), &location.namespace);
+    let Some(map) = api.get_opt(&location.config_map).await? else {
+        return Ok(None);
+    };
+    let Some(text) = map
+        .data
+        .as_ref()
+        .and_then(|d| d.get(crate::hold::RECORD_KEY))
+    else {
+        return Ok(None);
+    };
+    match serde_json::from_str(text) {
+        Ok(record) => Ok(Some(record)),
+        Err(e) => {
+            // Unreadable (edited by hand): nothing can be trusted in it; holds it named stay
+            // on their VMs/VMSS (never a removal by mistake).
+            warn!(error = %e, "ignoring an unreadable hold record");
+            Ok(None)
+        }
+    }
+}
+
+/// Stores the hold record in MIC's ConfigMap (created when absent; other keys kept). A GET
+/// and an update (the verbs MIC's role has on ConfigMaps); a conflict fails the write, which
+/// the next pass repeats.
+async fn write_hold_record(
+    client: &Client,
+    location: &HoldRecordLocation,
+    record: &Record,
+) -> Result<(), kube::Error> {
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), &location.namespace);
+    let text = serde_json::to_string(record).unwrap_or_default();
+    match api.get_opt(&location.config_map).await? {
+        Some(mut map) => {
+            map.data
+                .get_or_insert_default()
+                .insert(crate::hold::RECORD_KEY.to_owned(), text);
+            api.replace(&location.config_map, &PostParams::default(), &map)
+                .await
+                .map(drop)
+        }
+        None => {
+            let map = ConfigMap {
+                metadata: kube::api::ObjectMeta {
+                    name: Some(location.config_map.clone()),
+                    namespace: Some(location.namespace.clone()),
+                    ..Default::default()
+                },
+                data: Some([(crate::hold::RECORD_KEY.to_owned(), text)].into()),
+                ..Default::default()
+            };
+            api.create(&PostParams::default(), &map).await.map(drop)
+        }
+    }
 }
 
 /// Writes `plan` to the API server and runs each target's identity work: targets with
 /// assignments to confirm or ids to release, and with `every_target` also all the others that
 /// need some id (the periodic identity-assignment reconcile).
-/// With `events`, upstream's Kubernetes events are published on the bindings.
+/// With `events`, upstream's Kubernetes events are published on the bindings. The target jobs
+/// run after the API writes, concurrently, before this returns.
 pub async fn apply_plan(
     client: &Client,
     batch: usize,
-    assigner: &dyn IdentityAssigner,
+    assigner: &Arc<dyn IdentityAssigner>,
     events: Option<&Recorder>,
     plan: &Plan<'_>,
     every_target: bool,
 ) -> PassReport {
-    apply_plan_with(client, batch, assigner, events, plan, every_target, None).await
+    let (mut report, jobs) = apply_plan_with(
+        client,
+        batch,
+        events,
+        plan,
+        every_target,
+        None,
+        &ArmView::default(),
+    )
+    .await;
+    let outcomes = futures::future::join_all(jobs.into_iter().map(|job| {
+        run_job(
+            job,
+            client.clone(),
+            assigner.clone(),
+            events.cloned(),
+            batch,
+        )
+    }))
+    .await;
+    for outcome in outcomes {
+        report.absorb(outcome.report);
+    }
+    report
 }
 
-/// [`apply_plan`] knowing the existing assignments' [`Ownership`]: confirmations of
-/// identities ARM found already present carry the [`PREEXISTING_ANNOTATION`] mark (apply
-/// [`Ownership::keep_found`] to `plan` first), and deletions whose node is gone get upstream's
-/// `binding removed` / `binding remove error` events.
+/// The API writes of `plan` (creates, updates, deletions without ARM work, confirmations
+/// without ARM work, including those of identities `view` knows are on their VM/VMSS), and
+/// each VM/VMSS's remaining work as a [`TargetJob`] for the caller to run with [`run_job`]
+/// (none for `view.busy` targets). Knowing the existing assignments' [`Ownership`],
+/// confirmations of identities ARM found already present carry the [`PREEXISTING_ANNOTATION`]
+/// mark (apply [`Ownership::keep_found`] to `plan` first), and deletions whose node is gone get
+/// upstream's `binding removed` / `binding remove error` events.
 pub async fn apply_plan_with(
     client: &Client,
     batch: usize,
-    assigner: &dyn IdentityAssigner,
     events: Option<&Recorder>,
     plan: &Plan<'_>,
     every_target: bool,
     ownership: Option<&Ownership>,
-) -> PassReport {
+    view: &ArmView,
+) -> (PassReport, Vec<TargetJob>) {
     let mut report = PassReport::default();
     let mut objects: HashMap<&str, &AzureAssignedIdentity> = HashMap::new();
     for object in plan
@@ -909,7 +1201,7 @@ pub async fn apply_plan_with(
     let deletions: Vec<BoxFuture<'_, (&AzureAssignedIdentity, Result<(), kube::Error>)>> = plan
         .delete
         .iter()
-        .filter(|d| d.release.is_none())
+        .filter(|d| d.release.is_none() && !view.claims(d.object))
         .map(|d| {
             let node_gone = ownership.is_some_and(|o| {
                 d.object
@@ -934,6 +1226,11 @@ pub async fn apply_plan_with(
         .assign_without_arm
         .iter()
         .filter(|name| !failed.contains(name.as_str()))
+        .filter(|name| {
+            objects
+                .get(name.as_str())
+                .is_none_or(|object| !view.claims(object))
+        })
         .map(|name| {
             let object = objects.get(name.as_str()).copied();
             Box::pin(async move {
@@ -947,144 +1244,345 @@ pub async fn apply_plan_with(
         .collect();
     report.confirmations(bounded(confirms, batch).await);
 
-    // 4. Per VM/VMSS, concurrently.
-    let per_target: Vec<BoxFuture<'_, PassReport>> = plan
+    // 4. Confirmations of identities known to be on their VM/VMSS: no ARM call (an identity
+    //    held after its last pod, or one an `Assigned` assignment there keeps).
+    let known: Vec<(&AzureAssignedIdentity, bool)> = plan
         .targets
         .iter()
-        .filter(|(_, t)| {
-            !t.confirm.is_empty()
-                || !t.release.is_empty()
-                || (every_target && !t.required.is_empty())
+        .flat_map(|(target, work)| work.confirm.iter().map(move |name| (target, name)))
+        .filter(|(_, name)| !failed.contains(name.as_str()))
+        .filter_map(|(target, name)| {
+            let object = objects.get(name.as_str()).copied()?;
+            if view.claims(object) {
+                return None;
+            }
+            let id = lower_id(object);
+            view.is_known(target, &id)
+                .then(|| (object, ownership.is_some_and(|o| o.is_found(target, &id))))
         })
-        .map(|(target, work)| {
-            let confirmed: Vec<&AzureAssignedIdentity> = work
-                .confirm
-                .iter()
-                .filter(|name| !failed.contains(name.as_str()))
-                .filter_map(|name| objects.get(name.as_str()).copied())
-                .collect();
-            let deletions: Vec<&Deletion<'_>> = plan
-                .delete
-                .iter()
-                .filter(|d| d.release.as_ref().is_some_and(|(t, _)| t == target))
-                .collect();
+        .collect();
+    let known_names: HashSet<&str> = known.iter().map(|(o, _)| name_of(o)).collect();
+    let confirms: Vec<BoxFuture<'_, ConfirmResult>> = known
+        .iter()
+        .map(|&(object, mark)| {
             Box::pin(async move {
-                let mut report = PassReport::default();
-                let (result, present) = assigner
-                    .apply_reporting(target, &work.required, &work.release)
-                    .await;
-                let not_applied = match result {
-                    Ok(()) => None,
-                    Err(e) => {
-                        warn!(%target, error = %e, "failed to update the identities of the VM/VMSS");
-                        report.failures += 1;
-                        let partial = e.downcast_ref::<NotApplied>().map(|p| p.ids.clone());
-                        if partial.is_none() {
-                            report.retry_after = assigner.retry_after(&e);
-                        }
-                        if let Some(events) = events {
-                            for object in confirmed.iter().copied().filter(|o| {
-                                partial
-                                    .as_ref()
-                                    .is_none_or(|ids| ids.contains(&lower_id(o)))
-                            }) {
-                                let spec = &object.spec;
-                                let note = format!(
-                                    "failed to apply binding {} node {} for pod {}/{}, error: {e}",
-                                    binding_key(object),
-                                    spec.node_name.as_deref().unwrap_or_default(),
-                                    spec.pod_namespace.as_deref().unwrap_or_default(),
-                                    spec.pod.as_deref().unwrap_or_default(),
-                                );
-                                publish(
-                                    events,
-                                    object,
-                                    EventType::Warning,
-                                    "binding apply error",
-                                    note,
-                                )
-                                .await;
-                            }
-                        }
-                        match partial {
-                            Some(ids) => Some(ids),
-                            None => return report,
-                        }
-                    }
-                };
-                debug!(%target, "identities applied");
-                let recovered = not_applied.is_some();
-                let not_applied = not_applied.unwrap_or_default();
-                let applied: Vec<&AzureAssignedIdentity> = confirmed
-                    .iter()
-                    .copied()
-                    .filter(|o| !not_applied.contains(&lower_id(o)))
-                    .collect();
-                let present = &present;
-                // Status first, events after: a scale set's 500 `binding applied` events must
-                // not hold up its assignments turning `Assigned` (nmi waits on that state).
-                let confirms: Vec<BoxFuture<'_, (&AzureAssignedIdentity, ConfirmResult)>> =
-                    applied
-                    .iter()
-                    .map(|&object| {
-                        let mark = ownership
-                            .is_some_and(|o| o.should_mark(target, &lower_id(object), present));
-                        Box::pin(async move {
-                            let result = set_assigned(
-                                client,
-                                namespace_of(object),
-                                name_of(object),
-                                mark,
-                            )
-                            .await;
-                            let record = result.map(|after| Some(confirmation(object, &after)));
-                            (object, record)
-                        }) as BoxFuture<'_, _>
-                    })
-                    .collect();
-                let confirmed = bounded(confirms, batch).await;
+                let result =
+                    set_assigned(client, namespace_of(object), name_of(object), mark).await;
                 if let Some(events) = events {
-                    let publishing: Vec<BoxFuture<'_, ()>> = confirmed
-                        .iter()
-                        .map(|(object, result)| {
-                            Box::pin(confirm_events(
-                                events,
-                                object,
-                                result.as_ref().err(),
-                                recovered,
-                            )) as BoxFuture<'_, ()>
-                        })
-                        .collect();
-                    bounded(publishing, batch).await;
+                    confirm_events(events, object, result.as_ref().err(), false).await;
                 }
-                let releases: Vec<BoxFuture<'_, (&AzureAssignedIdentity, Result<(), kube::Error>)>> = deletions
-                    .iter()
-                    .filter(|d| {
-                        d.release
-                            .as_ref()
-                            .is_none_or(|(_, id)| !not_applied.contains(id))
-                    })
-                    .map(|d| {
-                        Box::pin(async move {
-                            (d.object, release_and_delete(client, events, d).await)
-                        }) as BoxFuture<'_, _>
-                    })
-                    .collect();
-                report.confirmations(confirmed.into_iter().map(|(_, result)| result));
-                report.deletions(bounded(releases, batch).await);
-                report
+                result.map(|after| Some(confirmation(object, &after)))
             }) as BoxFuture<'_, _>
         })
         .collect();
-    for r in futures::future::join_all(per_target).await {
-        report.assigned += r.assigned;
-        report.deleted += r.deleted;
-        report.failures += r.failures;
-        report.retry_after = report.retry_after.max(r.retry_after);
-        report.removed.extend(r.removed);
-        report.written.extend(r.written);
+    let known_confirmed = known.len();
+    report.confirmations(bounded(confirms, batch).await);
+    report.confirmed_without_arm += known_confirmed;
+
+    // 5. The rest of each VM/VMSS's work becomes a job the caller runs concurrently with
+    //    later passes (a long-running PATCH holds up no one else). Busy targets (a job in
+    //    flight, or backing off) are left for a later pass.
+    let jobs = plan
+        .targets
+        .iter()
+        .filter(|(target, _)| !view.busy.contains(*target))
+        .filter_map(|(target, work)| {
+            let confirm: Vec<JobObject> = work
+                .confirm
+                .iter()
+                .filter(|name| {
+                    !failed.contains(name.as_str()) && !known_names.contains(name.as_str())
+                })
+                .filter_map(|name| objects.get(name.as_str()).copied())
+                .map(|object| {
+                    let (stale_version, created) = match versions.get(name_of(object)) {
+                        Some((version, created)) => (Some(version.clone()), *created),
+                        None => (object.metadata.resource_version.clone(), false),
+                    };
+                    JobObject {
+                        object: object.clone(),
+                        stale_version,
+                        created,
+                    }
+                })
+                .collect();
+            let reconcile = every_target && !work.required.is_empty();
+            if confirm.is_empty() && work.release.is_empty() && !reconcile {
+                return None;
+            }
+            let deletions: Vec<(AzureAssignedIdentity, Option<(ArmTarget, String)>)> = plan
+                .delete
+                .iter()
+                .filter(|d| d.release.as_ref().is_some_and(|(t, _)| t == target))
+                .map(|d| (d.object.clone(), d.release.clone()))
+                .collect();
+            // Ids whose confirmation may carry the pre-existing mark if ARM finds them there:
+            // no unmarked `Assigned` assignment and no hold says podid put them there.
+            let unowned: BTreeSet<String> = match ownership {
+                Some(o) => work
+                    .required
+                    .iter()
+                    .filter(|id| {
+                        !o.owns(target, id) && !view.held.contains(&(target.clone(), (*id).clone()))
+                    })
+                    .cloned()
+                    .collect(),
+                None => BTreeSet::new(),
+            };
+            Some(TargetJob {
+                target: target.clone(),
+                required: work.required.clone(),
+                release: work.release.clone(),
+                confirm,
+                deletions,
+                unowned,
+            })
+        })
+        .collect();
+    (report, jobs)
+}
+
+/// An assignment a [`TargetJob`] confirms, with the version its confirmation patches.
+#[derive(Debug, Clone)]
+struct JobObject {
+    object: AzureAssignedIdentity,
+    /// The resourceVersion the pass wrote, else the one the plan read.
+    stale_version: Option<String>,
+    /// Created by the pass that made the job.
+    created: bool,
+}
+
+/// The ARM work of one VM/VMSS and the API writes that depend on it, owned so that it can run
+/// while later passes go on.
+#[derive(Debug, Clone)]
+pub struct TargetJob {
+    target: ArmTarget,
+    required: BTreeSet<String>,
+    release: BTreeSet<String>,
+    confirm: Vec<JobObject>,
+    /// Deletions waiting for their identity to leave this VM/VMSS.
+    deletions: Vec<(AzureAssignedIdentity, Option<(ArmTarget, String)>)>,
+    /// Required ids no assignment or hold claims (candidates for the pre-existing mark).
+    unowned: BTreeSet<String>,
+}
+
+impl TargetJob {
+    /// The VM/VMSS.
+    pub fn target(&self) -> &ArmTarget {
+        &self.target
     }
-    report
+
+    /// The ids this job removes.
+    pub fn release(&self) -> &BTreeSet<String> {
+        &self.release
+    }
+
+    /// (namespace, name) of the assignments this job confirms or deletes: no pass writes
+    /// them while it runs.
+    pub fn objects(&self) -> HashSet<(String, String)> {
+        self.confirm
+            .iter()
+            .map(|c| &c.object)
+            .chain(self.deletions.iter().map(|(o, _)| o))
+            .map(|o| (namespace_of(o).to_owned(), name_of(o).to_owned()))
+            .collect()
+    }
+}
+
+/// What a [`TargetJob`] achieved.
+#[derive(Debug, Clone)]
+pub struct JobOutcome {
+    /// The VM/VMSS.
+    pub target: ArmTarget,
+    /// Its API writes (and failures).
+    pub report: PassReport,
+    /// Ids ARM confirmed removed.
+    pub released: BTreeSet<String>,
+    /// The ARM call failed (as a whole or for some ids).
+    pub failed: bool,
+}
+
+/// Runs one VM/VMSS's ARM work, then confirms its assignments and deletes the assignments
+/// whose identity left.
+pub async fn run_job(
+    job: TargetJob,
+    client: Client,
+    assigner: Arc<dyn IdentityAssigner>,
+    events: Option<Recorder>,
+    batch: usize,
+) -> JobOutcome {
+    let client = &client;
+    let events = events.as_ref();
+    let target = &job.target;
+    let mut report = PassReport::default();
+    let (result, present) = assigner
+        .apply_reporting(target, &job.required, &job.release)
+        .await;
+    let mut outcome = JobOutcome {
+        target: target.clone(),
+        report: PassReport::default(),
+        released: BTreeSet::new(),
+        failed: false,
+    };
+    let not_applied = match result {
+        Ok(()) => None,
+        Err(e) => {
+            warn!(%target, error = %e, "failed to update the identities of the VM/VMSS");
+            report.failures += 1;
+            outcome.failed = true;
+            let partial = e.downcast_ref::<NotApplied>().map(|p| p.ids.clone());
+            if partial.is_none() {
+                report.retry_after = assigner.retry_after(&e);
+            }
+            if let Some(events) = events {
+                for object in job.confirm.iter().map(|c| &c.object).filter(|o| {
+                    partial
+                        .as_ref()
+                        .is_none_or(|ids| ids.contains(&lower_id(o)))
+                }) {
+                    let spec = &object.spec;
+                    let note = format!(
+                        "failed to apply binding {} node {} for pod {}/{}, error: {e}",
+                        binding_key(object),
+                        spec.node_name.as_deref().unwrap_or_default(),
+                        spec.pod_namespace.as_deref().unwrap_or_default(),
+                        spec.pod.as_deref().unwrap_or_default(),
+                    );
+                    publish(
+                        events,
+                        object,
+                        EventType::Warning,
+                        "binding apply error",
+                        note,
+                    )
+                    .await;
+                }
+            }
+            match partial {
+                Some(ids) => Some(ids),
+                None => {
+                    outcome.report = report;
+                    return outcome;
+                }
+            }
+        }
+    };
+    debug!(%target, "identities applied");
+    let recovered = not_applied.is_some();
+    let not_applied = not_applied.unwrap_or_default();
+    outcome.released = job
+        .release
+        .iter()
+        .filter(|id| !not_applied.contains(*id))
+        .cloned()
+        .collect();
+    let present = &present;
+    let unowned = &job.unowned;
+    // Status first, events after: a scale set's 500 `binding applied` events must not hold
+    // up its assignments turning `Assigned` (nmi waits on that state).
+    let confirms: Vec<BoxFuture<'_, (&JobObject, ConfirmResult)>> = job
+        .confirm
+        .iter()
+        .filter(|c| !not_applied.contains(&lower_id(&c.object)))
+        .map(|c| {
+            let id = lower_id(&c.object);
+            let mark = present.contains(&id) && unowned.contains(&id);
+            Box::pin(async move {
+                let object = &c.object;
+                let result =
+                    set_assigned(client, namespace_of(object), name_of(object), mark).await;
+                let record = result.map(|after| {
+                    Some(Written {
+                        namespace: namespace_of(object).to_owned(),
+                        name: name_of(object).to_owned(),
+                        created: c.created,
+                        confirmed: c.stale_version.clone().map(|stale_version| Confirmed {
+                            stale_version,
+                            version: after.metadata.resource_version.clone(),
+                            status: after.status.clone(),
+                            preexisting: after
+                                .metadata
+                                .annotations
+                                .as_ref()
+                                .and_then(|a| a.get(PREEXISTING_ANNOTATION))
+                                .cloned(),
+                        }),
+                        at: std::time::Instant::now(),
+                    })
+                });
+                (c, record)
+            }) as BoxFuture<'_, _>
+        })
+        .collect();
+    let confirmed = bounded(confirms, batch).await;
+    if let Some(events) = events {
+        let publishing: Vec<BoxFuture<'_, ()>> = confirmed
+            .iter()
+            .map(|(c, result)| {
+                Box::pin(confirm_events(
+                    events,
+                    &c.object,
+                    result.as_ref().err(),
+                    recovered,
+                )) as BoxFuture<'_, ()>
+            })
+            .collect();
+        bounded(publishing, batch).await;
+    }
+    let deletions: Vec<Deletion<'_>> = job
+        .deletions
+        .iter()
+        .filter(|(_, release)| {
+            release
+                .as_ref()
+                .is_none_or(|(_, id)| !not_applied.contains(id))
+        })
+        .map(|(object, release)| Deletion {
+            object,
+            release: release.clone(),
+        })
+        .collect();
+    let releases: Vec<BoxFuture<'_, (&AzureAssignedIdentity, Result<(), kube::Error>)>> = deletions
+        .iter()
+        .map(|d| {
+            Box::pin(async move { (d.object, release_and_delete(client, events, d).await) })
+                as BoxFuture<'_, _>
+        })
+        .collect();
+    report.confirmations(confirmed.into_iter().map(|(_, result)| result));
+    report.deletions(bounded(releases, batch).await);
+    outcome.report = report;
+    outcome
+}
+
+/// What a pass knows about the VMs and VM scale sets beyond the plan.
+#[derive(Debug, Clone, Default)]
+pub struct ArmView {
+    /// Targets whose ARM work waits: a job in flight, or backing off after a failure.
+    pub busy: HashSet<ArmTarget>,
+    /// (target, id) on the VM/VMSS for sure: an `Assigned` assignment that stays keeps it, or
+    /// podid holds it; minus ids a job in flight is removing.
+    pub known: HashSet<(ArmTarget, String)>,
+    /// (target, id) podid holds after their last pod.
+    pub held: HashSet<(ArmTarget, String)>,
+    /// (namespace, name) of assignments a job in flight confirms or deletes: left alone.
+    pub claimed: HashSet<(String, String)>,
+}
+
+impl ArmView {
+    fn claims(&self, object: &AzureAssignedIdentity) -> bool {
+        !self.claimed.is_empty()
+            && self
+                .claimed
+                .contains(&(namespace_of(object).to_owned(), name_of(object).to_owned()))
+    }
+}
+
+impl ArmView {
+    /// Whether `id` is known to be on `target`.
+    pub fn is_known(&self, target: &ArmTarget, id: &str) -> bool {
+        !id.is_empty() && self.known.contains(&(target.clone(), id.to_owned()))
+    }
 }
 
 /// Upstream's events for a confirmation (`Created` → `Assigned`): Normal `binding applied`

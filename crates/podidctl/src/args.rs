@@ -36,6 +36,14 @@ pub struct Args {
     /// matches podid's MIC label).
     #[arg(long = "release-namespace", global = true)]
     pub release_namespace: Option<String>,
+    /// mic's `--config-map-name` (in the release namespace), where it records the identities
+    /// it holds after their last pod (`status` lists them).
+    #[arg(
+        long = "mic-config-map",
+        global = true,
+        default_value = "aad-pod-identity-config"
+    )]
+    pub mic_config_map: String,
     /// The subcommand.
     #[command(subcommand)]
     pub command: Command,

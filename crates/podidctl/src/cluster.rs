@@ -18,6 +18,31 @@ use serde::de::DeserializeOwned;
 use crate::error::Error;
 use crate::explain::{SecretState, Snapshot, caller_pod, referenced_secrets};
 
+/// Key of MIC's hold record in its ConfigMap.
+const HELD_KEY: &str = "podid-held-identities";
+
+/// MIC's record of held identities.
+#[derive(Debug, serde::Deserialize)]
+struct HeldRecord {
+    #[serde(default)]
+    held: Vec<HeldIdentity>,
+}
+
+/// An identity MIC keeps on a VM/VMSS after its last pod (mic `--identity-release-grace-period`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+pub struct HeldIdentity {
+    /// `vmss` or `vm`.
+    pub kind: String,
+    /// VM or scale set name.
+    pub name: String,
+    /// The identity's resource id (lower-cased).
+    pub id: String,
+    /// When its last pod went (seconds since the epoch).
+    pub since: u64,
+    /// When MIC releases it (seconds since the epoch).
+    pub until: u64,
+}
+
 /// Which pods a snapshot holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Scope {
@@ -131,6 +156,23 @@ impl Cluster {
             }),
             Err(e) => Err(read_error(format!("pod {namespace}/{name}"), &self.url, e)),
         }
+    }
+
+    /// The identities MIC holds on VMs/VMSS after their last pod: the record in MIC's
+    /// ConfigMap `config_map` of `namespace` (key `podid-held-identities`). Empty when the
+    /// ConfigMap, the key or the permission to read it is missing, or the record is unreadable.
+    pub async fn held_identities(&self, namespace: &str, config_map: &str) -> Vec<HeldIdentity> {
+        let api: Api<k8s_openapi::api::core::v1::ConfigMap> =
+            Api::namespaced(self.client.clone(), namespace);
+        let Ok(Some(map)) = api.get_opt(config_map).await else {
+            return Vec::new();
+        };
+        let Some(text) = map.data.as_ref().and_then(|d| d.get(HELD_KEY)) else {
+            return Vec::new();
+        };
+        serde_json::from_str::<HeldRecord>(text)
+            .map(|r| r.held)
+            .unwrap_or_default()
     }
 
     /// Pods of `scope`.

@@ -15,6 +15,40 @@ pub struct StatusDocument<'a> {
     pub force_namespaced: bool,
     /// One report per pod, by namespace then name.
     pub pods: &'a [PodReport],
+    /// Identities MIC keeps on VMs/VMSS after their last pod (its grace period).
+    pub held_identities: &'a [crate::cluster::HeldIdentity],
+}
+
+/// The held identities under the status table (nothing when there are none).
+pub fn held_table(held: &[crate::cluster::HeldIdentity]) -> String {
+    if held.is_empty() {
+        return String::new();
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut rows = vec![vec![
+        "VM/VMSS".to_owned(),
+        "IDENTITY".to_owned(),
+        "RELEASED IN".to_owned(),
+    ]];
+    for h in held {
+        let name = h.id.rsplit('/').next().unwrap_or(&h.id);
+        let left = h.until.saturating_sub(now);
+        rows.push(vec![
+            format!("{} {}", h.kind, h.name),
+            name.to_owned(),
+            if left == 0 {
+                "due (releasing)".to_owned()
+            } else {
+                format!("{left}s")
+            },
+        ]);
+    }
+    format!(
+        "\nIdentities held after their last pod (mic --identity-release-grace-period):\n{}",
+        pad(&rows)
+    )
 }
 
 fn pad(rows: &[Vec<String>]) -> String {
@@ -284,5 +318,37 @@ fn write_findings(out: &mut String, findings: &[crate::explain::Finding]) {
         if let Some(fix) = &f.fix {
             let _ = writeln!(out, "        fix: {fix}");
         }
+    }
+}
+
+#[cfg(test)]
+mod held_tests {
+    use super::held_table;
+    use crate::cluster::HeldIdentity;
+
+    #[test]
+    fn held_identities_are_listed_with_their_scale_set_and_time_left() {
+        assert_eq!(held_table(&[]), "", "nothing held, nothing printed");
+        let far = u64::MAX / 2;
+        let text = held_table(&[
+            HeldIdentity {
+                kind: "vmss".to_owned(),
+                name: "aks-pool0-vmss".to_owned(),
+                id: "/subscriptions/s/resourcegroups/rg/providers/microsoft.managedidentity/userassignedidentities/web".to_owned(),
+                since: 0,
+                until: far,
+            },
+            HeldIdentity {
+                kind: "vm".to_owned(),
+                name: "node-1".to_owned(),
+                id: "/subscriptions/s/resourcegroups/rg/providers/microsoft.managedidentity/userassignedidentities/due".to_owned(),
+                since: 0,
+                until: 1,
+            },
+        ]);
+        assert!(text.contains("vmss aks-pool0-vmss"), "{text}");
+        assert!(text.contains("web"), "{text}");
+        assert!(text.contains("vm node-1"), "{text}");
+        assert!(text.contains("due (releasing)"), "{text}");
     }
 }

@@ -252,7 +252,9 @@ fn shared_client_ids(identities: &[AzureIdentity], out: &mut Vec<Finding>) {
 }
 
 /// The namespace of the exception that matches podid's MIC label, when exactly one does.
-fn shipped_exception_namespace(exceptions: &[AzurePodIdentityException]) -> Option<String> {
+pub(crate) fn shipped_exception_namespace(
+    exceptions: &[AzurePodIdentityException],
+) -> Option<String> {
     let mut namespaces: Vec<&str> = exceptions
         .iter()
         .filter(|e| {

@@ -62,12 +62,27 @@ pub async fn run(args: Args) -> Result<String, Error> {
             let snapshot = cluster.snapshot(pods, &[]).await?;
             let explainer = Explainer::new(&snapshot, options);
             let reports: Vec<_> = snapshot.pods.iter().map(|p| explainer.explain(p)).collect();
+            let held = if standard {
+                let namespace = args
+                    .release_namespace
+                    .clone()
+                    .or_else(|| crate::risks::shipped_exception_namespace(&snapshot.exceptions))
+                    .unwrap_or_else(|| "default".to_owned());
+                cluster
+                    .held_identities(&namespace, &args.mic_config_map)
+                    .await
+            } else {
+                Vec::new()
+            };
             Ok(match output {
-                Output::Table => status_table(&reports, standard),
+                Output::Table => {
+                    status_table(&reports, standard) + &crate::render::held_table(&held)
+                }
                 Output::Json => to_json(&StatusDocument {
                     mode: if standard { "standard" } else { "managed" },
                     force_namespaced: options.matching.force_namespaced,
                     pods: &reports,
+                    held_identities: &held,
                 }),
             })
         }

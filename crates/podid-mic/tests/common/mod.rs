@@ -277,6 +277,17 @@ impl Cluster {
         identity_reconcile: Duration,
         nodes: &[Node],
     ) -> Self {
+        Self::start_with(assigner, immutable, identity_reconcile, nodes, |_| {}).await
+    }
+
+    /// [`Cluster::start`] with `adjust` applied to the loop's settings.
+    pub async fn start_with(
+        assigner: Arc<dyn IdentityAssigner>,
+        immutable: &[&str],
+        identity_reconcile: Duration,
+        nodes: &[Node],
+        adjust: impl FnOnce(&mut Settings),
+    ) -> Self {
         let server = FakeApiServer::start().await.expect("server");
         let client = client_for(&server).await;
         for n in nodes {
@@ -296,7 +307,11 @@ impl Cluster {
             identity_reconcile,
             instance: "mic-test".to_owned(),
             health: Default::default(),
+            holds: Default::default(),
+            hold_record: None,
         };
+        let mut settings = settings;
+        adjust(&mut settings);
         let mut cluster = Self {
             server,
             client,
