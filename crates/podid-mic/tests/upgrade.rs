@@ -149,3 +149,91 @@ async fn a_marker_left_by_the_go_mic_skips_the_upgrade() {
     let binding = get(&server, &format!("{GROUP}/azureidentitybindings/b"));
     assert_eq!(binding["spec"], json!({"Selector": "kv"}), "left as it was");
 }
+
+/// Objects already in the current shape are not written back (upstream PUTs every object,
+/// a rate-limited write each); an assignment is rewritten only when its embedded copy is of an
+/// object the upgrade changed.
+#[tokio::test]
+async fn objects_already_current_are_not_rewritten() {
+    let server = FakeApiServer::start().await.expect("server");
+    let client = client_for(&server).await;
+    let identity = |name: &str| {
+        json!({
+            "apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureIdentity",
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {"type": 0, "resourceID": format!("/subscriptions/s/resourcegroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{name}"), "clientID": name}
+        })
+    };
+    server
+        .create_json(&format!("{GROUP}/azureidentities"), identity("new-id"))
+        .expect("current identity");
+    server
+        .seed_legacy_json(
+            &format!("{GROUP}/azureidentities"),
+            json!({
+                "apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureIdentity",
+                "metadata": {"name": "old-id", "namespace": "default"},
+                "spec": {"Type": 0, "ResourceID": "/subscriptions/s/resourcegroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/old-id", "ClientID": "old-id"}
+            }),
+        )
+        .expect("legacy identity");
+    server
+        .create_json(
+            &format!("{GROUP}/azureidentitybindings"),
+            json!({"apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureIdentityBinding",
+                   "metadata": {"name": "b", "namespace": "default"},
+                   "spec": {"azureIdentity": "new-id", "selector": "kv"}}),
+        )
+        .expect("binding");
+    let new_id = get(&server, &format!("{GROUP}/azureidentities/new-id"));
+    let old_id = get(&server, &format!("{GROUP}/azureidentities/old-id"));
+    let binding = get(&server, &format!("{GROUP}/azureidentitybindings/b"));
+    for (name, embedded) in [("web-new", &new_id), ("web-old", &old_id)] {
+        server
+            .create_json(
+                &format!("{GROUP}/azureassignedidentities"),
+                json!({
+                    "apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureAssignedIdentity",
+                    "metadata": {"name": name, "namespace": "default", "labels": {"nodename": "n1"}},
+                    "spec": {"azureIdentityRef": embedded, "azureBindingRef": binding,
+                             "pod": name, "podNamespace": "default", "nodename": "n1"},
+                    "status": {"status": "Assigned"}
+                }),
+            )
+            .expect("assignment");
+    }
+    let untouched = get(&server, &format!("{GROUP}/azureassignedidentities/web-new"));
+    server.faults().clear_log();
+
+    let outcome = run(&client, &settings()).await.expect("upgrade");
+    assert_eq!(
+        outcome,
+        Outcome::Upgraded(vec![
+            ("azureidentities", 1),
+            ("azureidentitybindings", 0),
+            ("azurepodidentityexceptions", 0),
+            ("azureassignedidentities", 1),
+        ])
+    );
+    assert_eq!(
+        server.faults().count("update", "aadpodidentity.k8s.io"),
+        2,
+        "only the legacy identity and the assignment embedding it are written"
+    );
+    assert_eq!(
+        get(&server, &format!("{GROUP}/azureassignedidentities/web-new")),
+        untouched
+    );
+    let upgraded = get(&server, &format!("{GROUP}/azureidentities/old-id"));
+    assert_eq!(upgraded["spec"]["resourceID"], old_id["spec"]["ResourceID"]);
+    let rewritten = get(&server, &format!("{GROUP}/azureassignedidentities/web-old"));
+    assert_eq!(
+        rewritten["spec"]["azureIdentityRef"]["metadata"]["resourceVersion"],
+        upgraded["metadata"]["resourceVersion"]
+    );
+    let marker = get(
+        &server,
+        "/api/v1/namespaces/kube-system/configmaps/aad-pod-identity-config",
+    );
+    assert_eq!(marker["data"]["type-upgrade-status"], "9.9.9");
+}
