@@ -5,7 +5,9 @@
 //! [`PodIndex`] (110 pods, this process's 127.0.0.1 is one of them), a real [`MatchIndex`]
 //! (500 identities, bindings and assignments) and a real [`TokenBroker`] whose only source is
 //! an in-process fake that counts its calls, so every measured request takes the broker's
-//! cache-hit path. The load client opens keep-alive HTTP/1.1 connections and writes raw
+//! cache-hit path. `--pods`, `--identities` and `--used-identities` change that shape (the
+//! largest node: `--pods 250 --identities 2000 --used-identities 500`, the unused identities
+//! and their bindings in the indexes only). The load client opens keep-alive HTTP/1.1 connections and writes raw
 //! requests; it shares the machine (and the runtime) with the server it measures, as does the
 //! baseline, so the ratio between the two is the figure to read; the two servers are loaded in
 //! alternating one-second turns so both see the same machine. Each server is loaded twice:
@@ -58,8 +60,6 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 
-const PODS: usize = 110;
-const IDENTITIES: usize = 500;
 const NAMESPACES: usize = 10;
 const RESOURCE: &str = "https://vault.azure.net";
 const REQUEST: &str = "GET /metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fvault.azure.net HTTP/1.1\r\nHost: 169.254.169.254\r\nMetadata: true\r\nUser-Agent: nmi-bench\r\n\r\n";
@@ -91,6 +91,27 @@ struct Args {
     /// Seconds of the quiet pod's load in each half of the noisy-neighbour phase (0: skip it).
     #[arg(long, default_value_t = 5)]
     noisy_seconds: u64,
+    /// Running pods on the node (the bench's own 127.0.0.1 is pod 0).
+    #[arg(long, default_value_t = 110)]
+    pods: usize,
+    /// AzureIdentities (and bindings) in the cluster.
+    #[arg(long, default_value_t = 500)]
+    identities: usize,
+    /// Of those, the identities this node's pods use (an assignment and a cached token each;
+    /// default: all). The others are bound to selectors no pod on the node carries.
+    #[arg(long)]
+    used_identities: Option<usize>,
+    /// The RSS-after-setup target printed, MiB.
+    #[arg(long, default_value_t = 30.0)]
+    target_rss_mib: f64,
+}
+
+/// The node and cluster the bench builds.
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    pods: usize,
+    identities: usize,
+    used: usize,
 }
 
 /// The noisy pod's source address (pod 1).
@@ -193,22 +214,23 @@ fn pod(i: usize) -> Pod {
     p
 }
 
-/// Identity `j` lives in pod `j % PODS`'s namespace, is bound to that pod's selector and
-/// assigned to it.
+/// Identity `j < used` lives in pod `j % pods`'s namespace, is bound to that pod's selector
+/// and assigned to it; identity `j ≥ used` is bound to a selector no pod on the node carries
+/// (it is in the indexes, not in the assignments or the token cache).
 struct Objects {
     identities: Vec<Arc<AzureIdentity>>,
     bindings: Vec<Arc<AzureIdentityBinding>>,
     assignments: Vec<Arc<AzureAssignedIdentity>>,
 }
 
-fn objects() -> Objects {
+fn objects(shape: Shape) -> Objects {
     let mut out = Objects {
-        identities: Vec::with_capacity(IDENTITIES),
-        bindings: Vec::with_capacity(IDENTITIES),
-        assignments: Vec::with_capacity(IDENTITIES),
+        identities: Vec::with_capacity(shape.identities),
+        bindings: Vec::with_capacity(shape.identities),
+        assignments: Vec::with_capacity(shape.used),
     };
-    for j in 0..IDENTITIES {
-        let owner = j % PODS;
+    for j in 0..shape.identities {
+        let owner = j % shape.pods;
         let ns = format!("ns-{}", owner % NAMESPACES);
         let name = format!("id-{j}");
         let client_id = format!("{j:08x}-0000-4000-8000-{j:012x}");
@@ -216,12 +238,13 @@ fn objects() -> Objects {
             "/subscriptions/00000000-0000-0000-0000-000000000000/resourcegroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{name}"
         );
         let identity = AzureIdentity::user_assigned(&ns, &name, &resource_id, &client_id);
-        let binding = AzureIdentityBinding::for_selector(
-            &ns,
-            &format!("{name}-binding"),
-            &name,
-            &format!("sel-{owner}"),
-        );
+        let selector = if j < shape.used {
+            format!("sel-{owner}")
+        } else {
+            format!("sel-elsewhere-{j}")
+        };
+        let binding =
+            AzureIdentityBinding::for_selector(&ns, &format!("{name}-binding"), &name, &selector);
         let mut assigned = AzureAssignedIdentity::for_pod(
             "default",
             &format!("pod-{owner}"),
@@ -235,7 +258,9 @@ fn objects() -> Objects {
         }
         out.identities.push(Arc::new(identity));
         out.bindings.push(Arc::new(binding));
-        out.assignments.push(Arc::new(assigned));
+        if j < shape.used {
+            out.assignments.push(Arc::new(assigned));
+        }
     }
     out
 }
@@ -548,20 +573,29 @@ async fn main() -> anyhow::Result<()> {
         args.seconds > 0 && args.connections > 0 && args.light_connections > 0,
         "--seconds, --connections and --light-connections must be positive"
     );
+    let shape = Shape {
+        pods: args.pods.max(2),
+        identities: args.identities.max(1),
+        used: args
+            .used_identities
+            .unwrap_or(args.identities)
+            .clamp(1, args.identities.max(1)),
+    };
+    let (pods_n, identities_n, used_n) = (shape.pods, shape.identities, shape.used);
     let rss_start = rss_bytes()?;
 
     // ---- nmi: real pod index, matcher, broker and server.
     let pods = Arc::new(PodIndex::new());
-    let all_pods: Vec<Pod> = (0..PODS).map(pod).collect();
+    let all_pods: Vec<Pod> = (0..pods_n).map(pod).collect();
     pods.replace_all(&all_pods);
     drop(all_pods);
     pods.mark_synced();
     ensure!(
-        pods.len() == PODS,
-        "{} pods indexed, want {PODS}",
+        pods.len() == pods_n,
+        "{} pods indexed, want {pods_n}",
         pods.len()
     );
-    let objects = objects();
+    let objects = objects(shape);
     let match_options = MatchOptions::default();
     let matcher = Arc::new(Matcher::new(match_options));
     // As nmi's watch loop builds it in standard mode: the index plus the binding copies the
@@ -583,7 +617,7 @@ async fn main() -> anyhow::Result<()> {
         Sources::all(source.clone()),
         Arc::new(SystemClock),
     );
-    for identity in &objects.identities {
+    for identity in objects.identities.iter().take(used_n) {
         let spec = Arc::new(identity_spec(identity, Credential::None));
         broker
             .tokens(&spec, RESOURCE)
@@ -592,8 +626,8 @@ async fn main() -> anyhow::Result<()> {
     }
     drop(objects);
     ensure!(
-        broker.len() == IDENTITIES,
-        "{} cache entries, want {IDENTITIES}",
+        broker.len() == used_n,
+        "{} cache entries, want {used_n}",
         broker.len()
     );
     let options = ServerOptions {
@@ -631,8 +665,8 @@ async fn main() -> anyhow::Result<()> {
     );
     let calls_warm = source.calls.load(Ordering::Relaxed);
     ensure!(
-        calls_warm == IDENTITIES as u64,
-        "{calls_warm} source calls after warm-up, want {IDENTITIES}"
+        calls_warm == used_n as u64,
+        "{calls_warm} source calls after warm-up, want {used_n}"
     );
     let rss_setup = rss_bytes()?;
 
@@ -685,12 +719,13 @@ async fn main() -> anyhow::Result<()> {
     let light_ratio = nmi_light.rps / base_light.rps;
     let light_p99_ratio = nmi_light.p99.as_secs_f64() / base_light.p99.as_secs_f64();
     println!(
-        "nmi cache-hit benchmark: {} and {} keep-alive connections, {} s per server and load (1 s turns, nmi and baseline alternating), {} pods, {} identities, token body {} bytes, {} CPUs",
+        "nmi cache-hit benchmark: {} and {} keep-alive connections, {} s per server and load (1 s turns, nmi and baseline alternating), {} pods, {} identities ({} used on the node), token body {} bytes, {} CPUs",
         args.connections,
         args.light_connections,
         args.seconds,
-        PODS,
-        IDENTITIES,
+        pods_n,
+        identities_n,
+        used_n,
         body_len,
         std::thread::available_parallelism().map_or(0, usize::from),
     );
@@ -760,8 +795,9 @@ async fn main() -> anyhow::Result<()> {
         rss_start as f64 / MIB
     );
     println!(
-        "VmRSS after setup              {setup_mib:>8.1} MiB  target < 30 MiB {}  (+{:.1} MiB: {PODS} pods, {IDENTITIES} identities/bindings/assignments, {IDENTITIES} cached tokens; measured before the load client started)",
-        verdict(setup_mib < 30.0),
+        "VmRSS after setup              {setup_mib:>8.1} MiB  target < {} MiB {}  (+{:.1} MiB: {pods_n} pods, {identities_n} identities/bindings, {used_n} assignments, {used_n} cached tokens; measured before the load client started)",
+        args.target_rss_mib,
+        verdict(setup_mib < args.target_rss_mib),
         (rss_setup.saturating_sub(rss_start)) as f64 / MIB,
     );
     println!(
