@@ -109,6 +109,8 @@ fn every_key_set() -> Value {
             "identityAssignmentReconcileInterval": "5m",
             "releaseFinishedPods": "false",
             "upstreamLeaderLock": false,
+            "identityReleaseGracePeriod": 0,
+            "identityLimitPerVm": "50",
         },
         "nmi": {
             "logVerbosity": 2,
@@ -359,6 +361,8 @@ fn every_key_set_reaches_the_flags() {
         "--clientQps=10",
         "--release-finished-pods=false",
         "--upstream-leader-lock=false",
+        "--identity-release-grace-period=0",
+        "--identity-limit-per-vm=50",
     ] {
         assert!(
             mic_args.iter().any(|a| a.starts_with(flag)),

@@ -21,6 +21,14 @@ const PODID_ONLY_KEYS: &[(&str, &str)] = &[
         "mic --release-finished-pods: drop assignments of finished pods",
     ),
     (
+        "mic.identityReleaseGracePeriod",
+        "mic --identity-release-grace-period: hold an identity after its last pod",
+    ),
+    (
+        "mic.identityLimitPerVm",
+        "mic --identity-limit-per-vm: most identities in use or held per VM/VMSS",
+    ),
+    (
         "mic.upstreamLeaderLock",
         "mic --upstream-leader-lock: honour and renew upstream's Endpoints lock during the upgrade",
     ),
