@@ -57,8 +57,8 @@ check-generated:
 
 # Benchmarks (release build); figures and how to read them: docs/performance.md.
 bench:
-	$(CARGO) run --release -q -p podid-nmi --bin nmi-bench
-	$(CARGO) build --release -q -p podid-mic --features bench --bins && $(CARGO) run --release -q -p podid-mic --features bench --bin mic-bench
+	$(CARGO) run --release -q -p podid-bench --bin nmi-bench
+	$(CARGO) build --release -q -p podid-mic -p podid-bench --bins && $(CARGO) run --release -q -p podid-bench --bin mic-bench
 
 clean-netns:
 	$(CARGO) run -q -p podid-netsim --bin netsim-sweep

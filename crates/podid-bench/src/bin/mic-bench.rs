@@ -23,8 +23,9 @@
 //! The fake API server and the simulators run in this process; `mic` runs as a child process
 //! on 127.0.0.1, killed on every way out (a drop guard, and Ctrl-C).
 //!
-//! Built only with the `bench` feature (`--features bench`): the test doubles must not be
-//! dependencies of the shipped `mic`.
+//! It lives in the `podid-bench` crate, so the test doubles are never dependencies of the
+//! shipped `mic`; `mic` is found next to this executable (build both:
+//! `cargo build --release -p podid-mic -p podid-bench --bins`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead as _, BufReader};
@@ -763,7 +764,7 @@ fn mic_binary(args: &Args) -> anyhow::Result<PathBuf> {
     };
     if !path.is_file() {
         bail!(
-            "{} not found: build it first with `cargo build --release -p podid-mic --features bench --bins`, or pass --mic",
+            "{} not found: build it first with `cargo build --release -p podid-mic -p podid-bench --bins`, or pass --mic",
             path.display()
         );
     }

@@ -568,7 +568,10 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         None => std::env::current_exe()?.with_file_name("mic"),
     };
     if !mic.is_file() {
-        bail!("{} not found: build mic first", mic.display());
+        bail!(
+            "{} not found: build it first with `cargo build -p podid-mic -p podid-bench --bins`, or pass --mic",
+            mic.display()
+        );
     }
     let arm_time = Duration::from_secs_f64(args.arm_seconds);
     let round_trip = observed_round_trip(arm_time);
