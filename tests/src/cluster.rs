@@ -478,6 +478,16 @@ impl Cluster {
         }
     }
 
+    /// Starts a stand-in for the Go NMI on the node ([`UpstreamNmi`], SIGTERM grace `grace`) the
+    /// way a node of an upstream release runs it: `route_localnet` set (the Go NMI relies on
+    /// kube-proxy for it), and IMDS's throttling off (the stand-in asks IMDS once per pod
+    /// request, so a pod asking in a loop must not trip it).
+    pub fn start_go_nmi(&self, grace: Duration) -> anyhow::Result<UpstreamNmi> {
+        self.imds.set_throttling(false);
+        self.node.sysctl("net.ipv4.conf.all.route_localnet", "1")?;
+        UpstreamNmi::start(&self.node, grace)
+    }
+
     /// Requests from `pod`'s address that reached the VM's IMDS itself, past any interception.
     pub fn reached_imds(&self, pod: &netns::SimPod) -> u64 {
         self.imds

@@ -688,12 +688,8 @@ async fn a_failing_repair_keeps_the_node_closed_and_nmi_unready() -> anyhow::Res
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_swap_from_the_go_nmi_with_surge_never_opens_the_node() -> anyhow::Result<()> {
     let (mut cluster, pod, client_id) = with_bound_pod().await?;
-    // The stand-in asks IMDS once per pod request; the loop must not trip IMDS's throttling.
-    cluster.imds.set_throttling(false);
-    // The Go NMI relies on kube-proxy for route_localnet; so does this node.
-    cluster.node.sysctl(ROUTE_LOCALNET, "1")?;
     let path = token_path(&client_id);
-    let mut old = podid_e2e::cluster::UpstreamNmi::start(&cluster.node, Duration::from_secs(10))?;
+    let mut old = cluster.start_go_nmi(Duration::from_secs(10))?;
     wait_served(&pod, &path, "the Go NMI serving").await?;
     let tokens = TokenLoop::start(&pod, path.clone());
 
@@ -734,11 +730,8 @@ async fn the_swap_from_the_go_nmi_with_surge_never_opens_the_node() -> anyhow::R
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_swap_from_the_go_nmi_without_surge_is_open_until_podid_starts() -> anyhow::Result<()> {
     let (mut cluster, pod, client_id) = with_bound_pod().await?;
-    cluster.imds.set_throttling(false);
-    // The Go NMI relies on kube-proxy for route_localnet; so does this node.
-    cluster.node.sysctl(ROUTE_LOCALNET, "1")?;
     let path = token_path(&client_id);
-    let mut old = podid_e2e::cluster::UpstreamNmi::start(&cluster.node, Duration::from_secs(10))?;
+    let mut old = cluster.start_go_nmi(Duration::from_secs(10))?;
     wait_served(&pod, &path, "the Go NMI serving").await?;
     let tokens = TokenLoop::start(&pod, path.clone());
     let swap = Instant::now();

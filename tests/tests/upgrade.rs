@@ -519,14 +519,8 @@ async fn helm_upgrade_from_the_go_release_in_place_and_back() -> anyhow::Result<
     let go_b = go_mic("aad-pod-identity-mic-6d8f9-go-b");
     // The Go release's node agent: a stand-in for the Go NMI that installs upstream's rules,
     // holds the port, relays pods' requests to the VM's IMDS, and on SIGTERM deletes its chain
-    // and exits 10 s later. It relies on kube-proxy for route_localnet, as the Go NMI does;
-    // it asks IMDS once per pod request, so IMDS's throttling stays out of the picture.
-    cluster.imds.set_throttling(false);
-    cluster
-        .node
-        .sysctl("net.ipv4.conf.all.route_localnet", "1")?;
-    let mut go_nmi =
-        podid_e2e::cluster::UpstreamNmi::start(&cluster.node, Duration::from_secs(10))?;
+    // and exits 10 s later.
+    let mut go_nmi = cluster.start_go_nmi(Duration::from_secs(10))?;
 
     // The pod asks for its token every 100 ms from now on; leaders are sampled every 100 ms.
     let stop = Arc::new(AtomicBool::new(false));
