@@ -183,20 +183,31 @@ async fn a_lease_held_by_another_replica_keeps_mic_a_follower_and_off_the_endpoi
 async fn a_leading_mic_keeps_the_endpoints_record_live_and_releases_it() {
     let server = FakeApiServer::start().await.expect("server");
     let client = client_for(&server).await;
-    let mut a = Elector::new(client.clone(), settings("mic-a"));
+    // A Go replica takes over when the record's bytes stay unchanged for its lease
+    // duration. The record's times are whole seconds, so even a replica renewing every
+    // retry period changes the bytes only once a second (plus up to one retry period): the
+    // lease here is 2 s, as any real one is longer than a second plus a retry period.
+    let lease = Duration::from_secs(2);
+    let mut a = Elector::new(
+        client.clone(),
+        LeaderSettings {
+            lease_duration: lease,
+            ..settings("mic-a")
+        },
+    );
     assert!(a.try_acquire_or_renew().await.expect("a leads"));
     let hold = tokio::spawn(async move {
         (
-            tokio::time::timeout(Duration::from_millis(2500), a.hold()).await,
+            tokio::time::timeout(Duration::from_millis(4500), a.hold()).await,
             a,
         )
     });
-    // Seen as a Go replica sees it: the record's bytes change at least once per lease
-    // duration (1 s, whole-second times), and the holder is always mic-a.
+    // Sampled for longer than the lease, so a record that stopped changing fails the test;
+    // the holder is always mic-a.
     let mut last: Option<(Value, tokio::time::Instant)> = None;
     let mut longest = Duration::ZERO;
     let started = tokio::time::Instant::now();
-    while started.elapsed() < Duration::from_millis(2400) {
+    while started.elapsed() < Duration::from_millis(4400) {
         let lock = server.get_json(LOCK).expect("lock");
         let raw = lock["metadata"]["annotations"][UPSTREAM_LEADER_ANNOTATION].clone();
         let record: LeaderRecord =
@@ -210,7 +221,7 @@ async fn a_leading_mic_keeps_the_endpoints_record_live_and_releases_it() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(
-        longest < Duration::from_secs(1),
+        longest < lease,
         "upstream's record went {longest:?} unchanged: a Go replica would take over"
     );
     let (held, mut a) = hold.await.expect("no panic");
