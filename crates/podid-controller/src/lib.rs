@@ -1,13 +1,13 @@
-//! The library shared by the `nmi` and `mic` binaries (and `podidctl`). It holds three things:
+//! The library shared by the `nmi` and `mic` binaries (and `podidctl`). It holds two things:
 //!
 //! - [`broker`], the **token broker**, the hot path of NMI: token sources for every
 //!   `AzureIdentity` type (node IMDS, Entra client secret, Entra certificate assertion, federated
 //!   exchange), a bounded cache, single-flight upstream calls, proactive background refresh,
 //!   stale-if-error, revocation, and a node-wide IMDS budget (5 concurrent, 20 per second);
-//! - [`matching`], which identities a pod may use, from plain values;
 //! - [`arm`], the client that assigns identities to VMs and scale sets for MIC.
 //!
-//! MIC's desired-assignment diff lives in `podid-mic`, not here.
+//! Which identity a pod gets (matching, the federated switch, the Workload Identity decision) is
+//! decided in `podid-select`; MIC's desired-assignment diff lives in `podid-mic`.
 //!
 //! This crate must not depend on hyper servers, iptables, prometheus or the test doubles; it
 //! talks to Azure only through reqwest clients whose URLs are configuration, and reads time only
@@ -24,4 +24,3 @@ pub mod arm;
 pub mod broker;
 #[cfg(feature = "cli")]
 pub mod cli;
-pub mod matching;

@@ -41,7 +41,7 @@ use podid_api::{
     AssignedIdentityState, AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding,
     NODE_NAME_LABEL, POD_LABEL_KEY, assigned_identity_name, assigned_identity_namespace,
 };
-use podid_controller::broker::is_federated;
+use podid_select::federated::is_federated;
 use sha2::{Digest, Sha256};
 
 /// Longest object name the API server accepts (a DNS subdomain).

@@ -814,7 +814,7 @@ mod tests {
     use podid_controller::broker::{
         FetchRequest, Secret as SecretValue, SourceFuture, SourceKind, Token, TokenSource,
     };
-    use podid_controller::matching::CallerPod;
+    use podid_select::matching::CallerPod;
     use std::sync::atomic::{AtomicU64, Ordering};
 
     #[derive(Debug, Default)]

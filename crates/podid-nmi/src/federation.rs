@@ -4,7 +4,7 @@
 //!
 //! The switch is `podid.io/token-source: federated` on the `AzureIdentity` or the
 //! `AzureIdentityBinding` (the binding's value wins), applied by
-//! [`podid_controller::broker::federated_credential`]. In standard mode NMI reads both
+//! [`podid_select::federated::federated_credential`]. In standard mode NMI reads both
 //! annotations from the copies recorded in the pod's `AzureAssignedIdentity`, not from the live
 //! objects: MIC rewrites the assignment when either object changes, and turns it back to
 //! `Created` while it puts an identity that leaves the federated path back on the scale set, so
@@ -17,8 +17,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use podid_api::{AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding};
-use podid_controller::broker::{Credential, PodSubject, confine_federated, federated_credential};
-use podid_controller::matching::{CallerPod, MatchIndex};
+use podid_controller::broker::Credential;
+use podid_select::federated::{PodSubject, confine_federated, federated_credential};
+use podid_select::matching::{CallerPod, MatchIndex};
 
 /// One assignment's identity and its recorded binding copy.
 #[derive(Debug)]
@@ -128,7 +129,7 @@ pub fn credential_for(
         binding.and_then(|b| b.metadata.annotations.as_ref()),
         subject,
     )?;
-    Some(confine_federated(credential, identity_namespace, subject))
+    Some(confine_federated(credential, identity_namespace, subject).map(Credential::from))
 }
 
 #[cfg(test)]
@@ -136,7 +137,7 @@ mod tests {
     use super::*;
     use podid_api::TOKEN_SOURCE_ANNOTATION;
     use podid_controller::broker::{BoundPod, FederatedSubject};
-    use podid_controller::matching::{MatchMode, MatchOptions};
+    use podid_select::matching::{MatchMode, MatchOptions};
 
     fn identity(annotation: Option<&str>) -> AzureIdentity {
         let mut identity = AzureIdentity::user_assigned(

@@ -8,7 +8,7 @@
 //! provider seam ([`provider`]), the HTTP servers ([`server`]),
 //! metrics ([`metrics`]), Kubernetes Events on pods whose requests fail ([`events`]), the
 //! conntrack flush ([`conntrack`]), Workload Identity pods served through IMDS ([`workload`]), the watches feeding them ([`run`]) and the running agent that
-//! wires it all together ([`agent`]). Identity matching lives in `podid_controller::matching`.
+//! wires it all together ([`agent`]). Identity matching lives in `podid_select::matching`.
 //! Wire formats come from `podid-imds`; this crate must not write IMDS bodies itself.
 //! Must not depend on the test doubles (`podid-testkit` and friends).
 

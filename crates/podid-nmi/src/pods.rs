@@ -36,7 +36,7 @@ use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
-use podid_controller::matching::CallerPod;
+use podid_select::matching::CallerPod;
 use tokio::sync::watch;
 
 /// Why no single pod owns an address.

@@ -11,7 +11,7 @@ use podid_controller::broker::{
     BrokerError, BrokerStats, Credential, IdentitySpec, IdentityType, IdentityView, Requester,
     TokenBroker, Tokens,
 };
-use podid_controller::matching::{CallerPod, NodeIdentity};
+use podid_select::matching::{CallerPod, NodeIdentity};
 
 use crate::workload::WorkloadAccount;
 

@@ -8,7 +8,7 @@
 //! * `AzureAssignedIdentity`: label selector `nodename=<node>` with `--enableScaleFeatures`
 //!   (default), else all; `AzureIdentity`, `AzureIdentityBinding`, `AzurePodIdentityException`:
 //!   all namespaces. Each goes into a kube reflector store; a rebuild task turns the stores into
-//!   a new [`podid_controller::matching::MatchIndex`] after every burst of changes.
+//!   a new [`podid_select::matching::MatchIndex`] after every burst of changes.
 //!
 //! The pod index and the matcher are marked synced once their initial lists are complete; until
 //! then the server answers no token (fail closed) and `/readyz` is 503. Watch errors are retried
@@ -35,7 +35,7 @@ use podid_api::{
     NODE_NAME_LABEL,
 };
 use podid_controller::broker::{Credential, IdentityKey};
-use podid_controller::matching::{MatchIndex, MatchOptions};
+use podid_select::matching::{MatchIndex, MatchOptions};
 use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;

@@ -32,13 +32,13 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use podid_api::AzureIdentity;
 use podid_controller::broker::{BrokerError, Credential, Tokens};
-use podid_controller::matching::{
-    CallerPod, Decision, MatchIndex, MatchOptions, NoMatch, NodeIdentity,
-};
 use podid_imds::{
     ErrorOptions, HostTokenResponse, IdentitySelector, ImdsError, Route, TokenResponse,
     WireResponse, check_metadata_header, classify, parse_token_query, pod_headers,
     token_list_response,
+};
+use podid_select::matching::{
+    CallerPod, Decision, MatchIndex, MatchOptions, NoMatch, NodeIdentity,
 };
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
@@ -156,8 +156,8 @@ impl ServerOptions {
     pub fn match_options(config: &Config) -> MatchOptions {
         MatchOptions {
             mode: match config.mode {
-                OperationMode::Standard => podid_controller::matching::MatchMode::Standard,
-                OperationMode::Managed => podid_controller::matching::MatchMode::Managed,
+                OperationMode::Standard => podid_select::matching::MatchMode::Standard,
+                OperationMode::Managed => podid_select::matching::MatchMode::Managed,
             },
             force_namespaced: config.namespaced,
         }

@@ -26,8 +26,8 @@ use podid_api::{
     WORKLOAD_IDENTITY_USE_LABEL,
 };
 use podid_controller::broker::{BoundPod, Credential, FederatedSubject};
-use podid_controller::matching::CallerPod;
 use podid_imds::{IdentitySelector, ImdsError};
+use podid_select::matching::CallerPod;
 
 /// The Workload Identity set-up of one service account (its annotations, trimmed).
 #[derive(Debug, Clone, PartialEq, Eq)]

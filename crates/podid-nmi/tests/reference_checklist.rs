@@ -42,7 +42,6 @@ use podid_controller::broker::{
     BrokerConfig, BrokerError, ImdsConfig, ImdsLimiter, ImdsSource, LimiterConfig, SourceKind,
     Sources, SystemClock, TokenBroker,
 };
-use podid_controller::matching::{MatchMode, MatchOptions, NodeIdentity};
 use podid_fake_apiserver::FakeApiServer;
 use podid_imds::ErrorBodyStyle;
 use podid_netsim::SimNode;
@@ -52,6 +51,7 @@ use podid_nmi::interception::{
 };
 use podid_nmi::provider::TokenProvider;
 use podid_nmi::server::{ServerOptions, serve};
+use podid_select::matching::{MatchMode, MatchOptions, NodeIdentity};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 

@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 use common::*;
 use podid_api::{AssignedIdentityState, AzureIdentity, AzurePodIdentityException};
 use podid_controller::broker::{BrokerError, SourceKind};
-use podid_controller::matching::{MatchOptions, NodeIdentity};
 use podid_nmi::metrics::Metrics;
 use podid_nmi::server::{Health, Matcher, NmiState, serve};
+use podid_select::matching::{MatchOptions, NodeIdentity};
 use tokio::net::{TcpListener, TcpStream};
 
 // ---------------------------------------------------------------- tests

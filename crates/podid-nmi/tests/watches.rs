@@ -12,12 +12,12 @@ use podid_api::{
     AssignedIdentityState, AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding,
 };
 use podid_controller::broker::IdentityKey;
-use podid_controller::matching::{Decision, MatchOptions, PendingReason};
 use podid_fake_apiserver::FakeApiServer;
 use podid_imds::IdentitySelector;
 use podid_nmi::pods::PodIndex;
 use podid_nmi::run::{WatchConfig, spawn_watches};
 use podid_nmi::server::Matcher;
+use podid_select::matching::{Decision, MatchOptions, PendingReason};
 use serde_json::json;
 
 const TIMEOUT: Duration = Duration::from_secs(20);

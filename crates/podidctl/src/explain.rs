@@ -8,11 +8,13 @@ use podid_api::{
     AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding, AzurePodIdentityException,
     FEDERATED_SERVICE_ACCOUNT_ANNOTATION, IdentityType, POD_LABEL_KEY,
 };
-use podid_controller::broker::{Credential, PodSubject, confine_federated, federated_credential};
-use podid_controller::matching::{
+use podid_imds::IdentitySelector;
+use podid_select::federated::{
+    FederatedCredential, PodSubject, confine_federated, federated_credential,
+};
+use podid_select::matching::{
     CallerPod, Decision, MatchIndex, MatchMode, MatchOptions, NoMatch, PendingReason,
 };
-use podid_imds::IdentitySelector;
 use serde::Serialize;
 
 /// Pod label that opts a pod into Azure Workload Identity.
@@ -332,7 +334,7 @@ pub fn token_path(
     )
     .map(|chosen| confine_federated(chosen, identity_ns, subject));
     match credential {
-        Some(Ok(Credential::Federated { subject, .. })) => {
+        Some(Ok(FederatedCredential { subject, .. })) => {
             // Shared: the annotation chose the subject, not the pod's own service account.
             let own = subject.namespace == pod.namespace
                 && (subject.service_account == pod.service_account

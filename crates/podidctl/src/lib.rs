@@ -5,8 +5,8 @@
 //! move one identity to Workload Identity federation (`migrate`).
 //!
 //! The decisions are not re-implemented: [`explain`] feeds the cluster's objects to
-//! `podid_controller::matching::MatchIndex` (the matcher nmi uses) and to
-//! `podid_controller::broker::federated_credential` (nmi's federated switch), so the CLI says
+//! `podid_select::matching::MatchIndex` (the matcher nmi uses) and to
+//! `podid_select::federated::federated_credential` (nmi's federated switch), so the CLI says
 //! what nmi would decide. [`explain`], [`migrate`] and [`render`] work on plain values;
 //! only [`cluster`] talks to the API server.
 //!

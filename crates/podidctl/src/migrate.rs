@@ -11,7 +11,9 @@ use podid_api::{
     AzureIdentity, AzureIdentityBinding, FEDERATED_SERVICE_ACCOUNT_ANNOTATION, IdentityType,
     TOKEN_SOURCE_ANNOTATION,
 };
-use podid_controller::broker::{Credential, PodSubject, confine_federated, federated_credential};
+use podid_select::federated::{
+    FederatedCredential, PodSubject, confine_federated, federated_credential,
+};
 use serde::Serialize;
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -208,7 +210,7 @@ pub fn plan(input: &Input<'_>) -> Plan {
         .map(|chosen| confine_federated(chosen, &ns, subject));
         match credential {
             Some(Err(reason)) => warnings.push(format!("{pod_ref}: nmi would refuse: {reason}")),
-            Some(Ok(Credential::Federated { subject, .. })) => {
+            Some(Ok(FederatedCredential { subject, .. })) => {
                 subjects
                     .entry((subject.namespace.clone(), subject.service_account.clone()))
                     .or_default()

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory as _, FromArgMatches as _};
 
-use podid_controller::matching::{MatchMode, MatchOptions};
+use podid_select::matching::{MatchMode, MatchOptions};
 
 use crate::args::{Args, Command, Mode, Output};
 use crate::cluster::{Cluster, Scope};

@@ -63,49 +63,8 @@ impl fmt::Debug for Secret {
     }
 }
 
-/// The Kubernetes subject whose service-account token a federated exchange presents
-/// (`system:serviceaccount:<namespace>:<name>`). Part of the cache key: pods with different
-/// subjects never share a token, pods with the same subject do.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct FederatedSubject {
-    /// The service account's namespace.
-    pub namespace: String,
-    /// The service account's name.
-    pub service_account: String,
-}
-
-impl FederatedSubject {
-    /// The subject of `service_account` in `namespace`.
-    pub fn new(namespace: impl Into<String>, service_account: impl Into<String>) -> Self {
-        Self {
-            namespace: namespace.into(),
-            service_account: service_account.into(),
-        }
-    }
-
-    /// The `sub` claim of its tokens: `system:serviceaccount:<namespace>:<name>`.
-    pub fn subject(&self) -> String {
-        format!(
-            "system:serviceaccount:{}:{}",
-            self.namespace, self.service_account
-        )
-    }
-}
-
-impl fmt::Display for FederatedSubject {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.service_account)
-    }
-}
-
-/// The pod a service-account token is bound to (`boundObjectRef`), so the token dies with it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct BoundPod {
-    /// The pod's name (in the subject's namespace).
-    pub name: String,
-    /// The pod's uid.
-    pub uid: String,
-}
+use podid_select::federated::FederatedCredential;
+pub use podid_select::federated::{BoundPod, FederatedSubject};
 
 /// The credential an identity's Secret holds (docs/upstream.md#token-sources).
 #[derive(Clone, Default, PartialEq, Eq)]
@@ -130,6 +89,15 @@ pub enum Credential {
         /// The calling pod when the subject is its own service account; `None` for a shared one.
         bound_pod: Option<BoundPod>,
     },
+}
+
+impl From<FederatedCredential> for Credential {
+    fn from(chosen: FederatedCredential) -> Self {
+        Self::Federated {
+            subject: chosen.subject,
+            bound_pod: chosen.bound_pod,
+        }
+    }
 }
 
 impl fmt::Debug for Credential {

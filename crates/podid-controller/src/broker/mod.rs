@@ -28,9 +28,7 @@ pub use entra::{
 };
 pub use error::BrokerError;
 pub use federated::{
-    FederatedConfig, FederatedSource, PodSubject, SERVICE_ACCOUNT_TOKEN_SECONDS,
-    TOKEN_EXCHANGE_AUDIENCE, TOKEN_SOURCE_FEDERATED, confine_federated, federated_credential,
-    is_federated,
+    FederatedConfig, FederatedSource, SERVICE_ACCOUNT_TOKEN_SECONDS, TOKEN_EXCHANGE_AUDIENCE,
 };
 pub use http::{HttpTimeouts, SourceBuildError};
 pub use identity::{

@@ -18,7 +18,6 @@ use podid_api::{
     AzurePodIdentityException,
 };
 use podid_controller::broker::{BrokerError, Token};
-use podid_controller::matching::{MatchIndex, MatchOptions, NodeIdentity};
 use podid_imds::ErrorOptions;
 use podid_nmi::metrics::Metrics;
 use podid_nmi::pods::PodIndex;
@@ -26,6 +25,7 @@ use podid_nmi::provider::{Issued, TokenFuture, TokenProvider, TokenRequest, Toke
 use podid_nmi::server::{
     Health, Limits, Matcher, NmiState, ServerOptions, serve, serve_metrics, serve_probes,
 };
+use podid_select::matching::{MatchIndex, MatchOptions, NodeIdentity};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};

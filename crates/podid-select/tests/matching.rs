@@ -10,10 +10,10 @@ use podid_api::{
     AssignedIdentityState, AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding,
     AzurePodIdentityException,
 };
-use podid_controller::matching::{
+use podid_imds::{IdentitySelector, ImdsError};
+use podid_select::matching::{
     CallerPod, Decision, MatchIndex, MatchMode, MatchOptions, NoMatch, NodeIdentity, PendingReason,
 };
-use podid_imds::{IdentitySelector, ImdsError};
 
 const NODE: &str = "node-a";
 

@@ -1,0 +1,14 @@
+//! Which identity and which credential source a calling pod gets, or why not: the selection
+//! policy of podid, shared by nmi (per token request), mic (which bindings select a pod, for its
+//! desired assignments) and podidctl (`status`, `doctor`, `explain`), so the three cannot
+//! disagree.
+//!
+//! Pure: plain values in, plain values out. No IO, no async, no clock, no locks.
+//!
+//! - [`matching`]: [`matching::MatchIndex`], the indexes over identities, bindings, assignments
+//!   and exceptions, and the matching decision for one request;
+//! - [`federated`]: the federated switch (`podid.io/token-source: federated`) and its trust
+//!   boundary.
+
+pub mod federated;
+pub mod matching;
