@@ -16,7 +16,6 @@ pub mod agent;
 pub mod config;
 pub mod conntrack;
 pub mod events;
-pub mod federation;
 pub mod health;
 pub mod interception;
 pub mod metrics;

@@ -37,7 +37,7 @@ pub struct TokenRequest<'a> {
     /// The calling pod (e.g. for federated exchange or secrets).
     pub pod: &'a CallerPod,
     /// `Some` when the identity is switched to federated tokens for this pod
-    /// ([`crate::federation`]): the broker exchanges this credential's service-account token
+    /// ([`podid_select::assigned`]): the broker exchanges this credential's service-account token
     /// instead of asking IMDS or reading the identity's Secret.
     pub federated: Option<&'a Credential>,
 }

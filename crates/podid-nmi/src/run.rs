@@ -40,11 +40,11 @@ use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 
-use crate::federation::AssignedBindings;
 use crate::pods::PodIndex;
 use crate::provider::identity_spec;
 use crate::server::Matcher;
 use crate::workload::ServiceAccounts;
+use podid_select::assigned::AssignedBindings;
 
 /// What to watch.
 #[derive(Debug, Clone)]

@@ -47,13 +47,14 @@ use tracing::Instrument as _;
 
 use crate::config::{Config, OperationMode};
 use crate::events::{EventSink, PodEvent, PodEventReason};
-use crate::federation::AssignedBindings;
 pub use crate::health::Health;
 use crate::metrics::{Metrics, imds_operation, resource_label};
 use crate::pods::{LookupError, PodIndex, WatchState};
 use crate::provider::{TokenProvider, TokenRequest, TokenTarget};
 use crate::watchdog::{self, Activity, Watched};
-use crate::workload::{Refusal, ServiceAccounts, is_workload_identity_pod};
+use crate::workload::ServiceAccounts;
+use podid_select::assigned::AssignedBindings;
+use podid_select::workload::{Refusal, is_workload_identity_pod};
 
 /// Connection and request bounds.
 #[derive(Debug, Clone)]
@@ -196,7 +197,7 @@ impl Matcher {
     }
 
     /// Replace the index together with the binding copies of the node's assignments (which
-    /// decide the federated switch in standard mode, see [`crate::federation`]).
+    /// decide the federated switch in standard mode, see [`podid_select::assigned`]).
     pub fn replace_with_assigned(&self, index: MatchIndex, assigned: AssignedBindings) {
         *self.assigned.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(assigned);
         self.replace(index);
@@ -223,7 +224,8 @@ impl Matcher {
         identity: &AzureIdentity,
     ) -> Option<Result<Credential, String>> {
         let assigned = self.assigned.read().unwrap_or_else(|e| e.into_inner());
-        crate::federation::credential_for(index, &assigned, pod, pod_uid, identity)
+        podid_select::assigned::credential_for(index, &assigned, pod, pod_uid, identity)
+            .map(|chosen| chosen.map(Credential::from))
     }
 
     /// Mark the index as built from fully synced caches.
@@ -1181,7 +1183,7 @@ async fn workload_grant(
         .pods
         .uid(&pod.namespace, &pod.name)
         .unwrap_or_default();
-    let grant = crate::workload::resolve(
+    let grant = podid_select::workload::resolve(
         accounts,
         pod,
         &uid,
@@ -1199,11 +1201,12 @@ async fn workload_grant(
         }
         Refusal::Selector(error) => Denied::from(error),
     })?;
+    let credential = Credential::from(grant.credential);
     let request = TokenRequest {
         target: TokenTarget::Workload(&grant.account),
         resource,
         pod,
-        federated: Some(&grant.credential),
+        federated: Some(&credential),
     };
     let issued = fetch(state, request, imds_operation::FEDERATED)
         .await

@@ -8,7 +8,11 @@
 //! - [`matching`]: [`matching::MatchIndex`], the indexes over identities, bindings, assignments
 //!   and exceptions, and the matching decision for one request;
 //! - [`federated`]: the federated switch (`podid.io/token-source: federated`) and its trust
-//!   boundary.
+//!   boundary; [`assigned`]: which binding copy decides it for a pod (the one recorded in the
+//!   pod's assignment, else the live binding);
+//! - [`workload`]: whether a Workload Identity pod that calls IMDS is served, and how.
 
+pub mod assigned;
 pub mod federated;
 pub mod matching;
+pub mod workload;

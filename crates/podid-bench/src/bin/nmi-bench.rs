@@ -49,11 +49,11 @@ use podid_controller::broker::{
     SourceKind, Sources, SystemClock, Token, TokenBroker, TokenSource,
 };
 use podid_imds::ErrorOptions;
-use podid_nmi::federation::AssignedBindings;
 use podid_nmi::metrics::Metrics;
 use podid_nmi::pods::PodIndex;
 use podid_nmi::provider::identity_spec;
 use podid_nmi::server::{Health, Limits, Matcher, NmiState, ServerOptions, serve};
+use podid_select::assigned::AssignedBindings;
 use podid_select::matching::{MatchIndex, MatchOptions};
 use stats_alloc::{INSTRUMENTED_SYSTEM, StatsAlloc};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};

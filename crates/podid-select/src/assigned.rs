@@ -1,10 +1,9 @@
 //! Which token source a matched identity uses for the calling pod: the node's IMDS or the
-//! Secret as usual, or the federated exchange of the migration bridge (docs/migration.md,
-//! docs/migration.md).
+//! Secret as usual, or the federated exchange of the migration bridge (docs/migration.md).
 //!
 //! The switch is `podid.io/token-source: federated` on the `AzureIdentity` or the
 //! `AzureIdentityBinding` (the binding's value wins), applied by
-//! [`podid_select::federated::federated_credential`]. In standard mode NMI reads both
+//! [`federated_credential`]. In standard mode NMI reads both
 //! annotations from the copies recorded in the pod's `AzureAssignedIdentity`, not from the live
 //! objects: MIC rewrites the assignment when either object changes, and turns it back to
 //! `Created` while it puts an identity that leaves the federated path back on the scale set, so
@@ -16,10 +15,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::federated::{FederatedCredential, PodSubject, confine_federated, federated_credential};
+use crate::matching::{CallerPod, MatchIndex};
 use podid_api::{AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding};
-use podid_controller::broker::Credential;
-use podid_select::federated::{PodSubject, confine_federated, federated_credential};
-use podid_select::matching::{CallerPod, MatchIndex};
 
 /// One assignment's identity and its recorded binding copy.
 #[derive(Debug)]
@@ -105,7 +103,7 @@ pub fn credential_for(
     pod: &CallerPod,
     pod_uid: &str,
     identity: &AzureIdentity,
-) -> Option<Result<Credential, String>> {
+) -> Option<Result<FederatedCredential, String>> {
     let binding = match assigned.binding(pod, identity) {
         Some(recorded) => recorded,
         None => index
@@ -129,15 +127,15 @@ pub fn credential_for(
         binding.and_then(|b| b.metadata.annotations.as_ref()),
         subject,
     )?;
-    Some(confine_federated(credential, identity_namespace, subject).map(Credential::from))
+    Some(confine_federated(credential, identity_namespace, subject))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::federated::{BoundPod, FederatedSubject};
+    use crate::matching::{MatchMode, MatchOptions};
     use podid_api::TOKEN_SOURCE_ANNOTATION;
-    use podid_controller::broker::{BoundPod, FederatedSubject};
-    use podid_select::matching::{MatchMode, MatchOptions};
 
     fn identity(annotation: Option<&str>) -> AzureIdentity {
         let mut identity = AzureIdentity::user_assigned(
@@ -204,7 +202,7 @@ mod tests {
         let credential = credential_for(&index, &assigned, &pod(), "uid-1", copy).transpose();
         assert_eq!(
             credential,
-            Ok(Some(Credential::Federated {
+            Ok(Some(FederatedCredential {
                 subject: FederatedSubject::new("app", "web-sa"),
                 bound_pod: Some(BoundPod {
                     name: "web".into(),
@@ -238,7 +236,7 @@ mod tests {
         let assigned = AssignedBindings::default();
         assert!(matches!(
             credential_for(&index, &assigned, &pod(), "u", &live_identity),
-            Some(Ok(Credential::Federated { .. }))
+            Some(Ok(FederatedCredential { .. }))
         ));
         let index = MatchIndex::new(
             MatchOptions {
