@@ -37,9 +37,10 @@ use podid_imds::{
     WireResponse, check_metadata_header, classify, parse_token_query, pod_headers,
     token_list_response,
 };
-use podid_select::matching::{
-    CallerPod, Decision, MatchIndex, MatchOptions, NoMatch, NodeIdentity,
-};
+use podid_select::federated::FederatedCredential;
+use podid_select::matching::{CallerPod, MatchIndex, MatchOptions, NoMatch, NodeIdentity};
+use podid_select::workload::{Refusal as WorkloadRefusal, WorkloadAccounts, WorkloadGrant};
+use podid_select::{Refusal, Selection, Snapshot, Source};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
@@ -54,7 +55,6 @@ use crate::provider::{TokenProvider, TokenRequest, TokenTarget};
 use crate::watchdog::{self, Activity, Watched};
 use crate::workload::ServiceAccounts;
 use podid_select::assigned::AssignedBindings;
-use podid_select::workload::{Refusal, is_workload_identity_pod};
 
 /// Connection and request bounds.
 #[derive(Debug, Clone)]
@@ -203,29 +203,9 @@ impl Matcher {
         self.replace(index);
     }
 
-    /// The federated credential for `pod` (uid `pod_uid`) using `identity`, or `None` when the
-    /// identity keeps its usual token source; `Some(Err(reason))` when the annotations name a
-    /// service account the pod may not use.
-    pub fn federated_credential(
-        &self,
-        pod: &CallerPod,
-        pod_uid: &str,
-        identity: &AzureIdentity,
-    ) -> Option<Result<Credential, String>> {
-        self.federated_credential_in(&self.current(), pod, pod_uid, identity)
-    }
-
-    /// [`Matcher::federated_credential`] with the index the request already holds.
-    pub fn federated_credential_in(
-        &self,
-        index: &MatchIndex,
-        pod: &CallerPod,
-        pod_uid: &str,
-        identity: &AzureIdentity,
-    ) -> Option<Result<Credential, String>> {
-        let assigned = self.assigned.read().unwrap_or_else(|e| e.into_inner());
-        podid_select::assigned::credential_for(index, &assigned, pod, pod_uid, identity)
-            .map(|chosen| chosen.map(Credential::from))
+    /// The binding copies recorded in the node's assignments, swapped with the index.
+    pub fn assigned(&self) -> Arc<AssignedBindings> {
+        Arc::clone(&self.assigned.read().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Mark the index as built from fully synced caches.
@@ -981,7 +961,50 @@ fn audit(metrics: &Metrics, pod: &CallerPod, granted: &Granted, resource: &str, 
     );
 }
 
-/// Match the pod (waiting, bounded, while its assignment is in progress) and fetch its tokens.
+/// The selection for `pod` now ([`podid_select::select`] over the state the watches filled):
+/// one decision, read under short locks that are released before anything is awaited.
+fn select_now(state: &NmiState, pod: &CallerPod, selector: &IdentitySelector<'_>) -> Selection {
+    let index = state.matcher.current();
+    let assigned = state.matcher.assigned();
+    let snapshot = Snapshot {
+        index: &index,
+        assigned: &assigned,
+        workload: state
+            .workload
+            .as_deref()
+            .map(|accounts| accounts as &dyn WorkloadAccounts),
+        federated_default_tenant: state.options.federated_default_tenant,
+    };
+    podid_select::select(&snapshot, pod, selector)
+}
+
+/// The answer for a refusal: its IMDS error, `Retry-After` when waiting helps, and the Event
+/// the pod gets when its owner can fix it. The one place a selection refusal becomes an answer.
+fn refusal_denied(pod: &CallerPod, refusal: &Refusal) -> Denied {
+    let denied = Denied::from(refusal.to_imds_error(pod));
+    match refusal {
+        // A pod without the label asks IMDS on its own (SDK probes): nothing to fix.
+        Refusal::NoMatch(NoMatch::NoIdentityForPod) if pod.binding_label().is_some() => {
+            denied.with_event(PodEventReason::NoIdentityMatched)
+        }
+        Refusal::NoMatch(NoMatch::IdentityNotFound { .. }) => {
+            denied.with_event(PodEventReason::IdentityNotBound)
+        }
+        Refusal::NoMatch(_) | Refusal::Workload(WorkloadRefusal::Selector(_)) => denied,
+        Refusal::FederatedConfined { .. } => denied.with_event(PodEventReason::CredentialInvalid),
+        Refusal::Workload(WorkloadRefusal::NotSynced(_)) => Denied {
+            retry_after: Some(NOT_READY_RETRY_AFTER),
+            ..denied
+        },
+        Refusal::Workload(WorkloadRefusal::Misconfigured(_)) => {
+            denied.with_event(PodEventReason::FederatedTokenFailed)
+        }
+        Refusal::PendingTimeout => denied.with_event(PodEventReason::AssignmentTimeout),
+    }
+}
+
+/// Select for the pod (waiting, bounded, while its assignment is in progress) and fetch its
+/// tokens.
 async fn grant(
     state: &NmiState,
     pod: &CallerPod,
@@ -997,74 +1020,26 @@ async fn grant(
             event: None,
         });
     }
-    let index = state.matcher.current();
-    let decision = match index.decide(pod, selector) {
+    let selection = match select_now(state, pod, selector) {
         // Fast path: no subscription (a shared counter every request would touch), no deadline.
         // Boxed, like the other slow paths: keeps the per-request future small.
-        Decision::Pending(_) => Box::pin(wait_while_pending(state, pod, selector)).await?,
+        Selection::Wait(_) => Box::pin(wait_while_pending(state, pod, selector)).await,
         other => other,
     };
-    match decision {
-        Decision::NoMatch(no_match) if serves_as_workload_pod(state, pod, &no_match) => {
-            Box::pin(workload_grant(state, pod, selector, resource)).await
-        }
-        Decision::NoMatch(no_match) => {
-            let denied = Denied::from(no_match.to_imds_error(pod));
-            Err(match no_match {
-                // A pod without the label asks IMDS on its own (SDK probes): nothing to fix.
-                NoMatch::NoIdentityForPod if pod.binding_label().is_some() => {
-                    denied.with_event(PodEventReason::NoIdentityMatched)
+    match selection {
+        Selection::Refused(refusal) => Err(refusal_denied(pod, &refusal)),
+        Selection::Wait(_) => Err(refusal_denied(pod, &Refusal::PendingTimeout)),
+        Selection::Identity { identity, source } => {
+            let operation = match &source {
+                Source::Federated(_) => imds_operation::FEDERATED,
+                Source::Usual if identity.identity_type().is_user_assigned_msi() => {
+                    imds_operation::MSI_USER_ASSIGNED
                 }
-                NoMatch::IdentityNotFound { .. } => {
-                    denied.with_event(PodEventReason::IdentityNotBound)
-                }
-                _ => denied,
-            })
-        }
-        Decision::Pending(_) => Err(Denied::from(ImdsError::AssignmentPending {
-            namespace: pod.namespace.clone(),
-            pod: pod.name.clone(),
-        })
-        .with_event(PodEventReason::AssignmentTimeout)),
-        Decision::Identity(identity) => {
-            let operation = if identity.identity_type().is_user_assigned_msi() {
-                imds_operation::MSI_USER_ASSIGNED
-            } else {
-                imds_operation::SERVICE_PRINCIPAL
+                Source::Usual => imds_operation::SERVICE_PRINCIPAL,
             };
-            let mut federated = match state
-                .matcher
-                .federated_credential_in(&index, pod, "", &identity)
-            {
-                None => None,
-                Some(Ok(credential)) => Some(credential),
-                Some(Err(reason)) => {
-                    let error = BrokerError::Config {
-                        client_id: identity.spec.client_id.clone().unwrap_or_default(),
-                        reason,
-                    };
-                    return Err(broker_denial(
-                        &error,
-                        state.options.errors.set_retry_after_header,
-                    ));
-                }
-            };
-            // The pod's uid (for a token bound to it) is looked up only when it is needed.
-            if let Some(Credential::Federated {
-                bound_pod: Some(bound),
-                ..
-            }) = federated.as_mut()
-            {
-                bound.uid = state
-                    .pods
-                    .uid(&pod.namespace, &pod.name)
-                    .unwrap_or_default();
-            }
-            let switched = federated.is_some();
-            let operation = if switched {
-                imds_operation::FEDERATED
-            } else {
-                operation
+            let federated = match source {
+                Source::Usual => None,
+                Source::Federated(credential) => Some(bind_to_pod(state, pod, credential)),
             };
             let request = TokenRequest {
                 target: TokenTarget::Identity(&identity),
@@ -1081,10 +1056,10 @@ async fn grant(
                 cache_hit: issued.cache_hit,
                 exception: false,
                 workload_identity: false,
-                federated: switched,
+                federated: federated.is_some(),
             })
         }
-        Decision::Exception(node) => {
+        Selection::Node(node) => {
             let operation = match node {
                 NodeIdentity::SystemAssigned => imds_operation::MSI,
                 _ => imds_operation::MSI_USER_ASSIGNED,
@@ -1114,94 +1089,58 @@ async fn grant(
                 federated: false,
             })
         }
+        Selection::Workload(grant) => {
+            // Boxed, like the other slow paths: keeps the per-request future small.
+            Box::pin(workload_grant(state, pod, grant, resource)).await
+        }
     }
 }
 
-/// Wait (bounded by the pending wait) while the pod's assignment is in progress; the decision
-/// once it is not, or the timeout's refusal.
+/// The broker's credential for `chosen`, with the pod's uid filled in when the token is bound to
+/// the pod (looked up only then).
+fn bind_to_pod(state: &NmiState, pod: &CallerPod, mut chosen: FederatedCredential) -> Credential {
+    if let Some(bound) = chosen.bound_pod.as_mut() {
+        bound.uid = state
+            .pods
+            .uid(&pod.namespace, &pod.name)
+            .unwrap_or_default();
+    }
+    Credential::from(chosen)
+}
+
+/// Wait (bounded by the pending wait) while the pod's assignment is in progress; the selection
+/// once it is not, or the last [`Selection::Wait`] when the wait runs out.
 async fn wait_while_pending(
     state: &NmiState,
     pod: &CallerPod,
     selector: &IdentitySelector<'_>,
-) -> Result<Decision, Denied> {
+) -> Selection {
     let deadline = tokio::time::Instant::now() + state.options.pending_wait;
     let mut changes = state.matcher.subscribe();
     loop {
         changes.borrow_and_update();
-        match state.matcher.current().decide(pod, selector) {
-            Decision::Pending(reason) => {
+        match select_now(state, pod, selector) {
+            Selection::Wait(reason) => {
                 tracing::debug!(pod = %pod.name, namespace = %pod.namespace, ?reason, "identity assignment pending, waiting");
                 match tokio::time::timeout_at(deadline, changes.changed()).await {
                     Ok(Ok(())) => {}
-                    Ok(Err(_)) | Err(_) => {
-                        return Err(Denied::from(ImdsError::AssignmentPending {
-                            namespace: pod.namespace.clone(),
-                            pod: pod.name.clone(),
-                        })
-                        .with_event(PodEventReason::AssignmentTimeout));
-                    }
+                    Ok(Err(_)) | Err(_) => return Selection::Wait(reason),
                 }
             }
-            other => return Ok(other),
+            other => return other,
         }
-    }
-}
-
-/// Whether `pod`, which `no_match` says has no identity for the request, is served as a
-/// Workload Identity pod: the flag is on, the pod has the label, and no binding gives it any
-/// identity (an unsupported selector is re-checked without it, so the Workload Identity path
-/// answers it with its own message).
-fn serves_as_workload_pod(state: &NmiState, pod: &CallerPod, no_match: &NoMatch) -> bool {
-    if state.workload.is_none() || !is_workload_identity_pod(pod) {
-        return false;
-    }
-    match no_match {
-        NoMatch::NoIdentityForPod => true,
-        NoMatch::UnsupportedSelector { .. } => matches!(
-            state.matcher.current().decide(pod, &IdentitySelector::None),
-            Decision::NoMatch(NoMatch::NoIdentityForPod)
-        ),
-        NoMatch::IdentityNotFound { .. } => false,
     }
 }
 
 /// Tokens for a pod served as a Workload Identity pod: its service account's identity, by
-/// federated exchange ([`crate::workload`]).
+/// federated exchange ([`podid_select::workload`]).
 async fn workload_grant(
     state: &NmiState,
     pod: &CallerPod,
-    selector: &IdentitySelector<'_>,
+    grant: WorkloadGrant,
     resource: &str,
 ) -> Result<Granted, Denied> {
-    let Some(accounts) = state.workload.as_deref() else {
-        return Err(Denied::from(ImdsError::NoIdentityForPod {
-            namespace: pod.namespace.clone(),
-            pod: pod.name.clone(),
-        }));
-    };
-    let uid = state
-        .pods
-        .uid(&pod.namespace, &pod.name)
-        .unwrap_or_default();
-    let grant = podid_select::workload::resolve(
-        accounts,
-        pod,
-        &uid,
-        selector,
-        state.options.federated_default_tenant,
-    )
-    .map_err(|refusal| match refusal {
-        Refusal::NotSynced(error) => Denied {
-            error,
-            retry_after: Some(NOT_READY_RETRY_AFTER),
-            event: None,
-        },
-        Refusal::Misconfigured(error) => {
-            Denied::from(error).with_event(PodEventReason::FederatedTokenFailed)
-        }
-        Refusal::Selector(error) => Denied::from(error),
-    })?;
-    let credential = Credential::from(grant.credential);
+    let credential = bind_to_pod(state, pod, grant.credential);
     let request = TokenRequest {
         target: TokenTarget::Workload(&grant.account),
         resource,

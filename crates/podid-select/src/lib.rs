@@ -13,6 +13,8 @@
 //! - [`workload`]: whether a Workload Identity pod that calls IMDS is served, and how.
 
 pub mod assigned;
+pub mod decision;
 pub mod federated;
 pub mod matching;
 pub mod workload;
+pub use decision::{Refusal, Selection, Snapshot, Source, select};
