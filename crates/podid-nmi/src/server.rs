@@ -964,16 +964,31 @@ fn audit(metrics: &Metrics, pod: &CallerPod, granted: &Granted, resource: &str, 
 /// The selection for `pod` now ([`podid_select::select`] over the state the watches filled):
 /// one decision, read under short locks that are released before anything is awaited.
 fn select_now(state: &NmiState, pod: &CallerPod, selector: &IdentitySelector<'_>) -> Selection {
-    let index = state.matcher.current();
-    let assigned = state.matcher.assigned();
+    select_with(
+        &state.matcher,
+        state.workload.as_deref(),
+        state.options.federated_default_tenant,
+        pod,
+        selector,
+    )
+}
+
+/// [`select_now`] over its parts: the matcher, the service accounts (with
+/// `--serve-workload-identity-pods`) and whether a default tenant is set.
+fn select_with(
+    matcher: &Matcher,
+    workload: Option<&ServiceAccounts>,
+    federated_default_tenant: bool,
+    pod: &CallerPod,
+    selector: &IdentitySelector<'_>,
+) -> Selection {
+    let index = matcher.current();
+    let assigned = matcher.assigned();
     let snapshot = Snapshot {
         index: &index,
         assigned: &assigned,
-        workload: state
-            .workload
-            .as_deref()
-            .map(|accounts| accounts as &dyn WorkloadAccounts),
-        federated_default_tenant: state.options.federated_default_tenant,
+        workload: workload.map(|accounts| accounts as &dyn WorkloadAccounts),
+        federated_default_tenant,
     };
     podid_select::select(&snapshot, pod, selector)
 }
@@ -1363,6 +1378,51 @@ mod tests {
             .get(header::RETRY_AFTER)
             .map(|v| v.to_str().unwrap_or_default().to_owned());
         (response.status.as_u16(), header)
+    }
+
+    /// The shared selection cases through nmi's own path: the pod attributed by its address in
+    /// the pod index, the matcher and service-account store the watches fill, and the mapping of
+    /// refusals to IMDS answers. podidctl runs the same table (`podidctl::explain` tests).
+    #[test]
+    fn nmi_answers_every_shared_selection_case() {
+        use podid_select::cases::{Outcome, POD_IP, cases};
+
+        for case in cases() {
+            let pods = PodIndex::new();
+            pods.replace_all([&case.pod]);
+            pods.mark_synced();
+            let ip: IpAddr = POD_IP.parse().expect("address");
+            let pod = pods.lookup(ip).expect("attributed");
+            let matcher = Matcher::new(case.options);
+            matcher.replace_with_assigned(
+                MatchIndex::new(
+                    case.options,
+                    case.identities.iter().cloned().map(Arc::new),
+                    case.bindings.iter().cloned().map(Arc::new),
+                    case.assignments.iter().cloned().map(Arc::new),
+                    case.exceptions.iter().cloned().map(Arc::new),
+                ),
+                AssignedBindings::new(&case.assignments),
+            );
+            matcher.mark_synced();
+            let accounts = ServiceAccounts::default();
+            accounts.replace_all(&case.service_accounts);
+            accounts.mark_synced();
+            let workload = case.serve_workload_identity_pods.then_some(&accounts);
+            let selection = select_with(
+                &matcher,
+                workload,
+                case.federated_default_tenant,
+                &pod,
+                &case.query.selector(),
+            );
+            let outcome = Outcome::of(&selection, |refusal| {
+                denied_response(&refusal_denied(&pod, refusal), ErrorOptions::default())
+                    .status
+                    .as_u16()
+            });
+            assert_eq!(outcome, case.expected, "{}: {selection:?}", case.name);
+        }
     }
 
     #[test]

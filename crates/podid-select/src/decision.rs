@@ -191,3 +191,145 @@ fn serves_as_workload_pod(index: &MatchIndex, pod: &CallerPod, no_match: &NoMatc
         NoMatch::IdentityNotFound { .. } => false,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use podid_imds::ErrorOptions;
+
+    use super::*;
+    use crate::cases::{Case, Outcome, cases};
+    use crate::federated::{BoundPod, FederatedSubject};
+    use crate::workload::AccountSnapshot;
+
+    struct Built {
+        index: MatchIndex,
+        assigned: AssignedBindings,
+        accounts: AccountSnapshot,
+        pod: CallerPod,
+    }
+
+    fn build(case: &Case) -> Built {
+        Built {
+            index: MatchIndex::new(
+                case.options,
+                case.identities.iter().cloned().map(Arc::new),
+                case.bindings.iter().cloned().map(Arc::new),
+                case.assignments.iter().cloned().map(Arc::new),
+                case.exceptions.iter().cloned().map(Arc::new),
+            ),
+            assigned: AssignedBindings::new(&case.assignments),
+            accounts: AccountSnapshot::new(&case.service_accounts),
+            pod: CallerPod::of(&case.pod),
+        }
+    }
+
+    fn select_case(case: &Case, built: &Built) -> Selection {
+        let snapshot = Snapshot {
+            index: &built.index,
+            assigned: &built.assigned,
+            workload: case
+                .serve_workload_identity_pods
+                .then_some(&built.accounts as &dyn WorkloadAccounts),
+            federated_default_tenant: case.federated_default_tenant,
+        };
+        select(&snapshot, &built.pod, &case.query.selector())
+    }
+
+    #[test]
+    fn every_shared_case_gets_its_answer() {
+        for case in cases() {
+            let built = build(&case);
+            let selection = select_case(&case, &built);
+            let outcome = Outcome::of(&selection, |refusal| {
+                refusal
+                    .to_imds_error(&built.pod)
+                    .status(ErrorOptions::default())
+                    .as_u16()
+            });
+            assert_eq!(outcome, case.expected, "{}: {selection:?}", case.name);
+        }
+    }
+
+    fn case(name: &str) -> Case {
+        cases()
+            .into_iter()
+            .find(|c| c.name == name)
+            .unwrap_or_else(|| panic!("no case {name:?}"))
+    }
+
+    #[test]
+    fn federated_credentials_name_the_pods_own_account_and_leave_the_uid_to_the_caller() {
+        for name in [
+            "an identity switched to federation",
+            "a Workload Identity pod is served with its service account's identity",
+        ] {
+            let case = case(name);
+            let built = build(&case);
+            let credential = match select_case(&case, &built) {
+                Selection::Identity {
+                    source: Source::Federated(credential),
+                    ..
+                } => credential,
+                Selection::Workload(grant) => grant.credential,
+                other => panic!("{name}: {other:?}"),
+            };
+            assert_eq!(
+                credential,
+                FederatedCredential {
+                    subject: FederatedSubject::new("apps", "web"),
+                    bound_pod: Some(BoundPod {
+                        name: "web".into(),
+                        uid: String::new()
+                    }),
+                },
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn refusals_say_whether_asking_again_can_help() {
+        let pod = CallerPod {
+            namespace: "apps".into(),
+            name: "web".into(),
+            ..CallerPod::default()
+        };
+        let final_ = [
+            Refusal::NoMatch(NoMatch::NoIdentityForPod),
+            Refusal::NoMatch(NoMatch::IdentityNotFound { client_id: None }),
+        ];
+        for refusal in final_ {
+            assert!(refusal.is_final(&pod), "{refusal:?}");
+        }
+        // The wait ran out: upstream's 404; the others 503.
+        let not_final = [
+            (Refusal::PendingTimeout, 404),
+            (
+                Refusal::FederatedConfined {
+                    client_id: "c".into(),
+                    reason: "r".into(),
+                },
+                503,
+            ),
+            (
+                Refusal::Workload(workload::Refusal::NotSynced(ImdsError::TokenUnavailable {
+                    detail: "syncing".into(),
+                })),
+                503,
+            ),
+        ];
+        for (refusal, status) in not_final {
+            assert!(!refusal.is_final(&pod), "{refusal:?}");
+            assert_eq!(
+                refusal
+                    .to_imds_error(&pod)
+                    .status(ErrorOptions::default())
+                    .as_u16(),
+                status,
+                "{refusal:?}"
+            );
+        }
+    }
+}

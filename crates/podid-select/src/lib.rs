@@ -13,6 +13,8 @@
 //! - [`workload`]: whether a Workload Identity pod that calls IMDS is served, and how.
 
 pub mod assigned;
+#[cfg(any(test, feature = "cases"))]
+pub mod cases;
 pub mod decision;
 pub mod federated;
 pub mod matching;

@@ -41,6 +41,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+use k8s_openapi::api::core::v1::Pod;
 use podid_api::{
     AssignedIdentityState, AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding,
     AzurePodIdentityException, POD_LABEL_KEY,
@@ -85,6 +86,23 @@ pub struct CallerPod {
 }
 
 impl CallerPod {
+    /// The calling pod as nmi sees `pod`: its namespace, name, `spec.serviceAccountName` (empty
+    /// when unset: [`crate::workload::service_account_name`] reads it as `default`), labels and
+    /// annotations.
+    pub fn of(pod: &Pod) -> Self {
+        Self {
+            namespace: pod.metadata.namespace.clone().unwrap_or_default(),
+            name: pod.metadata.name.clone().unwrap_or_default(),
+            service_account: pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.service_account_name.clone())
+                .unwrap_or_default(),
+            labels: pod.metadata.labels.clone().unwrap_or_default(),
+            annotations: pod.metadata.annotations.clone().unwrap_or_default(),
+        }
+    }
+
     /// The value of the pod's `aadpodidbinding` label, if set and non-empty.
     pub fn binding_label(&self) -> Option<&str> {
         self.labels
