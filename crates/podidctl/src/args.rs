@@ -24,6 +24,15 @@ pub struct Args {
     /// identity through IMDS too.
     #[arg(long = "serve-workload-identity-pods", global = true)]
     pub serve_workload_identity_pods: bool,
+    /// nmi's `--federated-default-tenant-id`: Workload Identity service accounts without
+    /// `azure.workload.identity/tenant-id` are served in this tenant (without it nmi refuses them
+    /// with 403). Only whether it is set matters here.
+    #[arg(
+        long = "federated-default-tenant-id",
+        global = true,
+        value_name = "TENANT"
+    )]
+    pub federated_default_tenant_id: Option<String>,
     /// nmi runs with `--allow-cross-namespace-secrets` (`doctor`: such references are then
     /// risks rather than refusals).
     #[arg(long = "allow-cross-namespace-secrets", global = true)]

@@ -13,10 +13,12 @@ use podid_api::{
     AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding, AzurePodIdentityException,
     FEDERATED_SERVICE_ACCOUNT_ANNOTATION,
 };
+use podid_select::matching::CallerPod;
+use podid_select::workload::service_account_name;
 use serde::de::DeserializeOwned;
 
 use crate::error::Error;
-use crate::explain::{SecretState, Snapshot, caller_pod, referenced_secrets};
+use crate::explain::{SecretState, Snapshot, referenced_secrets};
 
 /// Key of MIC's hold record in its ConfigMap.
 const HELD_KEY: &str = "podid-held-identities";
@@ -207,8 +209,9 @@ impl Cluster {
         let mut wanted: BTreeSet<(String, String)> = pods
             .iter()
             .map(|p| {
-                let c = caller_pod(p);
-                (c.namespace, c.service_account)
+                let c = CallerPod::of(p);
+                let account = service_account_name(&c).to_owned();
+                (c.namespace, account)
             })
             .collect();
         wanted.extend(extra_service_accounts.iter().cloned());

@@ -1,4 +1,6 @@
-//! What each pod gets, decided with nmi's own matcher and federated switch, from plain values.
+//! What each pod gets and why, from plain values. The decision is nmi's own
+//! ([`podid_select::select`], over the same matcher, recorded bindings, federated switch and
+//! Workload Identity rules); this module only reports it and adds findings with fixes.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -8,13 +10,16 @@ use podid_api::{
     AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding, AzurePodIdentityException,
     FEDERATED_SERVICE_ACCOUNT_ANNOTATION, IdentityType, POD_LABEL_KEY,
 };
-use podid_imds::IdentitySelector;
+use podid_imds::{ErrorOptions, IdentitySelector};
+use podid_select::assigned::{AssignedBindings, credential_for};
 use podid_select::federated::{
     FederatedCredential, PodSubject, confine_federated, federated_credential,
 };
 use podid_select::matching::{
-    CallerPod, Decision, MatchIndex, MatchMode, MatchOptions, NoMatch, PendingReason,
+    CallerPod, MatchIndex, MatchMode, MatchOptions, NoMatch, PendingReason,
 };
+use podid_select::workload::{AccountSnapshot, WorkloadAccounts, service_account_name};
+use podid_select::{Refusal, Selection, Source};
 use serde::Serialize;
 
 /// Pod label that opts a pod into Azure Workload Identity.
@@ -69,6 +74,9 @@ pub struct Options {
     pub matching: MatchOptions,
     /// nmi's `--serve-workload-identity-pods`.
     pub serve_workload_identity_pods: bool,
+    /// nmi runs with `--federated-default-tenant-id` (Workload Identity service accounts
+    /// without a tenant annotation can be served).
+    pub federated_default_tenant: bool,
 }
 
 /// How a token is obtained.
@@ -267,27 +275,6 @@ fn slash((ns, name): &(String, String)) -> String {
     format!("{ns}/{name}")
 }
 
-/// The service account a pod runs as (`default` when unset).
-pub fn pod_service_account(pod: &Pod) -> String {
-    pod.spec
-        .as_ref()
-        .and_then(|s| s.service_account_name.clone())
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "default".to_owned())
-}
-
-/// The [`CallerPod`] nmi would build for `pod`.
-pub fn caller_pod(pod: &Pod) -> CallerPod {
-    let (namespace, name) = ns_name(pod);
-    CallerPod {
-        namespace,
-        name,
-        service_account: pod_service_account(pod),
-        labels: pod.metadata.labels.clone().unwrap_or_default(),
-        annotations: pod.metadata.annotations.clone().unwrap_or_default(),
-    }
-}
-
 /// Whether the pod carries `azure.workload.identity/use: "true"`.
 pub fn is_workload_identity_pod(pod: &Pod) -> bool {
     pod.metadata
@@ -333,6 +320,15 @@ pub fn token_path(
         subject,
     )
     .map(|chosen| confine_federated(chosen, identity_ns, subject));
+    path_of(identity, credential, pod)
+}
+
+/// The token path of `identity` for `pod` given the federated switch's answer for them.
+fn path_of(
+    identity: &AzureIdentity,
+    credential: Option<Result<FederatedCredential, String>>,
+    pod: &CallerPod,
+) -> TokenPath {
     match credential {
         Some(Ok(FederatedCredential { subject, .. })) => {
             // Shared: the annotation chose the subject, not the pod's own service account.
@@ -365,6 +361,8 @@ pub struct Explainer<'a> {
     snapshot: &'a Snapshot,
     options: Options,
     index: MatchIndex,
+    assigned: AssignedBindings,
+    accounts: AccountSnapshot,
 }
 
 impl<'a> Explainer<'a> {
@@ -381,12 +379,29 @@ impl<'a> Explainer<'a> {
             snapshot,
             options,
             index,
+            assigned: AssignedBindings::new(&snapshot.assignments),
+            // An account that could not be read counts as missing.
+            accounts: AccountSnapshot::new(snapshot.service_accounts.values().flatten()),
         }
     }
 
     /// The matcher.
     pub fn index(&self) -> &MatchIndex {
         &self.index
+    }
+
+    /// What nmi decides for `pod` asking with `selector` ([`podid_select::select`]).
+    pub fn selection(&self, pod: &CallerPod, selector: &IdentitySelector<'_>) -> Selection {
+        let snapshot = podid_select::Snapshot {
+            index: &self.index,
+            assigned: &self.assigned,
+            workload: self
+                .options
+                .serve_workload_identity_pods
+                .then_some(&self.accounts as &dyn WorkloadAccounts),
+            federated_default_tenant: self.options.federated_default_tenant,
+        };
+        podid_select::select(&snapshot, pod, selector)
     }
 
     fn standard(&self) -> bool {
@@ -427,7 +442,7 @@ impl<'a> Explainer<'a> {
     ) -> Vec<(&'a Pod, Arc<AzureIdentityBinding>)> {
         let mut out = Vec::new();
         for pod in &self.snapshot.pods {
-            let caller = caller_pod(pod);
+            let caller = CallerPod::of(pod);
             if self.index.is_excepted(&caller) {
                 continue;
             }
@@ -444,33 +459,35 @@ impl<'a> Explainer<'a> {
 
     fn served(&self, pod: &CallerPod, identity: &AzureIdentity) -> Served {
         let client_id = identity.spec.client_id.clone().unwrap_or_default();
-        let decision = self
-            .index
-            .decide(pod, &IdentitySelector::ClientId(client_id.as_str().into()));
-        match decision {
-            Decision::Identity(got)
+        let selection = self.selection(pod, &IdentitySelector::ClientId(client_id.as_str().into()));
+        match selection {
+            Selection::Identity { identity: got, .. }
                 if got.metadata.namespace == identity.metadata.namespace
                     && got.metadata.name == identity.metadata.name =>
             {
                 Served::Yes
             }
-            Decision::Identity(got) => Served::No {
+            Selection::Identity { identity: got, .. } => Served::No {
                 reason: format!(
                     "nmi answers client_id {client_id} with {}/{} (same client id)",
                     got.metadata.namespace.as_deref().unwrap_or_default(),
                     got.metadata.name.as_deref().unwrap_or_default()
                 ),
             },
-            Decision::Pending(PendingReason::AssignmentCreated) => Served::Pending {
+            Selection::Wait(PendingReason::AssignmentCreated) => Served::Pending {
                 reason: "AzureAssignedIdentity is Created, MIC is assigning it".to_owned(),
             },
-            Decision::Pending(PendingReason::AwaitingAssignment) => Served::Pending {
+            Selection::Wait(PendingReason::AwaitingAssignment) => Served::Pending {
                 reason: "no AzureAssignedIdentity yet, waiting for MIC".to_owned(),
             },
-            Decision::Exception(_) => Served::No {
+            Selection::Node(_) => Served::No {
                 reason: "pod is excepted: nmi serves the node's identities instead".to_owned(),
             },
-            Decision::NoMatch(_) => Served::No {
+            Selection::Workload(_) => Served::No {
+                reason: "nmi serves the pod as a Workload Identity pod instead".to_owned(),
+            },
+            Selection::Refused(Refusal::FederatedConfined { reason, .. }) => Served::No { reason },
+            Selection::Refused(_) => Served::No {
                 reason: "the assignment is not usable".to_owned(),
             },
         }
@@ -478,7 +495,8 @@ impl<'a> Explainer<'a> {
 
     /// Explain `pod`.
     pub fn explain(&self, pod: &Pod) -> PodReport {
-        let caller = caller_pod(pod);
+        let caller = CallerPod::of(pod);
+        let service_account = service_account_name(&caller).to_owned();
         let mut findings = Vec::new();
         let label = caller.binding_label().map(str::to_owned);
         let exceptions: Vec<String> = self
@@ -546,7 +564,7 @@ impl<'a> Explainer<'a> {
             let sa = self
                 .snapshot
                 .service_accounts
-                .get(&(caller.namespace.clone(), caller.service_account.clone()))
+                .get(&(caller.namespace.clone(), service_account.clone()))
                 .cloned()
                 .flatten();
             let annotation = |key: &str| {
@@ -559,52 +577,17 @@ impl<'a> Explainer<'a> {
                 .map(|c| c.trim().to_owned())
                 .filter(|c| !c.is_empty());
             WorkloadIdentityReport {
-                service_account: caller.service_account.clone(),
-                served_by_nmi: client_id.is_some() && self.nmi_serves_workload_pod(&caller),
+                service_account: service_account.clone(),
+                served_by_nmi: matches!(
+                    self.selection(&caller, &IdentitySelector::None),
+                    Selection::Workload(_)
+                ),
                 client_id,
                 tenant_id: annotation(WI_TENANT_ID_ANNOTATION),
             }
         });
 
-        let default_answer = match self.index.decide(&caller, &IdentitySelector::None) {
-            Decision::NoMatch(NoMatch::NoIdentityForPod)
-                if workload_identity.is_some() && self.options.serve_workload_identity_pods =>
-            {
-                match workload_identity
-                    .as_ref()
-                    .and_then(|wi| wi.client_id.as_ref())
-                {
-                    Some(client_id) => format!(
-                        "client id {client_id} by federated exchange for system:serviceaccount:{}:{} (Workload Identity pod)",
-                        caller.namespace, caller.service_account
-                    ),
-                    None => format!(
-                        "403: service account {}/{} has no {WI_CLIENT_ID_ANNOTATION} annotation",
-                        caller.namespace, caller.service_account
-                    ),
-                }
-            }
-            Decision::Exception(_) => {
-                "the node's own identity (excepted, no identity checks)".to_owned()
-            }
-            Decision::Identity(identity) => {
-                let (ns, name) = ns_name(&*identity);
-                format!(
-                    "{ns}/{name} (client id {})",
-                    identity.spec.client_id.as_deref().unwrap_or_default()
-                )
-            }
-            Decision::Pending(PendingReason::AssignmentCreated) => {
-                "waits: MIC is assigning the identity".to_owned()
-            }
-            Decision::Pending(PendingReason::AwaitingAssignment) => {
-                "waits: MIC has not written the assignment yet".to_owned()
-            }
-            Decision::NoMatch(NoMatch::NoIdentityForPod) => {
-                "404: no identity for this pod".to_owned()
-            }
-            Decision::NoMatch(other) => format!("no token ({other:?})"),
-        };
+        let default_answer = self.default_answer(&caller);
 
         self.findings(
             pod,
@@ -619,7 +602,7 @@ impl<'a> Explainer<'a> {
         PodReport {
             namespace: caller.namespace.clone(),
             name: caller.name.clone(),
-            service_account: caller.service_account.clone(),
+            service_account,
             node: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
             binding_label: label,
             exceptions,
@@ -631,14 +614,46 @@ impl<'a> Explainer<'a> {
         }
     }
 
-    /// Whether nmi with `--serve-workload-identity-pods` serves `caller` as a Workload Identity
-    /// pod: no binding gives it any identity.
-    fn nmi_serves_workload_pod(&self, caller: &CallerPod) -> bool {
-        self.options.serve_workload_identity_pods
-            && matches!(
-                self.index.decide(caller, &IdentitySelector::None),
-                Decision::NoMatch(NoMatch::NoIdentityForPod)
-            )
+    /// What nmi answers `caller` asking without `client_id`/`msi_res_id`.
+    fn default_answer(&self, caller: &CallerPod) -> String {
+        match self.selection(caller, &IdentitySelector::None) {
+            Selection::Workload(grant) => format!(
+                "client id {} by federated exchange for {} (Workload Identity pod)",
+                grant.account.client_id,
+                grant.credential.subject.subject()
+            ),
+            Selection::Node(_) => {
+                "the node's own identity (excepted, no identity checks)".to_owned()
+            }
+            Selection::Identity { identity, source } => {
+                let (ns, name) = ns_name(&*identity);
+                let federated = match source {
+                    Source::Usual => "",
+                    Source::Federated(_) => ", by federated exchange",
+                };
+                format!(
+                    "{ns}/{name} (client id {}{federated})",
+                    identity.spec.client_id.as_deref().unwrap_or_default()
+                )
+            }
+            Selection::Wait(PendingReason::AssignmentCreated) => {
+                "waits: MIC is assigning the identity".to_owned()
+            }
+            Selection::Wait(PendingReason::AwaitingAssignment) => {
+                "waits: MIC has not written the assignment yet".to_owned()
+            }
+            Selection::Refused(Refusal::NoMatch(NoMatch::NoIdentityForPod)) => {
+                "404: no identity for this pod".to_owned()
+            }
+            Selection::Refused(Refusal::NoMatch(other)) => format!("no token ({other:?})"),
+            Selection::Refused(refusal) => {
+                let error = refusal.to_imds_error(caller);
+                format!(
+                    "{}: {error}",
+                    error.status(ErrorOptions::default()).as_u16()
+                )
+            }
+        }
     }
 
     fn identity_report(
@@ -664,17 +679,19 @@ impl<'a> Explainer<'a> {
             let (bns, bname) = ns_name(b);
             self.live_binding(&bns, &bname).unwrap_or(b)
         });
-        // nmi reads the switch from the copies recorded in the pod's assignment in standard
-        // mode (mic rewrites them when the switch changes), from the live objects otherwise.
+        // The path nmi takes (in standard mode the copies recorded in the pod's assignment
+        // decide, and mic rewrites them when the switch changes), and the one the live objects
+        // ask for.
         let live_path = token_path(live_identity, live_binding, caller);
-        let path = match recorded.and_then(|a| a.spec.azure_identity_ref.as_deref()) {
-            Some(copy) if self.standard() => token_path(
-                copy,
-                recorded.and_then(|a| a.spec.azure_binding_ref.as_deref()),
-                caller,
-            ),
-            _ => live_path.clone(),
+        let nmi_identity = match recorded.and_then(|a| a.spec.azure_identity_ref.as_deref()) {
+            Some(copy) if self.standard() => copy,
+            _ => identity,
         };
+        let path = path_of(
+            nmi_identity,
+            credential_for(&self.index, &self.assigned, caller, "", nmi_identity),
+            caller,
+        );
         let pending_switch = (path != live_path).then(|| live_path.label());
         let served = match &path {
             TokenPath::Refused { reason } => Served::No {
@@ -940,6 +957,20 @@ impl<'a> Explainer<'a> {
                     message: "nmi (--serve-workload-identity-pods) serves the pod's IMDS calls with the same identity by federated exchange; a client_id other than the service account's gets 404, msi_res_id/object_id get 400".to_owned(),
                     fix: None,
                 });
+            } else if let Selection::Refused(refusal @ Refusal::Workload(_)) =
+                self.selection(caller, &IdentitySelector::None)
+            {
+                out.push(Finding {
+                    level: Level::Error,
+                    message: format!(
+                        "nmi (--serve-workload-identity-pods) refuses the pod's IMDS calls: {}",
+                        refusal.to_imds_error(caller)
+                    ),
+                    fix: Some(format!(
+                        "annotate service account {}/{} with {WI_CLIENT_ID_ANNOTATION} (and {WI_TENANT_ID_ANNOTATION}, or start nmi with --federated-default-tenant-id)",
+                        caller.namespace, wi.service_account
+                    )),
+                });
             } else if self.options.serve_workload_identity_pods && wi.client_id.is_some() {
                 out.push(Finding {
                     level: Level::Info,
@@ -1050,4 +1081,146 @@ pub fn referenced_secrets(identities: &[AzureIdentity]) -> BTreeSet<(String, Str
             Some((ns, name))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::PodSpec;
+
+    use super::*;
+
+    const CLIENT: &str = "cccccccc-0000-4000-8000-00000000000c";
+
+    fn wi_pod() -> Pod {
+        let mut pod = Pod::default();
+        pod.metadata.namespace = Some("apps".into());
+        pod.metadata.name = Some("web".into());
+        pod.metadata.labels = Some([(WI_USE_LABEL.to_owned(), "true".to_owned())].into());
+        pod.spec = Some(PodSpec {
+            service_account_name: Some("web".into()),
+            ..PodSpec::default()
+        });
+        pod
+    }
+
+    fn account(annotations: &[(&str, &str)]) -> Option<ServiceAccount> {
+        let mut account = ServiceAccount::default();
+        account.metadata.namespace = Some("apps".into());
+        account.metadata.name = Some("web".into());
+        account.metadata.annotations = Some(
+            annotations
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        );
+        Some(account)
+    }
+
+    fn explain_wi(account: Option<ServiceAccount>) -> PodReport {
+        let snapshot = Snapshot {
+            pods: vec![wi_pod()],
+            service_accounts: [(("apps".to_owned(), "web".to_owned()), account)].into(),
+            ..Snapshot::default()
+        };
+        let options = Options {
+            serve_workload_identity_pods: true,
+            ..Options::default()
+        };
+        Explainer::new(&snapshot, options).explain(&snapshot.pods[0])
+    }
+
+    /// nmi refuses (403) a Workload Identity pod whose service account names no tenant when it
+    /// runs without `--federated-default-tenant-id`; podidctl used to say it was served.
+    #[test]
+    fn a_workload_identity_account_without_a_tenant_is_refused_as_nmi_refuses_it() {
+        let report = explain_wi(account(&[(WI_CLIENT_ID_ANNOTATION, CLIENT)]));
+        assert!(
+            report.default_answer.starts_with("403"),
+            "{}",
+            report.default_answer
+        );
+        assert!(
+            report
+                .default_answer
+                .contains("--federated-default-tenant-id"),
+            "{}",
+            report.default_answer
+        );
+        let wi = report.workload_identity.expect("labelled");
+        assert!(!wi.served_by_nmi);
+        // With a tenant on the account nmi serves it.
+        let report = explain_wi(account(&[
+            (WI_CLIENT_ID_ANNOTATION, CLIENT),
+            (WI_TENANT_ID_ANNOTATION, "tenant-a"),
+        ]));
+        assert!(
+            report.default_answer.contains(CLIENT),
+            "{}",
+            report.default_answer
+        );
+        assert!(report.workload_identity.expect("labelled").served_by_nmi);
+    }
+
+    /// The shared selection cases through podidctl's own path (its snapshot, `CallerPod::of`,
+    /// the explainer's selection): the same answers as nmi's request path
+    /// (`podid_nmi::server` tests) and `podid_select::select`.
+    #[test]
+    fn podidctl_decides_every_shared_selection_case_as_nmi() {
+        use podid_select::cases::{Outcome, cases};
+
+        for case in cases() {
+            let snapshot = Snapshot {
+                pods: vec![case.pod.clone()],
+                identities: case.identities.clone(),
+                bindings: case.bindings.clone(),
+                assignments: case.assignments.clone(),
+                exceptions: case.exceptions.clone(),
+                service_accounts: case
+                    .service_accounts
+                    .iter()
+                    .map(|a| (ns_name(a), Some(a.clone())))
+                    .collect(),
+                secrets: BTreeMap::new(),
+            };
+            let options = Options {
+                matching: case.options,
+                serve_workload_identity_pods: case.serve_workload_identity_pods,
+                federated_default_tenant: case.federated_default_tenant,
+            };
+            let explainer = Explainer::new(&snapshot, options);
+            let caller = CallerPod::of(&snapshot.pods[0]);
+            let selection = explainer.selection(&caller, &case.query.selector());
+            let outcome = Outcome::of(&selection, |refusal| {
+                refusal
+                    .to_imds_error(&caller)
+                    .status(ErrorOptions::default())
+                    .as_u16()
+            });
+            assert_eq!(outcome, case.expected, "{}: {selection:?}", case.name);
+            // The report agrees with the selection it is built from.
+            let report = explainer.explain(&snapshot.pods[0]);
+            if case.query == podid_select::cases::Query::None {
+                let served_by_nmi = report.workload_identity.is_some_and(|w| w.served_by_nmi);
+                assert_eq!(
+                    served_by_nmi,
+                    matches!(outcome, Outcome::Workload { .. }),
+                    "{}",
+                    case.name
+                );
+            }
+        }
+    }
+
+    /// nmi says a missing service account does not exist; podidctl used to call it
+    /// unannotated.
+    #[test]
+    fn a_missing_workload_identity_account_is_reported_as_nmi_reports_it() {
+        let report = explain_wi(None);
+        assert!(
+            report.default_answer.starts_with("403")
+                && report.default_answer.contains("does not exist"),
+            "{}",
+            report.default_answer
+        );
+    }
 }

@@ -18,7 +18,8 @@ use serde::Serialize;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use crate::explain::{WI_CLIENT_ID_ANNOTATION, WI_TENANT_ID_ANNOTATION, caller_pod};
+use crate::explain::{WI_CLIENT_ID_ANNOTATION, WI_TENANT_ID_ANNOTATION};
+use podid_select::matching::CallerPod;
 
 /// Entra's limit of federated identity credentials per identity.
 pub const MAX_FEDERATED_CREDENTIALS: usize = 20;
@@ -193,7 +194,7 @@ pub fn plan(input: &Input<'_>) -> Plan {
         }
     }
     for (pod, binding) in &input.users {
-        let caller = caller_pod(pod);
+        let caller = CallerPod::of(pod);
         let pod_ref = format!("{}/{}", caller.namespace, caller.name);
         let subject = PodSubject {
             namespace: &caller.namespace,

@@ -23,6 +23,7 @@ fn options(args: &Args) -> Options {
             force_namespaced: args.force_namespaced,
         },
         serve_workload_identity_pods: args.serve_workload_identity_pods,
+        federated_default_tenant: args.federated_default_tenant_id.is_some(),
     }
 }
 

@@ -475,9 +475,16 @@ async fn status_table_shows_each_pods_identity_and_path() {
         wi[0]
     );
 
-    // nmi with --serve-workload-identity-pods serves the pod's IMDS calls too.
+    // nmi with --serve-workload-identity-pods serves the pod's IMDS calls too (the service
+    // account names no tenant, so only with a default tenant, as nmi).
     let table = c
-        .ok(&["status", "-A", "--serve-workload-identity-pods"])
+        .ok(&[
+            "status",
+            "-A",
+            "--serve-workload-identity-pods",
+            "--federated-default-tenant-id",
+            "tenant-x",
+        ])
         .await;
     let wi = rows(&table, "wi", "wi-1");
     assert!(
@@ -490,11 +497,25 @@ async fn status_table_shows_each_pods_identity_and_path() {
         "a bound pod keeps its path"
     );
     let doctor = c
-        .ok(&["doctor", "wi/wi-1", "--serve-workload-identity-pods"])
+        .ok(&[
+            "doctor",
+            "wi/wi-1",
+            "--serve-workload-identity-pods",
+            "--federated-default-tenant-id",
+            "tenant-x",
+        ])
         .await;
     assert!(
         doctor.contains("IMDS calls: served by nmi")
             && doctor.contains("system:serviceaccount:wi:wi-app"),
+        "{doctor}"
+    );
+    // Without a tenant anywhere nmi refuses the pod (403), and doctor says so.
+    let doctor = c
+        .ok(&["doctor", "wi/wi-1", "--serve-workload-identity-pods"])
+        .await;
+    assert!(
+        !doctor.contains("served by nmi") && doctor.contains("--federated-default-tenant-id"),
         "{doctor}"
     );
     let doctor = c.ok(&["doctor", "wi/wi-1"]).await;
