@@ -39,9 +39,12 @@ use std::fmt;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use podid_api::{
     AssignedIdentityState, AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding,
-    NODE_NAME_LABEL, POD_LABEL_KEY, assigned_identity_name, assigned_identity_namespace,
+    NODE_NAME_LABEL, assigned_identity_name, assigned_identity_namespace,
 };
 use podid_select::federated::is_federated;
+use podid_select::matching::{
+    MatchMode, MatchOptions, binding_label, binding_selector, confined_to_binding_namespace,
+};
 use sha2::{Digest, Sha256};
 
 /// Longest object name the API server accepts (a DNS subdomain).
@@ -557,10 +560,15 @@ pub fn compute<'a>(inputs: &Inputs<'a>, options: &Options) -> Plan<'a> {
     plan.stats.identities = identities.len();
     plan.stats.bindings = inputs.bindings.len();
 
-    // Bindings, in (namespace, name) order, resolved to their identity once. Non-namespaced
-    // pairs apply to pods of any namespace (by selector); namespaced ones only to pods of the
-    // binding's namespace (by namespace and selector). Missing identities are remembered and
-    // reported when a pod hits them, as upstream does.
+    // Bindings, in (namespace, name) order, resolved to their identity once, with nmi's
+    // selection rules (podid_select::matching: selector, identity in the binding's namespace,
+    // the namespace rule). Unconfined pairs apply to pods of any namespace (by selector);
+    // confined ones only to pods of the binding's namespace (by namespace and selector). Missing
+    // identities are remembered and reported when a pod hits them, as upstream does.
+    let match_options = MatchOptions {
+        mode: MatchMode::Standard,
+        force_namespaced: options.force_namespaced,
+    };
     let mut bindings: Vec<&AzureIdentityBinding> = inputs.bindings.clone();
     bindings.sort_by(|a, b| {
         (a.metadata.namespace.as_deref(), a.metadata.name.as_deref())
@@ -570,14 +578,13 @@ pub fn compute<'a>(inputs: &Inputs<'a>, options: &Options) -> Plan<'a> {
     let mut global: HashMap<&str, Vec<Pair<'a>>> = HashMap::new();
     let mut local: HashMap<(&str, &str), Vec<Pair<'a>>> = HashMap::new();
     for binding in bindings {
-        let Some(selector) = binding.spec.selector.as_deref().filter(|s| !s.is_empty()) else {
+        let Some(selector) = binding_selector(binding) else {
             continue;
         };
         let namespace = meta_str(binding.metadata.namespace.as_deref());
         let identity_name = binding.spec.azure_identity.as_deref().unwrap_or_default();
         let identity = identities.get(&(namespace, identity_name)).copied();
-        let namespaced = options.force_namespaced || identity.is_some_and(|i| i.is_namespaced());
-        if namespaced {
+        if confined_to_binding_namespace(match_options, identity) {
             local
                 .entry((namespace, selector))
                 .or_default()
@@ -593,13 +600,7 @@ pub fn compute<'a>(inputs: &Inputs<'a>, options: &Options) -> Plan<'a> {
     // Candidates, pods in (namespace, name) order so "first" is stable.
     let mut pods: Vec<(&str, &str, &str, &str)> = Vec::new();
     for &pod in &inputs.pods {
-        let Some(label) = pod
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(POD_LABEL_KEY))
-            .filter(|v| !v.is_empty())
-        else {
+        let Some(label) = pod.metadata.labels.as_ref().and_then(binding_label) else {
             continue;
         };
         let Some(node) = pod

@@ -837,3 +837,96 @@ fn a_name_held_by_other_content_is_rewritten_and_reassigned() {
         AssignedIdentityState::Created
     );
 }
+
+/// mic desires an assignment for exactly the (pod, identity) pairs nmi's matcher gives each pod
+/// through a binding (`MatchIndex::pod_bindings`): both apply podid-select's selector and
+/// namespace rules, so a pod never waits for an assignment mic will not make, and mic never
+/// assigns an identity nmi would not hand out.
+#[test]
+fn mic_desires_exactly_the_pairs_nmi_matches() {
+    use std::sync::Arc;
+
+    use podid_select::matching::{CallerPod, MatchIndex, MatchMode, MatchOptions};
+
+    let world = World {
+        pods: vec![
+            pod("apps", "web", "n1", "kv"),
+            pod("evil", "thief", "n1", "kv"),
+            pod("ids", "owner", "n1", "kv"),
+            pod("apps", "other", "n1", "db"),
+            pod("apps", "missing", "n1", "ghost"),
+        ],
+        nodes: vec![vm_node("n1")],
+        identities: vec![
+            identity("ids", "shared", "c1"),
+            identity("ids", "private", "c2").namespaced(),
+            identity("apps", "db", "c3"),
+            identity("evil", "kv", "c4").namespaced(),
+        ],
+        bindings: vec![
+            binding("ids", "b-shared", "shared", "kv"),
+            binding("ids", "b-private", "private", "kv"),
+            binding("apps", "b-db", "db", "db"),
+            binding("evil", "b-kv", "kv", "kv"),
+            binding("apps", "b-ghost", "no-such-identity", "ghost"),
+            binding("apps", "b-empty", "db", ""),
+        ],
+        existing: vec![],
+    };
+    for force_namespaced in [false, true] {
+        let plan = world.plan(&Options {
+            force_namespaced,
+            ..options()
+        });
+        let mic: BTreeSet<(String, String, String)> = plan
+            .create
+            .iter()
+            .map(|o| {
+                let identity = o.spec.azure_identity_ref.as_deref().expect("identity copy");
+                (
+                    o.spec.pod_namespace.clone().unwrap_or_default(),
+                    o.spec.pod.clone().unwrap_or_default(),
+                    format!(
+                        "{}/{}",
+                        identity.metadata.namespace.as_deref().unwrap_or_default(),
+                        identity.metadata.name.as_deref().unwrap_or_default()
+                    ),
+                )
+            })
+            .collect();
+        let index = MatchIndex::new(
+            MatchOptions {
+                mode: MatchMode::Standard,
+                force_namespaced,
+            },
+            world.identities.iter().cloned().map(Arc::new),
+            world.bindings.iter().cloned().map(Arc::new),
+            [],
+            [],
+        );
+        let nmi: BTreeSet<(String, String, String)> = world
+            .pods
+            .iter()
+            .map(CallerPod::of)
+            .flat_map(|pod| {
+                index
+                    .pod_bindings(&pod)
+                    .into_iter()
+                    .map(move |(_, identity)| {
+                        (
+                            pod.namespace.clone(),
+                            pod.name.clone(),
+                            format!(
+                                "{}/{}",
+                                identity.metadata.namespace.as_deref().unwrap_or_default(),
+                                identity.metadata.name.as_deref().unwrap_or_default()
+                            ),
+                        )
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        assert!(!mic.is_empty());
+        assert_eq!(mic, nmi, "force_namespaced {force_namespaced}");
+    }
+}

@@ -351,15 +351,7 @@ fn index_entry(pod: &Pod) -> Option<(PodKey, Indexed)> {
         let waits = deleted_at.is_none() && matches!(phase, Some("Pending") | None);
         return waits.then_some((key, Indexed::Awaiting));
     }
-    let caller = CallerPod {
-        namespace: key.0.clone(),
-        name: key.1.clone(),
-        service_account: spec
-            .and_then(|s| s.service_account_name.clone())
-            .unwrap_or_default(),
-        labels: meta.labels.clone().unwrap_or_default(),
-        annotations: meta.annotations.clone().unwrap_or_default(),
-    };
+    let caller = CallerPod::of(pod);
     Some((
         key,
         Indexed::Entry(Entry {

@@ -105,11 +105,36 @@ impl CallerPod {
 
     /// The value of the pod's `aadpodidbinding` label, if set and non-empty.
     pub fn binding_label(&self) -> Option<&str> {
-        self.labels
-            .get(POD_LABEL_KEY)
-            .map(String::as_str)
-            .filter(|v| !v.is_empty())
+        binding_label(&self.labels)
     }
+}
+
+/// The value of `aadpodidbinding` in a pod's `labels`, if set and non-empty: what bindings'
+/// selectors are compared with.
+pub fn binding_label(labels: &BTreeMap<String, String>) -> Option<&str> {
+    labels
+        .get(POD_LABEL_KEY)
+        .map(String::as_str)
+        .filter(|v| !v.is_empty())
+}
+
+/// A binding's `spec.selector`, if non-empty (a binding without one selects no pod).
+pub fn binding_selector(binding: &AzureIdentityBinding) -> Option<&str> {
+    binding.spec.selector.as_deref().filter(|s| !s.is_empty())
+}
+
+/// The namespace rule: whether a binding gives `identity` (`None`: not known yet) only to pods
+/// of the binding's own namespace — in managed mode, with `--forceNamespaced`, or when the
+/// identity carries `aadpodidentity.k8s.io/Behavior: namespaced`. The identity itself is always
+/// looked up in the binding's namespace. nmi's [`MatchIndex`] and mic's desired state both apply
+/// it.
+pub fn confined_to_binding_namespace(
+    options: MatchOptions,
+    identity: Option<&AzureIdentity>,
+) -> bool {
+    options.mode == MatchMode::Managed
+        || options.force_namespaced
+        || identity.is_some_and(AzureIdentity::is_namespaced)
 }
 
 /// The node identity an excepted pod gets a token for (the node's IMDS is asked directly).
@@ -263,7 +288,7 @@ impl MatchIndex {
         let mut bindings_by_selector: HashMap<String, Vec<Arc<AzureIdentityBinding>>> =
             HashMap::new();
         for binding in bindings {
-            if let Some(selector) = binding.spec.selector.clone().filter(|s| !s.is_empty()) {
+            if let Some(selector) = binding_selector(&binding).map(str::to_owned) {
                 bindings_by_selector
                     .entry(selector)
                     .or_default()
@@ -349,7 +374,7 @@ impl MatchIndex {
     }
 
     fn namespaced(&self, identity: &AzureIdentity) -> bool {
-        self.options.force_namespaced || identity.is_namespaced()
+        confined_to_binding_namespace(self.options, Some(identity))
     }
 
     /// Whether an exception in the pod's namespace excepts it (any single label pair, value
@@ -383,15 +408,17 @@ impl MatchIndex {
             .binding_label()
             .and_then(|label| self.bindings_by_selector.get(label))
             .map_or(&[][..], Vec::as_slice);
-        let managed = self.options.mode == MatchMode::Managed;
+        // Confined whatever the identity says (managed mode, --forceNamespaced): checked before
+        // the identity is looked up.
+        let always_confined = confined_to_binding_namespace(self.options, None);
         bindings.iter().filter_map(move |binding| {
             let binding_ns = binding.metadata.namespace.as_deref().unwrap_or_default();
-            if managed && binding_ns != pod.namespace {
+            if always_confined && binding_ns != pod.namespace {
                 return None;
             }
             let name = binding.spec.azure_identity.as_deref()?;
             let identity = get_ns_name(&self.identities, binding_ns, name)?;
-            if (managed || self.namespaced(identity)) && binding_ns != pod.namespace {
+            if self.namespaced(identity) && binding_ns != pod.namespace {
                 return None;
             }
             Some((binding, identity))
