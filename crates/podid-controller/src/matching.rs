@@ -43,27 +43,15 @@ use std::sync::Arc;
 
 use podid_api::{
     AssignedIdentityState, AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding,
-    AzurePodIdentityException, POD_LABEL_KEY,
+    AzurePodIdentityException, OperationMode, POD_LABEL_KEY,
 };
 use podid_imds::{IdentitySelector, ImdsError};
-
-/// How NMI selects identities (`--operation-mode`, docs/upstream.md#token-endpoint,
-/// docs/upstream.md#identity-selection).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum MatchMode {
-    /// MIC writes `AzureAssignedIdentity` objects; NMI mints only assigned identities.
-    #[default]
-    Standard,
-    /// No MIC: identities are pre-assigned to the VM/VMSS by the user; bindings and identities
-    /// in the pod's namespace decide.
-    Managed,
-}
 
 /// Options of the matcher.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MatchOptions {
     /// Operation mode.
-    pub mode: MatchMode,
+    pub mode: OperationMode,
     /// `--forceNamespaced` / `FORCENAMESPACED=true`: identity, binding and pod must share a
     /// namespace for every identity (the `Behavior: namespaced` annotation does it for one).
     pub force_namespaced: bool,
@@ -365,7 +353,7 @@ impl MatchIndex {
             .binding_label()
             .and_then(|label| self.bindings_by_selector.get(label))
             .map_or(&[][..], Vec::as_slice);
-        let managed = self.options.mode == MatchMode::Managed;
+        let managed = self.options.mode == OperationMode::Managed;
         bindings.iter().filter_map(move |binding| {
             let binding_ns = binding.metadata.namespace.as_deref().unwrap_or_default();
             if managed && binding_ns != pod.namespace {
@@ -458,10 +446,10 @@ impl MatchIndex {
             });
         }
         match self.options.mode {
-            MatchMode::Standard => {
+            OperationMode::Standard => {
                 self.decide_among(pod, selector, matches, || self.assigned_candidates(pod))
             }
-            MatchMode::Managed => {
+            OperationMode::Managed => {
                 let managed = self.managed_candidates(pod);
                 self.decide_among(pod, selector, matches, || {
                     managed.iter().map(|c| (&c.identity, c.state))
@@ -497,7 +485,7 @@ impl MatchIndex {
         if created {
             return Decision::Pending(PendingReason::AssignmentCreated);
         }
-        if self.options.mode == MatchMode::Standard {
+        if self.options.mode == OperationMode::Standard {
             // A binding selects the pod for a wanted identity that has no assignment at all yet:
             // MIC has not caught up with the pod.
             let awaiting = self.pod_binding_refs(pod).any(|(_, identity)| {

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{ArgAction, Parser};
+use podid_api::OperationMode;
 use podid_controller::cli::KlogFlags;
 pub use podid_controller::cli::parse_go_bool;
 use podid_imds::ErrorBodyStyle;
@@ -178,15 +179,6 @@ pub struct Flags {
     pub klog: KlogFlags,
 }
 
-/// How NMI picks identities (docs/upstream.md#identity-selection).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OperationMode {
-    /// MIC assigns identities; NMI serves a pod's `Assigned` AzureAssignedIdentity.
-    Standard,
-    /// Identities are pre-assigned; NMI matches bindings directly (namespaced mode only).
-    Managed,
-}
-
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -329,10 +321,8 @@ impl Flags {
             listen_ip
         };
         let namespaced = self.force_namespaced || env("FORCENAMESPACED").as_deref() == Some("true");
-        let mode = match self.operation_mode.to_ascii_lowercase().as_str() {
-            "standard" => OperationMode::Standard,
-            "managed" => OperationMode::Managed,
-            _ => return Err(ConfigError::UnsupportedMode(self.operation_mode)),
+        let Some(mode) = OperationMode::parse(&self.operation_mode) else {
+            return Err(ConfigError::UnsupportedMode(self.operation_mode));
         };
         if mode == OperationMode::Managed && !namespaced {
             return Err(ConfigError::ManagedWithoutNamespaced);

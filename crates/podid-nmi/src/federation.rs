@@ -134,9 +134,10 @@ pub fn credential_for(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use podid_api::OperationMode;
     use podid_api::TOKEN_SOURCE_ANNOTATION;
     use podid_controller::broker::{BoundPod, FederatedSubject};
-    use podid_controller::matching::{MatchMode, MatchOptions};
+    use podid_controller::matching::MatchOptions;
 
     fn identity(annotation: Option<&str>) -> AzureIdentity {
         let mut identity = AzureIdentity::user_assigned(
@@ -226,7 +227,7 @@ mod tests {
         let live_identity = Arc::new(identity(None));
         let index = MatchIndex::new(
             MatchOptions {
-                mode: MatchMode::Managed,
+                mode: OperationMode::Managed,
                 force_namespaced: true,
             },
             [Arc::clone(&live_identity)],
@@ -241,7 +242,7 @@ mod tests {
         ));
         let index = MatchIndex::new(
             MatchOptions {
-                mode: MatchMode::Managed,
+                mode: OperationMode::Managed,
                 force_namespaced: true,
             },
             [Arc::clone(&live_identity)],

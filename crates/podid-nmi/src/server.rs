@@ -45,7 +45,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tracing::Instrument as _;
 
-use crate::config::{Config, OperationMode};
+use crate::config::Config;
 use crate::events::{EventSink, PodEvent, PodEventReason};
 use crate::federation::AssignedBindings;
 pub use crate::health::Health;
@@ -155,10 +155,7 @@ impl ServerOptions {
     /// The matcher options `config` asks for.
     pub fn match_options(config: &Config) -> MatchOptions {
         MatchOptions {
-            mode: match config.mode {
-                OperationMode::Standard => podid_controller::matching::MatchMode::Standard,
-                OperationMode::Managed => podid_controller::matching::MatchMode::Managed,
-            },
+            mode: config.mode,
             force_namespaced: config.namespaced,
         }
     }

@@ -37,12 +37,14 @@ use clap::Parser as _;
 use common::*;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use podid_api::{AssignedIdentityState, AzureIdentity, AzurePodIdentityException, IdentityType};
+use podid_api::{
+    AssignedIdentityState, AzureIdentity, AzurePodIdentityException, IdentityType, OperationMode,
+};
 use podid_controller::broker::{
     BrokerConfig, BrokerError, ImdsConfig, ImdsLimiter, ImdsSource, LimiterConfig, SourceKind,
     Sources, SystemClock, TokenBroker,
 };
-use podid_controller::matching::{MatchMode, MatchOptions, NodeIdentity};
+use podid_controller::matching::{MatchOptions, NodeIdentity};
 use podid_fake_apiserver::FakeApiServer;
 use podid_imds::ErrorBodyStyle;
 use podid_netsim::SimNode;
@@ -1184,7 +1186,7 @@ async fn item_08_namespaced_filter() {
         ..Default::default()
     };
     let managed = MatchOptions {
-        mode: MatchMode::Managed,
+        mode: OperationMode::Managed,
         force_namespaced: true,
     };
     let no_identity = Expect::Description("no azure identity is bound to pod app/web");
