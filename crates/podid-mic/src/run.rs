@@ -27,7 +27,8 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource};
 use podid_api::{
-    ASSIGNED_IDENTITY_FINALIZER, AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding,
+    ASSIGNED_IDENTITY_FINALIZER, AssignedIdentityState, AzureAssignedIdentity, AzureIdentity,
+    AzureIdentityBinding,
 };
 use serde::de::DeserializeOwned;
 use serde_json::json;
@@ -1234,7 +1235,13 @@ pub async fn apply_plan_with(
         .map(|name| {
             let object = objects.get(name.as_str()).copied();
             Box::pin(async move {
-                let result = set_state(client, namespace(name), name, "Assigned").await;
+                let result = set_state(
+                    client,
+                    namespace(name),
+                    name,
+                    AssignedIdentityState::Assigned,
+                )
+                .await;
                 if let (Some(events), Some(object)) = (events, object) {
                     confirm_events(events, object, result.as_ref().err(), false).await;
                 }
@@ -1788,9 +1795,14 @@ async fn release_and_delete(
     deletion: &Deletion<'_>,
 ) -> Result<(), kube::Error> {
     let object = deletion.object;
-    match set_state(client, namespace_of(object), name_of(object), "Unassigned")
-        .await
-        .map(drop)
+    match set_state(
+        client,
+        namespace_of(object),
+        name_of(object),
+        AssignedIdentityState::Unassigned,
+    )
+    .await
+    .map(drop)
     {
         Err(e) if is_status(&e, 404) => return Ok(()),
         Err(e) => {
@@ -1887,7 +1899,7 @@ async fn set_state(
     client: &Client,
     namespace: &str,
     name: &str,
-    state: &str,
+    state: AssignedIdentityState,
 ) -> Result<AzureAssignedIdentity, kube::Error> {
     api(client, namespace)
         .patch(
@@ -1908,7 +1920,7 @@ async fn set_assigned(
     mark: bool,
 ) -> Result<AzureAssignedIdentity, kube::Error> {
     if !mark {
-        return set_state(client, namespace, name, "Assigned").await;
+        return set_state(client, namespace, name, AssignedIdentityState::Assigned).await;
     }
     api(client, namespace)
         .patch(
@@ -1916,7 +1928,7 @@ async fn set_assigned(
             &PatchParams::default(),
             &Patch::Merge(json!({
                 "metadata": {"annotations": {PREEXISTING_ANNOTATION: "true"}},
-                "status": {"status": "Assigned"},
+                "status": {"status": AssignedIdentityState::Assigned},
             })),
         )
         .await
