@@ -14,8 +14,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{ArgAction, Parser};
-use podid_controller::cli::KlogFlags;
-pub use podid_controller::cli::parse_go_bool;
+pub use podid_runtime::flags::parse_go_bool;
+use podid_runtime::flags::{KlogFlags, normalize_go_args, parse_go_duration};
+pub use podid_runtime::logging::LogFormat;
+pub use podid_runtime::version_line;
 
 /// The raw command line, exactly as upstream spells it. Turn it into a [`Config`] with
 /// [`Flags::into_config`].
@@ -160,97 +162,6 @@ pub struct Flags {
     pub klog: KlogFlags,
 }
 
-/// Parses a duration the way Go's `time.ParseDuration` does: an optional sign, then one or more
-/// decimal numbers each followed by a unit (`ns`, `us`, `µs`, `ms`, `s`, `m`, `h`); `0` alone is
-/// allowed. Negative durations are refused here (no MIC flag accepts them).
-pub fn parse_go_duration(value: &str) -> Result<Duration, String> {
-    let bad = || format!("invalid duration {value:?} (want Go syntax such as 30s, 3m or 1h30m)");
-    let mut rest = value.strip_prefix('+').unwrap_or(value);
-    if rest.starts_with('-') {
-        return Err(format!("negative duration {value:?}"));
-    }
-    if rest == "0" {
-        return Ok(Duration::ZERO);
-    }
-    if rest.is_empty() {
-        return Err(bad());
-    }
-    let mut total_nanos: f64 = 0.0;
-    while !rest.is_empty() {
-        let number_len = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(bad)?;
-        let number = &rest[..number_len];
-        if number.is_empty() || number == "." || number.matches('.').count() > 1 {
-            return Err(bad());
-        }
-        let amount: f64 = number.parse().map_err(|_| bad())?;
-        rest = &rest[number_len..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let nanos_per_unit = match &rest[..unit_len] {
-            "ns" => 1.0,
-            "us" | "µs" | "μs" => 1e3,
-            "ms" => 1e6,
-            "s" => 1e9,
-            "m" => 60e9,
-            "h" => 3600e9,
-            _ => return Err(bad()),
-        };
-        rest = &rest[unit_len..];
-        total_nanos += amount * nanos_per_unit;
-    }
-    // Go's limit: durations are int64 nanoseconds.
-    if total_nanos > i64::MAX as f64 {
-        return Err(format!("duration {value:?} is too large"));
-    }
-    Ok(Duration::from_nanos(total_nanos.round() as u64))
-}
-
-/// Rewrites Go-style single-dash long flags (`-kubeconfig=x`, `-forceNamespaced`) to the
-/// double-dash form clap parses. Single-letter flags (`-v=4`), `--…` and values are unchanged;
-/// everything after a bare `--` is left alone.
-pub fn normalize_go_args<I, S>(args: I) -> Vec<String>
-where
-    I: IntoIterator<Item = S>,
-    S: Into<String>,
-{
-    let mut out = Vec::new();
-    let mut passthrough = false;
-    for (i, arg) in args.into_iter().map(Into::into).enumerate() {
-        if i == 0 || passthrough {
-            out.push(arg);
-            continue;
-        }
-        if arg == "--" {
-            passthrough = true;
-            out.push(arg);
-            continue;
-        }
-        let name_len = arg
-            .strip_prefix('-')
-            .filter(|rest| {
-                !rest.starts_with('-') && !rest.starts_with(|c: char| c.is_ascii_digit())
-            })
-            .map(|rest| rest.split('=').next().unwrap_or_default().chars().count());
-        match name_len {
-            Some(len) if len > 1 => out.push(format!("-{arg}")),
-            _ => out.push(arg),
-        }
-    }
-    out
-}
-
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
-}
-
 /// A flag or environment value that cannot be used. The message names the flag and the value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
@@ -381,16 +292,12 @@ impl Flags {
             .filter(|ns| !ns.trim().is_empty())
             .ok_or(ConfigError::MissingPodNamespace)?;
         let namespaced = self.force_namespaced || env("FORCENAMESPACED").as_deref() == Some("true");
-        let log_format = match self.log_format.as_str() {
-            "text" => LogFormat::Text,
-            "json" => LogFormat::Json,
-            other => {
-                return Err(invalid(
-                    "log-format",
-                    other,
-                    "unable to apply logging options: want text or json",
-                ));
-            }
+        let Some(log_format) = LogFormat::parse(&self.log_format) else {
+            return Err(invalid(
+                "log-format",
+                &self.log_format,
+                "unable to apply logging options: want text or json",
+            ));
         };
         let create_delete_batch = usize::try_from(self.create_delete_batch)
             .ok()
@@ -512,21 +419,9 @@ impl Flags {
     }
 }
 
-/// The version line, in upstream's shape.
-pub fn version_line() -> String {
-    let version = env!("CARGO_PKG_VERSION");
-    let commit = option_env!("PODID_GIT_COMMIT").unwrap_or("unknown");
-    let date = option_env!("PODID_BUILD_DATE").unwrap_or("unknown");
-    format!("MIC Version: {version} - NMI Version: {version} - Commit: {commit} - Date: {date}")
-}
-
 /// The user agent of MIC's outgoing calls: `podid/MIC/<version>[ <custom>]`.
 pub fn user_agent(custom: Option<&str>) -> String {
-    let base = format!("podid/MIC/{}", env!("CARGO_PKG_VERSION"));
-    match custom {
-        Some(custom) => format!("{base} {custom}"),
-        None => base,
-    }
+    podid_runtime::user_agent("MIC", custom)
 }
 
 fn invalid(flag: &'static str, value: &str, reason: impl Into<String>) -> ConfigError {
@@ -577,63 +472,4 @@ fn optional_url(flag: &'static str, value: &str) -> Result<Option<String>, Confi
         ));
     }
     Ok(Some(value.to_owned()))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn go_durations() {
-        let cases = [
-            ("3600s", Duration::from_secs(3600)),
-            ("1h", Duration::from_secs(3600)),
-            ("3m", Duration::from_secs(180)),
-            ("2m30s", Duration::from_secs(150)),
-            ("1.5h", Duration::from_secs(5400)),
-            ("500ms", Duration::from_millis(500)),
-            ("10us", Duration::from_micros(10)),
-            ("10µs", Duration::from_micros(10)),
-            ("7ns", Duration::from_nanos(7)),
-            ("+1s", Duration::from_secs(1)),
-            ("0", Duration::ZERO),
-        ];
-        for (text, want) in cases {
-            assert_eq!(parse_go_duration(text), Ok(want), "{text}");
-        }
-        for bad in ["", "1", "s", "1x", "1.2.3s", "-1s", "1h-5m", ".s", "3600"] {
-            assert!(parse_go_duration(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn single_dash_long_flags_become_double_dash() {
-        let out = normalize_go_args([
-            "mic",
-            "-kubeconfig=/k",
-            "-forceNamespaced",
-            "-v=3",
-            "--cloudconfig",
-            "-x",
-            "--createDeleteBatch",
-            "-10",
-            "--",
-            "-after",
-        ]);
-        assert_eq!(
-            out,
-            [
-                "mic",
-                "--kubeconfig=/k",
-                "--forceNamespaced",
-                "-v=3",
-                "--cloudconfig",
-                "-x",
-                "--createDeleteBatch",
-                "-10",
-                "--",
-                "-after"
-            ]
-        );
-    }
 }

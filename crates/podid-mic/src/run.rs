@@ -23,8 +23,8 @@ use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{self, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::reflector::Store;
+use kube::runtime::watcher;
 use kube::{Client, Resource};
 use podid_api::{
     ASSIGNED_IDENTITY_FINALIZER, AssignedIdentityState, AzureAssignedIdentity, AzureIdentity,
@@ -401,21 +401,8 @@ where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
 {
-    let (reader, writer) = reflector::store();
-    tasks.push(tokio::spawn(async move {
-        reflector::reflector(
-            writer,
-            watcher(api, watcher::Config::default()).default_backoff(),
-        )
-        .for_each(|event| {
-            match event {
-                Ok(_) => notify.notify_one(),
-                Err(e) => warn!(error = %e, "watch error; retrying"),
-            }
-            async {}
-        })
-        .await;
-    }));
+    let (reader, task) = podid_runtime::reflect(api, watcher::Config::default(), notify);
+    tasks.push(tokio::spawn(task));
     reader
 }
 

@@ -295,7 +295,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         "nmi serving"
     );
 
-    shutdown_signal().await;
+    podid_runtime::shutdown_signal().await;
     tracing::info!("shutting down: draining requests; the interception rules stay (fail closed)");
     let _ = stop_tx.send(true);
     watches.abort();
@@ -582,18 +582,6 @@ async fn repair_pass(repair: &Repair, trigger: &'static str) {
             check_route_localnet(&repair.iptables, &repair.health, Some(&repair.metrics)).await
     {
         events.report(Blocker::RouteLocalnet, reason);
-    }
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut term) = signal(SignalKind::terminate()) else {
-        let _ = tokio::signal::ctrl_c().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
     }
 }
 

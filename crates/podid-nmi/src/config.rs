@@ -13,9 +13,11 @@ use std::time::Duration;
 
 use clap::{ArgAction, Parser};
 use podid_api::OperationMode;
-use podid_controller::cli::KlogFlags;
-pub use podid_controller::cli::parse_go_bool;
 use podid_imds::ErrorBodyStyle;
+use podid_runtime::flags::KlogFlags;
+pub use podid_runtime::flags::parse_go_bool;
+pub use podid_runtime::logging::LogFormat;
+pub use podid_runtime::version_line;
 
 /// The raw command line, exactly as upstream spells it. Turn it into a [`Config`] with
 /// [`Flags::into_config`].
@@ -179,15 +181,6 @@ pub struct Flags {
     pub klog: KlogFlags,
 }
 
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
-}
-
 /// A flag value that cannot be used. The message names the flag and the value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
@@ -327,16 +320,12 @@ impl Flags {
         if mode == OperationMode::Managed && !namespaced {
             return Err(ConfigError::ManagedWithoutNamespaced);
         }
-        let log_format = match self.log_format.as_str() {
-            "text" => LogFormat::Text,
-            "json" => LogFormat::Json,
-            other => {
-                return Err(invalid(
-                    "log-format",
-                    other,
-                    "unable to apply logging options: want text or json",
-                ));
-            }
+        let Some(log_format) = LogFormat::parse(&self.log_format) else {
+            return Err(invalid(
+                "log-format",
+                &self.log_format,
+                "unable to apply logging options: want text or json",
+            ));
         };
         let federated_default_tenant = if self.federated_default_tenant_id.trim().is_empty() {
             env("FEDERATED_DEFAULT_TENANT_ID").unwrap_or_default()
@@ -464,21 +453,9 @@ impl Flags {
     }
 }
 
-/// The version line, in upstream's shape.
-pub fn version_line() -> String {
-    let version = env!("CARGO_PKG_VERSION");
-    let commit = option_env!("PODID_GIT_COMMIT").unwrap_or("unknown");
-    let date = option_env!("PODID_BUILD_DATE").unwrap_or("unknown");
-    format!("MIC Version: {version} - NMI Version: {version} - Commit: {commit} - Date: {date}")
-}
-
 /// The user agent of NMI's outgoing calls: `podid/NMI/<version>[ <custom>]`.
 pub fn user_agent(custom: Option<&str>) -> String {
-    let base = format!("podid/NMI/{}", env!("CARGO_PKG_VERSION"));
-    match custom {
-        Some(custom) => format!("{base} {custom}"),
-        None => base,
-    }
+    podid_runtime::user_agent("NMI", custom)
 }
 
 /// Why NMI refuses to start on this node (docs/upstream.md#start-up step 2).

@@ -7,7 +7,7 @@
 use std::process::ExitCode;
 
 use clap::Parser as _;
-use podid_nmi::config::{Config, Flags, LogFormat, version_line};
+use podid_nmi::config::{Flags, version_line};
 use podid_nmi::interception::{Interception, SystemIptables, uninstall, uninstall_localnet};
 
 fn main() -> ExitCode {
@@ -44,7 +44,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging(&config);
+    podid_runtime::logging::init(config.log_format, config.verbosity);
     if uninstall_requested {
         let interception = Interception {
             metadata: config.metadata,
@@ -96,23 +96,5 @@ fn main() -> ExitCode {
             eprintln!("nmi: {e:#}");
             ExitCode::FAILURE
         }
-    }
-}
-
-fn init_logging(config: &Config) {
-    let default = match config.verbosity {
-        0..=2 => "info",
-        3..=5 => "debug",
-        _ => "trace",
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    match config.log_format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
     }
 }
