@@ -13,8 +13,7 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{ArgAction, Parser};
-pub use podid_runtime::flags::parse_go_bool;
+use clap::Parser;
 use podid_runtime::flags::{KlogFlags, normalize_go_args, parse_go_duration};
 pub use podid_runtime::logging::LogFormat;
 pub use podid_runtime::version_line;
@@ -23,6 +22,7 @@ pub use podid_runtime::version_line;
 /// [`Flags::into_config`].
 #[derive(Debug, Clone, Parser)]
 #[command(
+    mut_args = podid_runtime::flags::go_bool,
     name = "mic",
     about = "podid MIC: assigns pods' Azure identities to their nodes",
     disable_version_flag = true
@@ -35,12 +35,10 @@ pub struct Flags {
     #[arg(long, default_value = "")]
     pub cloudconfig: String,
     /// Namespaced matching (also env `FORCENAMESPACED=true`).
-    #[arg(long = "forceNamespaced", num_args = 0..=1, require_equals = true, default_value = "false",
-          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    #[arg(long = "forceNamespaced")]
     pub force_namespaced: bool,
     /// Print the version and exit.
-    #[arg(long = "version", num_args = 0..=1, require_equals = true, default_value = "false",
-          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    #[arg(long = "version")]
     pub version: bool,
     /// Period of the full sync pass.
     #[arg(long = "syncRetryDuration", default_value = "3600s")]
@@ -64,12 +62,10 @@ pub struct Flags {
     #[arg(long = "prometheus-port", default_value = "8888")]
     pub prometheus_port: String,
     /// Upstream's pprof server; podid has none and ignores it (logged).
-    #[arg(long = "enableProfile", num_args = 0..=1, require_equals = true, default_value = "false",
-          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    #[arg(long = "enableProfile")]
     pub enable_profile: bool,
     /// Deprecated no-op for MIC (logged).
-    #[arg(long = "enableScaleFeatures", num_args = 0..=1, require_equals = true, default_value = "false",
-          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    #[arg(long = "enableScaleFeatures")]
     pub enable_scale_features: bool,
     /// Concurrent AzureAssignedIdentity API calls per node or VM scale set.
     #[arg(
@@ -98,8 +94,7 @@ pub struct Flags {
     )]
     pub type_upgrade_status_key: String,
     /// Run the one-time CRD casing upgrade.
-    #[arg(long = "enable-type-upgrade", num_args = 0..=1, require_equals = true, default_value = "true",
-          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    #[arg(long = "enable-type-upgrade", default_value = "true")]
     pub enable_type_upgrade: bool,
     /// Retries of a failed VM/VMSS identity PATCH after dropping the erroneous ids.
     #[arg(
@@ -133,15 +128,13 @@ pub struct Flags {
     pub imds_endpoint: String,
     /// podid: drop the assignments of Succeeded and Failed pods (upstream keeps them until the
     /// pod is deleted; `--release-finished-pods=false` restores that).
-    #[arg(long = "release-finished-pods", num_args = 0..=1, require_equals = true, default_value = "true",
-          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    #[arg(long = "release-finished-pods", default_value = "true")]
     pub release_finished_pods: bool,
     /// podid: lead only when upstream's Endpoints leader lock (same namespace and name) is free
     /// or expired too, and renew it while leading, so Go MIC replicas of a release being
     /// upgraded stay followers; `--upstream-leader-lock=false` once no Go MIC runs (Lease only,
     /// Endpoints never read or written).
-    #[arg(long = "upstream-leader-lock", num_args = 0..=1, require_equals = true, default_value = "true",
-          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    #[arg(long = "upstream-leader-lock", default_value = "true")]
     pub upstream_leader_lock: bool,
     /// podid: how long an identity stays on a VM or VM scale set after the last pod using it
     /// there goes, so that the next pod finds it without an ARM round trip (`0`: released at

@@ -11,11 +11,10 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{ArgAction, Parser};
+use clap::Parser;
 use podid_api::OperationMode;
 use podid_imds::ErrorBodyStyle;
 use podid_runtime::flags::KlogFlags;
-pub use podid_runtime::flags::parse_go_bool;
 pub use podid_runtime::logging::LogFormat;
 pub use podid_runtime::version_line;
 
@@ -23,6 +22,7 @@ pub use podid_runtime::version_line;
 /// [`Flags::into_config`].
 #[derive(Debug, Clone, Parser)]
 #[command(
+    mut_args = podid_runtime::flags::go_bool,
     name = "nmi",
     about = "podid NMI: answers pods' IMDS token requests with their own identity",
     disable_version_flag = true
@@ -47,8 +47,7 @@ pub struct Flags {
     #[arg(long = "ipt-update-interval-sec", default_value_t = 60)]
     pub ipt_update_interval_sec: i64,
     /// Namespaced matching (also env `FORCENAMESPACED=true`).
-    #[arg(long = "forceNamespaced", num_args = 0..=1, require_equals = true, default_value = "false",
-          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    #[arg(long = "forceNamespaced")]
     pub force_namespaced: bool,
     /// Upstream skipped all checks for `^mic` ReplicaSets in this namespace; podid keeps the flag
     /// for compatibility and uses an explicit exception instead (docs/compatibility.md).
@@ -67,20 +66,16 @@ pub struct Flags {
     #[arg(long = "find-identity-retry-interval", default_value_t = 5)]
     pub find_identity_retry_interval: i64,
     /// Upstream's pprof server; podid has none and ignores it (logged).
-    #[arg(long = "enableProfile", num_args = 0..=1, require_equals = true, default_value = "false",
-          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    #[arg(long = "enableProfile")]
     pub enable_profile: bool,
     /// Watch only this node's AzureAssignedIdentities (label `nodename`).
-    #[arg(long = "enableScaleFeatures", num_args = 0..=1, require_equals = true, default_value = "true",
-          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    #[arg(long = "enableScaleFeatures", default_value = "true")]
     pub enable_scale_features: bool,
     /// Answer 403 to `/metadata/instance*`.
-    #[arg(long = "block-instance-metadata", num_args = 0..=1, require_equals = true, default_value = "false",
-          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    #[arg(long = "block-instance-metadata")]
     pub block_instance_metadata: bool,
     /// Require `Metadata: true`.
-    #[arg(long = "metadata-header-required", num_args = 0..=1, require_equals = true, default_value = "true",
-          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    #[arg(long = "metadata-header-required", default_value = "true")]
     pub metadata_header_required: bool,
     /// Port of `/metrics`.
     #[arg(long = "prometheus-port", default_value = "9090")]
@@ -89,24 +84,20 @@ pub struct Flags {
     #[arg(long = "operation-mode", default_value = "standard")]
     pub operation_mode: String,
     /// Skip the start-up refusal on kubenet nodes.
-    #[arg(long = "allow-network-plugin-kubenet", num_args = 0..=1, require_equals = true, default_value = "false",
-          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    #[arg(long = "allow-network-plugin-kubenet")]
     pub allow_network_plugin_kubenet: bool,
     /// File scanned for `--network-plugin=kubenet`.
     #[arg(long = "kubelet-config", default_value = "/etc/default/kubelet")]
     pub kubelet_config: PathBuf,
     /// Identity-selection failures that waiting can fix (an assignment in progress) answer
     /// 503 + `Retry-After: 20` instead of 404.
-    #[arg(long = "set-retry-after-header", num_args = 0..=1, require_equals = true, default_value = "false",
-          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    #[arg(long = "set-retry-after-header")]
     pub set_retry_after_header: bool,
     /// Flush conntrack entries to IMDS after the first rule install.
-    #[arg(long = "enable-conntrack-deletion", num_args = 0..=1, require_equals = true, default_value = "false",
-          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    #[arg(long = "enable-conntrack-deletion")]
     pub enable_conntrack_deletion: bool,
     /// Print the version and exit.
-    #[arg(long = "version", num_args = 0..=1, require_equals = true, default_value = "false",
-          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    #[arg(long = "version")]
     pub version: bool,
     /// `text` or `json`.
     #[arg(long = "log-format", default_value = "text")]
@@ -117,8 +108,7 @@ pub struct Flags {
 
     // podid additions (docs/configuration.md).
     /// podid: serve `/host/token` (trusts the `podns`/`podname` headers; off by default).
-    #[arg(long = "enable-host-token", num_args = 0..=1, require_equals = true, default_value = "false",
-          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    #[arg(long = "enable-host-token")]
     pub enable_host_token: bool,
     /// podid: error bodies as IMDS-style JSON (`json`, default) or upstream's Go plain text
     /// (`text`).
@@ -128,13 +118,11 @@ pub struct Flags {
     /// identity is not the pod's) with upstream's 404 (503 + `Retry-After` with
     /// `--set-retry-after-header`) instead of the real IMDS's final 400 `invalid_request`, which
     /// SDKs do not retry.
-    #[arg(long = "not-found-for-final-refusals", num_args = 0..=1, require_equals = true, default_value = "false",
-          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    #[arg(long = "not-found-for-final-refusals")]
     pub not_found_for_final_refusals: bool,
     /// podid: set and verify `net.ipv4.conf.all.route_localnet=1` so DNAT to 127.0.0.1 works on
     /// nodes without kube-proxy.
-    #[arg(long = "manage-route-localnet", num_args = 0..=1, require_equals = true, default_value = "true",
-          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    #[arg(long = "manage-route-localnet", default_value = "true")]
     pub manage_route_localnet: bool,
     /// podid: tenant of the federated exchange for identities switched to
     /// `podid.io/token-source: federated` that have no `spec.tenantID` (type 0); also env
@@ -144,8 +132,7 @@ pub struct Flags {
     /// podid: serve pods labelled `azure.workload.identity/use: "true"` that no binding gives an
     /// identity through the federated exchange, with the client id their service account's
     /// `azure.workload.identity/client-id` names (watches ServiceAccounts; needs RBAC).
-    #[arg(long = "serve-workload-identity-pods", num_args = 0..=1, require_equals = true, default_value = "false",
-          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    #[arg(long = "serve-workload-identity-pods")]
     pub serve_workload_identity_pods: bool,
     /// podid: Entra authority of federated exchanges for identities without `spec.adEndpoint`
     /// and for Workload Identity pods (default the public cloud's
@@ -163,8 +150,7 @@ pub struct Flags {
     /// podid: let `spec.clientPassword` name a Secret in another namespace than the identity's
     /// (upstream's behaviour; off by default: whoever may create an AzureIdentity could then
     /// have nmi send any namespace's Secret to an authority).
-    #[arg(long = "allow-cross-namespace-secrets", num_args = 0..=1, require_equals = true, default_value = "false",
-          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    #[arg(long = "allow-cross-namespace-secrets")]
     pub allow_cross_namespace_secrets: bool,
     /// podid: key of a NoSchedule taint the node pool carries from creation; nmi removes it from
     /// its own Node once the interception is installed and its caches are synced, so no workload

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use clap::{ArgAction, Args};
+use clap::{Arg, ArgAction, Args};
 
 /// Parses a boolean the way Go's `strconv.ParseBool` does.
 pub fn parse_go_bool(value: &str) -> Result<bool, String> {
@@ -13,6 +13,31 @@ pub fn parse_go_bool(value: &str) -> Result<bool, String> {
         "0" | "f" | "F" | "FALSE" | "false" | "False" => Ok(false),
         other => Err(format!("invalid boolean value {other:?}")),
     }
+}
+
+/// Gives a boolean flag Go's syntax: `--flag` sets it, `--flag=<bool>` sets it to a value
+/// [`parse_go_bool`] reads (`--flag false` is not a value: Go's `flag` package stops there too).
+/// Other arguments are returned unchanged.
+///
+/// Declare booleans as plain `bool` fields (`default_value = "true"` for those on by default;
+/// otherwise the default is `false`) and apply this to the whole command:
+/// `#[command(mut_args = podid_runtime::flags::go_bool)]`. The derive then parses, and `--help`
+/// shows, `--flag[=<FLAG>] … [default: …]` for each of them.
+pub fn go_bool(arg: Arg) -> Arg {
+    // clap's derive gives `bool` fields `SetTrue`; nothing else in these commands uses it.
+    if !matches!(arg.get_action(), ArgAction::SetTrue) {
+        return arg;
+    }
+    let arg = if arg.get_default_values().is_empty() {
+        arg.default_value("false")
+    } else {
+        arg
+    };
+    arg.num_args(0..=1)
+        .require_equals(true)
+        .default_missing_value("true")
+        .action(ArgAction::Set)
+        .value_parser(parse_go_bool)
 }
 
 /// Parses a duration the way Go's `time.ParseDuration` does: an optional sign, then one or more
@@ -98,20 +123,20 @@ where
 }
 
 /// klog's flags, accepted for manifest compatibility (`#[command(flatten)]` them): `-v` sets
-/// the log verbosity, the others are ignored (logs always go to stderr).
+/// the log verbosity, the others are ignored (logs always go to stderr). Its booleans take Go's
+/// syntax on their own.
 #[derive(Debug, Clone, Default, Args)]
+#[command(mut_args = go_bool)]
 pub struct KlogFlags {
     /// Log verbosity (klog `-v`).
     #[arg(short = 'v', long = "v", default_value_t = 0)]
     pub verbosity: u8,
-    #[arg(long = "logtostderr", hide = true, num_args = 0..=1, require_equals = true,
-          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    #[arg(long = "logtostderr", hide = true)]
     #[doc(hidden)]
-    pub logtostderr: Option<bool>,
-    #[arg(long = "alsologtostderr", hide = true, num_args = 0..=1, require_equals = true,
-          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    pub logtostderr: bool,
+    #[arg(long = "alsologtostderr", hide = true)]
     #[doc(hidden)]
-    pub alsologtostderr: Option<bool>,
+    pub alsologtostderr: bool,
     #[arg(long = "log_dir", hide = true)]
     #[doc(hidden)]
     pub log_dir: Option<String>,
@@ -129,7 +154,7 @@ pub struct KlogFlags {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
+    use clap::{CommandFactory as _, Parser};
 
     #[derive(Debug, Parser)]
     struct Cli {
@@ -191,6 +216,47 @@ mod tests {
         );
     }
 
+    /// Booleans declared as plain `bool`s, as nmi's and mic's are.
+    #[derive(Debug, Parser)]
+    #[command(name = "x", mut_args = go_bool)]
+    struct Bools {
+        /// Off unless given.
+        #[arg(long = "off")]
+        off: bool,
+        /// On unless turned off.
+        #[arg(long = "on", default_value = "true")]
+        on: bool,
+        /// Not a boolean.
+        #[arg(long = "name", default_value = "")]
+        name: String,
+    }
+
+    fn bools(args: &[&str]) -> Result<Bools, clap::Error> {
+        Bools::try_parse_from(std::iter::once("x").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn booleans_take_gos_syntax() {
+        let b = bools(&[]).expect("defaults");
+        assert!(!b.off && b.on && b.name.is_empty());
+        let b = bools(&["--off", "--on=false"]).expect("valid");
+        assert!(b.off && !b.on);
+        let b = bools(&["--off=T", "--on=0"]).expect("valid");
+        assert!(b.off && !b.on);
+        let b = bools(&["--off=False", "--on"]).expect("valid");
+        assert!(!b.off && b.on);
+        // A value only with `=`: `--on false` leaves `false` as a stray argument.
+        assert!(bools(&["--on", "false"]).is_err());
+        assert!(bools(&["--off=maybe"]).is_err());
+        assert_eq!(bools(&["--name=n"]).expect("valid").name, "n");
+        let help = Bools::command().render_long_help().to_string();
+        assert!(help.contains("--off[=<OFF>]"), "{help}");
+        assert!(help.contains("--on[=<ON>]"), "{help}");
+        assert!(help.contains("[default: false]"), "{help}");
+        assert!(help.contains("[default: true]"), "{help}");
+        assert!(help.contains("--name <NAME>"), "{help}");
+    }
+
     #[test]
     fn go_booleans() {
         for yes in ["1", "t", "T", "TRUE", "true", "True"] {
@@ -214,8 +280,8 @@ mod tests {
         ])
         .expect("valid");
         assert_eq!(cli.klog.verbosity, 3);
-        assert_eq!(cli.klog.logtostderr, Some(true));
-        assert_eq!(cli.klog.alsologtostderr, Some(false));
+        assert!(cli.klog.logtostderr);
+        assert!(!cli.klog.alsologtostderr);
         assert!(Cli::try_parse_from(["x", "--logtostderr=maybe"]).is_err());
     }
 }
