@@ -14,6 +14,8 @@ use std::time::Duration;
 use clap::Parser;
 use podid_api::OperationMode;
 use podid_imds::ErrorBodyStyle;
+
+use crate::interception::Interception;
 use podid_runtime::flags::KlogFlags;
 pub use podid_runtime::logging::LogFormat;
 pub use podid_runtime::version_line;
@@ -24,6 +26,7 @@ pub use podid_runtime::version_line;
 #[command(
     mut_args = podid_runtime::flags::go_bool,
     name = "nmi",
+    disable_help_subcommand = true,
     about = "podid NMI: answers pods' IMDS token requests with their own identity",
     disable_version_flag = true
 )]
@@ -31,18 +34,9 @@ pub struct Flags {
     /// Node name (manifests pass `--node=$(NODE_NAME)`); falls back to env `NODE_NAME`.
     #[arg(long, default_value = "")]
     pub node: String,
-    /// Address the IMDS emulation binds to; `0.0.0.0` still DNATs to 127.0.0.1.
-    #[arg(long = "nmi-listen-address", default_value = "127.0.0.1")]
-    pub nmi_listen_address: String,
-    /// Listen port and DNAT target port.
-    #[arg(long = "nmi-port", default_value = "2579")]
-    pub nmi_port: String,
-    /// IMDS address: iptables match and the upstream for type-0 tokens and passthrough.
-    #[arg(long = "metadata-ip", default_value = "169.254.169.254")]
-    pub metadata_ip: String,
-    /// IMDS port.
-    #[arg(long = "metadata-port", default_value = "80")]
-    pub metadata_port: String,
+    /// Where nmi listens and what it intercepts.
+    #[command(flatten)]
+    pub interception: InterceptionFlags,
     /// Seconds between iptables reconcile passes.
     #[arg(long = "ipt-update-interval-sec", default_value_t = 60)]
     pub ipt_update_interval_sec: i64,
@@ -165,6 +159,63 @@ pub struct Flags {
     /// klog's flags (`-v` and the ignored others).
     #[command(flatten)]
     pub klog: KlogFlags,
+
+    /// A subcommand instead of serving.
+    #[command(subcommand)]
+    pub command: Option<NmiCommand>,
+}
+
+/// nmi's subcommands; without one, nmi serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Subcommand)]
+pub enum NmiCommand {
+    /// Remove nmi's iptables chains and jumps and, if nmi turned route_localnet on, write back
+    /// its earlier value, then exit. nmi never removes them when it stops (fail closed).
+    UninstallInterception,
+}
+
+/// The addresses nmi listens on and intercepts. They are global, so that they may also follow
+/// `uninstall-interception` (`nmi uninstall-interception --metadata-ip=…`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct InterceptionFlags {
+    /// Address the IMDS emulation binds to; `0.0.0.0` still DNATs to 127.0.0.1.
+    #[arg(
+        long = "nmi-listen-address",
+        default_value = "127.0.0.1",
+        global = true
+    )]
+    pub nmi_listen_address: String,
+    /// Listen port and DNAT target port.
+    #[arg(long = "nmi-port", default_value = "2579", global = true)]
+    pub nmi_port: String,
+    /// IMDS address: iptables match and the upstream for type-0 tokens and passthrough.
+    #[arg(long = "metadata-ip", default_value = "169.254.169.254", global = true)]
+    pub metadata_ip: String,
+    /// IMDS port.
+    #[arg(long = "metadata-port", default_value = "80", global = true)]
+    pub metadata_port: String,
+}
+
+impl InterceptionFlags {
+    /// Validates the addresses: where nmi listens, and the interception (the IMDS address
+    /// matched and the DNAT target, 127.0.0.1 when nmi listens on 0.0.0.0).
+    pub fn validate(&self) -> Result<(SocketAddr, Interception), ConfigError> {
+        let listen_ip: Ipv4Addr = parse_ipv4("nmi-listen-address", &self.nmi_listen_address)?;
+        let nmi_port = parse_port("nmi-port", &self.nmi_port)?;
+        let metadata_ip = parse_ipv4("metadata-ip", &self.metadata_ip)?;
+        let metadata_port = parse_port("metadata-port", &self.metadata_port)?;
+        let dnat_ip = if listen_ip.is_unspecified() {
+            Ipv4Addr::LOCALHOST
+        } else {
+            listen_ip
+        };
+        Ok((
+            SocketAddr::new(IpAddr::V4(listen_ip), nmi_port),
+            Interception {
+                metadata: SocketAddrV4::new(metadata_ip, metadata_port),
+                target: SocketAddrV4::new(dnat_ip, nmi_port),
+            },
+        ))
+    }
 }
 
 /// A flag value that cannot be used. The message names the flag and the value.
@@ -290,15 +341,7 @@ impl Flags {
         if node_name.trim().is_empty() {
             return Err(ConfigError::MissingNode);
         }
-        let listen_ip: Ipv4Addr = parse_ipv4("nmi-listen-address", &self.nmi_listen_address)?;
-        let nmi_port = parse_port("nmi-port", &self.nmi_port)?;
-        let metadata_ip = parse_ipv4("metadata-ip", &self.metadata_ip)?;
-        let metadata_port = parse_port("metadata-port", &self.metadata_port)?;
-        let dnat_ip = if listen_ip.is_unspecified() {
-            Ipv4Addr::LOCALHOST
-        } else {
-            listen_ip
-        };
+        let (listen, interception) = self.interception.validate()?;
         let namespaced = self.force_namespaced || env("FORCENAMESPACED").as_deref() == Some("true");
         let Some(mode) = OperationMode::parse(&self.operation_mode) else {
             return Err(ConfigError::UnsupportedMode(self.operation_mode));
@@ -387,9 +430,9 @@ impl Flags {
         };
         Ok(Config {
             node_name: node_name.trim().to_ascii_lowercase(),
-            listen: SocketAddr::new(IpAddr::V4(listen_ip), nmi_port),
-            dnat_target: SocketAddrV4::new(dnat_ip, nmi_port),
-            metadata: SocketAddrV4::new(metadata_ip, metadata_port),
+            listen,
+            dnat_target: interception.target,
+            metadata: interception.metadata,
             ipt_update_interval: positive_secs(
                 "ipt-update-interval-sec",
                 self.ipt_update_interval_sec,
@@ -813,6 +856,62 @@ mod tests {
                 .contains("--node is required")
         );
         assert!(parse(&["--node=n", "--no-such-flag"]).is_err());
+    }
+
+    #[test]
+    fn uninstall_interception_is_a_subcommand_that_needs_no_node() {
+        let parse = |args: &[&str]| {
+            Flags::try_parse_from(std::iter::once("nmi").chain(args.iter().copied()))
+        };
+        let flags = parse(&["uninstall-interception"]).expect("parses without --node");
+        assert_eq!(flags.command, Some(NmiCommand::UninstallInterception));
+        let (_, interception) = flags.interception.validate().expect("defaults are valid");
+        assert_eq!(
+            interception,
+            Interception {
+                metadata: "169.254.169.254:80".parse().expect("addr"),
+                target: "127.0.0.1:2579".parse().expect("addr"),
+            }
+        );
+        // The interception flags may follow the subcommand …
+        let after = parse(&[
+            "uninstall-interception",
+            "--metadata-ip=10.1.2.3",
+            "--metadata-port=8080",
+            "--nmi-listen-address=0.0.0.0",
+            "--nmi-port=3000",
+        ])
+        .expect("parses");
+        let (listen, interception) = after.interception.validate().expect("valid");
+        assert_eq!(listen, "0.0.0.0:3000".parse::<SocketAddr>().expect("addr"));
+        assert_eq!(
+            interception,
+            Interception {
+                metadata: "10.1.2.3:8080".parse().expect("addr"),
+                target: "127.0.0.1:3000".parse().expect("addr"),
+            }
+        );
+        // … or precede it, with nmi's other flags.
+        let before = parse(&[
+            "--node=n",
+            "--metadata-ip=10.9.9.9",
+            "uninstall-interception",
+        ])
+        .expect("parses");
+        assert_eq!(before.command, Some(NmiCommand::UninstallInterception));
+        let (_, interception) = before.interception.validate().expect("valid");
+        assert_eq!(interception.metadata, "10.9.9.9:80".parse().expect("addr"));
+        // A bad address names its flag.
+        let bad = parse(&["uninstall-interception", "--nmi-port=0"]).expect("parses");
+        let error = bad.interception.validate().expect_err("port 0");
+        assert!(error.to_string().contains("--nmi-port"), "{error}");
+        // Serving flags do not follow it, and nothing else is a subcommand.
+        assert!(parse(&["uninstall-interception", "--node=n"]).is_err());
+        assert!(parse(&["uninstall"]).is_err());
+        assert!(parse(&["help"]).is_err());
+        // Without the subcommand nmi serves, and needs its node.
+        let serve = parse(&["--node=n"]).expect("parses");
+        assert_eq!(serve.command, None);
     }
 
     #[test]
