@@ -14,7 +14,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use podid_runtime::flags::{KlogFlags, normalize_go_args, parse_go_duration};
+use podid_runtime::flags::{
+    InvalidFlag, KlogFlags, invalid, normalize_go_args, parse_go_duration, parse_port,
+};
 pub use podid_runtime::logging::LogFormat;
 pub use podid_runtime::version_line;
 
@@ -159,15 +161,8 @@ pub struct Flags {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
     /// A flag has a value of the wrong shape.
-    #[error("invalid value {value:?} for --{flag}: {reason}")]
-    Invalid {
-        /// The flag's name without dashes.
-        flag: &'static str,
-        /// The value given.
-        value: String,
-        /// Why it is refused.
-        reason: String,
-    },
+    #[error(transparent)]
+    Invalid(#[from] InvalidFlag),
     /// `MIC_POD_NAMESPACE` is unset or empty (upstream's fatal message).
     #[error("namespace not specified. Please add meta.namespace as env variable MIC_POD_NAMESPACE")]
     MissingPodNamespace,
@@ -296,7 +291,7 @@ impl Flags {
             .ok()
             .filter(|n| *n > 0)
             .ok_or_else(|| {
-                invalid(
+                invalid::<InvalidFlag>(
                     "createDeleteBatch",
                     &self.create_delete_batch.to_string(),
                     "want a positive number",
@@ -313,7 +308,7 @@ impl Flags {
         let client_burst = (self.client_qps.trunc().min(f64::from(u32::MAX)) as u32).max(1);
         let update_user_msi_max_retry =
             u32::try_from(self.update_user_msi_max_retry).map_err(|_| {
-                invalid(
+                invalid::<InvalidFlag>(
                     "update-user-msi-max-retry",
                     &self.update_user_msi_max_retry.to_string(),
                     "want a non-negative number",
@@ -351,7 +346,7 @@ impl Flags {
             arm: optional_url("arm-endpoint", &self.arm_endpoint)?,
             aad_authority: optional_url("aad-authority", &self.aad_authority)?,
             imds: optional_url("imds-endpoint", &self.imds_endpoint)?.ok_or_else(|| {
-                invalid("imds-endpoint", &self.imds_endpoint, "must not be empty")
+                invalid::<InvalidFlag>("imds-endpoint", &self.imds_endpoint, "must not be empty")
             })?,
         };
         Ok(Config {
@@ -402,7 +397,7 @@ impl Flags {
                 .ok()
                 .filter(|n| *n > 0)
                 .ok_or_else(|| {
-                    invalid(
+                    invalid::<InvalidFlag>(
                         "identity-limit-per-vm",
                         &self.identity_limit_per_vm.to_string(),
                         "want a positive number",
@@ -417,23 +412,8 @@ pub fn user_agent(custom: Option<&str>) -> String {
     podid_runtime::user_agent("MIC", custom)
 }
 
-fn invalid(flag: &'static str, value: &str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        flag,
-        value: value.to_owned(),
-        reason: reason.into(),
-    }
-}
-
 fn non_empty_path(value: &str) -> Option<PathBuf> {
     (!value.trim().is_empty()).then(|| PathBuf::from(value.trim()))
-}
-
-fn parse_port(flag: &'static str, value: &str) -> Result<u16, ConfigError> {
-    match value.parse::<u16>() {
-        Ok(0) | Err(_) => Err(invalid(flag, value, "want a port number 1-65535")),
-        Ok(port) => Ok(port),
-    }
 }
 
 fn duration(flag: &'static str, value: &str) -> Result<Duration, ConfigError> {
@@ -456,7 +436,7 @@ fn optional_url(flag: &'static str, value: &str) -> Result<Option<String>, Confi
     let rest = value
         .strip_prefix("https://")
         .or_else(|| value.strip_prefix("http://"))
-        .ok_or_else(|| invalid(flag, value, "want an http:// or https:// URL"))?;
+        .ok_or_else(|| invalid::<InvalidFlag>(flag, value, "want an http:// or https:// URL"))?;
     if rest.is_empty() || rest.starts_with('/') || rest.contains(char::is_whitespace) {
         return Err(invalid(
             flag,

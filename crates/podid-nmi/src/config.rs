@@ -16,7 +16,7 @@ use podid_api::OperationMode;
 use podid_imds::ErrorBodyStyle;
 
 use crate::interception::Interception;
-use podid_runtime::flags::KlogFlags;
+use podid_runtime::flags::{InvalidFlag, KlogFlags, invalid, parse_port};
 pub use podid_runtime::logging::LogFormat;
 pub use podid_runtime::version_line;
 
@@ -222,15 +222,8 @@ impl InterceptionFlags {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
     /// A flag has a value of the wrong shape.
-    #[error("invalid value {value:?} for --{flag}: {reason}")]
-    Invalid {
-        /// The flag's name without dashes.
-        flag: &'static str,
-        /// The value given.
-        value: String,
-        /// Why it is refused.
-        reason: String,
-    },
+    #[error(transparent)]
+    Invalid(#[from] InvalidFlag),
     /// `--node` and `NODE_NAME` are both empty.
     #[error(
         "--node is required (manifests pass --node=$(NODE_NAME) from spec.nodeName; env NODE_NAME also works)"
@@ -381,7 +374,7 @@ impl Flags {
         let federated_authority_host = federated_authority_host.trim().to_owned();
         if !federated_authority_host.is_empty() {
             let parsed = federated_authority_host.parse::<http::Uri>().map_err(|e| {
-                invalid(
+                invalid::<InvalidFlag>(
                     "federated-authority-host",
                     &federated_authority_host,
                     e.to_string(),
@@ -401,7 +394,7 @@ impl Flags {
                 continue;
             }
             let parsed = url::Url::parse(entry)
-                .map_err(|e| invalid("allowed-authorities", entry, e.to_string()))?;
+                .map_err(|e| invalid::<InvalidFlag>("allowed-authorities", entry, e.to_string()))?;
             if !matches!(parsed.scheme(), "https" | "http")
                 || parsed.host_str().is_none()
                 || !parsed.username().is_empty()
@@ -542,25 +535,10 @@ fn is_taint_key(key: &str) -> bool {
     name_ok && prefix_ok
 }
 
-fn invalid(flag: &'static str, value: &str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        flag,
-        value: value.to_owned(),
-        reason: reason.into(),
-    }
-}
-
 fn parse_ipv4(flag: &'static str, value: &str) -> Result<Ipv4Addr, ConfigError> {
     value
         .parse()
         .map_err(|_| invalid(flag, value, "want an IPv4 address"))
-}
-
-fn parse_port(flag: &'static str, value: &str) -> Result<u16, ConfigError> {
-    match value.parse::<u16>() {
-        Ok(0) | Err(_) => Err(invalid(flag, value, "want a port number 1-65535")),
-        Ok(port) => Ok(port),
-    }
 }
 
 fn positive_secs(flag: &'static str, value: i64) -> Result<Duration, ConfigError> {

@@ -15,6 +15,52 @@ pub fn parse_go_bool(value: &str) -> Result<bool, String> {
     }
 }
 
+/// A flag value that cannot be used. The message names the flag and the value:
+/// `invalid value "0" for --nmi-port: want a port number 1-65535`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidFlag {
+    /// The flag's name without dashes.
+    pub flag: &'static str,
+    /// The value given.
+    pub value: String,
+    /// Why it is refused.
+    pub reason: String,
+}
+
+impl std::fmt::Display for InvalidFlag {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "invalid value {:?} for --{}: {}",
+            self.value, self.flag, self.reason
+        )
+    }
+}
+
+impl std::error::Error for InvalidFlag {}
+
+/// An [`InvalidFlag`] as the caller's error type (a binary's `ConfigError` with a
+/// `From<InvalidFlag>` variant).
+pub fn invalid<E: From<InvalidFlag>>(
+    flag: &'static str,
+    value: &str,
+    reason: impl Into<String>,
+) -> E {
+    E::from(InvalidFlag {
+        flag,
+        value: value.to_owned(),
+        reason: reason.into(),
+    })
+}
+
+/// A TCP port flag: 1 to 65535.
+pub fn parse_port(flag: &'static str, value: &str) -> Result<u16, InvalidFlag> {
+    match value.parse::<u16>() {
+        Ok(0) | Err(_) => Err(invalid(flag, value, "want a port number 1-65535")),
+        Ok(port) => Ok(port),
+    }
+}
+
 /// Gives a boolean flag Go's syntax: `--flag` sets it, `--flag=<bool>` sets it to a value
 /// [`parse_go_bool`] reads (`--flag false` is not a value: Go's `flag` package stops there too).
 /// Other arguments are returned unchanged.
@@ -255,6 +301,19 @@ mod tests {
         assert!(help.contains("[default: false]"), "{help}");
         assert!(help.contains("[default: true]"), "{help}");
         assert!(help.contains("--name <NAME>"), "{help}");
+    }
+
+    #[test]
+    fn ports_and_invalid_values() {
+        assert_eq!(parse_port("p", "1"), Ok(1));
+        assert_eq!(parse_port("p", "65535"), Ok(65535));
+        for bad in ["0", "65536", "-1", "http", ""] {
+            let error = parse_port("nmi-port", bad).expect_err(bad);
+            assert_eq!(
+                error.to_string(),
+                format!("invalid value {bad:?} for --nmi-port: want a port number 1-65535")
+            );
+        }
     }
 
     #[test]
