@@ -61,6 +61,13 @@ pub fn parse_port(flag: &'static str, value: &str) -> Result<u16, InvalidFlag> {
     }
 }
 
+/// Prints a command-line parse result that ends the process (`--help`, or an error with the
+/// usage) and returns its status: 0 for `--help`, 2 for bad flags.
+pub fn exit(e: &clap::Error) -> std::process::ExitCode {
+    let _ = e.print();
+    std::process::ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2))
+}
+
 /// Gives a boolean flag Go's syntax: `--flag` sets it, `--flag=<bool>` sets it to a value
 /// [`parse_go_bool`] reads (`--flag false` is not a value: Go's `flag` package stops there too).
 /// Other arguments are returned unchanged.

@@ -19,11 +19,7 @@ use tracing::{error, info, warn};
 fn main() -> ExitCode {
     let flags = match Flags::parse_go(std::env::args()) {
         Ok(flags) => flags,
-        Err(e) => {
-            let _ = e.print();
-            // `--help` is not an error (clap's code 0); bad flags are 2.
-            return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
-        }
+        Err(e) => return podid_runtime::flags::exit(&e),
     };
     let version_requested = flags.version;
     // Upstream checks MIC_POD_NAMESPACE before honouring --version; podid answers --version

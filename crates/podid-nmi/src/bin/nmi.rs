@@ -15,11 +15,7 @@ use podid_nmi::interception::{
 fn main() -> ExitCode {
     let flags = match Flags::try_parse() {
         Ok(flags) => flags,
-        Err(e) => {
-            let _ = e.print();
-            // `--help` is not an error (clap's code 0); bad flags are 2.
-            return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
-        }
+        Err(e) => return podid_runtime::flags::exit(&e),
     };
     if flags.version {
         println!("{}", version_line());
