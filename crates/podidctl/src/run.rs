@@ -77,7 +77,7 @@ pub async fn run(args: Args) -> Result<String, Error> {
                     status_table(&reports, standard) + &crate::render::held_table(&held)
                 }
                 Output::Json => to_json(&StatusDocument {
-                    mode: if standard { "standard" } else { "managed" },
+                    mode: options.matching.mode.as_str(),
                     force_namespaced: options.matching.force_namespaced,
                     pods: &reports,
                     held_identities: &held,
