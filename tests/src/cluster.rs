@@ -596,10 +596,17 @@ impl Cluster {
 
     /// Runs `nmi uninstall-interception` inside the node and returns its stdout.
     pub fn uninstall_interception(&self) -> anyhow::Result<String> {
+        self.uninstall_interception_with(&[])
+    }
+
+    /// `nmi uninstall-interception` followed by `args`, run in the node's namespace; its
+    /// stdout.
+    pub fn uninstall_interception_with(&self, args: &[&str]) -> anyhow::Result<String> {
         let output = self
             .node
             .command(binary("nmi")?)
             .arg("uninstall-interception")
+            .args(args)
             .output()?;
         anyhow::ensure!(
             output.status.success(),

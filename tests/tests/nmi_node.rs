@@ -202,7 +202,14 @@ async fn nmi_guards_the_route_localnet_it_sets_and_uninstall_restores_it() -> an
     if let Some(mut nmi) = cluster.nmi.take() {
         nmi.kill();
     }
-    cluster.uninstall_interception()?;
+    // The documented command line with its address flags (nmi's defaults, as this nmi runs).
+    cluster.uninstall_interception_with(&[
+        "--metadata-ip=169.254.169.254",
+        "--metadata-port=80",
+        "--nmi-listen-address=127.0.0.1",
+        "--nmi-port=2579",
+    ])?;
+    assert!(!has_chain(&cluster, "nat", "aad-metadata"));
     assert_eq!(cluster.node.read_sysctl(ROUTE_LOCALNET)?.trim(), "0");
     assert_eq!(filter(&cluster, "KUBE-FIREWALL")?, kube_proxy);
     assert_eq!(

@@ -1,6 +1,7 @@
 //! Types of the `aadpodidentity.k8s.io/v1` custom resources (`AzureIdentity`,
 //! `AzureIdentityBinding`, `AzureAssignedIdentity`, `AzurePodIdentityException`), the label,
-//! annotation, finalizer and state names shared by NMI and MIC, and CRD generation.
+//! annotation, finalizer and state names shared by NMI and MIC, the operation mode, and CRD
+//! generation.
 //!
 //! Wire format and names are upstream aad-pod-identity v1.8.17's exactly; objects written by the
 //! Go components (with their odd embedded `metadata` in `spec`/`status`, explicit `null`s and
@@ -11,6 +12,7 @@
 
 mod constants;
 pub mod crd;
+mod mode;
 mod types;
 mod wire;
 
@@ -21,6 +23,7 @@ pub use constants::{
     TOKEN_SOURCE_ANNOTATION, VERSION, WORKLOAD_IDENTITY_CLIENT_ID_ANNOTATION,
     WORKLOAD_IDENTITY_TENANT_ID_ANNOTATION, WORKLOAD_IDENTITY_USE_LABEL, assigned_identity_name,
 };
+pub use mode::OperationMode;
 pub use types::{
     AzureAssignedIdentity, AzureAssignedIdentitySpec, AzureAssignedIdentityStatus, AzureIdentity,
     AzureIdentityBinding, AzureIdentityBindingSpec, AzureIdentityBindingStatus, AzureIdentitySpec,

@@ -62,6 +62,15 @@ impl IdentityType {
         self == Self::UserAssignedMsi
     }
 
+    /// `true` for types 1 and 2, the service principals whose credential (client secret or
+    /// PKCS#12 certificate) is read from the Secret that `spec.clientPassword` names.
+    pub fn has_secret_credential(self) -> bool {
+        matches!(
+            self,
+            Self::ServicePrincipal | Self::ServicePrincipalCertificate
+        )
+    }
+
     /// Maps a wire integer; never fails.
     pub fn from_i64(n: i64) -> Self {
         match n {

@@ -13,7 +13,7 @@ use crate::error::Error;
 use crate::http::{Handler, Req, Resp, ServerHandle, json, loopback_listener, spawn_server};
 use crate::util::{guid, now_secs, rfc3339};
 use crate::world::{
-    AssignedEntry, Cloud, Compute, ComputeKind, ComputeRef, IdentityType, PendingOp, State,
+    AssignedEntry, Cloud, Compute, ComputeKind, ComputeRef, PendingOp, ResourceIdentityType, State,
 };
 
 /// ARM's limit on user-assigned identities in one request.
@@ -513,7 +513,7 @@ fn compute_request(s: &Shared, req: &Req, r: &ComputeRef, api_version: String) -
     let mut removed = Vec::new();
     if let Some(identity) = body.get("identity").filter(|v| !v.is_null()) {
         let requested_type = match identity.get("type").and_then(Value::as_str) {
-            Some(t) => match IdentityType::parse(t) {
+            Some(t) => match ResourceIdentityType::parse(t) {
                 Some(t) => Some(t),
                 None => {
                     return arm_error(
@@ -598,7 +598,7 @@ fn compute_request(s: &Shared, req: &Req, r: &ComputeRef, api_version: String) -
                 removed,
             };
         }
-        let wants_user = requested_type.is_none_or(IdentityType::has_user);
+        let wants_user = requested_type.is_none_or(ResourceIdentityType::has_user);
         if let Some(t) = requested_type {
             system = t.has_system();
         }
@@ -698,7 +698,7 @@ fn resource_body(st: &State, cloud: &Cloud, c: &Compute) -> Value {
         "location": cloud.location(),
         "properties": {"provisioningState": c.provisioning_state},
     });
-    if ty != IdentityType::None {
+    if ty != ResourceIdentityType::None {
         body["identity"] = identity;
     }
     if c.r.kind == ComputeKind::Vmss {

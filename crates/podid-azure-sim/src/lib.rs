@@ -29,8 +29,8 @@ pub use imds::{IMDS_CONCURRENCY_LIMIT, IMDS_RATE_LIMIT, ImdsCounters, ImdsHandle
 pub use rogue::{RogueHandle, RogueRequest, rogue_token, serve_rogue};
 pub use token::AccessTokenClaims;
 pub use world::{
-    Cloud, ComputeKind, ComputeRef, FederatedCredential, IdentityType, MAX_FEDERATED_CREDENTIALS,
-    ServicePrincipal, UserAssignedIdentity,
+    Cloud, ComputeKind, ComputeRef, FederatedCredential, MAX_FEDERATED_CREDENTIALS,
+    ResourceIdentityType, ServicePrincipal, UserAssignedIdentity,
 };
 
 /// Installs rustls' `ring` crypto provider as the process default if none is installed yet.

@@ -128,7 +128,7 @@ impl ComputeRef {
 
 /// The `identity.type` of a VM or VMSS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum IdentityType {
+pub enum ResourceIdentityType {
     /// No managed identity.
     None,
     /// Only the system-assigned identity.
@@ -139,14 +139,14 @@ pub enum IdentityType {
     SystemAssignedUserAssigned,
 }
 
-impl IdentityType {
+impl ResourceIdentityType {
     /// ARM's spelling (`"SystemAssigned, UserAssigned"` for both).
     pub fn as_arm_str(self) -> &'static str {
         match self {
-            IdentityType::None => "None",
-            IdentityType::SystemAssigned => "SystemAssigned",
-            IdentityType::UserAssigned => "UserAssigned",
-            IdentityType::SystemAssignedUserAssigned => "SystemAssigned, UserAssigned",
+            ResourceIdentityType::None => "None",
+            ResourceIdentityType::SystemAssigned => "SystemAssigned",
+            ResourceIdentityType::UserAssigned => "UserAssigned",
+            ResourceIdentityType::SystemAssignedUserAssigned => "SystemAssigned, UserAssigned",
         }
     }
 
@@ -158,11 +158,11 @@ impl IdentityType {
             .collect::<String>()
             .to_ascii_lowercase();
         match norm.as_str() {
-            "" | "none" => Some(IdentityType::None),
-            "systemassigned" => Some(IdentityType::SystemAssigned),
-            "userassigned" => Some(IdentityType::UserAssigned),
+            "" | "none" => Some(ResourceIdentityType::None),
+            "systemassigned" => Some(ResourceIdentityType::SystemAssigned),
+            "userassigned" => Some(ResourceIdentityType::UserAssigned),
             "systemassigned,userassigned" | "userassigned,systemassigned" => {
-                Some(IdentityType::SystemAssignedUserAssigned)
+                Some(ResourceIdentityType::SystemAssignedUserAssigned)
             }
             _ => None,
         }
@@ -172,7 +172,7 @@ impl IdentityType {
     pub fn has_system(self) -> bool {
         matches!(
             self,
-            IdentityType::SystemAssigned | IdentityType::SystemAssignedUserAssigned
+            ResourceIdentityType::SystemAssigned | ResourceIdentityType::SystemAssignedUserAssigned
         )
     }
 
@@ -180,16 +180,16 @@ impl IdentityType {
     pub fn has_user(self) -> bool {
         matches!(
             self,
-            IdentityType::UserAssigned | IdentityType::SystemAssignedUserAssigned
+            ResourceIdentityType::UserAssigned | ResourceIdentityType::SystemAssignedUserAssigned
         )
     }
 
     pub(crate) fn from_flags(system: bool, user: bool) -> Self {
         match (system, user) {
-            (false, false) => IdentityType::None,
-            (true, false) => IdentityType::SystemAssigned,
-            (false, true) => IdentityType::UserAssigned,
-            (true, true) => IdentityType::SystemAssignedUserAssigned,
+            (false, false) => ResourceIdentityType::None,
+            (true, false) => ResourceIdentityType::SystemAssigned,
+            (false, true) => ResourceIdentityType::UserAssigned,
+            (true, true) => ResourceIdentityType::SystemAssignedUserAssigned,
         }
     }
 }
@@ -279,8 +279,8 @@ pub(crate) struct Compute {
 }
 
 impl Compute {
-    pub(crate) fn identity_type(&self) -> IdentityType {
-        IdentityType::from_flags(self.system, !self.user.is_empty())
+    pub(crate) fn identity_type(&self) -> ResourceIdentityType {
+        ResourceIdentityType::from_flags(self.system, !self.user.is_empty())
     }
 }
 
@@ -727,7 +727,7 @@ impl Cloud {
     }
 
     /// The current identity type of the VM/VMSS.
-    pub fn identity_type(&self, compute: &ComputeRef) -> Result<IdentityType, Error> {
+    pub fn identity_type(&self, compute: &ComputeRef) -> Result<ResourceIdentityType, Error> {
         self.with_compute(compute, |c| c.identity_type())
     }
 
@@ -843,29 +843,29 @@ mod tests {
     #[test]
     fn identity_types_parse_arm_spellings() {
         for (s, t) in [
-            ("None", IdentityType::None),
-            ("", IdentityType::None),
-            ("systemassigned", IdentityType::SystemAssigned),
-            ("UserAssigned", IdentityType::UserAssigned),
+            ("None", ResourceIdentityType::None),
+            ("", ResourceIdentityType::None),
+            ("systemassigned", ResourceIdentityType::SystemAssigned),
+            ("UserAssigned", ResourceIdentityType::UserAssigned),
             (
                 "SystemAssigned, UserAssigned",
-                IdentityType::SystemAssignedUserAssigned,
+                ResourceIdentityType::SystemAssignedUserAssigned,
             ),
             (
                 "SystemAssigned,UserAssigned",
-                IdentityType::SystemAssignedUserAssigned,
+                ResourceIdentityType::SystemAssignedUserAssigned,
             ),
         ] {
-            assert_eq!(IdentityType::parse(s), Some(t), "{s}");
+            assert_eq!(ResourceIdentityType::parse(s), Some(t), "{s}");
         }
-        assert_eq!(IdentityType::parse("Both"), None);
+        assert_eq!(ResourceIdentityType::parse("Both"), None);
         assert_eq!(
-            IdentityType::SystemAssignedUserAssigned.as_arm_str(),
+            ResourceIdentityType::SystemAssignedUserAssigned.as_arm_str(),
             "SystemAssigned, UserAssigned"
         );
         assert_eq!(
-            IdentityType::from_flags(true, true),
-            IdentityType::SystemAssignedUserAssigned
+            ResourceIdentityType::from_flags(true, true),
+            ResourceIdentityType::SystemAssignedUserAssigned
         );
     }
 

@@ -5,7 +5,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use podid_azure_sim::{ArmHandle, Cloud, ComputeRef, EntraHandle, IdentityType, ImdsHandle};
+use podid_azure_sim::{
+    ArmHandle, Cloud, ComputeRef, EntraHandle, ImdsHandle, ResourceIdentityType,
+};
 use serde_json::{Value, json};
 
 struct Env {
@@ -244,7 +246,7 @@ async fn patch_merges_user_assigned_identities_and_type() {
     assert_eq!(s, 200);
     assert_eq!(
         e.cloud.identity_type(&e.vmss).expect("type"),
-        IdentityType::SystemAssigned
+        ResourceIdentityType::SystemAssigned
     );
     assert!(
         e.cloud

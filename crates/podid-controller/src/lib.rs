@@ -14,13 +14,8 @@
 //! through an injected [`broker::Clock`]. NMI turns broker results into IMDS bodies with
 //! `podid-imds` and maps [`broker::BrokerStats`] to its metrics.
 //!
-//! With the `cli` feature, [`cli`] holds the command-line pieces both binaries share with
-//! upstream's Go flags (Go booleans, klog's flags).
-//!
 //! See `docs/token-broker.md` for the cache key, refresh margin, single-flight, budget and error
 //! mapping.
 
 pub mod arm;
 pub mod broker;
-#[cfg(feature = "cli")]
-pub mod cli;

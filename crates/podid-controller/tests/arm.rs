@@ -7,11 +7,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use podid_azure_sim::{
-    ArmHandle, Cloud, ComputeKind as SimKind, ComputeRef, EntraHandle, IdentityType as SimType,
+    ArmHandle, Cloud, ComputeKind as SimKind, ComputeRef, EntraHandle,
+    ResourceIdentityType as SimType,
 };
 use podid_controller::arm::{
     ARM_RESOURCE, ArmClient, ArmConfig, ArmError, ArmTokenFuture, ArmTokenProvider,
-    BrokerTokenProvider, ComputeId, IdentityResourceId, IdentityType,
+    BrokerTokenProvider, ComputeId, IdentityResourceId, ResourceIdentityType,
 };
 use podid_controller::broker::{
     BrokerConfig, ClientSecretSource, EntraConfig, IdentitySpec, ManualClock, Secret, Sources,
@@ -176,7 +177,7 @@ async fn adds_and_removes_on_a_vmss_with_lower_cased_ids() {
     assert!(assigned(&e.cloud, &e.vmss).is_empty());
     assert_eq!(e.cloud.identity_type(&e.vmss).expect("type"), SimType::None);
     let state = e.client.get_identity(&c).await.expect("get");
-    assert_eq!(state.identity_type, IdentityType::None);
+    assert_eq!(state.identity_type, ResourceIdentityType::None);
     assert_eq!(e.arm.patch_count(&e.vmss), 3);
     // One ARM token for all of it: the broker caches.
     assert_eq!(e.cloud.entra_tokens_issued(&e.mic_client_id), 1);

@@ -13,14 +13,18 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{ArgAction, Parser};
-use podid_controller::cli::KlogFlags;
-pub use podid_controller::cli::parse_go_bool;
+use clap::Parser;
+use podid_runtime::flags::{
+    InvalidFlag, KlogFlags, invalid, normalize_go_args, parse_go_duration, parse_port,
+};
+pub use podid_runtime::logging::LogFormat;
+pub use podid_runtime::version_line;
 
 /// The raw command line, exactly as upstream spells it. Turn it into a [`Config`] with
 /// [`Flags::into_config`].
 #[derive(Debug, Clone, Parser)]
 #[command(
+    mut_args = podid_runtime::flags::go_bool,
     name = "mic",
     about = "podid MIC: assigns pods' Azure identities to their nodes",
     disable_version_flag = true
@@ -33,12 +37,10 @@ pub struct Flags {
     #[arg(long, default_value = "")]
     pub cloudconfig: String,
     /// Namespaced matching (also env `FORCENAMESPACED=true`).
-    #[arg(long = "forceNamespaced", num_args = 0..=1, require_equals = true, default_value = "false",
-          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    #[arg(long = "forceNamespaced")]
     pub force_namespaced: bool,
     /// Print the version and exit.
-    #[arg(long = "version", num_args = 0..=1, require_equals = true, default_value = "false",
-          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    #[arg(long = "version")]
     pub version: bool,
     /// Period of the full sync pass.
     #[arg(long = "syncRetryDuration", default_value = "3600s")]
@@ -62,12 +64,10 @@ pub struct Flags {
     #[arg(long = "prometheus-port", default_value = "8888")]
     pub prometheus_port: String,
     /// Upstream's pprof server; podid has none and ignores it (logged).
-    #[arg(long = "enableProfile", num_args = 0..=1, require_equals = true, default_value = "false",
-          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    #[arg(long = "enableProfile")]
     pub enable_profile: bool,
     /// Deprecated no-op for MIC (logged).
-    #[arg(long = "enableScaleFeatures", num_args = 0..=1, require_equals = true, default_value = "false",
-          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    #[arg(long = "enableScaleFeatures")]
     pub enable_scale_features: bool,
     /// Concurrent AzureAssignedIdentity API calls per node or VM scale set.
     #[arg(
@@ -96,8 +96,7 @@ pub struct Flags {
     )]
     pub type_upgrade_status_key: String,
     /// Run the one-time CRD casing upgrade.
-    #[arg(long = "enable-type-upgrade", num_args = 0..=1, require_equals = true, default_value = "true",
-          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    #[arg(long = "enable-type-upgrade", default_value = "true")]
     pub enable_type_upgrade: bool,
     /// Retries of a failed VM/VMSS identity PATCH after dropping the erroneous ids.
     #[arg(
@@ -131,15 +130,13 @@ pub struct Flags {
     pub imds_endpoint: String,
     /// podid: drop the assignments of Succeeded and Failed pods (upstream keeps them until the
     /// pod is deleted; `--release-finished-pods=false` restores that).
-    #[arg(long = "release-finished-pods", num_args = 0..=1, require_equals = true, default_value = "true",
-          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    #[arg(long = "release-finished-pods", default_value = "true")]
     pub release_finished_pods: bool,
     /// podid: lead only when upstream's Endpoints leader lock (same namespace and name) is free
     /// or expired too, and renew it while leading, so Go MIC replicas of a release being
     /// upgraded stay followers; `--upstream-leader-lock=false` once no Go MIC runs (Lease only,
     /// Endpoints never read or written).
-    #[arg(long = "upstream-leader-lock", num_args = 0..=1, require_equals = true, default_value = "true",
-          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    #[arg(long = "upstream-leader-lock", default_value = "true")]
     pub upstream_leader_lock: bool,
     /// podid: how long an identity stays on a VM or VM scale set after the last pod using it
     /// there goes, so that the next pod finds it without an ARM round trip (`0`: released at
@@ -160,110 +157,12 @@ pub struct Flags {
     pub klog: KlogFlags,
 }
 
-/// Parses a duration the way Go's `time.ParseDuration` does: an optional sign, then one or more
-/// decimal numbers each followed by a unit (`ns`, `us`, `µs`, `ms`, `s`, `m`, `h`); `0` alone is
-/// allowed. Negative durations are refused here (no MIC flag accepts them).
-pub fn parse_go_duration(value: &str) -> Result<Duration, String> {
-    let bad = || format!("invalid duration {value:?} (want Go syntax such as 30s, 3m or 1h30m)");
-    let mut rest = value.strip_prefix('+').unwrap_or(value);
-    if rest.starts_with('-') {
-        return Err(format!("negative duration {value:?}"));
-    }
-    if rest == "0" {
-        return Ok(Duration::ZERO);
-    }
-    if rest.is_empty() {
-        return Err(bad());
-    }
-    let mut total_nanos: f64 = 0.0;
-    while !rest.is_empty() {
-        let number_len = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(bad)?;
-        let number = &rest[..number_len];
-        if number.is_empty() || number == "." || number.matches('.').count() > 1 {
-            return Err(bad());
-        }
-        let amount: f64 = number.parse().map_err(|_| bad())?;
-        rest = &rest[number_len..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let nanos_per_unit = match &rest[..unit_len] {
-            "ns" => 1.0,
-            "us" | "µs" | "μs" => 1e3,
-            "ms" => 1e6,
-            "s" => 1e9,
-            "m" => 60e9,
-            "h" => 3600e9,
-            _ => return Err(bad()),
-        };
-        rest = &rest[unit_len..];
-        total_nanos += amount * nanos_per_unit;
-    }
-    // Go's limit: durations are int64 nanoseconds.
-    if total_nanos > i64::MAX as f64 {
-        return Err(format!("duration {value:?} is too large"));
-    }
-    Ok(Duration::from_nanos(total_nanos.round() as u64))
-}
-
-/// Rewrites Go-style single-dash long flags (`-kubeconfig=x`, `-forceNamespaced`) to the
-/// double-dash form clap parses. Single-letter flags (`-v=4`), `--…` and values are unchanged;
-/// everything after a bare `--` is left alone.
-pub fn normalize_go_args<I, S>(args: I) -> Vec<String>
-where
-    I: IntoIterator<Item = S>,
-    S: Into<String>,
-{
-    let mut out = Vec::new();
-    let mut passthrough = false;
-    for (i, arg) in args.into_iter().map(Into::into).enumerate() {
-        if i == 0 || passthrough {
-            out.push(arg);
-            continue;
-        }
-        if arg == "--" {
-            passthrough = true;
-            out.push(arg);
-            continue;
-        }
-        let name_len = arg
-            .strip_prefix('-')
-            .filter(|rest| {
-                !rest.starts_with('-') && !rest.starts_with(|c: char| c.is_ascii_digit())
-            })
-            .map(|rest| rest.split('=').next().unwrap_or_default().chars().count());
-        match name_len {
-            Some(len) if len > 1 => out.push(format!("-{arg}")),
-            _ => out.push(arg),
-        }
-    }
-    out
-}
-
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
-}
-
 /// A flag or environment value that cannot be used. The message names the flag and the value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
     /// A flag has a value of the wrong shape.
-    #[error("invalid value {value:?} for --{flag}: {reason}")]
-    Invalid {
-        /// The flag's name without dashes.
-        flag: &'static str,
-        /// The value given.
-        value: String,
-        /// Why it is refused.
-        reason: String,
-    },
+    #[error(transparent)]
+    Invalid(#[from] InvalidFlag),
     /// `MIC_POD_NAMESPACE` is unset or empty (upstream's fatal message).
     #[error("namespace not specified. Please add meta.namespace as env variable MIC_POD_NAMESPACE")]
     MissingPodNamespace,
@@ -381,22 +280,18 @@ impl Flags {
             .filter(|ns| !ns.trim().is_empty())
             .ok_or(ConfigError::MissingPodNamespace)?;
         let namespaced = self.force_namespaced || env("FORCENAMESPACED").as_deref() == Some("true");
-        let log_format = match self.log_format.as_str() {
-            "text" => LogFormat::Text,
-            "json" => LogFormat::Json,
-            other => {
-                return Err(invalid(
-                    "log-format",
-                    other,
-                    "unable to apply logging options: want text or json",
-                ));
-            }
+        let Some(log_format) = LogFormat::parse(&self.log_format) else {
+            return Err(invalid(
+                "log-format",
+                &self.log_format,
+                "unable to apply logging options: want text or json",
+            ));
         };
         let create_delete_batch = usize::try_from(self.create_delete_batch)
             .ok()
             .filter(|n| *n > 0)
             .ok_or_else(|| {
-                invalid(
+                invalid::<InvalidFlag>(
                     "createDeleteBatch",
                     &self.create_delete_batch.to_string(),
                     "want a positive number",
@@ -413,7 +308,7 @@ impl Flags {
         let client_burst = (self.client_qps.trunc().min(f64::from(u32::MAX)) as u32).max(1);
         let update_user_msi_max_retry =
             u32::try_from(self.update_user_msi_max_retry).map_err(|_| {
-                invalid(
+                invalid::<InvalidFlag>(
                     "update-user-msi-max-retry",
                     &self.update_user_msi_max_retry.to_string(),
                     "want a non-negative number",
@@ -451,7 +346,7 @@ impl Flags {
             arm: optional_url("arm-endpoint", &self.arm_endpoint)?,
             aad_authority: optional_url("aad-authority", &self.aad_authority)?,
             imds: optional_url("imds-endpoint", &self.imds_endpoint)?.ok_or_else(|| {
-                invalid("imds-endpoint", &self.imds_endpoint, "must not be empty")
+                invalid::<InvalidFlag>("imds-endpoint", &self.imds_endpoint, "must not be empty")
             })?,
         };
         Ok(Config {
@@ -502,7 +397,7 @@ impl Flags {
                 .ok()
                 .filter(|n| *n > 0)
                 .ok_or_else(|| {
-                    invalid(
+                    invalid::<InvalidFlag>(
                         "identity-limit-per-vm",
                         &self.identity_limit_per_vm.to_string(),
                         "want a positive number",
@@ -512,40 +407,13 @@ impl Flags {
     }
 }
 
-/// The version line, in upstream's shape.
-pub fn version_line() -> String {
-    let version = env!("CARGO_PKG_VERSION");
-    let commit = option_env!("PODID_GIT_COMMIT").unwrap_or("unknown");
-    let date = option_env!("PODID_BUILD_DATE").unwrap_or("unknown");
-    format!("MIC Version: {version} - NMI Version: {version} - Commit: {commit} - Date: {date}")
-}
-
 /// The user agent of MIC's outgoing calls: `podid/MIC/<version>[ <custom>]`.
 pub fn user_agent(custom: Option<&str>) -> String {
-    let base = format!("podid/MIC/{}", env!("CARGO_PKG_VERSION"));
-    match custom {
-        Some(custom) => format!("{base} {custom}"),
-        None => base,
-    }
-}
-
-fn invalid(flag: &'static str, value: &str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        flag,
-        value: value.to_owned(),
-        reason: reason.into(),
-    }
+    podid_runtime::user_agent("MIC", custom)
 }
 
 fn non_empty_path(value: &str) -> Option<PathBuf> {
     (!value.trim().is_empty()).then(|| PathBuf::from(value.trim()))
-}
-
-fn parse_port(flag: &'static str, value: &str) -> Result<u16, ConfigError> {
-    match value.parse::<u16>() {
-        Ok(0) | Err(_) => Err(invalid(flag, value, "want a port number 1-65535")),
-        Ok(port) => Ok(port),
-    }
 }
 
 fn duration(flag: &'static str, value: &str) -> Result<Duration, ConfigError> {
@@ -568,7 +436,7 @@ fn optional_url(flag: &'static str, value: &str) -> Result<Option<String>, Confi
     let rest = value
         .strip_prefix("https://")
         .or_else(|| value.strip_prefix("http://"))
-        .ok_or_else(|| invalid(flag, value, "want an http:// or https:// URL"))?;
+        .ok_or_else(|| invalid::<InvalidFlag>(flag, value, "want an http:// or https:// URL"))?;
     if rest.is_empty() || rest.starts_with('/') || rest.contains(char::is_whitespace) {
         return Err(invalid(
             flag,
@@ -577,63 +445,4 @@ fn optional_url(flag: &'static str, value: &str) -> Result<Option<String>, Confi
         ));
     }
     Ok(Some(value.to_owned()))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn go_durations() {
-        let cases = [
-            ("3600s", Duration::from_secs(3600)),
-            ("1h", Duration::from_secs(3600)),
-            ("3m", Duration::from_secs(180)),
-            ("2m30s", Duration::from_secs(150)),
-            ("1.5h", Duration::from_secs(5400)),
-            ("500ms", Duration::from_millis(500)),
-            ("10us", Duration::from_micros(10)),
-            ("10µs", Duration::from_micros(10)),
-            ("7ns", Duration::from_nanos(7)),
-            ("+1s", Duration::from_secs(1)),
-            ("0", Duration::ZERO),
-        ];
-        for (text, want) in cases {
-            assert_eq!(parse_go_duration(text), Ok(want), "{text}");
-        }
-        for bad in ["", "1", "s", "1x", "1.2.3s", "-1s", "1h-5m", ".s", "3600"] {
-            assert!(parse_go_duration(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn single_dash_long_flags_become_double_dash() {
-        let out = normalize_go_args([
-            "mic",
-            "-kubeconfig=/k",
-            "-forceNamespaced",
-            "-v=3",
-            "--cloudconfig",
-            "-x",
-            "--createDeleteBatch",
-            "-10",
-            "--",
-            "-after",
-        ]);
-        assert_eq!(
-            out,
-            [
-                "mic",
-                "--kubeconfig=/k",
-                "--forceNamespaced",
-                "-v=3",
-                "--cloudconfig",
-                "-x",
-                "--createDeleteBatch",
-                "-10",
-                "--",
-                "-after"
-            ]
-        );
-    }
 }

@@ -33,6 +33,7 @@
 //! existing objects by content and by name); work is linear in pods + bindings + identities +
 //! existing objects + the size of the result.
 
+use podid_api::OperationMode;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 
@@ -43,7 +44,7 @@ use podid_api::{
 };
 use podid_select::federated::is_federated;
 use podid_select::matching::{
-    MatchMode, MatchOptions, binding_label, binding_selector, confined_to_binding_namespace,
+    MatchOptions, binding_label, binding_selector, confined_to_binding_namespace,
 };
 use sha2::{Digest, Sha256};
 
@@ -566,7 +567,7 @@ pub fn compute<'a>(inputs: &Inputs<'a>, options: &Options) -> Plan<'a> {
     // confined ones only to pods of the binding's namespace (by namespace and selector). Missing
     // identities are remembered and reported when a pod hits them, as upstream does.
     let match_options = MatchOptions {
-        mode: MatchMode::Standard,
+        mode: OperationMode::Standard,
         force_namespaced: options.force_namespaced,
     };
     let mut bindings: Vec<&AzureIdentityBinding> = inputs.bindings.clone();

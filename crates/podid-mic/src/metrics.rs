@@ -7,6 +7,7 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use podid_api::AssignedIdentityState;
 use podid_controller::arm::{ArmError, ArmOperation, ComputeKind};
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -44,8 +45,24 @@ struct Metrics {
     holds_reused: IntCounter,
 }
 
-/// `state` values of `podid_mic_assignments` (any other status counts as `other`).
-pub const ASSIGNMENT_STATES: [&str; 4] = ["Created", "Assigned", "Unassigned", "other"];
+/// The states `podid_mic_assignments` counts by name; any other status counts as
+/// [`OTHER_STATE`].
+const COUNTED_STATES: [AssignedIdentityState; 3] = [
+    AssignedIdentityState::Created,
+    AssignedIdentityState::Assigned,
+    AssignedIdentityState::Unassigned,
+];
+
+/// `state` label of the assignments in none of [`COUNTED_STATES`].
+const OTHER_STATE: &str = "other";
+
+/// Every `state` label value of `podid_mic_assignments`.
+fn assignment_state_labels() -> impl Iterator<Item = &'static str> {
+    COUNTED_STATES
+        .iter()
+        .map(AssignedIdentityState::as_str)
+        .chain([OTHER_STATE])
+}
 
 const PREFIX: &str = "aadpodidentity";
 
@@ -173,7 +190,7 @@ impl Metrics {
         for reason in crate::hold::HoldReason::ALL {
             m.held.with_label_values(&[reason.label()]);
         }
-        for state in ASSIGNMENT_STATES {
+        for state in assignment_state_labels() {
             m.assignments.with_label_values(&[state]);
         }
         // Every label value exists from the start, so dashboards see zeros, not gaps.
@@ -289,15 +306,15 @@ pub fn leading(leading: bool) {
 /// that stay are assignments waiting for ARM.
 pub fn assignment_states<'a>(states: impl IntoIterator<Item = &'a str>) {
     let Some(m) = metrics() else { return };
-    let mut counts = [0i64; ASSIGNMENT_STATES.len()];
+    let mut counts = [0i64; COUNTED_STATES.len() + 1];
     for state in states {
-        let i = ASSIGNMENT_STATES[..3]
+        let i = COUNTED_STATES
             .iter()
-            .position(|s| *s == state)
-            .unwrap_or(3);
+            .position(|s| s.as_str() == state)
+            .unwrap_or(COUNTED_STATES.len());
         counts[i] += 1;
     }
-    for (state, count) in ASSIGNMENT_STATES.iter().zip(counts) {
+    for (state, count) in assignment_state_labels().zip(counts) {
         m.assignments.with_label_values(&[state]).set(count);
     }
 }

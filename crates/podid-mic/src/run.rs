@@ -23,11 +23,12 @@ use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{self, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::reflector::Store;
+use kube::runtime::watcher;
 use kube::{Client, Resource};
 use podid_api::{
-    ASSIGNED_IDENTITY_FINALIZER, AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding,
+    ASSIGNED_IDENTITY_FINALIZER, AssignedIdentityState, AzureAssignedIdentity, AzureIdentity,
+    AzureIdentityBinding,
 };
 use serde::de::DeserializeOwned;
 use serde_json::json;
@@ -400,21 +401,8 @@ where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
 {
-    let (reader, writer) = reflector::store();
-    tasks.push(tokio::spawn(async move {
-        reflector::reflector(
-            writer,
-            watcher(api, watcher::Config::default()).default_backoff(),
-        )
-        .for_each(|event| {
-            match event {
-                Ok(_) => notify.notify_one(),
-                Err(e) => warn!(error = %e, "watch error; retrying"),
-            }
-            async {}
-        })
-        .await;
-    }));
+    let (reader, task) = podid_runtime::reflect(api, watcher::Config::default(), notify);
+    tasks.push(tokio::spawn(task));
     reader
 }
 
@@ -1234,7 +1222,13 @@ pub async fn apply_plan_with(
         .map(|name| {
             let object = objects.get(name.as_str()).copied();
             Box::pin(async move {
-                let result = set_state(client, namespace(name), name, "Assigned").await;
+                let result = set_state(
+                    client,
+                    namespace(name),
+                    name,
+                    AssignedIdentityState::Assigned,
+                )
+                .await;
                 if let (Some(events), Some(object)) = (events, object) {
                     confirm_events(events, object, result.as_ref().err(), false).await;
                 }
@@ -1788,9 +1782,14 @@ async fn release_and_delete(
     deletion: &Deletion<'_>,
 ) -> Result<(), kube::Error> {
     let object = deletion.object;
-    match set_state(client, namespace_of(object), name_of(object), "Unassigned")
-        .await
-        .map(drop)
+    match set_state(
+        client,
+        namespace_of(object),
+        name_of(object),
+        AssignedIdentityState::Unassigned,
+    )
+    .await
+    .map(drop)
     {
         Err(e) if is_status(&e, 404) => return Ok(()),
         Err(e) => {
@@ -1887,7 +1886,7 @@ async fn set_state(
     client: &Client,
     namespace: &str,
     name: &str,
-    state: &str,
+    state: AssignedIdentityState,
 ) -> Result<AzureAssignedIdentity, kube::Error> {
     api(client, namespace)
         .patch(
@@ -1908,7 +1907,7 @@ async fn set_assigned(
     mark: bool,
 ) -> Result<AzureAssignedIdentity, kube::Error> {
     if !mark {
-        return set_state(client, namespace, name, "Assigned").await;
+        return set_state(client, namespace, name, AssignedIdentityState::Assigned).await;
     }
     api(client, namespace)
         .patch(
@@ -1916,7 +1915,7 @@ async fn set_assigned(
             &PatchParams::default(),
             &Patch::Merge(json!({
                 "metadata": {"annotations": {PREEXISTING_ANNOTATION: "true"}},
-                "status": {"status": "Assigned"},
+                "status": {"status": AssignedIdentityState::Assigned},
             })),
         )
         .await

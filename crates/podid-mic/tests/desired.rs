@@ -1,6 +1,7 @@
 //! The desired AzureAssignedIdentity set, its diff against existing objects, and the per-VM/VMSS
 //! identity work, fed with plain objects.
 
+use podid_api::OperationMode;
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::{Node, Pod, PodSpec};
@@ -846,7 +847,7 @@ fn a_name_held_by_other_content_is_rewritten_and_reassigned() {
 fn mic_desires_exactly_the_pairs_nmi_matches() {
     use std::sync::Arc;
 
-    use podid_select::matching::{CallerPod, MatchIndex, MatchMode, MatchOptions};
+    use podid_select::matching::{CallerPod, MatchIndex, MatchOptions};
 
     let world = World {
         pods: vec![
@@ -896,7 +897,7 @@ fn mic_desires_exactly_the_pairs_nmi_matches() {
             .collect();
         let index = MatchIndex::new(
             MatchOptions {
-                mode: MatchMode::Standard,
+                mode: OperationMode::Standard,
                 force_namespaced,
             },
             world.identities.iter().cloned().map(Arc::new),

@@ -29,7 +29,7 @@ use dashmap::DashMap;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
-use podid_api::AzureIdentity;
+use podid_api::{AzureIdentity, IdentityType};
 use podid_controller::broker::{
     BrokerConfig, BrokerError, BrokerStats, CertificateSource, ClientSecretSource, Credential,
     CredentialOrigin, EntraConfig, ImdsConfig, ImdsLimiter, ImdsSource, LimiterConfig,
@@ -295,7 +295,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         "nmi serving"
     );
 
-    shutdown_signal().await;
+    podid_runtime::shutdown_signal().await;
     tracing::info!("shutting down: draining requests; the interception rules stay (fail closed)");
     let _ = stop_tx.send(true);
     watches.abort();
@@ -585,18 +585,6 @@ async fn repair_pass(repair: &Repair, trigger: &'static str) {
     }
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut term) = signal(SignalKind::terminate()) else {
-        let _ = tokio::signal::ctrl_c().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
-}
-
 /// A Secret-held credential and where it came from, derived once per Secret read.
 type Derived = Result<(Credential, Arc<CredentialOrigin>), String>;
 
@@ -721,8 +709,7 @@ impl CredentialedBroker {
         &self,
         identity: &AzureIdentity,
     ) -> Result<Option<(Credential, Arc<CredentialOrigin>)>, BrokerError> {
-        let kind = identity.identity_type().as_i64();
-        if kind != 1 && kind != 2 {
+        if !identity.identity_type().has_secret_credential() {
             return Ok(None);
         }
         let client_id = identity.spec.client_id.clone().unwrap_or_default();
@@ -746,7 +733,7 @@ impl CredentialedBroker {
             )));
         }
         let read = self.secret(namespace, &name).await.map_err(&config)?;
-        let derived = if kind == 1 {
+        let derived = if identity.identity_type() == IdentityType::ServicePrincipal {
             &read.client_secret
         } else {
             &read.certificate
@@ -794,7 +781,7 @@ impl TokenProvider for CredentialedBroker {
     fn cached(&self, request: &TokenRequest<'_>) -> Option<Issued> {
         if let TokenTarget::Identity(identity) = request.target
             && request.federated.is_none()
-            && matches!(identity.identity_type().as_i64(), 1 | 2)
+            && identity.identity_type().has_secret_credential()
         {
             return None;
         }
@@ -810,7 +797,6 @@ impl TokenProvider for CredentialedBroker {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use podid_api::IdentityType as WireType;
     use podid_controller::broker::{
         FetchRequest, Secret as SecretValue, SourceFuture, SourceKind, Token, TokenSource,
     };
@@ -847,7 +833,7 @@ mod tests {
         let sp = AzureIdentity::service_principal(
             "app",
             "sp",
-            WireType::ServicePrincipal,
+            IdentityType::ServicePrincipal,
             "tenant",
             "client-1",
             "sp-secret",
@@ -857,11 +843,13 @@ mod tests {
             (&sp, Credential::ClientSecret(SecretValue::new("hunter2"))),
         ] {
             let spec = identity_spec(identity, credential);
-            let spec = Arc::new(if identity.identity_type().as_i64() == 1 {
-                spec.with_origin_in("app", "sp-secret")
-            } else {
-                spec
-            });
+            let spec = Arc::new(
+                if identity.identity_type() == IdentityType::ServicePrincipal {
+                    spec.with_origin_in("app", "sp-secret")
+                } else {
+                    spec
+                },
+            );
             broker
                 .tokens(&spec, "https://vault.azure.net")
                 .await

@@ -11,16 +11,22 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{ArgAction, Parser};
-use podid_controller::cli::KlogFlags;
-pub use podid_controller::cli::parse_go_bool;
+use clap::Parser;
+use podid_api::OperationMode;
 use podid_imds::ErrorBodyStyle;
+
+use crate::interception::Interception;
+use podid_runtime::flags::{InvalidFlag, KlogFlags, invalid, parse_port};
+pub use podid_runtime::logging::LogFormat;
+pub use podid_runtime::version_line;
 
 /// The raw command line, exactly as upstream spells it. Turn it into a [`Config`] with
 /// [`Flags::into_config`].
 #[derive(Debug, Clone, Parser)]
 #[command(
+    mut_args = podid_runtime::flags::go_bool,
     name = "nmi",
+    disable_help_subcommand = true,
     about = "podid NMI: answers pods' IMDS token requests with their own identity",
     disable_version_flag = true
 )]
@@ -28,24 +34,14 @@ pub struct Flags {
     /// Node name (manifests pass `--node=$(NODE_NAME)`); falls back to env `NODE_NAME`.
     #[arg(long, default_value = "")]
     pub node: String,
-    /// Address the IMDS emulation binds to; `0.0.0.0` still DNATs to 127.0.0.1.
-    #[arg(long = "nmi-listen-address", default_value = "127.0.0.1")]
-    pub nmi_listen_address: String,
-    /// Listen port and DNAT target port.
-    #[arg(long = "nmi-port", default_value = "2579")]
-    pub nmi_port: String,
-    /// IMDS address: iptables match and the upstream for type-0 tokens and passthrough.
-    #[arg(long = "metadata-ip", default_value = "169.254.169.254")]
-    pub metadata_ip: String,
-    /// IMDS port.
-    #[arg(long = "metadata-port", default_value = "80")]
-    pub metadata_port: String,
+    /// Where nmi listens and what it intercepts.
+    #[command(flatten)]
+    pub interception: InterceptionFlags,
     /// Seconds between iptables reconcile passes.
     #[arg(long = "ipt-update-interval-sec", default_value_t = 60)]
     pub ipt_update_interval_sec: i64,
     /// Namespaced matching (also env `FORCENAMESPACED=true`).
-    #[arg(long = "forceNamespaced", num_args = 0..=1, require_equals = true, default_value = "false",
-          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    #[arg(long = "forceNamespaced")]
     pub force_namespaced: bool,
     /// Upstream skipped all checks for `^mic` ReplicaSets in this namespace; podid keeps the flag
     /// for compatibility and uses an explicit exception instead (docs/compatibility.md).
@@ -64,20 +60,16 @@ pub struct Flags {
     #[arg(long = "find-identity-retry-interval", default_value_t = 5)]
     pub find_identity_retry_interval: i64,
     /// Upstream's pprof server; podid has none and ignores it (logged).
-    #[arg(long = "enableProfile", num_args = 0..=1, require_equals = true, default_value = "false",
-          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    #[arg(long = "enableProfile")]
     pub enable_profile: bool,
     /// Watch only this node's AzureAssignedIdentities (label `nodename`).
-    #[arg(long = "enableScaleFeatures", num_args = 0..=1, require_equals = true, default_value = "true",
-          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    #[arg(long = "enableScaleFeatures", default_value = "true")]
     pub enable_scale_features: bool,
     /// Answer 403 to `/metadata/instance*`.
-    #[arg(long = "block-instance-metadata", num_args = 0..=1, require_equals = true, default_value = "false",
-          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    #[arg(long = "block-instance-metadata")]
     pub block_instance_metadata: bool,
     /// Require `Metadata: true`.
-    #[arg(long = "metadata-header-required", num_args = 0..=1, require_equals = true, default_value = "true",
-          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    #[arg(long = "metadata-header-required", default_value = "true")]
     pub metadata_header_required: bool,
     /// Port of `/metrics`.
     #[arg(long = "prometheus-port", default_value = "9090")]
@@ -86,24 +78,20 @@ pub struct Flags {
     #[arg(long = "operation-mode", default_value = "standard")]
     pub operation_mode: String,
     /// Skip the start-up refusal on kubenet nodes.
-    #[arg(long = "allow-network-plugin-kubenet", num_args = 0..=1, require_equals = true, default_value = "false",
-          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    #[arg(long = "allow-network-plugin-kubenet")]
     pub allow_network_plugin_kubenet: bool,
     /// File scanned for `--network-plugin=kubenet`.
     #[arg(long = "kubelet-config", default_value = "/etc/default/kubelet")]
     pub kubelet_config: PathBuf,
     /// Identity-selection failures that waiting can fix (an assignment in progress) answer
     /// 503 + `Retry-After: 20` instead of 404.
-    #[arg(long = "set-retry-after-header", num_args = 0..=1, require_equals = true, default_value = "false",
-          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    #[arg(long = "set-retry-after-header")]
     pub set_retry_after_header: bool,
     /// Flush conntrack entries to IMDS after the first rule install.
-    #[arg(long = "enable-conntrack-deletion", num_args = 0..=1, require_equals = true, default_value = "false",
-          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    #[arg(long = "enable-conntrack-deletion")]
     pub enable_conntrack_deletion: bool,
     /// Print the version and exit.
-    #[arg(long = "version", num_args = 0..=1, require_equals = true, default_value = "false",
-          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    #[arg(long = "version")]
     pub version: bool,
     /// `text` or `json`.
     #[arg(long = "log-format", default_value = "text")]
@@ -114,8 +102,7 @@ pub struct Flags {
 
     // podid additions (docs/configuration.md).
     /// podid: serve `/host/token` (trusts the `podns`/`podname` headers; off by default).
-    #[arg(long = "enable-host-token", num_args = 0..=1, require_equals = true, default_value = "false",
-          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    #[arg(long = "enable-host-token")]
     pub enable_host_token: bool,
     /// podid: error bodies as IMDS-style JSON (`json`, default) or upstream's Go plain text
     /// (`text`).
@@ -125,13 +112,11 @@ pub struct Flags {
     /// identity is not the pod's) with upstream's 404 (503 + `Retry-After` with
     /// `--set-retry-after-header`) instead of the real IMDS's final 400 `invalid_request`, which
     /// SDKs do not retry.
-    #[arg(long = "not-found-for-final-refusals", num_args = 0..=1, require_equals = true, default_value = "false",
-          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    #[arg(long = "not-found-for-final-refusals")]
     pub not_found_for_final_refusals: bool,
     /// podid: set and verify `net.ipv4.conf.all.route_localnet=1` so DNAT to 127.0.0.1 works on
     /// nodes without kube-proxy.
-    #[arg(long = "manage-route-localnet", num_args = 0..=1, require_equals = true, default_value = "true",
-          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    #[arg(long = "manage-route-localnet", default_value = "true")]
     pub manage_route_localnet: bool,
     /// podid: tenant of the federated exchange for identities switched to
     /// `podid.io/token-source: federated` that have no `spec.tenantID` (type 0); also env
@@ -141,8 +126,7 @@ pub struct Flags {
     /// podid: serve pods labelled `azure.workload.identity/use: "true"` that no binding gives an
     /// identity through the federated exchange, with the client id their service account's
     /// `azure.workload.identity/client-id` names (watches ServiceAccounts; needs RBAC).
-    #[arg(long = "serve-workload-identity-pods", num_args = 0..=1, require_equals = true, default_value = "false",
-          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    #[arg(long = "serve-workload-identity-pods")]
     pub serve_workload_identity_pods: bool,
     /// podid: Entra authority of federated exchanges for identities without `spec.adEndpoint`
     /// and for Workload Identity pods (default the public cloud's
@@ -160,8 +144,7 @@ pub struct Flags {
     /// podid: let `spec.clientPassword` name a Secret in another namespace than the identity's
     /// (upstream's behaviour; off by default: whoever may create an AzureIdentity could then
     /// have nmi send any namespace's Secret to an authority).
-    #[arg(long = "allow-cross-namespace-secrets", num_args = 0..=1, require_equals = true, default_value = "false",
-          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    #[arg(long = "allow-cross-namespace-secrets")]
     pub allow_cross_namespace_secrets: bool,
     /// podid: key of a NoSchedule taint the node pool carries from creation; nmi removes it from
     /// its own Node once the interception is installed and its caches are synced, so no workload
@@ -176,39 +159,71 @@ pub struct Flags {
     /// klog's flags (`-v` and the ignored others).
     #[command(flatten)]
     pub klog: KlogFlags,
+
+    /// A subcommand instead of serving.
+    #[command(subcommand)]
+    pub command: Option<NmiCommand>,
 }
 
-/// How NMI picks identities (docs/upstream.md#identity-selection).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OperationMode {
-    /// MIC assigns identities; NMI serves a pod's `Assigned` AzureAssignedIdentity.
-    Standard,
-    /// Identities are pre-assigned; NMI matches bindings directly (namespaced mode only).
-    Managed,
+/// nmi's subcommands; without one, nmi serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Subcommand)]
+pub enum NmiCommand {
+    /// Remove nmi's iptables chains and jumps and, if nmi turned route_localnet on, write back
+    /// its earlier value, then exit. nmi never removes them when it stops (fail closed).
+    UninstallInterception,
 }
 
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
+/// The addresses nmi listens on and intercepts. They are global, so that they may also follow
+/// `uninstall-interception` (`nmi uninstall-interception --metadata-ip=…`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct InterceptionFlags {
+    /// Address the IMDS emulation binds to; `0.0.0.0` still DNATs to 127.0.0.1.
+    #[arg(
+        long = "nmi-listen-address",
+        default_value = "127.0.0.1",
+        global = true
+    )]
+    pub nmi_listen_address: String,
+    /// Listen port and DNAT target port.
+    #[arg(long = "nmi-port", default_value = "2579", global = true)]
+    pub nmi_port: String,
+    /// IMDS address: iptables match and the upstream for type-0 tokens and passthrough.
+    #[arg(long = "metadata-ip", default_value = "169.254.169.254", global = true)]
+    pub metadata_ip: String,
+    /// IMDS port.
+    #[arg(long = "metadata-port", default_value = "80", global = true)]
+    pub metadata_port: String,
+}
+
+impl InterceptionFlags {
+    /// Validates the addresses: where nmi listens, and the interception (the IMDS address
+    /// matched and the DNAT target, 127.0.0.1 when nmi listens on 0.0.0.0).
+    pub fn validate(&self) -> Result<(SocketAddr, Interception), ConfigError> {
+        let listen_ip: Ipv4Addr = parse_ipv4("nmi-listen-address", &self.nmi_listen_address)?;
+        let nmi_port = parse_port("nmi-port", &self.nmi_port)?;
+        let metadata_ip = parse_ipv4("metadata-ip", &self.metadata_ip)?;
+        let metadata_port = parse_port("metadata-port", &self.metadata_port)?;
+        let dnat_ip = if listen_ip.is_unspecified() {
+            Ipv4Addr::LOCALHOST
+        } else {
+            listen_ip
+        };
+        Ok((
+            SocketAddr::new(IpAddr::V4(listen_ip), nmi_port),
+            Interception {
+                metadata: SocketAddrV4::new(metadata_ip, metadata_port),
+                target: SocketAddrV4::new(dnat_ip, nmi_port),
+            },
+        ))
+    }
 }
 
 /// A flag value that cannot be used. The message names the flag and the value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
     /// A flag has a value of the wrong shape.
-    #[error("invalid value {value:?} for --{flag}: {reason}")]
-    Invalid {
-        /// The flag's name without dashes.
-        flag: &'static str,
-        /// The value given.
-        value: String,
-        /// Why it is refused.
-        reason: String,
-    },
+    #[error(transparent)]
+    Invalid(#[from] InvalidFlag),
     /// `--node` and `NODE_NAME` are both empty.
     #[error(
         "--node is required (manifests pass --node=$(NODE_NAME) from spec.nodeName; env NODE_NAME also works)"
@@ -319,34 +334,20 @@ impl Flags {
         if node_name.trim().is_empty() {
             return Err(ConfigError::MissingNode);
         }
-        let listen_ip: Ipv4Addr = parse_ipv4("nmi-listen-address", &self.nmi_listen_address)?;
-        let nmi_port = parse_port("nmi-port", &self.nmi_port)?;
-        let metadata_ip = parse_ipv4("metadata-ip", &self.metadata_ip)?;
-        let metadata_port = parse_port("metadata-port", &self.metadata_port)?;
-        let dnat_ip = if listen_ip.is_unspecified() {
-            Ipv4Addr::LOCALHOST
-        } else {
-            listen_ip
-        };
+        let (listen, interception) = self.interception.validate()?;
         let namespaced = self.force_namespaced || env("FORCENAMESPACED").as_deref() == Some("true");
-        let mode = match self.operation_mode.to_ascii_lowercase().as_str() {
-            "standard" => OperationMode::Standard,
-            "managed" => OperationMode::Managed,
-            _ => return Err(ConfigError::UnsupportedMode(self.operation_mode)),
+        let Some(mode) = OperationMode::parse(&self.operation_mode) else {
+            return Err(ConfigError::UnsupportedMode(self.operation_mode));
         };
         if mode == OperationMode::Managed && !namespaced {
             return Err(ConfigError::ManagedWithoutNamespaced);
         }
-        let log_format = match self.log_format.as_str() {
-            "text" => LogFormat::Text,
-            "json" => LogFormat::Json,
-            other => {
-                return Err(invalid(
-                    "log-format",
-                    other,
-                    "unable to apply logging options: want text or json",
-                ));
-            }
+        let Some(log_format) = LogFormat::parse(&self.log_format) else {
+            return Err(invalid(
+                "log-format",
+                &self.log_format,
+                "unable to apply logging options: want text or json",
+            ));
         };
         let federated_default_tenant = if self.federated_default_tenant_id.trim().is_empty() {
             env("FEDERATED_DEFAULT_TENANT_ID").unwrap_or_default()
@@ -373,7 +374,7 @@ impl Flags {
         let federated_authority_host = federated_authority_host.trim().to_owned();
         if !federated_authority_host.is_empty() {
             let parsed = federated_authority_host.parse::<http::Uri>().map_err(|e| {
-                invalid(
+                invalid::<InvalidFlag>(
                     "federated-authority-host",
                     &federated_authority_host,
                     e.to_string(),
@@ -393,7 +394,7 @@ impl Flags {
                 continue;
             }
             let parsed = url::Url::parse(entry)
-                .map_err(|e| invalid("allowed-authorities", entry, e.to_string()))?;
+                .map_err(|e| invalid::<InvalidFlag>("allowed-authorities", entry, e.to_string()))?;
             if !matches!(parsed.scheme(), "https" | "http")
                 || parsed.host_str().is_none()
                 || !parsed.username().is_empty()
@@ -422,9 +423,9 @@ impl Flags {
         };
         Ok(Config {
             node_name: node_name.trim().to_ascii_lowercase(),
-            listen: SocketAddr::new(IpAddr::V4(listen_ip), nmi_port),
-            dnat_target: SocketAddrV4::new(dnat_ip, nmi_port),
-            metadata: SocketAddrV4::new(metadata_ip, metadata_port),
+            listen,
+            dnat_target: interception.target,
+            metadata: interception.metadata,
             ipt_update_interval: positive_secs(
                 "ipt-update-interval-sec",
                 self.ipt_update_interval_sec,
@@ -474,21 +475,9 @@ impl Flags {
     }
 }
 
-/// The version line, in upstream's shape.
-pub fn version_line() -> String {
-    let version = env!("CARGO_PKG_VERSION");
-    let commit = option_env!("PODID_GIT_COMMIT").unwrap_or("unknown");
-    let date = option_env!("PODID_BUILD_DATE").unwrap_or("unknown");
-    format!("MIC Version: {version} - NMI Version: {version} - Commit: {commit} - Date: {date}")
-}
-
 /// The user agent of NMI's outgoing calls: `podid/NMI/<version>[ <custom>]`.
 pub fn user_agent(custom: Option<&str>) -> String {
-    let base = format!("podid/NMI/{}", env!("CARGO_PKG_VERSION"));
-    match custom {
-        Some(custom) => format!("{base} {custom}"),
-        None => base,
-    }
+    podid_runtime::user_agent("NMI", custom)
 }
 
 /// Why NMI refuses to start on this node (docs/upstream.md#start-up step 2).
@@ -546,25 +535,10 @@ fn is_taint_key(key: &str) -> bool {
     name_ok && prefix_ok
 }
 
-fn invalid(flag: &'static str, value: &str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        flag,
-        value: value.to_owned(),
-        reason: reason.into(),
-    }
-}
-
 fn parse_ipv4(flag: &'static str, value: &str) -> Result<Ipv4Addr, ConfigError> {
     value
         .parse()
         .map_err(|_| invalid(flag, value, "want an IPv4 address"))
-}
-
-fn parse_port(flag: &'static str, value: &str) -> Result<u16, ConfigError> {
-    match value.parse::<u16>() {
-        Ok(0) | Err(_) => Err(invalid(flag, value, "want a port number 1-65535")),
-        Ok(port) => Ok(port),
-    }
 }
 
 fn positive_secs(flag: &'static str, value: i64) -> Result<Duration, ConfigError> {
@@ -860,6 +834,62 @@ mod tests {
                 .contains("--node is required")
         );
         assert!(parse(&["--node=n", "--no-such-flag"]).is_err());
+    }
+
+    #[test]
+    fn uninstall_interception_is_a_subcommand_that_needs_no_node() {
+        let parse = |args: &[&str]| {
+            Flags::try_parse_from(std::iter::once("nmi").chain(args.iter().copied()))
+        };
+        let flags = parse(&["uninstall-interception"]).expect("parses without --node");
+        assert_eq!(flags.command, Some(NmiCommand::UninstallInterception));
+        let (_, interception) = flags.interception.validate().expect("defaults are valid");
+        assert_eq!(
+            interception,
+            Interception {
+                metadata: "169.254.169.254:80".parse().expect("addr"),
+                target: "127.0.0.1:2579".parse().expect("addr"),
+            }
+        );
+        // The interception flags may follow the subcommand …
+        let after = parse(&[
+            "uninstall-interception",
+            "--metadata-ip=10.1.2.3",
+            "--metadata-port=8080",
+            "--nmi-listen-address=0.0.0.0",
+            "--nmi-port=3000",
+        ])
+        .expect("parses");
+        let (listen, interception) = after.interception.validate().expect("valid");
+        assert_eq!(listen, "0.0.0.0:3000".parse::<SocketAddr>().expect("addr"));
+        assert_eq!(
+            interception,
+            Interception {
+                metadata: "10.1.2.3:8080".parse().expect("addr"),
+                target: "127.0.0.1:3000".parse().expect("addr"),
+            }
+        );
+        // … or precede it, with nmi's other flags.
+        let before = parse(&[
+            "--node=n",
+            "--metadata-ip=10.9.9.9",
+            "uninstall-interception",
+        ])
+        .expect("parses");
+        assert_eq!(before.command, Some(NmiCommand::UninstallInterception));
+        let (_, interception) = before.interception.validate().expect("valid");
+        assert_eq!(interception.metadata, "10.9.9.9:80".parse().expect("addr"));
+        // A bad address names its flag.
+        let bad = parse(&["uninstall-interception", "--nmi-port=0"]).expect("parses");
+        let error = bad.interception.validate().expect_err("port 0");
+        assert!(error.to_string().contains("--nmi-port"), "{error}");
+        // Serving flags do not follow it, and nothing else is a subcommand.
+        assert!(parse(&["uninstall-interception", "--node=n"]).is_err());
+        assert!(parse(&["uninstall"]).is_err());
+        assert!(parse(&["help"]).is_err());
+        // Without the subcommand nmi serves, and needs its node.
+        let serve = parse(&["--node=n"]).expect("parses");
+        assert_eq!(serve.command, None);
     }
 
     #[test]

@@ -84,7 +84,7 @@ pub fn requester(pod: &CallerPod) -> Requester {
 pub fn identity_spec(identity: &AzureIdentity, credential: Credential) -> IdentitySpec {
     let spec = &identity.spec;
     IdentitySpec {
-        identity_type: IdentityType::from_i64(identity.identity_type().as_i64()),
+        identity_type: identity.identity_type(),
         client_id: spec.client_id.clone().unwrap_or_default(),
         resource_id: spec.resource_id.clone().unwrap_or_default(),
         tenant_id: spec.tenant_id.clone().unwrap_or_default(),
@@ -105,7 +105,7 @@ fn cache_view<'a>(request: &TokenRequest<'a>) -> Option<IdentityView<'a>> {
         TokenTarget::Identity(identity) => {
             let spec = &identity.spec;
             IdentityView::new(
-                IdentityType::from_i64(identity.identity_type().as_i64()),
+                identity.identity_type(),
                 spec.client_id.as_deref().unwrap_or_default(),
                 spec.resource_id.as_deref().unwrap_or_default(),
                 spec.tenant_id.as_deref().unwrap_or_default(),

@@ -27,7 +27,7 @@ use std::sync::Arc;
 use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 use kube::runtime::WatchStreamExt as _;
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector::Store;
 use kube::runtime::watcher::{self, Event, watcher};
 use kube::{Api, Client, Resource};
 use podid_api::{
@@ -299,7 +299,8 @@ pub fn spawn_watches(
     Watches { tasks }
 }
 
-/// Run a reflector for `K` in `tasks`, notifying `changed` after each event; returns its store.
+/// Runs [`podid_runtime::reflect`] for `K` in `tasks` (notifying `changed` after each event);
+/// returns its store.
 fn reflect<K>(
     tasks: &mut JoinSet<()>,
     api: Api<K>,
@@ -310,19 +311,8 @@ where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
 {
-    let (store, writer) = reflector::store::<K>();
-    let changed = Arc::clone(changed);
-    tasks.spawn(async move {
-        let kind = K::kind(&K::DynamicType::default()).into_owned();
-        let stream = reflector::reflector(writer, watcher(api, config).default_backoff());
-        futures::pin_mut!(stream);
-        while let Some(event) = stream.next().await {
-            match event {
-                Ok(_) => changed.notify_one(),
-                Err(error) => tracing::warn!(%kind, %error, "watch failed, retrying"),
-            }
-        }
-    });
+    let (store, task) = podid_runtime::reflect(api, config, Arc::clone(changed));
+    tasks.spawn(task);
     store
 }
 

@@ -46,7 +46,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tracing::Instrument as _;
 
-use crate::config::{Config, OperationMode};
+use crate::config::Config;
 use crate::events::{EventSink, PodEvent, PodEventReason};
 pub use crate::health::Health;
 use crate::metrics::{Metrics, imds_operation, resource_label};
@@ -156,10 +156,7 @@ impl ServerOptions {
     /// The matcher options `config` asks for.
     pub fn match_options(config: &Config) -> MatchOptions {
         MatchOptions {
-            mode: match config.mode {
-                OperationMode::Standard => podid_select::matching::MatchMode::Standard,
-                OperationMode::Managed => podid_select::matching::MatchMode::Managed,
-            },
+            mode: config.mode,
             force_namespaced: config.namespaced,
         }
     }

@@ -37,7 +37,9 @@ use clap::Parser as _;
 use common::*;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use podid_api::{AssignedIdentityState, AzureIdentity, AzurePodIdentityException, IdentityType};
+use podid_api::{
+    AssignedIdentityState, AzureIdentity, AzurePodIdentityException, IdentityType, OperationMode,
+};
 use podid_controller::broker::{
     BrokerConfig, BrokerError, ImdsConfig, ImdsLimiter, ImdsSource, LimiterConfig, SourceKind,
     Sources, SystemClock, TokenBroker,
@@ -51,7 +53,7 @@ use podid_nmi::interception::{
 };
 use podid_nmi::provider::TokenProvider;
 use podid_nmi::server::{ServerOptions, serve};
-use podid_select::matching::{MatchMode, MatchOptions, NodeIdentity};
+use podid_select::matching::{MatchOptions, NodeIdentity};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
@@ -1184,7 +1186,7 @@ async fn item_08_namespaced_filter() {
         ..Default::default()
     };
     let managed = MatchOptions {
-        mode: MatchMode::Managed,
+        mode: OperationMode::Managed,
         force_namespaced: true,
     };
     let no_identity = Expect::Description("no azure identity is bound to pod app/web");

@@ -134,7 +134,8 @@ pub fn credential_for(
 mod tests {
     use super::*;
     use crate::federated::{BoundPod, FederatedSubject};
-    use crate::matching::{MatchMode, MatchOptions};
+    use crate::matching::MatchOptions;
+    use podid_api::OperationMode;
     use podid_api::TOKEN_SOURCE_ANNOTATION;
 
     fn identity(annotation: Option<&str>) -> AzureIdentity {
@@ -225,7 +226,7 @@ mod tests {
         let live_identity = Arc::new(identity(None));
         let index = MatchIndex::new(
             MatchOptions {
-                mode: MatchMode::Managed,
+                mode: OperationMode::Managed,
                 force_namespaced: true,
             },
             [Arc::clone(&live_identity)],
@@ -240,7 +241,7 @@ mod tests {
         ));
         let index = MatchIndex::new(
             MatchOptions {
-                mode: MatchMode::Managed,
+                mode: OperationMode::Managed,
                 force_namespaced: true,
             },
             [Arc::clone(&live_identity)],

@@ -11,14 +11,14 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{Pod, PodSpec, PodStatus, ServiceAccount};
 use podid_api::{
     AssignedIdentityState, AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding,
-    AzurePodIdentityException, FEDERATED_SERVICE_ACCOUNT_ANNOTATION, POD_LABEL_KEY,
+    AzurePodIdentityException, FEDERATED_SERVICE_ACCOUNT_ANNOTATION, OperationMode, POD_LABEL_KEY,
     TOKEN_SOURCE_ANNOTATION, WORKLOAD_IDENTITY_CLIENT_ID_ANNOTATION,
     WORKLOAD_IDENTITY_TENANT_ID_ANNOTATION, WORKLOAD_IDENTITY_USE_LABEL,
 };
 use podid_imds::IdentitySelector;
 
 use crate::decision::{Refusal, Selection, Source};
-use crate::matching::{MatchMode, MatchOptions};
+use crate::matching::MatchOptions;
 
 /// The node every case's pod runs on.
 pub const NODE: &str = "node-a";
@@ -411,7 +411,7 @@ pub fn cases() -> Vec<Case> {
     out.push(Case {
         name: "managed mode: a binding of another namespace does not apply",
         options: MatchOptions {
-            mode: MatchMode::Managed,
+            mode: OperationMode::Managed,
             force_namespaced: false,
         },
         identities: vec![plain_foreign],
@@ -421,7 +421,7 @@ pub fn cases() -> Vec<Case> {
     out.push(Case {
         name: "managed mode: binding and identity of the pod's namespace",
         options: MatchOptions {
-            mode: MatchMode::Managed,
+            mode: OperationMode::Managed,
             force_namespaced: false,
         },
         assignments: Vec::new(),

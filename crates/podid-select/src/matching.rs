@@ -44,27 +44,15 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::Pod;
 use podid_api::{
     AssignedIdentityState, AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding,
-    AzurePodIdentityException, POD_LABEL_KEY,
+    AzurePodIdentityException, OperationMode, POD_LABEL_KEY,
 };
 use podid_imds::{IdentitySelector, ImdsError};
-
-/// How NMI selects identities (`--operation-mode`, docs/upstream.md#token-endpoint,
-/// docs/upstream.md#identity-selection).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum MatchMode {
-    /// MIC writes `AzureAssignedIdentity` objects; NMI mints only assigned identities.
-    #[default]
-    Standard,
-    /// No MIC: identities are pre-assigned to the VM/VMSS by the user; bindings and identities
-    /// in the pod's namespace decide.
-    Managed,
-}
 
 /// Options of the matcher.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MatchOptions {
     /// Operation mode.
-    pub mode: MatchMode,
+    pub mode: OperationMode,
     /// `--forceNamespaced` / `FORCENAMESPACED=true`: identity, binding and pod must share a
     /// namespace for every identity (the `Behavior: namespaced` annotation does it for one).
     pub force_namespaced: bool,
@@ -132,7 +120,7 @@ pub fn confined_to_binding_namespace(
     options: MatchOptions,
     identity: Option<&AzureIdentity>,
 ) -> bool {
-    options.mode == MatchMode::Managed
+    options.mode == OperationMode::Managed
         || options.force_namespaced
         || identity.is_some_and(AzureIdentity::is_namespaced)
 }
@@ -503,10 +491,10 @@ impl MatchIndex {
             });
         }
         match self.options.mode {
-            MatchMode::Standard => {
+            OperationMode::Standard => {
                 self.decide_among(pod, selector, matches, || self.assigned_candidates(pod))
             }
-            MatchMode::Managed => {
+            OperationMode::Managed => {
                 let managed = self.managed_candidates(pod);
                 self.decide_among(pod, selector, matches, || {
                     managed.iter().map(|c| (&c.identity, c.state))
@@ -542,7 +530,7 @@ impl MatchIndex {
         if created {
             return Decision::Pending(PendingReason::AssignmentCreated);
         }
-        if self.options.mode == MatchMode::Standard {
+        if self.options.mode == OperationMode::Standard {
             // A binding selects the pod for a wanted identity that has no assignment at all yet:
             // MIC has not caught up with the pod.
             let awaiting = self.pod_binding_refs(pod).any(|(_, identity)| {

@@ -8,11 +8,11 @@ use std::sync::Arc;
 
 use podid_api::{
     AssignedIdentityState, AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding,
-    AzurePodIdentityException,
+    AzurePodIdentityException, OperationMode,
 };
 use podid_imds::{IdentitySelector, ImdsError};
 use podid_select::matching::{
-    CallerPod, Decision, MatchIndex, MatchMode, MatchOptions, NoMatch, NodeIdentity, PendingReason,
+    CallerPod, Decision, MatchIndex, MatchOptions, NoMatch, NodeIdentity, PendingReason,
 };
 
 const NODE: &str = "node-a";
@@ -414,7 +414,7 @@ fn managed_mode_uses_bindings_in_the_pod_namespace() {
     let p = pod("app", "web-1", Some("kv"));
     let mut w = World {
         options: MatchOptions {
-            mode: MatchMode::Managed,
+            mode: OperationMode::Managed,
             force_namespaced: true,
         },
         ..Default::default()

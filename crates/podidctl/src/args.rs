@@ -1,6 +1,8 @@
 //! Command-line arguments (clap derive).
 
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::{Parser, Subcommand, ValueEnum};
+use podid_api::OperationMode;
 use std::path::PathBuf;
 
 /// podidctl: explain and migrate pod identities.
@@ -14,8 +16,8 @@ pub struct Args {
     #[arg(long, global = true)]
     pub context: Option<String>,
     /// nmi's operation mode on this cluster (`--operation-mode`).
-    #[arg(long, global = true, value_enum, default_value_t = Mode::Standard)]
-    pub operation_mode: Mode,
+    #[arg(long, global = true, default_value = "standard", value_parser = operation_mode())]
+    pub operation_mode: OperationMode,
     /// nmi and mic run with `--forceNamespaced`.
     #[arg(long = "force-namespaced", global = true)]
     pub force_namespaced: bool,
@@ -58,13 +60,21 @@ pub struct Args {
     pub command: Command,
 }
 
-/// nmi's operation mode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Mode {
-    /// MIC assigns identities; nmi needs an `Assigned` AzureAssignedIdentity.
-    Standard,
-    /// No MIC; bindings and identities in the pod's namespace decide.
-    Managed,
+/// `--operation-mode`: nmi's [`OperationMode`], listed with a line each in `--help`.
+fn operation_mode() -> impl TypedValueParser<Value = OperationMode> {
+    PossibleValuesParser::new(OperationMode::ALL.map(|mode| {
+        PossibleValue::new(mode.as_str()).help(match mode {
+            OperationMode::Standard => {
+                "MIC assigns identities; nmi needs an `Assigned` AzureAssignedIdentity"
+            }
+            OperationMode::Managed => {
+                "No MIC; bindings and identities in the pod's namespace decide"
+            }
+        })
+    }))
+    .try_map(|value| {
+        OperationMode::parse(&value).ok_or_else(|| format!("unknown operation mode {value:?}"))
+    })
 }
 
 /// Output format of `status`.

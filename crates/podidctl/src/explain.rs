@@ -8,16 +8,14 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 use podid_api::{
     AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding, AzurePodIdentityException,
-    FEDERATED_SERVICE_ACCOUNT_ANNOTATION, IdentityType, POD_LABEL_KEY,
+    FEDERATED_SERVICE_ACCOUNT_ANNOTATION, IdentityType, OperationMode, POD_LABEL_KEY,
 };
 use podid_imds::{ErrorOptions, IdentitySelector};
 use podid_select::assigned::{AssignedBindings, credential_for};
 use podid_select::federated::{
     FederatedCredential, PodSubject, confine_federated, federated_credential,
 };
-use podid_select::matching::{
-    CallerPod, MatchIndex, MatchMode, MatchOptions, NoMatch, PendingReason,
-};
+use podid_select::matching::{CallerPod, MatchIndex, MatchOptions, NoMatch, PendingReason};
 use podid_select::workload::{AccountSnapshot, WorkloadAccounts, service_account_name};
 use podid_select::{Refusal, Selection, Source};
 use serde::Serialize;
@@ -405,7 +403,7 @@ impl<'a> Explainer<'a> {
     }
 
     fn standard(&self) -> bool {
-        self.options.matching.mode == MatchMode::Standard
+        self.options.matching.mode == OperationMode::Standard
     }
 
     fn live_identity(&self, namespace: &str, name: &str) -> Option<&'a AzureIdentity> {
@@ -720,7 +718,7 @@ impl<'a> Explainer<'a> {
         let Some(label) = caller.binding_label() else {
             return Vec::new();
         };
-        let managed = self.options.matching.mode == MatchMode::Managed;
+        let managed = self.options.matching.mode == OperationMode::Managed;
         let mut out = Vec::new();
         for binding in &self.snapshot.bindings {
             if binding.spec.selector.as_deref() != Some(label) {

@@ -5,9 +5,10 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory as _, FromArgMatches as _};
 
-use podid_select::matching::{MatchMode, MatchOptions};
+use podid_api::OperationMode;
+use podid_select::matching::MatchOptions;
 
-use crate::args::{Args, Command, Mode, Output};
+use crate::args::{Args, Command, Output};
 use crate::cluster::{Cluster, Scope};
 use crate::error::Error;
 use crate::explain::{Explainer, Options, is_identity_pod};
@@ -16,10 +17,7 @@ use crate::render::{StatusDocument, doctor_text, status_table};
 fn options(args: &Args) -> Options {
     Options {
         matching: MatchOptions {
-            mode: match args.operation_mode {
-                Mode::Standard => MatchMode::Standard,
-                Mode::Managed => MatchMode::Managed,
-            },
+            mode: args.operation_mode,
             force_namespaced: args.force_namespaced,
         },
         serve_workload_identity_pods: args.serve_workload_identity_pods,
@@ -38,7 +36,7 @@ fn to_json<T: serde::Serialize>(value: &T) -> String {
 pub async fn run(args: Args) -> Result<String, Error> {
     let cluster = Cluster::connect(args.kubeconfig.as_deref(), args.context.as_deref()).await?;
     let options = options(&args);
-    let standard = options.matching.mode == MatchMode::Standard;
+    let standard = options.matching.mode == OperationMode::Standard;
     match &args.command {
         Command::Status {
             namespace,
@@ -80,7 +78,7 @@ pub async fn run(args: Args) -> Result<String, Error> {
                     status_table(&reports, standard) + &crate::render::held_table(&held)
                 }
                 Output::Json => to_json(&StatusDocument {
-                    mode: if standard { "standard" } else { "managed" },
+                    mode: options.matching.mode.as_str(),
                     force_namespaced: options.matching.force_namespaced,
                     pods: &reports,
                     held_identities: &held,

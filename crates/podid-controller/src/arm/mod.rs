@@ -24,6 +24,6 @@ pub use ids::{
     is_user_assigned_identity_id,
 };
 pub use plan::{
-    IdentityState, IdentityType, MAX_IDS_PER_PATCH, PlannedPatch, changes, plan_patches,
+    IdentityState, MAX_IDS_PER_PATCH, PlannedPatch, ResourceIdentityType, changes, plan_patches,
 };
 pub use token::{ARM_RESOURCE, ArmTokenFuture, ArmTokenProvider, BrokerTokenProvider};

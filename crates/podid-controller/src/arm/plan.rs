@@ -12,9 +12,10 @@ use super::ids::IdentityResourceId;
 /// ARM's limit of user-assigned identity entries in one request (docs/upstream.md#arm-calls).
 pub const MAX_IDS_PER_PATCH: usize = 150;
 
-/// `identity.type` of a VM or VMSS.
+/// `identity.type` of a VM or VMSS, ARM's `ResourceIdentityType` (not an `AzureIdentity`'s
+/// `spec.type`, which is `podid_api::IdentityType`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum IdentityType {
+pub enum ResourceIdentityType {
     /// No managed identity (also an absent `identity`).
     None,
     /// Only the system-assigned identity.
@@ -25,7 +26,7 @@ pub enum IdentityType {
     SystemAssignedUserAssigned,
 }
 
-impl IdentityType {
+impl ResourceIdentityType {
     /// ARM's spelling (`SystemAssigned, UserAssigned` for both).
     pub fn as_arm_str(self) -> &'static str {
         match self {
@@ -78,7 +79,7 @@ impl IdentityType {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IdentityState {
     /// `identity.type`.
-    pub identity_type: IdentityType,
+    pub identity_type: ResourceIdentityType,
     /// Keys of `identity.userAssignedIdentities`, lower-cased (they need not be ids MIC manages).
     pub user_assigned: BTreeSet<String>,
     /// `properties.provisioningState` (`Succeeded`, `Updating`, `Deleting`, …; empty if absent).
@@ -96,7 +97,7 @@ impl IdentityState {
         let identity = match body.get("identity") {
             None | Some(Value::Null) => {
                 return Ok(Self {
-                    identity_type: IdentityType::None,
+                    identity_type: ResourceIdentityType::None,
                     user_assigned: BTreeSet::new(),
                     provisioning_state,
                 });
@@ -105,7 +106,7 @@ impl IdentityState {
             Some(_) => return Err("`identity` is not an object".to_owned()),
         };
         let type_str = identity.get("type").and_then(Value::as_str).unwrap_or("");
-        let identity_type = IdentityType::parse(type_str)
+        let identity_type = ResourceIdentityType::parse(type_str)
             .ok_or_else(|| format!("unknown identity type {type_str:?}"))?;
         let user_assigned = match identity.get("userAssignedIdentities") {
             None | Some(Value::Null) => BTreeSet::new(),
@@ -138,7 +139,7 @@ pub struct PlannedPatch {
     /// Ids this PATCH removes.
     pub remove: Vec<IdentityResourceId>,
     /// The `type` sent.
-    pub identity_type: IdentityType,
+    pub identity_type: ResourceIdentityType,
 }
 
 impl PlannedPatch {
@@ -153,7 +154,7 @@ impl PlannedPatch {
         let mut identity = json!({ "type": self.identity_type.as_arm_str() });
         if matches!(
             self.identity_type,
-            IdentityType::UserAssigned | IdentityType::SystemAssignedUserAssigned
+            ResourceIdentityType::UserAssigned | ResourceIdentityType::SystemAssignedUserAssigned
         ) {
             let mut map = Map::new();
             for id in &self.add {
@@ -215,7 +216,7 @@ pub fn plan_patches(
         let mut patch = PlannedPatch {
             add: Vec::new(),
             remove: Vec::new(),
-            identity_type: IdentityType::None,
+            identity_type: ResourceIdentityType::None,
         };
         for (id, is_add) in chunk {
             if *is_add {
@@ -226,7 +227,7 @@ pub fn plan_patches(
                 patch.remove.push((*id).clone());
             }
         }
-        patch.identity_type = IdentityType::for_parts(system, !current.is_empty());
+        patch.identity_type = ResourceIdentityType::for_parts(system, !current.is_empty());
         patches.push(patch);
     }
     patches
@@ -243,7 +244,7 @@ mod tests {
         .expect("valid")
     }
 
-    fn state(t: IdentityType, ids: &[&IdentityResourceId]) -> IdentityState {
+    fn state(t: ResourceIdentityType, ids: &[&IdentityResourceId]) -> IdentityState {
         IdentityState {
             identity_type: t,
             user_assigned: ids.iter().map(|i| i.as_str().to_owned()).collect(),
@@ -264,7 +265,10 @@ mod tests {
             "properties": {"provisioningState": "Updating"}
         });
         let s = IdentityState::from_resource(&body).expect("parses");
-        assert_eq!(s.identity_type, IdentityType::SystemAssignedUserAssigned);
+        assert_eq!(
+            s.identity_type,
+            ResourceIdentityType::SystemAssignedUserAssigned
+        );
         assert!(s.contains(&id("a")));
         assert_eq!(s.provisioning_state, "Updating");
         assert!(!s.is_deleting());
@@ -272,7 +276,7 @@ mod tests {
         let none =
             IdentityState::from_resource(&json!({"properties": {"provisioningState": "Deleting"}}))
                 .expect("parses");
-        assert_eq!(none.identity_type, IdentityType::None);
+        assert_eq!(none.identity_type, ResourceIdentityType::None);
         assert!(none.user_assigned.is_empty());
         assert!(none.is_deleting());
 
@@ -283,7 +287,7 @@ mod tests {
     #[test]
     fn only_real_changes_add_wins() {
         let (a, b, c) = (id("a"), id("b"), id("c"));
-        let s = state(IdentityType::UserAssigned, &[&a, &b]);
+        let s = state(ResourceIdentityType::UserAssigned, &[&a, &b]);
         let (add, remove) = changes(
             &s,
             &[a.clone(), c.clone(), c.clone()],
@@ -297,7 +301,7 @@ mod tests {
     #[test]
     fn add_body_shape() {
         let a = id("a");
-        let s = state(IdentityType::None, &[]);
+        let s = state(ResourceIdentityType::None, &[]);
         let p = plan_patches(&s, std::slice::from_ref(&a), &[], 150);
         assert_eq!(p.len(), 1);
         assert_eq!(
@@ -311,20 +315,23 @@ mod tests {
     #[test]
     fn system_assigned_kept() {
         let a = id("a");
-        let s = state(IdentityType::SystemAssigned, &[]);
+        let s = state(ResourceIdentityType::SystemAssigned, &[]);
         let p = plan_patches(&s, std::slice::from_ref(&a), &[], 150);
-        assert_eq!(p[0].identity_type, IdentityType::SystemAssignedUserAssigned);
+        assert_eq!(
+            p[0].identity_type,
+            ResourceIdentityType::SystemAssignedUserAssigned
+        );
 
-        let s = state(IdentityType::SystemAssignedUserAssigned, &[&a]);
+        let s = state(ResourceIdentityType::SystemAssignedUserAssigned, &[&a]);
         let p = plan_patches(&s, &[], std::slice::from_ref(&a), 150);
-        assert_eq!(p[0].identity_type, IdentityType::SystemAssigned);
+        assert_eq!(p[0].identity_type, ResourceIdentityType::SystemAssigned);
         assert_eq!(p[0].body(), json!({"identity": {"type": "SystemAssigned"}}));
     }
 
     #[test]
     fn last_removal_gives_none_and_partial_removal_nulls() {
         let (a, b) = (id("a"), id("b"));
-        let s = state(IdentityType::UserAssigned, &[&a, &b]);
+        let s = state(ResourceIdentityType::UserAssigned, &[&a, &b]);
         let p = plan_patches(&s, &[], std::slice::from_ref(&a), 150);
         assert_eq!(
             p[0].body(),
@@ -338,7 +345,10 @@ mod tests {
     fn chunks_of_at_most_150_adds_first() {
         let adds: Vec<_> = (0..320).map(|i| id(&format!("add{i:03}"))).collect();
         let old: Vec<_> = (0..5).map(|i| id(&format!("old{i}"))).collect();
-        let s = state(IdentityType::UserAssigned, &old.iter().collect::<Vec<_>>());
+        let s = state(
+            ResourceIdentityType::UserAssigned,
+            &old.iter().collect::<Vec<_>>(),
+        );
         let p = plan_patches(&s, &adds, &old, MAX_IDS_PER_PATCH);
         let sizes: Vec<usize> = p.iter().map(|p| p.add.len() + p.remove.len()).collect();
         assert_eq!(sizes, vec![150, 150, 25]);
@@ -347,7 +357,7 @@ mod tests {
         assert_eq!(p[2].remove, old);
         assert!(
             p.iter()
-                .all(|p| p.identity_type == IdentityType::UserAssigned)
+                .all(|p| p.identity_type == ResourceIdentityType::UserAssigned)
         );
         assert!(p.iter().all(|p| {
             p.body()["identity"]["userAssignedIdentities"]

@@ -237,7 +237,7 @@ impl<'a> IdentityView<'a> {
             Some(tenant_id.trim()).filter(|t| !t.is_empty())
         } else {
             match identity_type {
-                IdentityType::UserAssignedMsi | IdentityType::Unsupported(_) => None,
+                IdentityType::UserAssignedMsi | IdentityType::Other(_) => None,
                 _ => Some(tenant_id),
             }
         };
@@ -258,7 +258,7 @@ impl<'a> IdentityView<'a> {
         let imds = self.subject.is_none()
             && matches!(
                 self.identity_type,
-                IdentityType::UserAssignedMsi | IdentityType::Unsupported(_)
+                IdentityType::UserAssignedMsi | IdentityType::Other(_)
             );
         self.authority = if imds { "" } else { ad_endpoint.trim() };
         self
@@ -541,7 +541,7 @@ impl TokenBroker {
     /// otherwise (nothing is counted then): call [`TokenBroker::issue`], which also starts
     /// refreshes and fetches. Builds no key and no [`IdentitySpec`].
     pub fn cached(&self, identity: IdentityView<'_>, resource: &str) -> Option<Issued> {
-        // (Unsupported types never get a slot: `issue` refuses them before creating one.)
+        // (Other types never get a slot: `issue` refuses them before creating one.)
         if !identity.single_tenant {
             return None;
         }

@@ -6,40 +6,10 @@ use std::sync::Arc;
 
 use sha2::{Digest as _, Sha256};
 
-/// `AzureIdentity.spec.type` (docs/crds.md).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum IdentityType {
-    /// 0: user-assigned managed identity, token from the node's IMDS.
-    UserAssignedMsi,
-    /// 1: service principal with a client secret, token from Entra.
-    ServicePrincipal,
-    /// 2: service principal with a PKCS#12 certificate, token from Entra.
-    ServicePrincipalCertificate,
-    /// Any other value: no token source (upstream: `unsupported identity type <n>`, 503).
-    Unsupported(i64),
-}
-
-impl IdentityType {
-    /// The type for the CRD's integer.
-    pub fn from_i64(value: i64) -> Self {
-        match value {
-            0 => Self::UserAssignedMsi,
-            1 => Self::ServicePrincipal,
-            2 => Self::ServicePrincipalCertificate,
-            other => Self::Unsupported(other),
-        }
-    }
-
-    /// The CRD's integer.
-    pub fn as_i64(self) -> i64 {
-        match self {
-            Self::UserAssignedMsi => 0,
-            Self::ServicePrincipal => 1,
-            Self::ServicePrincipalCertificate => 2,
-            Self::Unsupported(n) => n,
-        }
-    }
-}
+/// `AzureIdentity.spec.type` (docs/crds.md): the CRD crate's type, so the broker, NMI and MIC
+/// name identity types the same way. Types other than 0, 1 and 2 ([`IdentityType::Other`]) have
+/// no token source (upstream: `unsupported identity type <n>`, 503).
+pub use podid_api::IdentityType;
 
 /// A secret string (client secret, certificate password). No `Display`; `Debug` is redacted.
 #[derive(Clone, PartialEq, Eq)]
@@ -317,7 +287,7 @@ impl IdentitySpec {
             return Some(self.tenant_id.trim()).filter(|t| !t.is_empty());
         }
         match self.identity_type {
-            IdentityType::UserAssignedMsi | IdentityType::Unsupported(_) => None,
+            IdentityType::UserAssignedMsi | IdentityType::Other(_) => None,
             _ => Some(self.tenant_id.as_str()),
         }
     }
@@ -378,12 +348,5 @@ mod tests {
         assert!(!format!("{spec:?}").contains("hunter2"));
         let cert = IdentitySpec::certificate("cid", "tid", vec![1u8, 2, 3], Secret::new("pw-xyz"));
         assert!(!format!("{cert:?}").contains("pw-xyz"));
-    }
-
-    #[test]
-    fn identity_type_round_trips() {
-        for n in [0, 1, 2, 7, -1] {
-            assert_eq!(IdentityType::from_i64(n).as_i64(), n);
-        }
     }
 }

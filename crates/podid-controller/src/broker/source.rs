@@ -59,7 +59,7 @@ impl SourceKind {
             IdentityType::UserAssignedMsi => Some(Self::Imds),
             IdentityType::ServicePrincipal => Some(Self::ClientSecret),
             IdentityType::ServicePrincipalCertificate => Some(Self::Certificate),
-            IdentityType::Unsupported(_) => None,
+            IdentityType::Other(_) => None,
         }
     }
 

@@ -9,20 +9,17 @@ use std::sync::Arc;
 use podid_controller::arm::ArmConfig;
 use podid_mic::arm::ArmAssigner;
 use podid_mic::cloud::{CloudConfig, Endpoints};
-use podid_mic::config::{Config, Flags, LogFormat, user_agent, version_line};
+use podid_mic::config::{Config, Flags, user_agent, version_line};
 use podid_mic::probe::{self, Endpoint, Health};
 use podid_mic::run::{RunError, serve};
+use podid_runtime::{error_chain, shutdown_signal};
 use tokio::net::TcpListener;
 use tracing::{error, info, warn};
 
 fn main() -> ExitCode {
     let flags = match Flags::parse_go(std::env::args()) {
         Ok(flags) => flags,
-        Err(e) => {
-            let _ = e.print();
-            // `--help` is not an error (clap's code 0); bad flags are 2.
-            return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
-        }
+        Err(e) => return podid_runtime::flags::exit(&e),
     };
     let version_requested = flags.version;
     // Upstream checks MIC_POD_NAMESPACE before honouring --version; podid answers --version
@@ -38,7 +35,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging(&config);
+    podid_runtime::logging::init(config.log_format, config.verbosity);
     if config.cloud_config.is_none() {
         warn!("--cloudconfig not passed will use aadpodidentity-admin-secret");
     }
@@ -46,7 +43,7 @@ fn main() -> ExitCode {
     let cloud = match CloudConfig::load(config.cloud_config.as_deref(), env) {
         Ok(cloud) => cloud,
         Err(e) => {
-            error!("failed to create MIC client, error: {}", chain(&e));
+            error!("failed to create MIC client, error: {}", error_chain(&e));
             return ExitCode::from(2);
         }
     };
@@ -56,7 +53,7 @@ fn main() -> ExitCode {
     {
         Ok(endpoints) => endpoints,
         Err(e) => {
-            error!("failed to create MIC client, error: {}", chain(&e));
+            error!("failed to create MIC client, error: {}", error_chain(&e));
             return ExitCode::from(2);
         }
     };
@@ -84,7 +81,7 @@ async fn run(config: Config, cloud: CloudConfig, endpoints: Endpoints) -> ExitCo
     let assigner = match ArmAssigner::from_cloud_with(&cloud, &endpoints, arm) {
         Ok(assigner) => Arc::new(assigner),
         Err(e) => {
-            error!("failed to create MIC client, error: {}", chain(&e));
+            error!("failed to create MIC client, error: {}", error_chain(&e));
             return ExitCode::from(2);
         }
     };
@@ -135,57 +132,8 @@ async fn run(config: Config, cloud: CloudConfig, endpoints: Endpoints) -> ExitCo
             ExitCode::FAILURE
         }
         Err(e) => {
-            error!("{}", chain(&e));
+            error!("{}", error_chain(&e));
             ExitCode::FAILURE
         }
     }
-}
-
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(e) => {
-                warn!(error = %e, "cannot watch SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => info!("SIGINT received; stopping"),
-        () = terminate => info!("SIGTERM received; stopping"),
-    }
-}
-
-fn init_logging(config: &Config) {
-    let default = match config.verbosity {
-        0..=2 => "info",
-        3..=5 => "debug",
-        _ => "trace",
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    match config.log_format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
-}
-
-/// The error and its causes, one after the other.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

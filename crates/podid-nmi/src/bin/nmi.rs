@@ -1,4 +1,4 @@
-//! `nmi` entry point: parse and validate the flags, then run the agent.
+//! `nmi` entry point: parse and validate the flags, then run the agent, or run a subcommand.
 //!
 //! `nmi uninstall-interception` removes the iptables chain and jump (the rules otherwise stay
 //! when nmi stops, so pods never reach the real IMDS unattributed), and, when nmi turned
@@ -7,36 +7,23 @@
 use std::process::ExitCode;
 
 use clap::Parser as _;
-use podid_nmi::config::{Config, Flags, LogFormat, version_line};
-use podid_nmi::interception::{Interception, SystemIptables, uninstall, uninstall_localnet};
+use podid_nmi::config::{Flags, LogFormat, NmiCommand, version_line};
+use podid_nmi::interception::{
+    CHAIN, GUARD_CHAIN, Interception, LOCALNET_CHAIN, SystemIptables, uninstall, uninstall_localnet,
+};
 
 fn main() -> ExitCode {
-    let mut args: Vec<String> = std::env::args().collect();
-    let uninstall_requested = args.get(1).is_some_and(|a| a == "uninstall-interception");
-    if uninstall_requested {
-        args.remove(1);
-    }
-    let flags = match Flags::try_parse_from(&args) {
+    let flags = match Flags::try_parse() {
         Ok(flags) => flags,
-        Err(e) => {
-            let _ = e.print();
-            // `--help` is not an error (clap's code 0); bad flags are 2.
-            return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
-        }
+        Err(e) => return podid_runtime::flags::exit(&e),
     };
     if flags.version {
         println!("{}", version_line());
         return ExitCode::SUCCESS;
     }
-    // Uninstalling needs only the addresses, not a node name.
-    let flags = if uninstall_requested && flags.node.is_empty() {
-        Flags {
-            node: "uninstall".into(),
-            ..flags
-        }
-    } else {
-        flags
-    };
+    if let Some(NmiCommand::UninstallInterception) = flags.command {
+        return uninstall_interception(&flags);
+    }
     let config = match flags.into_config() {
         Ok(config) => config,
         Err(e) => {
@@ -44,41 +31,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging(&config);
-    if uninstall_requested {
-        let interception = Interception {
-            metadata: config.metadata,
-            target: config.dnat_target,
-        };
-        let result = (|| -> Result<Option<String>, Box<dyn std::error::Error>> {
-            let iptables = SystemIptables::new()?;
-            uninstall(&iptables, &interception)?;
-            Ok(uninstall_localnet(
-                &iptables,
-                std::path::Path::new("/proc/sys"),
-            )?)
-        })();
-        return match result {
-            Ok(restored) => {
-                println!(
-                    "nmi: removed the {} chain and its jump, and the {} chain and its jumps",
-                    podid_nmi::interception::CHAIN,
-                    podid_nmi::interception::GUARD_CHAIN
-                );
-                if let Some(prior) = restored {
-                    println!(
-                        "nmi: restored net.ipv4.conf.all.route_localnet={prior} and removed the {} chain",
-                        podid_nmi::interception::LOCALNET_CHAIN
-                    );
-                }
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("nmi: {e}");
-                ExitCode::FAILURE
-            }
-        };
-    }
+    podid_runtime::logging::init(config.log_format, config.verbosity);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -99,20 +52,50 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(config: &Config) {
-    let default = match config.verbosity {
-        0..=2 => "info",
-        3..=5 => "debug",
-        _ => "trace",
+/// `nmi uninstall-interception`: needs only the interception addresses (no node name, no
+/// cluster); a bad address or log format is refused before iptables is touched (status 2).
+/// nmi's other flags may precede the subcommand and are ignored.
+fn uninstall_interception(flags: &Flags) -> ExitCode {
+    let interception = match flags.interception.validate() {
+        Ok((_, interception)) => interception,
+        Err(e) => {
+            eprintln!("nmi: {e}");
+            return ExitCode::from(2);
+        }
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    match config.log_format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
+    let Some(log_format) = LogFormat::parse(&flags.log_format) else {
+        eprintln!(
+            "nmi: invalid value {:?} for --log-format: want text or json",
+            flags.log_format
+        );
+        return ExitCode::from(2);
+    };
+    podid_runtime::logging::init(log_format, flags.klog.verbosity);
+    match remove(&interception) {
+        Ok(restored) => {
+            println!(
+                "nmi: removed the {CHAIN} chain and its jump, and the {GUARD_CHAIN} chain and its jumps"
+            );
+            if let Some(prior) = restored {
+                println!(
+                    "nmi: restored net.ipv4.conf.all.route_localnet={prior} and removed the {LOCALNET_CHAIN} chain"
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("nmi: {e}");
+            ExitCode::FAILURE
+        }
     }
+}
+
+/// Removes the rules; the `route_localnet` value written back, if nmi had changed it.
+fn remove(interception: &Interception) -> Result<Option<String>, Box<dyn std::error::Error>> {
+    let iptables = SystemIptables::new()?;
+    uninstall(&iptables, interception)?;
+    Ok(uninstall_localnet(
+        &iptables,
+        std::path::Path::new("/proc/sys"),
+    )?)
 }
