@@ -925,7 +925,12 @@ async fn pass(
         && *holds_loaded
     {
         let record = holds.to_record();
-        if stored.as_ref() != Some(&record) {
+        // An absent record says what an empty one says: no write until something is held.
+        let unchanged = match stored.as_ref() {
+            Some(stored) => *stored == record,
+            None => record.held.is_empty(),
+        };
+        if !unchanged {
             match write_hold_record(client, location, &record).await {
                 Ok(()) => *stored = Some(record),
                 Err(e) => {
