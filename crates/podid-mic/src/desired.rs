@@ -14,7 +14,12 @@
 //!   name, so objects written by the Go MIC are adopted rather than duplicated;
 //! - per VM or VM scale set: the user-assigned identity resource ids its nodes need, and the ids
 //!   that may leave it (no desired assignment on ANY node of that VM/VMSS needs them, and their
-//!   client id is not immutable).
+//!   client id is not immutable);
+//! - the state a new object is created in: `Created` (confirmed through the VM/VMSS, then
+//!   `Assigned`: upstream's lifecycle) only for the first of each identity and VM/VMSS that no
+//!   other assignment vouches for; `Assigned` for the others ([`TargetPlan::create_assigned`],
+//!   written once the identity is there) and for those that need no ARM work. One write per
+//!   assignment instead of a create and a status patch.
 //!
 //! Federated identities (the migration bridge, docs/migration.md): a (pod, identity) pair whose
 //! binding — or, when the binding does not say, identity — carries `podid.io/token-source:
@@ -318,6 +323,14 @@ pub struct TargetPlan {
     /// Lower-cased resource ids that desired assignments staying `Assigned` (or legacy) on
     /// this target hold: MIC confirmed them on the VM/VMSS already.
     pub kept: BTreeSet<String>,
+    /// Names of new type-0 assignments on this target (in [`Plan::create`], built with state
+    /// `Assigned`) whose identity another assignment vouches for: one of the same identity on
+    /// this target is `Assigned` (or legacy), or is confirmed by this pass (`confirm`). They
+    /// are created in their final state (one write instead of a create and a status patch):
+    /// at once when the identity is known to be on the VM/VMSS, else once this target's
+    /// identity work succeeded; if that work fails for their identity they are created
+    /// `Created`, as upstream would have written them, and confirmed on a later pass.
+    pub create_assigned: Vec<String>,
 }
 
 /// Counts of one pass (upstream logs `Found <n> pods, <n> ids, <n> bindings`).
@@ -336,7 +349,10 @@ pub struct Stats {
 /// The outcome of one pass.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Plan<'a> {
-    /// Objects to POST (state `Created`).
+    /// Objects to POST: `Created` when their identity must be confirmed on a VM/VMSS (they
+    /// are in a target's `confirm`); `Assigned` when they need no ARM work (other identity
+    /// types, federated identities); `Assigned` when another assignment vouches for their
+    /// identity on their VM/VMSS (named in [`TargetPlan::create_assigned`]).
     pub create: Vec<AzureAssignedIdentity>,
     /// Objects to PUT.
     pub update: Vec<Update<'a>>,
@@ -789,10 +805,15 @@ pub fn compute<'a>(inputs: &Inputs<'a>, options: &Options) -> Plan<'a> {
         named[c] = Some(name);
     }
 
-    // Outcome per candidate; per-target needs.
+    // Outcome per candidate; per-target needs. New type-0 assignments wait in `fresh` until
+    // every existing one has been seen: whether another assignment vouches for their identity
+    // on their VM/VMSS decides how they are created.
     let mut reassigned: Vec<&'a AzureAssignedIdentity> = Vec::new();
     let mut to_federated: Vec<&'a AzureAssignedIdentity> = Vec::new();
+    let mut anchored: HashSet<(ArmTarget, String)> = HashSet::new();
+    let mut fresh: Vec<(ArmTarget, String, AzureAssignedIdentity)> = Vec::new();
     for (c, candidate) in candidates.iter().enumerate() {
+        let no_arm = !is_type0(Some(candidate.identity)) || candidate.federated();
         let (name, pending) = if let Some(e) = matched[c] {
             let existing = inputs.existing[e];
             let name = meta_str(existing.metadata.name.as_deref()).to_owned();
@@ -813,12 +834,35 @@ pub fn compute<'a>(inputs: &Inputs<'a>, options: &Options) -> Plan<'a> {
                 }
             }
         } else if let Some(name) = named[c].take() {
-            plan.create.push(candidate.build(&name));
-            (name, true)
+            let mut object = candidate.build(&name);
+            match (
+                no_arm,
+                node_targets.get(candidate.node),
+                lower_resource_id(candidate.identity),
+            ) {
+                // No ARM work: created in its final state.
+                (true, _, _) => {
+                    set_state(&mut object, AssignedIdentityState::Assigned);
+                    plan.create.push(object);
+                    continue;
+                }
+                (false, Some(target), Some(id)) => {
+                    let entry = plan.targets.entry(target.clone()).or_default();
+                    entry.nodes.insert(candidate.node.to_owned());
+                    entry.required.insert(id.clone());
+                    fresh.push((target.clone(), id, object));
+                    continue;
+                }
+                // Unknown node (or no id): created `Created`, as upstream, and left pending.
+                (false, _, _) => {
+                    plan.create.push(object);
+                    (name, true)
+                }
+            }
         } else {
             continue; // deferred
         };
-        if !is_type0(Some(candidate.identity)) || candidate.federated() {
+        if no_arm {
             if pending {
                 plan.assign_without_arm.push(name);
             }
@@ -834,11 +878,30 @@ pub fn compute<'a>(inputs: &Inputs<'a>, options: &Options) -> Plan<'a> {
             if !pending {
                 entry.kept.insert(id.clone());
             }
-            entry.required.insert(id);
+            entry.required.insert(id.clone());
+            // An existing assignment (Assigned, legacy, or confirmed by this pass) vouches
+            // for the identity on this target.
+            anchored.insert((target.clone(), id));
         }
         if pending {
             entry.confirm.push(name);
         }
+    }
+    // New type-0 assignments, in pod order: the first of each (target, identity) that no
+    // existing assignment vouches for is created `Created` and confirmed (upstream's
+    // `Created` → `Assigned`); the others are created `Assigned`
+    // ([`TargetPlan::create_assigned`]).
+    for (target, id, mut object) in fresh {
+        let entry = plan.targets.entry(target.clone()).or_default();
+        let name = meta_str(object.metadata.name.as_deref()).to_owned();
+        if anchored.contains(&(target.clone(), id.clone())) {
+            set_state(&mut object, AssignedIdentityState::Assigned);
+            entry.create_assigned.push(name);
+        } else {
+            entry.confirm.push(name);
+            anchored.insert((target, id));
+        }
+        plan.create.push(object);
     }
 
     // Removals: deleted objects and the old versions of reassigned ones. An id leaves a
@@ -880,6 +943,11 @@ pub fn compute<'a>(inputs: &Inputs<'a>, options: &Options) -> Plan<'a> {
         plan.delete.push(Deletion { object, release });
     }
     plan
+}
+
+/// Sets the state of an object about to be created.
+fn set_state(object: &mut AzureAssignedIdentity, state: AssignedIdentityState) {
+    object.status.get_or_insert_default().status = Some(state);
 }
 
 /// `None`: the existing object is what is desired. `Some(reassign)`: it must be rewritten;

@@ -7,9 +7,14 @@
 //! scale set does not hold the others' status updates. A pass with failures is retried with
 //! exponential backoff (1 s doubling to 5 min) instead of waiting for the next event.
 //!
+//! Writes per assignment: a new assignment is written once, in its final state, unless it is
+//! the first of its identity on its VM/VMSS (created `Created`, patched `Assigned` once ARM
+//! confirmed the identity: upstream's lifecycle); `binding applied` is one Normal event per
+//! identity and VM/VMSS per pass or job, on the AzureIdentity.
+//!
 //! [`serve`] runs the one-time type upgrade ([`crate::upgrade`]) before the loop.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt::Debug;
 use std::future::Future;
 use std::hash::Hash;
@@ -268,7 +273,7 @@ pub struct PassReport {
     pub updated: usize,
     /// Objects deleted.
     pub deleted: usize,
-    /// Objects marked `Assigned`.
+    /// Objects that turned `Assigned`: patched, or created in that state.
     pub assigned: usize,
     /// Of those, confirmed without an ARM call: their identity was known to be on the VM/VMSS
     /// (held after its last pod, or kept by another assignment).
@@ -339,11 +344,20 @@ const CREATED_WAIT: Duration = Duration::from_secs(1);
 impl PassReport {
     /// Adds what a [`TargetJob`] did.
     fn absorb(&mut self, other: PassReport) {
+        self.created += other.created;
         self.assigned += other.assigned;
         self.deleted += other.deleted;
         self.failures += other.failures;
         self.retry_after = self.retry_after.max(other.retry_after);
         self.removed.extend(other.removed);
+        self.written.extend(other.written);
+    }
+
+    /// Adds what [`create_after_arm`] did.
+    fn absorb_created(&mut self, other: PassReport) {
+        self.created += other.created;
+        self.assigned += other.assigned;
+        self.failures += other.failures;
         self.written.extend(other.written);
     }
 
@@ -898,7 +912,12 @@ async fn pass(
         && *holds_loaded
     {
         let record = holds.to_record();
-        if stored.as_ref() != Some(&record) {
+        // An absent record says what an empty one says: no write until something is held.
+        let unchanged = match stored.as_ref() {
+            Some(stored) => *stored == record,
+            None => record.held.is_empty(),
+        };
+        if !unchanged {
             match write_hold_record(client, location, &record).await {
                 Ok(()) => *stored = Some(record),
                 Err(e) => {
@@ -913,6 +932,11 @@ async fn pass(
     backoff.retain(|_, (_, at)| *at > now);
     let mut view = ArmView {
         busy: in_flight.keys().chain(backoff.keys()).cloned().collect(),
+        backing_off: backoff
+            .keys()
+            .filter(|t| !in_flight.contains_key(*t))
+            .cloned()
+            .collect(),
         claimed: in_flight
             .values()
             .flat_map(|(_, objects)| objects.iter().cloned())
@@ -1082,11 +1106,33 @@ pub async fn apply_plan_with(
         .map(|(name, object)| (*name, namespace_of(object)))
         .collect();
 
-    // 1. Creates and updates (state Created unless an update keeps the state).
+    // 1. Creates and updates (state Created unless an update keeps the state; creates in the
+    //    state their `Creation` says). Creates a job makes once its VM/VMSS's identity work is
+    //    done, or that a job in flight makes, wait.
+    let creations = creations(plan, view, ownership);
+    let adjusted: HashMap<&str, AzureAssignedIdentity> = plan
+        .create
+        .iter()
+        .filter_map(|object| {
+            let (state, mark) = match creations.get(name_of(object))? {
+                Creation::Known { mark, .. } => (AssignedIdentityState::Assigned, *mark),
+                Creation::Waiting => (AssignedIdentityState::Created, false),
+                Creation::AfterArm(_) | Creation::Later => return None,
+            };
+            Some((name_of(object), in_state(object, state, mark)))
+        })
+        .collect();
     let writes: Vec<BoxFuture<'_, WriteOutcome<'_>>> = plan
         .create
         .iter()
-        .map(|o| (o, true))
+        .filter(|o| {
+            !view.claims(o)
+                && !matches!(
+                    creations.get(name_of(o)),
+                    Some(Creation::AfterArm(_) | Creation::Later)
+                )
+        })
+        .map(|o| (adjusted.get(name_of(o)).unwrap_or(o), true))
         .chain(plan.update.iter().map(|u| (&u.desired, false)))
         .map(|(object, create)| {
             Box::pin(async move {
@@ -1100,6 +1146,9 @@ pub async fn apply_plan_with(
         })
         .collect();
     let mut failed: HashSet<&str> = HashSet::new();
+    // Assignments this pass turned `Assigned`, with their VM/VMSS (`None`: no ARM work), for
+    // the `binding applied` events.
+    let mut applied: Vec<(Option<&ArmTarget>, &AzureAssignedIdentity)> = Vec::new();
     // resourceVersions as this pass wrote them (a later confirmation patches that version).
     let mut versions: HashMap<&str, (String, bool)> = HashMap::new();
     for (name, create, result) in bounded(writes, batch).await {
@@ -1120,37 +1169,30 @@ pub async fn apply_plan_with(
             }
         }
         match result {
-            Ok(_) if create => report.created += 1,
+            Ok(version) if create => {
+                report.created += 1;
+                // Created in its final state: applied now (a 409 means an earlier pass did).
+                let object = adjusted.get(name).or_else(|| objects.get(name).copied());
+                if let (Some(_), Some(object)) = (version, object)
+                    && object.state() == AssignedIdentityState::Assigned
+                {
+                    report.assigned += 1;
+                    match creations.get(name) {
+                        Some(Creation::Known { target, .. }) => {
+                            report.confirmed_without_arm += 1;
+                            applied.push((Some(target), object));
+                        }
+                        _ => applied.push((None, object)),
+                    }
+                }
+            }
             Ok(_) => report.updated += 1,
             Err(e) => {
                 warn!(name, error = %e, "failed to write AzureAssignedIdentity");
                 report.failures += 1;
                 failed.insert(name);
                 if let (Some(events), Some(object)) = (events, objects.get(name)) {
-                    let spec = &object.spec;
-                    let note = if create {
-                        format!(
-                            "failed to create AzureAssignedIdentity {name}/{} for pod {}/{}, error: {e}",
-                            namespace_of(object),
-                            spec.pod_namespace.as_deref().unwrap_or_default(),
-                            spec.pod.as_deref().unwrap_or_default(),
-                        )
-                    } else {
-                        format!(
-                            "failed to update AzureAssignedIdentity {}/{name} for pod {}/{}, error: {e}",
-                            namespace_of(object),
-                            spec.pod.as_deref().unwrap_or_default(),
-                            spec.pod_namespace.as_deref().unwrap_or_default(),
-                        )
-                    };
-                    publish(
-                        events,
-                        object,
-                        EventType::Warning,
-                        "binding apply error",
-                        note,
-                    )
-                    .await;
+                    write_error_event(events, object, create, &e).await;
                 }
             }
         }
@@ -1210,7 +1252,7 @@ pub async fn apply_plan_with(
     // 3. Identities that need no ARM work.
     // Each answer is reduced to its record at once: thousands of whole objects must not wait
     // for the batch to finish.
-    let confirms: Vec<BoxFuture<'_, ConfirmResult>> = plan
+    let confirms: Vec<BoxFuture<'_, (Option<&AzureAssignedIdentity>, ConfirmResult)>> = plan
         .assign_without_arm
         .iter()
         .filter(|name| !failed.contains(name.as_str()))
@@ -1229,49 +1271,75 @@ pub async fn apply_plan_with(
                     AssignedIdentityState::Assigned,
                 )
                 .await;
-                if let (Some(events), Some(object)) = (events, object) {
-                    confirm_events(events, object, result.as_ref().err(), false).await;
+                if let (Some(events), Some(object), Err(e)) = (events, object, result.as_ref()) {
+                    status_error_event(events, object, e, false).await;
                 }
-                result.map(|after| object.map(|object| confirmation(object, &after)))
+                let record = result.map(|after| object.map(|object| confirmation(object, &after)));
+                (object, record)
             }) as BoxFuture<'_, _>
         })
         .collect();
-    report.confirmations(bounded(confirms, batch).await);
+    let confirmed = bounded(confirms, batch).await;
+    applied.extend(
+        confirmed
+            .iter()
+            .filter(|(_, result)| result.is_ok())
+            .filter_map(|(object, _)| object.map(|o| (None, o))),
+    );
+    report.confirmations(confirmed.into_iter().map(|(_, result)| result));
 
     // 4. Confirmations of identities known to be on their VM/VMSS: no ARM call (an identity
-    //    held after its last pod, or one an `Assigned` assignment there keeps).
-    let known: Vec<(&AzureAssignedIdentity, bool)> = plan
+    //    held after its last pod, or one an `Assigned` assignment there keeps). New ones were
+    //    created `Assigned` in step 1.
+    let known: Vec<(&ArmTarget, &AzureAssignedIdentity, bool)> = plan
         .targets
         .iter()
         .flat_map(|(target, work)| work.confirm.iter().map(move |name| (target, name)))
-        .filter(|(_, name)| !failed.contains(name.as_str()))
+        .filter(|(_, name)| {
+            !failed.contains(name.as_str()) && !creations.contains_key(name.as_str())
+        })
         .filter_map(|(target, name)| {
             let object = objects.get(name.as_str()).copied()?;
             if view.claims(object) {
                 return None;
             }
             let id = lower_id(object);
-            view.is_known(target, &id)
-                .then(|| (object, ownership.is_some_and(|o| o.is_found(target, &id))))
+            view.is_known(target, &id).then(|| {
+                (
+                    target,
+                    object,
+                    ownership.is_some_and(|o| o.is_found(target, &id)),
+                )
+            })
         })
         .collect();
-    let known_names: HashSet<&str> = known.iter().map(|(o, _)| name_of(o)).collect();
-    let confirms: Vec<BoxFuture<'_, ConfirmResult>> = known
+    let known_names: HashSet<&str> = known.iter().map(|(_, o, _)| name_of(o)).collect();
+    let confirms: Vec<BoxFuture<'_, (&ArmTarget, &AzureAssignedIdentity, ConfirmResult)>> = known
         .iter()
-        .map(|&(object, mark)| {
+        .map(|&(target, object, mark)| {
             Box::pin(async move {
                 let result =
                     set_assigned(client, namespace_of(object), name_of(object), mark).await;
-                if let Some(events) = events {
-                    confirm_events(events, object, result.as_ref().err(), false).await;
+                if let (Some(events), Err(e)) = (events, result.as_ref()) {
+                    status_error_event(events, object, e, false).await;
                 }
-                result.map(|after| Some(confirmation(object, &after)))
+                let record = result.map(|after| Some(confirmation(object, &after)));
+                (target, object, record)
             }) as BoxFuture<'_, _>
         })
         .collect();
-    let known_confirmed = known.len();
-    report.confirmations(bounded(confirms, batch).await);
-    report.confirmed_without_arm += known_confirmed;
+    let confirmed = bounded(confirms, batch).await;
+    for (target, object, result) in &confirmed {
+        if result.is_ok() {
+            report.confirmed_without_arm += 1;
+            applied.push((Some(*target), *object));
+        }
+    }
+    report.confirmations(confirmed.into_iter().map(|(_, _, result)| result));
+    // One `binding applied` event per identity and VM/VMSS for what this pass made `Assigned`.
+    if let Some(events) = events {
+        applied_events(events, &applied, false, batch).await;
+    }
 
     // 5. The rest of each VM/VMSS's work becomes a job the caller runs concurrently with
     //    later passes (a long-running PATCH holds up no one else). Busy targets (a job in
@@ -1285,7 +1353,9 @@ pub async fn apply_plan_with(
                 .confirm
                 .iter()
                 .filter(|name| {
-                    !failed.contains(name.as_str()) && !known_names.contains(name.as_str())
+                    !failed.contains(name.as_str())
+                        && !known_names.contains(name.as_str())
+                        && !creations.contains_key(name.as_str())
                 })
                 .filter_map(|name| objects.get(name.as_str()).copied())
                 .map(|object| {
@@ -1300,8 +1370,14 @@ pub async fn apply_plan_with(
                     }
                 })
                 .collect();
+            let create: Vec<AzureAssignedIdentity> = work
+                .create_assigned
+                .iter()
+                .filter(|name| matches!(creations.get(name.as_str()), Some(Creation::AfterArm(_))))
+                .filter_map(|name| objects.get(name.as_str()).map(|o| (*o).clone()))
+                .collect();
             let reconcile = every_target && !work.required.is_empty();
-            if confirm.is_empty() && work.release.is_empty() && !reconcile {
+            if confirm.is_empty() && create.is_empty() && work.release.is_empty() && !reconcile {
                 return None;
             }
             let deletions: Vec<(AzureAssignedIdentity, Option<(ArmTarget, String)>)> = plan
@@ -1328,6 +1404,7 @@ pub async fn apply_plan_with(
                 required: work.required.clone(),
                 release: work.release.clone(),
                 confirm,
+                create,
                 deletions,
                 unowned,
             })
@@ -1354,6 +1431,9 @@ pub struct TargetJob {
     required: BTreeSet<String>,
     release: BTreeSet<String>,
     confirm: Vec<JobObject>,
+    /// New assignments (built `Assigned`) created once the identity work is done: `Assigned`
+    /// when ARM has their identity, else `Created` ([`crate::desired::TargetPlan::create_assigned`]).
+    create: Vec<AzureAssignedIdentity>,
     /// Deletions waiting for their identity to leave this VM/VMSS.
     deletions: Vec<(AzureAssignedIdentity, Option<(ArmTarget, String)>)>,
     /// Required ids no assignment or hold claims (candidates for the pre-existing mark).
@@ -1371,12 +1451,13 @@ impl TargetJob {
         &self.release
     }
 
-    /// (namespace, name) of the assignments this job confirms or deletes: no pass writes
-    /// them while it runs.
+    /// (namespace, name) of the assignments this job confirms, creates or deletes: no pass
+    /// writes them while it runs.
     pub fn objects(&self) -> HashSet<(String, String)> {
         self.confirm
             .iter()
             .map(|c| &c.object)
+            .chain(&self.create)
             .chain(self.deletions.iter().map(|(o, _)| o))
             .map(|o| (namespace_of(o).to_owned(), name_of(o).to_owned()))
             .collect()
@@ -1429,11 +1510,17 @@ pub async fn run_job(
                 report.retry_after = assigner.retry_after(&e);
             }
             if let Some(events) = events {
-                for object in job.confirm.iter().map(|c| &c.object).filter(|o| {
-                    partial
-                        .as_ref()
-                        .is_none_or(|ids| ids.contains(&lower_id(o)))
-                }) {
+                for object in job
+                    .confirm
+                    .iter()
+                    .map(|c| &c.object)
+                    .chain(&job.create)
+                    .filter(|o| {
+                        partial
+                            .as_ref()
+                            .is_none_or(|ids| ids.contains(&lower_id(o)))
+                    })
+                {
                     let spec = &object.spec;
                     let note = format!(
                         "failed to apply binding {} node {} for pod {}/{}, error: {e}",
@@ -1455,6 +1542,12 @@ pub async fn run_job(
             match partial {
                 Some(ids) => Some(ids),
                 None => {
+                    // Nothing confirmed: the assignments waiting for this work are created
+                    // `Created`, as upstream would have written them, and confirmed on a
+                    // later pass.
+                    let created =
+                        create_after_arm(client, events, &job, None, &BTreeSet::new(), batch).await;
+                    report.absorb_created(created.report);
                     outcome.report = report;
                     return outcome;
                 }
@@ -1509,20 +1602,21 @@ pub async fn run_job(
         })
         .collect();
     let confirmed = bounded(confirms, batch).await;
+    // Then the assignments that waited for this work, in their final state (`Created` for
+    // those whose identity ARM did not take).
+    let created = create_after_arm(client, events, &job, Some(present), &not_applied, batch).await;
     if let Some(events) = events {
-        let publishing: Vec<BoxFuture<'_, ()>> = confirmed
-            .iter()
-            .map(|(c, result)| {
-                Box::pin(confirm_events(
-                    events,
-                    &c.object,
-                    result.as_ref().err(),
-                    recovered,
-                )) as BoxFuture<'_, ()>
-            })
-            .collect();
-        bounded(publishing, batch).await;
+        let mut applied: Vec<(Option<&ArmTarget>, &AzureAssignedIdentity)> = Vec::new();
+        for (c, result) in &confirmed {
+            match result {
+                Ok(_) => applied.push((Some(target), &c.object)),
+                Err(e) => status_error_event(events, &c.object, e, recovered).await,
+            }
+        }
+        applied.extend(created.applied.iter().map(|o| (Some(target), *o)));
+        applied_events(events, &applied, recovered, batch).await;
     }
+    report.absorb_created(created.report);
     let deletions: Vec<Deletion<'_>> = job
         .deletions
         .iter()
@@ -1554,6 +1648,8 @@ pub async fn run_job(
 pub struct ArmView {
     /// Targets whose ARM work waits: a job in flight, or backing off after a failure.
     pub busy: HashSet<ArmTarget>,
+    /// Of `busy`, those backing off after a failure (no job in flight).
+    pub backing_off: HashSet<ArmTarget>,
     /// (target, id) on the VM/VMSS for sure: an `Assigned` assignment that stays keeps it, or
     /// podid holds it; minus ids a job in flight is removing.
     pub known: HashSet<(ArmTarget, String)>,
@@ -1579,54 +1675,312 @@ impl ArmView {
     }
 }
 
-/// Upstream's events for a confirmation (`Created` → `Assigned`): Normal `binding applied`
-/// on the binding, or Warning `status update error` on the assignment when the status patch
-/// failed. `recovered`: ARM failed for other ids of the VM/VMSS (upstream's error-recovery
-/// path, whose messages differ slightly).
-async fn confirm_events(
+/// Upstream's Warning `status update error` on an assignment whose `Assigned` patch failed.
+/// `recovered`: ARM failed for other ids of the VM/VMSS (upstream's error-recovery path,
+/// whose message differs slightly).
+async fn status_error_event(
     events: &Recorder,
     object: &AzureAssignedIdentity,
-    error: Option<&kube::Error>,
+    error: &kube::Error,
     recovered: bool,
 ) {
     let spec = &object.spec;
-    let binding = spec
-        .azure_binding_ref
-        .as_ref()
-        .and_then(|b| b.metadata.name.as_deref())
-        .unwrap_or_default();
-    let node = spec.node_name.as_deref().unwrap_or_default();
     let pod = spec.pod.as_deref().unwrap_or_default();
     let pod_namespace = spec.pod_namespace.as_deref().unwrap_or_default();
-    match error {
-        None => {
-            let note = if recovered {
-                format!(
-                    "binding {binding} applied on node {node} for pod {}",
-                    name_of(object)
-                )
-            } else {
-                format!(
-                    "Binding {binding} applied on node {node} for pod {}",
-                    name_of(object)
-                )
-            };
-            publish(events, object, EventType::Normal, "binding applied", note).await;
+    let for_pod = if recovered {
+        format!("{pod_namespace}/{pod}")
+    } else {
+        pod.to_owned()
+    };
+    let note = format!(
+        "failed to update AzureAssignedIdentity {}/{} status to Assigned for pod {for_pod}, error: {error}",
+        namespace_of(object),
+        name_of(object),
+    );
+    publish_on_assigned(events, object, "status update error", note).await;
+}
+
+/// Upstream's Warning `binding apply error` on the binding for a create or update that failed.
+async fn write_error_event(
+    events: &Recorder,
+    object: &AzureAssignedIdentity,
+    create: bool,
+    error: &kube::Error,
+) {
+    let spec = &object.spec;
+    let name = name_of(object);
+    let note = if create {
+        format!(
+            "failed to create AzureAssignedIdentity {name}/{} for pod {}/{}, error: {error}",
+            namespace_of(object),
+            spec.pod_namespace.as_deref().unwrap_or_default(),
+            spec.pod.as_deref().unwrap_or_default(),
+        )
+    } else {
+        format!(
+            "failed to update AzureAssignedIdentity {}/{name} for pod {}/{}, error: {error}",
+            namespace_of(object),
+            spec.pod.as_deref().unwrap_or_default(),
+            spec.pod_namespace.as_deref().unwrap_or_default(),
+        )
+    };
+    publish(
+        events,
+        object,
+        EventType::Warning,
+        "binding apply error",
+        note,
+    )
+    .await;
+}
+
+/// Pods named in an aggregated `binding applied` note; the rest are counted.
+const APPLIED_PODS_NAMED: usize = 5;
+
+/// The Normal `binding applied` events of the assignments that turned `Assigned` in one pass
+/// or job, each with its VM/VMSS (`None`: no ARM work): **one per identity and VM/VMSS**
+/// instead of upstream's one per assignment, on the AzureIdentity. The note names the
+/// bindings, the VM/VMSS, how many pods and the first [`APPLIED_PODS_NAMED`] of them
+/// (`<podNamespace>/<pod>`, sorted): `Binding kv-binding applied on vmss pool0 for 12 pods:
+/// team/a, team/b, team/c, team/d, team/e and 7 more`. `recovered`: other identities of the
+/// VM/VMSS failed (lower-case `binding`, as upstream's recovery path).
+async fn applied_events(
+    events: &Recorder,
+    applied: &[(Option<&ArmTarget>, &AzureAssignedIdentity)],
+    recovered: bool,
+    batch: usize,
+) {
+    type Group<'a> = (&'a AzureIdentity, BTreeSet<&'a str>, BTreeSet<String>);
+    let mut groups: BTreeMap<(Option<&ArmTarget>, &str, &str), Group<'_>> = BTreeMap::new();
+    for &(target, object) in applied {
+        let Some(identity) = object.spec.azure_identity_ref.as_deref() else {
+            continue;
+        };
+        let key = (
+            target,
+            identity.metadata.namespace.as_deref().unwrap_or_default(),
+            identity.metadata.name.as_deref().unwrap_or_default(),
+        );
+        let group = groups
+            .entry(key)
+            .or_insert_with(|| (identity, BTreeSet::new(), BTreeSet::new()));
+        if let Some(binding) = object
+            .spec
+            .azure_binding_ref
+            .as_deref()
+            .and_then(|b| b.metadata.name.as_deref())
+        {
+            group.1.insert(binding);
         }
-        Some(e) => {
-            let for_pod = if recovered {
-                format!("{pod_namespace}/{pod}")
-            } else {
-                pod.to_owned()
+        group.2.insert(format!(
+            "{}/{}",
+            object.spec.pod_namespace.as_deref().unwrap_or_default(),
+            object.spec.pod.as_deref().unwrap_or_default()
+        ));
+    }
+    let publishing: Vec<BoxFuture<'_, ()>> = groups
+        .into_iter()
+        .map(|((target, _, _), (identity, bindings, pods))| {
+            let note = applied_note(target, &bindings, &pods, recovered);
+            Box::pin(publish_on_identity(
+                events,
+                identity,
+                "binding applied",
+                note,
+            )) as BoxFuture<'_, ()>
+        })
+        .collect();
+    bounded(publishing, batch).await;
+}
+
+/// The note of an aggregated `binding applied` event (see [`applied_events`]).
+fn applied_note(
+    target: Option<&ArmTarget>,
+    bindings: &BTreeSet<&str>,
+    pods: &BTreeSet<String>,
+    recovered: bool,
+) -> String {
+    let word = match (recovered, bindings.len() > 1) {
+        (false, false) => "Binding",
+        (false, true) => "Bindings",
+        (true, false) => "binding",
+        (true, true) => "bindings",
+    };
+    let on = target.map(|t| format!(" on {t}")).unwrap_or_default();
+    let count = pods.len();
+    let mut list = pods
+        .iter()
+        .take(APPLIED_PODS_NAMED)
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(", ");
+    let more = count.saturating_sub(APPLIED_PODS_NAMED);
+    if more > 0 {
+        list.push_str(&format!(" and {more} more"));
+    }
+    let pods_word = if count == 1 { "pod" } else { "pods" };
+    format!(
+        "{word} {} applied{on} for {count} {pods_word}: {list}",
+        bindings.iter().copied().collect::<Vec<_>>().join(", ")
+    )
+}
+
+/// How a pass creates a new assignment that is not simply written as planned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Creation<'p> {
+    /// `Assigned` at once: its identity is known to be on the VM/VMSS (no ARM call). `mark`:
+    /// with the [`PREEXISTING_ANNOTATION`] a confirmation would carry.
+    Known { target: &'p ArmTarget, mark: bool },
+    /// By the VM/VMSS's [`TargetJob`], once its identity work is done.
+    AfterArm(&'p ArmTarget),
+    /// `Created` at once, as upstream writes it, to be confirmed on a later pass: its VM/VMSS
+    /// backs off after an ARM failure.
+    Waiting,
+    /// Not by this pass: a job in flight on its VM/VMSS confirms the identity (or makes the
+    /// object); the pass after it creates it.
+    Later,
+}
+
+/// The [`Creation`] of each new type-0 assignment of `plan` that is not simply written as
+/// planned, by name: those in a target's `confirm` whose identity `view` knows, and every
+/// [`crate::desired::TargetPlan::create_assigned`].
+fn creations<'p>(
+    plan: &'p Plan<'_>,
+    view: &ArmView,
+    ownership: Option<&Ownership>,
+) -> HashMap<&'p str, Creation<'p>> {
+    let created: HashMap<&str, &AzureAssignedIdentity> =
+        plan.create.iter().map(|o| (name_of(o), o)).collect();
+    let mut out = HashMap::new();
+    if created.is_empty() {
+        return out;
+    }
+    for (target, work) in &plan.targets {
+        let known = |object: &AzureAssignedIdentity| {
+            let id = lower_id(object);
+            view.is_known(target, &id).then(|| Creation::Known {
+                target,
+                mark: ownership.is_some_and(|o| o.is_found(target, &id)),
+            })
+        };
+        for name in &work.confirm {
+            if let Some(object) = created.get(name.as_str())
+                && let Some(creation) = known(object)
+            {
+                out.insert(name.as_str(), creation);
+            }
+        }
+        for name in &work.create_assigned {
+            let Some(object) = created.get(name.as_str()) else {
+                continue;
             };
-            let note = format!(
-                "failed to update AzureAssignedIdentity {}/{} status to Assigned for pod {for_pod}, error: {e}",
-                namespace_of(object),
-                name_of(object),
-            );
-            publish_on_assigned(events, object, "status update error", note).await;
+            let creation = match known(object) {
+                Some(known) => known,
+                None if !view.busy.contains(target) => Creation::AfterArm(target),
+                None if view.backing_off.contains(target) => Creation::Waiting,
+                None => Creation::Later,
+            };
+            out.insert(name.as_str(), creation);
         }
     }
+    out
+}
+
+/// A copy of `object` in `state`, with the [`PREEXISTING_ANNOTATION`] mark when `mark`.
+fn in_state(
+    object: &AzureAssignedIdentity,
+    state: AssignedIdentityState,
+    mark: bool,
+) -> AzureAssignedIdentity {
+    let mut object = object.clone();
+    object.status.get_or_insert_default().status = Some(state);
+    if mark {
+        object
+            .metadata
+            .annotations
+            .get_or_insert_default()
+            .insert(PREEXISTING_ANNOTATION.to_owned(), "true".to_owned());
+    }
+    object
+}
+
+/// What [`create_after_arm`] did.
+#[derive(Default)]
+struct CreatedAfterArm<'a> {
+    /// Creates, `Assigned` ones and failures counted; records of what was created.
+    report: PassReport,
+    /// Created `Assigned` (for the `binding applied` events).
+    applied: Vec<&'a AzureAssignedIdentity>,
+}
+
+/// Creates a job's [`TargetJob::create`] once its identity work is done: `Assigned` (with the
+/// [`PREEXISTING_ANNOTATION`] mark where a confirmation would carry it) when ARM confirmed the
+/// identity; `Created` when it did not (`present` is `None`: the whole call failed; else the
+/// ids in `not_applied`), to be confirmed on a later pass as upstream's objects are.
+async fn create_after_arm<'a>(
+    client: &Client,
+    events: Option<&Recorder>,
+    job: &'a TargetJob,
+    present: Option<&BTreeSet<String>>,
+    not_applied: &BTreeSet<String>,
+    batch: usize,
+) -> CreatedAfterArm<'a> {
+    type Outcome<'a> = (
+        &'a AzureAssignedIdentity,
+        bool,
+        Result<Option<String>, kube::Error>,
+    );
+    let creating: Vec<BoxFuture<'_, Outcome<'a>>> = job
+        .create
+        .iter()
+        .map(|object| {
+            let id = lower_id(object);
+            let confirmed = present.is_some() && !not_applied.contains(&id);
+            let mark = present.is_some_and(|p| p.contains(&id)) && job.unowned.contains(&id);
+            Box::pin(async move {
+                let result = if confirmed && !mark {
+                    create_assigned(client, object).await
+                } else {
+                    let state = if confirmed {
+                        AssignedIdentityState::Assigned
+                    } else {
+                        AssignedIdentityState::Created
+                    };
+                    create_assigned(client, &in_state(object, state, mark && confirmed)).await
+                };
+                (object, confirmed, result)
+            }) as BoxFuture<'_, _>
+        })
+        .collect();
+    let mut done = CreatedAfterArm::default();
+    for (object, confirmed, result) in bounded(creating, batch).await {
+        match result {
+            // A 409: the cache lags a write of ours; the next pass sees the object.
+            Ok(None) => {}
+            Ok(Some(_)) => {
+                done.report.created += 1;
+                done.report.written.push(Written {
+                    namespace: namespace_of(object).to_owned(),
+                    name: name_of(object).to_owned(),
+                    created: true,
+                    confirmed: None,
+                    at: std::time::Instant::now(),
+                });
+                if confirmed {
+                    done.report.assigned += 1;
+                    done.applied.push(object);
+                }
+            }
+            Err(e) => {
+                warn!(name = name_of(object), error = %e, "failed to write AzureAssignedIdentity");
+                done.report.failures += 1;
+                if let Some(events) = events {
+                    write_error_event(events, object, true, &e).await;
+                }
+            }
+        }
+    }
+    done
 }
 
 /// Upstream's events for an assignment deleted because its node is gone.
@@ -1728,6 +2082,34 @@ async fn publish(
     };
     let event = Event {
         type_,
+        reason: reason.to_owned(),
+        note: Some(cut_note(note)),
+        action: "Assign".to_owned(),
+        secondary: None,
+    };
+    if let Err(e) = events.publish(&event, &reference).await {
+        debug!(error = %e, reason, "failed to publish event");
+    }
+}
+
+/// Publishes a Normal event on an AzureIdentity (from the copy embedded in an assignment).
+async fn publish_on_identity(
+    events: &Recorder,
+    identity: &AzureIdentity,
+    reason: &str,
+    note: String,
+) {
+    let reference = ObjectReference {
+        api_version: Some(podid_api::API_VERSION.to_owned()),
+        kind: Some("AzureIdentity".to_owned()),
+        name: identity.metadata.name.clone(),
+        namespace: identity.metadata.namespace.clone(),
+        uid: identity.metadata.uid.clone(),
+        resource_version: identity.metadata.resource_version.clone(),
+        field_path: None,
+    };
+    let event = Event {
+        type_: EventType::Normal,
         reason: reason.to_owned(),
         note: Some(cut_note(note)),
         action: "Assign".to_owned(),

@@ -536,7 +536,10 @@ fn vmss_ids_stay_while_any_node_of_the_set_needs_them() {
         first.targets[&ss].nodes,
         BTreeSet::from(["n1".to_owned(), "n2".to_owned()])
     );
-    assert_eq!(first.targets[&ss].confirm.len(), 2);
+    // One assignment per (scale set, identity) is confirmed through ARM; the other is created
+    // `Assigned` once that confirmation succeeded.
+    assert_eq!(first.targets[&ss].confirm, ["p1-ns-id"]);
+    assert_eq!(first.targets[&ss].create_assigned, ["p2-ns-id"]);
     world.existing = assigned(&first);
 
     // p1 and p3 go away: the id stays on ss (p2 on n2 needs it), leaves vm n3.
@@ -693,7 +696,10 @@ fn service_principals_need_no_arm_work() {
     };
     let plan = world.plan(&options());
     assert_eq!(names(&plan.create), ["p-ns-sp"]);
-    assert_eq!(plan.assign_without_arm, ["p-ns-sp"]);
+    // No ARM work: created in its final state (upstream created it `Created` and patched it
+    // `Assigned` at once; this test pinned that until the creation wrote the final state).
+    assert_eq!(plan.create[0].state(), AssignedIdentityState::Assigned);
+    assert!(plan.assign_without_arm.is_empty());
     assert!(plan.targets.is_empty());
 }
 
@@ -930,4 +936,71 @@ fn mic_desires_exactly_the_pairs_nmi_matches() {
         assert!(!mic.is_empty());
         assert_eq!(mic, nmi, "force_namespaced {force_namespaced}");
     }
+}
+
+/// A new type-0 assignment is confirmed through ARM (`Created`, then `Assigned`) only when no
+/// other assignment vouches for its identity on its VM/VMSS; the others wait for that
+/// confirmation and are created `Assigned` (one write instead of two).
+#[test]
+fn one_assignment_per_identity_and_scale_set_is_confirmed_the_others_are_created_assigned() {
+    let mut world = World {
+        pods: vec![
+            pod("ns", "p1", "n1", "sa"),
+            pod("ns", "p2", "n2", "sa"),
+            pod("ns", "p3", "n3", "sa"),
+            pod("ns", "q1", "n1", "sb"),
+        ],
+        nodes: vec![
+            vmss_node("n1", "ss1"),
+            vmss_node("n2", "ss1"),
+            vmss_node("n3", "ss2"),
+        ],
+        identities: vec![identity("ns", "a", "ca"), identity("ns", "b", "cb")],
+        bindings: vec![
+            binding("ns", "ba", "a", "sa"),
+            binding("ns", "bb", "b", "sb"),
+        ],
+        existing: vec![],
+    };
+    let (ss1, ss2) = (
+        ArmTarget::Vmss("ss1".to_owned()),
+        ArmTarget::Vmss("ss2".to_owned()),
+    );
+    let first = world.plan(&options());
+    assert_eq!(first.targets[&ss1].confirm, ["p1-ns-a", "q1-ns-b"]);
+    assert_eq!(first.targets[&ss1].create_assigned, ["p2-ns-a"]);
+    assert_eq!(first.targets[&ss2].confirm, ["p3-ns-a"]);
+    assert!(first.targets[&ss2].create_assigned.is_empty());
+    let states: BTreeMap<&str, AssignedIdentityState> = first
+        .create
+        .iter()
+        .map(|o| (o.metadata.name.as_deref().unwrap_or_default(), o.state()))
+        .collect();
+    assert_eq!(
+        states,
+        BTreeMap::from([
+            ("p1-ns-a", AssignedIdentityState::Created),
+            ("p2-ns-a", AssignedIdentityState::Assigned),
+            ("p3-ns-a", AssignedIdentityState::Created),
+            ("q1-ns-b", AssignedIdentityState::Created),
+        ])
+    );
+
+    // Once they exist, a new pod of `a` on ss1 is created `Assigned` behind them (ss1's
+    // identity work still runs and confirms `a` first); a new pod of `b` on ss2, where no
+    // assignment holds `b`, is confirmed through ARM.
+    world.existing = assigned(&first);
+    world.pods.push(pod("ns", "p4", "n2", "sa"));
+    world.pods.push(pod("ns", "q2", "n3", "sb"));
+    let next = world.plan(&options());
+    assert_eq!(names(&next.create), ["p4-ns-a", "q2-ns-b"]);
+    assert!(next.targets[&ss1].confirm.is_empty());
+    assert_eq!(next.targets[&ss1].create_assigned, ["p4-ns-a"]);
+    assert!(
+        next.targets[&ss1]
+            .required
+            .contains(&rid("a").to_ascii_lowercase())
+    );
+    assert_eq!(next.targets[&ss2].confirm, ["q2-ns-b"]);
+    assert!(next.targets[&ss2].create_assigned.is_empty());
 }

@@ -130,13 +130,14 @@ async fn assignment_lifecycle() {
     })
     .await;
     assert_eq!(event.type_.as_deref(), Some("Normal"));
+    // One event per identity and scale set (upstream: one per assignment, on the binding).
     assert_eq!(
         event.note.as_deref(),
-        Some("Binding kv-binding applied on node n1 for pod web-1-default-kv-id")
+        Some("Binding kv-binding applied on vmss pool for 1 pod: default/web-1")
     );
     assert_eq!(
         event.regarding.as_ref().and_then(|r| r.kind.as_deref()),
-        Some("AzureIdentityBinding")
+        Some("AzureIdentity")
     );
     assert_eq!(
         event.reporting_controller.as_deref(),
@@ -247,10 +248,13 @@ async fn each_new_assignment_is_confirmed_once() {
         PODS,
         "one create per pod"
     );
+    // The first assignment of the identity on the scale set goes `Created` → `Assigned`;
+    // every later one finds it there and is created `Assigned` (this test pinned one status
+    // patch per assignment until then).
     assert_eq!(
         faults.count("patch", "azureassignedidentities"),
-        PODS,
-        "one status patch per assignment, none repeated for objects the cache still showed Created"
+        1,
+        "one status patch: the first assignment's, none repeated for objects the cache still showed Created"
     );
 }
 
@@ -329,6 +333,120 @@ async fn failed_vmss_update_is_retried_without_a_new_event() {
         .wait_state("web-2-default-kv-id", AssignedIdentityState::Assigned)
         .await;
     cluster.stop().await;
+}
+
+/// Assignments that wait for their scale set's confirmation are created `Created` when ARM
+/// fails (upstream's shape: visible, retried), never left out nor created `Assigned`; once ARM
+/// recovers, one `binding applied` event covers all the pods of the identity on the scale set.
+#[tokio::test]
+async fn waiting_assignments_are_created_created_when_arm_fails_and_share_one_event() {
+    const PODS: usize = 8;
+    let (mut cluster, recorder) = start(true, HOUR).await;
+    cluster.add_pod("web-e0", "n1", "kv").await;
+    wait_for("web-e0 created", || async {
+        cluster.assigned("web-e0-default-kv-id").await
+    })
+    .await;
+    for i in 1..PODS {
+        cluster.add_pod(&format!("web-e{i}"), "n1", "kv").await;
+    }
+    let list = wait_for("every assignment created", || async {
+        let list = cluster.assignment_list().await;
+        (list.len() == PODS).then_some(list)
+    })
+    .await;
+    for object in &list {
+        assert_eq!(
+            object.state(),
+            AssignedIdentityState::Created,
+            "{:?}",
+            object.metadata.name
+        );
+    }
+    // ARM recovers; a pod that uses no identity wakes the loop out of its backoff. Every
+    // pass from now on sees all eight `Created` (and confirms them together).
+    recorder.fail.store(false, Ordering::SeqCst);
+    cluster.add_pod("wake", "n1", "no-binding").await;
+    wait_for("every assignment Assigned", || async {
+        let list = cluster.assignment_list().await;
+        list.iter()
+            .all(|o| o.state() == AssignedIdentityState::Assigned)
+            .then_some(())
+    })
+    .await;
+    let client = cluster.client.clone();
+    let applied = || async {
+        Api::<k8s_openapi::api::events::v1::Event>::namespaced(client.clone(), "default")
+            .list(&Default::default())
+            .await
+            .expect("list events")
+            .items
+            .into_iter()
+            .filter(|e| e.reason.as_deref() == Some("binding applied"))
+            .collect::<Vec<_>>()
+    };
+    wait_for("a binding applied event", || async {
+        (!applied().await.is_empty()).then_some(())
+    })
+    .await;
+    // Stopping waits for the pass in flight: every event mic meant to publish is out.
+    cluster.stop_loop().await;
+    let events = applied().await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(
+        events[0].note.as_deref(),
+        Some(
+            "Binding kv-binding applied on vmss pool for 8 pods: default/web-e0, default/web-e1, default/web-e2, default/web-e3, default/web-e4 and 3 more"
+        )
+    );
+    let regarding = events[0].regarding.as_ref().expect("regarding");
+    assert_eq!(regarding.kind.as_deref(), Some("AzureIdentity"));
+    assert_eq!(regarding.name.as_deref(), Some("kv-id"));
+}
+
+/// A pod whose identity an `Assigned` assignment already keeps on its scale set gets its
+/// assignment in one write, created `Assigned`: no ARM call, no status patch (main created it
+/// `Created` and patched it), and its `binding applied` event names only the new pod.
+#[tokio::test]
+async fn a_pod_joining_an_identity_already_on_its_scale_set_is_created_assigned() {
+    let (mut cluster, recorder) = start(false, HOUR).await;
+    cluster.add_pod("web-1", "n1", "kv").await;
+    cluster
+        .wait_state("web-1-default-kv-id", AssignedIdentityState::Assigned)
+        .await;
+    let calls = recorder.calls().len();
+    assert_eq!(calls, 1, "{:?}", recorder.calls());
+    // web-1's event goes out after its status patch: wait for it before counting.
+    cluster.event("binding applied", "kv-id").await;
+    let faults = cluster.server.faults();
+    faults.clear_log();
+    cluster.add_pod("web-2", "n1", "kv").await;
+    cluster
+        .wait_state("web-2-default-kv-id", AssignedIdentityState::Assigned)
+        .await;
+    // One event write for web-2: a new `binding applied` event, or (kube's event series: same
+    // reason on the same AzureIdentity) a patch of web-1's counting a repeat.
+    let event_writes = || faults.count("create", "events") + faults.count("patch", "events");
+    wait_for("web-2's binding applied event", || async {
+        (event_writes() > 0).then_some(())
+    })
+    .await;
+    // Stopping waits for the pass in flight: every request mic meant to send is in the log.
+    cluster.stop_loop().await;
+    assert_eq!(recorder.calls().len(), calls, "no ARM call for web-2");
+    assert_eq!(faults.count("create", "azureassignedidentities"), 1);
+    assert_eq!(
+        faults.count("patch", "azureassignedidentities"),
+        0,
+        "created in its final state, not patched"
+    );
+    assert_eq!(event_writes(), 1, "one binding applied event write");
+    let applied = cluster.event("binding applied", "kv-id").await;
+    assert_eq!(
+        applied.series.map(|s| s.count),
+        Some(2),
+        "web-1's event counts web-2's"
+    );
 }
 
 #[tokio::test]

@@ -7,8 +7,9 @@ use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 use podid_api::{
-    AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding, AzurePodIdentityException,
-    FEDERATED_SERVICE_ACCOUNT_ANNOTATION, IdentityType, OperationMode, POD_LABEL_KEY,
+    AssignedIdentityState, AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding,
+    AzurePodIdentityException, FEDERATED_SERVICE_ACCOUNT_ANNOTATION, IdentityType, OperationMode,
+    POD_LABEL_KEY,
 };
 use podid_imds::{ErrorOptions, IdentitySelector};
 use podid_select::assigned::{AssignedBindings, credential_for};
@@ -757,6 +758,28 @@ impl<'a> Explainer<'a> {
         out
     }
 
+    /// `<ns>/<name>` of an assignment of identity `namespace/name` (any pod) that is
+    /// `Created`: mic is confirming that identity through ARM.
+    fn confirming_assignment(&self, namespace: &str, name: &str) -> Option<String> {
+        self.snapshot
+            .assignments
+            .iter()
+            .find(|a| {
+                a.state() == AssignedIdentityState::Created
+                    && a.spec.azure_identity_ref.as_deref().is_some_and(|i| {
+                        i.metadata.namespace.as_deref() == Some(namespace)
+                            && i.metadata.name.as_deref() == Some(name)
+                    })
+            })
+            .map(|a| {
+                format!(
+                    "{}/{}",
+                    a.metadata.namespace.as_deref().unwrap_or_default(),
+                    a.metadata.name.as_deref().unwrap_or_default()
+                )
+            })
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn findings(
         &self,
@@ -847,7 +870,18 @@ impl<'a> Explainer<'a> {
         for id in identities {
             let name = format!("{}/{}", id.namespace, id.name);
             if self.standard() && exceptions.is_empty() {
+                let confirming = self.confirming_assignment(&id.namespace, &id.name);
                 match (&id.assignment, &id.served) {
+                    // mic confirms one assignment per identity and VM/VMSS through ARM and
+                    // creates the others, `Assigned`, once ARM has the identity.
+                    (None, Served::Pending { .. }) if confirming.is_some() => out.push(Finding {
+                        level: Level::Warning,
+                        message: format!(
+                            "no AzureAssignedIdentity for {pod_ref} and {name} yet: MIC is assigning the identity (AzureAssignedIdentity {} is Created) and creates this pod's assignment once ARM confirms it",
+                            confirming.unwrap_or_default()
+                        ),
+                        fix: Some("wait; if it stays Created, read mic's logs for the ARM error on the node's VM/VMSS".to_owned()),
+                    }),
                     (None, Served::Pending { .. }) | (None, Served::No { .. }) => out.push(Finding {
                         level: Level::Error,
                         message: format!("no AzureAssignedIdentity for {pod_ref} and {name}: MIC has not assigned it"),

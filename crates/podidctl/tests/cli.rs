@@ -1182,3 +1182,34 @@ async fn kubectl_podid_works_as_a_kubectl_plugin() {
     let usage = run(&["--help"]);
     assert!(usage.contains("kubectl podid"), "{usage}");
 }
+
+/// mic confirms one assignment per identity and VM/VMSS through ARM and creates the others
+/// once ARM has the identity: a pod whose assignment is not written yet while another of the
+/// same identity is `Created` is told to wait (a warning), not that mic failed (an error).
+#[tokio::test(flavor = "multi_thread")]
+async fn doctor_tells_a_pod_waiting_behind_a_created_assignment_to_wait() {
+    let c = Cluster::sample().await;
+    // multi-1's api-id assignment is Created; multi-2 has none yet for api-id.
+    c.pod(
+        "apps",
+        "multi-2",
+        "web-sa",
+        json!({"aadpodidbinding": "multi"}),
+    );
+    // web-id has no Created assignment anywhere: web-2 waits on nothing mic is doing.
+    c.pod("apps", "web-2", "web-sa", json!({"aadpodidbinding": "web"}));
+
+    let waiting = c.ok(&["doctor", "apps/multi-2"]).await;
+    assert!(
+        waiting.contains("no AzureAssignedIdentity for apps/multi-2 and apps/api-id yet: MIC is assigning the identity (AzureAssignedIdentity ")
+            && waiting.contains("is Created) and creates this pod's assignment once ARM confirms it"),
+        "{waiting}"
+    );
+    let missing = c.ok(&["doctor", "apps/web-2"]).await;
+    assert!(
+        missing.contains(
+            "no AzureAssignedIdentity for apps/web-2 and apps/web-id: MIC has not assigned it"
+        ),
+        "{missing}"
+    );
+}
