@@ -224,6 +224,10 @@ pub async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<Client,
     kube_client_with_rate(kubeconfig, None).await
 }
 
+/// The most Kubernetes requests mic's loop has in flight at once (the leader election has a
+/// client of its own).
+pub const MAX_IN_FLIGHT: usize = 100;
+
 /// [`kube_client`] whose requests (Leases excepted) take a token of a bucket of `rate`
 /// ([`crate::throttle`]); `None`: unlimited.
 pub async fn kube_client_with_rate(
@@ -248,12 +252,16 @@ pub async fn kube_client_with_rate(
     };
     let bucket = std::sync::Arc::new(crate::throttle::TokenBucket::new(rate.qps, rate.burst));
     // The throttle delays a request inside its response future, so the service behind it must
-    // be cloneable: kube's stack goes behind a buffer first.
+    // be cloneable: kube's stack goes behind a buffer first. At most MAX_IN_FLIGHT requests
+    // are sent at once (a watch counts until its response starts): every VM/VMSS job writing
+    // `--createDeleteBatch` at a time would otherwise open thousands of connections on a
+    // 50-scale-set cluster and swamp the API server.
     Ok(kube::client::ClientBuilder::try_from(config)
         .map_err(RunError::Client)?
         .with_layer(&tower::buffer::BufferLayer::<
             http::Request<kube::client::Body>,
         >::new(1024))
+        .with_layer(&tower::limit::ConcurrencyLimitLayer::new(MAX_IN_FLIGHT))
         .with_layer(&crate::throttle::ThrottleLayer::new(bucket))
         .build())
 }
