@@ -70,7 +70,8 @@ pub enum Error {
     },
 }
 
-/// Default number of changes kept for watches to resume from.
+/// Default number of changes kept per kind for watches to resume from, whatever their age
+/// (younger ones are kept beyond it: see [`store::HISTORY_FRESH`]).
 pub const DEFAULT_HISTORY: usize = 10_000;
 
 /// Namespaces that exist on a fresh server, as on a real cluster.
@@ -83,6 +84,7 @@ pub struct Builder {
     listen: SocketAddr,
     key: Option<SigningKey>,
     history: usize,
+    history_fresh: std::time::Duration,
     kinds: Vec<KindSpec>,
     issuer: Option<String>,
     tls: bool,
@@ -94,6 +96,7 @@ impl Default for Builder {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             key: None,
             history: DEFAULT_HISTORY,
+            history_fresh: store::HISTORY_FRESH,
             kinds: Vec::new(),
             issuer: None,
             tls: false,
@@ -114,9 +117,18 @@ impl Builder {
         self
     }
 
-    /// Keep `n` changes of history for watches (default [`DEFAULT_HISTORY`]).
+    /// Keep at least `n` changes of history per kind for watches (default
+    /// [`DEFAULT_HISTORY`]).
     pub fn history(mut self, n: usize) -> Self {
         self.history = n;
+        self
+    }
+
+    /// Also keep every change younger than `fresh` (default [`store::HISTORY_FRESH`], as
+    /// kube-apiserver's watch cache), up to [`store::HISTORY_CAP`] per kind;
+    /// `Duration::ZERO` keeps exactly [`Builder::history`] changes per kind.
+    pub fn history_fresh(mut self, fresh: std::time::Duration) -> Self {
+        self.history_fresh = fresh;
         self
     }
 
@@ -172,6 +184,7 @@ impl Builder {
         };
         let url = format!("{}://{addr}", if tls.is_some() { "https" } else { "http" });
         let mut store = store::Store::new(kinds::builtin(), self.history);
+        store.set_history_fresh(self.history_fresh);
         store.register(KindSpec::cluster(
             "apiextensions.k8s.io",
             "v1",

@@ -1102,11 +1102,11 @@ fn start_watch(
                                     return;
                                 }
                             }
-                            Err(broadcast::error::RecvError::Lagged(_)) => {
-                                let e = ApiError::expired(last, last + 1);
-                                let _ = tx.send(line(&json!({"type": "ERROR", "object": e.to_status()}))).await;
-                                return;
-                            }
+                            // A watcher too slow to keep up is closed, as kube-apiserver
+                            // closes an unresponsive watcher: its client resumes from the last
+                            // version it saw, replayed from the history window (410 only if
+                            // that version left the window meanwhile).
+                            Err(broadcast::error::RecvError::Lagged(_)) => return,
                             Err(broadcast::error::RecvError::Closed) => return,
                         },
                     }

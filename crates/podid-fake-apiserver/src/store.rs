@@ -1,5 +1,12 @@
-//! Generic JSON object storage with a global `resourceVersion`, an event history window and
-//! a broadcast of changes for watches.
+//! Generic JSON object storage with a global `resourceVersion`, an event history window per
+//! kind and a broadcast of changes for watches.
+//!
+//! The history window follows the real API server's watch cache: one window per resource (a
+//! burst of Event writes does not expire the Pods' history), holding at least
+//! [`Store::new`]'s `history_limit` changes and, beyond that, every change younger than the
+//! freshness period (kube-apiserver keeps 75 s of events and grows its cache up to 102,400 to
+//! do so), never more than [`HISTORY_CAP`]. A watch from a version older than its kind's window
+//! gets `410 Expired`.
 
 use crate::kinds::KindSpec;
 use crate::meta;
@@ -8,7 +15,16 @@ use crate::status::ApiError;
 use serde_json::{Map, Value, json};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio::sync::broadcast;
+
+/// The most changes a kind's history window holds however fresh (kube-apiserver's watch-cache
+/// upper bound, 100 × 1024).
+pub const HISTORY_CAP: usize = 100 * 1024;
+
+/// How long a change stays in its kind's history window at least (up to [`HISTORY_CAP`]):
+/// kube-apiserver's watch-cache freshness period.
+pub const HISTORY_FRESH: Duration = Duration::from_secs(75);
 
 /// What happened to an object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,10 +156,12 @@ pub struct Store {
     kinds: Vec<KindSpec>,
     objects: Vec<BTreeMap<Key, Value>>,
     rv: u64,
-    history: VecDeque<Arc<Change>>,
-    /// Watches may resume from any rv >= floor.
-    floor: u64,
+    /// Per kind: its recent changes and when each was made.
+    history: Vec<VecDeque<(Instant, Arc<Change>)>>,
+    /// Per kind: watches may resume from any rv >= floor.
+    floor: Vec<u64>,
     history_limit: usize,
+    history_fresh: Duration,
     tx: broadcast::Sender<Arc<Change>>,
     /// Server-side apply ownership: per object (kind, namespace, name), its uid and the manager
     /// of each leaf field path an apply set.
@@ -176,17 +194,22 @@ fn has_finalizers(obj: &Value) -> bool {
 }
 
 impl Store {
-    /// An empty store with the given kinds and history window.
+    /// An empty store with the given kinds and history window: at least `history_limit`
+    /// changes per kind, and every change younger than [`HISTORY_FRESH`] (see
+    /// [`Store::set_history_fresh`]) up to [`HISTORY_CAP`].
     pub fn new(kinds: Vec<KindSpec>, history_limit: usize) -> Self {
         let (tx, _) = broadcast::channel(16_384);
         let objects = kinds.iter().map(|_| BTreeMap::new()).collect();
+        let history = kinds.iter().map(|_| VecDeque::new()).collect();
+        let floor = kinds.iter().map(|_| 0).collect();
         Self {
             kinds,
             objects,
             rv: 0,
-            history: VecDeque::new(),
-            floor: 0,
+            history,
+            floor,
             history_limit: history_limit.max(1),
+            history_fresh: HISTORY_FRESH,
             tx,
             owners: BTreeMap::new(),
             dry_run: false,
@@ -207,6 +230,9 @@ impl Store {
         }
         self.kinds.push(spec);
         self.objects.push(BTreeMap::new());
+        self.history.push(VecDeque::new());
+        // It had no changes before: a watch from any version replays only what follows.
+        self.floor.push(0);
         self.kinds.len() - 1
     }
 
@@ -222,10 +248,20 @@ impl Store {
         self.rv
     }
 
+    /// How long changes stay in the history window beyond `history_limit` (default
+    /// [`HISTORY_FRESH`]; `Duration::ZERO`: exactly `history_limit` changes per kind).
+    pub fn set_history_fresh(&mut self, fresh: Duration) {
+        self.history_fresh = fresh;
+    }
+
     /// Drops the event history: watches from any older version get `410 Expired`.
     pub fn compact(&mut self) {
-        self.history.clear();
-        self.floor = self.rv;
+        for history in &mut self.history {
+            history.clear();
+        }
+        for floor in &mut self.floor {
+            *floor = self.rv;
+        }
     }
 
     fn commit(&mut self, kind: usize, op: Op, old: Option<Value>, mut new: Value) -> Value {
@@ -255,10 +291,16 @@ impl Store {
             old,
             new: new.clone(),
         });
-        self.history.push_back(change.clone());
-        while self.history.len() > self.history_limit {
-            if let Some(c) = self.history.pop_front() {
-                self.floor = c.rv;
+        let now = Instant::now();
+        let history = &mut self.history[kind];
+        history.push_back((now, change.clone()));
+        while history.len() > self.history_limit
+            && history.front().is_some_and(|(at, _)| {
+                history.len() > HISTORY_CAP || now.duration_since(*at) >= self.history_fresh
+            })
+        {
+            if let Some((_, c)) = history.pop_front() {
+                self.floor[kind] = c.rv;
             }
         }
         // No receivers is fine.
@@ -766,12 +808,13 @@ impl Store {
     ) -> Result<WatchStart, ApiError> {
         let rx = self.tx.subscribe();
         let initial = match from {
-            Some(rv) if rv < self.floor => return Err(ApiError::expired(rv, self.floor + 1)),
-            Some(rv) => self
-                .history
+            Some(rv) if rv < self.floor[kind] => {
+                return Err(ApiError::expired(rv, self.floor[kind] + 1));
+            }
+            Some(rv) => self.history[kind]
                 .iter()
-                .filter(|c| c.rv > rv && c.kind == kind)
-                .cloned()
+                .filter(|(_, c)| c.rv > rv)
+                .map(|(_, c)| c.clone())
                 .collect(),
             None => self.objects[kind]
                 .iter()
@@ -909,6 +952,68 @@ mod tests {
             .expect_err("expired");
         assert_eq!((err.code, err.reason), (410, "Expired"));
         assert!(s.watch(pods, &Filter::default(), Some(4)).is_ok());
+    }
+
+    /// Each kind has its own window, as kube-apiserver has one watch cache per resource: a
+    /// burst of another kind's writes (Events, a controller's own objects) does not expire a
+    /// pod watch; the pods' own changes beyond the window do.
+    #[test]
+    fn history_windows_are_per_kind_and_count_only_their_own_changes() {
+        let (mut s, pods) = store();
+        s.set_history_fresh(Duration::ZERO);
+        let cms = s.find("", "v1", "configmaps").expect("configmaps");
+        let a = s
+            .create(pods, "ns", json!({"metadata": {"name": "a"}}))
+            .expect("create");
+        let from: u64 = a["metadata"]["resourceVersion"]
+            .as_str()
+            .and_then(|v| v.parse().ok())
+            .expect("rv");
+        for i in 0..250 {
+            s.create(cms, "ns", json!({"metadata": {"name": format!("cm-{i}")}}))
+                .expect("configmap");
+        }
+        s.create(pods, "ns", json!({"metadata": {"name": "b"}}))
+            .expect("create");
+        let w = s
+            .watch(pods, &Filter::default(), Some(from))
+            .expect("in the pods' window");
+        assert_eq!(w.initial.len(), 1, "b replayed");
+        // The configmaps' window (100) lost its oldest 150.
+        let err = s
+            .watch(cms, &Filter::default(), Some(from))
+            .expect_err("configmaps expired");
+        assert_eq!((err.code, err.reason), (410, "Expired"));
+        for i in 0..100 {
+            s.create(pods, "ns", json!({"metadata": {"name": format!("p-{i}")}}))
+                .expect("create");
+        }
+        let err = s
+            .watch(pods, &Filter::default(), Some(from))
+            .expect_err("pods expired by their own changes");
+        assert_eq!((err.code, err.reason), (410, "Expired"));
+    }
+
+    /// Beyond its minimum, a window keeps every change younger than the freshness period (as
+    /// kube-apiserver grows its watch cache to keep 75 s), up to the cap.
+    #[test]
+    fn history_keeps_fresh_changes_beyond_the_minimum() {
+        let (mut s, pods) = store();
+        let a = s
+            .create(pods, "ns", json!({"metadata": {"name": "a"}}))
+            .expect("create");
+        let from: u64 = a["metadata"]["resourceVersion"]
+            .as_str()
+            .and_then(|v| v.parse().ok())
+            .expect("rv");
+        for i in 0..500 {
+            s.create(pods, "ns", json!({"metadata": {"name": format!("p-{i}")}}))
+                .expect("create");
+        }
+        let w = s
+            .watch(pods, &Filter::default(), Some(from))
+            .expect("fresh changes kept");
+        assert_eq!(w.initial.len(), 500);
     }
 
     #[test]

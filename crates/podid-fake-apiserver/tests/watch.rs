@@ -149,6 +149,62 @@ async fn watcher_relists_after_compaction_gives_410() {
     task.abort();
 }
 
+/// A watcher that stops reading while the server moves on is closed, as kube-apiserver closes
+/// an unresponsive watcher, never sent `410`: it resumes from the last version it saw, which
+/// its kind's own window still holds however many changes other kinds made meanwhile.
+#[tokio::test]
+async fn a_watcher_that_falls_behind_is_closed_and_resumes_without_410() {
+    let (server, client) = setup().await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let a = pods
+        .create(&PostParams::default(), &pod("a", &[], None))
+        .await
+        .expect("create");
+    let from = a.metadata.resource_version.expect("rv");
+    let mut stream = pods
+        .watch(&WatchParams::default().disable_bookmarks(), &from)
+        .await
+        .expect("watch")
+        .boxed();
+    // More changes than the server's fan-out buffers while the watch is not read (this test's
+    // runtime has one thread: the server's watch task does not run during the loop).
+    for i in 0..20_000 {
+        server
+            .create_json(
+                "/api/v1/namespaces/default/configmaps",
+                json!({"metadata": {"name": format!("cm-{i}")}}),
+            )
+            .expect("configmap");
+    }
+    pods.create(&PostParams::default(), &pod("b", &[], None))
+        .await
+        .expect("create");
+    loop {
+        match tokio::time::timeout(WAIT, stream.try_next())
+            .await
+            .expect("the lagging watch ends in time")
+            .expect("ok")
+        {
+            Some(WatchEvent::Error(status)) => panic!("lagging watcher got {status:?}"),
+            Some(_) => {}
+            None => break,
+        }
+    }
+    let mut resumed = pods
+        .watch(&WatchParams::default().disable_bookmarks(), &from)
+        .await
+        .expect("watch")
+        .boxed();
+    match tokio::time::timeout(WAIT, resumed.try_next())
+        .await
+        .expect("in time")
+        .expect("ok")
+    {
+        Some(WatchEvent::Added(p)) => assert_eq!(p.metadata.name.as_deref(), Some("b")),
+        other => panic!("expected b replayed, got {other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn raw_watch_from_expired_version_gets_410_status() {
     let (server, client) = setup().await;

@@ -470,3 +470,56 @@ impl Elector {
             .map(drop)
     }
 }
+
+/// An [`Elector`] renewing its lease on a task of its own ([`Elector::hold`]), so that no
+/// other work of the process (a long pass, a relisting cache) delays a renewal. Dropping the
+/// holder stops the renewals.
+#[derive(Debug)]
+pub struct Holder {
+    task: Option<tokio::task::JoinHandle<Option<Elector>>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Holder {
+    /// Starts renewing `elector`'s lease (held already) on its own task.
+    pub fn spawn(mut elector: Elector) -> Self {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            tokio::select! {
+                () = elector.hold() => None,
+                _ = stopped => Some(elector),
+            }
+        });
+        Self {
+            task: Some(task),
+            stop: Some(stop),
+        }
+    }
+
+    /// Resolves once the lease is lost (see [`Elector::hold`]); pending while it is held.
+    pub async fn lost(&mut self) {
+        if let Some(task) = self.task.as_mut() {
+            // The task ends only when the lease is lost ([`Holder::stop`] consumes the holder),
+            // or if it panicked: either way nothing renews any more.
+            let _ = task.await;
+            self.task = None;
+        }
+    }
+
+    /// Stops the renewals and returns the elector (to release the lease); `None` when the
+    /// lease was lost meanwhile.
+    pub async fn stop(mut self) -> Option<Elector> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task.take()?.await.ok().flatten()
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}

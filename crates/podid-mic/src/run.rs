@@ -230,6 +230,10 @@ pub async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<Client,
     kube_client_with_rate(kubeconfig, None).await
 }
 
+/// The most Kubernetes requests mic's loop has in flight at once (the leader election has a
+/// client of its own).
+pub const MAX_IN_FLIGHT: usize = 100;
+
 /// [`kube_client`] whose requests (Leases excepted) take a token of a bucket of `rate`
 /// ([`crate::throttle`]); `None`: unlimited.
 pub async fn kube_client_with_rate(
@@ -254,12 +258,16 @@ pub async fn kube_client_with_rate(
     };
     let bucket = std::sync::Arc::new(crate::throttle::TokenBucket::new(rate.qps, rate.burst));
     // The throttle delays a request inside its response future, so the service behind it must
-    // be cloneable: kube's stack goes behind a buffer first.
+    // be cloneable: kube's stack goes behind a buffer first. At most MAX_IN_FLIGHT requests
+    // are sent at once (a watch counts until its response starts): every VM/VMSS job writing
+    // `--createDeleteBatch` at a time would otherwise open thousands of connections on a
+    // 50-scale-set cluster and swamp the API server.
     Ok(kube::client::ClientBuilder::try_from(config)
         .map_err(RunError::Client)?
         .with_layer(&tower::buffer::BufferLayer::<
             http::Request<kube::client::Body>,
         >::new(1024))
+        .with_layer(&tower::limit::ConcurrencyLimitLayer::new(MAX_IN_FLIGHT))
         .with_layer(&crate::throttle::ThrottleLayer::new(bucket))
         .build())
 }
@@ -406,8 +414,15 @@ struct Stores {
     assigned: Store<AzureAssignedIdentity>,
 }
 
+/// A cache of `api` kept by its own task. Each object is reduced by `project` before it is
+/// stored (what a pass reads, not the whole object: the caches of a 50,000-pod cluster stay
+/// small). A watch whose resourceVersion the API server no longer has (`410 Gone`, after a
+/// compaction or a long disconnect) is relisted by the watcher; the cache keeps its contents
+/// until the new list is complete and is then replaced in one step, so a pass never sees a
+/// half-listed cache and nothing is lost meanwhile.
 fn reflect<K>(
     api: Api<K>,
+    project: fn(&mut K),
     notify: Arc<Notify>,
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
 ) -> Store<K>
@@ -415,9 +430,49 @@ where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
 {
-    let (reader, task) = podid_runtime::reflect(api, watcher::Config::default(), notify);
+    let (reader, task) =
+        podid_runtime::reflect_projected(api, watcher::Config::default(), project, notify);
     tasks.push(tokio::spawn(task));
     reader
+}
+
+/// Drops what no pass reads from a cached object: its managed fields.
+fn without_managed_fields<K: Resource>(object: &mut K) {
+    object.meta_mut().managed_fields = None;
+}
+
+/// A pod as a pass reads it: namespace, name, labels, node and phase (its containers,
+/// volumes, conditions and annotations are most of its size and never read).
+fn pod_projection(pod: &mut Pod) {
+    let metadata = &mut pod.metadata;
+    metadata.managed_fields = None;
+    metadata.annotations = None;
+    metadata.owner_references = None;
+    let node_name = pod.spec.as_mut().and_then(|s| s.node_name.take());
+    pod.spec = node_name.map(|node_name| k8s_openapi::api::core::v1::PodSpec {
+        node_name: Some(node_name),
+        ..Default::default()
+    });
+    let phase = pod.status.as_mut().and_then(|s| s.phase.take());
+    pod.status = phase.map(|phase| k8s_openapi::api::core::v1::PodStatus {
+        phase: Some(phase),
+        ..Default::default()
+    });
+}
+
+/// A node as a pass reads it: name and providerID (its status, with the images it holds, is
+/// tens of kilobytes on a real node).
+fn node_projection(node: &mut Node) {
+    let metadata = &mut node.metadata;
+    metadata.managed_fields = None;
+    metadata.annotations = None;
+    metadata.labels = None;
+    let provider_id = node.spec.as_mut().and_then(|s| s.provider_id.take());
+    node.spec = Some(k8s_openapi::api::core::v1::NodeSpec {
+        provider_id,
+        ..Default::default()
+    });
+    node.status = None;
 }
 
 /// The whole controller: Kubernetes client from `--kubeconfig` (or in-cluster) limited to
@@ -436,8 +491,12 @@ pub async fn serve(
     crate::metrics::leader_election();
     let client =
         kube_client_with_rate(config.kubeconfig.as_deref(), Some(ClientRate::of(config))).await?;
-    let mut elector =
-        crate::leader::Elector::new(client.clone(), crate::leader::LeaderSettings::new(config));
+    // The leader election has a client of its own (its own connections, no rate limit): its
+    // renewals never queue behind the loop's requests.
+    let mut elector = crate::leader::Elector::new(
+        kube_client(config.kubeconfig.as_deref()).await?,
+        crate::leader::LeaderSettings::new(config),
+    );
     tokio::pin!(shutdown);
     tokio::select! {
         () = elector.acquire() => {}
@@ -462,13 +521,19 @@ pub async fn serve(
         }
         run(client.clone(), settings, assigner, &mut shutdown).await
     };
+    // Renewals run on their own task: a pass busy with a large cluster (or a cache relisting
+    // one) never delays them past the renew deadline.
+    let mut holder = crate::leader::Holder::spawn(elector);
     tokio::select! {
         r = stopped => r?,
         // Dropping the loop's future cancels the pass in flight with its API and ARM requests
         // (and turns /healthz Not Active): another replica may lead from now on, so not one
         // more write. Upstream exits here.
-        () = elector.hold() => return Err(RunError::LostLease),
+        () = holder.lost() => return Err(RunError::LostLease),
     }
+    let Some(mut elector) = holder.stop().await else {
+        return Err(RunError::LostLease);
+    };
     if let Err(e) = elector.release().await {
         warn!(error = %e, "failed to release the leader lease");
     }
@@ -505,11 +570,27 @@ pub async fn run(
     let notify = Arc::new(Notify::new());
     let mut tasks = Vec::new();
     let stores = Stores {
-        pods: reflect(Api::all(client.clone()), notify.clone(), &mut tasks),
-        nodes: reflect(Api::all(client.clone()), notify.clone(), &mut tasks),
-        identities: reflect(Api::all(client.clone()), notify.clone(), &mut tasks),
-        bindings: reflect(Api::all(client.clone()), notify.clone(), &mut tasks),
-        assigned: reflect(Api::all(client.clone()), notify.clone(), &mut tasks),
+        pods: reflect(
+            Api::all(client.clone()),
+            pod_projection,
+            notify.clone(),
+            &mut tasks,
+        ),
+        nodes: reflect(
+            Api::all(client.clone()),
+            node_projection,
+            notify.clone(),
+            &mut tasks,
+        ),
+        // Identities and bindings are copied into the assignments mic writes: kept whole.
+        identities: reflect(Api::all(client.clone()), |_| {}, notify.clone(), &mut tasks),
+        bindings: reflect(Api::all(client.clone()), |_| {}, notify.clone(), &mut tasks),
+        assigned: reflect(
+            Api::all(client.clone()),
+            without_managed_fields,
+            notify.clone(),
+            &mut tasks,
+        ),
     };
     let events = Recorder::new(
         client.clone(),
@@ -862,8 +943,8 @@ async fn pass(
         bindings: bindings.iter().map(AsRef::as_ref).collect(),
         existing,
     };
-    let mut plan = compute(&inputs, &settings.options);
-    let ownership = Ownership::of(&inputs);
+    let (mut plan, ownership) =
+        cpu_bound(|| (compute(&inputs, &settings.options), Ownership::of(&inputs)));
     ownership.keep_found(&mut plan);
     // Each warning once while it lasts, not once per pass.
     let current: HashSet<Warning> = plan.warnings.iter().cloned().collect();
@@ -2145,6 +2226,16 @@ async fn publish_on_assigned(
     };
     if let Err(e) = events.publish(&event, &reference).await {
         debug!(error = %e, reason, "failed to publish event");
+    }
+}
+
+/// Runs `work`, CPU-bound work of a whole pass (a 50,000-pod cluster takes a while), without
+/// holding up the runtime's other tasks (watches, the leader's renewals, ARM jobs): on the
+/// multi-threaded runtime its worker is handed over to them meanwhile.
+fn cpu_bound<T>(work: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(work),
+        _ => work(),
     }
 }
 

@@ -5,7 +5,8 @@
 //!   for upstream's Go binaries keep parsing;
 //! - [`logging`]: the `tracing` subscriber from `--log-format` and klog's `-v`;
 //! - [`shutdown_signal`]: SIGTERM or SIGINT;
-//! - [`reflect`]: a Kubernetes reflector feeding a store and waking a [`tokio::sync::Notify`];
+//! - [`reflect`] and [`reflect_projected`]: a Kubernetes reflector feeding a store (each object
+//!   optionally reduced first) and waking a [`tokio::sync::Notify`];
 //! - [`error_chain`]: an error and its causes on one line;
 //! - [`version_line`]: `--version`'s answer in upstream's shape.
 //!
@@ -17,7 +18,7 @@ pub mod logging;
 mod reflect;
 mod signal;
 
-pub use reflect::reflect;
+pub use reflect::{reflect, reflect_projected};
 pub use signal::shutdown_signal;
 
 /// The error and its causes, one after the other (`outer: cause: root cause`).

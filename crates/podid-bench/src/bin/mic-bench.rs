@@ -95,6 +95,10 @@ struct Args {
     /// The peak-RSS target printed for the full cluster, in MiB.
     #[arg(long, default_value_t = 150.0)]
     target_rss_mib: f64,
+    /// `--identity-release-grace-period` given to mic: none by default, so that phase 2
+    /// measures mic's release path rather than the grace period (mic's default is 5m).
+    #[arg(long, default_value = "0s")]
+    release_grace_period: String,
 }
 
 /// mic's (and upstream's) default `--clientQps`; the burst is the same integer.
@@ -487,6 +491,7 @@ impl World {
         &self,
         mic: &Path,
         client_qps: f64,
+        grace: &str,
         log_file: Option<&Path>,
     ) -> anyhow::Result<MicProcess> {
         let free_port = || -> anyhow::Result<u16> {
@@ -507,6 +512,7 @@ impl World {
             .arg(format!("--prometheus-port={}", free_port()?))
             .arg("--leader-election-instance=mic-bench")
             .arg(format!("--clientQps={client_qps}"))
+            .arg(format!("--identity-release-grace-period={grace}"))
             .arg("--log-format=json")
             .env("MIC_POD_NAMESPACE", "default")
             .env("RUST_LOG", "info")
@@ -729,7 +735,12 @@ async fn run_cluster(
     timeout: Duration,
 ) -> anyhow::Result<Figures> {
     let world = World::build(scale).await?;
-    let mut mic = world.spawn_mic(mic_path, args.client_qps, args.mic_log.as_deref())?;
+    let mut mic = world.spawn_mic(
+        mic_path,
+        args.client_qps,
+        &args.release_grace_period,
+        args.mic_log.as_deref(),
+    )?;
     let started = Instant::now();
     let create = world
         .phase(
