@@ -645,10 +645,14 @@ impl World {
             if Instant::now() >= deadline {
                 break None;
             }
+            // Each look lists every assignment under the fake server's one lock: on large
+            // clusters look less often (10 ms per 1,000 assignments, 40 ms while busy), so
+            // that the poll does not starve the server mic talks to (its Lease renewals too).
+            let per_thousand = u32::try_from(expected_count / 1000).unwrap_or(u32::MAX);
             let interval = if pending > BUSY_PENDING {
-                POLL_BUSY
+                POLL_BUSY.max(Duration::from_millis(40) * per_thousand)
             } else {
-                POLL
+                POLL.max(Duration::from_millis(10) * per_thousand)
             };
             tokio::time::sleep(interval).await;
         };
