@@ -1,14 +1,15 @@
 //! The one-time type upgrade upstream MIC runs when it becomes leader
 //! (docs/upstream.md#type-upgrade).
 //!
-//! With `--enable-type-upgrade` (default on): GET ConfigMap `<MIC_POD_NAMESPACE>/<--config-map-name>`
-//! (created empty when missing). When its key `--type-upgrade-status-key` is absent, every
+//! With `--enable-type-upgrade` (default on): GET ConfigMap `<MIC_POD_NAMESPACE>/<--config-map-name>`.
+//! When its key `--type-upgrade-status-key` is absent, every
 //! AzureIdentity, AzureIdentityBinding and AzurePodIdentityException is read raw, its keys are
 //! matched case-insensitively against the current field names (the capitalised keys of
 //! releases before 1.6 — `ResourceID`, `ClientID`, `Selector`, `PodLabels` … — become
 //! `resourceID`, `clientID`, `selector`, `podLabels`) and it is PUT back; then every
 //! AzureAssignedIdentity is PUT back the same way with its embedded identity and binding
-//! replaced by the current objects. Finally the key is set to MIC's version.
+//! replaced by the current objects. Finally the key is set to MIC's version (a missing ConfigMap is
+//! created with the key then, in one write, where upstream creates it empty first).
 //!
 //! Unlike upstream, an object whose stored form the upgrade would not change (already in the
 //! current shape, embedded copies already current) is not PUT back: on a cluster written by
@@ -276,6 +277,46 @@ fn refresh_ref(spec: &mut Map<String, Value>, field: &str, fresh: &Upgraded) {
     }
 }
 
+/// Sets the marker key to MIC's version: an update of the ConfigMap read before the upgrade, or
+/// the creation of the ConfigMap with the key when there was none (created meanwhile by another
+/// replica: read it again and update that).
+async fn write_marker(
+    config_maps: &Api<ConfigMap>,
+    stored: Option<ConfigMap>,
+    settings: &UpgradeSettings,
+) -> Result<(), kube::Error> {
+    let mark = |mut map: ConfigMap| {
+        map.data
+            .get_or_insert_with(Default::default)
+            .insert(settings.key.clone(), settings.version.clone());
+        map
+    };
+    let existing = match stored {
+        Some(map) => map,
+        None => {
+            let fresh = mark(ConfigMap {
+                metadata: kube::api::ObjectMeta {
+                    name: Some(settings.config_map.clone()),
+                    namespace: Some(settings.namespace.clone()),
+                    ..Default::default()
+                },
+                ..Default::default()
+            });
+            match config_maps.create(&PostParams::default(), &fresh).await {
+                Ok(_) => return Ok(()),
+                Err(kube::Error::Api(s)) if s.code == 409 => {
+                    config_maps.get(&settings.config_map).await?
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    };
+    config_maps
+        .replace(&settings.config_map, &PostParams::default(), &mark(existing))
+        .await
+        .map(drop)
+}
+
 /// Runs the type upgrade unless the marker says it ran (see the module docs).
 pub async fn run(client: &Client, settings: &UpgradeSettings) -> Result<Outcome, UpgradeError> {
     let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &settings.namespace);
@@ -284,33 +325,18 @@ pub async fn run(client: &Client, settings: &UpgradeSettings) -> Result<Outcome,
         name: settings.config_map.clone(),
         source,
     };
-    let mut config_map = match config_maps
+    // An absent ConfigMap is created once, with the marker, after the upgrade (upstream creates
+    // it empty first and updates it at the end: one write more on every new cluster). Either
+    // way a leader that stops half-way leaves no marker, and the next one upgrades again.
+    let stored = config_maps
         .get_opt(&settings.config_map)
         .await
-        .map_err(cm_error)?
+        .map_err(cm_error)?;
+    if let Some(version) = stored
+        .as_ref()
+        .and_then(|map| map.data.as_ref())
+        .and_then(|data| data.get(&settings.key))
     {
-        Some(found) => found,
-        None => {
-            let empty = ConfigMap {
-                metadata: kube::api::ObjectMeta {
-                    name: Some(settings.config_map.clone()),
-                    namespace: Some(settings.namespace.clone()),
-                    ..Default::default()
-                },
-                ..Default::default()
-            };
-            match config_maps.create(&PostParams::default(), &empty).await {
-                Ok(created) => created,
-                // Created meanwhile by another replica: read it.
-                Err(kube::Error::Api(s)) if s.code == 409 => config_maps
-                    .get(&settings.config_map)
-                    .await
-                    .map_err(cm_error)?,
-                Err(e) => return Err(cm_error(e)),
-            }
-        }
-    };
-    if let Some(version) = config_map.data.as_ref().and_then(|d| d.get(&settings.key)) {
         info!(
             "type upgrade status configmap found from version: {version}. Skipping type upgrade!"
         );
@@ -346,12 +372,7 @@ pub async fn run(client: &Client, settings: &UpgradeSettings) -> Result<Outcome,
         },
     )
     .await?;
-    config_map
-        .data
-        .get_or_insert_with(Default::default)
-        .insert(settings.key.clone(), settings.version.clone());
-    config_maps
-        .replace(&settings.config_map, &PostParams::default(), &config_map)
+    write_marker(&config_maps, stored, settings)
         .await
         .map_err(cm_error)?;
     let counts = vec![

@@ -237,3 +237,38 @@ async fn objects_already_current_are_not_rewritten() {
     );
     assert_eq!(marker["data"]["type-upgrade-status"], "9.9.9");
 }
+
+/// On a cluster without the ConfigMap the marker costs one write, the ConfigMap's creation with
+/// the key in it (no empty ConfigMap first). One that exists without the key (the hold record
+/// may have created it) keeps its other keys and gets one update.
+#[tokio::test]
+async fn the_marker_is_one_write_and_keeps_other_keys() {
+    let cm_path = "/api/v1/namespaces/kube-system/configmaps";
+    let server = FakeApiServer::start().await.expect("server");
+    let client = client_for(&server).await;
+    server.faults().clear_log();
+    let outcome = run(&client, &settings()).await.expect("upgrade");
+    assert!(matches!(outcome, Outcome::Upgraded(_)), "{outcome:?}");
+    let writes = ["create", "update", "patch"].map(|verb| server.faults().count(verb, cm_path));
+    assert_eq!(writes, [1, 0, 0], "creates, updates, patches of ConfigMaps");
+    let marker = get(&server, &format!("{cm_path}/aad-pod-identity-config"));
+    assert_eq!(marker["data"]["type-upgrade-status"], "9.9.9");
+
+    let server = FakeApiServer::start().await.expect("server");
+    let client = client_for(&server).await;
+    server
+        .create_json(
+            cm_path,
+            json!({"apiVersion": "v1", "kind": "ConfigMap",
+                   "metadata": {"name": "aad-pod-identity-config", "namespace": "kube-system"},
+                   "data": {"other": "kept"}}),
+        )
+        .expect("config map");
+    server.faults().clear_log();
+    run(&client, &settings()).await.expect("upgrade");
+    let writes = ["create", "update", "patch"].map(|verb| server.faults().count(verb, cm_path));
+    assert_eq!(writes, [0, 1, 0], "creates, updates, patches of ConfigMaps");
+    let marker = get(&server, &format!("{cm_path}/aad-pod-identity-config"));
+    assert_eq!(marker["data"]["type-upgrade-status"], "9.9.9");
+    assert_eq!(marker["data"]["other"], "kept");
+}
