@@ -312,7 +312,11 @@ async fn write_marker(
         }
     };
     config_maps
-        .replace(&settings.config_map, &PostParams::default(), &mark(existing))
+        .replace(
+            &settings.config_map,
+            &PostParams::default(),
+            &mark(existing),
+        )
         .await
         .map(drop)
 }
