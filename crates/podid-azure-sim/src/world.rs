@@ -9,8 +9,7 @@ use jsonwebtoken::DecodingKey;
 use podid_test_keys::{Certificate, SigningKey};
 
 use crate::error::Error;
-use crate::token::AccessTokenClaims;
-use crate::util::{guid, now_secs, secret_value};
+use crate::util::{guid, secret_value};
 
 /// Entra's limit on federated identity credentials per application or managed identity.
 pub const MAX_FEDERATED_CREDENTIALS: usize = 20;
@@ -739,78 +738,6 @@ impl Cloud {
     /// Number of long-running ARM operations not yet completed.
     pub fn pending_operations(&self) -> usize {
         self.state().ops.iter().filter(|o| !o.done).count()
-    }
-
-    /// Issues an access token for an application (service principal or managed identity).
-    pub(crate) fn issue_for_app(
-        &self,
-        app: &App,
-        audience: &str,
-        lifetime: u64,
-        appidacr: &str,
-    ) -> (String, AccessTokenClaims) {
-        let now = now_secs();
-        let claims = AccessTokenClaims {
-            aud: audience.to_owned(),
-            iss: format!("https://sts.windows.net/{}/", self.inner.tenant_id),
-            iat: now,
-            nbf: now,
-            exp: now + lifetime,
-            tid: self.inner.tenant_id.clone(),
-            oid: app.object_id.clone(),
-            sub: app.object_id.clone(),
-            appid: app.client_id.clone(),
-            azp: app.client_id.clone(),
-            appidacr: appidacr.to_owned(),
-            idtyp: "app".to_owned(),
-            xms_mirid: app.mi_resource_id.clone(),
-            uti: guid(),
-            ver: "1.0".to_owned(),
-        };
-        (self.sign(&claims), claims)
-    }
-
-    fn sign(&self, claims: &AccessTokenClaims) -> String {
-        self.inner
-            .key
-            .sign_with(claims, |h| {
-                h.typ = Some("JWT".to_owned());
-                h.x5t = Some(self.inner.key.kid().to_owned());
-            })
-            .expect("serialising plain claims and signing with an in-memory RSA key cannot fail")
-    }
-
-    /// Issues a token for a client id known to the world (for tests that need an ARM token
-    /// without going through Entra).
-    pub fn issue_access_token(&self, client_id: &str, audience: &str) -> Result<String, Error> {
-        let (app, lifetime) = {
-            let st = self.state();
-            let app = st
-                .apps
-                .get(&client_id.to_ascii_lowercase())
-                .cloned()
-                .ok_or_else(|| Error::UnknownApp {
-                    client_id: client_id.to_owned(),
-                })?;
-            (app, st.entra_token_lifetime)
-        };
-        Ok(self.issue_for_app(&app, audience, lifetime, "1").0)
-    }
-
-    /// Verifies signature, issuer and lifetime of a token this cloud issued; returns its claims
-    /// so tests can check which identity and audience it is for.
-    pub fn verify_access_token(&self, token: &str) -> Result<AccessTokenClaims, Error> {
-        let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
-        v.validate_aud = false;
-        v.set_issuer(&[format!("https://sts.windows.net/{}/", self.inner.tenant_id)]);
-        v.leeway = 0;
-        self.inner
-            .key
-            .verify::<AccessTokenClaims>(token, &v)
-            .map_err(|e| match e {
-                podid_test_keys::Error::Jwt(j) => Error::InvalidToken(j),
-                other => Error::Keys(other),
-            })
     }
 
     /// The application record for a client id (credentials included), if any.
