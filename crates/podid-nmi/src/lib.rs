@@ -25,6 +25,7 @@ pub mod route;
 pub mod ruleset;
 pub mod run;
 pub mod server;
+pub mod state;
 pub mod taint;
 mod watchdog;
 pub mod workload;

@@ -49,10 +49,12 @@ use podid_controller::broker::{
     SourceKind, Sources, SystemClock, Token, TokenBroker, TokenSource,
 };
 use podid_imds::ErrorOptions;
+use podid_nmi::health::Health;
 use podid_nmi::metrics::Metrics;
 use podid_nmi::pods::PodIndex;
 use podid_nmi::provider::identity_spec;
-use podid_nmi::server::{Health, Limits, Matcher, NmiState, ServerOptions, serve};
+use podid_nmi::server::{Limits, NmiState, ServerOptions, serve};
+use podid_nmi::state::Matcher;
 use podid_select::assigned::AssignedBindings;
 use podid_select::matching::{MatchIndex, MatchOptions};
 use stats_alloc::{INSTRUMENTED_SYSTEM, StatsAlloc};
