@@ -8,8 +8,9 @@ use std::time::Instant;
 use podid_api::AzureIdentity;
 use podid_controller::broker::{BrokerError, Credential, Tokens};
 use podid_imds::{IdentitySelector, ImdsError};
+use podid_select::assigned::AssignedBindings;
 use podid_select::federated::FederatedCredential;
-use podid_select::matching::{CallerPod, NodeIdentity};
+use podid_select::matching::{CallerPod, MatchIndex, NodeIdentity, PendingReason};
 use podid_select::workload::{WorkloadAccounts, WorkloadGrant};
 use podid_select::{Refusal, Selection, Snapshot, Source};
 
@@ -77,11 +78,40 @@ impl ClientId {
     }
 }
 
-/// The selection for `pod` now ([`podid_select::select`] over the state the watches filled):
-/// one decision, read under short locks that are released before anything is awaited.
-fn select_now(state: &NmiState, pod: &CallerPod, selector: &IdentitySelector<'_>) -> Selection {
-    select_with(
-        &state.matcher,
+/// What one selection read from the matcher: the index and the binding copies it decided over.
+/// Both are swapped whole, never edited, so the same pointers mean nothing changed since.
+struct Read {
+    index: Arc<MatchIndex>,
+    assigned: Arc<AssignedBindings>,
+}
+
+impl Read {
+    /// What `matcher` holds now.
+    fn now(matcher: &Matcher) -> Self {
+        Self {
+            index: matcher.current(),
+            assigned: matcher.assigned(),
+        }
+    }
+
+    /// Whether `matcher` still holds what was read.
+    fn is_current(&self, matcher: &Matcher) -> bool {
+        Arc::ptr_eq(&self.index, &matcher.current())
+            && Arc::ptr_eq(&self.assigned, &matcher.assigned())
+    }
+}
+
+/// The selection for `pod` over `read` ([`podid_select::select`] over the state the watches
+/// filled): one decision, over what was read under short locks released before anything is
+/// awaited.
+fn select_now(
+    state: &NmiState,
+    read: &Read,
+    pod: &CallerPod,
+    selector: &IdentitySelector<'_>,
+) -> Selection {
+    select_over(
+        read,
         state.workload.as_deref(),
         state.options.federated_default_tenant,
         pod,
@@ -91,6 +121,7 @@ fn select_now(state: &NmiState, pod: &CallerPod, selector: &IdentitySelector<'_>
 
 /// [`select_now`] over its parts: the matcher, the service accounts (with
 /// `--serve-workload-identity-pods`) and whether a default tenant is set.
+#[cfg(test)]
 pub(super) fn select_with(
     matcher: &Matcher,
     workload: Option<&ServiceAccounts>,
@@ -98,11 +129,27 @@ pub(super) fn select_with(
     pod: &CallerPod,
     selector: &IdentitySelector<'_>,
 ) -> Selection {
-    let index = matcher.current();
-    let assigned = matcher.assigned();
+    select_over(
+        &Read::now(matcher),
+        workload,
+        federated_default_tenant,
+        pod,
+        selector,
+    )
+}
+
+fn select_over(
+    read: &Read,
+    workload: Option<&ServiceAccounts>,
+    federated_default_tenant: bool,
+    pod: &CallerPod,
+    selector: &IdentitySelector<'_>,
+) -> Selection {
+    #[cfg(test)]
+    tests::SELECTIONS.with(|n| n.set(n.get() + 1));
     let snapshot = Snapshot {
-        index: &index,
-        assigned: &assigned,
+        index: &read.index,
+        assigned: &read.assigned,
         workload: workload.map(|accounts| accounts as &dyn WorkloadAccounts),
         federated_default_tenant,
     };
@@ -126,11 +173,16 @@ pub(super) async fn grant(
             event: None,
         });
     }
-    let selection = match select_now(state, pod, selector) {
-        // Fast path: no subscription (a shared counter every request would touch), no deadline.
-        // Boxed, like the other slow paths: keeps the per-request future small.
-        Selection::Wait(_) => Box::pin(wait_while_pending(state, pod, selector)).await,
-        other => other,
+    let selection = {
+        let read = Read::now(&state.matcher);
+        match select_now(state, &read, pod, selector) {
+            // Fast path: no subscription (a shared counter every request would touch), no
+            // deadline. Boxed, like the other slow paths: keeps the per-request future small.
+            Selection::Wait(reason) => {
+                Box::pin(wait_while_pending(state, pod, selector, reason, read)).await
+            }
+            other => other,
+        }
     };
     match selection {
         Selection::Refused(refusal) => Err(refusal_denied(pod, &refusal)),
@@ -215,25 +267,35 @@ fn bind_to_pod(state: &NmiState, pod: &CallerPod, mut chosen: FederatedCredentia
 }
 
 /// Wait (bounded by the pending wait) while the pod's assignment is in progress; the selection
-/// once it is not, or the last [`Selection::Wait`] when the wait runs out.
+/// once it is not, or the last [`Selection::Wait`] when the wait runs out. `reason` is the first
+/// selection's answer and `read` what it decided over: the pod is selected again only once the
+/// matcher has changed.
 async fn wait_while_pending(
     state: &NmiState,
     pod: &CallerPod,
     selector: &IdentitySelector<'_>,
+    mut reason: PendingReason,
+    read: Read,
 ) -> Selection {
     let deadline = tokio::time::Instant::now() + state.options.pending_wait;
     let mut changes = state.matcher.subscribe();
+    // A change between the first selection and the subscription is not signalled to it, but
+    // the matcher then no longer holds what the first selection read.
+    let mut changed = !read.is_current(&state.matcher);
+    drop(read);
     loop {
-        changes.borrow_and_update();
-        match select_now(state, pod, selector) {
-            Selection::Wait(reason) => {
-                tracing::debug!(pod = %pod.name, namespace = %pod.namespace, ?reason, "identity assignment pending, waiting");
-                match tokio::time::timeout_at(deadline, changes.changed()).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(_)) | Err(_) => return Selection::Wait(reason),
-                }
+        if changed {
+            changes.borrow_and_update();
+            let read = Read::now(&state.matcher);
+            match select_now(state, &read, pod, selector) {
+                Selection::Wait(again) => reason = again,
+                other => return other,
             }
-            other => return other,
+        }
+        tracing::debug!(pod = %pod.name, namespace = %pod.namespace, ?reason, "identity assignment pending, waiting");
+        match tokio::time::timeout_at(deadline, changes.changed()).await {
+            Ok(Ok(())) => changed = true,
+            Ok(Err(_)) | Err(_) => return Selection::Wait(reason),
         }
     }
 }
@@ -299,4 +361,166 @@ async fn fetch(
             .inc(),
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+    use std::net::{Ipv4Addr, SocketAddr};
+    use std::time::Duration;
+
+    use podid_imds::ErrorOptions;
+    use podid_select::cases::{Case, cases};
+
+    use super::*;
+    use crate::events::PodEventReason;
+    use crate::health::Health;
+    use crate::metrics::Metrics;
+    use crate::pods::PodIndex;
+    use crate::provider::{TokenFuture, TokenProvider};
+    use crate::server::{Limits, ServerOptions};
+
+    thread_local! {
+        /// Selections made on this thread (the tests' runtimes run on their own thread).
+        pub(super) static SELECTIONS: Cell<usize> = const { Cell::new(0) };
+    }
+
+    /// A token source the pending requests below never reach.
+    #[derive(Debug)]
+    struct NoTokens;
+
+    impl TokenProvider for NoTokens {
+        fn tokens<'a>(&'a self, _request: TokenRequest<'a>) -> TokenFuture<'a> {
+            Box::pin(async {
+                Err(BrokerError::Config {
+                    client_id: String::new(),
+                    reason: "no tokens in this test".to_owned(),
+                })
+            })
+        }
+    }
+
+    fn case(name: &str) -> Case {
+        cases()
+            .into_iter()
+            .find(|case| case.name == name)
+            .unwrap_or_else(|| panic!("no shared case {name:?}"))
+    }
+
+    /// The matcher's index and binding copies for `case`, as the watches install them.
+    fn install(matcher: &Matcher, case: &Case) {
+        matcher.replace_with_assigned(
+            MatchIndex::new(
+                case.options,
+                case.identities.iter().cloned().map(Arc::new),
+                case.bindings.iter().cloned().map(Arc::new),
+                case.assignments.iter().cloned().map(Arc::new),
+                case.exceptions.iter().cloned().map(Arc::new),
+            ),
+            AssignedBindings::new(&case.assignments),
+        );
+    }
+
+    /// nmi's state with `case` installed and synced, waiting at most `pending_wait`.
+    fn state_for(case: &Case, pending_wait: Duration) -> NmiState {
+        let matcher = Matcher::new(case.options);
+        install(&matcher, case);
+        matcher.mark_synced();
+        let options = ServerOptions {
+            metadata: SocketAddr::from((Ipv4Addr::LOCALHOST, 1)),
+            metadata_header_required: true,
+            block_instance_metadata: false,
+            enable_host_token: false,
+            errors: ErrorOptions::default(),
+            pod_wait: Duration::ZERO,
+            pending_wait,
+            limits: Limits::default(),
+            federated_default_tenant: case.federated_default_tenant,
+        };
+        NmiState::new(
+            options,
+            Arc::new(PodIndex::new()),
+            Arc::new(matcher),
+            Arc::new(NoTokens),
+            Arc::new(Metrics::new()),
+            Arc::new(Health::default()),
+        )
+    }
+
+    fn selections() -> usize {
+        SELECTIONS.with(Cell::get)
+    }
+
+    /// While nothing changes, a request held for its assignment is decided once, not again
+    /// when it starts waiting.
+    #[tokio::test(start_paused = true)]
+    async fn a_held_request_is_decided_once_while_nothing_changes() {
+        let waiting = case("a Created assignment waits");
+        let state = state_for(&waiting, Duration::from_secs(5));
+        let pod = CallerPod::of(&waiting.pod);
+        let before = selections();
+        let result = grant(
+            &state,
+            &pod,
+            &waiting.query.selector(),
+            "https://vault.azure.net",
+        )
+        .await;
+        let Err(denied) = result else {
+            panic!("a Created assignment was served");
+        };
+        assert_eq!(denied.event, Some(PodEventReason::AssignmentTimeout));
+        assert_eq!(selections() - before, 1);
+    }
+
+    /// A held request is decided again when the matcher changes, and served once the assignment
+    /// lands.
+    #[tokio::test(start_paused = true)]
+    async fn a_held_request_is_decided_again_when_its_assignment_lands() {
+        let waiting = case("a Created assignment waits");
+        let landed = case("assigned identity, no selector");
+        let state = state_for(&waiting, Duration::from_secs(5));
+        let pod = CallerPod::of(&waiting.pod);
+        let selector = waiting.query.selector();
+        let read = Read::now(&state.matcher);
+        let Selection::Wait(reason) = select_now(&state, &read, &pod, &selector) else {
+            panic!("a Created assignment is not waited for");
+        };
+        let before = selections();
+        let (selection, ()) = tokio::join!(
+            wait_while_pending(&state, &pod, &selector, reason, read),
+            async {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                install(&state.matcher, &landed);
+            },
+        );
+        assert!(
+            matches!(selection, Selection::Identity { .. }),
+            "{selection:?}"
+        );
+        assert_eq!(selections() - before, 1);
+    }
+
+    /// The assignment landing between the first decision and the start of the wait is not
+    /// missed: the request is decided again at once instead of waiting out its budget.
+    #[tokio::test(start_paused = true)]
+    async fn a_change_before_the_wait_begins_is_not_missed() {
+        let waiting = case("a Created assignment waits");
+        let landed = case("assigned identity, no selector");
+        let state = state_for(&waiting, Duration::from_secs(5));
+        let pod = CallerPod::of(&waiting.pod);
+        let selector = waiting.query.selector();
+        let read = Read::now(&state.matcher);
+        let Selection::Wait(reason) = select_now(&state, &read, &pod, &selector) else {
+            panic!("a Created assignment is not waited for");
+        };
+        install(&state.matcher, &landed);
+        let started = tokio::time::Instant::now();
+        let selection = wait_while_pending(&state, &pod, &selector, reason, read).await;
+        assert!(
+            matches!(selection, Selection::Identity { .. }),
+            "{selection:?}"
+        );
+        assert_eq!(started.elapsed(), Duration::ZERO);
+    }
 }
