@@ -64,7 +64,7 @@ fn readyz(state: &NmiState) -> Response<Body> {
 
 /// Serve `/healthz` (`Active` / `Not Active`, always 200, no newline) and `/readyz` (200 only
 /// when ready, else 503 with `not ready` and one line per reason; then the pod watch's state,
-/// see [`readyz`]) on `listener` until `shutdown` completes.
+/// see `readyz`) on `listener` until `shutdown` completes.
 pub async fn serve_probes(
     listener: TcpListener,
     state: Arc<NmiState>,

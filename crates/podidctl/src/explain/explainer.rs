@@ -598,7 +598,7 @@ mod tests {
 
     /// The shared selection cases through podidctl's own path (its snapshot, `CallerPod::of`,
     /// the explainer's selection): the same answers as nmi's request path
-    /// (`podid_nmi::server` tests) and `podid_select::select`.
+    /// (`podid_nmi::server::answer` tests) and `podid_select::select`.
     #[test]
     fn podidctl_decides_every_shared_selection_case_as_nmi() {
         use podid_select::cases::{Outcome, cases};
