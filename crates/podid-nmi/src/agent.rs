@@ -50,7 +50,8 @@ use crate::provider::{
 };
 use crate::route::NetlinkRoutes;
 use crate::run::{Revoke, WatchConfig, spawn_service_account_watch, spawn_watches};
-use crate::server::{Matcher, NmiState, ServerOptions, serve, serve_metrics, serve_probes};
+use crate::server::{NmiState, ServerOptions, serve, serve_metrics, serve_probes};
+use crate::state::Matcher;
 use crate::taint;
 use crate::workload::ServiceAccounts;
 

@@ -5,7 +5,8 @@
 //! Modules: the command line ([`config`]), the interception rules ([`interception`]), what keeps
 //! the node from serving ([`health`]), when to repair the rules ([`ruleset`]), the start-up taint ([`taint`]), the IP → pod
 //! index ([`pods`]), the kernel route probe anchoring pod addresses ([`route`]), the token
-//! provider seam ([`provider`]), the HTTP servers ([`server`]),
+//! provider seam ([`provider`]), the matcher the watches fill ([`state`]), the HTTP servers
+//! ([`server`]: accept loop and bounds, routes, the grant, IMDS answers, passthrough, probes),
 //! metrics ([`metrics`]), Kubernetes Events on pods whose requests fail ([`events`]), the
 //! conntrack flush ([`conntrack`]), Workload Identity pods served through IMDS ([`workload`]), the watches feeding them ([`run`]) and the running agent that
 //! wires it all together ([`agent`]). Identity matching lives in `podid_select::matching`.
@@ -25,6 +26,7 @@ pub mod route;
 pub mod ruleset;
 pub mod run;
 pub mod server;
+pub mod state;
 pub mod taint;
 mod watchdog;
 pub mod workload;

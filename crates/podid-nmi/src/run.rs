@@ -42,7 +42,7 @@ use tokio::task::JoinSet;
 
 use crate::pods::PodIndex;
 use crate::provider::identity_spec;
-use crate::server::Matcher;
+use crate::state::Matcher;
 use crate::workload::ServiceAccounts;
 use podid_select::assigned::AssignedBindings;
 

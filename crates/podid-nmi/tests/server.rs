@@ -10,8 +10,10 @@ use std::time::{Duration, Instant};
 use common::*;
 use podid_api::{AssignedIdentityState, AzureIdentity, AzurePodIdentityException};
 use podid_controller::broker::{BrokerError, SourceKind};
+use podid_nmi::health::Health;
 use podid_nmi::metrics::Metrics;
-use podid_nmi::server::{Health, Matcher, NmiState, serve};
+use podid_nmi::server::{NmiState, serve};
+use podid_nmi::state::Matcher;
 use podid_select::matching::{MatchOptions, NodeIdentity};
 use tokio::net::{TcpListener, TcpStream};
 

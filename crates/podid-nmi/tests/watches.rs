@@ -16,7 +16,7 @@ use podid_fake_apiserver::FakeApiServer;
 use podid_imds::IdentitySelector;
 use podid_nmi::pods::PodIndex;
 use podid_nmi::run::{WatchConfig, spawn_watches};
-use podid_nmi::server::Matcher;
+use podid_nmi::state::Matcher;
 use podid_select::matching::{Decision, MatchOptions, PendingReason};
 use serde_json::json;
 

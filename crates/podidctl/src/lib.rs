@@ -7,7 +7,8 @@
 //! The decisions are not re-implemented: [`explain`] feeds the cluster's objects to
 //! `podid_select::matching::MatchIndex` (the matcher nmi uses) and to
 //! `podid_select::federated::federated_credential` (nmi's federated switch), so the CLI says
-//! what nmi would decide. [`explain`], [`migrate`] and [`render`] work on plain values;
+//! what nmi would decide. [`explain`] (the snapshot it reads, the decision per pod, the findings
+//! with their fixes, the report), [`migrate`] and [`render`] work on plain values;
 //! only [`cluster`] talks to the API server.
 //!
 //! Must not depend on the test doubles, hyper servers or iptables, and must never write to the

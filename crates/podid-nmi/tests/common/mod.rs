@@ -19,12 +19,12 @@ use podid_api::{
 };
 use podid_controller::broker::{BrokerError, Token};
 use podid_imds::ErrorOptions;
+use podid_nmi::health::Health;
 use podid_nmi::metrics::Metrics;
 use podid_nmi::pods::PodIndex;
 use podid_nmi::provider::{Issued, TokenFuture, TokenProvider, TokenRequest, TokenTarget};
-use podid_nmi::server::{
-    Health, Limits, Matcher, NmiState, ServerOptions, serve, serve_metrics, serve_probes,
-};
+use podid_nmi::server::{Limits, NmiState, ServerOptions, serve, serve_metrics, serve_probes};
+use podid_nmi::state::Matcher;
 use podid_select::matching::{MatchIndex, MatchOptions, NodeIdentity};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
