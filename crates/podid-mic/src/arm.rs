@@ -25,9 +25,9 @@ use podid_controller::broker::{
 };
 use tracing::{info, warn};
 
+use crate::assigner::{AssignError, AssignFuture, IdentityAssigner, NotApplied, ReportingFuture};
 use crate::cloud::{ArmCredential, CloudConfig, CloudError, Endpoints};
 use crate::desired::ArmTarget;
-use crate::run::{AssignError, AssignFuture, IdentityAssigner, NotApplied, ReportingFuture};
 
 /// Why the ARM assigner could not be built.
 #[derive(Debug, thiserror::Error)]

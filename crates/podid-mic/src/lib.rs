@@ -10,9 +10,9 @@
 //!   `AzureAssignedIdentity` objects.
 //! - [`leader`]: leader election on a Lease.
 //! - [`run`]: the controller loop (reflectors, coalesced passes, API writes, per-VM/VMSS work
-//!   through an [`run::IdentityAssigner`]).
+//!   through an [`assigner::IdentityAssigner`]).
 //!
-//! - [`arm`]: the production [`run::IdentityAssigner`], Azure Resource Manager through
+//! - [`arm`]: the production [`assigner::IdentityAssigner`], Azure Resource Manager through
 //!   `podid_controller::arm` with tokens from the token broker.
 //! - [`metrics`]: upstream's MIC metrics and their `/metrics` rendering.
 //! - [`probe`]: the `/healthz` and `/metrics` HTTP servers.
@@ -26,6 +26,8 @@
 //! Must not depend on the testkit or on `podid-nmi`.
 
 pub mod arm;
+pub mod assigner;
+pub mod client;
 pub mod cloud;
 pub mod config;
 pub mod desired;
@@ -35,5 +37,6 @@ pub mod metrics;
 pub mod preexisting;
 pub mod probe;
 pub mod run;
+pub mod serve;
 pub mod throttle;
 pub mod upgrade;

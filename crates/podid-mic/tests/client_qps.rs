@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use podid_fake_apiserver::FakeApiServer;
+use podid_mic::assigner::{IdentityAssigner, NoArm};
 use podid_mic::probe::Health;
-use podid_mic::run::{IdentityAssigner, NoArm, serve};
+use podid_mic::serve::serve;
 use serde_json::{Value, json};
 
 mod common;

@@ -12,7 +12,7 @@ use kube::api::{Api, PostParams};
 use podid_api::{AssignedIdentityState, AzureAssignedIdentity};
 use podid_azure_sim::{ArmHandle, Cloud, EntraHandle};
 use podid_fake_apiserver::FakeApiServer;
-use podid_mic::run::kube_client;
+use podid_mic::client::kube_client;
 
 mod common;
 

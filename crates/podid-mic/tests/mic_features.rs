@@ -13,9 +13,9 @@ use podid_api::{AssignedIdentityState, AzureAssignedIdentity};
 use podid_controller::arm::ArmConfig;
 use podid_fake_apiserver::{FaultKind, FaultMatch};
 use podid_mic::arm::ArmAssigner;
+use podid_mic::assigner::{IdentityAssigner, NotApplied};
 use podid_mic::desired::ArmTarget;
 use podid_mic::preexisting::PREEXISTING_ANNOTATION;
-use podid_mic::run::{IdentityAssigner, NotApplied};
 
 mod common;
 

@@ -17,7 +17,10 @@ use podid_mic::probe::Health;
 mod common;
 
 use common::{Cluster, HOUR, WAIT, lease_holder, wait_for};
-use podid_mic::run::{AssignFuture, IdentityAssigner, NoArm, RunError, kube_client, serve};
+use podid_mic::assigner::{AssignFuture, IdentityAssigner, NoArm};
+use podid_mic::client::kube_client;
+use podid_mic::run::RunError;
+use podid_mic::serve::serve;
 
 const RID: &str = "/subscriptions/S/resourcegroups/RG/providers/Microsoft.ManagedIdentity/userAssignedIdentities/kv-id";
 

@@ -11,8 +11,10 @@ use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, ListParams};
 use podid_api::{AssignedIdentityState, AzureAssignedIdentity};
 use podid_fake_apiserver::FakeApiServer;
+use podid_mic::assigner::NoArm;
+use podid_mic::client::kube_client;
 use podid_mic::probe::Health;
-use podid_mic::run::{NoArm, kube_client, serve};
+use podid_mic::serve::serve;
 use serde_json::json;
 
 mod common;

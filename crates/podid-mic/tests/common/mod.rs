@@ -20,9 +20,11 @@ use podid_azure_sim::{ArmHandle, Cloud, ComputeRef, EntraHandle, UserAssignedIde
 use podid_controller::arm::{ARM_RESOURCE, ArmConfig};
 use podid_fake_apiserver::FakeApiServer;
 use podid_mic::arm::ArmAssigner;
+use podid_mic::assigner::IdentityAssigner;
+use podid_mic::client::kube_client;
 use podid_mic::cloud::{CloudConfig, Endpoints};
 use podid_mic::desired::Options;
-use podid_mic::run::{IdentityAssigner, Settings, kube_client, run};
+use podid_mic::run::{Settings, run};
 
 pub const WAIT: Duration = Duration::from_secs(30);
 pub const HOUR: Duration = Duration::from_secs(3600);

@@ -1,0 +1,545 @@
+//! The controller loop: reflectors over pods, nodes and the three CRDs feed one coalesced
+//! reconcile that calls [`crate::desired::compute`], writes the difference to the API server
+//! and hands each VM/VMSS's identity work to an [`IdentityAssigner`].
+//!
+//! A burst of watch events wakes one pass, not one pass per event. API-server writes are
+//! bounded by `--createDeleteBatch`; VM/VMSS targets are worked on concurrently so one slow
+//! scale set does not hold the others' status updates. A pass with failures is retried with
+//! exponential backoff (1 s doubling to 5 min) instead of waiting for the next event.
+//!
+//! Writes per assignment: a new assignment is written once, in its final state, unless it is
+//! the first of its identity on its VM/VMSS (created `Created`, patched `Assigned` once ARM
+//! confirmed the identity: upstream's lifecycle); `binding applied` is one Normal event per
+//! identity and VM/VMSS per pass or job, on the AzureIdentity.
+//!
+//! [`crate::serve::serve`] runs the one-time type upgrade ([`crate::upgrade`]) before the loop.
+
+mod apply;
+mod events;
+mod job;
+mod memory;
+mod report;
+mod stores;
+mod writes;
+
+pub use apply::{ArmView, apply_plan, apply_plan_with};
+pub use events::EVENT_SOURCE;
+pub use job::{JobOutcome, TargetJob, run_job};
+pub use memory::Written;
+pub use report::PassReport;
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::{StreamExt, stream};
+use kube::Client;
+use kube::runtime::events::{Recorder, Reporter};
+use podid_api::AzureAssignedIdentity;
+use tokio::sync::Notify;
+use tracing::{debug, info, warn};
+
+use crate::assigner::IdentityAssigner;
+use crate::desired::{Inputs, Options, Warning, compute};
+use crate::hold::HoldSettings;
+use crate::preexisting::Ownership;
+use memory::{CREATED_WAIT, Memory, WRITTEN_TTL};
+use stores::Stores;
+use writes::{read_hold_record, write_hold_record};
+
+/// What the loop needs besides the client.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Desired-state switches.
+    pub options: Options,
+    /// Concurrent AzureAssignedIdentity API calls (`--createDeleteBatch`).
+    pub batch: usize,
+    /// Period of the full pass without events (`--syncRetryDuration`).
+    pub resync: Duration,
+    /// Period of the pass that hands every VM/VMSS its required ids again, so identities
+    /// removed behind MIC's back come back (`--identity-assignment-reconcile-interval`).
+    pub identity_reconcile: Duration,
+    /// `reportingInstance` of the Kubernetes events (the leader-election identity).
+    pub instance: String,
+    /// Set active while the loop runs on synced caches (the `/healthz` answer).
+    pub health: Arc<crate::probe::Health>,
+    /// Holding identities after their last pod (`--identity-release-grace-period`,
+    /// `--identity-limit-per-vm`).
+    pub holds: HoldSettings,
+    /// Where the holds are recorded; `None`: in memory only (a restart forgets them).
+    pub hold_record: Option<HoldRecordLocation>,
+}
+
+/// The ConfigMap that records the holds ([`crate::hold::RECORD_KEY`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HoldRecordLocation {
+    /// MIC's namespace (`MIC_POD_NAMESPACE`).
+    pub namespace: String,
+    /// `--config-map-name`.
+    pub config_map: String,
+}
+
+impl Settings {
+    /// Settings from the validated flags and the cloud configuration (whose cluster identity
+    /// joins the immutable client ids).
+    pub fn new(config: &crate::config::Config, cloud: &crate::cloud::CloudConfig) -> Self {
+        let mut immutable = config.immutable_client_ids.clone();
+        immutable.extend(cloud.cluster_identity());
+        Self {
+            options: Options {
+                force_namespaced: config.namespaced,
+                release_finished_pods: config.release_finished_pods,
+                immutable_client_ids: immutable,
+            },
+            batch: config.create_delete_batch,
+            resync: config.sync_retry_interval,
+            identity_reconcile: config.identity_assignment_reconcile_interval,
+            instance: config.leader_election_instance.clone(),
+            health: Arc::default(),
+            holds: HoldSettings {
+                grace: config.identity_release_grace_period,
+                limit: config.identity_limit_per_vm,
+            },
+            hold_record: Some(HoldRecordLocation {
+                namespace: config.pod_namespace.clone(),
+                config_map: config.config_map_name.clone(),
+            }),
+        }
+    }
+}
+
+/// Why the loop stopped or could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// A watch ended for good before the caches were filled.
+    #[error("the {0} watch stopped before its cache was filled")]
+    CacheSync(&'static str),
+    /// The kubeconfig file could not be read or used.
+    #[error("failed to load kubeconfig {path}")]
+    Kubeconfig {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// No kubeconfig given and the in-cluster configuration is unusable.
+    #[error("failed to load the in-cluster configuration (pass --kubeconfig outside a cluster)")]
+    InCluster(#[source] kube::config::InClusterError),
+    /// Another replica holds the leader lease now.
+    #[error("lost leader lease")]
+    LostLease,
+    /// The client could not be built from the configuration.
+    #[error("failed to build the Kubernetes client")]
+    Client(#[source] kube::Error),
+    /// The one-time type upgrade failed (upstream exits then).
+    #[error("type upgrade failed with error")]
+    TypeUpgrade(#[source] crate::upgrade::UpgradeError),
+}
+
+/// Aborts the reflector tasks however the loop ends (also when its future is dropped).
+struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
+/// Marks the replica inactive however the loop ends.
+struct Inactive(Arc<crate::probe::Health>);
+
+impl Drop for Inactive {
+    fn drop(&mut self) {
+        self.0.set_active(false);
+    }
+}
+
+/// Runs the controller until `shutdown` resolves.
+pub async fn run(
+    client: Client,
+    settings: Settings,
+    assigner: Arc<dyn IdentityAssigner>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
+    let notify = Arc::new(Notify::new());
+    let mut tasks = Vec::new();
+    let stores = Stores::new(&client, &notify, &mut tasks);
+    let events = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: EVENT_SOURCE.to_owned(),
+            instance: Some(settings.instance.clone()),
+        },
+    );
+    let _tasks = AbortOnDrop(tasks);
+    let _inactive = Inactive(settings.health.clone());
+    run_loop(
+        &client, &settings, &assigner, &events, &stores, &notify, shutdown,
+    )
+    .await
+}
+
+async fn run_loop(
+    client: &Client,
+    settings: &Settings,
+    assigner: &Arc<dyn IdentityAssigner>,
+    events: &Recorder,
+    stores: &Stores,
+    notify: &Notify,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
+    tokio::pin!(shutdown);
+    let ready = stores.ready();
+    tokio::select! {
+        r = ready => r?,
+        () = &mut shutdown => return Ok(()),
+    }
+    info!("caches synced; reconciling");
+    settings.health.set_active(true);
+    let mut failures_in_a_row: u32 = 0;
+    let mut every_target = false;
+    let mut memory = Memory::default();
+    // Each VM/VMSS's ARM work runs as its own task, so that a long-running PATCH holds up
+    // neither the passes nor the other VMs/VMSS. Dropping the set (lost lease) aborts them.
+    let mut jobs: tokio::task::JoinSet<JobOutcome> = tokio::task::JoinSet::new();
+    let mut next_reconcile = tokio::time::Instant::now() + settings.identity_reconcile;
+    loop {
+        // Objects the last pass created reach the cache within milliseconds; a pass that ran
+        // before would create them again (and confirm them twice). Bounded wait.
+        let deadline = tokio::time::Instant::now() + CREATED_WAIT;
+        while memory.awaits_created(&stores.assigned.state())
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::select! {
+                () = notify.notified() => {}
+                () = tokio::time::sleep_until(deadline) => {}
+            }
+        }
+        let started = std::time::Instant::now();
+        let (report, new_jobs) =
+            pass(client, settings, events, stores, every_target, &mut memory).await;
+        memory.remember(&report);
+        for job in new_jobs {
+            memory
+                .in_flight
+                .insert(job.target().clone(), (job.release().clone(), job.objects()));
+            jobs.spawn(run_job(
+                job,
+                client.clone(),
+                assigner.clone(),
+                Some(events.clone()),
+                settings.batch.max(1),
+            ));
+        }
+        crate::metrics::assignment_states(stores.assigned.state().iter().map(|a| {
+            a.status
+                .as_ref()
+                .and_then(|s| s.status.as_ref())
+                .map_or("", |s| s.as_str())
+        }));
+        crate::metrics::identities_held(&memory.holds.counts());
+        if report != PassReport::default() {
+            crate::metrics::cycle(started.elapsed());
+            info!(
+                created = report.created,
+                updated = report.updated,
+                deleted = report.deleted,
+                assigned = report.assigned,
+                confirmed_without_arm = report.confirmed_without_arm,
+                failures = report.failures,
+                in_flight = memory.in_flight.len(),
+                "pass done"
+            );
+        }
+        let mut wait = if report.failures > 0 {
+            failures_in_a_row = failures_in_a_row.saturating_add(1);
+            backoff(failures_in_a_row, settings.resync).max(report.retry_after.unwrap_or_default())
+        } else {
+            failures_in_a_row = 0;
+            settings.resync
+        };
+        // A VM/VMSS backing off is tried again when its time comes; a hold is released when
+        // its period ends.
+        let now = tokio::time::Instant::now();
+        if let Some(first) = memory.backoff.values().map(|(_, at)| *at).min() {
+            wait = wait.min(first.saturating_duration_since(now));
+        }
+        if let Some(due) = memory.next_hold_due() {
+            wait = wait.min(due);
+        }
+        every_target = false;
+        tokio::select! {
+            () = notify.notified() => {}
+            () = tokio::time::sleep(wait) => {}
+            () = tokio::time::sleep_until(next_reconcile) => {
+                every_target = true;
+                next_reconcile = tokio::time::Instant::now() + settings.identity_reconcile;
+            }
+            Some(done) = jobs.join_next(), if !jobs.is_empty() => {
+                memory.finished(done, settings.resync);
+                // Finish every job that is done: their confirmations go in one pass.
+                while let Some(done) = jobs.try_join_next() {
+                    memory.finished(done, settings.resync);
+                }
+            }
+            () = &mut shutdown => {
+                // As a pass in flight, ARM work in flight finishes (its assignments confirmed)
+                // before the loop returns.
+                while let Some(done) = jobs.join_next().await {
+                    memory.finished(done, settings.resync);
+                }
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// The retry delay after `failures` failed attempts in a row: 1 s doubling to 5 min, at most
+/// `cap`.
+fn backoff(failures: u32, cap: Duration) -> Duration {
+    let secs = 1u64 << failures.saturating_sub(1).min(9);
+    Duration::from_secs(secs.min(300)).min(cap)
+}
+
+/// One reconcile pass over the current caches.
+async fn pass(
+    client: &Client,
+    settings: &Settings,
+    events: &Recorder,
+    stores: &Stores,
+    every_target: bool,
+    memory: &mut Memory,
+) -> (PassReport, Vec<TargetJob>) {
+    let Memory {
+        warned,
+        removed,
+        written,
+        holds,
+        holds_loaded,
+        stored,
+        in_flight,
+        backoff,
+    } = memory;
+    let pods = stores.pods.state();
+    let nodes = stores.nodes.state();
+    let identities = stores.identities.state();
+    let bindings = stores.bindings.state();
+    let existing = stores.assigned.state();
+    // Objects an earlier pass deleted stay in the cache until their watch events arrive: they
+    // are left out (not deleted again, their ids not released again) until the cache drops them.
+    let cached: HashSet<&str> = existing
+        .iter()
+        .filter_map(|o| o.metadata.uid.as_deref())
+        .collect();
+    removed.retain(|uid| cached.contains(uid.as_str()));
+    // What earlier passes marked `Assigned` is read with that state while the cache still
+    // shows the version before the patch (else it would be confirmed again). A record goes
+    // once the cache moved past it (a create's, once the cache shows the object), or when
+    // its object is not shown in time.
+    let cached_versions: HashMap<(&str, &str), Option<&str>> = existing
+        .iter()
+        .map(|o| {
+            (
+                (namespace_of(o), name_of(o)),
+                o.metadata.resource_version.as_deref(),
+            )
+        })
+        .collect();
+    written.retain(|(namespace, name), record| {
+        match cached_versions.get(&(namespace.as_str(), name.as_str())) {
+            Some(version) => record
+                .confirmed
+                .as_ref()
+                .is_some_and(|c| *version == Some(c.stale_version.as_str())),
+            None => record.at.elapsed() < WRITTEN_TTL,
+        }
+    });
+    let substituted: Vec<AzureAssignedIdentity> = if written.is_empty() {
+        Vec::new()
+    } else {
+        existing
+            .iter()
+            .filter_map(|o| {
+                let key = (namespace_of(o).to_owned(), name_of(o).to_owned());
+                let confirmed = written.get(&key)?.confirmed.as_ref()?;
+                Some(confirmed.apply(o))
+            })
+            .collect()
+    };
+    let replaced: HashSet<(&str, &str)> = substituted
+        .iter()
+        .map(|o| (namespace_of(o), name_of(o)))
+        .collect();
+    let existing: Vec<&AzureAssignedIdentity> = existing
+        .iter()
+        .map(AsRef::as_ref)
+        .filter(|o| !replaced.contains(&(namespace_of(o), name_of(o))))
+        .chain(substituted.iter())
+        .filter(|o| {
+            o.metadata
+                .uid
+                .as_ref()
+                .is_none_or(|uid| !removed.contains(uid))
+        })
+        .collect();
+    let inputs = Inputs {
+        pods: pods.iter().map(AsRef::as_ref).collect(),
+        nodes: nodes.iter().map(AsRef::as_ref).collect(),
+        identities: identities.iter().map(AsRef::as_ref).collect(),
+        bindings: bindings.iter().map(AsRef::as_ref).collect(),
+        existing,
+    };
+    let (mut plan, ownership) =
+        cpu_bound(|| (compute(&inputs, &settings.options), Ownership::of(&inputs)));
+    ownership.keep_found(&mut plan);
+    // Each warning once while it lasts, not once per pass.
+    let current: HashSet<Warning> = plan.warnings.iter().cloned().collect();
+    for warning in &plan.warnings {
+        if warned.contains(warning) {
+            debug!("{warning}");
+        } else {
+            warn!("{warning}");
+        }
+    }
+    *warned = current;
+
+    // Holds: releases become holds (recorded before their assignments go), holds whose
+    // identity is needed again end, holds whose period is over are released.
+    if let Some(location) = &settings.hold_record
+        && !*holds_loaded
+    {
+        match read_hold_record(client, location).await {
+            Ok(record) => {
+                if let Some(record) = &record {
+                    holds.restore(record);
+                    info!(held = holds.len(), "holds restored from the record");
+                }
+                *stored = record;
+                *holds_loaded = true;
+            }
+            Err(e) => {
+                warn!(error = %e, "failed to read the hold record; releasing at once until it is read")
+            }
+        }
+    }
+    let hold_settings = if settings.hold_record.is_none() || *holds_loaded {
+        settings.holds
+    } else {
+        HoldSettings {
+            grace: Duration::ZERO,
+            ..settings.holds
+        }
+    };
+    let applied = holds.apply(&mut plan, std::time::SystemTime::now(), &hold_settings);
+    crate::metrics::holds_reused(applied.reused.len());
+    for (target, id) in &applied.taken {
+        debug!(%target, id, "identity held after its last pod");
+    }
+    if let Some(location) = &settings.hold_record
+        && *holds_loaded
+    {
+        let record = holds.to_record();
+        // An absent record says what an empty one says: no write until something is held.
+        let unchanged = match stored.as_ref() {
+            Some(stored) => *stored == record,
+            None => record.held.is_empty(),
+        };
+        if !unchanged {
+            match write_hold_record(client, location, &record).await {
+                Ok(()) => *stored = Some(record),
+                Err(e) => {
+                    warn!(error = %e, "failed to record the held identities; releasing the new ones at once");
+                    holds.undo(&mut plan, &applied);
+                }
+            }
+        }
+    }
+
+    let now = tokio::time::Instant::now();
+    backoff.retain(|_, (_, at)| *at > now);
+    let mut view = ArmView {
+        busy: in_flight.keys().chain(backoff.keys()).cloned().collect(),
+        backing_off: backoff
+            .keys()
+            .filter(|t| !in_flight.contains_key(*t))
+            .cloned()
+            .collect(),
+        claimed: in_flight
+            .values()
+            .flat_map(|(_, objects)| objects.iter().cloned())
+            .collect(),
+        ..ArmView::default()
+    };
+    for (target, id, hold) in holds.iter() {
+        if !hold.releasing {
+            view.held.insert((target.clone(), id.to_owned()));
+        }
+    }
+    // Holds this pass ended for a pod that needs the identity again: still on the VM/VMSS.
+    view.held.extend(applied.reused.iter().cloned());
+    for (target, work) in &plan.targets {
+        let releasing = in_flight.get(target).map(|(ids, _)| ids);
+        for id in work.kept.iter().chain(
+            view.held
+                .iter()
+                .filter(|(t, _)| t == target)
+                .map(|(_, id)| id),
+        ) {
+            if releasing.is_none_or(|ids| !ids.contains(id)) && !work.release.contains(id) {
+                view.known.insert((target.clone(), id.clone()));
+            }
+        }
+    }
+    apply_plan_with(
+        client,
+        settings.batch.max(1),
+        Some(events),
+        &plan,
+        every_target,
+        Some(&ownership),
+        &view,
+    )
+    .await
+}
+
+/// Runs `work`, CPU-bound work of a whole pass (a 50,000-pod cluster takes a while), without
+/// holding up the runtime's other tasks (watches, the leader's renewals, ARM jobs): on the
+/// multi-threaded runtime its worker is handed over to them meanwhile.
+fn cpu_bound<T>(work: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(work),
+        _ => work(),
+    }
+}
+
+/// Runs `futures` at most `limit` at a time.
+async fn bounded<T>(futures: Vec<BoxFuture<'_, T>>, limit: usize) -> Vec<T> {
+    stream::iter(futures)
+        .buffer_unordered(limit.max(1))
+        .collect()
+        .await
+}
+
+/// The lower-cased resource id of the identity behind `object` (empty when it has none).
+fn lower_id(object: &AzureAssignedIdentity) -> String {
+    object
+        .spec
+        .azure_identity_ref
+        .as_deref()
+        .and_then(|i| i.spec.resource_id.as_deref())
+        .unwrap_or_default()
+        .to_ascii_lowercase()
+}
+
+fn name_of(object: &AzureAssignedIdentity) -> &str {
+    object.metadata.name.as_deref().unwrap_or_default()
+}
+
+fn namespace_of(object: &AzureAssignedIdentity) -> &str {
+    object.metadata.namespace.as_deref().unwrap_or("default")
+}
