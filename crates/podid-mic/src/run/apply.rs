@@ -12,12 +12,12 @@ use tracing::warn;
 
 use super::events::{applied_events, removal_event, status_error_event, write_error_event};
 use super::job::{JobObject, TargetJob, run_job};
-use super::memory::{Confirmed, Written};
+use super::memory::Written;
 use super::report::{ConfirmResult, PassReport};
 use super::writes::{create_assigned, delete_assigned, replace_assigned, set_assigned, set_state};
 use super::{bounded, lower_id, name_of, namespace_of};
 use crate::assigner::IdentityAssigner;
-use crate::desired::{ArmTarget, Plan};
+use crate::desired::{ArmTarget, Plan, TargetPlan};
 use crate::preexisting::{Ownership, PREEXISTING_ANNOTATION};
 
 /// Writes `plan` to the API server and runs each target's identity work: targets with
@@ -75,326 +75,438 @@ pub async fn apply_plan_with(
     ownership: Option<&Ownership>,
     view: &ArmView,
 ) -> (PassReport, Vec<TargetJob>) {
+    let applier = Applier::new(client, batch, events, plan, ownership, view);
     let mut report = PassReport::default();
-    let mut objects: HashMap<&str, &AzureAssignedIdentity> = HashMap::new();
-    for object in plan
-        .create
-        .iter()
-        .chain(plan.update.iter().map(|u| &u.desired))
-        .chain(plan.unchanged.iter().copied())
-    {
-        objects.insert(name_of(object), object);
-    }
-    let namespaces: HashMap<&str, &str> = objects
-        .iter()
-        .map(|(name, object)| (*name, namespace_of(object)))
-        .collect();
-
-    // 1. Creates and updates (state Created unless an update keeps the state; creates in the
-    //    state their `Creation` says). Creates a job makes once its VM/VMSS's identity work is
-    //    done, or that a job in flight makes, wait.
-    let creations = creations(plan, view, ownership);
-    let adjusted: HashMap<&str, AzureAssignedIdentity> = plan
-        .create
-        .iter()
-        .filter_map(|object| {
-            let (state, mark) = match creations.get(name_of(object))? {
-                Creation::Known { mark, .. } => (AssignedIdentityState::Assigned, *mark),
-                Creation::Waiting => (AssignedIdentityState::Created, false),
-                Creation::AfterArm(_) | Creation::Later => return None,
-            };
-            Some((name_of(object), in_state(object, state, mark)))
-        })
-        .collect();
-    let writes: Vec<BoxFuture<'_, WriteOutcome<'_>>> = plan
-        .create
-        .iter()
-        .filter(|o| {
-            !view.claims(o)
-                && !matches!(
-                    creations.get(name_of(o)),
-                    Some(Creation::AfterArm(_) | Creation::Later)
-                )
-        })
-        .map(|o| (adjusted.get(name_of(o)).unwrap_or(o), true))
-        .chain(plan.update.iter().map(|u| (&u.desired, false)))
-        .map(|(object, create)| {
-            Box::pin(async move {
-                let result = if create {
-                    create_assigned(client, object).await
-                } else {
-                    replace_assigned(client, object).await
-                };
-                (name_of(object), create, result)
-            }) as BoxFuture<'_, _>
-        })
-        .collect();
-    let mut failed: HashSet<&str> = HashSet::new();
     // Assignments this pass turned `Assigned`, with their VM/VMSS (`None`: no ARM work), for
     // the `binding applied` events.
     let mut applied: Vec<(Option<&ArmTarget>, &AzureAssignedIdentity)> = Vec::new();
-    // resourceVersions as this pass wrote them (a later confirmation patches that version).
-    let mut versions: HashMap<&str, (String, bool)> = HashMap::new();
-    for (name, create, result) in bounded(writes, batch).await {
-        if let Ok(Some(version)) = &result {
-            versions.insert(name, (version.clone(), create));
-            if create {
-                report.written.push(Written {
-                    namespace: namespaces
-                        .get(name)
-                        .copied()
-                        .unwrap_or("default")
-                        .to_owned(),
-                    name: name.to_owned(),
-                    created: true,
-                    confirmed: None,
-                    at: std::time::Instant::now(),
-                });
-            }
-        }
-        match result {
-            Ok(version) if create => {
-                report.created += 1;
-                // Created in its final state: applied now (a 409 means an earlier pass did).
-                let object = adjusted.get(name).or_else(|| objects.get(name).copied());
-                if let (Some(_), Some(object)) = (version, object)
-                    && object.state() == AssignedIdentityState::Assigned
-                {
-                    report.assigned += 1;
-                    match creations.get(name) {
-                        Some(Creation::Known { target, .. }) => {
-                            report.confirmed_without_arm += 1;
-                            applied.push((Some(target), object));
-                        }
-                        _ => applied.push((None, object)),
-                    }
-                }
-            }
-            Ok(_) => report.updated += 1,
-            Err(e) => {
-                warn!(name, error = %e, "failed to write AzureAssignedIdentity");
-                report.failures += 1;
-                failed.insert(name);
-                if let (Some(events), Some(object)) = (events, objects.get(name)) {
-                    write_error_event(events, object, create, &e).await;
-                }
-            }
-        }
-    }
-    let failed = &failed;
-    let namespace = |name: &str| namespaces.get(name).copied().unwrap_or("default");
-    // The record of a confirmation of `object`: the version it patched (the one this pass
-    // wrote, else the one the plan read) and what the API server answered.
-    let versions = &versions;
-    let confirmation = move |object: &AzureAssignedIdentity, after: &AzureAssignedIdentity| {
-        let (stale_version, created) = match versions.get(name_of(object)) {
-            Some((version, created)) => (Some(version.clone()), *created),
-            None => (object.metadata.resource_version.clone(), false),
-        };
-        Written {
-            namespace: namespace_of(object).to_owned(),
-            name: name_of(object).to_owned(),
-            created,
-            confirmed: stale_version.map(|stale_version| Confirmed {
-                stale_version,
-                version: after.metadata.resource_version.clone(),
-                status: after.status.clone(),
-                preexisting: after
-                    .metadata
-                    .annotations
-                    .as_ref()
-                    .and_then(|a| a.get(PREEXISTING_ANNOTATION))
-                    .cloned(),
-            }),
-            at: std::time::Instant::now(),
-        }
-    };
-
-    // 2. Deletions that need no ARM work. Those whose node is gone get upstream's
-    //    `binding removed` / `binding remove error` events (its node-deleted path).
-    let deletions: Vec<BoxFuture<'_, (&AzureAssignedIdentity, Result<(), kube::Error>)>> = plan
-        .delete
-        .iter()
-        .filter(|d| d.release.is_none() && !view.claims(d.object))
-        .map(|d| {
-            let node_gone = ownership.is_some_and(|o| {
-                d.object
-                    .node_name()
-                    .is_some_and(|node| !o.node_exists(node))
-            });
-            Box::pin(async move {
-                let result = delete_assigned(client, d.object).await;
-                if let (Some(events), true) = (events, node_gone) {
-                    removal_event(events, d.object, result.as_ref().err()).await;
-                }
-                (d.object, result)
-            }) as BoxFuture<'_, _>
-        })
-        .collect();
-    report.deletions(bounded(deletions, batch).await);
-
-    // 3. Identities that need no ARM work.
-    // Each answer is reduced to its record at once: thousands of whole objects must not wait
-    // for the batch to finish.
-    let confirms: Vec<BoxFuture<'_, (Option<&AzureAssignedIdentity>, ConfirmResult)>> = plan
-        .assign_without_arm
-        .iter()
-        .filter(|name| !failed.contains(name.as_str()))
-        .filter(|name| {
-            objects
-                .get(name.as_str())
-                .is_none_or(|object| !view.claims(object))
-        })
-        .map(|name| {
-            let object = objects.get(name.as_str()).copied();
-            Box::pin(async move {
-                let result = set_state(
-                    client,
-                    namespace(name),
-                    name,
-                    AssignedIdentityState::Assigned,
-                )
-                .await;
-                if let (Some(events), Some(object), Err(e)) = (events, object, result.as_ref()) {
-                    status_error_event(events, object, e, false).await;
-                }
-                let record = result.map(|after| object.map(|object| confirmation(object, &after)));
-                (object, record)
-            }) as BoxFuture<'_, _>
-        })
-        .collect();
-    let confirmed = bounded(confirms, batch).await;
-    applied.extend(
-        confirmed
-            .iter()
-            .filter(|(_, result)| result.is_ok())
-            .filter_map(|(object, _)| object.map(|o| (None, o))),
-    );
-    report.confirmations(confirmed.into_iter().map(|(_, result)| result));
-
-    // 4. Confirmations of identities known to be on their VM/VMSS: no ARM call (an identity
-    //    held after its last pod, or one an `Assigned` assignment there keeps). New ones were
-    //    created `Assigned` in step 1.
-    let known: Vec<(&ArmTarget, &AzureAssignedIdentity, bool)> = plan
-        .targets
-        .iter()
-        .flat_map(|(target, work)| work.confirm.iter().map(move |name| (target, name)))
-        .filter(|(_, name)| {
-            !failed.contains(name.as_str()) && !creations.contains_key(name.as_str())
-        })
-        .filter_map(|(target, name)| {
-            let object = objects.get(name.as_str()).copied()?;
-            if view.claims(object) {
-                return None;
-            }
-            let id = lower_id(object);
-            view.is_known(target, &id).then(|| {
-                (
-                    target,
-                    object,
-                    ownership.is_some_and(|o| o.is_found(target, &id)),
-                )
-            })
-        })
-        .collect();
-    let known_names: HashSet<&str> = known.iter().map(|(_, o, _)| name_of(o)).collect();
-    let confirms: Vec<BoxFuture<'_, (&ArmTarget, &AzureAssignedIdentity, ConfirmResult)>> = known
-        .iter()
-        .map(|&(target, object, mark)| {
-            Box::pin(async move {
-                let result =
-                    set_assigned(client, namespace_of(object), name_of(object), mark).await;
-                if let (Some(events), Err(e)) = (events, result.as_ref()) {
-                    status_error_event(events, object, e, false).await;
-                }
-                let record = result.map(|after| Some(confirmation(object, &after)));
-                (target, object, record)
-            }) as BoxFuture<'_, _>
-        })
-        .collect();
-    let confirmed = bounded(confirms, batch).await;
-    for (target, object, result) in &confirmed {
-        if result.is_ok() {
-            report.confirmed_without_arm += 1;
-            applied.push((Some(*target), *object));
-        }
-    }
-    report.confirmations(confirmed.into_iter().map(|(_, _, result)| result));
+    let writes = applier.create_and_update(&mut report, &mut applied).await;
+    report.deletions(applier.delete_without_arm().await);
+    applier
+        .confirm_without_arm(&writes, &mut report, &mut applied)
+        .await;
+    let known = applier
+        .confirm_known(&writes, &mut report, &mut applied)
+        .await;
     // One `binding applied` event per identity and VM/VMSS for what this pass made `Assigned`.
     if let Some(events) = events {
         applied_events(events, &applied, false, batch).await;
     }
-
-    // 5. The rest of each VM/VMSS's work becomes a job the caller runs concurrently with
-    //    later passes (a long-running PATCH holds up no one else). Busy targets (a job in
-    //    flight, or backing off) are left for a later pass.
-    let jobs = plan
-        .targets
-        .iter()
-        .filter(|(target, _)| !view.busy.contains(*target))
-        .filter_map(|(target, work)| {
-            let confirm: Vec<JobObject> = work
-                .confirm
-                .iter()
-                .filter(|name| {
-                    !failed.contains(name.as_str())
-                        && !known_names.contains(name.as_str())
-                        && !creations.contains_key(name.as_str())
-                })
-                .filter_map(|name| objects.get(name.as_str()).copied())
-                .map(|object| {
-                    let (stale_version, created) = match versions.get(name_of(object)) {
-                        Some((version, created)) => (Some(version.clone()), *created),
-                        None => (object.metadata.resource_version.clone(), false),
-                    };
-                    JobObject {
-                        object: object.clone(),
-                        stale_version,
-                        created,
-                    }
-                })
-                .collect();
-            let create: Vec<AzureAssignedIdentity> = work
-                .create_assigned
-                .iter()
-                .filter(|name| matches!(creations.get(name.as_str()), Some(Creation::AfterArm(_))))
-                .filter_map(|name| objects.get(name.as_str()).map(|o| (*o).clone()))
-                .collect();
-            let reconcile = every_target && !work.required.is_empty();
-            if confirm.is_empty() && create.is_empty() && work.release.is_empty() && !reconcile {
-                return None;
-            }
-            let deletions: Vec<(AzureAssignedIdentity, Option<(ArmTarget, String)>)> = plan
-                .delete
-                .iter()
-                .filter(|d| d.release.as_ref().is_some_and(|(t, _)| t == target))
-                .map(|d| (d.object.clone(), d.release.clone()))
-                .collect();
-            // Ids whose confirmation may carry the pre-existing mark if ARM finds them there:
-            // no unmarked `Assigned` assignment and no hold says podid put them there.
-            let unowned: BTreeSet<String> = match ownership {
-                Some(o) => work
-                    .required
-                    .iter()
-                    .filter(|id| {
-                        !o.owns(target, id) && !view.held.contains(&(target.clone(), (*id).clone()))
-                    })
-                    .cloned()
-                    .collect(),
-                None => BTreeSet::new(),
-            };
-            Some(TargetJob {
-                target: target.clone(),
-                required: work.required.clone(),
-                release: work.release.clone(),
-                confirm,
-                create,
-                deletions,
-                unowned,
-            })
-        })
-        .collect();
+    let jobs = applier.target_jobs(&writes, &known, every_target);
     (report, jobs)
+}
+
+/// What the steps of one [`apply_plan_with`] share: its arguments, the plan's assignments by
+/// name, the [`Creation`] of the new ones and the copies of those created in another state.
+struct Applier<'p> {
+    client: &'p Client,
+    batch: usize,
+    events: Option<&'p Recorder>,
+    plan: &'p Plan<'p>,
+    ownership: Option<&'p Ownership>,
+    view: &'p ArmView,
+    /// The assignments the plan creates, updates or keeps, by name.
+    objects: HashMap<&'p str, &'p AzureAssignedIdentity>,
+    creations: HashMap<&'p str, Creation<'p>>,
+    /// New assignments created in the state their [`Creation`] says, by name.
+    adjusted: HashMap<&'p str, AzureAssignedIdentity>,
+}
+
+/// What step 1 ([`Applier::create_and_update`]) left for the later steps.
+#[derive(Default)]
+struct FirstWrites<'a> {
+    /// Names whose create or update failed: not confirmed by this pass.
+    failed: HashSet<&'a str>,
+    /// resourceVersions as this pass wrote them, and whether by a create (a later
+    /// confirmation patches that version).
+    versions: HashMap<&'a str, (String, bool)>,
+}
+
+impl FirstWrites<'_> {
+    /// The version a confirmation of `object` patches (the one this pass wrote, else the one
+    /// the plan read) and whether this pass created it.
+    fn stale_version(&self, object: &AzureAssignedIdentity) -> (Option<String>, bool) {
+        match self.versions.get(name_of(object)) {
+            Some((version, created)) => (Some(version.clone()), *created),
+            None => (object.metadata.resource_version.clone(), false),
+        }
+    }
+
+    /// The record of a confirmation of `object`: the version it patched and what the API
+    /// server answered (`after`).
+    fn confirmation(
+        &self,
+        object: &AzureAssignedIdentity,
+        after: &AzureAssignedIdentity,
+    ) -> Written {
+        let (stale_version, created) = self.stale_version(object);
+        Written::confirmation(object, created, stale_version, after)
+    }
+}
+
+impl<'p> Applier<'p> {
+    fn new(
+        client: &'p Client,
+        batch: usize,
+        events: Option<&'p Recorder>,
+        plan: &'p Plan<'p>,
+        ownership: Option<&'p Ownership>,
+        view: &'p ArmView,
+    ) -> Self {
+        let mut objects: HashMap<&str, &AzureAssignedIdentity> = HashMap::new();
+        for object in plan
+            .create
+            .iter()
+            .chain(plan.update.iter().map(|u| &u.desired))
+            .chain(plan.unchanged.iter().copied())
+        {
+            objects.insert(name_of(object), object);
+        }
+        let creations = creations(plan, view, ownership);
+        let adjusted = plan
+            .create
+            .iter()
+            .filter_map(|object| {
+                let (state, mark) = match creations.get(name_of(object))? {
+                    Creation::Known { mark, .. } => (AssignedIdentityState::Assigned, *mark),
+                    Creation::Waiting => (AssignedIdentityState::Created, false),
+                    Creation::AfterArm(_) | Creation::Later => return None,
+                };
+                Some((name_of(object), in_state(object, state, mark)))
+            })
+            .collect();
+        Self {
+            client,
+            batch,
+            events,
+            plan,
+            ownership,
+            view,
+            objects,
+            creations,
+            adjusted,
+        }
+    }
+
+    /// The namespace of the plan's assignment `name` (`default` when unknown).
+    fn namespace(&self, name: &str) -> &'p str {
+        self.objects
+            .get(name)
+            .map_or("default", |object| namespace_of(object))
+    }
+
+    /// Step 1: creates and updates (state Created unless an update keeps the state; creates in
+    /// the state their [`Creation`] says). Creates a job makes once its VM/VMSS's identity work
+    /// is done, or that a job in flight makes, wait. Creates in their final state go to
+    /// `applied`.
+    async fn create_and_update<'a>(
+        &'a self,
+        report: &mut PassReport,
+        applied: &mut Vec<(Option<&'a ArmTarget>, &'a AzureAssignedIdentity)>,
+    ) -> FirstWrites<'a> {
+        let (client, view, creations) = (self.client, self.view, &self.creations);
+        let writes: Vec<BoxFuture<'_, WriteOutcome<'_>>> = self
+            .plan
+            .create
+            .iter()
+            .filter(|o| {
+                !view.claims(o)
+                    && !matches!(
+                        creations.get(name_of(o)),
+                        Some(Creation::AfterArm(_) | Creation::Later)
+                    )
+            })
+            .map(|o| (self.adjusted.get(name_of(o)).unwrap_or(o), true))
+            .chain(self.plan.update.iter().map(|u| (&u.desired, false)))
+            .map(|(object, create)| {
+                Box::pin(async move {
+                    let result = if create {
+                        create_assigned(client, object).await
+                    } else {
+                        replace_assigned(client, object).await
+                    };
+                    (name_of(object), create, result)
+                }) as BoxFuture<'_, _>
+            })
+            .collect();
+        let mut first = FirstWrites::default();
+        for (name, create, result) in bounded(writes, self.batch).await {
+            if let Ok(Some(version)) = &result {
+                first.versions.insert(name, (version.clone(), create));
+                if create {
+                    report.written.push(Written {
+                        namespace: self.namespace(name).to_owned(),
+                        name: name.to_owned(),
+                        created: true,
+                        confirmed: None,
+                        at: std::time::Instant::now(),
+                    });
+                }
+            }
+            match result {
+                Ok(version) if create => {
+                    report.created += 1;
+                    // Created in its final state: applied now (a 409 means an earlier pass
+                    // did).
+                    let object = self
+                        .adjusted
+                        .get(name)
+                        .or_else(|| self.objects.get(name).copied());
+                    if let (Some(_), Some(object)) = (version, object)
+                        && object.state() == AssignedIdentityState::Assigned
+                    {
+                        report.assigned += 1;
+                        match creations.get(name) {
+                            Some(Creation::Known { target, .. }) => {
+                                report.confirmed_without_arm += 1;
+                                applied.push((Some(target), object));
+                            }
+                            _ => applied.push((None, object)),
+                        }
+                    }
+                }
+                Ok(_) => report.updated += 1,
+                Err(e) => {
+                    warn!(name, error = %e, "failed to write AzureAssignedIdentity");
+                    report.failures += 1;
+                    first.failed.insert(name);
+                    if let (Some(events), Some(object)) = (self.events, self.objects.get(name)) {
+                        write_error_event(events, object, create, &e).await;
+                    }
+                }
+            }
+        }
+        first
+    }
+
+    /// Step 2: deletions that need no ARM work. Those whose node is gone get upstream's
+    /// `binding removed` / `binding remove error` events (its node-deleted path).
+    async fn delete_without_arm(
+        &self,
+    ) -> Vec<(&'p AzureAssignedIdentity, Result<(), kube::Error>)> {
+        let (client, events) = (self.client, self.events);
+        let deletions: Vec<BoxFuture<'_, (&AzureAssignedIdentity, Result<(), kube::Error>)>> = self
+            .plan
+            .delete
+            .iter()
+            .filter(|d| d.release.is_none() && !self.view.claims(d.object))
+            .map(|d| {
+                let node_gone = self.ownership.is_some_and(|o| {
+                    d.object
+                        .node_name()
+                        .is_some_and(|node| !o.node_exists(node))
+                });
+                Box::pin(async move {
+                    let result = delete_assigned(client, d.object).await;
+                    if let (Some(events), true) = (events, node_gone) {
+                        removal_event(events, d.object, result.as_ref().err()).await;
+                    }
+                    (d.object, result)
+                }) as BoxFuture<'_, _>
+            })
+            .collect();
+        bounded(deletions, self.batch).await
+    }
+
+    /// Step 3: the plan's confirmations that need no ARM work. Each answer is reduced to its
+    /// record at once: thousands of whole objects must not wait for the batch to finish.
+    async fn confirm_without_arm<'a>(
+        &'a self,
+        first: &FirstWrites<'_>,
+        report: &mut PassReport,
+        applied: &mut Vec<(Option<&'a ArmTarget>, &'a AzureAssignedIdentity)>,
+    ) {
+        let (client, events) = (self.client, self.events);
+        let confirms: Vec<BoxFuture<'_, (Option<&AzureAssignedIdentity>, ConfirmResult)>> = self
+            .plan
+            .assign_without_arm
+            .iter()
+            .filter(|name| !first.failed.contains(name.as_str()))
+            .filter(|name| {
+                self.objects
+                    .get(name.as_str())
+                    .is_none_or(|object| !self.view.claims(object))
+            })
+            .map(|name| {
+                let object = self.objects.get(name.as_str()).copied();
+                Box::pin(async move {
+                    let result = set_state(
+                        client,
+                        self.namespace(name),
+                        name,
+                        AssignedIdentityState::Assigned,
+                    )
+                    .await;
+                    if let (Some(events), Some(object), Err(e)) = (events, object, result.as_ref())
+                    {
+                        status_error_event(events, object, e, false).await;
+                    }
+                    let record =
+                        result.map(|after| object.map(|object| first.confirmation(object, &after)));
+                    (object, record)
+                }) as BoxFuture<'_, _>
+            })
+            .collect();
+        let confirmed = bounded(confirms, self.batch).await;
+        applied.extend(
+            confirmed
+                .iter()
+                .filter(|(_, result)| result.is_ok())
+                .filter_map(|(object, _)| object.map(|o| (None, o))),
+        );
+        report.confirmations(confirmed.into_iter().map(|(_, result)| result));
+    }
+
+    /// Step 4: confirmations of identities known to be on their VM/VMSS: no ARM call (an
+    /// identity held after its last pod, or one an `Assigned` assignment there keeps). New ones
+    /// were created `Assigned` in step 1. Returns the names confirmed (or tried).
+    async fn confirm_known<'a>(
+        &'a self,
+        first: &FirstWrites<'_>,
+        report: &mut PassReport,
+        applied: &mut Vec<(Option<&'a ArmTarget>, &'a AzureAssignedIdentity)>,
+    ) -> HashSet<&'a str> {
+        let (client, events, view) = (self.client, self.events, self.view);
+        let known: Vec<(&ArmTarget, &AzureAssignedIdentity, bool)> = self
+            .plan
+            .targets
+            .iter()
+            .flat_map(|(target, work)| work.confirm.iter().map(move |name| (target, name)))
+            .filter(|(_, name)| {
+                !first.failed.contains(name.as_str()) && !self.creations.contains_key(name.as_str())
+            })
+            .filter_map(|(target, name)| {
+                let object = self.objects.get(name.as_str()).copied()?;
+                if view.claims(object) {
+                    return None;
+                }
+                let id = lower_id(object);
+                view.is_known(target, &id).then(|| {
+                    (
+                        target,
+                        object,
+                        self.ownership.is_some_and(|o| o.is_found(target, &id)),
+                    )
+                })
+            })
+            .collect();
+        let known_names: HashSet<&str> = known.iter().map(|(_, o, _)| name_of(o)).collect();
+        let confirms: Vec<BoxFuture<'_, (&ArmTarget, &AzureAssignedIdentity, ConfirmResult)>> =
+            known
+                .iter()
+                .map(|&(target, object, mark)| {
+                    Box::pin(async move {
+                        let result =
+                            set_assigned(client, namespace_of(object), name_of(object), mark).await;
+                        if let (Some(events), Err(e)) = (events, result.as_ref()) {
+                            status_error_event(events, object, e, false).await;
+                        }
+                        let record = result.map(|after| Some(first.confirmation(object, &after)));
+                        (target, object, record)
+                    }) as BoxFuture<'_, _>
+                })
+                .collect();
+        let confirmed = bounded(confirms, self.batch).await;
+        for (target, object, result) in &confirmed {
+            if result.is_ok() {
+                report.confirmed_without_arm += 1;
+                applied.push((Some(*target), *object));
+            }
+        }
+        report.confirmations(confirmed.into_iter().map(|(_, _, result)| result));
+        known_names
+    }
+
+    /// Step 5: the rest of each VM/VMSS's work becomes a job the caller runs concurrently with
+    /// later passes (a long-running PATCH holds up no one else). Busy targets (a job in
+    /// flight, or backing off) are left for a later pass; `known`: confirmed by step 4.
+    fn target_jobs(
+        &self,
+        first: &FirstWrites<'_>,
+        known: &HashSet<&str>,
+        every_target: bool,
+    ) -> Vec<TargetJob> {
+        self.plan
+            .targets
+            .iter()
+            .filter(|(target, _)| !self.view.busy.contains(*target))
+            .filter_map(|(target, work)| self.target_job(target, work, first, known, every_target))
+            .collect()
+    }
+
+    /// The job of `target` (see [`Applier::target_jobs`]); `None` when it has nothing to do.
+    fn target_job(
+        &self,
+        target: &ArmTarget,
+        work: &TargetPlan,
+        first: &FirstWrites<'_>,
+        known: &HashSet<&str>,
+        every_target: bool,
+    ) -> Option<TargetJob> {
+        let confirm: Vec<JobObject> = work
+            .confirm
+            .iter()
+            .filter(|name| {
+                !first.failed.contains(name.as_str())
+                    && !known.contains(name.as_str())
+                    && !self.creations.contains_key(name.as_str())
+            })
+            .filter_map(|name| self.objects.get(name.as_str()).copied())
+            .map(|object| {
+                let (stale_version, created) = first.stale_version(object);
+                JobObject {
+                    object: object.clone(),
+                    stale_version,
+                    created,
+                }
+            })
+            .collect();
+        let create: Vec<AzureAssignedIdentity> = work
+            .create_assigned
+            .iter()
+            .filter(|name| {
+                matches!(
+                    self.creations.get(name.as_str()),
+                    Some(Creation::AfterArm(_))
+                )
+            })
+            .filter_map(|name| self.objects.get(name.as_str()).map(|o| (*o).clone()))
+            .collect();
+        let reconcile = every_target && !work.required.is_empty();
+        if confirm.is_empty() && create.is_empty() && work.release.is_empty() && !reconcile {
+            return None;
+        }
+        let deletions: Vec<(AzureAssignedIdentity, Option<(ArmTarget, String)>)> = self
+            .plan
+            .delete
+            .iter()
+            .filter(|d| d.release.as_ref().is_some_and(|(t, _)| t == target))
+            .map(|d| (d.object.clone(), d.release.clone()))
+            .collect();
+        // Ids whose confirmation may carry the pre-existing mark if ARM finds them there:
+        // no unmarked `Assigned` assignment and no hold says podid put them there.
+        let unowned: BTreeSet<String> = match self.ownership {
+            Some(o) => work
+                .required
+                .iter()
+                .filter(|id| {
+                    !o.owns(target, id)
+                        && !self.view.held.contains(&(target.clone(), (*id).clone()))
+                })
+                .cloned()
+                .collect(),
+            None => BTreeSet::new(),
+        };
+        Some(TargetJob {
+            target: target.clone(),
+            required: work.required.clone(),
+            release: work.release.clone(),
+            confirm,
+            create,
+            deletions,
+            unowned,
+        })
+    }
 }
 
 /// What a pass knows about the VMs and VM scale sets beyond the plan.

@@ -10,6 +10,7 @@ use podid_api::{AzureAssignedIdentity, AzureIdentity};
 use tracing::debug;
 
 use super::{bounded, name_of, namespace_of};
+use crate::assigner::AssignError;
 use crate::desired::ArmTarget;
 
 /// Upstream's Warning `status update error` on an assignment whose `Assigned` patch failed.
@@ -69,6 +70,48 @@ pub(super) async fn write_error_event(
         note,
     )
     .await;
+}
+
+/// Upstream's Warning `binding apply error` on the binding of an assignment whose identity
+/// ARM did not put on its VM/VMSS.
+pub(super) async fn apply_error_event(
+    events: &Recorder,
+    object: &AzureAssignedIdentity,
+    error: &AssignError,
+) {
+    let spec = &object.spec;
+    let note = format!(
+        "failed to apply binding {} node {} for pod {}/{}, error: {error}",
+        binding_key(object),
+        spec.node_name.as_deref().unwrap_or_default(),
+        spec.pod_namespace.as_deref().unwrap_or_default(),
+        spec.pod.as_deref().unwrap_or_default(),
+    );
+    publish(
+        events,
+        object,
+        EventType::Warning,
+        "binding apply error",
+        note,
+    )
+    .await;
+}
+
+/// Upstream's Warning `status update error` on an assignment whose `Unassigned` patch failed
+/// (before its deletion).
+pub(super) async fn unassign_error_event(
+    events: &Recorder,
+    object: &AzureAssignedIdentity,
+    error: &kube::Error,
+) {
+    let note = format!(
+        "failed to update AzureAssignedIdentity {}/{} status to Unassigned for pod {}/{}, error: {error}",
+        namespace_of(object),
+        name_of(object),
+        object.spec.pod_namespace.as_deref().unwrap_or_default(),
+        object.spec.pod.as_deref().unwrap_or_default(),
+    );
+    publish_on_assigned(events, object, "status update error", note).await;
 }
 
 /// Pods named in an aggregated `binding applied` note; the rest are counted.

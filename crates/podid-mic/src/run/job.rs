@@ -6,22 +6,20 @@ use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use kube::Client;
-use kube::runtime::events::{EventType, Recorder};
+use kube::runtime::events::Recorder;
 use podid_api::{AssignedIdentityState, AzureAssignedIdentity};
 use tracing::{debug, warn};
 
 use super::apply::in_state;
 use super::events::{
-    applied_events, binding_key, publish, publish_on_assigned, status_error_event,
-    write_error_event,
+    applied_events, apply_error_event, status_error_event, unassign_error_event, write_error_event,
 };
-use super::memory::{Confirmed, Written};
+use super::memory::Written;
 use super::report::{ConfirmResult, PassReport};
 use super::writes::{create_assigned, delete_assigned, is_status, set_assigned, set_state};
 use super::{bounded, lower_id, name_of, namespace_of};
-use crate::assigner::{IdentityAssigner, NotApplied};
+use crate::assigner::{AssignError, IdentityAssigner, NotApplied};
 use crate::desired::{ArmTarget, Deletion};
-use crate::preexisting::PREEXISTING_ANNOTATION;
 
 /// An assignment a [`TargetJob`] confirms, with the version its confirmation patches.
 #[derive(Debug, Clone)]
@@ -48,6 +46,18 @@ pub struct TargetJob {
     pub(super) deletions: Vec<(AzureAssignedIdentity, Option<(ArmTarget, String)>)>,
     /// Required ids no assignment or hold claims (candidates for the pre-existing mark).
     pub(super) unowned: BTreeSet<String>,
+}
+
+impl JobObject {
+    /// The record of its confirmation, which the API server answered with `after`.
+    fn confirmation(&self, after: &AzureAssignedIdentity) -> Written {
+        Written::confirmation(
+            &self.object,
+            self.created,
+            self.stale_version.clone(),
+            after,
+        )
+    }
 }
 
 impl TargetJob {
@@ -112,44 +122,8 @@ pub async fn run_job(
     let not_applied = match result {
         Ok(()) => None,
         Err(e) => {
-            warn!(%target, error = %e, "failed to update the identities of the VM/VMSS");
-            report.failures += 1;
             outcome.failed = true;
-            let partial = e.downcast_ref::<NotApplied>().map(|p| p.ids.clone());
-            if partial.is_none() {
-                report.retry_after = assigner.retry_after(&e);
-            }
-            if let Some(events) = events {
-                for object in job
-                    .confirm
-                    .iter()
-                    .map(|c| &c.object)
-                    .chain(&job.create)
-                    .filter(|o| {
-                        partial
-                            .as_ref()
-                            .is_none_or(|ids| ids.contains(&lower_id(o)))
-                    })
-                {
-                    let spec = &object.spec;
-                    let note = format!(
-                        "failed to apply binding {} node {} for pod {}/{}, error: {e}",
-                        binding_key(object),
-                        spec.node_name.as_deref().unwrap_or_default(),
-                        spec.pod_namespace.as_deref().unwrap_or_default(),
-                        spec.pod.as_deref().unwrap_or_default(),
-                    );
-                    publish(
-                        events,
-                        object,
-                        EventType::Warning,
-                        "binding apply error",
-                        note,
-                    )
-                    .await;
-                }
-            }
-            match partial {
+            match arm_failed(&job, assigner.as_ref(), events, &e, &mut report).await {
                 Some(ids) => Some(ids),
                 None => {
                     // Nothing confirmed: the assignments waiting for this work are created
@@ -173,48 +147,12 @@ pub async fn run_job(
         .filter(|id| !not_applied.contains(*id))
         .cloned()
         .collect();
-    let present = &present;
-    let unowned = &job.unowned;
     // Status first, events after: a scale set's 500 `binding applied` events must not hold
     // up its assignments turning `Assigned` (nmi waits on that state).
-    let confirms: Vec<BoxFuture<'_, (&JobObject, ConfirmResult)>> = job
-        .confirm
-        .iter()
-        .filter(|c| !not_applied.contains(&lower_id(&c.object)))
-        .map(|c| {
-            let id = lower_id(&c.object);
-            let mark = present.contains(&id) && unowned.contains(&id);
-            Box::pin(async move {
-                let object = &c.object;
-                let result =
-                    set_assigned(client, namespace_of(object), name_of(object), mark).await;
-                let record = result.map(|after| {
-                    Some(Written {
-                        namespace: namespace_of(object).to_owned(),
-                        name: name_of(object).to_owned(),
-                        created: c.created,
-                        confirmed: c.stale_version.clone().map(|stale_version| Confirmed {
-                            stale_version,
-                            version: after.metadata.resource_version.clone(),
-                            status: after.status.clone(),
-                            preexisting: after
-                                .metadata
-                                .annotations
-                                .as_ref()
-                                .and_then(|a| a.get(PREEXISTING_ANNOTATION))
-                                .cloned(),
-                        }),
-                        at: std::time::Instant::now(),
-                    })
-                });
-                (c, record)
-            }) as BoxFuture<'_, _>
-        })
-        .collect();
-    let confirmed = bounded(confirms, batch).await;
+    let confirmed = confirm_after_arm(client, &job, &present, &not_applied, batch).await;
     // Then the assignments that waited for this work, in their final state (`Created` for
     // those whose identity ARM did not take).
-    let created = create_after_arm(client, events, &job, Some(present), &not_applied, batch).await;
+    let created = create_after_arm(client, events, &job, Some(&present), &not_applied, batch).await;
     if let Some(events) = events {
         let mut applied: Vec<(Option<&ArmTarget>, &AzureAssignedIdentity)> = Vec::new();
         for (c, result) in &confirmed {
@@ -227,6 +165,85 @@ pub async fn run_job(
         applied_events(events, &applied, recovered, batch).await;
     }
     report.absorb_created(created.report);
+    report.confirmations(confirmed.into_iter().map(|(_, result)| result));
+    report.deletions(delete_released(client, events, &job, &not_applied, batch).await);
+    outcome.report = report;
+    outcome
+}
+
+/// Takes in a failed ARM call of `job`: logged, counted (with the assigner's `Retry-After`
+/// unless only some ids failed), and upstream's Warning `binding apply error` on each
+/// assignment waiting for an id that failed. Returns the ids ARM did not apply when the call
+/// failed only for them ([`NotApplied`]), `None` when it failed as a whole.
+async fn arm_failed(
+    job: &TargetJob,
+    assigner: &dyn IdentityAssigner,
+    events: Option<&Recorder>,
+    e: &AssignError,
+    report: &mut PassReport,
+) -> Option<BTreeSet<String>> {
+    let target = &job.target;
+    warn!(%target, error = %e, "failed to update the identities of the VM/VMSS");
+    report.failures += 1;
+    let partial = e.downcast_ref::<NotApplied>().map(|p| p.ids.clone());
+    if partial.is_none() {
+        report.retry_after = assigner.retry_after(e);
+    }
+    if let Some(events) = events {
+        for object in job
+            .confirm
+            .iter()
+            .map(|c| &c.object)
+            .chain(&job.create)
+            .filter(|o| {
+                partial
+                    .as_ref()
+                    .is_none_or(|ids| ids.contains(&lower_id(o)))
+            })
+        {
+            apply_error_event(events, object, e).await;
+        }
+    }
+    partial
+}
+
+/// Marks `job`'s assignments `Assigned` once ARM applied their identity (all but those of
+/// `not_applied`); those whose identity ARM found `present` and no one owns also get the
+/// pre-existing mark. Each answer is reduced to its record at once.
+async fn confirm_after_arm<'j>(
+    client: &Client,
+    job: &'j TargetJob,
+    present: &BTreeSet<String>,
+    not_applied: &BTreeSet<String>,
+    batch: usize,
+) -> Vec<(&'j JobObject, ConfirmResult)> {
+    let confirms: Vec<BoxFuture<'_, (&JobObject, ConfirmResult)>> = job
+        .confirm
+        .iter()
+        .filter(|c| !not_applied.contains(&lower_id(&c.object)))
+        .map(|c| {
+            let id = lower_id(&c.object);
+            let mark = present.contains(&id) && job.unowned.contains(&id);
+            Box::pin(async move {
+                let object = &c.object;
+                let result =
+                    set_assigned(client, namespace_of(object), name_of(object), mark).await;
+                (c, result.map(|after| Some(c.confirmation(&after))))
+            }) as BoxFuture<'_, _>
+        })
+        .collect();
+    bounded(confirms, batch).await
+}
+
+/// Deletes `job`'s assignments whose identity left the VM/VMSS (all but those of
+/// `not_applied`), each marked `Unassigned` first.
+async fn delete_released<'j>(
+    client: &Client,
+    events: Option<&Recorder>,
+    job: &'j TargetJob,
+    not_applied: &BTreeSet<String>,
+    batch: usize,
+) -> Vec<(&'j AzureAssignedIdentity, Result<(), kube::Error>)> {
     let deletions: Vec<Deletion<'_>> = job
         .deletions
         .iter()
@@ -247,10 +264,7 @@ pub async fn run_job(
                 as BoxFuture<'_, _>
         })
         .collect();
-    report.confirmations(confirmed.into_iter().map(|(_, result)| result));
-    report.deletions(bounded(releases, batch).await);
-    outcome.report = report;
-    outcome
+    bounded(releases, batch).await
 }
 
 /// What [`create_after_arm`] did.
@@ -263,7 +277,7 @@ pub(super) struct CreatedAfterArm<'a> {
 }
 
 /// Creates a job's [`TargetJob::create`] once its identity work is done: `Assigned` (with the
-/// [`PREEXISTING_ANNOTATION`] mark where a confirmation would carry it) when ARM confirmed the
+/// [`crate::preexisting::PREEXISTING_ANNOTATION`] mark where a confirmation would carry it) when ARM confirmed the
 /// identity; `Created` when it did not (`present` is `None`: the whole call failed; else the
 /// ids in `not_applied`), to be confirmed on a later pass as upstream's objects are.
 pub(super) async fn create_after_arm<'a>(
@@ -352,14 +366,7 @@ pub(super) async fn release_and_delete(
         Err(e) if is_status(&e, 404) => return Ok(()),
         Err(e) => {
             if let Some(events) = events {
-                let note = format!(
-                    "failed to update AzureAssignedIdentity {}/{} status to Unassigned for pod {}/{}, error: {e}",
-                    namespace_of(object),
-                    name_of(object),
-                    object.spec.pod_namespace.as_deref().unwrap_or_default(),
-                    object.spec.pod.as_deref().unwrap_or_default(),
-                );
-                publish_on_assigned(events, object, "status update error", note).await;
+                unassign_error_event(events, object, &e).await;
             }
             return Err(e);
         }

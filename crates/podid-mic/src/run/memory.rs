@@ -11,10 +11,11 @@ use std::time::Duration;
 use podid_api::AzureAssignedIdentity;
 use tracing::warn;
 
+use super::apply::ArmView;
 use super::job::JobOutcome;
 use super::report::PassReport;
 use super::{backoff, name_of, namespace_of};
-use crate::desired::{ArmTarget, Warning};
+use crate::desired::{ArmTarget, Plan, Warning};
 use crate::hold::{Holds, Record};
 use crate::preexisting::PREEXISTING_ANNOTATION;
 
@@ -41,6 +42,36 @@ pub(super) struct Confirmed {
 }
 
 impl Eq for Written {}
+
+impl Written {
+    /// The record of a confirmation of `object` (`created`: by the same pass or job) that
+    /// patched `stale_version` (`None`: unknown, nothing to read in its place) and that the API
+    /// server answered with `after`.
+    pub(super) fn confirmation(
+        object: &AzureAssignedIdentity,
+        created: bool,
+        stale_version: Option<String>,
+        after: &AzureAssignedIdentity,
+    ) -> Self {
+        Self {
+            namespace: namespace_of(object).to_owned(),
+            name: name_of(object).to_owned(),
+            created,
+            confirmed: stale_version.map(|stale_version| Confirmed {
+                stale_version,
+                version: after.metadata.resource_version.clone(),
+                status: after.status.clone(),
+                preexisting: after
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(PREEXISTING_ANNOTATION))
+                    .cloned(),
+            }),
+            at: std::time::Instant::now(),
+        }
+    }
+}
 
 impl Confirmed {
     /// `cached` (the version the patch applied to) as the patch left it.
@@ -168,5 +199,130 @@ impl Memory {
                 && w.at.elapsed() < WRITTEN_TTL
                 && !shown.contains(&(w.namespace.as_str(), w.name.as_str()))
         })
+    }
+
+    /// Forgets what the cache (`cached`, the assignments it shows) caught up with. Objects an
+    /// earlier pass deleted stay in the cache until their watch events arrive: their uids are
+    /// kept until the cache drops them. What earlier passes marked `Assigned` is kept while
+    /// the cache still shows the version before the patch; a create's record once the cache
+    /// shows the object; any record whose object is not shown in time goes too.
+    pub(super) fn forget_shown(&mut self, cached: &[Arc<AzureAssignedIdentity>]) {
+        let uids: HashSet<&str> = cached
+            .iter()
+            .filter_map(|o| o.metadata.uid.as_deref())
+            .collect();
+        self.removed.retain(|uid| uids.contains(uid.as_str()));
+        let cached_versions: HashMap<(&str, &str), Option<&str>> = cached
+            .iter()
+            .map(|o| {
+                (
+                    (namespace_of(o), name_of(o)),
+                    o.metadata.resource_version.as_deref(),
+                )
+            })
+            .collect();
+        self.written.retain(|(namespace, name), record| {
+            match cached_versions.get(&(namespace.as_str(), name.as_str())) {
+                Some(version) => record
+                    .confirmed
+                    .as_ref()
+                    .is_some_and(|c| *version == Some(c.stale_version.as_str())),
+                None => record.at.elapsed() < WRITTEN_TTL,
+            }
+        });
+    }
+
+    /// The cached assignments an earlier pass confirmed, as its patch left them (the cache
+    /// still shows the version before).
+    pub(super) fn substitutes(
+        &self,
+        cached: &[Arc<AzureAssignedIdentity>],
+    ) -> Vec<AzureAssignedIdentity> {
+        if self.written.is_empty() {
+            return Vec::new();
+        }
+        cached
+            .iter()
+            .filter_map(|o| {
+                let key = (namespace_of(o).to_owned(), name_of(o).to_owned());
+                let confirmed = self.written.get(&key)?.confirmed.as_ref()?;
+                Some(confirmed.apply(o))
+            })
+            .collect()
+    }
+
+    /// The existing assignments as mic wrote them: `cached` with its [`Memory::substitutes`]
+    /// in place of the versions they replace, without the objects earlier passes deleted.
+    pub(super) fn existing<'a>(
+        &self,
+        cached: &'a [Arc<AzureAssignedIdentity>],
+        substituted: &'a [AzureAssignedIdentity],
+    ) -> Vec<&'a AzureAssignedIdentity> {
+        let replaced: HashSet<(&str, &str)> = substituted
+            .iter()
+            .map(|o| (namespace_of(o), name_of(o)))
+            .collect();
+        cached
+            .iter()
+            .map(AsRef::as_ref)
+            .filter(|o| !replaced.contains(&(namespace_of(o), name_of(o))))
+            .chain(substituted.iter())
+            .filter(|o| {
+                o.metadata
+                    .uid
+                    .as_ref()
+                    .is_none_or(|uid| !self.removed.contains(uid))
+            })
+            .collect()
+    }
+
+    /// What the pass knows about the VMs and VM scale sets of `plan` beyond it: the targets
+    /// with a job in flight or backing off (those whose backoff ended are forgotten), the
+    /// assignments jobs in flight claim, the held ids (with the holds the pass `applied` ended
+    /// for a pod that needs the identity again) and the ids known to be on each target.
+    pub(super) fn arm_view(&mut self, plan: &Plan<'_>, applied: &crate::hold::Applied) -> ArmView {
+        let now = tokio::time::Instant::now();
+        self.backoff.retain(|_, (_, at)| *at > now);
+        let mut view = ArmView {
+            busy: self
+                .in_flight
+                .keys()
+                .chain(self.backoff.keys())
+                .cloned()
+                .collect(),
+            backing_off: self
+                .backoff
+                .keys()
+                .filter(|t| !self.in_flight.contains_key(*t))
+                .cloned()
+                .collect(),
+            claimed: self
+                .in_flight
+                .values()
+                .flat_map(|(_, objects)| objects.iter().cloned())
+                .collect(),
+            ..ArmView::default()
+        };
+        for (target, id, hold) in self.holds.iter() {
+            if !hold.releasing {
+                view.held.insert((target.clone(), id.to_owned()));
+            }
+        }
+        // Holds this pass ended for a pod that needs the identity again: still on the VM/VMSS.
+        view.held.extend(applied.reused.iter().cloned());
+        for (target, work) in &plan.targets {
+            let releasing = self.in_flight.get(target).map(|(ids, _)| ids);
+            for id in work.kept.iter().chain(
+                view.held
+                    .iter()
+                    .filter(|(t, _)| t == target)
+                    .map(|(_, id)| id),
+            ) {
+                if releasing.is_none_or(|ids| !ids.contains(id)) && !work.release.contains(id) {
+                    view.known.insert((target.clone(), id.clone()));
+                }
+            }
+        }
+        view
     }
 }

@@ -28,7 +28,7 @@ pub use job::{JobOutcome, TargetJob, run_job};
 pub use memory::Written;
 pub use report::PassReport;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,10 +42,10 @@ use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
 use crate::assigner::IdentityAssigner;
-use crate::desired::{Inputs, Options, Warning, compute};
+use crate::desired::{Inputs, Options, Plan, Warning, compute};
 use crate::hold::HoldSettings;
 use crate::preexisting::Ownership;
-use memory::{CREATED_WAIT, Memory, WRITTEN_TTL};
+use memory::{CREATED_WAIT, Memory};
 use stores::Stores;
 use writes::{read_hold_record, write_hold_record};
 
@@ -315,84 +315,19 @@ async fn pass(
     every_target: bool,
     memory: &mut Memory,
 ) -> (PassReport, Vec<TargetJob>) {
-    let Memory {
-        warned,
-        removed,
-        written,
-        holds,
-        holds_loaded,
-        stored,
-        in_flight,
-        backoff,
-    } = memory;
     let pods = stores.pods.state();
     let nodes = stores.nodes.state();
     let identities = stores.identities.state();
     let bindings = stores.bindings.state();
-    let existing = stores.assigned.state();
-    // Objects an earlier pass deleted stay in the cache until their watch events arrive: they
-    // are left out (not deleted again, their ids not released again) until the cache drops them.
-    let cached: HashSet<&str> = existing
-        .iter()
-        .filter_map(|o| o.metadata.uid.as_deref())
-        .collect();
-    removed.retain(|uid| cached.contains(uid.as_str()));
-    // What earlier passes marked `Assigned` is read with that state while the cache still
-    // shows the version before the patch (else it would be confirmed again). A record goes
-    // once the cache moved past it (a create's, once the cache shows the object), or when
-    // its object is not shown in time.
-    let cached_versions: HashMap<(&str, &str), Option<&str>> = existing
-        .iter()
-        .map(|o| {
-            (
-                (namespace_of(o), name_of(o)),
-                o.metadata.resource_version.as_deref(),
-            )
-        })
-        .collect();
-    written.retain(|(namespace, name), record| {
-        match cached_versions.get(&(namespace.as_str(), name.as_str())) {
-            Some(version) => record
-                .confirmed
-                .as_ref()
-                .is_some_and(|c| *version == Some(c.stale_version.as_str())),
-            None => record.at.elapsed() < WRITTEN_TTL,
-        }
-    });
-    let substituted: Vec<AzureAssignedIdentity> = if written.is_empty() {
-        Vec::new()
-    } else {
-        existing
-            .iter()
-            .filter_map(|o| {
-                let key = (namespace_of(o).to_owned(), name_of(o).to_owned());
-                let confirmed = written.get(&key)?.confirmed.as_ref()?;
-                Some(confirmed.apply(o))
-            })
-            .collect()
-    };
-    let replaced: HashSet<(&str, &str)> = substituted
-        .iter()
-        .map(|o| (namespace_of(o), name_of(o)))
-        .collect();
-    let existing: Vec<&AzureAssignedIdentity> = existing
-        .iter()
-        .map(AsRef::as_ref)
-        .filter(|o| !replaced.contains(&(namespace_of(o), name_of(o))))
-        .chain(substituted.iter())
-        .filter(|o| {
-            o.metadata
-                .uid
-                .as_ref()
-                .is_none_or(|uid| !removed.contains(uid))
-        })
-        .collect();
+    let cached = stores.assigned.state();
+    memory.forget_shown(&cached);
+    let substituted = memory.substitutes(&cached);
     let inputs = Inputs {
         pods: pods.iter().map(AsRef::as_ref).collect(),
         nodes: nodes.iter().map(AsRef::as_ref).collect(),
         identities: identities.iter().map(AsRef::as_ref).collect(),
         bindings: bindings.iter().map(AsRef::as_ref).collect(),
-        existing,
+        existing: memory.existing(&cached, &substituted),
     };
     let (mut plan, ownership) =
         cpu_bound(|| (compute(&inputs, &settings.options), Ownership::of(&inputs)));
@@ -400,16 +335,42 @@ async fn pass(
     // Each warning once while it lasts, not once per pass.
     let current: HashSet<Warning> = plan.warnings.iter().cloned().collect();
     for warning in &plan.warnings {
-        if warned.contains(warning) {
+        if memory.warned.contains(warning) {
             debug!("{warning}");
         } else {
             warn!("{warning}");
         }
     }
-    *warned = current;
+    memory.warned = current;
+    let applied = hold(client, settings, memory, &mut plan).await;
+    let view = memory.arm_view(&plan, &applied);
+    apply_plan_with(
+        client,
+        settings.batch.max(1),
+        Some(events),
+        &plan,
+        every_target,
+        Some(&ownership),
+        &view,
+    )
+    .await
+}
 
-    // Holds: releases become holds (recorded before their assignments go), holds whose
-    // identity is needed again end, holds whose period is over are released.
+/// Holds: releases of `plan` become holds (recorded before their assignments go), holds whose
+/// identity is needed again end, holds whose period is over are released. Reads the hold
+/// record first once this replica leads; until it is read, releases are not held.
+async fn hold(
+    client: &Client,
+    settings: &Settings,
+    memory: &mut Memory,
+    plan: &mut Plan<'_>,
+) -> crate::hold::Applied {
+    let Memory {
+        holds,
+        holds_loaded,
+        stored,
+        ..
+    } = memory;
     if let Some(location) = &settings.hold_record
         && !*holds_loaded
     {
@@ -435,7 +396,7 @@ async fn pass(
             ..settings.holds
         }
     };
-    let applied = holds.apply(&mut plan, std::time::SystemTime::now(), &hold_settings);
+    let applied = holds.apply(plan, std::time::SystemTime::now(), &hold_settings);
     crate::metrics::holds_reused(applied.reused.len());
     for (target, id) in &applied.taken {
         debug!(%target, id, "identity held after its last pod");
@@ -454,57 +415,12 @@ async fn pass(
                 Ok(()) => *stored = Some(record),
                 Err(e) => {
                     warn!(error = %e, "failed to record the held identities; releasing the new ones at once");
-                    holds.undo(&mut plan, &applied);
+                    holds.undo(plan, &applied);
                 }
             }
         }
     }
-
-    let now = tokio::time::Instant::now();
-    backoff.retain(|_, (_, at)| *at > now);
-    let mut view = ArmView {
-        busy: in_flight.keys().chain(backoff.keys()).cloned().collect(),
-        backing_off: backoff
-            .keys()
-            .filter(|t| !in_flight.contains_key(*t))
-            .cloned()
-            .collect(),
-        claimed: in_flight
-            .values()
-            .flat_map(|(_, objects)| objects.iter().cloned())
-            .collect(),
-        ..ArmView::default()
-    };
-    for (target, id, hold) in holds.iter() {
-        if !hold.releasing {
-            view.held.insert((target.clone(), id.to_owned()));
-        }
-    }
-    // Holds this pass ended for a pod that needs the identity again: still on the VM/VMSS.
-    view.held.extend(applied.reused.iter().cloned());
-    for (target, work) in &plan.targets {
-        let releasing = in_flight.get(target).map(|(ids, _)| ids);
-        for id in work.kept.iter().chain(
-            view.held
-                .iter()
-                .filter(|(t, _)| t == target)
-                .map(|(_, id)| id),
-        ) {
-            if releasing.is_none_or(|ids| !ids.contains(id)) && !work.release.contains(id) {
-                view.known.insert((target.clone(), id.clone()));
-            }
-        }
-    }
-    apply_plan_with(
-        client,
-        settings.batch.max(1),
-        Some(events),
-        &plan,
-        every_target,
-        Some(&ownership),
-        &view,
-    )
-    .await
+    applied
 }
 
 /// Runs `work`, CPU-bound work of a whole pass (a 50,000-pod cluster takes a while), without
