@@ -1,7 +1,6 @@
 //! The seam between the loop and Azure Resource Manager: an [`IdentityAssigner`] puts
 //! user-assigned identities on a VM or VM scale set and takes them off. [`crate::arm`] is the
-//! production one; [`NoArm`] changes nothing (service-principal-only clusters, tests of the
-//! Kubernetes side).
+//! production one; [`NoArm`] changes nothing (tests of the Kubernetes side).
 
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -64,8 +63,9 @@ pub struct NotApplied {
     pub reason: String,
 }
 
-/// An assigner that changes nothing and always succeeds (clusters with service principals
-/// only, and tests of the Kubernetes side).
+/// An assigner that changes nothing and always succeeds. Only tests use it: public for the
+/// integration tests of the Kubernetes side (`crates/podid-mic/tests`), which run the loop
+/// without ARM; the `mic` binary always runs [`crate::arm::ArmAssigner`].
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NoArm;
 

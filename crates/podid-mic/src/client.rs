@@ -1,6 +1,6 @@
 //! mic's Kubernetes client: built from `--kubeconfig` or the in-cluster configuration, limited
-//! to `--clientQps` (the token bucket of [`crate::throttle`]) and to [`MAX_IN_FLIGHT`] requests
-//! at once.
+//! to `--clientQps` (the token bucket of [`crate::throttle`]) and to 100 requests in flight at
+//! once.
 
 use kube::Client;
 
@@ -9,16 +9,16 @@ use crate::run::RunError;
 /// The client-side request rate of mic's Kubernetes client (`--clientQps`; upstream's burst is
 /// `int(--clientQps)`). See [`crate::throttle`] for what is limited and what is exempt.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct ClientRate {
+pub(crate) struct ClientRate {
     /// Requests per second once the burst is spent.
-    pub qps: f64,
+    pub(crate) qps: f64,
     /// Requests that may go at once.
-    pub burst: u32,
+    pub(crate) burst: u32,
 }
 
 impl ClientRate {
     /// The rate of the validated flags.
-    pub fn of(config: &crate::config::Config) -> Self {
+    pub(crate) fn of(config: &crate::config::Config) -> Self {
         Self {
             qps: config.client_qps,
             burst: config.client_burst,
@@ -27,18 +27,19 @@ impl ClientRate {
 }
 
 /// The Kubernetes client from `--kubeconfig`, or the in-cluster configuration without it; no
-/// client-side rate limit (tests, tools). `mic` itself uses [`kube_client_with_rate`].
+/// client-side rate limit: leader election's own client, and tests. The loop's client is
+/// limited to `--clientQps` (see [`crate::serve::serve`]).
 pub async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<Client, RunError> {
     kube_client_with_rate(kubeconfig, None).await
 }
 
 /// The most Kubernetes requests mic's loop has in flight at once (the leader election has a
 /// client of its own).
-pub const MAX_IN_FLIGHT: usize = 100;
+const MAX_IN_FLIGHT: usize = 100;
 
 /// [`kube_client`] whose requests (Leases excepted) take a token of a bucket of `rate`
 /// ([`crate::throttle`]); `None`: unlimited.
-pub async fn kube_client_with_rate(
+pub(crate) async fn kube_client_with_rate(
     kubeconfig: Option<&std::path::Path>,
     rate: Option<ClientRate>,
 ) -> Result<Client, RunError> {

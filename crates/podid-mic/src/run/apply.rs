@@ -2,7 +2,6 @@
 //! that need no ARM work) and the VM/VMSS jobs for the rest.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use kube::Client;
@@ -11,62 +10,23 @@ use podid_api::{AssignedIdentityState, AzureAssignedIdentity};
 use tracing::warn;
 
 use super::events::{applied_events, removal_event, status_error_event, write_error_event};
-use super::job::{JobObject, TargetJob, run_job};
+use super::job::{JobObject, TargetJob};
 use super::memory::Written;
 use super::report::{ConfirmResult, PassReport};
 use super::writes::{create_assigned, delete_assigned, replace_assigned, set_assigned, set_state};
 use super::{bounded, lower_id, name_of, namespace_of};
-use crate::assigner::IdentityAssigner;
 use crate::desired::{ArmTarget, Plan, TargetPlan};
 use crate::preexisting::{Ownership, PREEXISTING_ANNOTATION};
 
-/// Writes `plan` to the API server and runs each target's identity work: targets with
-/// assignments to confirm or ids to release, and with `every_target` also all the others that
-/// need some id (the periodic identity-assignment reconcile).
-/// With `events`, upstream's Kubernetes events are published on the bindings. The target jobs
-/// run after the API writes, concurrently, before this returns.
-pub async fn apply_plan(
-    client: &Client,
-    batch: usize,
-    assigner: &Arc<dyn IdentityAssigner>,
-    events: Option<&Recorder>,
-    plan: &Plan<'_>,
-    every_target: bool,
-) -> PassReport {
-    let (mut report, jobs) = apply_plan_with(
-        client,
-        batch,
-        events,
-        plan,
-        every_target,
-        None,
-        &ArmView::default(),
-    )
-    .await;
-    let outcomes = futures::future::join_all(jobs.into_iter().map(|job| {
-        run_job(
-            job,
-            client.clone(),
-            assigner.clone(),
-            events.cloned(),
-            batch,
-        )
-    }))
-    .await;
-    for outcome in outcomes {
-        report.absorb(outcome.report);
-    }
-    report
-}
-
 /// The API writes of `plan` (creates, updates, deletions without ARM work, confirmations
 /// without ARM work, including those of identities `view` knows are on their VM/VMSS), and
-/// each VM/VMSS's remaining work as a [`TargetJob`] for the caller to run with [`run_job`]
+/// each VM/VMSS's remaining work as a [`TargetJob`] for the caller to run with
+/// [`super::job::run_job`]
 /// (none for `view.busy` targets). Knowing the existing assignments' [`Ownership`],
 /// confirmations of identities ARM found already present carry the [`PREEXISTING_ANNOTATION`]
 /// mark (apply [`Ownership::keep_found`] to `plan` first), and deletions whose node is gone get
 /// upstream's `binding removed` / `binding remove error` events.
-pub async fn apply_plan_with(
+pub(super) async fn apply_plan(
     client: &Client,
     batch: usize,
     events: Option<&Recorder>,
@@ -96,7 +56,7 @@ pub async fn apply_plan_with(
     (report, jobs)
 }
 
-/// What the steps of one [`apply_plan_with`] share: its arguments, the plan's assignments by
+/// What the steps of one [`apply_plan`] share: its arguments, the plan's assignments by
 /// name, the [`Creation`] of the new ones and the copies of those created in another state.
 struct Applier<'p> {
     client: &'p Client,
@@ -511,18 +471,18 @@ impl<'p> Applier<'p> {
 
 /// What a pass knows about the VMs and VM scale sets beyond the plan.
 #[derive(Debug, Clone, Default)]
-pub struct ArmView {
+pub(super) struct ArmView {
     /// Targets whose ARM work waits: a job in flight, or backing off after a failure.
-    pub busy: HashSet<ArmTarget>,
+    pub(super) busy: HashSet<ArmTarget>,
     /// Of `busy`, those backing off after a failure (no job in flight).
-    pub backing_off: HashSet<ArmTarget>,
+    pub(super) backing_off: HashSet<ArmTarget>,
     /// (target, id) on the VM/VMSS for sure: an `Assigned` assignment that stays keeps it, or
     /// podid holds it; minus ids a job in flight is removing.
-    pub known: HashSet<(ArmTarget, String)>,
+    pub(super) known: HashSet<(ArmTarget, String)>,
     /// (target, id) podid holds after their last pod.
-    pub held: HashSet<(ArmTarget, String)>,
+    pub(super) held: HashSet<(ArmTarget, String)>,
     /// (namespace, name) of assignments a job in flight confirms or deletes: left alone.
-    pub claimed: HashSet<(String, String)>,
+    pub(super) claimed: HashSet<(String, String)>,
 }
 
 impl ArmView {
@@ -536,7 +496,7 @@ impl ArmView {
 
 impl ArmView {
     /// Whether `id` is known to be on `target`.
-    pub fn is_known(&self, target: &ArmTarget, id: &str) -> bool {
+    pub(super) fn is_known(&self, target: &ArmTarget, id: &str) -> bool {
         !id.is_empty() && self.known.contains(&(target.clone(), id.to_owned()))
     }
 }

@@ -242,7 +242,7 @@ pub(super) async fn removal_event(
 }
 
 /// Source component of MIC's events, as upstream.
-pub const EVENT_SOURCE: &str = "aadpodidentity.k8s.io";
+pub(super) const EVENT_SOURCE: &str = "aadpodidentity.k8s.io";
 
 pub(super) fn binding_key(object: &AzureAssignedIdentity) -> String {
     let binding = object.spec.azure_binding_ref.as_deref();

@@ -34,7 +34,7 @@ pub(super) struct JobObject {
 /// The ARM work of one VM/VMSS and the API writes that depend on it, owned so that it can run
 /// while later passes go on.
 #[derive(Debug, Clone)]
-pub struct TargetJob {
+pub(super) struct TargetJob {
     pub(super) target: ArmTarget,
     pub(super) required: BTreeSet<String>,
     pub(super) release: BTreeSet<String>,
@@ -62,18 +62,18 @@ impl JobObject {
 
 impl TargetJob {
     /// The VM/VMSS.
-    pub fn target(&self) -> &ArmTarget {
+    pub(super) fn target(&self) -> &ArmTarget {
         &self.target
     }
 
     /// The ids this job removes.
-    pub fn release(&self) -> &BTreeSet<String> {
+    pub(super) fn release(&self) -> &BTreeSet<String> {
         &self.release
     }
 
     /// (namespace, name) of the assignments this job confirms, creates or deletes: no pass
     /// writes them while it runs.
-    pub fn objects(&self) -> HashSet<(String, String)> {
+    pub(super) fn objects(&self) -> HashSet<(String, String)> {
         self.confirm
             .iter()
             .map(|c| &c.object)
@@ -86,20 +86,20 @@ impl TargetJob {
 
 /// What a [`TargetJob`] achieved.
 #[derive(Debug, Clone)]
-pub struct JobOutcome {
+pub(super) struct JobOutcome {
     /// The VM/VMSS.
-    pub target: ArmTarget,
+    pub(super) target: ArmTarget,
     /// Its API writes (and failures).
-    pub report: PassReport,
+    pub(super) report: PassReport,
     /// Ids ARM confirmed removed.
-    pub released: BTreeSet<String>,
+    pub(super) released: BTreeSet<String>,
     /// The ARM call failed (as a whole or for some ids).
-    pub failed: bool,
+    pub(super) failed: bool,
 }
 
 /// Runs one VM/VMSS's ARM work, then confirms its assignments and deletes the assignments
 /// whose identity left.
-pub async fn run_job(
+pub(super) async fn run_job(
     job: TargetJob,
     client: Client,
     assigner: Arc<dyn IdentityAssigner>,

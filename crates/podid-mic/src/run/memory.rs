@@ -21,7 +21,7 @@ use crate::preexisting::PREEXISTING_ANNOTATION;
 
 /// One object a pass created or marked `Assigned`.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Written {
+pub(super) struct Written {
     pub(super) namespace: String,
     pub(super) name: String,
     /// Created by the pass.

@@ -22,12 +22,6 @@ mod report;
 mod stores;
 mod writes;
 
-pub use apply::{ArmView, apply_plan, apply_plan_with};
-pub use events::EVENT_SOURCE;
-pub use job::{JobOutcome, TargetJob, run_job};
-pub use memory::Written;
-pub use report::PassReport;
-
 use std::collections::HashSet;
 use std::future::Future;
 use std::sync::Arc;
@@ -45,7 +39,11 @@ use crate::assigner::IdentityAssigner;
 use crate::desired::{Inputs, Options, Plan, Warning, compute};
 use crate::hold::HoldSettings;
 use crate::preexisting::Ownership;
+use apply::apply_plan;
+use events::EVENT_SOURCE;
+use job::{JobOutcome, TargetJob, run_job};
 use memory::{CREATED_WAIT, Memory};
+use report::PassReport;
 use stores::Stores;
 use writes::{read_hold_record, write_hold_record};
 
@@ -344,7 +342,7 @@ async fn pass(
     memory.warned = current;
     let applied = hold(client, settings, memory, &mut plan).await;
     let view = memory.arm_view(&plan, &applied);
-    apply_plan_with(
+    apply_plan(
         client,
         settings.batch.max(1),
         Some(events),

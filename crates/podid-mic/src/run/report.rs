@@ -11,44 +11,33 @@ use super::name_of;
 
 /// What one pass achieved.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PassReport {
+pub(super) struct PassReport {
     /// Objects created.
-    pub created: usize,
+    pub(super) created: usize,
     /// Objects rewritten.
-    pub updated: usize,
+    pub(super) updated: usize,
     /// Objects deleted.
-    pub deleted: usize,
+    pub(super) deleted: usize,
     /// Objects that turned `Assigned`: patched, or created in that state.
-    pub assigned: usize,
+    pub(super) assigned: usize,
     /// Of those, confirmed without an ARM call: their identity was known to be on the VM/VMSS
     /// (held after its last pod, or kept by another assignment).
-    pub confirmed_without_arm: usize,
+    pub(super) confirmed_without_arm: usize,
     /// Failed API or ARM calls (the pass is retried).
-    pub failures: usize,
+    pub(super) failures: usize,
     /// The longest `Retry-After` an assigner reported: the retry waits at least this long.
-    pub retry_after: Option<Duration>,
+    pub(super) retry_after: Option<Duration>,
     /// Uids of the objects deleted (or found gone) by this pass. The loop keeps them out of
     /// later passes while its cache still shows them, so they are not deleted twice.
-    pub removed: Vec<String>,
+    pub(super) removed: Vec<String>,
     /// What this pass created or marked `Assigned` (compact: names, versions, the new state).
     /// While the cache has not caught up, the loop waits for created objects to show up and
     /// reads confirmed ones with their new state, so a later pass neither creates nor confirms
     /// them again (with their events).
-    pub written: Vec<Written>,
+    pub(super) written: Vec<Written>,
 }
 
 impl PassReport {
-    /// Adds what a [`super::job::TargetJob`] did.
-    pub(super) fn absorb(&mut self, other: PassReport) {
-        self.created += other.created;
-        self.assigned += other.assigned;
-        self.deleted += other.deleted;
-        self.failures += other.failures;
-        self.retry_after = self.retry_after.max(other.retry_after);
-        self.removed.extend(other.removed);
-        self.written.extend(other.written);
-    }
-
     /// Adds what [`super::job::create_after_arm`] did.
     pub(super) fn absorb_created(&mut self, other: PassReport) {
         self.created += other.created;
