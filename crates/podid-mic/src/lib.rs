@@ -2,27 +2,36 @@
 //! `AzureAssignedIdentity` objects and works out which user-assigned identities each VM or VM
 //! scale set must carry.
 //!
+//! The `mic` binary runs [`serve::serve`]:
+//!
 //! - [`config`]: the `mic` command line, upstream's flags byte-for-byte, validated into a typed
 //!   [`config::Config`].
 //! - [`cloud`]: the cloud configuration (`azure.json` or its environment fallback) and the
 //!   Azure endpoints it implies.
-//! - [`desired`]: the pure desired-state computation and its diff against the existing
-//!   `AzureAssignedIdentity` objects.
-//! - [`leader`]: leader election on a Lease.
-//! - [`run`]: the controller loop (reflectors, coalesced passes, API writes, per-VM/VMSS work
-//!   through an [`assigner::IdentityAssigner`]).
-//!
-//! - [`arm`]: the production [`assigner::IdentityAssigner`], Azure Resource Manager through
-//!   `podid_controller::arm` with tokens from the token broker.
-//! - [`metrics`]: upstream's MIC metrics and their `/metrics` rendering.
-//! - [`probe`]: the `/healthz` and `/metrics` HTTP servers.
-//! - [`preexisting`]: identities found on a VM/VMSS before podid assigned them stay there.
-//! - [`hold`]: identities kept on a VM/VMSS for a grace period after their last pod.
+//! - [`serve`]: the whole controller: the Kubernetes clients, leader election, the one-time type
+//!   upgrade on becoming leader, then the loop for as long as the lease is held.
+//! - [`client`]: the Kubernetes client, limited to `--clientQps` and to 100 requests in flight;
+//!   [`throttle`]: the `--clientQps` token bucket around it (Leases exempt).
+//! - [`leader`]: leader election on a Lease, renewed on its own task and client.
 //! - [`upgrade`]: the one-time type upgrade (capitalised CRD keys) on becoming leader.
-//! - [`throttle`]: the `--clientQps` token bucket around the Kubernetes client (Leases exempt).
+//! - [`run`]: the controller loop: caches of the watched kinds, coalesced passes, the plan's
+//!   API writes and one job per VM/VMSS for its identity work (its private modules: the caches,
+//!   the memory of mic's own writes until the caches show them, the plan applier, the VM/VMSS
+//!   jobs, the Kubernetes writes, the event texts).
+//! - [`desired`]: the pure desired-state computation and its diff against the existing
+//!   `AzureAssignedIdentity` objects ([`desired::Plan`]), per VM/VMSS
+//!   ([`desired::ArmTarget`]).
+//! - [`hold`]: identities kept on a VM/VMSS for a grace period after their last pod.
+//! - [`preexisting`]: identities found on a VM/VMSS before podid assigned them stay there.
+//! - [`assigner`]: the [`assigner::IdentityAssigner`] seam between the loop and ARM;
+//!   [`arm`]: the production one, Azure Resource Manager through `podid_controller::arm` with
+//!   tokens from the token broker.
+//! - [`metrics`]: upstream's MIC metrics and their `/metrics` rendering; [`probe`]: the
+//!   `/healthz` and `/metrics` HTTP servers.
 //!
-//! [`config`], [`cloud`], [`desired`], [`hold`] and [`preexisting`] take values and return values: no
-//! tokio, no HTTP, no Kubernetes client; only [`run`] and [`upgrade`] talk to the API server.
+//! [`config`], [`cloud`], [`desired`], [`hold`] and [`preexisting`] take values and return
+//! values: no tokio, no HTTP, no Kubernetes client. [`run`], [`leader`] and [`upgrade`] talk to
+//! the API server, [`arm`] to ARM.
 //! Must not depend on the testkit or on `podid-nmi`.
 
 pub mod arm;

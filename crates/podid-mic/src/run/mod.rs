@@ -13,6 +13,17 @@
 //! identity and VM/VMSS per pass or job, on the AzureIdentity.
 //!
 //! [`crate::serve::serve`] runs the one-time type upgrade ([`crate::upgrade`]) before the loop.
+//!
+//! This module holds the loop and the pass; its parts:
+//! - `stores`: the reflectors, each object reduced to what a pass reads;
+//! - `memory`: what the loop carries from pass to pass, above all what mic wrote until the
+//!   caches show it (read-your-writes), and the jobs in flight and backing off;
+//! - `apply`: the plan applier, a pass's API writes in five named steps, and the jobs for the
+//!   rest;
+//! - `job`: one VM/VMSS's ARM work and the writes that wait for it;
+//! - `writes`: the Kubernetes API writes (assignments, the hold record);
+//! - `events`: the Kubernetes events and their texts;
+//! - `report`: what a pass or job achieved.
 
 mod apply;
 mod events;
