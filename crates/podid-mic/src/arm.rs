@@ -61,24 +61,10 @@ impl ArmAssigner {
         }
     }
 
-    /// The production assigner: ARM at `endpoints.arm`, tokens for `endpoints.arm_resource`
-    /// from the credential of `cloud` (client secret at `endpoints.aad_authority`, or managed
-    /// identity at `endpoints.imds`). `user_agent` is sent on every ARM request.
-    pub fn from_cloud(
-        cloud: &CloudConfig,
-        endpoints: &Endpoints,
-        user_agent: &str,
-    ) -> Result<Self, ArmSetupError> {
-        let arm = ArmConfig {
-            base_url: endpoints.arm.clone(),
-            user_agent: user_agent.to_owned(),
-            ..ArmConfig::default()
-        };
-        Self::from_cloud_with(cloud, endpoints, arm)
-    }
-
-    /// [`ArmAssigner::from_cloud`] with a custom ARM client configuration (tests shorten the
-    /// operation polling); `arm.base_url` is used as given.
+    /// The production assigner: ARM at `arm.base_url` (used as given), tokens for
+    /// `endpoints.arm_resource` from the credential of `cloud` (client secret at
+    /// `endpoints.aad_authority`, or managed identity at `endpoints.imds`). The binary passes
+    /// `endpoints.arm` and its user agent in `arm`; and the `--updateUserMSI*` retries in `arm`; tests also shorten the operation polling.
     pub fn from_cloud_with(
         cloud: &CloudConfig,
         endpoints: &Endpoints,
@@ -130,7 +116,7 @@ impl ArmAssigner {
 
     /// The ARM resource of `target`: the VM named like the node, or the scale set, in the
     /// configured subscription and resource group.
-    pub fn compute_id(&self, target: &ArmTarget) -> ComputeId {
+    pub(crate) fn compute_id(&self, target: &ArmTarget) -> ComputeId {
         let kind = if target.is_vmss() {
             ComputeKind::VirtualMachineScaleSet
         } else {

@@ -17,7 +17,7 @@
 //!   or held on one VM/VMSS, the oldest holds there are released first;
 //! - then the grace period.
 //!
-//! The holds are recorded on the API server ([`Holds::to_record`], stored by the controller
+//! The holds are recorded on the API server (`Holds::to_record`, stored by the controller
 //! loop in a ConfigMap) before the assignments that held the identity are deleted, so a
 //! restarted or new leader still knows that podid put these identities there and releases them
 //! when their period ends. Without the record, a held identity would stay on the VM/VMSS for
@@ -37,7 +37,7 @@ pub const RECORD_KEY: &str = "podid-held-identities";
 
 /// Why an identity without a pod is still on a VM/VMSS (`podid_mic_identities_held{reason}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum HoldReason {
+pub(crate) enum HoldReason {
     /// Its last pod left less than the grace period ago.
     GracePeriod,
     /// The period is over (or the limit needs the room); the release PATCH is queued, in
@@ -80,7 +80,7 @@ impl Default for HoldSettings {
 }
 
 /// Default of `--identity-limit-per-vm`.
-pub const DEFAULT_LIMIT: usize = 100;
+pub(crate) const DEFAULT_LIMIT: usize = 100;
 
 /// One held identity.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,7 +95,7 @@ pub struct Hold {
 
 /// What [`Holds::apply`] did to a plan.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Applied {
+pub(crate) struct Applied {
     /// Holds taken in this pass: their releases were taken out of the plan.
     pub taken: Vec<(ArmTarget, String)>,
     /// Holds ended because a pod needs the identity again (no ARM call needed).
@@ -109,20 +109,20 @@ pub struct Applied {
 
 /// The holds the loop knows of.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Holds {
+pub(crate) struct Holds {
     held: BTreeMap<(ArmTarget, String), Hold>,
 }
 
 /// The record stored on the API server (JSON under [`RECORD_KEY`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Record {
+pub(crate) struct Record {
     /// Every hold.
     pub held: Vec<RecordEntry>,
 }
 
 /// One hold as recorded.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RecordEntry {
+pub(crate) struct RecordEntry {
     /// `vmss` or `vm`.
     pub kind: String,
     /// The VM or VM scale set name.
@@ -146,11 +146,13 @@ impl Holds {
     }
 
     /// `true` without holds.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.held.is_empty()
     }
 
     /// Whether `id` is held on `target`.
+    #[cfg(test)]
     pub fn contains(&self, target: &ArmTarget, id: &str) -> bool {
         self.held.contains_key(&(target.clone(), id.to_owned()))
     }
@@ -177,7 +179,7 @@ impl Holds {
 
     /// Adds the holds of a stored record (a new leader, or a restart), keeping holds already
     /// known. Entries of an unknown kind are skipped.
-    pub fn restore(&mut self, record: &Record) {
+    pub(crate) fn restore(&mut self, record: &Record) {
         for entry in &record.held {
             let target = match entry.kind.as_str() {
                 "vmss" => ArmTarget::Vmss(entry.name.clone()),
@@ -195,7 +197,7 @@ impl Holds {
     }
 
     /// The record to store.
-    pub fn to_record(&self) -> Record {
+    pub(crate) fn to_record(&self) -> Record {
         Record {
             held: self
                 .held
@@ -221,7 +223,7 @@ impl Holds {
     /// Forgets the holds `applied` took in `plan` when their record could not be stored, and
     /// puts their releases back (upstream's immediate release: a hold nobody recorded would
     /// outlive a restart as a leak).
-    pub fn undo(&mut self, plan: &mut Plan<'_>, applied: &Applied) {
+    pub(crate) fn undo(&mut self, plan: &mut Plan<'_>, applied: &Applied) {
         for key in &applied.taken {
             self.held.remove(key);
             plan.targets

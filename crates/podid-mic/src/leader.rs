@@ -475,14 +475,14 @@ impl Elector {
 /// other work of the process (a long pass, a relisting cache) delays a renewal. Dropping the
 /// holder stops the renewals.
 #[derive(Debug)]
-pub struct Holder {
+pub(crate) struct Holder {
     task: Option<tokio::task::JoinHandle<Option<Elector>>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl Holder {
     /// Starts renewing `elector`'s lease (held already) on its own task.
-    pub fn spawn(mut elector: Elector) -> Self {
+    pub(crate) fn spawn(mut elector: Elector) -> Self {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             tokio::select! {

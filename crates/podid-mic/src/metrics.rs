@@ -15,13 +15,13 @@ use prometheus::{
 };
 
 /// `operation_type` of a failed AzureAssignedIdentity create.
-pub const OP_ADDITION: &str = "assigned_identity_addition";
+pub(crate) const OP_ADDITION: &str = "assigned_identity_addition";
 /// `operation_type` of a failed AzureAssignedIdentity delete.
-pub const OP_DELETION: &str = "assigned_identity_deletion";
+pub(crate) const OP_DELETION: &str = "assigned_identity_deletion";
 /// `operation_type` of a failed AzureAssignedIdentity update.
-pub const OP_UPDATE: &str = "assigned_identity_update";
+pub(crate) const OP_UPDATE: &str = "assigned_identity_update";
 /// `operation_type` of a failed status patch (`Assigned`/`Unassigned`).
-pub const OP_STATUS: &str = "update_azure_assigned_identity_status";
+pub(crate) const OP_STATUS: &str = "update_azure_assigned_identity_status";
 
 /// All of MIC's collectors.
 #[derive(Debug)]
@@ -226,7 +226,7 @@ fn metrics() -> Option<&'static Metrics> {
 
 /// One `update_identities` call on a VM/VMSS: its duration under `<vm|vmss>_update`, and on
 /// failure one error under the same label.
-pub fn cloud_operation(kind: ComputeKind, elapsed: Duration, error: Option<&ArmError>) {
+pub(crate) fn cloud_operation(kind: ComputeKind, elapsed: Duration, error: Option<&ArmError>) {
     let Some(m) = metrics() else { return };
     let label = ArmOperation::update(kind).metric_label();
     m.cloud_duration
@@ -238,7 +238,7 @@ pub fn cloud_operation(kind: ComputeKind, elapsed: Duration, error: Option<&ArmE
 }
 
 /// A successful AzureAssignedIdentity create.
-pub fn addition(elapsed: Duration) {
+pub(crate) fn addition(elapsed: Duration) {
     if let Some(m) = metrics() {
         m.addition_count.inc();
         m.addition_duration.observe(elapsed.as_secs_f64());
@@ -246,7 +246,7 @@ pub fn addition(elapsed: Duration) {
 }
 
 /// A successful AzureAssignedIdentity delete.
-pub fn deletion(elapsed: Duration) {
+pub(crate) fn deletion(elapsed: Duration) {
     if let Some(m) = metrics() {
         m.deletion_count.inc();
         m.deletion_duration.observe(elapsed.as_secs_f64());
@@ -254,7 +254,7 @@ pub fn deletion(elapsed: Duration) {
 }
 
 /// A successful AzureAssignedIdentity update.
-pub fn update(elapsed: Duration) {
+pub(crate) fn update(elapsed: Duration) {
     if let Some(m) = metrics() {
         m.update_count.inc();
         m.update_duration.observe(elapsed.as_secs_f64());
@@ -262,14 +262,14 @@ pub fn update(elapsed: Duration) {
 }
 
 /// A failed Kubernetes call; `operation` is one of the `OP_*` constants.
-pub fn kube_error(operation: &'static str) {
+pub(crate) fn kube_error(operation: &'static str) {
     if let Some(m) = metrics() {
         m.kube_errors.with_label_values(&[operation]).inc();
     }
 }
 
 /// A pass that did work.
-pub fn cycle(elapsed: Duration) {
+pub(crate) fn cycle(elapsed: Duration) {
     if let Some(m) = metrics() {
         m.cycle_count.inc();
         m.cycle_duration.observe(elapsed.as_secs_f64());
@@ -304,7 +304,7 @@ pub fn leading(leading: bool) {
 
 /// The assignments by status after a pass (`podid_mic_assignments{state}`): `Created` ones
 /// that stay are assignments waiting for ARM.
-pub fn assignment_states<'a>(states: impl IntoIterator<Item = &'a str>) {
+pub(crate) fn assignment_states<'a>(states: impl IntoIterator<Item = &'a str>) {
     let Some(m) = metrics() else { return };
     let mut counts = [0i64; COUNTED_STATES.len() + 1];
     for state in states {
@@ -320,7 +320,7 @@ pub fn assignment_states<'a>(states: impl IntoIterator<Item = &'a str>) {
 }
 
 /// The identities held, by reason (`podid_mic_identities_held{reason}`).
-pub fn identities_held(counts: &std::collections::BTreeMap<crate::hold::HoldReason, usize>) {
+pub(crate) fn identities_held(counts: &std::collections::BTreeMap<crate::hold::HoldReason, usize>) {
     let Some(m) = metrics() else { return };
     for (reason, count) in counts {
         m.held
@@ -330,7 +330,7 @@ pub fn identities_held(counts: &std::collections::BTreeMap<crate::hold::HoldReas
 }
 
 /// Holds ended because a pod needed the identity again (`podid_mic_identity_holds_reused_total`).
-pub fn holds_reused(n: usize) {
+pub(crate) fn holds_reused(n: usize) {
     if let Some(m) = metrics() {
         m.holds_reused.inc_by(n as u64);
     }

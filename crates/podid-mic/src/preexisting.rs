@@ -21,7 +21,7 @@
 //!
 //! Pure: values in, values out; no Kubernetes client, no ARM.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 
 use podid_api::AzureAssignedIdentity;
 
@@ -32,7 +32,7 @@ use crate::desired::{ArmTarget, Inputs, Plan};
 pub const PREEXISTING_ANNOTATION: &str = "podid.io/preexisting-identity";
 
 /// Whether `object` carries the [`PREEXISTING_ANNOTATION`] mark.
-pub fn is_marked(object: &AzureAssignedIdentity) -> bool {
+pub(crate) fn is_marked(object: &AzureAssignedIdentity) -> bool {
     object
         .metadata
         .annotations
@@ -79,7 +79,7 @@ impl Ownership {
     }
 
     /// Whether the node exists.
-    pub fn node_exists(&self, node: &str) -> bool {
+    pub(crate) fn node_exists(&self, node: &str) -> bool {
         self.nodes.contains_key(node)
     }
 
@@ -99,32 +99,21 @@ impl Ownership {
         Some((target.clone(), id))
     }
 
-    /// The VM/VMSS of a node.
-    pub fn target_of(&self, node: &str) -> Option<&ArmTarget> {
-        self.nodes.get(node)
-    }
-
     /// Whether an unmarked `Assigned` (or legacy) assignment holds `id` on `target`: podid (or
     /// the Go MIC) added it.
-    pub fn owns(&self, target: &ArmTarget, id: &str) -> bool {
+    pub(crate) fn owns(&self, target: &ArmTarget, id: &str) -> bool {
         self.owned.contains(&(target.clone(), id.to_owned()))
     }
 
     /// Whether `id` (lower-cased) on `target` is marked as found there.
-    pub fn is_found(&self, target: &ArmTarget, id: &str) -> bool {
+    pub(crate) fn is_found(&self, target: &ArmTarget, id: &str) -> bool {
         self.found.contains(&(target.clone(), id.to_owned()))
-    }
-
-    /// Whether a confirmation of `id` on `target` must carry the mark: ARM reported it
-    /// `present` before the call, and no unmarked `Assigned` assignment there holds it.
-    pub fn should_mark(&self, target: &ArmTarget, id: &str, present: &BTreeSet<String>) -> bool {
-        present.contains(id) && !self.owned.contains(&(target.clone(), id.to_owned()))
     }
 
     /// Takes marked identities out of `plan`'s releases (their assignments are deleted without
     /// ARM work) and drops the mark from assignments that must be confirmed again (another
     /// node, identity or state: the mark is recomputed at confirmation).
-    pub fn keep_found(&self, plan: &mut Plan<'_>) {
+    pub(crate) fn keep_found(&self, plan: &mut Plan<'_>) {
         for (target, work) in &mut plan.targets {
             work.release.retain(|id| !self.is_found(target, id));
         }

@@ -27,14 +27,14 @@ use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt as _};
 
 /// Path prefix of the requests that are never throttled (Leases).
-pub const EXEMPT_PREFIX: &str = "/apis/coordination.k8s.io/";
+pub(crate) const EXEMPT_PREFIX: &str = "/apis/coordination.k8s.io/";
 
 /// The query parameter that makes a request a watch.
 const WATCH: &str = "watch";
 
 /// A token bucket: `burst` requests at once, then `qps` per second.
 #[derive(Debug)]
-pub struct TokenBucket {
+pub(crate) struct TokenBucket {
     qps: f64,
     burst: f64,
     state: Mutex<State>,
@@ -50,7 +50,7 @@ struct State {
 impl TokenBucket {
     /// A full bucket of `burst` tokens (at least 1) refilled at `qps` per second (must be > 0;
     /// `--clientQps` is validated so).
-    pub fn new(qps: f64, burst: u32) -> Self {
+    pub(crate) fn new(qps: f64, burst: u32) -> Self {
         let burst = f64::from(burst.max(1));
         Self {
             qps: if qps > 0.0 { qps } else { f64::MIN_POSITIVE },
@@ -63,7 +63,7 @@ impl TokenBucket {
     }
 
     /// Reserves one token and returns when it may be used (now, or later in arrival order).
-    pub fn reserve(&self) -> Instant {
+    pub(crate) fn reserve(&self) -> Instant {
         let now = Instant::now();
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let elapsed = now.saturating_duration_since(state.at).as_secs_f64();
@@ -109,7 +109,7 @@ fn is_endpoints(path: &str) -> bool {
 
 /// Whether a request to `uri` skips the bucket: a leader-lock request (Lease or upstream's
 /// Endpoints) or a watch.
-pub fn is_exempt(uri: &http::Uri) -> bool {
+pub(crate) fn is_exempt(uri: &http::Uri) -> bool {
     uri.path().starts_with(EXEMPT_PREFIX)
         || is_endpoints(uri.path())
         || uri.query().is_some_and(|query| {
@@ -123,13 +123,13 @@ pub fn is_exempt(uri: &http::Uri) -> bool {
 /// The layer: wraps a cloneable HTTP service (the kube client's stack behind a
 /// `tower::buffer::Buffer`) in [`Throttle`].
 #[derive(Debug, Clone)]
-pub struct ThrottleLayer {
+pub(crate) struct ThrottleLayer {
     bucket: Arc<TokenBucket>,
 }
 
 impl ThrottleLayer {
     /// Requests share `bucket`.
-    pub fn new(bucket: Arc<TokenBucket>) -> Self {
+    pub(crate) fn new(bucket: Arc<TokenBucket>) -> Self {
         Self { bucket }
     }
 }
@@ -147,7 +147,7 @@ impl<S> Layer<S> for ThrottleLayer {
 
 /// Takes a token from the bucket before passing a request on ([`is_exempt`] ones excepted).
 #[derive(Debug, Clone)]
-pub struct Throttle<S> {
+pub(crate) struct Throttle<S> {
     inner: S,
     bucket: Arc<TokenBucket>,
 }

@@ -143,7 +143,7 @@ const OPAQUE: [&str; 4] = [
 /// Renames the keys of `object` that match a current field name case-insensitively but not
 /// exactly; where both spellings are present the current one wins. Recurses into nested
 /// objects except [`OPAQUE`] ones. Returns whether anything changed.
-pub fn normalize_keys(object: &mut Map<String, Value>) -> bool {
+pub(crate) fn normalize_keys(object: &mut Map<String, Value>) -> bool {
     let mut changed = false;
     let keys: Vec<String> = object.keys().cloned().collect();
     for key in keys {
@@ -173,7 +173,7 @@ pub fn normalize_keys(object: &mut Map<String, Value>) -> bool {
 }
 
 /// Normalises `spec` and `status` of an API object (see [`normalize_keys`]).
-pub fn normalize_object(object: &mut Value) {
+pub(crate) fn normalize_object(object: &mut Value) {
     for part in ["spec", "status"] {
         if let Some(Value::Object(inner)) = object.get_mut(part) {
             normalize_keys(inner);

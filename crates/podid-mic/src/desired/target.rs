@@ -21,7 +21,7 @@ impl ArmTarget {
     }
 
     /// `true` for a VM scale set.
-    pub fn is_vmss(&self) -> bool {
+    pub(crate) fn is_vmss(&self) -> bool {
         matches!(self, Self::Vmss(_))
     }
 
