@@ -304,13 +304,15 @@ pub fn leading(leading: bool) {
 
 /// The assignments by status after a pass (`podid_mic_assignments{state}`): `Created` ones
 /// that stay are assignments waiting for ARM.
-pub(crate) fn assignment_states<'a>(states: impl IntoIterator<Item = &'a str>) {
+pub(crate) fn assignment_states<'a>(
+    states: impl IntoIterator<Item = Option<&'a AssignedIdentityState>>,
+) {
     let Some(m) = metrics() else { return };
     let mut counts = [0i64; COUNTED_STATES.len() + 1];
     for state in states {
         let i = COUNTED_STATES
             .iter()
-            .position(|s| s.as_str() == state)
+            .position(|s| Some(s) == state)
             .unwrap_or(COUNTED_STATES.len());
         counts[i] += 1;
     }

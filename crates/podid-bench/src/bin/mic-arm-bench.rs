@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
-use podid_api::{AzureIdentity, AzureIdentityBinding};
+use podid_api::{AssignedIdentityState, AzureIdentity, AzureIdentityBinding};
 use podid_azure_sim::{ArmHandle, Cloud, ComputeRef, EntraHandle};
 use podid_fake_apiserver::FakeApiServer;
 use serde_json::{Value, json};
@@ -261,7 +261,8 @@ impl World {
         let list = self
             .api
             .get_json(&format!(
-                "{CRD_PATH}/azureassignedidentities?fieldSelector=status.status%3DAssigned"
+                "{CRD_PATH}/azureassignedidentities?fieldSelector=status.status%3D{}",
+                AssignedIdentityState::Assigned.as_str()
             ))
             .map_err(api_err)?;
         Ok(list["items"]

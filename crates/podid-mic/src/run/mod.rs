@@ -245,12 +245,13 @@ async fn run_loop(
                 settings.batch.max(1),
             ));
         }
-        crate::metrics::assignment_states(stores.assigned.state().iter().map(|a| {
-            a.status
-                .as_ref()
-                .and_then(|s| s.status.as_ref())
-                .map_or("", |s| s.as_str())
-        }));
+        crate::metrics::assignment_states(
+            stores
+                .assigned
+                .state()
+                .iter()
+                .map(|a| a.status.as_ref().and_then(|s| s.status.as_ref())),
+        );
         crate::metrics::identities_held(&memory.holds.counts());
         if report != PassReport::default() {
             crate::metrics::cycle(started.elapsed());

@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use podid_api::{AzureIdentity, AzureIdentityBinding};
+use podid_api::{AssignedIdentityState, AzureIdentity, AzureIdentityBinding};
 use podid_azure_sim::{ArmHandle, Cloud, ComputeRef, EntraHandle};
 use podid_fake_apiserver::FakeApiServer;
 use serde_json::{Value, json};
@@ -283,9 +283,12 @@ impl World {
         expected: &[BTreeSet<String>],
     ) -> anyhow::Result<Option<(String, usize)>> {
         let all = format!("{CRD_PATH}/azureassignedidentities");
+        let assigned_state = AssignedIdentityState::Assigned.as_str();
         let pending = self
             .api
-            .get_json(&format!("{all}?fieldSelector=status.status%21%3DAssigned"))
+            .get_json(&format!(
+                "{all}?fieldSelector=status.status%21%3D{assigned_state}"
+            ))
             .map_err(|e| anyhow::anyhow!("listing pending assignments: {}", e.message))?;
         let pending = pending["items"].as_array().map_or(0, Vec::len);
         if pending > 0 {
@@ -296,7 +299,9 @@ impl World {
         }
         let assigned = self
             .api
-            .get_json(&format!("{all}?fieldSelector=status.status%3DAssigned"))
+            .get_json(&format!(
+                "{all}?fieldSelector=status.status%3D{assigned_state}"
+            ))
             .map_err(|e| anyhow::anyhow!("listing assignments: {}", e.message))?;
         let assigned = assigned["items"].as_array().map_or(0, Vec::len);
         if assigned != expected_count {
