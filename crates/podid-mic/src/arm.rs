@@ -1,5 +1,5 @@
 //! The production [`IdentityAssigner`]: puts user-assigned identities on VMs and VM scale sets
-//! through Azure Resource Manager with [`podid_controller::arm::ArmClient`].
+//! through Azure Resource Manager with [`podid_arm::ArmClient`].
 //!
 //! Every VM/VMSS is looked up in the cloud configuration's `resourceGroup` and subscription, as
 //! upstream does (docs/upstream.md#cloud-configuration, docs/upstream.md#sync-cycle step 5). ARM
@@ -15,11 +15,11 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use podid_controller::arm::{
+use podid_arm::{
     ArmBuildError, ArmClient, ArmConfig, ArmError, BrokerTokenProvider, ComputeId, ComputeKind,
     IdentityResourceId,
 };
-use podid_controller::broker::{
+use podid_broker::{
     BrokerConfig, ClientSecretSource, EntraConfig, IdentitySpec, ImdsConfig, ImdsLimiter,
     ImdsSource, LimiterConfig, Secret, SourceBuildError, Sources, SystemClock, TokenBroker,
 };

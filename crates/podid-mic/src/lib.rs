@@ -24,7 +24,7 @@
 //! - [`hold`]: identities kept on a VM/VMSS for a grace period after their last pod.
 //! - [`preexisting`]: identities found on a VM/VMSS before podid assigned them stay there.
 //! - [`assigner`]: the [`assigner::IdentityAssigner`] seam between the loop and ARM;
-//!   [`arm`]: the production one, Azure Resource Manager through `podid_controller::arm` with
+//!   [`arm`]: the production one, Azure Resource Manager through `podid_arm` with
 //!   tokens from the token broker.
 //! - [`metrics`]: upstream's MIC metrics and their `/metrics` rendering; [`probe`]: the
 //!   `/healthz` and `/metrics` HTTP servers.

@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use podid_api::AssignedIdentityState;
-use podid_controller::arm::{ArmError, ArmOperation, ComputeKind};
+use podid_arm::{ArmError, ArmOperation, ComputeKind};
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use podid_api::AssignedIdentityState;
+use podid_arm::{ARM_RESOURCE, ArmConfig};
 use podid_azure_sim::{ImdsHandle, UserAssignedIdentity};
-use podid_controller::arm::{ARM_RESOURCE, ArmConfig};
 use podid_mic::arm::ArmAssigner;
 use podid_mic::cloud::{CloudConfig, Endpoints};
 

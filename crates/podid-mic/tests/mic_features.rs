@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, DeleteParams};
 use podid_api::{AssignedIdentityState, AzureAssignedIdentity};
-use podid_controller::arm::ArmConfig;
+use podid_arm::ArmConfig;
 use podid_fake_apiserver::{FaultKind, FaultMatch};
 use podid_mic::arm::ArmAssigner;
 use podid_mic::assigner::{IdentityAssigner, NotApplied};

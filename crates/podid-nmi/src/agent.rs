@@ -30,7 +30,7 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 use podid_api::{AzureIdentity, IdentityType};
-use podid_controller::broker::{
+use podid_broker::{
     BrokerConfig, BrokerError, BrokerStats, CertificateSource, ClientSecretSource, Credential,
     CredentialOrigin, EntraConfig, ImdsConfig, ImdsLimiter, ImdsSource, LimiterConfig,
     Secret as SecretValue, Sources, SystemClock, TokenBroker,
@@ -154,9 +154,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         imds,
         client_secret: secret,
         certificate,
-        federated: Arc::new(podid_controller::broker::FederatedSource::new(
+        federated: Arc::new(podid_broker::FederatedSource::new(
             client.clone(),
-            podid_controller::broker::FederatedConfig {
+            podid_broker::FederatedConfig {
                 default_tenant: config.federated_default_tenant.clone(),
                 entra: EntraConfig {
                     default_authority: config
@@ -165,7 +165,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                         .unwrap_or_else(|| EntraConfig::default().default_authority),
                     ..entra
                 },
-                ..podid_controller::broker::FederatedConfig::default()
+                ..podid_broker::FederatedConfig::default()
             },
             clock.clone(),
         )?),
@@ -798,7 +798,7 @@ impl TokenProvider for CredentialedBroker {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use podid_controller::broker::{
+    use podid_broker::{
         FetchRequest, Secret as SecretValue, SourceFuture, SourceKind, Token, TokenSource,
     };
     use podid_select::matching::CallerPod;

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use podid_controller::broker::{BrokerError, SourceKind};
+use podid_broker::{BrokerError, SourceKind};
 use tokio::sync::mpsc;
 
 /// `reportingController` of nmi's events.

@@ -1,6 +1,6 @@
 //! podid's node agent (`nmi`): intercepts pods' traffic to the instance metadata address with
 //! iptables, attributes each request to the calling pod by its source address, chooses the pod's
-//! identity and answers with a token from the controller crate's broker — or an IMDS-shaped error.
+//! identity and answers with a token from podid-broker's token broker — or an IMDS-shaped error.
 //!
 //! Modules: the command line ([`config`]), the interception rules ([`interception`]), what keeps
 //! the node from serving ([`health`]), when to repair the rules ([`ruleset`]), the start-up taint ([`taint`]), the IP → pod

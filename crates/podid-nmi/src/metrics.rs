@@ -15,7 +15,7 @@
 
 use std::sync::{Arc, Mutex, OnceLock};
 
-use podid_controller::broker::BrokerStats;
+use podid_broker::BrokerStats;
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec,
     Opts, Registry, TextEncoder,

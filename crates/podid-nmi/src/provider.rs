@@ -1,5 +1,5 @@
 //! [`TokenProvider`]: how the server gets tokens once the identity is chosen. Implemented for
-//! the controller crate's [`TokenBroker`] and by fakes in tests.
+//! podid-broker's [`TokenBroker`] and by fakes in tests.
 
 use std::fmt;
 use std::future::Future;
@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use podid_api::AzureIdentity;
-use podid_controller::broker::{
+use podid_broker::{
     BrokerError, BrokerStats, Credential, IdentitySpec, IdentityType, IdentityView, Requester,
     TokenBroker, Tokens,
 };

@@ -34,7 +34,7 @@ use podid_api::{
     AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding, AzurePodIdentityException,
     NODE_NAME_LABEL,
 };
-use podid_controller::broker::{Credential, IdentityKey};
+use podid_broker::{Credential, IdentityKey};
 use podid_select::matching::{MatchIndex, MatchOptions};
 use serde::de::DeserializeOwned;
 use tokio::sync::Notify;

@@ -40,7 +40,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use podid_api::{
     AssignedIdentityState, AzureIdentity, AzurePodIdentityException, IdentityType, OperationMode,
 };
-use podid_controller::broker::{
+use podid_broker::{
     BrokerConfig, BrokerError, ImdsConfig, ImdsLimiter, ImdsSource, LimiterConfig, SourceKind,
     Sources, SystemClock, TokenBroker,
 };

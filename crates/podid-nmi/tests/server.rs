@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use podid_api::{AssignedIdentityState, AzureIdentity, AzurePodIdentityException};
-use podid_controller::broker::{BrokerError, SourceKind};
+use podid_broker::{BrokerError, SourceKind};
 use podid_nmi::health::Health;
 use podid_nmi::metrics::Metrics;
 use podid_nmi::server::{NmiState, serve};

@@ -11,7 +11,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use podid_api::{
     AssignedIdentityState, AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding,
 };
-use podid_controller::broker::IdentityKey;
+use podid_broker::IdentityKey;
 use podid_fake_apiserver::FakeApiServer;
 use podid_imds::IdentitySelector;
 use podid_nmi::pods::PodIndex;

@@ -11,7 +11,7 @@
 //! - [`version_line`]: `--version`'s answer in upstream's shape.
 //!
 //! Nothing here knows about identities, IMDS or ARM; it must not depend on the product crates
-//! (podid-api, podid-controller, podid-nmi, podid-mic) nor on the test doubles.
+//! (podid-api, podid-broker, podid-arm, podid-nmi, podid-mic) nor on the test doubles.
 
 pub mod flags;
 pub mod logging;

@@ -4,14 +4,14 @@
 //! A namespace is a trust boundary: whoever may write `AzureIdentity`, `AzureIdentityBinding`
 //! or pods in one namespace must not obtain another namespace's credentials. Each finding here
 //! names an object through which that could happen, or which nmi refuses for that reason, with
-//! the fix. The authority rule is nmi's own ([`podid_controller::broker::authority_allowed`]).
+//! the fix. The authority rule is nmi's own ([`podid_broker::authority_allowed`]).
 
 use std::collections::BTreeMap;
 
 use podid_api::{
     AzureIdentity, AzurePodIdentityException, FEDERATED_SERVICE_ACCOUNT_ANNOTATION, IdentityType,
 };
-use podid_controller::broker::{ALLOWED_AUTHORITIES_FLAG, authority_allowed};
+use podid_broker::{ALLOWED_AUTHORITIES_FLAG, authority_allowed};
 use serde::Serialize;
 
 use crate::explain::{Finding, Level, SecretState, Snapshot};

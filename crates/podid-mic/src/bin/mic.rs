@@ -6,7 +6,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use podid_controller::arm::ArmConfig;
+use podid_arm::ArmConfig;
 use podid_mic::arm::ArmAssigner;
 use podid_mic::cloud::{CloudConfig, Endpoints};
 use podid_mic::config::{Config, Flags, user_agent, version_line};

@@ -16,8 +16,8 @@ use kube::api::{Api, DeleteParams, PostParams};
 use podid_api::{
     AssignedIdentityState, AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding,
 };
+use podid_arm::{ARM_RESOURCE, ArmConfig};
 use podid_azure_sim::{ArmHandle, Cloud, ComputeRef, EntraHandle, UserAssignedIdentity};
-use podid_controller::arm::{ARM_RESOURCE, ArmConfig};
 use podid_fake_apiserver::FakeApiServer;
 use podid_mic::arm::ArmAssigner;
 use podid_mic::assigner::IdentityAssigner;

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use http::Response;
 use http::header::{self, HeaderValue};
 use http_body_util::Full;
-use podid_controller::broker::BrokerError;
+use podid_broker::BrokerError;
 use podid_imds::{ErrorOptions, ImdsError, WireResponse};
 use podid_select::Refusal;
 use podid_select::matching::{CallerPod, NoMatch};
@@ -165,7 +165,7 @@ mod tests {
     use std::net::IpAddr;
     use std::sync::Arc;
 
-    use podid_controller::broker::SourceKind;
+    use podid_broker::SourceKind;
     use podid_select::assigned::AssignedBindings;
     use podid_select::matching::MatchIndex;
 
@@ -240,7 +240,7 @@ mod tests {
 
     #[test]
     fn budget_saturation_always_answers_503_with_a_short_retry_after() {
-        let error = unavailable(Some(podid_controller::broker::BUDGET_RETRY_AFTER));
+        let error = unavailable(Some(podid_broker::BUDGET_RETRY_AFTER));
         for flag in [false, true] {
             let denied = broker_denial(&error, flag);
             assert_eq!(denied.retry_after, Some(1));

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use podid_api::AzureIdentity;
-use podid_controller::broker::{BrokerError, Credential, Tokens};
+use podid_broker::{BrokerError, Credential, Tokens};
 use podid_imds::{IdentitySelector, ImdsError};
 use podid_select::assigned::AssignedBindings;
 use podid_select::federated::FederatedCredential;

@@ -17,7 +17,7 @@ use podid_api::{
     AssignedIdentityState, AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding,
     AzurePodIdentityException,
 };
-use podid_controller::broker::{BrokerError, Token};
+use podid_broker::{BrokerError, Token};
 use podid_imds::ErrorOptions;
 use podid_nmi::health::Health;
 use podid_nmi::metrics::Metrics;
@@ -87,9 +87,9 @@ impl TokenProvider for FakeProvider {
                 TokenTarget::Node(node) => (Asked::Node(node.clone()), "node".to_owned()),
                 TokenTarget::Workload(account) => {
                     let subject = match request.federated {
-                        Some(podid_controller::broker::Credential::Federated {
-                            subject, ..
-                        }) => subject.subject(),
+                        Some(podid_broker::Credential::Federated { subject, .. }) => {
+                            subject.subject()
+                        }
                         _ => String::new(),
                     };
                     (

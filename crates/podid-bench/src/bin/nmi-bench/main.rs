@@ -43,7 +43,7 @@ use anyhow::{Context as _, ensure};
 use bytes::Bytes;
 use clap::Parser;
 use k8s_openapi::api::core::v1::Pod;
-use podid_controller::broker::{BrokerConfig, Credential, Sources, SystemClock, TokenBroker};
+use podid_broker::{BrokerConfig, Credential, Sources, SystemClock, TokenBroker};
 use podid_imds::ErrorOptions;
 use podid_nmi::health::Health;
 use podid_nmi::metrics::Metrics;

@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::{Pod, PodIP, PodSpec, PodStatus};
 use podid_api::{
     AssignedIdentityState, AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding,
 };
-use podid_controller::broker::{
+use podid_broker::{
     BrokerError, FetchRequest, ImdsLimiter, LimiterConfig, SourceFuture, SourceKind, Token,
     TokenSource,
 };

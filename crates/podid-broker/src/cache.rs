@@ -60,7 +60,7 @@ impl Default for BrokerConfig {
 /// id and tenant never reads, fills or refreshes its entries (docs/security.md).
 ///
 /// The resource is kept as given (audiences are compared exactly by Entra); the tenant is
-/// lower-cased. A cache hit finds its slot without building one (see [`KeyParts`]).
+/// lower-cased. A cache hit finds its slot without building one (see `KeyParts`).
 #[derive(Debug, Clone)]
 pub struct CacheKey {
     /// The identity.
@@ -71,7 +71,7 @@ pub struct CacheKey {
     pub tenant: Option<String>,
     /// The service account whose token was exchanged (federated identities only).
     pub subject: Option<FederatedSubject>,
-    /// The authority the credential goes to (see [`key_authority`]), lower-cased; empty for
+    /// The authority the credential goes to (see `key_authority`), lower-cased; empty for
     /// IMDS and for the source's default authority.
     pub authority: String,
     /// Where a Secret-held credential came from (types 1 and 2 only).

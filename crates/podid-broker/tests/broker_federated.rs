@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use podid_azure_sim::{Cloud, EntraHandle, FederatedCredential, GrantKind, UserAssignedIdentity};
-use podid_controller::broker::{
+use podid_broker::{
     BoundPod, BrokerConfig, BrokerError, Clock, EntraConfig, FederatedConfig, FederatedSource,
     FederatedSubject, IdentitySpec, ManualClock, SourceKind, Sources, SystemClock, TokenBroker,
 };
@@ -39,7 +39,7 @@ fn federated_config(entra: &EntraHandle, cloud: &Cloud) -> FederatedConfig {
         entra: EntraConfig {
             default_authority: format!("{}/", entra.url()),
             retry_base: Duration::from_millis(10),
-            timeouts: podid_controller::broker::HttpTimeouts {
+            timeouts: podid_broker::HttpTimeouts {
                 connect: Duration::from_secs(2),
                 total: Duration::from_secs(5),
             },
@@ -405,7 +405,7 @@ async fn wrong_tenant_is_refused_and_missing_tenant_is_a_config_error() {
     let subject = FederatedSubject::new("apps", "web");
     w.trust(&subject);
     let mut spec = IdentitySpec::managed(&w.identity.client_id, "");
-    spec.identity_type = podid_controller::broker::IdentityType::ServicePrincipal;
+    spec.identity_type = podid_broker::IdentityType::ServicePrincipal;
     spec.tenant_id = "00000000-0000-0000-0000-000000000000".to_owned();
     let spec = Arc::new(spec.federated(
         subject.clone(),

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::{FakeUpstream, Recorded, Reply};
 use p12_keystore::{Certificate, KeyStore, KeyStoreEntry, PrivateKey, PrivateKeyChain};
-use podid_controller::broker::{
+use podid_broker::{
     BrokerConfig, BrokerError, CLIENT_ASSERTION_TYPE, CertificateSource, ClientSecretSource,
     EntraConfig, IdentitySpec, Secret, SourceKind, Sources, SystemClock, TokenBroker,
 };

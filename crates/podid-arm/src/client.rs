@@ -10,7 +10,7 @@ use reqwest::header::{CONTENT_TYPE, HeaderMap, LOCATION, RETRY_AFTER};
 use reqwest::{Method, StatusCode, Url};
 use serde_json::Value;
 
-use crate::broker::{Clock, HttpTimeouts, SystemClock};
+use podid_broker::{Clock, HttpTimeouts, SystemClock};
 
 use super::error::{ArmError, ArmOperation, IdList};
 use super::ids::{ComputeId, IdentityResourceId};
@@ -714,7 +714,7 @@ mod tests {
         impl ArmTokenProvider for NoTokens {
             fn token(&self) -> super::super::token::ArmTokenFuture<'_> {
                 Box::pin(async {
-                    Err(crate::broker::BrokerError::Config {
+                    Err(podid_broker::BrokerError::Config {
                         client_id: "x".to_owned(),
                         reason: "none".to_owned(),
                     })

@@ -488,7 +488,7 @@ fn format_uuid(mut b: [u8; 16]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::broker::{IdentitySpec, Secret, SystemClock};
+    use crate::{IdentitySpec, Secret, SystemClock};
 
     fn request(ad_endpoint: &str, tenant: &str) -> FetchRequest {
         let mut spec = IdentitySpec::client_secret("cid", tenant, Secret::new("s"));

@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use podid_controller::broker::{
+use podid_broker::{
     BrokerConfig, BrokerError, FetchRequest, IdentitySpec, IdentityType, ManualClock, Secret,
     SourceFuture, SourceKind, Sources, Token, TokenBroker, TokenSource,
 };
@@ -70,7 +70,7 @@ impl TokenSource for FakeSource {
             if let Some(error) = self.fail.lock().expect("lock").clone() {
                 return Err(error);
             }
-            let now = podid_imds::unix_seconds(podid_controller::broker::Clock::now(&*self.clock));
+            let now = podid_imds::unix_seconds(podid_broker::Clock::now(&*self.clock));
             Ok(Token::new(
                 format!("tok-{n}"),
                 request.resource.clone(),
@@ -460,7 +460,7 @@ async fn upstream_errors_reach_every_waiter() {
 /// tenants and federated subjects apart like `issue`.
 #[tokio::test]
 async fn cached_view_hits_only_what_the_cache_alone_can_answer() {
-    use podid_controller::broker::{BoundPod, Credential, FederatedSubject, IdentityView};
+    use podid_broker::{BoundPod, Credential, FederatedSubject, IdentityView};
     let (broker, source, clock) = setup(
         BrokerConfig {
             refresh_margin: Duration::from_secs(300),

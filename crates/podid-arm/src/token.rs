@@ -7,7 +7,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use crate::broker::{BrokerError, IdentitySpec, Token, TokenBroker};
+use podid_broker::{BrokerError, IdentitySpec, Token, TokenBroker};
 
 /// The ARM token resource of Azure's public cloud (docs/upstream.md#cloud-configuration).
 pub const ARM_RESOURCE: &str = "https://management.azure.com/";

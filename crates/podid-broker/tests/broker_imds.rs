@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{FakeUpstream, Reply, imds_body};
-use podid_controller::broker::{
+use podid_broker::{
     BrokerConfig, BrokerError, HttpTimeouts, IdentitySpec, ImdsConfig, ImdsLimiter, ImdsSource,
     LimiterConfig, SourceKind, Sources, SystemClock, TokenBroker,
 };

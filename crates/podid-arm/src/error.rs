@@ -5,7 +5,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use crate::broker::BrokerError;
+use podid_broker::BrokerError;
 
 use super::ids::{ComputeId, ComputeKind, IdentityResourceId};
 

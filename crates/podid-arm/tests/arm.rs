@@ -6,15 +6,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use podid_arm::{
+    ARM_RESOURCE, ArmClient, ArmConfig, ArmError, ArmTokenFuture, ArmTokenProvider,
+    BrokerTokenProvider, ComputeId, IdentityResourceId, ResourceIdentityType,
+};
 use podid_azure_sim::{
     ArmHandle, Cloud, ComputeKind as SimKind, ComputeRef, EntraHandle,
     ResourceIdentityType as SimType,
 };
-use podid_controller::arm::{
-    ARM_RESOURCE, ArmClient, ArmConfig, ArmError, ArmTokenFuture, ArmTokenProvider,
-    BrokerTokenProvider, ComputeId, IdentityResourceId, ResourceIdentityType,
-};
-use podid_controller::broker::{
+use podid_broker::{
     BrokerConfig, ClientSecretSource, EntraConfig, IdentitySpec, ManualClock, Secret, Sources,
     SystemClock, Token, TokenBroker,
 };
@@ -497,7 +497,7 @@ async fn vm_and_vmss_use_their_own_paths() {
     );
     let a = uai(&e.cloud, "a");
     let c = compute(&vm);
-    assert_eq!(c.kind(), podid_controller::arm::ComputeKind::VirtualMachine);
+    assert_eq!(c.kind(), podid_arm::ComputeKind::VirtualMachine);
     e.client
         .update_identities(&c, std::slice::from_ref(&a), &[])
         .await

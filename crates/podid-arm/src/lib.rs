@@ -6,9 +6,9 @@
 //! identities dropped and the rest retried (`--update-user-msi-max-retry` times,
 //! `--update-user-msi-retry-interval` apart).
 //!
-//! This module must not depend on kube, hyper servers or the test doubles; it talks to ARM only
+//! This crate must not depend on kube, hyper servers or the test doubles; it talks to ARM only
 //! through reqwest with a configurable base URL and gets tokens from an [`ArmTokenProvider`]
-//! (usually the token broker). See `docs/arm.md`.
+//! (usually `podid-broker`'s token broker). See `docs/arm.md`.
 
 mod client;
 mod error;
