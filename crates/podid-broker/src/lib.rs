@@ -26,12 +26,13 @@ mod federated;
 mod http;
 mod identity;
 mod imds;
+mod key;
 mod limiter;
 mod source;
 mod stats;
 mod token;
 
-pub use cache::{BrokerConfig, CacheKey, IdentityView, Issued, TokenBroker, Tokens};
+pub use cache::{BrokerConfig, Issued, TokenBroker, Tokens};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use entra::{
     ALLOWED_AUTHORITIES_FLAG, CLIENT_ASSERTION_TYPE, CLOUD_AUTHORITIES, CertificateSource,
@@ -47,6 +48,7 @@ pub use identity::{
     IdentityType, Secret,
 };
 pub use imds::{BUDGET_RETRY_AFTER, ImdsConfig, ImdsSource};
+pub use key::{CacheKey, IdentityView};
 pub use limiter::{FairQueue, ImdsLimiter, ImdsPermit, LimiterConfig, LimiterTimeout, Requester};
 pub use source::{FetchRequest, SourceFuture, SourceKind, Sources, TokenSource};
 pub use stats::{BrokerStats, SourceCounters};
