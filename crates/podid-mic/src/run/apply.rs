@@ -29,10 +29,10 @@ use crate::preexisting::{Ownership, PREEXISTING_ANNOTATION};
 pub(super) async fn apply_plan(
     client: &Client,
     batch: usize,
-    events: Option<&Recorder>,
+    events: &Recorder,
     plan: &Plan<'_>,
     every_target: bool,
-    ownership: Option<&Ownership>,
+    ownership: &Ownership,
     view: &ArmView,
 ) -> (PassReport, Vec<TargetJob>) {
     let applier = Applier::new(client, batch, events, plan, ownership, view);
@@ -49,9 +49,7 @@ pub(super) async fn apply_plan(
         .confirm_known(&writes, &mut report, &mut applied)
         .await;
     // One `binding applied` event per identity and VM/VMSS for what this pass made `Assigned`.
-    if let Some(events) = events {
-        applied_events(events, &applied, false, batch).await;
-    }
+    applied_events(events, &applied, false, batch).await;
     let jobs = applier.target_jobs(&writes, &known, every_target);
     (report, jobs)
 }
@@ -61,9 +59,9 @@ pub(super) async fn apply_plan(
 struct Applier<'p> {
     client: &'p Client,
     batch: usize,
-    events: Option<&'p Recorder>,
+    events: &'p Recorder,
     plan: &'p Plan<'p>,
-    ownership: Option<&'p Ownership>,
+    ownership: &'p Ownership,
     view: &'p ArmView,
     /// The assignments the plan creates, updates or keeps, by name.
     objects: HashMap<&'p str, &'p AzureAssignedIdentity>,
@@ -108,9 +106,9 @@ impl<'p> Applier<'p> {
     fn new(
         client: &'p Client,
         batch: usize,
-        events: Option<&'p Recorder>,
+        events: &'p Recorder,
         plan: &'p Plan<'p>,
-        ownership: Option<&'p Ownership>,
+        ownership: &'p Ownership,
         view: &'p ArmView,
     ) -> Self {
         let mut objects: HashMap<&str, &AzureAssignedIdentity> = HashMap::new();
@@ -230,8 +228,8 @@ impl<'p> Applier<'p> {
                     warn!(name, error = %e, "failed to write AzureAssignedIdentity");
                     report.failures += 1;
                     first.failed.insert(name);
-                    if let (Some(events), Some(object)) = (self.events, self.objects.get(name)) {
-                        write_error_event(events, object, create, &e).await;
+                    if let Some(object) = self.objects.get(name) {
+                        write_error_event(self.events, object, create, &e).await;
                     }
                 }
             }
@@ -251,14 +249,13 @@ impl<'p> Applier<'p> {
             .iter()
             .filter(|d| d.release.is_none() && !self.view.claims(d.object))
             .map(|d| {
-                let node_gone = self.ownership.is_some_and(|o| {
-                    d.object
-                        .node_name()
-                        .is_some_and(|node| !o.node_exists(node))
-                });
+                let node_gone = d
+                    .object
+                    .node_name()
+                    .is_some_and(|node| !self.ownership.node_exists(node));
                 Box::pin(async move {
                     let result = delete_assigned(client, d.object).await;
-                    if let (Some(events), true) = (events, node_gone) {
+                    if node_gone {
                         removal_event(events, d.object, result.as_ref().err()).await;
                     }
                     (d.object, result)
@@ -297,8 +294,7 @@ impl<'p> Applier<'p> {
                         AssignedIdentityState::Assigned,
                     )
                     .await;
-                    if let (Some(events), Some(object), Err(e)) = (events, object, result.as_ref())
-                    {
+                    if let (Some(object), Err(e)) = (object, result.as_ref()) {
                         status_error_event(events, object, e, false).await;
                     }
                     let record =
@@ -341,13 +337,8 @@ impl<'p> Applier<'p> {
                     return None;
                 }
                 let id = lower_id(object);
-                view.is_known(target, &id).then(|| {
-                    (
-                        target,
-                        object,
-                        self.ownership.is_some_and(|o| o.is_found(target, &id)),
-                    )
-                })
+                view.is_known(target, &id)
+                    .then(|| (target, object, self.ownership.is_found(target, &id)))
             })
             .collect();
         let known_names: HashSet<&str> = known.iter().map(|(_, o, _)| name_of(o)).collect();
@@ -358,7 +349,7 @@ impl<'p> Applier<'p> {
                     Box::pin(async move {
                         let result =
                             set_assigned(client, namespace_of(object), name_of(object), mark).await;
-                        if let (Some(events), Err(e)) = (events, result.as_ref()) {
+                        if let Err(e) = result.as_ref() {
                             status_error_event(events, object, e, false).await;
                         }
                         let record = result.map(|after| Some(first.confirmation(object, &after)));
@@ -445,18 +436,15 @@ impl<'p> Applier<'p> {
             .collect();
         // Ids whose confirmation may carry the pre-existing mark if ARM finds them there:
         // no unmarked `Assigned` assignment and no hold says podid put them there.
-        let unowned: BTreeSet<String> = match self.ownership {
-            Some(o) => work
-                .required
-                .iter()
-                .filter(|id| {
-                    !o.owns(target, id)
-                        && !self.view.held.contains(&(target.clone(), (*id).clone()))
-                })
-                .cloned()
-                .collect(),
-            None => BTreeSet::new(),
-        };
+        let unowned: BTreeSet<String> = work
+            .required
+            .iter()
+            .filter(|id| {
+                !self.ownership.owns(target, id)
+                    && !self.view.held.contains(&(target.clone(), (*id).clone()))
+            })
+            .cloned()
+            .collect();
         Some(TargetJob {
             target: target.clone(),
             required: work.required.clone(),
@@ -523,7 +511,7 @@ pub(super) enum Creation<'p> {
 pub(super) fn creations<'p>(
     plan: &'p Plan<'_>,
     view: &ArmView,
-    ownership: Option<&Ownership>,
+    ownership: &Ownership,
 ) -> HashMap<&'p str, Creation<'p>> {
     let created: HashMap<&str, &AzureAssignedIdentity> =
         plan.create.iter().map(|o| (name_of(o), o)).collect();
@@ -536,7 +524,7 @@ pub(super) fn creations<'p>(
             let id = lower_id(object);
             view.is_known(target, &id).then(|| Creation::Known {
                 target,
-                mark: ownership.is_some_and(|o| o.is_found(target, &id)),
+                mark: ownership.is_found(target, &id),
             })
         };
         for name in &work.confirm {

@@ -103,11 +103,11 @@ pub(super) async fn run_job(
     job: TargetJob,
     client: Client,
     assigner: Arc<dyn IdentityAssigner>,
-    events: Option<Recorder>,
+    events: Recorder,
     batch: usize,
 ) -> JobOutcome {
     let client = &client;
-    let events = events.as_ref();
+    let events = &events;
     let target = &job.target;
     let mut report = PassReport::default();
     let (result, present) = assigner
@@ -153,17 +153,15 @@ pub(super) async fn run_job(
     // Then the assignments that waited for this work, in their final state (`Created` for
     // those whose identity ARM did not take).
     let created = create_after_arm(client, events, &job, Some(&present), &not_applied, batch).await;
-    if let Some(events) = events {
-        let mut applied: Vec<(Option<&ArmTarget>, &AzureAssignedIdentity)> = Vec::new();
-        for (c, result) in &confirmed {
-            match result {
-                Ok(_) => applied.push((Some(target), &c.object)),
-                Err(e) => status_error_event(events, &c.object, e, recovered).await,
-            }
+    let mut applied: Vec<(Option<&ArmTarget>, &AzureAssignedIdentity)> = Vec::new();
+    for (c, result) in &confirmed {
+        match result {
+            Ok(_) => applied.push((Some(target), &c.object)),
+            Err(e) => status_error_event(events, &c.object, e, recovered).await,
         }
-        applied.extend(created.applied.iter().map(|o| (Some(target), *o)));
-        applied_events(events, &applied, recovered, batch).await;
     }
+    applied.extend(created.applied.iter().map(|o| (Some(target), *o)));
+    applied_events(events, &applied, recovered, batch).await;
     report.absorb_created(created.report);
     report.confirmations(confirmed.into_iter().map(|(_, result)| result));
     report.deletions(delete_released(client, events, &job, &not_applied, batch).await);
@@ -178,7 +176,7 @@ pub(super) async fn run_job(
 async fn arm_failed(
     job: &TargetJob,
     assigner: &dyn IdentityAssigner,
-    events: Option<&Recorder>,
+    events: &Recorder,
     e: &AssignError,
     report: &mut PassReport,
 ) -> Option<BTreeSet<String>> {
@@ -189,20 +187,18 @@ async fn arm_failed(
     if partial.is_none() {
         report.retry_after = assigner.retry_after(e);
     }
-    if let Some(events) = events {
-        for object in job
-            .confirm
-            .iter()
-            .map(|c| &c.object)
-            .chain(&job.create)
-            .filter(|o| {
-                partial
-                    .as_ref()
-                    .is_none_or(|ids| ids.contains(&lower_id(o)))
-            })
-        {
-            apply_error_event(events, object, e).await;
-        }
+    for object in job
+        .confirm
+        .iter()
+        .map(|c| &c.object)
+        .chain(&job.create)
+        .filter(|o| {
+            partial
+                .as_ref()
+                .is_none_or(|ids| ids.contains(&lower_id(o)))
+        })
+    {
+        apply_error_event(events, object, e).await;
     }
     partial
 }
@@ -239,7 +235,7 @@ async fn confirm_after_arm<'j>(
 /// `not_applied`), each marked `Unassigned` first.
 async fn delete_released<'j>(
     client: &Client,
-    events: Option<&Recorder>,
+    events: &Recorder,
     job: &'j TargetJob,
     not_applied: &BTreeSet<String>,
     batch: usize,
@@ -282,7 +278,7 @@ pub(super) struct CreatedAfterArm<'a> {
 /// ids in `not_applied`), to be confirmed on a later pass as upstream's objects are.
 pub(super) async fn create_after_arm<'a>(
     client: &Client,
-    events: Option<&Recorder>,
+    events: &Recorder,
     job: &'a TargetJob,
     present: Option<&BTreeSet<String>>,
     not_applied: &BTreeSet<String>,
@@ -337,9 +333,7 @@ pub(super) async fn create_after_arm<'a>(
             Err(e) => {
                 warn!(name = name_of(object), error = %e, "failed to write AzureAssignedIdentity");
                 done.report.failures += 1;
-                if let Some(events) = events {
-                    write_error_event(events, object, true, &e).await;
-                }
+                write_error_event(events, object, true, &e).await;
             }
         }
     }
@@ -350,7 +344,7 @@ pub(super) async fn create_after_arm<'a>(
 /// failed status patch gets upstream's Warning `status update error` on the assignment.
 pub(super) async fn release_and_delete(
     client: &Client,
-    events: Option<&Recorder>,
+    events: &Recorder,
     deletion: &Deletion<'_>,
 ) -> Result<(), kube::Error> {
     let object = deletion.object;
@@ -365,9 +359,7 @@ pub(super) async fn release_and_delete(
     {
         Err(e) if is_status(&e, 404) => return Ok(()),
         Err(e) => {
-            if let Some(events) = events {
-                unassign_error_event(events, object, &e).await;
-            }
+            unassign_error_event(events, object, &e).await;
             return Err(e);
         }
         Ok(()) => {}

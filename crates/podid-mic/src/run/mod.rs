@@ -241,7 +241,7 @@ async fn run_loop(
                 job,
                 client.clone(),
                 assigner.clone(),
-                Some(events.clone()),
+                events.clone(),
                 settings.batch.max(1),
             ));
         }
@@ -357,10 +357,10 @@ async fn pass(
     apply_plan(
         client,
         settings.batch.max(1),
-        Some(events),
+        events,
         &plan,
         every_target,
-        Some(&ownership),
+        &ownership,
         &view,
     )
     .await
