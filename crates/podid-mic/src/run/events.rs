@@ -275,8 +275,47 @@ pub(super) fn cut_note(mut note: String) -> String {
     note
 }
 
-/// Publishes an event on the binding behind `object` (upstream's involved object); failures
-/// are logged, never fatal.
+/// A reference to one of podid's custom resources (kind `kind` of `podid_api::API_VERSION`)
+/// as an event's involved object.
+fn involved(
+    kind: &str,
+    metadata: &kube::api::ObjectMeta,
+    namespace: Option<String>,
+    resource_version: Option<String>,
+) -> ObjectReference {
+    ObjectReference {
+        api_version: Some(podid_api::API_VERSION.to_owned()),
+        kind: Some(kind.to_owned()),
+        name: metadata.name.clone(),
+        namespace,
+        uid: metadata.uid.clone(),
+        resource_version,
+        field_path: None,
+    }
+}
+
+/// Publishes one event (note cut to the API's limit) on `reference`; failures are logged,
+/// never fatal.
+async fn publish_event(
+    events: &Recorder,
+    reference: &ObjectReference,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
+    let event = Event {
+        type_,
+        reason: reason.to_owned(),
+        note: Some(cut_note(note)),
+        action: "Assign".to_owned(),
+        secondary: None,
+    };
+    if let Err(e) = events.publish(&event, reference).await {
+        debug!(error = %e, reason, "failed to publish event");
+    }
+}
+
+/// Publishes an event on the binding behind `object` (upstream's involved object).
 pub(super) async fn publish(
     events: &Recorder,
     object: &AzureAssignedIdentity,
@@ -287,25 +326,13 @@ pub(super) async fn publish(
     let Some(binding) = object.spec.azure_binding_ref.as_deref() else {
         return;
     };
-    let reference = ObjectReference {
-        api_version: Some(podid_api::API_VERSION.to_owned()),
-        kind: Some("AzureIdentityBinding".to_owned()),
-        name: binding.metadata.name.clone(),
-        namespace: binding.metadata.namespace.clone(),
-        uid: binding.metadata.uid.clone(),
-        resource_version: binding.metadata.resource_version.clone(),
-        field_path: None,
-    };
-    let event = Event {
-        type_,
-        reason: reason.to_owned(),
-        note: Some(cut_note(note)),
-        action: "Assign".to_owned(),
-        secondary: None,
-    };
-    if let Err(e) = events.publish(&event, &reference).await {
-        debug!(error = %e, reason, "failed to publish event");
-    }
+    let reference = involved(
+        "AzureIdentityBinding",
+        &binding.metadata,
+        binding.metadata.namespace.clone(),
+        binding.metadata.resource_version.clone(),
+    );
+    publish_event(events, &reference, type_, reason, note).await;
 }
 
 /// Publishes a Normal event on an AzureIdentity (from the copy embedded in an assignment).
@@ -315,53 +342,30 @@ pub(super) async fn publish_on_identity(
     reason: &str,
     note: String,
 ) {
-    let reference = ObjectReference {
-        api_version: Some(podid_api::API_VERSION.to_owned()),
-        kind: Some("AzureIdentity".to_owned()),
-        name: identity.metadata.name.clone(),
-        namespace: identity.metadata.namespace.clone(),
-        uid: identity.metadata.uid.clone(),
-        resource_version: identity.metadata.resource_version.clone(),
-        field_path: None,
-    };
-    let event = Event {
-        type_: EventType::Normal,
-        reason: reason.to_owned(),
-        note: Some(cut_note(note)),
-        action: "Assign".to_owned(),
-        secondary: None,
-    };
-    if let Err(e) = events.publish(&event, &reference).await {
-        debug!(error = %e, reason, "failed to publish event");
-    }
+    let reference = involved(
+        "AzureIdentity",
+        &identity.metadata,
+        identity.metadata.namespace.clone(),
+        identity.metadata.resource_version.clone(),
+    );
+    publish_event(events, &reference, EventType::Normal, reason, note).await;
 }
 
-/// Publishes an event on the AzureAssignedIdentity itself (upstream's `status update error`).
+/// Publishes a Warning event on the AzureAssignedIdentity itself (upstream's `status update
+/// error`).
 pub(super) async fn publish_on_assigned(
     events: &Recorder,
     object: &AzureAssignedIdentity,
     reason: &str,
     note: String,
 ) {
-    let reference = ObjectReference {
-        api_version: Some(podid_api::API_VERSION.to_owned()),
-        kind: Some("AzureAssignedIdentity".to_owned()),
-        name: object.metadata.name.clone(),
-        namespace: Some(namespace_of(object).to_owned()),
-        uid: object.metadata.uid.clone(),
-        resource_version: None,
-        field_path: None,
-    };
-    let event = Event {
-        type_: EventType::Warning,
-        reason: reason.to_owned(),
-        note: Some(cut_note(note)),
-        action: "Assign".to_owned(),
-        secondary: None,
-    };
-    if let Err(e) = events.publish(&event, &reference).await {
-        debug!(error = %e, reason, "failed to publish event");
-    }
+    let reference = involved(
+        "AzureAssignedIdentity",
+        &object.metadata,
+        Some(namespace_of(object).to_owned()),
+        None,
+    );
+    publish_event(events, &reference, EventType::Warning, reason, note).await;
 }
 
 #[cfg(test)]
