@@ -114,21 +114,17 @@ async fn client_qps_bounds_mic_requests_but_not_its_lease_renewals() {
     let server = FakeApiServer::start().await.expect("server");
     let path = common::kubeconfig(&server);
     seed(&server);
-    let flags = podid_mic::config::Flags::parse_go([
-        "mic".to_owned(),
-        format!("--kubeconfig={}", path.display()),
-        "--leader-election-instance=mic-qps".to_owned(),
-        format!("--leader-election-duration={}s", LEASE.as_secs()),
-        format!("--clientQps={QPS}"),
-        "--enable-type-upgrade=false".to_owned(),
-    ])
-    .expect("flags");
-    let config = flags
-        .into_config_with_env(
-            |name| (name == "MIC_POD_NAMESPACE").then(|| "default".to_owned()),
-            "host",
-        )
-        .expect("config");
+    let lease = format!("--leader-election-duration={}s", LEASE.as_secs());
+    let qps = format!("--clientQps={QPS}");
+    let config = common::mic_config(
+        &path,
+        &[
+            "--leader-election-instance=mic-qps",
+            &lease,
+            &qps,
+            "--enable-type-upgrade=false",
+        ],
+    );
     assert_eq!(config.client_burst, 2);
 
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

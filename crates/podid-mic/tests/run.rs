@@ -475,19 +475,13 @@ async fn periodic_reconcile_hands_required_ids_again_without_events() {
 }
 
 fn config_for(kubeconfig: &std::path::Path) -> podid_mic::config::Config {
-    let flags = podid_mic::config::Flags::parse_go([
-        "mic".to_owned(),
-        format!("--kubeconfig={}", kubeconfig.display()),
-        "--leader-election-instance=mic-serve".to_owned(),
-        "--leader-election-duration=1s".to_owned(),
-    ])
-    .expect("flags");
-    flags
-        .into_config_with_env(
-            |name| (name == "MIC_POD_NAMESPACE").then(|| "default".to_owned()),
-            "host",
-        )
-        .expect("config")
+    common::mic_config(
+        kubeconfig,
+        &[
+            "--leader-election-instance=mic-serve",
+            "--leader-election-duration=1s",
+        ],
+    )
 }
 
 #[tokio::test]

@@ -72,21 +72,12 @@ fn seed(server: &FakeApiServer) {
 }
 
 fn config_for(kubeconfig: &std::path::Path) -> podid_mic::config::Config {
-    let flags = podid_mic::config::Flags::parse_go([
-        "mic".to_owned(),
-        format!("--kubeconfig={}", kubeconfig.display()),
-        "--leader-election-instance=mic-expiry".to_owned(),
-        // Upstream's lease (15 s, renew deadline 7.5 s): the relists and passes of each round
-        // run while it must be renewed several times.
-        "--clientQps=10000".to_owned(),
-    ])
-    .expect("flags");
-    flags
-        .into_config_with_env(
-            |name| (name == "MIC_POD_NAMESPACE").then(|| "default".to_owned()),
-            "host",
-        )
-        .expect("config")
+    // Upstream's lease (15 s, renew deadline 7.5 s): the relists and passes of each round run
+    // while it must be renewed several times.
+    common::mic_config(
+        kubeconfig,
+        &["--leader-election-instance=mic-expiry", "--clientQps=10000"],
+    )
 }
 
 /// Assignment name → (uid, state), when every one of `pods` has its assignment `Assigned` and

@@ -440,3 +440,21 @@ impl Cluster {
         .await
     }
 }
+
+/// mic's configuration as its flags give it, against `kubeconfig`, with `flags` after the
+/// kubeconfig flag and `MIC_POD_NAMESPACE=default`.
+pub fn mic_config(kubeconfig: &std::path::Path, flags: &[&str]) -> podid_mic::config::Config {
+    let args = [
+        "mic".to_owned(),
+        format!("--kubeconfig={}", kubeconfig.display()),
+    ]
+    .into_iter()
+    .chain(flags.iter().map(|flag| (*flag).to_owned()));
+    podid_mic::config::Flags::parse_go(args)
+        .expect("flags")
+        .into_config_with_env(
+            |name| (name == "MIC_POD_NAMESPACE").then(|| "default".to_owned()),
+            "host",
+        )
+        .expect("config")
+}
