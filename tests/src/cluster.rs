@@ -67,12 +67,6 @@ pub struct Cluster {
     pub nmi_log_filter: Option<String>,
 }
 
-/// A port free on all interfaces right now (mic's probe and metrics ports bind 0.0.0.0).
-fn free_port() -> anyhow::Result<u16> {
-    let listener = std::net::TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], 0)))?;
-    Ok(listener.local_addr()?.port())
-}
-
 impl std::fmt::Debug for Cluster {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Cluster")
@@ -389,8 +383,7 @@ impl Cluster {
         kubeconfig: &Path,
         namespace: &str,
     ) -> anyhow::Result<()> {
-        let probe = free_port()?;
-        let metrics = free_port()?;
+        let [probe, metrics] = crate::free_ports()?;
         let mut command = std::process::Command::new(binary("mic")?);
         command
             .args(args)

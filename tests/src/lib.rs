@@ -588,6 +588,35 @@ impl ArmClient {
     }
 }
 
+/// `N` ports free on all interfaces right now, for a child process's `--http-probe-port`,
+/// `--prometheus-port` and the like. The kernel hands a port out again as soon as its listener
+/// closes, so every listener is held until all `N` are chosen, and a port this process already
+/// handed out is never handed out twice (the child that got it may not have bound it yet).
+pub fn free_ports<const N: usize>() -> anyhow::Result<[u16; N]> {
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut held = Vec::new();
+    let mut ports = [0u16; N];
+    for slot in &mut ports {
+        loop {
+            let listener = std::net::TcpListener::bind(("0.0.0.0", 0))?;
+            let port = listener.local_addr()?.port();
+            held.push(listener);
+            if !given.contains(&port) {
+                given.push(port);
+                *slot = port;
+                break;
+            }
+            if held.len() > 64 * N {
+                bail!("no free port the harness has not already handed out");
+            }
+        }
+    }
+    Ok(ports)
+}
+
 /// The path of a workspace binary (`nmi`, `mic`) built next to the running test or demo
 /// (`target/<profile>/<name>`). `make test` and `make demo` build them first.
 pub fn binary(name: &str) -> anyhow::Result<PathBuf> {

@@ -155,11 +155,6 @@ fn addr_of(url: &str) -> anyhow::Result<SocketAddr> {
     Ok(host.parse()?)
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    let listener = std::net::TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], 0)))?;
-    Ok(listener.local_addr()?.port())
-}
-
 /// One `mic` process with its proxies and probe port.
 struct Replica {
     name: String,
@@ -185,7 +180,7 @@ impl Replica {
             &kubeconfig,
             api.kubeconfig_yaml().replace(api.url(), &api_proxy.url),
         )?;
-        let probe = free_port()?;
+        let [probe, metrics] = podid_e2e::free_ports()?;
         let mut command = std::process::Command::new(binary("mic")?);
         command
             .arg(format!("--kubeconfig={}", kubeconfig.display()))
@@ -193,7 +188,7 @@ impl Replica {
             .arg(format!("--arm-endpoint={}", arm_proxy.url))
             .arg(format!("--aad-authority={}", entra.url()))
             .arg(format!("--http-probe-port={probe}"))
-            .arg(format!("--prometheus-port={}", free_port()?))
+            .arg(format!("--prometheus-port={metrics}"))
             .arg(format!("--leader-election-instance={name}"))
             .arg(format!("--leader-election-duration={}s", LEASE.as_secs()))
             .env("MIC_POD_NAMESPACE", "default")

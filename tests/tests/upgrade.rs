@@ -27,11 +27,6 @@ const LOCK_NAME: &str = "aad-pod-identity-mic";
 const LOCK: &str = "/api/v1/namespaces/default/endpoints/aad-pod-identity-mic";
 const AAI: &str = "azureassignedidentities";
 
-fn free_port() -> anyhow::Result<u16> {
-    let listener = std::net::TcpListener::bind(("0.0.0.0", 0))?;
-    Ok(listener.local_addr()?.port())
-}
-
 /// One podid `mic` process and its probe port.
 struct Mic {
     child: ChildGuard,
@@ -49,14 +44,14 @@ impl Mic {
         arm_url: &str,
         entra_url: &str,
     ) -> anyhow::Result<Self> {
-        let probe = free_port()?;
+        let [probe, metrics] = podid_e2e::free_ports()?;
         let mut command = std::process::Command::new(binary("mic")?);
         command
             .args(args)
             .arg(format!("--arm-endpoint={arm_url}"))
             .arg(format!("--aad-authority={entra_url}"))
             .arg(format!("--http-probe-port={probe}"))
-            .arg(format!("--prometheus-port={}", free_port()?))
+            .arg(format!("--prometheus-port={metrics}"))
             .env("KUBECONFIG", kubeconfig)
             .env("MIC_POD_NAMESPACE", namespace)
             .env("RUST_LOG", "info")

@@ -31,12 +31,13 @@ impl Drop for Mic {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+/// Two distinct free ports: both listeners are held until both are chosen, since the kernel
+/// hands a port out again as soon as its listener closes.
+fn two_free_ports() -> (u16, u16) {
+    let a = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let b = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = |l: &std::net::TcpListener| l.local_addr().expect("addr").port();
+    (port(&a), port(&b))
 }
 
 async fn get(http: &reqwest::Client, url: &str) -> Option<String> {
@@ -105,8 +106,7 @@ async fn mic_binary_assigns_an_identity_and_stops_on_sigterm() {
     )
     .await;
 
-    let probe_port = free_port();
-    let metrics_port = free_port();
+    let (probe_port, metrics_port) = two_free_ports();
     let child = Command::new(env!("CARGO_BIN_EXE_mic"))
         .arg(format!("--kubeconfig={}", kubeconfig.display()))
         .arg(format!("--cloudconfig={}", azure_json.display()))
