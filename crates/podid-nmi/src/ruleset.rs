@@ -131,8 +131,22 @@ mod tests {
         let announced =
             tokio::time::timeout(std::time::Duration::from_secs(5), changes.recv()).await;
         assert_eq!(announced, Ok(Some(())));
-        // Changes in another namespace (the host's) are not this node's.
-        while changes.try_recv().is_ok() {}
+        // One `iptables` command is several netlink messages, and the listener may still be
+        // reading the tail of that burst: wait until this node has been quiet for 300 ms.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let next =
+                tokio::time::timeout(std::time::Duration::from_millis(300), changes.recv()).await;
+            match next {
+                Err(_) => break,
+                Ok(Some(())) => assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the node's ruleset never went quiet"
+                ),
+                Ok(None) => panic!("the listener ended"),
+            }
+        }
+        // Changes in another namespace are not this node's.
         let other = podid_netsim::SimNode::create().expect("second node");
         other
             .iptables(&["-t", "nat", "-N", "elsewhere"])
