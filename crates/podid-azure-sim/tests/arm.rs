@@ -545,18 +545,19 @@ async fn a_built_arm_keeps_each_patch_in_progress_for_its_operation_duration() {
         .to_owned();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
+        // The scale set is read before the operation: an operation still in progress after the
+        // read was in progress during it too (reading it afterwards raced the completion).
+        let in_effect = !e
+            .cloud
+            .assigned_identities(&e.vmss)
+            .expect("ids")
+            .is_empty();
         let (_, _, status) = send(reqwest::Method::GET, &op, Some(&e.token), None).await;
         if status["status"] == "Succeeded" {
             break;
         }
         assert_eq!(status["status"], "InProgress");
-        assert!(
-            e.cloud
-                .assigned_identities(&e.vmss)
-                .expect("ids")
-                .is_empty(),
-            "not in effect before the operation completes"
-        );
+        assert!(!in_effect, "not in effect before the operation completes");
         assert!(Instant::now() < deadline, "operation never completed");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
