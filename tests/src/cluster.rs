@@ -346,16 +346,7 @@ impl Cluster {
         let azure_json = self.dir.join("azure.json");
         std::fs::write(
             &azure_json,
-            json!({
-                "cloud": "AzurePublicCloud",
-                "tenantId": self.cloud.tenant_id(),
-                "aadClientId": operator.client_id,
-                "aadClientSecret": secret,
-                "subscriptionId": self.cloud.subscription_id(),
-                "resourceGroup": self.cloud.resource_group(),
-                "vmType": "vmss",
-            })
-            .to_string(),
+            self.cloud.azure_json(&operator.client_id, &secret),
         )?;
         Ok(azure_json)
     }

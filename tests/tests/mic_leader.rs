@@ -259,18 +259,7 @@ async fn killing_the_leader_hands_over_without_duplicate_writes() -> anyhow::Res
     let dir = std::env::temp_dir().join(format!("podid-e2e-mic-leader-{}", api.addr().port()));
     std::fs::create_dir_all(&dir)?;
     let azure_json = dir.join("azure.json");
-    std::fs::write(
-        &azure_json,
-        json!({
-            "cloud": "AzurePublicCloud",
-            "tenantId": cloud.tenant_id(),
-            "aadClientId": operator.client_id,
-            "aadClientSecret": secret,
-            "subscriptionId": cloud.subscription_id(),
-            "resourceGroup": cloud.resource_group(),
-        })
-        .to_string(),
-    )?;
+    std::fs::write(&azure_json, cloud.azure_json(&operator.client_id, &secret))?;
     let create = |path: &str, object: Value| {
         api.create_json(path, object)
             .map(drop)

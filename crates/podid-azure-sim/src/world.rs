@@ -441,6 +441,22 @@ impl Cloud {
         &self.inner.resource_group
     }
 
+    /// The cloud config (AKS's `azure.json`) an operator such as MIC reads to manage VMs and
+    /// scale sets in the default resource group, signing in as the service principal
+    /// `client_id` with `secret`.
+    pub fn azure_json(&self, client_id: &str, secret: &str) -> String {
+        serde_json::json!({
+            "cloud": "AzurePublicCloud",
+            "tenantId": self.tenant_id(),
+            "aadClientId": client_id,
+            "aadClientSecret": secret,
+            "subscriptionId": self.subscription_id(),
+            "resourceGroup": self.resource_group(),
+            "vmType": "vmss",
+        })
+        .to_string()
+    }
+
     /// The location reported for VMs and operations.
     pub fn location(&self) -> &str {
         &self.inner.location

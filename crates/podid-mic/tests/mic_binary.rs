@@ -64,19 +64,7 @@ async fn mic_binary_assigns_an_identity_and_stops_on_sigterm() {
     let server = FakeApiServer::start().await.expect("server");
     let kubeconfig = common::kubeconfig(&server);
     let azure_json = kubeconfig.with_file_name("azure.json");
-    std::fs::write(
-        &azure_json,
-        serde_json::json!({
-            "cloud": "AzurePublicCloud",
-            "tenantId": cloud.tenant_id(),
-            "aadClientId": sp.client_id,
-            "aadClientSecret": secret,
-            "subscriptionId": cloud.subscription_id(),
-            "resourceGroup": cloud.resource_group(),
-        })
-        .to_string(),
-    )
-    .expect("azure.json");
+    std::fs::write(&azure_json, cloud.azure_json(&sp.client_id, &secret)).expect("azure.json");
     let client = kube_client(Some(&kubeconfig)).await.expect("client");
     let pp = PostParams::default();
     Api::<Node>::all(client.clone())

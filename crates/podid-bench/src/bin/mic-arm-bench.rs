@@ -121,16 +121,7 @@ impl World {
         std::fs::create_dir_all(&dir)?;
         api.write_kubeconfig(dir.join("kubeconfig"))?;
         let azure_json = dir.join("azure.json");
-        std::fs::write(
-            &azure_json,
-            json!({
-                "cloud": "AzurePublicCloud", "tenantId": cloud.tenant_id(),
-                "aadClientId": operator.client_id, "aadClientSecret": secret,
-                "subscriptionId": cloud.subscription_id(), "resourceGroup": cloud.resource_group(),
-                "vmType": "vmss",
-            })
-            .to_string(),
-        )?;
+        std::fs::write(&azure_json, cloud.azure_json(&operator.client_id, &secret))?;
         let mut world = Self {
             sets: Vec::new(),
             ids: HashMap::new(),

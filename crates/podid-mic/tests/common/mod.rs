@@ -75,16 +75,7 @@ impl Azure {
         let entra = EntraHandle::start(&cloud).expect("entra");
         let arm = ArmHandle::start(&cloud).expect("arm");
         let vmss = cloud.add_vmss(cloud.subscription_id(), cloud.resource_group(), VMSS);
-        let azure_json = serde_json::json!({
-            "cloud": "AzurePublicCloud",
-            "tenantId": cloud.tenant_id(),
-            "aadClientId": mic.client_id,
-            "aadClientSecret": secret,
-            "subscriptionId": cloud.subscription_id(),
-            "resourceGroup": cloud.resource_group(),
-            "vmType": "vmss",
-        })
-        .to_string();
+        let azure_json = cloud.azure_json(&mic.client_id, &secret);
         Self {
             cloud,
             arm,

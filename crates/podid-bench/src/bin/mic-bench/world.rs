@@ -138,20 +138,8 @@ impl World {
         api.write_kubeconfig(dir.join("kubeconfig"))
             .context("kubeconfig")?;
         let azure_json = dir.join("azure.json");
-        std::fs::write(
-            &azure_json,
-            json!({
-                "cloud": "AzurePublicCloud",
-                "tenantId": cloud.tenant_id(),
-                "aadClientId": operator.client_id,
-                "aadClientSecret": secret,
-                "subscriptionId": cloud.subscription_id(),
-                "resourceGroup": cloud.resource_group(),
-                "vmType": "vmss",
-            })
-            .to_string(),
-        )
-        .context("writing azure.json")?;
+        std::fs::write(&azure_json, cloud.azure_json(&operator.client_id, &secret))
+            .context("writing azure.json")?;
 
         let mut sets = Vec::new();
         let mut identity_ids = Vec::new();
